@@ -1,0 +1,578 @@
+//! The Wasm function host: one compiled module and (for reactors) one long-lived instance,
+//! invoked once per request.
+//!
+//! Two kinds of module are accepted (see docs/guest-abi.md):
+//! - **reactor**: exports `memory`, `spindle_alloc` and `spindle_handle`; instantiated once,
+//!   `_initialize` called once, then `spindle_handle` per request. The input is copied straight
+//!   from the caller's buffer (the arena slot) into linear memory and the output straight from
+//!   linear memory back; there is no intermediate buffer.
+//! - **command**: a plain WASI program with `_start`. Each request gets a fresh instance, the
+//!   input on stdin and the response from stdout, as WAGI/Spin do. This costs an instantiation
+//!   per request and two extra copies, in exchange for running modules not written for Spindle.
+//!
+//! Limits: a per-call instruction budget (wasmer's metering middleware: the guest traps when it
+//! runs out, which is how an endless loop becomes a timeout) and a linear-memory cap enforced
+//! through the engine's tunables (memory.grow past it fails, as in any Wasm runtime).
+//! A trap leaves the guest in an unknown state, so the instance is rebuilt before the next call.
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use shm::Status;
+use wasmer::sys::{BaseTunables, Cranelift, NativeEngineExt, Tunables};
+use wasmer::sys::vm::{VMMemory, VMMemoryDefinition, VMTable, VMTableDefinition};
+use wasmer::{MemoryError, MemoryStyle, TableStyle};
+use wasmer::wasmparser::Operator;
+use wasmer::{
+    Engine, Exports, Function, FunctionEnv, FunctionEnvMut, Imports, Instance, Memory,
+    MemoryType, Module, Pages, RuntimeError, Store, TableType, TypedFunction, WASM_PAGE_SIZE,
+};
+use wasmer_middlewares::metering::{self, MeteringPoints};
+
+use crate::config::{FunctionSpec, ModuleMode};
+use crate::wasi::{self, ProcExit, WasiCtx};
+
+/// The import module name of Spindle's own host functions.
+const SPINDLE_IMPORTS: &str = "spindle";
+/// Largest error message kept from a guest; the rest is cut so a guest cannot flood the slot.
+const MAX_ERROR_LEN: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot read module {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("cannot compile module {path}: {message}")]
+    Compile { path: String, message: String },
+    #[error("module {path} {message}")]
+    Abi { path: String, message: String },
+    #[error("cannot instantiate module {path}: {message}")]
+    Instantiate { path: String, message: String },
+}
+
+/// What one invocation produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `output_len` bytes were written to the output; `next` is the function id the guest
+    /// chose (dynamic chains only).
+    Done { output_len: usize, next: Option<u32> },
+    /// The request failed in this function; `message` is for the client.
+    Failed { status: Status, message: String },
+}
+
+/// Where an invocation reads its input and writes its output. The worker implements it over an
+/// arena slot (input and output share the slot: the input is fully consumed before any output
+/// is written); tests implement it over vectors.
+pub trait SlotIo {
+    fn input_len(&self) -> usize;
+    fn read_input(&self, dst: &mut [u8]);
+    fn capacity(&self) -> usize;
+    /// Writes the hop's output. `src.len() <= capacity()` is checked by the caller.
+    fn write_output(&mut self, src: &[u8]);
+}
+
+/// Per-call state the `spindle.*` host functions see.
+struct GuestCtx {
+    memory: Option<Memory>,
+    /// Raw pointer to the caller's `SlotIo`, valid only during `FunctionHost::invoke`.
+    io: Option<NonNull<dyn SlotIo>>,
+    output_len: usize,
+    error: Option<String>,
+    next: Option<u32>,
+    /// Functions this chain may route to by name (dynamic chains); None for static chains.
+    routes: Option<Arc<Vec<(String, u32)>>>,
+}
+
+// SAFETY: the `io` pointer is only set and dereferenced on the thread that runs the guest, for
+// the duration of one `invoke` call; wasmer requires env data to be Send only because a store
+// may move between threads between calls, and no pointer survives a call.
+unsafe impl Send for GuestCtx {}
+
+/// Caps every linear memory a module declares at the function's configured limit.
+struct MemoryLimit {
+    base: BaseTunables,
+    max_pages: Pages,
+}
+
+impl MemoryLimit {
+    fn adjust(&self, ty: &MemoryType) -> Result<MemoryType, MemoryError> {
+        if ty.minimum > self.max_pages {
+            return Err(MemoryError::Generic(format!(
+                "module needs {} pages of memory at start, the limit is {} pages",
+                ty.minimum.0, self.max_pages.0
+            )));
+        }
+        let maximum = ty.maximum.map_or(self.max_pages, |m| m.min(self.max_pages));
+        Ok(MemoryType { maximum: Some(maximum), ..*ty })
+    }
+}
+
+impl Tunables for MemoryLimit {
+    fn memory_style(&self, memory: &MemoryType) -> MemoryStyle {
+        let adjusted = self.adjust(memory).unwrap_or(*memory);
+        self.base.memory_style(&adjusted)
+    }
+
+    fn table_style(&self, table: &TableType) -> TableStyle {
+        self.base.table_style(table)
+    }
+
+    fn create_host_memory(
+        &self,
+        ty: &MemoryType,
+        style: &MemoryStyle,
+    ) -> Result<VMMemory, MemoryError> {
+        self.base.create_host_memory(&self.adjust(ty)?, style)
+    }
+
+    unsafe fn create_vm_memory(
+        &self,
+        ty: &MemoryType,
+        style: &MemoryStyle,
+        vm_definition_location: NonNull<VMMemoryDefinition>,
+    ) -> Result<VMMemory, MemoryError> {
+        let ty = self.adjust(ty)?;
+        // SAFETY: forwarded unchanged from our caller, who upholds the trait's contract.
+        unsafe { self.base.create_vm_memory(&ty, style, vm_definition_location) }
+    }
+
+    fn create_host_table(&self, ty: &TableType, style: &TableStyle) -> Result<VMTable, String> {
+        self.base.create_host_table(ty, style)
+    }
+
+    unsafe fn create_vm_table(
+        &self,
+        ty: &TableType,
+        style: &TableStyle,
+        vm_definition_location: NonNull<VMTableDefinition>,
+    ) -> Result<VMTable, String> {
+        // SAFETY: forwarded unchanged from our caller, who upholds the trait's contract.
+        unsafe { self.base.create_vm_table(ty, style, vm_definition_location) }
+    }
+}
+
+/// Builds the engine for one function: cranelift, fuel metering when a budget is configured,
+/// and the memory cap.
+fn engine_for(spec: &FunctionSpec) -> Engine {
+    let mut compiler = Cranelift::default();
+    if let Some(fuel) = spec.fuel {
+        use wasmer::sys::CompilerConfig;
+        compiler.push_middleware(Arc::new(metering::Metering::new(
+            fuel,
+            |_: &Operator| 1,
+        )));
+    }
+    let mut engine: Engine = compiler.into();
+    let max_pages = (spec.memory_limit / WASM_PAGE_SIZE as u64).clamp(1, 65536) as u32;
+    engine.set_tunables(MemoryLimit { base: BaseTunables::new(), max_pages: Pages(max_pages) });
+    engine
+}
+
+/// A reactor's live instance and the exports the host calls.
+struct Reactor {
+    store: Store,
+    instance: Instance,
+    alloc: TypedFunction<i32, i32>,
+    handle: TypedFunction<(i32, i32), i32>,
+    guest: FunctionEnv<GuestCtx>,
+}
+
+pub struct FunctionHost {
+    name: String,
+    module_path: String,
+    fuel: Option<u64>,
+    env: Vec<(String, String)>,
+    routes: Option<Arc<Vec<(String, u32)>>>,
+    engine: Engine,
+    module: Module,
+    mode: ModuleMode,
+    reactor: Option<Reactor>,
+}
+
+impl FunctionHost {
+    /// Compiles the function's module and, for reactors, instantiates it and runs `_initialize`.
+    /// `routes` lists the functions a dynamic chain may name with `spindle.next`.
+    pub fn new(spec: &FunctionSpec, routes: Option<Vec<(String, u32)>>) -> Result<Self, HostError> {
+        let module_path = spec.module.display().to_string();
+        let bytes = std::fs::read(&spec.module)
+            .map_err(|source| HostError::Read { path: module_path.clone(), source })?;
+        let engine = engine_for(spec);
+        let store = Store::new(engine.clone());
+        let module = Module::new(&store, &bytes)
+            .map_err(|e| HostError::Compile { path: module_path.clone(), message: e.to_string() })?;
+        let mut host = FunctionHost {
+            name: spec.name.clone(),
+            module_path,
+            fuel: spec.fuel,
+            env: spec.env.clone(),
+            routes: routes.map(Arc::new),
+            engine,
+            module,
+            mode: spec.mode,
+            reactor: None,
+        };
+        host.check_abi()?;
+        if host.mode == ModuleMode::Reactor {
+            host.reactor = Some(host.instantiate_reactor()?);
+        }
+        Ok(host)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn abi_error(&self, message: impl Into<String>) -> HostError {
+        HostError::Abi { path: self.module_path.clone(), message: message.into() }
+    }
+
+    /// Checks the module's exports against the mode before any instance exists, so a wrong
+    /// module fails at start with a message that says what to change.
+    fn check_abi(&self) -> Result<(), HostError> {
+        let has = |name: &str| self.module.exports().any(|e| e.name() == name);
+        for import in self.module.imports() {
+            let ns = import.module();
+            if ns != SPINDLE_IMPORTS && !matches!(ns, "wasi_snapshot_preview1" | "wasi_unstable") {
+                return Err(self.abi_error(format!(
+                    "imports {}.{}, but only `spindle` and WASI preview-1 imports are provided",
+                    ns,
+                    import.name()
+                )));
+            }
+        }
+        match self.mode {
+            ModuleMode::Reactor => {
+                for export in ["memory", "spindle_alloc", "spindle_handle"] {
+                    if !has(export) {
+                        let hint = if has("_start") {
+                            " (it exports _start: set `mode: command` to run it as a WASI command)"
+                        } else {
+                            ""
+                        };
+                        return Err(self.abi_error(format!(
+                            "does not export `{export}` required of a reactor{hint}"
+                        )));
+                    }
+                }
+            }
+            ModuleMode::Command => {
+                if !has("_start") {
+                    return Err(self.abi_error("does not export `_start` required of a command"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the import object: Spindle's host functions and WASI.
+    fn link(
+        &self,
+        store: &mut Store,
+        wasi_ctx: WasiCtx,
+    ) -> Result<(Imports, FunctionEnv<GuestCtx>, FunctionEnv<WasiCtx>), HostError> {
+        let guest = FunctionEnv::new(
+            store,
+            GuestCtx {
+                memory: None,
+                io: None,
+                output_len: 0,
+                error: None,
+                next: None,
+                routes: self.routes.clone(),
+            },
+        );
+        let wasi_env = FunctionEnv::new(store, wasi_ctx);
+        let mut imports = Imports::new();
+        let mut ns = Exports::new();
+        ns.insert("output", Function::new_typed_with_env(store, &guest, host_output));
+        ns.insert("error", Function::new_typed_with_env(store, &guest, host_error));
+        ns.insert("next", Function::new_typed_with_env(store, &guest, host_next));
+        imports.register_namespace(SPINDLE_IMPORTS, ns);
+        wasi::add_imports(store, &wasi_env, &self.module, &mut imports)
+            .map_err(|e| self.abi_error(e.to_string()))?;
+        Ok((imports, guest, wasi_env))
+    }
+
+    fn wasi_ctx(&self) -> WasiCtx {
+        WasiCtx::new(&self.name, vec![self.name.clone()], self.env.clone())
+    }
+
+    fn instantiate_reactor(&self) -> Result<Reactor, HostError> {
+        let mut store = Store::new(self.engine.clone());
+        let (imports, guest, wasi_env) = self.link(&mut store, self.wasi_ctx())?;
+        let inst_err =
+            |e: String| HostError::Instantiate { path: self.module_path.clone(), message: e };
+        let instance = Instance::new(&mut store, &self.module, &imports)
+            .map_err(|e| inst_err(e.to_string()))?;
+        let memory = instance.exports.get_memory("memory").map_err(|e| inst_err(e.to_string()))?;
+        guest.as_mut(&mut store).memory = Some(memory.clone());
+        wasi_env.as_mut(&mut store).set_memory(memory.clone());
+        let alloc = instance
+            .exports
+            .get_typed_function::<i32, i32>(&store, "spindle_alloc")
+            .map_err(|e| self.abi_error(format!("spindle_alloc must be (i32) -> i32: {e}")))?;
+        let handle = instance
+            .exports
+            .get_typed_function::<(i32, i32), i32>(&store, "spindle_handle")
+            .map_err(|e| self.abi_error(format!("spindle_handle must be (i32, i32) -> i32: {e}")))?;
+        if let Ok(init) = instance.exports.get_typed_function::<(), ()>(&store, "_initialize") {
+            self.refuel(&mut store, &instance);
+            init.call(&mut store).map_err(|e| inst_err(format!("_initialize failed: {e}")))?;
+        }
+        Ok(Reactor { store, instance, alloc, handle, guest })
+    }
+
+    fn refuel(&self, store: &mut Store, instance: &Instance) {
+        if let Some(fuel) = self.fuel {
+            metering::set_remaining_points(store, instance, fuel);
+        }
+    }
+
+    /// Runs the function on one request. Never panics on guest misbehaviour: every failure
+    /// becomes `Outcome::Failed`, and a trapped reactor is rebuilt before returning.
+    pub fn invoke(&mut self, io: &mut dyn SlotIo) -> Outcome {
+        match self.mode {
+            ModuleMode::Reactor => self.invoke_reactor(io),
+            ModuleMode::Command => self.invoke_command(io),
+        }
+    }
+
+    fn invoke_reactor(&mut self, io: &mut dyn SlotIo) -> Outcome {
+        if self.reactor.is_none() {
+            match self.instantiate_reactor() {
+                Ok(r) => self.reactor = Some(r),
+                Err(e) => return failed(Status::Trap, e.to_string()),
+            }
+        }
+        let outcome = {
+            let reactor = self.reactor.as_mut().expect("reactor instantiated above");
+            let fuel = self.fuel;
+            if let Some(fuel) = fuel {
+                metering::set_remaining_points(&mut reactor.store, &reactor.instance, fuel);
+            }
+            run_reactor(reactor, io, fuel)
+        };
+        let (outcome, trapped) = outcome;
+        if trapped {
+            // The guest stopped mid-way: its heap and globals may be inconsistent.
+            self.reactor = None;
+        }
+        outcome
+    }
+
+    fn invoke_command(&mut self, io: &mut dyn SlotIo) -> Outcome {
+        let mut input = vec![0u8; io.input_len()];
+        io.read_input(&mut input);
+        let mut wasi_ctx = self.wasi_ctx();
+        wasi_ctx.set_stdin(input);
+        wasi_ctx.capture_stdout(io.capacity());
+        wasi_ctx.capture_stderr(MAX_ERROR_LEN);
+        // A fresh store per request: stores keep every instance alive until dropped.
+        let mut store = Store::new(self.engine.clone());
+        let (imports, _guest, wasi_env) = match self.link(&mut store, wasi_ctx) {
+            Ok(linked) => linked,
+            Err(e) => return failed(Status::Trap, e.to_string()),
+        };
+        let instance = match Instance::new(&mut store, &self.module, &imports) {
+            Ok(i) => i,
+            Err(e) => return failed(Status::Trap, format!("cannot instantiate: {e}")),
+        };
+        match instance.exports.get_memory("memory") {
+            Ok(memory) => wasi_env.as_mut(&mut store).set_memory(memory.clone()),
+            Err(e) => return failed(Status::Trap, format!("command exports no memory: {e}")),
+        }
+        let start = match instance.exports.get_typed_function::<(), ()>(&store, "_start") {
+            Ok(f) => f,
+            Err(e) => return failed(Status::Trap, format!("_start must be () -> (): {e}")),
+        };
+        self.refuel(&mut store, &instance);
+        let exit_code = match start.call(&mut store) {
+            Ok(()) => 0,
+            Err(trap) => match trap.downcast::<ProcExit>() {
+                Ok(ProcExit(code)) => code,
+                Err(trap) => return classify_trap(&mut store, &instance, self.fuel, trap),
+            },
+        };
+        let ctx = wasi_env.as_mut(&mut store);
+        ctx.flush_logs();
+        if exit_code != 0 {
+            let stderr = String::from_utf8_lossy(&ctx.take_stderr()).trim_end().to_string();
+            return failed(Status::GuestError, format!("exited with status {exit_code}: {stderr}"));
+        }
+        if ctx.stdout_truncated() {
+            return failed(
+                Status::GuestError,
+                format!("wrote more than the chain's slot size ({} bytes) to stdout", io.capacity()),
+            );
+        }
+        let stdout = ctx.take_stdout();
+        io.write_output(&stdout);
+        Outcome::Done { output_len: stdout.len(), next: None }
+    }
+}
+
+fn failed(status: Status, message: impl Into<String>) -> Outcome {
+    Outcome::Failed { status, message: message.into() }
+}
+
+/// Turns a trap into an outcome: out of fuel is a timeout, anything else a trap.
+fn classify_trap(
+    store: &mut Store,
+    instance: &Instance,
+    fuel: Option<u64>,
+    trap: RuntimeError,
+) -> Outcome {
+    if let Some(budget) = fuel
+        && metering::get_remaining_points(store, instance) == MeteringPoints::Exhausted
+    {
+        return failed(
+            Status::Timeout,
+            format!("ran out of fuel (budget {budget} instructions per call)"),
+        );
+    }
+    failed(Status::Trap, format!("trapped: {}", trap.message()))
+}
+
+/// Returns the outcome and whether the guest trapped (and so must be rebuilt).
+fn run_reactor(reactor: &mut Reactor, io: &mut dyn SlotIo, fuel: Option<u64>) -> (Outcome, bool) {
+    let Reactor { store, instance, alloc, handle, guest } = reactor;
+    let input_len = io.input_len();
+    let Ok(len_i32) = i32::try_from(input_len) else {
+        return (failed(Status::GuestError, "input larger than 2 GiB"), false);
+    };
+    let ptr = match alloc.call(store, len_i32) {
+        Ok(p) => p,
+        Err(trap) => return (classify_trap(store, instance, fuel, trap), true),
+    };
+    if ptr == 0 && input_len > 0 {
+        let message = format!(
+            "spindle_alloc could not allocate {input_len} bytes for the input (memory limit reached?)"
+        );
+        // Out of memory: rebuild, so the next request starts from a fresh heap.
+        return (failed(Status::Trap, message), true);
+    }
+    {
+        let ctx = guest.as_mut(store);
+        let memory = ctx.memory.clone().expect("memory set at instantiation");
+        let view = memory.view(&*store);
+        let start = ptr as u32 as u64;
+        if start + input_len as u64 > view.data_size() {
+            let message = "spindle_alloc returned a buffer outside linear memory";
+            return (failed(Status::Trap, message), true);
+        }
+        // SAFETY: the guest is not running (we are between calls on this thread), so nothing
+        // else references linear memory; the range was checked against the memory size above,
+        // and the slice is dropped before the next guest call can grow (move) the memory.
+        let dst = unsafe { &mut view.data_unchecked_mut()[start as usize..][..input_len] };
+        io.read_input(dst);
+    }
+    {
+        let ctx = guest.as_mut(store);
+        ctx.output_len = 0;
+        ctx.error = None;
+        ctx.next = None;
+        let io_ptr: NonNull<dyn SlotIo + '_> = NonNull::from(&mut *io);
+        // SAFETY: only the lifetime is erased; `ctx.io` is reset to None right after the
+        // guest call below, before `io`'s borrow ends, so the pointer never outlives it.
+        ctx.io = Some(unsafe {
+            std::mem::transmute::<NonNull<dyn SlotIo + '_>, NonNull<dyn SlotIo + 'static>>(io_ptr)
+        });
+    }
+    let result = handle.call(store, ptr, len_i32);
+    let ctx = guest.as_mut(store);
+    ctx.io = None;
+    let (output_len, error, next) = (ctx.output_len, ctx.error.take(), ctx.next.take());
+    let outcome = match &result {
+        Err(_) if error.is_some() => {
+            // A host function stopped the guest (e.g. output too large): report that, not the
+            // trap it used to stop it.
+            failed(Status::GuestError, error.unwrap_or_default())
+        }
+        Err(trap) => classify_trap(store, instance, fuel, trap.clone()),
+        Ok(_) if error.is_some() => failed(Status::GuestError, error.unwrap_or_default()),
+        Ok(0) => Outcome::Done { output_len, next },
+        Ok(code) => failed(
+            Status::GuestError,
+            format!("spindle_handle returned {code} without an error message"),
+        ),
+    };
+    (outcome, result.is_err())
+}
+
+/// Borrows `len` bytes of guest memory at `ptr`, or None when out of bounds.
+///
+/// # Safety
+/// Only call from inside a host function: the guest is suspended on this thread, so no other
+/// reference to linear memory exists, and the slice must be dropped before returning to it.
+unsafe fn guest_bytes<'a>(view: &'a wasmer::MemoryView<'_>, ptr: i32, len: i32) -> Option<&'a [u8]> {
+    let (start, len) = (ptr as u32 as u64, u64::try_from(len).ok()?);
+    if start.checked_add(len)? > view.data_size() {
+        return None;
+    }
+    // SAFETY: bounds checked above; exclusivity is the caller's contract.
+    Some(unsafe { &view.data_unchecked()[start as usize..][..len as usize] })
+}
+
+fn guest_fault(what: &str) -> RuntimeError {
+    RuntimeError::new(format!("spindle.{what}: pointer/length outside linear memory"))
+}
+
+fn host_output(mut env: FunctionEnvMut<GuestCtx>, ptr: i32, len: i32) -> Result<(), RuntimeError> {
+    let (ctx, store) = env.data_and_store_mut();
+    let memory = ctx.memory.clone().expect("memory set at instantiation");
+    let Some(mut io) = ctx.io else {
+        return Err(RuntimeError::new("spindle.output called outside spindle_handle"));
+    };
+    // SAFETY: `io` points at the `SlotIo` borrowed by `run_reactor` for the duration of this
+    // guest call, on this thread; nothing else uses it until the call returns.
+    let io = unsafe { io.as_mut() };
+    let view = memory.view(&store);
+    // SAFETY: called from a host function; the slice is dropped before returning to the guest.
+    let bytes = unsafe { guest_bytes(&view, ptr, len) }.ok_or_else(|| guest_fault("output"))?;
+    if bytes.len() > io.capacity() {
+        ctx.error = Some(format!(
+            "output of {} bytes exceeds the chain's slot size ({} bytes)",
+            bytes.len(),
+            io.capacity()
+        ));
+        return Err(RuntimeError::new("output too large"));
+    }
+    io.write_output(bytes);
+    ctx.output_len = bytes.len();
+    Ok(())
+}
+
+fn host_error(mut env: FunctionEnvMut<GuestCtx>, ptr: i32, len: i32) -> Result<(), RuntimeError> {
+    let (ctx, store) = env.data_and_store_mut();
+    let memory = ctx.memory.clone().expect("memory set at instantiation");
+    let view = memory.view(&store);
+    // SAFETY: called from a host function; the slice is dropped before returning to the guest.
+    let bytes = unsafe { guest_bytes(&view, ptr, len) }.ok_or_else(|| guest_fault("error"))?;
+    let mut message = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_ERROR_LEN)]).into_owned();
+    if message.is_empty() {
+        message = "function reported an error".into();
+    }
+    ctx.error = Some(message);
+    Ok(())
+}
+
+fn host_next(mut env: FunctionEnvMut<GuestCtx>, ptr: i32, len: i32) -> Result<i32, RuntimeError> {
+    let (ctx, store) = env.data_and_store_mut();
+    let memory = ctx.memory.clone().expect("memory set at instantiation");
+    let view = memory.view(&store);
+    // SAFETY: called from a host function; the slice is dropped before returning to the guest.
+    let name = unsafe { guest_bytes(&view, ptr, len) }.ok_or_else(|| guest_fault("next"))?;
+    if name.is_empty() {
+        ctx.next = None;
+        return Ok(0);
+    }
+    let Some(routes) = &ctx.routes else {
+        return Ok(-1);
+    };
+    match routes.iter().find(|(n, _)| n.as_bytes() == name) {
+        Some((_, id)) => {
+            ctx.next = Some(*id);
+            Ok(0)
+        }
+        None => Ok(-1),
+    }
+}

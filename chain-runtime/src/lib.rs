@@ -1,0 +1,12 @@
+//! Spindle's chain runtime: the YAML configuration ([`config`]), the ids derived from it
+//! ([`plan`]), the Wasm function host ([`host`], with WASI preview-1 in [`wasi`]) and the worker
+//! process loop ([`worker`]) that runs one function instance against a chain's arena.
+//!
+//! The gateway crate owns HTTP, supervision and routing; this crate owns everything that
+//! happens inside a function instance and the config both sides read.
+
+pub mod config;
+pub mod host;
+pub mod plan;
+pub mod wasi;
+pub mod worker;

@@ -1,0 +1,298 @@
+//! The worker process: one instance of one function of one chain.
+//!
+//! The gateway starts it with two descriptors already open: fd 3 is the chain's arena (a
+//! memfd) and fd 4 is this instance's end of a connected loopback TCP socket. The worker
+//! compiles and instantiates its module once, announces itself with a ready message, then
+//! loops: read a descriptor, check it against the arena, run the guest on the slot, write the
+//! output back into the slot, and send the descriptor on (to the next function or back to the
+//! gateway). Every descriptor gets exactly one answer, so the gateway never waits on a lost one.
+
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use shm::{Arena, Descriptor, GATEWAY_FN, SlotRef, Status};
+
+use crate::config::{Config, ConfigErrors};
+use crate::host::{FunctionHost, HostError, Outcome, SlotIo};
+use crate::plan::{ChainPlan, Plan, Stage};
+
+/// Where the gateway puts the arena memfd in a worker.
+pub const ARENA_FD: RawFd = 3;
+/// Where the gateway puts the worker's socket.
+pub const SOCKET_FD: RawFd = 4;
+/// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
+pub const WATCHDOG_EXIT: i32 = 124;
+/// Descriptors read per syscall at most when several are queued.
+const READ_BATCH: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot read config {path}: {source}")]
+    ReadConfig { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("config {path} changed since the gateway started (digest {found:x}, expected {expected:x})")]
+    ConfigChanged { path: String, found: u64, expected: u64 },
+    #[error("no function {function} in chain {chain}")]
+    UnknownStage { chain: String, function: String },
+    #[error("fd {fd} is not {what}: was this process started by the gateway?")]
+    BadFd { fd: RawFd, what: &'static str },
+    #[error("arena: {0}")]
+    Arena(#[from] shm::ArenaError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What identifies a worker; the gateway passes it on the command line.
+#[derive(Debug, Clone)]
+pub struct WorkerArgs {
+    pub config: std::path::PathBuf,
+    pub config_digest: u64,
+    pub chain: String,
+    pub function: String,
+    pub instance: u32,
+}
+
+/// Digest of the config text, so a worker refuses to run against a file edited after the
+/// gateway planned ids from it.
+pub fn config_digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher::new() has fixed keys, so every process of one binary agrees.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+/// The message a worker sends once its module is instantiated: request id 0 marks control
+/// messages; `slot` carries the function id and `generation` the instance number.
+pub fn ready_message(chain: u16, fn_id: u32, instance: u32) -> Descriptor {
+    Descriptor {
+        next_fn: GATEWAY_FN,
+        chain,
+        request_id: 0,
+        slot: fn_id,
+        generation: instance,
+        ..Descriptor::default()
+    }
+}
+
+pub fn is_control(d: &Descriptor) -> bool {
+    d.request_id == 0
+}
+
+/// Runs the worker until the gateway closes the socket. Takes over fds 3 and 4.
+pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
+    let text = std::fs::read_to_string(&args.config).map_err(|source| WorkerError::ReadConfig {
+        path: args.config.display().to_string(),
+        source,
+    })?;
+    let found = config_digest(&text);
+    if found != args.config_digest {
+        return Err(WorkerError::ConfigChanged {
+            path: args.config.display().to_string(),
+            found,
+            expected: args.config_digest,
+        });
+    }
+    let config = Config::parse(&text, &args.config)?;
+    let plan = Plan::new(&config);
+    let unknown = || WorkerError::UnknownStage {
+        chain: args.chain.clone(),
+        function: args.function.clone(),
+    };
+    let chain = plan.chain_by_name(&args.chain).ok_or_else(unknown)?;
+    let stage = chain.stage_by_name(&args.function).ok_or_else(unknown)?;
+
+    let arena = Arena::from_fd(take_fd(ARENA_FD, libc::S_IFREG, "the arena memfd")?)?;
+    let socket = TcpStream::from(take_fd(SOCKET_FD, libc::S_IFSOCK, "a socket")?);
+    socket.set_nodelay(true)?;
+
+    let host = FunctionHost::new(&stage.function, chain.routes())?;
+    let mut worker = Worker {
+        chain,
+        stage,
+        arena,
+        host,
+        refused: 0,
+        busy_since: Arc::new(AtomicU64::new(0)),
+        epoch: Instant::now(),
+    };
+    worker.start_watchdog();
+    let mut writer = socket.try_clone()?;
+    writer.write_all(&ready_message(chain.id, stage.fn_id, args.instance).to_bytes())?;
+    tracing::info!(chain = %chain.spec.name, function = %stage.function.name, instance = args.instance, "worker ready");
+    worker.serve(BufReader::with_capacity(READ_BATCH * Descriptor::SIZE, socket), writer)
+}
+
+/// Adopts an fd the gateway left open for us, after checking it is what we expect.
+fn take_fd(fd: RawFd, kind: libc::mode_t, what: &'static str) -> Result<OwnedFd, WorkerError> {
+    // SAFETY: fstat only writes into the zeroed struct we own; an invalid fd returns -1.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != kind {
+        return Err(WorkerError::BadFd { fd, what });
+    }
+    // SAFETY: the fd is open (fstat succeeded) and nothing else in this process owns it: the
+    // gateway placed it here for the worker alone, and this is called once per fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+struct Worker<'p> {
+    chain: &'p ChainPlan,
+    stage: &'p Stage,
+    arena: Arena,
+    host: FunctionHost,
+    refused: u64,
+    /// Milliseconds since `epoch` when the current call started, 0 when idle.
+    busy_since: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Worker<'_> {
+    /// A guest can block in a host call (poll_oneoff) or burn time without fuel configured:
+    /// past its timeout nothing inside the process can stop it safely, so the process exits
+    /// and the gateway fails its request with 504 and starts a fresh instance.
+    fn start_watchdog(&self) {
+        let timeout = self.stage.function.timeout;
+        let busy = Arc::clone(&self.busy_since);
+        let epoch = self.epoch;
+        let name = self.stage.function.name.clone();
+        let tick = (timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(100));
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(tick);
+                    let started = busy.load(Ordering::Acquire);
+                    if started == 0 {
+                        continue;
+                    }
+                    let now = epoch.elapsed().as_millis() as u64;
+                    if now.saturating_sub(started) > timeout.as_millis() as u64 {
+                        tracing::error!(function = %name, timeout_ms = timeout.as_millis() as u64,
+                            "call exceeded its timeout; exiting so the gateway restarts this instance");
+                        // SAFETY: _exit ends the process without running destructors that could
+                        // race with the stuck guest thread.
+                        unsafe { libc::_exit(WATCHDOG_EXIT) };
+                    }
+                }
+            })
+            .expect("spawning the watchdog thread");
+    }
+
+    fn serve(&mut self, mut reader: impl Read, mut writer: impl Write) -> Result<(), WorkerError> {
+        let mut buf = [0u8; Descriptor::SIZE];
+        loop {
+            match reader.read_exact(&mut buf) {
+                Ok(()) => {}
+                // The gateway closed our socket: it is shutting down or replaced us.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            let reply = self.handle(Descriptor::from_bytes(&buf));
+            writer.write_all(&reply.to_bytes())?;
+        }
+    }
+
+    /// Turns one received descriptor into the one to send on.
+    fn handle(&mut self, mut d: Descriptor) -> Descriptor {
+        let slot = match self.check(&d) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                self.refused += 1;
+                tracing::warn!(function = %self.stage.function.name, request = d.request_id,
+                    refused_total = self.refused, "refused descriptor: {reason}");
+                d.status = Status::Refused as u8;
+                d.next_fn = GATEWAY_FN;
+                return d;
+            }
+        };
+        let mut io = ArenaSlot { arena: &self.arena, slot, input_len: d.len as usize };
+        self.busy_since
+            .store((self.epoch.elapsed().as_millis() as u64).max(1), Ordering::Release);
+        let outcome = self.host.invoke(&mut io);
+        self.busy_since.store(0, Ordering::Release);
+        d.hop = d.hop.saturating_add(1);
+        match outcome {
+            Outcome::Done { output_len, next } => {
+                d.len = output_len as u32;
+                let next = if self.chain.is_dynamic() {
+                    next.unwrap_or(GATEWAY_FN)
+                } else {
+                    self.chain.static_next(self.stage.fn_id).unwrap_or(GATEWAY_FN)
+                };
+                if next != GATEWAY_FN && d.hop >= self.chain.max_hops() {
+                    let message = format!(
+                        "request passed through {} functions, the chain's max_hops",
+                        d.hop
+                    );
+                    self.fail(&mut d, slot, Status::BadRoute, &message);
+                } else {
+                    d.next_fn = next;
+                }
+            }
+            Outcome::Failed { status, message } => self.fail(&mut d, slot, status, &message),
+        }
+        d
+    }
+
+    fn check(&self, d: &Descriptor) -> Result<SlotRef, String> {
+        if d.next_fn != self.stage.fn_id {
+            return Err(format!("addressed to function {}, this is {}", d.next_fn, self.stage.fn_id));
+        }
+        if d.chain != self.chain.id {
+            return Err(format!("names chain {}, this worker serves chain {}", d.chain, self.chain.id));
+        }
+        if d.status != Status::Ok as u8 {
+            return Err(format!("carries status {}", d.status));
+        }
+        self.arena.check(d).map_err(|e| e.to_string())
+    }
+
+    /// Writes "function NAME: message" into the slot and sends the descriptor to the gateway.
+    fn fail(&self, d: &mut Descriptor, slot: SlotRef, status: Status, message: &str) {
+        let text = format!("function {}: {message}", self.stage.function.name);
+        let bytes = &text.as_bytes()[..text.len().min(self.arena.slot_size() as usize)];
+        let written = self.arena.write(slot, 0, bytes).is_ok();
+        d.len = if written { bytes.len() as u32 } else { 0 };
+        d.status = status as u8;
+        d.next_fn = GATEWAY_FN;
+    }
+}
+
+/// A slot viewed as the guest's input and output buffer.
+struct ArenaSlot<'a> {
+    arena: &'a Arena,
+    slot: SlotRef,
+    input_len: usize,
+}
+
+impl SlotIo for ArenaSlot<'_> {
+    fn input_len(&self) -> usize {
+        self.input_len
+    }
+
+    fn read_input(&self, dst: &mut [u8]) {
+        // The slot was checked on receipt and only the gateway releases it, after this
+        // descriptor comes back; a failure here means the protocol was broken elsewhere.
+        if let Err(e) = self.arena.read(self.slot, 0, dst) {
+            tracing::error!("reading input from the arena: {e}");
+            dst.fill(0);
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.arena.slot_size() as usize
+    }
+
+    fn write_output(&mut self, src: &[u8]) {
+        if let Err(e) = self.arena.write(self.slot, 0, src) {
+            tracing::error!("writing output to the arena: {e}");
+        }
+    }
+}

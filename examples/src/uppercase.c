@@ -1,0 +1,14 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* ASCII uppercase of the input. Bytes outside a-z, including UTF-8, pass unchanged. */
+#include "spindle.h"
+
+static int handle(uint8_t *in, size_t len)
+{
+	/* The input buffer is ours until we return, so convert it in place: no copy. */
+	for (size_t i = 0; i < len; i++)
+		if (in[i] >= 'a' && in[i] <= 'z')
+			in[i] -= 'a' - 'A';
+	spindle_output(in, (int32_t)len);
+	return 0;
+}
+SPINDLE_HANDLER(handle)

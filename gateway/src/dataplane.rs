@@ -1,0 +1,338 @@
+//! The userspace dataplane: per-chain arena, the table of requests in flight, and the router
+//! that moves descriptors between worker sockets.
+//!
+//! Every worker instance has one loopback TCP connection to the gateway. A descriptor a worker
+//! sends comes back here; the router checks it against the request it claims to belong to
+//! (request id, chain, slot, generation, and the instance that holds it), then either forwards
+//! it to an instance of the next function or completes the request. This is the path the
+//! sk_msg/sockmap dataplane replaces, with the same sockets and the same 32-byte messages.
+//!
+//! Slot ownership: the `Pending` entry owns the request's slot through a [`SlotGuard`], and the
+//! guard releases it on drop. Whoever removes the entry from the table owns the slot from then
+//! on; if the HTTP handler is gone (timeout, client disconnect), the guard is dropped with the
+//! undelivered completion. A slot is therefore released exactly once, and never while a worker
+//! may still write to it: entries are removed only when the descriptor came back or the process
+//! holding it has exited.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chain_runtime::plan::ChainPlan;
+use chain_runtime::worker::is_control;
+use hyper::StatusCode;
+use shm::{Arena, Descriptor, GATEWAY_FN, SlotRef, Status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::ChainMetrics;
+
+/// Descriptors written per syscall at most when several are queued for one instance.
+const WRITE_BATCH: usize = 64;
+
+/// Releases its slot when dropped.
+pub struct SlotGuard {
+    arena: Arc<Arena>,
+    slot: SlotRef,
+}
+
+impl SlotGuard {
+    pub fn new(arena: Arc<Arena>, slot: SlotRef) -> Self {
+        SlotGuard { arena, slot }
+    }
+
+    pub fn slot(&self) -> SlotRef {
+        self.slot
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.arena.release(self.slot) {
+            // Only reachable through a bug in ownership tracking: say so loudly.
+            tracing::error!("releasing slot {}: {e}", self.slot.index);
+        }
+    }
+}
+
+/// How a request in flight ended.
+pub enum Completion {
+    /// The chain's last function (or a failing one) sent the descriptor back.
+    Returned { desc: Descriptor, slot: SlotGuard },
+    /// The gateway failed the request (the instance holding it died, no instance was up, the
+    /// descriptor named a function outside the chain). The slot was already released.
+    Failed { code: StatusCode, message: String },
+}
+
+/// One instance incarnation: which stage, which instance, which start of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Holder {
+    pub stage: usize,
+    pub instance: usize,
+    pub incarnation: u64,
+}
+
+struct Pending {
+    slot: SlotGuard,
+    holder: Holder,
+    responder: oneshot::Sender<Completion>,
+}
+
+/// A live instance's outbound queue; `None` while the instance is down.
+#[derive(Default)]
+pub struct InstanceLink {
+    sender: Mutex<Option<(u64, mpsc::UnboundedSender<Descriptor>)>>,
+}
+
+pub struct StageRuntime {
+    pub fn_id: u32,
+    pub name: String,
+    pub instances: Vec<InstanceLink>,
+    round_robin: AtomicUsize,
+}
+
+pub struct ChainRuntime {
+    pub plan: ChainPlan,
+    pub arena: Arc<Arena>,
+    pub stages: Vec<StageRuntime>,
+    pub metrics: ChainMetrics,
+    pending: Mutex<HashMap<u64, Pending>>,
+}
+
+/// Why the router refused a descriptor from a worker; also the metric label.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    UnknownRequest,
+    WrongHolder,
+    SlotMismatch,
+    Malformed,
+    WorkerRefused,
+}
+
+impl Refusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::UnknownRequest => "unknown_request",
+            Refusal::WrongHolder => "wrong_holder",
+            Refusal::SlotMismatch => "slot_mismatch",
+            Refusal::Malformed => "malformed",
+            Refusal::WorkerRefused => "refused_by_worker",
+        }
+    }
+}
+
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
+impl ChainRuntime {
+    pub fn new(plan: ChainPlan, arena: Arc<Arena>, metrics: ChainMetrics) -> Self {
+        let stages = plan
+            .stages
+            .iter()
+            .map(|s| StageRuntime {
+                fn_id: s.fn_id,
+                name: s.function.name.clone(),
+                instances: (0..s.function.instances).map(|_| InstanceLink::default()).collect(),
+                round_robin: AtomicUsize::new(0),
+            })
+            .collect();
+        ChainRuntime { plan, arena, stages, metrics, pending: Mutex::new(HashMap::new()) }
+    }
+
+    fn stage_index(&self, fn_id: u32) -> Option<usize> {
+        self.stages.iter().position(|s| s.fn_id == fn_id)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.pending.lock().expect("pending lock").len()
+    }
+
+    /// Marks an instance incarnation up: descriptors for its stage may now go to `sender`.
+    pub fn instance_up(&self, stage: usize, instance: usize, incarnation: u64, sender: mpsc::UnboundedSender<Descriptor>) {
+        *self.stages[stage].instances[instance].sender.lock().expect("link lock") = Some((incarnation, sender));
+    }
+
+    pub fn instance_down(&self, stage: usize, instance: usize) {
+        *self.stages[stage].instances[instance].sender.lock().expect("link lock") = None;
+    }
+
+    pub fn live_instances(&self, stage: usize) -> usize {
+        self.stages[stage]
+            .instances
+            .iter()
+            .filter(|l| l.sender.lock().expect("link lock").is_some())
+            .count()
+    }
+
+    /// Picks a live instance of `stage` round-robin and queues `desc` to it.
+    fn dispatch(&self, stage: usize, desc: Descriptor) -> Option<Holder> {
+        let st = &self.stages[stage];
+        let n = st.instances.len();
+        let start = st.round_robin.fetch_add(1, Ordering::Relaxed);
+        (0..n).find_map(|k| {
+            let instance = (start + k) % n;
+            let link = st.instances[instance].sender.lock().expect("link lock");
+            let (incarnation, sender) = link.as_ref()?;
+            sender.send(desc).ok()?;
+            Some(Holder { stage, instance, incarnation: *incarnation })
+        })
+    }
+
+    /// Starts a request whose body is already in `slot`: sends its descriptor to the chain's
+    /// first function. Returns the receiver that will hold the completion.
+    pub fn start(&self, slot: SlotGuard, len: u32) -> Result<oneshot::Receiver<Completion>, (StatusCode, String)> {
+        let request_id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
+        let desc = Descriptor {
+            next_fn: self.plan.first_fn(),
+            chain: self.plan.id,
+            hop: 0,
+            status: Status::Ok as u8,
+            request_id,
+            slot: slot.slot().index,
+            generation: slot.slot().generation,
+            len,
+            reserved: 0,
+        };
+        let (tx, rx) = oneshot::channel();
+        // Hold the table lock across dispatch so the reply cannot be processed before the
+        // entry exists.
+        let mut pending = self.pending.lock().expect("pending lock");
+        let Some(holder) = self.dispatch(0, desc) else {
+            return Err((
+                StatusCode::BAD_GATEWAY,
+                format!("function {} has no live instance", self.stages[0].name),
+            ));
+        };
+        pending.insert(request_id, Pending { slot, holder, responder: tx });
+        Ok(rx)
+    }
+
+    /// Handles one descriptor a worker sent. `from` is the instance that sent it.
+    pub fn on_descriptor(&self, from: Holder, desc: Descriptor) {
+        let mut pending = self.pending.lock().expect("pending lock");
+        let refusal = match pending.get(&desc.request_id) {
+            None => Some(Refusal::UnknownRequest),
+            Some(p) if p.holder != from => Some(Refusal::WrongHolder),
+            Some(p) if p.slot.slot().index != desc.slot || p.slot.slot().generation != desc.generation || desc.chain != self.plan.id => {
+                Some(Refusal::SlotMismatch)
+            }
+            Some(_) if desc.len > self.arena.slot_size() || desc.reserved != 0 || desc.status().is_err() => {
+                Some(Refusal::Malformed)
+            }
+            Some(_) => None,
+        };
+        if let Some(reason) = refusal {
+            drop(pending);
+            self.refuse(from, &desc, reason);
+            return;
+        }
+        let status = desc.status().expect("checked above");
+        if status == Status::Refused {
+            // The worker refused what we sent it: a gateway-side inconsistency, fail the request.
+            self.metrics.refused(Refusal::WorkerRefused.label());
+        }
+        if status != Status::Ok || desc.next_fn == GATEWAY_FN {
+            let p = pending.remove(&desc.request_id).expect("present above");
+            drop(pending);
+            let _ = p.responder.send(Completion::Returned { desc, slot: p.slot });
+            return;
+        }
+        let Some(stage) = self.stage_index(desc.next_fn) else {
+            let p = pending.remove(&desc.request_id).expect("present above");
+            drop(pending);
+            let message = format!(
+                "function {} sent the request to function id {}, which is not part of chain {}",
+                self.stages[from.stage].name, desc.next_fn, self.plan.spec.name
+            );
+            drop(p.slot);
+            let _ = p.responder.send(Completion::Failed { code: StatusCode::INTERNAL_SERVER_ERROR, message });
+            return;
+        };
+        match self.dispatch(stage, desc) {
+            Some(holder) => {
+                pending.get_mut(&desc.request_id).expect("present above").holder = holder;
+                self.metrics.forwarded.inc();
+            }
+            None => {
+                let p = pending.remove(&desc.request_id).expect("present above");
+                drop(pending);
+                drop(p.slot);
+                let message = format!("function {} has no live instance", self.stages[stage].name);
+                let _ = p.responder.send(Completion::Failed { code: StatusCode::BAD_GATEWAY, message });
+            }
+        }
+    }
+
+    fn refuse(&self, from: Holder, desc: &Descriptor, reason: Refusal) {
+        self.metrics.refused(reason.label());
+        tracing::warn!(
+            chain = %self.plan.spec.name,
+            function = %self.stages[from.stage].name,
+            instance = from.instance,
+            request = desc.request_id,
+            reason = reason.label(),
+            "refused descriptor from worker"
+        );
+    }
+
+    /// Fails every request held by an instance incarnation that exited. Called only after the
+    /// process is gone and its socket drained, so no worker can touch these slots any more.
+    pub fn fail_held_by(&self, holder: Holder, code: StatusCode, message: &str) -> usize {
+        let lost: Vec<Pending> = {
+            let mut pending = self.pending.lock().expect("pending lock");
+            let ids: Vec<u64> = pending.iter().filter(|(_, p)| p.holder == holder).map(|(id, _)| *id).collect();
+            ids.iter().filter_map(|id| pending.remove(id)).collect()
+        };
+        let n = lost.len();
+        for p in lost {
+            drop(p.slot);
+            let _ = p.responder.send(Completion::Failed { code, message: message.to_string() });
+        }
+        n
+    }
+}
+
+/// Reads descriptors from one worker connection until it closes. The first message must be the
+/// worker's ready announcement, reported through `ready`.
+pub async fn read_worker(
+    chain: Arc<ChainRuntime>,
+    from: Holder,
+    read: OwnedReadHalf,
+    ready: oneshot::Sender<()>,
+) {
+    let mut reader = BufReader::with_capacity(WRITE_BATCH * Descriptor::SIZE, read);
+    let mut buf = [0u8; Descriptor::SIZE];
+    let mut ready = Some(ready);
+    while reader.read_exact(&mut buf).await.is_ok() {
+        let desc = Descriptor::from_bytes(&buf);
+        if is_control(&desc) {
+            match ready.take() {
+                Some(tx) if desc.slot == chain.stages[from.stage].fn_id => {
+                    let _ = tx.send(());
+                }
+                _ => chain.refuse(from, &desc, Refusal::Malformed),
+            }
+            continue;
+        }
+        chain.on_descriptor(from, desc);
+    }
+}
+
+/// Writes queued descriptors to one worker connection, batching what is queued.
+pub async fn write_worker(mut write: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Descriptor>) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH * Descriptor::SIZE);
+    while let Some(first) = queue.recv().await {
+        batch.clear();
+        batch.extend_from_slice(&first.to_bytes());
+        while batch.len() < WRITE_BATCH * Descriptor::SIZE {
+            match queue.try_recv() {
+                Ok(d) => batch.extend_from_slice(&d.to_bytes()),
+                Err(_) => break,
+            }
+        }
+        if write.write_all(&batch).await.is_err() {
+            // The worker is gone; the supervisor fails what it held.
+            return;
+        }
+    }
+}

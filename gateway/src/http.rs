@@ -1,0 +1,183 @@
+//! The HTTP front: route by path to a chain, copy the body once into an arena slot, start the
+//! chain, and turn its completion into a response.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Incoming};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::{Request, Response, StatusCode};
+use shm::{ArenaError, Status};
+
+use crate::dataplane::{ChainRuntime, Completion, SlotGuard};
+use crate::metrics::Metrics;
+
+pub struct Gateway {
+    pub chains: Vec<Arc<ChainRuntime>>,
+    routes: HashMap<String, usize>,
+    pub metrics: Arc<Metrics>,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn text(code: StatusCode, message: impl Into<String>) -> Reply {
+    let mut body = message.into();
+    body.push('\n');
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}
+
+impl Gateway {
+    pub fn new(chains: Vec<Arc<ChainRuntime>>, metrics: Arc<Metrics>) -> Self {
+        let routes = chains.iter().enumerate().map(|(i, c)| (c.plan.spec.route.clone(), i)).collect();
+        Gateway { chains, routes, metrics }
+    }
+
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Reply, Infallible> {
+        let path = req.uri().path();
+        let reply = match path {
+            "/healthz" => text(StatusCode::OK, "ok"),
+            "/readyz" => self.readyz(),
+            "/metrics" => self.metrics_page(),
+            _ => match self.routes.get(path) {
+                Some(&i) => {
+                    let chain = Arc::clone(&self.chains[i]);
+                    let started = Instant::now();
+                    let reply = serve_chain(&chain, req).await;
+                    chain.metrics.request(reply.status().as_u16());
+                    chain.metrics.duration.observe(started.elapsed().as_secs_f64());
+                    reply
+                }
+                None => text(StatusCode::NOT_FOUND, format!("no chain is routed at {path}")),
+            },
+        };
+        Ok(reply)
+    }
+
+    fn readyz(&self) -> Reply {
+        let down: Vec<String> = self
+            .chains
+            .iter()
+            .flat_map(|c| {
+                (0..c.stages.len())
+                    .filter(|&s| c.live_instances(s) == 0)
+                    .map(|s| format!("{}/{}", c.plan.spec.name, c.stages[s].name))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if down.is_empty() {
+            text(StatusCode::OK, "ready")
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("no live instance: {}", down.join(", ")))
+        }
+    }
+
+    fn metrics_page(&self) -> Reply {
+        for c in &self.chains {
+            self.metrics.set_arena(&c.plan.spec.name, c.arena.slot_count(), c.arena.free_slots());
+        }
+        let mut resp = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+        resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+        resp
+    }
+}
+
+async fn serve_chain(chain: &ChainRuntime, req: Request<Incoming>) -> Reply {
+    let slot_size = chain.arena.slot_size() as u64;
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds chain {}'s slot size of {slot_size} bytes", chain.plan.spec.name),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > slot_size) || req.body().size_hint().lower() > slot_size {
+        return too_large();
+    }
+    let slot = match chain.arena.alloc() {
+        Ok(slot) => SlotGuard::new(Arc::clone(&chain.arena), slot),
+        Err(ArenaError::Full) => {
+            chain.metrics.alloc_failures.inc();
+            let mut resp = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("chain {} is at capacity ({} requests in flight); retry shortly", chain.plan.spec.name, chain.arena.slot_count()),
+            );
+            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            return resp;
+        }
+        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}")),
+    };
+
+    // The one copy of the body: each received chunk goes straight into the slot.
+    let mut body = req.into_body();
+    let mut len: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("reading request body: {e}")),
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        if len + data.len() as u64 > slot_size {
+            return too_large();
+        }
+        if let Err(e) = chain.arena.write(slot.slot(), len as usize, &data) {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}"));
+        }
+        len += data.len() as u64;
+    }
+
+    let completion = match chain.start(slot, len as u32) {
+        Ok(rx) => rx,
+        Err((code, message)) => return text(code, message),
+    };
+    let timeout = chain.plan.spec.timeout;
+    match tokio::time::timeout(timeout, completion).await {
+        Ok(Ok(Completion::Returned { desc, slot })) => respond(chain, desc, slot),
+        Ok(Ok(Completion::Failed { code, message })) => text(code, message),
+        Ok(Err(_)) => text(StatusCode::INTERNAL_SERVER_ERROR, "request was dropped by the dataplane"),
+        // The request stays in the table until its descriptor returns or its holder exits;
+        // only then is the slot released.
+        Err(_) => text(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("chain {} did not finish within {} ms", chain.plan.spec.name, timeout.as_millis()),
+        ),
+    }
+}
+
+fn respond(chain: &ChainRuntime, desc: shm::Descriptor, slot: SlotGuard) -> Reply {
+    let mut payload = vec![0u8; desc.len as usize];
+    if let Err(e) = chain.arena.read(slot.slot(), 0, &mut payload) {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}"));
+    }
+    drop(slot);
+    let status = desc.status().unwrap_or(Status::Refused);
+    let code = match status {
+        Status::Ok => {
+            let mut resp = Response::new(Full::new(Bytes::from(payload)));
+            if let Ok(ct) = HeaderValue::from_str(&chain.plan.spec.content_type) {
+                resp.headers_mut().insert(CONTENT_TYPE, ct);
+            }
+            return resp;
+        }
+        Status::GuestError | Status::Trap | Status::Refused => StatusCode::INTERNAL_SERVER_ERROR,
+        Status::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        Status::BadRoute => StatusCode::LOOP_DETECTED,
+    };
+    // A refusing worker leaves the slot untouched, so the payload is not a message.
+    let message = match status {
+        Status::Refused => "a function refused the request's descriptor (see the gateway log)".into(),
+        _ if payload.is_empty() => format!("chain failed with status {status:?}"),
+        _ => String::from_utf8_lossy(&payload).into_owned(),
+    };
+    text(code, message)
+}

@@ -1,0 +1,226 @@
+//! `spindle`: serve HTTP through chains of Wasm functions.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chain_runtime::config::Config;
+use chain_runtime::plan::Plan;
+use chain_runtime::worker::{self, WorkerArgs, config_digest};
+use clap::{Parser, Subcommand};
+use gateway::dataplane::ChainRuntime;
+use gateway::http::Gateway;
+use gateway::metrics::Metrics;
+use gateway::supervisor::{WorkerCommand, supervise};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use shm::Arena;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// Spindle serves HTTP requests through chains of WebAssembly functions on one node.
+/// Request bodies are copied once into a shared-memory arena; functions pass 32-byte
+/// descriptors instead of payloads.
+#[derive(Parser)]
+#[command(name = "spindle", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the gateway and every function instance of CONFIG, then serve HTTP until
+    /// SIGINT/SIGTERM. Readiness: GET /readyz; metrics: GET /metrics.
+    Run {
+        /// The YAML chain configuration.
+        config: PathBuf,
+        /// Address to serve on [default: `listen` from the config, else 127.0.0.1:8080].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Check CONFIG and print every problem as file:line:col: message. Exit status 1 if any.
+    Validate {
+        config: PathBuf,
+    },
+    /// Run one function instance (started by `spindle run`, not by hand).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        config_digest: u64,
+        #[arg(long)]
+        chain: String,
+        #[arg(long)]
+        function: String,
+        #[arg(long)]
+        instance: u32,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate { config } => validate(&config),
+        Command::Worker { config, config_digest, chain, function, instance } => {
+            let args = WorkerArgs { config, config_digest, chain, function, instance };
+            worker::run(&args).with_context(|| {
+                format!("worker {}/{} instance {}", args.chain, args.function, args.instance)
+            })
+        }
+        Command::Run { config, listen } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")
+            .and_then(|rt| rt.block_on(run(&config, listen))),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate(path: &Path) -> anyhow::Result<()> {
+    match Config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} functions, {} chains)",
+                path.display(),
+                config.functions.len(),
+                config.chains.len()
+            );
+            Ok(())
+        }
+        Err(errors) => {
+            println!("{errors}");
+            bail!("{} problem(s) in {}", errors.0.len(), path.display())
+        }
+    }
+}
+
+async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let config_path = config_path
+        .canonicalize()
+        .with_context(|| format!("cannot open config {}", config_path.display()))?;
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("cannot read config {}", config_path.display()))?;
+    let config = Config::parse(&text, &config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plan = Plan::new(&config);
+    let listen = match listen.or(config.listen) {
+        Some(addr) => addr,
+        None => DEFAULT_LISTEN.parse().expect("valid default address"),
+    };
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+
+    let metrics = Arc::new(Metrics::new());
+    let mut chains = Vec::new();
+    for chain in &plan.chains {
+        let spec = &chain.spec;
+        let arena = Arena::create(&format!("spindle-{}", spec.name), spec.slot_size, spec.slots)
+            .with_context(|| format!("creating the arena of chain {}", spec.name))?;
+        tracing::info!(
+            chain = %spec.name, route = %spec.route, slots = spec.slots, slot_size = spec.slot_size,
+            hugepages = arena.uses_hugepages(), "arena created"
+        );
+        chains.push(Arc::new(ChainRuntime::new(chain.clone(), Arc::new(arena), metrics.chain(&spec.name))));
+    }
+
+    let cmd = WorkerCommand {
+        exe: std::env::current_exe().context("locating the spindle binary")?,
+        config: config_path.clone(),
+        config_digest: config_digest(&text),
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut starting = Vec::new();
+    let mut supervisors = Vec::new();
+    for chain in &chains {
+        for (stage, st) in chain.stages.iter().enumerate() {
+            for instance in 0..st.instances.len() {
+                let (tx, rx) = oneshot::channel();
+                supervisors.push(tokio::spawn(supervise(
+                    cmd.clone(),
+                    Arc::clone(chain),
+                    Arc::clone(&metrics),
+                    stage,
+                    instance,
+                    tx,
+                    shutdown_rx.clone(),
+                )));
+                starting.push((chain.plan.spec.name.clone(), st.name.clone(), instance, st.instances.len(), rx));
+            }
+        }
+    }
+    let total = starting.len();
+    for (n, (chain, function, instance, of, rx)) in starting.into_iter().enumerate() {
+        match rx.await {
+            Ok(Ok(took)) => tracing::info!(
+                "[{}/{total}] {chain}/{function} instance {}/{of} up in {} ms",
+                n + 1,
+                instance + 1,
+                took.as_millis()
+            ),
+            Ok(Err(e)) => {
+                let _ = shutdown_tx.send(true);
+                bail!("function {function} of chain {chain} failed to start: {e}");
+            }
+            Err(_) => bail!("supervisor of {chain}/{function} ended during start-up"),
+        }
+    }
+
+    let gateway = Arc::new(Gateway::new(chains, Arc::clone(&metrics)));
+    tracing::info!("spindle serving {} chain(s) on http://{}", gateway.chains.len(), listener.local_addr()?);
+    for c in &gateway.chains {
+        tracing::info!("  {} -> chain {}", c.plan.spec.route, c.plan.spec.name);
+    }
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of fds or similar: keep serving existing connections, retry soon.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let gateway = Arc::clone(&gateway);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| Arc::clone(&gateway).handle(req));
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+
+    tracing::info!("shutting down: stopping workers");
+    let _ = shutdown_tx.send(true);
+    // Each supervisor stops (SIGTERM, then SIGKILL) and reaps its worker before returning.
+    for handle in supervisors {
+        let _ = handle.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Prometheus metrics of the gateway. Handles used per request are created once per chain and
+//! kept in [`ChainMetrics`], so the hot path does no label lookups.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    refused: IntCounterVec,
+    forwarded: IntCounterVec,
+    alloc_failures: IntCounterVec,
+    pub restarts: IntCounterVec,
+    pub instances_up: IntGaugeVec,
+    arena_slots: IntGaugeVec,
+}
+
+/// Per-chain handles, cloned out of the vectors once.
+#[derive(Clone)]
+pub struct ChainMetrics {
+    chain: String,
+    requests: IntCounterVec,
+    refused: IntCounterVec,
+    pub ok: IntCounter,
+    pub duration: prometheus::Histogram,
+    pub forwarded: IntCounter,
+    pub alloc_failures: IntCounter,
+}
+
+impl ChainMetrics {
+    pub fn request(&self, code: u16) {
+        if code == 200 {
+            self.ok.inc();
+        } else {
+            self.requests.with_label_values(&[self.chain.as_str(), &code.to_string()]).inc();
+        }
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.refused.with_label_values(&[self.chain.as_str(), reason]).inc();
+    }
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
+    registry.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("spindle_requests_total", "HTTP requests answered, by chain and status code"),
+                &["chain", "code"],
+            )
+            .expect("valid metric"),
+        );
+        let duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "spindle_request_duration_seconds",
+                    "End-to-end latency of chain requests, from body received to response ready",
+                )
+                .buckets(prometheus::exponential_buckets(25e-6, 2.0, 18).expect("valid buckets")),
+                &["chain"],
+            )
+            .expect("valid metric"),
+        );
+        let refused = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_descriptors_refused_total",
+                    "Descriptors refused because they were forged, stale or malformed",
+                ),
+                &["chain", "reason"],
+            )
+            .expect("valid metric"),
+        );
+        let forwarded = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_router_forwarded_total",
+                    "Descriptors the userspace router forwarded from one function to the next",
+                ),
+                &["chain"],
+            )
+            .expect("valid metric"),
+        );
+        let alloc_failures = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("spindle_arena_alloc_failures_total", "Requests refused because the arena was full"),
+                &["chain"],
+            )
+            .expect("valid metric"),
+        );
+        let restarts = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("spindle_instance_restarts_total", "Function instances restarted after exiting"),
+                &["chain", "function"],
+            )
+            .expect("valid metric"),
+        );
+        let instances_up = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("spindle_instances_up", "Function instances running and ready"),
+                &["chain", "function"],
+            )
+            .expect("valid metric"),
+        );
+        let arena_slots = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("spindle_arena_slots", "Arena slots by state"),
+                &["chain", "state"],
+            )
+            .expect("valid metric"),
+        );
+        Metrics { registry, requests, duration, refused, forwarded, alloc_failures, restarts, instances_up, arena_slots }
+    }
+
+    pub fn chain(&self, chain: &str) -> ChainMetrics {
+        ChainMetrics {
+            chain: chain.to_string(),
+            requests: self.requests.clone(),
+            refused: self.refused.clone(),
+            ok: self.requests.with_label_values(&[chain, "200"]),
+            duration: self.duration.with_label_values(&[chain]),
+            forwarded: self.forwarded.with_label_values(&[chain]),
+            alloc_failures: self.alloc_failures.with_label_values(&[chain]),
+        }
+    }
+
+    pub fn set_arena(&self, chain: &str, total: u32, free: u32) {
+        self.arena_slots.with_label_values(&[chain, "total"]).set(i64::from(total));
+        self.arena_slots.with_label_values(&[chain, "free"]).set(i64::from(free));
+        self.arena_slots.with_label_values(&[chain, "in_use"]).set(i64::from(total - free));
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,203 @@
+//! Test harness: builds the example modules, starts the real `spindle` binary on a config,
+//! and talks HTTP to it with hyper's client.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Builds examples/wasm/*.wasm once per test binary (make is incremental).
+pub fn build_examples() {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let status = Command::new("make")
+            .args(["-s", "-C"])
+            .arg(repo_root().join("examples"))
+            .status()
+            .expect("running make -C examples (is make installed? run scripts/setup.sh)");
+        assert!(status.success(), "building the example Wasm functions failed (see above)");
+    });
+}
+
+pub fn wasm(name: &str) -> String {
+    repo_root().join("examples/wasm").join(format!("{name}.wasm")).display().to_string()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Spindle {
+    pub child: Child,
+    pub addr: String,
+    pub dir: PathBuf,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("spindle-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Spindle {
+    /// Writes `yaml` (with `{wasm:NAME}` replaced by module paths) to a temp dir, starts
+    /// `spindle run` on it and waits for /readyz.
+    pub async fn start(tag: &str, yaml: &str) -> Spindle {
+        Self::start_with(tag, yaml, &[]).await
+    }
+
+    pub async fn start_with(tag: &str, yaml: &str, extra_args: &[&str]) -> Spindle {
+        build_examples();
+        let dir = temp_dir(tag);
+        let mut text = yaml.to_string();
+        while let Some(start) = text.find("{wasm:") {
+            let end = start + text[start..].find('}').unwrap();
+            let name = text[start + 6..end].to_string();
+            text.replace_range(start..=end, &wasm(&name));
+        }
+        let config = dir.join("spindle.yaml");
+        std::fs::write(&config, text).unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.join("spindle.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_spindle"))
+            .arg("run")
+            .arg(&config)
+            .args(["--listen", &addr])
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build_http();
+        let mut spindle = Spindle { child, addr, dir, client };
+        spindle.wait_ready(Duration::from_secs(180)).await;
+        spindle
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("spindle.log")).unwrap_or_default()
+    }
+
+    pub async fn wait_ready(&mut self, limit: Duration) {
+        let began = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("spindle exited during start-up ({status}):\n{}", self.log());
+            }
+            if let Ok(r) = self.try_request("GET", "/readyz", Vec::new()).await
+                && r.status == 200
+            {
+                return;
+            }
+            assert!(began.elapsed() < limit, "spindle not ready after {limit:?}:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn try_request(&self, method: &str, path: &str, body: Vec<u8>) -> Result<Reply, String> {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr))
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap_or("").to_string())
+            .unwrap_or_default();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes().to_vec();
+        Ok(Reply { status, content_type, body })
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<Vec<u8>>) -> Reply {
+        self.try_request("POST", path, body.into()).await.unwrap_or_else(|e| panic!("POST {path}: {e}\n{}", self.log()))
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.try_request("GET", path, Vec::new()).await.unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// The value of one sample of /metrics, e.g. `spindle_arena_slots{chain="hello",state="free"}`.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let page = self.get("/metrics").await.text();
+        page.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+    }
+
+    /// PIDs of the worker processes running `function`.
+    pub fn worker_pids(&self, function: &str) -> Vec<i32> {
+        let gateway = self.child.id() as i32;
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            let after_comm = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+            let ppid: i32 = after_comm.split(' ').nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+            if ppid != gateway {
+                continue;
+            }
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args.windows(2).any(|w| w[0] == b"--function" && w[1] == function.as_bytes()) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// SIGTERM and wait: the gateway must stop its workers and exit cleanly.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let began = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if began.elapsed() > Duration::from_secs(15) {
+                let _ = self.child.kill();
+                panic!("spindle did not exit within 15 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Spindle {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
