@@ -199,8 +199,8 @@ impl ChainRuntime {
         let mut pending = self.pending.lock().expect("pending lock");
         let Some(holder) = self.dispatch(0, desc) else {
             return Err((
-                StatusCode::BAD_GATEWAY,
-                format!("function {} has no live instance", self.stages[0].name),
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("function {} has no live instance (restarting); retry shortly", self.stages[0].name),
             ));
         };
         pending.insert(request_id, Pending { slot, holder, responder: tx });
@@ -257,8 +257,8 @@ impl ChainRuntime {
                 let p = pending.remove(&desc.request_id).expect("present above");
                 drop(pending);
                 drop(p.slot);
-                let message = format!("function {} has no live instance", self.stages[stage].name);
-                let _ = p.responder.send(Completion::Failed { code: StatusCode::BAD_GATEWAY, message });
+                let message = format!("function {} has no live instance (restarting); retry shortly", self.stages[stage].name);
+                let _ = p.responder.send(Completion::Failed { code: StatusCode::SERVICE_UNAVAILABLE, message });
             }
         }
     }

@@ -30,6 +30,10 @@ fn text(code: StatusCode, message: impl Into<String>) -> Reply {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = code;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if code == StatusCode::SERVICE_UNAVAILABLE {
+        // Arena full or an instance restarting: both clear within moments.
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     resp
 }
 
@@ -108,12 +112,10 @@ async fn serve_chain(chain: &ChainRuntime, req: Request<Incoming>) -> Reply {
         Ok(slot) => SlotGuard::new(Arc::clone(&chain.arena), slot),
         Err(ArenaError::Full) => {
             chain.metrics.alloc_failures.inc();
-            let mut resp = text(
+            return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("chain {} is at capacity ({} requests in flight); retry shortly", chain.plan.spec.name, chain.arena.slot_count()),
             );
-            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            return resp;
         }
         Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}")),
     };

@@ -36,7 +36,7 @@ async fn three_function_chain_applies_each_function_in_order() {
     assert_eq!((r.status, r.text()), (200, r#"{"result":"","bytes":0}"#.to_string()));
 
     let r = spindle.post("/hello", "say \"hi\"\n").await;
-    assert_eq!(r.text(), r#"{"result":"\nIH\" YAS","bytes":9}"#);
+    assert_eq!(r.text(), r#"{"result":"\n\"IH\" YAS","bytes":9}"#);
 
     assert_eq!(spindle.get("/healthz").await.status, 200);
     assert_eq!(spindle.get("/readyz").await.status, 200);
