@@ -19,14 +19,14 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use shm::Status;
-use wasmer::sys::{BaseTunables, Cranelift, NativeEngineExt, Tunables};
 use wasmer::sys::vm::{VMMemory, VMMemoryDefinition, VMTable, VMTableDefinition};
-use wasmer::{MemoryError, MemoryStyle, TableStyle};
+use wasmer::sys::{BaseTunables, Cranelift, NativeEngineExt, Tunables};
 use wasmer::wasmparser::Operator;
 use wasmer::{
-    Engine, Exports, Function, FunctionEnv, FunctionEnvMut, Imports, Instance, Memory,
-    MemoryType, Module, Pages, RuntimeError, Store, TableType, TypedFunction, WASM_PAGE_SIZE,
+    Engine, Exports, Function, FunctionEnv, FunctionEnvMut, Imports, Instance, Memory, MemoryType,
+    Module, Pages, RuntimeError, Store, TableType, TypedFunction, WASM_PAGE_SIZE,
 };
+use wasmer::{MemoryError, MemoryStyle, TableStyle};
 use wasmer_middlewares::metering::{self, MeteringPoints};
 
 use crate::config::{FunctionSpec, ModuleMode};
@@ -40,7 +40,10 @@ const MAX_ERROR_LEN: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("cannot read module {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot compile module {path}: {message}")]
     Compile { path: String, message: String },
     #[error("module {path} {message}")]
@@ -54,7 +57,10 @@ pub enum HostError {
 pub enum Outcome {
     /// `output_len` bytes were written to the output; `next` is the function id the guest
     /// chose (dynamic chains only).
-    Done { output_len: usize, next: Option<u32> },
+    Done {
+        output_len: usize,
+        next: Option<u32>,
+    },
     /// The request failed in this function; `message` is for the client.
     Failed { status: Status, message: String },
 }
@@ -102,7 +108,10 @@ impl MemoryLimit {
             )));
         }
         let maximum = ty.maximum.map_or(self.max_pages, |m| m.min(self.max_pages));
-        Ok(MemoryType { maximum: Some(maximum), ..*ty })
+        Ok(MemoryType {
+            maximum: Some(maximum),
+            ..*ty
+        })
     }
 }
 
@@ -132,7 +141,10 @@ impl Tunables for MemoryLimit {
     ) -> Result<VMMemory, MemoryError> {
         let ty = self.adjust(ty)?;
         // SAFETY: forwarded unchanged from our caller, who upholds the trait's contract.
-        unsafe { self.base.create_vm_memory(&ty, style, vm_definition_location) }
+        unsafe {
+            self.base
+                .create_vm_memory(&ty, style, vm_definition_location)
+        }
     }
 
     fn create_host_table(&self, ty: &TableType, style: &TableStyle) -> Result<VMTable, String> {
@@ -156,14 +168,14 @@ fn engine_for(spec: &FunctionSpec) -> Engine {
     let mut compiler = Cranelift::default();
     if let Some(fuel) = spec.fuel {
         use wasmer::sys::CompilerConfig;
-        compiler.push_middleware(Arc::new(metering::Metering::new(
-            fuel,
-            |_: &Operator| 1,
-        )));
+        compiler.push_middleware(Arc::new(metering::Metering::new(fuel, |_: &Operator| 1)));
     }
     let mut engine: Engine = compiler.into();
     let max_pages = (spec.memory_limit / WASM_PAGE_SIZE as u64).clamp(1, 65536) as u32;
-    engine.set_tunables(MemoryLimit { base: BaseTunables::new(), max_pages: Pages(max_pages) });
+    engine.set_tunables(MemoryLimit {
+        base: BaseTunables::new(),
+        max_pages: Pages(max_pages),
+    });
     engine
 }
 
@@ -193,12 +205,16 @@ impl FunctionHost {
     /// `routes` lists the functions a dynamic chain may name with `spindle.next`.
     pub fn new(spec: &FunctionSpec, routes: Option<Vec<(String, u32)>>) -> Result<Self, HostError> {
         let module_path = spec.module.display().to_string();
-        let bytes = std::fs::read(&spec.module)
-            .map_err(|source| HostError::Read { path: module_path.clone(), source })?;
+        let bytes = std::fs::read(&spec.module).map_err(|source| HostError::Read {
+            path: module_path.clone(),
+            source,
+        })?;
         let engine = engine_for(spec);
         let store = Store::new(engine.clone());
-        let module = Module::new(&store, &bytes)
-            .map_err(|e| HostError::Compile { path: module_path.clone(), message: e.to_string() })?;
+        let module = Module::new(&store, &bytes).map_err(|e| HostError::Compile {
+            path: module_path.clone(),
+            message: e.to_string(),
+        })?;
         let mut host = FunctionHost {
             name: spec.name.clone(),
             module_path,
@@ -222,7 +238,10 @@ impl FunctionHost {
     }
 
     fn abi_error(&self, message: impl Into<String>) -> HostError {
-        HostError::Abi { path: self.module_path.clone(), message: message.into() }
+        HostError::Abi {
+            path: self.module_path.clone(),
+            message: message.into(),
+        }
     }
 
     /// Checks the module's exports against the mode before any instance exists, so a wrong
@@ -231,7 +250,7 @@ impl FunctionHost {
         let has = |name: &str| self.module.exports().any(|e| e.name() == name);
         for import in self.module.imports() {
             let ns = import.module();
-            if ns != SPINDLE_IMPORTS && !matches!(ns, "wasi_snapshot_preview1" | "wasi_unstable") {
+            if ns != SPINDLE_IMPORTS && !wasi::is_wasi_namespace(ns) {
                 return Err(self.abi_error(format!(
                     "imports {}.{}, but only `spindle` and WASI preview-1 imports are provided",
                     ns,
@@ -283,9 +302,18 @@ impl FunctionHost {
         let wasi_env = FunctionEnv::new(store, wasi_ctx);
         let mut imports = Imports::new();
         let mut ns = Exports::new();
-        ns.insert("output", Function::new_typed_with_env(store, &guest, host_output));
-        ns.insert("error", Function::new_typed_with_env(store, &guest, host_error));
-        ns.insert("next", Function::new_typed_with_env(store, &guest, host_next));
+        ns.insert(
+            "output",
+            Function::new_typed_with_env(store, &guest, host_output),
+        );
+        ns.insert(
+            "error",
+            Function::new_typed_with_env(store, &guest, host_error),
+        );
+        ns.insert(
+            "next",
+            Function::new_typed_with_env(store, &guest, host_next),
+        );
         imports.register_namespace(SPINDLE_IMPORTS, ns);
         wasi::add_imports(store, &wasi_env, &self.module, &mut imports)
             .map_err(|e| self.abi_error(e.to_string()))?;
@@ -299,11 +327,16 @@ impl FunctionHost {
     fn instantiate_reactor(&self) -> Result<Reactor, HostError> {
         let mut store = Store::new(self.engine.clone());
         let (imports, guest, wasi_env) = self.link(&mut store, self.wasi_ctx())?;
-        let inst_err =
-            |e: String| HostError::Instantiate { path: self.module_path.clone(), message: e };
+        let inst_err = |e: String| HostError::Instantiate {
+            path: self.module_path.clone(),
+            message: e,
+        };
         let instance = Instance::new(&mut store, &self.module, &imports)
             .map_err(|e| inst_err(e.to_string()))?;
-        let memory = instance.exports.get_memory("memory").map_err(|e| inst_err(e.to_string()))?;
+        let memory = instance
+            .exports
+            .get_memory("memory")
+            .map_err(|e| inst_err(e.to_string()))?;
         guest.as_mut(&mut store).memory = Some(memory.clone());
         wasi_env.as_mut(&mut store).set_memory(memory.clone());
         let alloc = instance
@@ -313,12 +346,24 @@ impl FunctionHost {
         let handle = instance
             .exports
             .get_typed_function::<(i32, i32), i32>(&store, "spindle_handle")
-            .map_err(|e| self.abi_error(format!("spindle_handle must be (i32, i32) -> i32: {e}")))?;
-        if let Ok(init) = instance.exports.get_typed_function::<(), ()>(&store, "_initialize") {
+            .map_err(|e| {
+                self.abi_error(format!("spindle_handle must be (i32, i32) -> i32: {e}"))
+            })?;
+        if let Ok(init) = instance
+            .exports
+            .get_typed_function::<(), ()>(&store, "_initialize")
+        {
             self.refuel(&mut store, &instance);
-            init.call(&mut store).map_err(|e| inst_err(format!("_initialize failed: {e}")))?;
+            init.call(&mut store)
+                .map_err(|e| inst_err(format!("_initialize failed: {e}")))?;
         }
-        Ok(Reactor { store, instance, alloc, handle, guest })
+        Ok(Reactor {
+            store,
+            instance,
+            alloc,
+            handle,
+            guest,
+        })
     }
 
     fn refuel(&self, store: &mut Store, instance: &Instance) {
@@ -380,7 +425,10 @@ impl FunctionHost {
             Ok(memory) => wasi_env.as_mut(&mut store).set_memory(memory.clone()),
             Err(e) => return failed(Status::Trap, format!("command exports no memory: {e}")),
         }
-        let start = match instance.exports.get_typed_function::<(), ()>(&store, "_start") {
+        let start = match instance
+            .exports
+            .get_typed_function::<(), ()>(&store, "_start")
+        {
             Ok(f) => f,
             Err(e) => return failed(Status::Trap, format!("_start must be () -> (): {e}")),
         };
@@ -395,23 +443,37 @@ impl FunctionHost {
         let ctx = wasi_env.as_mut(&mut store);
         ctx.flush_logs();
         if exit_code != 0 {
-            let stderr = String::from_utf8_lossy(&ctx.take_stderr()).trim_end().to_string();
-            return failed(Status::GuestError, format!("exited with status {exit_code}: {stderr}"));
+            let stderr = String::from_utf8_lossy(&ctx.take_stderr())
+                .trim_end()
+                .to_string();
+            return failed(
+                Status::GuestError,
+                format!("exited with status {exit_code}: {stderr}"),
+            );
         }
         if ctx.stdout_truncated() {
             return failed(
                 Status::GuestError,
-                format!("wrote more than the chain's slot size ({} bytes) to stdout", io.capacity()),
+                format!(
+                    "wrote more than the chain's slot size ({} bytes) to stdout",
+                    io.capacity()
+                ),
             );
         }
         let stdout = ctx.take_stdout();
         io.write_output(&stdout);
-        Outcome::Done { output_len: stdout.len(), next: None }
+        Outcome::Done {
+            output_len: stdout.len(),
+            next: None,
+        }
     }
 }
 
 fn failed(status: Status, message: impl Into<String>) -> Outcome {
-    Outcome::Failed { status, message: message.into() }
+    Outcome::Failed {
+        status,
+        message: message.into(),
+    }
 }
 
 /// Turns a trap into an outcome: out of fuel is a timeout, anything else a trap.
@@ -434,7 +496,13 @@ fn classify_trap(
 
 /// Returns the outcome and whether the guest trapped (and so must be rebuilt).
 fn run_reactor(reactor: &mut Reactor, io: &mut dyn SlotIo, fuel: Option<u64>) -> (Outcome, bool) {
-    let Reactor { store, instance, alloc, handle, guest } = reactor;
+    let Reactor {
+        store,
+        instance,
+        alloc,
+        handle,
+        guest,
+    } = reactor;
     let input_len = io.input_len();
     let Ok(len_i32) = i32::try_from(input_len) else {
         return (failed(Status::GuestError, "input larger than 2 GiB"), false);
@@ -503,7 +571,11 @@ fn run_reactor(reactor: &mut Reactor, io: &mut dyn SlotIo, fuel: Option<u64>) ->
 /// # Safety
 /// Only call from inside a host function: the guest is suspended on this thread, so no other
 /// reference to linear memory exists, and the slice must be dropped before returning to it.
-unsafe fn guest_bytes<'a>(view: &'a wasmer::MemoryView<'_>, ptr: i32, len: i32) -> Option<&'a [u8]> {
+unsafe fn guest_bytes<'a>(
+    view: &'a wasmer::MemoryView<'_>,
+    ptr: i32,
+    len: i32,
+) -> Option<&'a [u8]> {
     let (start, len) = (ptr as u32 as u64, u64::try_from(len).ok()?);
     if start.checked_add(len)? > view.data_size() {
         return None;
@@ -513,14 +585,18 @@ unsafe fn guest_bytes<'a>(view: &'a wasmer::MemoryView<'_>, ptr: i32, len: i32) 
 }
 
 fn guest_fault(what: &str) -> RuntimeError {
-    RuntimeError::new(format!("spindle.{what}: pointer/length outside linear memory"))
+    RuntimeError::new(format!(
+        "spindle.{what}: pointer/length outside linear memory"
+    ))
 }
 
 fn host_output(mut env: FunctionEnvMut<GuestCtx>, ptr: i32, len: i32) -> Result<(), RuntimeError> {
     let (ctx, store) = env.data_and_store_mut();
     let memory = ctx.memory.clone().expect("memory set at instantiation");
     let Some(mut io) = ctx.io else {
-        return Err(RuntimeError::new("spindle.output called outside spindle_handle"));
+        return Err(RuntimeError::new(
+            "spindle.output called outside spindle_handle",
+        ));
     };
     // SAFETY: `io` points at the `SlotIo` borrowed by `run_reactor` for the duration of this
     // guest call, on this thread; nothing else uses it until the call returns.
@@ -547,7 +623,8 @@ fn host_error(mut env: FunctionEnvMut<GuestCtx>, ptr: i32, len: i32) -> Result<(
     let view = memory.view(&store);
     // SAFETY: called from a host function; the slice is dropped before returning to the guest.
     let bytes = unsafe { guest_bytes(&view, ptr, len) }.ok_or_else(|| guest_fault("error"))?;
-    let mut message = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_ERROR_LEN)]).into_owned();
+    let mut message =
+        String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_ERROR_LEN)]).into_owned();
     if message.is_empty() {
         message = "function reported an error".into();
     }

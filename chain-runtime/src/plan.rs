@@ -39,7 +39,9 @@ impl Plan {
             .map(|(index, spec)| {
                 let names: Vec<&str> = match &spec.routing {
                     Routing::Static { steps } => steps.iter().map(String::as_str).collect(),
-                    Routing::Dynamic { entry, functions, .. } => std::iter::once(entry.as_str())
+                    Routing::Dynamic {
+                        entry, functions, ..
+                    } => std::iter::once(entry.as_str())
                         .chain(functions.iter().map(String::as_str).filter(|f| f != entry))
                         .collect(),
                 };
@@ -50,7 +52,10 @@ impl Plan {
                             .function(name)
                             .expect("validated config names only defined functions")
                             .clone();
-                        let stage = Stage { fn_id: next_id, function };
+                        let stage = Stage {
+                            fn_id: next_id,
+                            function,
+                        };
                         next_id += 1;
                         stage
                     })
@@ -112,7 +117,10 @@ impl ChainPlan {
     /// The names a dynamic chain's functions may pass to `spindle.next`, with their ids.
     pub fn routes(&self) -> Option<Vec<(String, u32)>> {
         self.is_dynamic().then(|| {
-            self.stages.iter().map(|s| (s.function.name.clone(), s.fn_id)).collect()
+            self.stages
+                .iter()
+                .map(|s| (s.function.name.clone(), s.fn_id))
+                .collect()
         })
     }
 }

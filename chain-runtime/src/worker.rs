@@ -32,11 +32,20 @@ const READ_BATCH: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("cannot read config {path}: {source}")]
-    ReadConfig { path: String, source: std::io::Error },
+    ReadConfig {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Config(#[from] ConfigErrors),
-    #[error("config {path} changed since the gateway started (digest {found:x}, expected {expected:x})")]
-    ConfigChanged { path: String, found: u64, expected: u64 },
+    #[error(
+        "config {path} changed since the gateway started (digest {found:x}, expected {expected:x})"
+    )]
+    ConfigChanged {
+        path: String,
+        found: u64,
+        expected: u64,
+    },
     #[error("no function {function} in chain {chain}")]
     UnknownStage { chain: String, function: String },
     #[error("fd {fd} is not {what}: was this process started by the gateway?")]
@@ -127,7 +136,10 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
     let mut writer = socket.try_clone()?;
     writer.write_all(&ready_message(chain.id, stage.fn_id, args.instance).to_bytes())?;
     tracing::info!(chain = %chain.spec.name, function = %stage.function.name, instance = args.instance, "worker ready");
-    worker.serve(BufReader::with_capacity(READ_BATCH * Descriptor::SIZE, socket), writer)
+    worker.serve(
+        BufReader::with_capacity(READ_BATCH * Descriptor::SIZE, socket),
+        writer,
+    )
 }
 
 /// Adopts an fd the gateway left open for us, after checking it is what we expect.
@@ -212,9 +224,15 @@ impl Worker<'_> {
                 return d;
             }
         };
-        let mut io = ArenaSlot { arena: &self.arena, slot, input_len: d.len as usize };
-        self.busy_since
-            .store((self.epoch.elapsed().as_millis() as u64).max(1), Ordering::Release);
+        let mut io = ArenaSlot {
+            arena: &self.arena,
+            slot,
+            input_len: d.len as usize,
+        };
+        self.busy_since.store(
+            (self.epoch.elapsed().as_millis() as u64).max(1),
+            Ordering::Release,
+        );
         let outcome = self.host.invoke(&mut io);
         self.busy_since.store(0, Ordering::Release);
         d.hop = d.hop.saturating_add(1);
@@ -224,7 +242,9 @@ impl Worker<'_> {
                 let next = if self.chain.is_dynamic() {
                     next.unwrap_or(GATEWAY_FN)
                 } else {
-                    self.chain.static_next(self.stage.fn_id).unwrap_or(GATEWAY_FN)
+                    self.chain
+                        .static_next(self.stage.fn_id)
+                        .unwrap_or(GATEWAY_FN)
                 };
                 if next != GATEWAY_FN && d.hop >= self.chain.max_hops() {
                     let message = format!(
@@ -243,10 +263,16 @@ impl Worker<'_> {
 
     fn check(&self, d: &Descriptor) -> Result<SlotRef, String> {
         if d.next_fn != self.stage.fn_id {
-            return Err(format!("addressed to function {}, this is {}", d.next_fn, self.stage.fn_id));
+            return Err(format!(
+                "addressed to function {}, this is {}",
+                d.next_fn, self.stage.fn_id
+            ));
         }
         if d.chain != self.chain.id {
-            return Err(format!("names chain {}, this worker serves chain {}", d.chain, self.chain.id));
+            return Err(format!(
+                "names chain {}, this worker serves chain {}",
+                d.chain, self.chain.id
+            ));
         }
         if d.status != Status::Ok as u8 {
             return Err(format!("carries status {}", d.status));

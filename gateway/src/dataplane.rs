@@ -132,11 +132,19 @@ impl ChainRuntime {
             .map(|s| StageRuntime {
                 fn_id: s.fn_id,
                 name: s.function.name.clone(),
-                instances: (0..s.function.instances).map(|_| InstanceLink::default()).collect(),
+                instances: (0..s.function.instances)
+                    .map(|_| InstanceLink::default())
+                    .collect(),
                 round_robin: AtomicUsize::new(0),
             })
             .collect();
-        ChainRuntime { plan, arena, stages, metrics, pending: Mutex::new(HashMap::new()) }
+        ChainRuntime {
+            plan,
+            arena,
+            stages,
+            metrics,
+            pending: Mutex::new(HashMap::new()),
+        }
     }
 
     fn stage_index(&self, fn_id: u32) -> Option<usize> {
@@ -148,12 +156,24 @@ impl ChainRuntime {
     }
 
     /// Marks an instance incarnation up: descriptors for its stage may now go to `sender`.
-    pub fn instance_up(&self, stage: usize, instance: usize, incarnation: u64, sender: mpsc::UnboundedSender<Descriptor>) {
-        *self.stages[stage].instances[instance].sender.lock().expect("link lock") = Some((incarnation, sender));
+    pub fn instance_up(
+        &self,
+        stage: usize,
+        instance: usize,
+        incarnation: u64,
+        sender: mpsc::UnboundedSender<Descriptor>,
+    ) {
+        *self.stages[stage].instances[instance]
+            .sender
+            .lock()
+            .expect("link lock") = Some((incarnation, sender));
     }
 
     pub fn instance_down(&self, stage: usize, instance: usize) {
-        *self.stages[stage].instances[instance].sender.lock().expect("link lock") = None;
+        *self.stages[stage].instances[instance]
+            .sender
+            .lock()
+            .expect("link lock") = None;
     }
 
     pub fn live_instances(&self, stage: usize) -> usize {
@@ -174,13 +194,21 @@ impl ChainRuntime {
             let link = st.instances[instance].sender.lock().expect("link lock");
             let (incarnation, sender) = link.as_ref()?;
             sender.send(desc).ok()?;
-            Some(Holder { stage, instance, incarnation: *incarnation })
+            Some(Holder {
+                stage,
+                instance,
+                incarnation: *incarnation,
+            })
         })
     }
 
     /// Starts a request whose body is already in `slot`: sends its descriptor to the chain's
     /// first function. Returns the receiver that will hold the completion.
-    pub fn start(&self, slot: SlotGuard, len: u32) -> Result<oneshot::Receiver<Completion>, (StatusCode, String)> {
+    pub fn start(
+        &self,
+        slot: SlotGuard,
+        len: u32,
+    ) -> Result<oneshot::Receiver<Completion>, (StatusCode, String)> {
         let request_id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
         let desc = Descriptor {
             next_fn: self.plan.first_fn(),
@@ -200,10 +228,20 @@ impl ChainRuntime {
         let Some(holder) = self.dispatch(0, desc) else {
             return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("function {} has no live instance (restarting); retry shortly", self.stages[0].name),
+                format!(
+                    "function {} has no live instance (restarting); retry shortly",
+                    self.stages[0].name
+                ),
             ));
         };
-        pending.insert(request_id, Pending { slot, holder, responder: tx });
+        pending.insert(
+            request_id,
+            Pending {
+                slot,
+                holder,
+                responder: tx,
+            },
+        );
         Ok(rx)
     }
 
@@ -213,10 +251,18 @@ impl ChainRuntime {
         let refusal = match pending.get(&desc.request_id) {
             None => Some(Refusal::UnknownRequest),
             Some(p) if p.holder != from => Some(Refusal::WrongHolder),
-            Some(p) if p.slot.slot().index != desc.slot || p.slot.slot().generation != desc.generation || desc.chain != self.plan.id => {
+            Some(p)
+                if p.slot.slot().index != desc.slot
+                    || p.slot.slot().generation != desc.generation
+                    || desc.chain != self.plan.id =>
+            {
                 Some(Refusal::SlotMismatch)
             }
-            Some(_) if desc.len > self.arena.slot_size() || desc.reserved != 0 || desc.status().is_err() => {
+            Some(_)
+                if desc.len > self.arena.slot_size()
+                    || desc.reserved != 0
+                    || desc.status().is_err() =>
+            {
                 Some(Refusal::Malformed)
             }
             Some(_) => None,
@@ -234,7 +280,9 @@ impl ChainRuntime {
         if status != Status::Ok || desc.next_fn == GATEWAY_FN {
             let p = pending.remove(&desc.request_id).expect("present above");
             drop(pending);
-            let _ = p.responder.send(Completion::Returned { desc, slot: p.slot });
+            let _ = p
+                .responder
+                .send(Completion::Returned { desc, slot: p.slot });
             return;
         }
         let Some(stage) = self.stage_index(desc.next_fn) else {
@@ -245,20 +293,32 @@ impl ChainRuntime {
                 self.stages[from.stage].name, desc.next_fn, self.plan.spec.name
             );
             drop(p.slot);
-            let _ = p.responder.send(Completion::Failed { code: StatusCode::INTERNAL_SERVER_ERROR, message });
+            let _ = p.responder.send(Completion::Failed {
+                code: StatusCode::INTERNAL_SERVER_ERROR,
+                message,
+            });
             return;
         };
         match self.dispatch(stage, desc) {
             Some(holder) => {
-                pending.get_mut(&desc.request_id).expect("present above").holder = holder;
+                pending
+                    .get_mut(&desc.request_id)
+                    .expect("present above")
+                    .holder = holder;
                 self.metrics.forwarded.inc();
             }
             None => {
                 let p = pending.remove(&desc.request_id).expect("present above");
                 drop(pending);
                 drop(p.slot);
-                let message = format!("function {} has no live instance (restarting); retry shortly", self.stages[stage].name);
-                let _ = p.responder.send(Completion::Failed { code: StatusCode::SERVICE_UNAVAILABLE, message });
+                let message = format!(
+                    "function {} has no live instance (restarting); retry shortly",
+                    self.stages[stage].name
+                );
+                let _ = p.responder.send(Completion::Failed {
+                    code: StatusCode::SERVICE_UNAVAILABLE,
+                    message,
+                });
             }
         }
     }
@@ -280,13 +340,20 @@ impl ChainRuntime {
     pub fn fail_held_by(&self, holder: Holder, code: StatusCode, message: &str) -> usize {
         let lost: Vec<Pending> = {
             let mut pending = self.pending.lock().expect("pending lock");
-            let ids: Vec<u64> = pending.iter().filter(|(_, p)| p.holder == holder).map(|(id, _)| *id).collect();
+            let ids: Vec<u64> = pending
+                .iter()
+                .filter(|(_, p)| p.holder == holder)
+                .map(|(id, _)| *id)
+                .collect();
             ids.iter().filter_map(|id| pending.remove(id)).collect()
         };
         let n = lost.len();
         for p in lost {
             drop(p.slot);
-            let _ = p.responder.send(Completion::Failed { code, message: message.to_string() });
+            let _ = p.responder.send(Completion::Failed {
+                code,
+                message: message.to_string(),
+            });
         }
         n
     }
@@ -319,7 +386,10 @@ pub async fn read_worker(
 }
 
 /// Writes queued descriptors to one worker connection, batching what is queued.
-pub async fn write_worker(mut write: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Descriptor>) {
+pub async fn write_worker(
+    mut write: OwnedWriteHalf,
+    mut queue: mpsc::UnboundedReceiver<Descriptor>,
+) {
     let mut batch = Vec::with_capacity(WRITE_BATCH * Descriptor::SIZE);
     while let Some(first) = queue.recv().await {
         batch.clear();

@@ -29,18 +29,30 @@ fn text(code: StatusCode, message: impl Into<String>) -> Reply {
     body.push('\n');
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = code;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if code == StatusCode::SERVICE_UNAVAILABLE {
         // Arena full or an instance restarting: both clear within moments.
-        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }
     resp
 }
 
 impl Gateway {
     pub fn new(chains: Vec<Arc<ChainRuntime>>, metrics: Arc<Metrics>) -> Self {
-        let routes = chains.iter().enumerate().map(|(i, c)| (c.plan.spec.route.clone(), i)).collect();
-        Gateway { chains, routes, metrics }
+        let routes = chains
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.plan.spec.route.clone(), i))
+            .collect();
+        Gateway {
+            chains,
+            routes,
+            metrics,
+        }
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Reply, Infallible> {
@@ -55,10 +67,16 @@ impl Gateway {
                     let started = Instant::now();
                     let reply = serve_chain(&chain, req).await;
                     chain.metrics.request(reply.status().as_u16());
-                    chain.metrics.duration.observe(started.elapsed().as_secs_f64());
+                    chain
+                        .metrics
+                        .duration
+                        .observe(started.elapsed().as_secs_f64());
                     reply
                 }
-                None => text(StatusCode::NOT_FOUND, format!("no chain is routed at {path}")),
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    format!("no chain is routed at {path}"),
+                ),
             },
         };
         Ok(reply)
@@ -78,16 +96,26 @@ impl Gateway {
         if down.is_empty() {
             text(StatusCode::OK, "ready")
         } else {
-            text(StatusCode::SERVICE_UNAVAILABLE, format!("no live instance: {}", down.join(", ")))
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no live instance: {}", down.join(", ")),
+            )
         }
     }
 
     fn metrics_page(&self) -> Reply {
         for c in &self.chains {
-            self.metrics.set_arena(&c.plan.spec.name, c.arena.slot_count(), c.arena.free_slots());
+            self.metrics.set_arena(
+                &c.plan.spec.name,
+                c.arena.slot_count(),
+                c.arena.free_slots(),
+            );
         }
         let mut resp = Response::new(Full::new(Bytes::from(self.metrics.encode())));
-        resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
         resp
     }
 }
@@ -97,7 +125,10 @@ async fn serve_chain(chain: &ChainRuntime, req: Request<Incoming>) -> Reply {
     let too_large = || {
         text(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body exceeds chain {}'s slot size of {slot_size} bytes", chain.plan.spec.name),
+            format!(
+                "request body exceeds chain {}'s slot size of {slot_size} bytes",
+                chain.plan.spec.name
+            ),
         )
     };
     let declared = req
@@ -114,7 +145,11 @@ async fn serve_chain(chain: &ChainRuntime, req: Request<Incoming>) -> Reply {
             chain.metrics.alloc_failures.inc();
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("chain {} is at capacity ({} requests in flight); retry shortly", chain.plan.spec.name, chain.arena.slot_count()),
+                format!(
+                    "chain {} is at capacity ({} requests in flight); retry shortly",
+                    chain.plan.spec.name,
+                    chain.arena.slot_count()
+                ),
             );
         }
         Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}")),
@@ -126,9 +161,16 @@ async fn serve_chain(chain: &ChainRuntime, req: Request<Incoming>) -> Reply {
     while let Some(frame) = body.frame().await {
         let frame = match frame {
             Ok(f) => f,
-            Err(e) => return text(StatusCode::BAD_REQUEST, format!("reading request body: {e}")),
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading request body: {e}"),
+                );
+            }
         };
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         if len + data.len() as u64 > slot_size {
             return too_large();
         }
@@ -146,12 +188,19 @@ async fn serve_chain(chain: &ChainRuntime, req: Request<Incoming>) -> Reply {
     match tokio::time::timeout(timeout, completion).await {
         Ok(Ok(Completion::Returned { desc, slot })) => respond(chain, desc, slot),
         Ok(Ok(Completion::Failed { code, message })) => text(code, message),
-        Ok(Err(_)) => text(StatusCode::INTERNAL_SERVER_ERROR, "request was dropped by the dataplane"),
+        Ok(Err(_)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "request was dropped by the dataplane",
+        ),
         // The request stays in the table until its descriptor returns or its holder exits;
         // only then is the slot released.
         Err(_) => text(
             StatusCode::GATEWAY_TIMEOUT,
-            format!("chain {} did not finish within {} ms", chain.plan.spec.name, timeout.as_millis()),
+            format!(
+                "chain {} did not finish within {} ms",
+                chain.plan.spec.name,
+                timeout.as_millis()
+            ),
         ),
     }
 }
@@ -177,7 +226,9 @@ fn respond(chain: &ChainRuntime, desc: shm::Descriptor, slot: SlotGuard) -> Repl
     };
     // A refusing worker leaves the slot untouched, so the payload is not a message.
     let message = match status {
-        Status::Refused => "a function refused the request's descriptor (see the gateway log)".into(),
+        Status::Refused => {
+            "a function refused the request's descriptor (see the gateway log)".into()
+        }
         _ if payload.is_empty() => format!("chain failed with status {status:?}"),
         _ => String::from_utf8_lossy(&payload).into_owned(),
     };

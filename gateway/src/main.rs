@@ -45,9 +45,7 @@ enum Command {
         listen: Option<SocketAddr>,
     },
     /// Check CONFIG and print every problem as file:line:col: message. Exit status 1 if any.
-    Validate {
-        config: PathBuf,
-    },
+    Validate { config: PathBuf },
     /// Run one function instance (started by `spindle run`, not by hand).
     #[command(hide = true)]
     Worker {
@@ -75,10 +73,25 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Validate { config } => validate(&config),
-        Command::Worker { config, config_digest, chain, function, instance } => {
-            let args = WorkerArgs { config, config_digest, chain, function, instance };
+        Command::Worker {
+            config,
+            config_digest,
+            chain,
+            function,
+            instance,
+        } => {
+            let args = WorkerArgs {
+                config,
+                config_digest,
+                chain,
+                function,
+                instance,
+            };
             worker::run(&args).with_context(|| {
-                format!("worker {}/{} instance {}", args.chain, args.function, args.instance)
+                format!(
+                    "worker {}/{} instance {}",
+                    args.chain, args.function, args.instance
+                )
             })
         }
         Command::Run { config, listen } => tokio::runtime::Builder::new_multi_thread()
@@ -126,19 +139,29 @@ async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<(
         Some(addr) => addr,
         None => DEFAULT_LISTEN.parse().expect("valid default address"),
     };
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
 
     let metrics = Arc::new(Metrics::new());
     let mut chains = Vec::new();
     for chain in &plan.chains {
         let spec = &chain.spec;
-        let arena = Arena::create(&format!("spindle-{}", spec.name), spec.slot_size, spec.slots)
-            .with_context(|| format!("creating the arena of chain {}", spec.name))?;
+        let arena = Arena::create(
+            &format!("spindle-{}", spec.name),
+            spec.slot_size,
+            spec.slots,
+        )
+        .with_context(|| format!("creating the arena of chain {}", spec.name))?;
         tracing::info!(
             chain = %spec.name, route = %spec.route, slots = spec.slots, slot_size = spec.slot_size,
             hugepages = arena.uses_hugepages(), "arena created"
         );
-        chains.push(Arc::new(ChainRuntime::new(chain.clone(), Arc::new(arena), metrics.chain(&spec.name))));
+        chains.push(Arc::new(ChainRuntime::new(
+            chain.clone(),
+            Arc::new(arena),
+            metrics.chain(&spec.name),
+        )));
     }
 
     let cmd = WorkerCommand {
@@ -162,7 +185,13 @@ async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<(
                     tx,
                     shutdown_rx.clone(),
                 )));
-                starting.push((chain.plan.spec.name.clone(), st.name.clone(), instance, st.instances.len(), rx));
+                starting.push((
+                    chain.plan.spec.name.clone(),
+                    st.name.clone(),
+                    instance,
+                    st.instances.len(),
+                    rx,
+                ));
             }
         }
     }
@@ -184,7 +213,11 @@ async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<(
     }
 
     let gateway = Arc::new(Gateway::new(chains, Arc::clone(&metrics)));
-    tracing::info!("spindle serving {} chain(s) on http://{}", gateway.chains.len(), listener.local_addr()?);
+    tracing::info!(
+        "spindle serving {} chain(s) on http://{}",
+        gateway.chains.len(),
+        listener.local_addr()?
+    );
     for c in &gateway.chains {
         tracing::info!("  {} -> chain {}", c.plan.spec.route, c.plan.spec.name);
     }
@@ -209,7 +242,10 @@ async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<(
         let gateway = Arc::clone(&gateway);
         tokio::spawn(async move {
             let service = service_fn(move |req| Arc::clone(&gateway).handle(req));
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!("connection ended: {e}");
             }
         });

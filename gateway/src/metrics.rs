@@ -35,17 +35,23 @@ impl ChainMetrics {
         if code == 200 {
             self.ok.inc();
         } else {
-            self.requests.with_label_values(&[self.chain.as_str(), &code.to_string()]).inc();
+            self.requests
+                .with_label_values(&[self.chain.as_str(), &code.to_string()])
+                .inc();
         }
     }
 
     pub fn refused(&self, reason: &str) {
-        self.refused.with_label_values(&[self.chain.as_str(), reason]).inc();
+        self.refused
+            .with_label_values(&[self.chain.as_str(), reason])
+            .inc();
     }
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
-    registry.register(Box::new(c.clone())).expect("metric names are unique");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are unique");
     c
 }
 
@@ -55,7 +61,10 @@ impl Metrics {
         let requests = register(
             &registry,
             IntCounterVec::new(
-                Opts::new("spindle_requests_total", "HTTP requests answered, by chain and status code"),
+                Opts::new(
+                    "spindle_requests_total",
+                    "HTTP requests answered, by chain and status code",
+                ),
                 &["chain", "code"],
             )
             .expect("valid metric"),
@@ -97,7 +106,10 @@ impl Metrics {
         let alloc_failures = register(
             &registry,
             IntCounterVec::new(
-                Opts::new("spindle_arena_alloc_failures_total", "Requests refused because the arena was full"),
+                Opts::new(
+                    "spindle_arena_alloc_failures_total",
+                    "Requests refused because the arena was full",
+                ),
                 &["chain"],
             )
             .expect("valid metric"),
@@ -105,7 +117,10 @@ impl Metrics {
         let restarts = register(
             &registry,
             IntCounterVec::new(
-                Opts::new("spindle_instance_restarts_total", "Function instances restarted after exiting"),
+                Opts::new(
+                    "spindle_instance_restarts_total",
+                    "Function instances restarted after exiting",
+                ),
                 &["chain", "function"],
             )
             .expect("valid metric"),
@@ -113,7 +128,10 @@ impl Metrics {
         let instances_up = register(
             &registry,
             IntGaugeVec::new(
-                Opts::new("spindle_instances_up", "Function instances running and ready"),
+                Opts::new(
+                    "spindle_instances_up",
+                    "Function instances running and ready",
+                ),
                 &["chain", "function"],
             )
             .expect("valid metric"),
@@ -126,7 +144,17 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        Metrics { registry, requests, duration, refused, forwarded, alloc_failures, restarts, instances_up, arena_slots }
+        Metrics {
+            registry,
+            requests,
+            duration,
+            refused,
+            forwarded,
+            alloc_failures,
+            restarts,
+            instances_up,
+            arena_slots,
+        }
     }
 
     pub fn chain(&self, chain: &str) -> ChainMetrics {
@@ -142,9 +170,15 @@ impl Metrics {
     }
 
     pub fn set_arena(&self, chain: &str, total: u32, free: u32) {
-        self.arena_slots.with_label_values(&[chain, "total"]).set(i64::from(total));
-        self.arena_slots.with_label_values(&[chain, "free"]).set(i64::from(free));
-        self.arena_slots.with_label_values(&[chain, "in_use"]).set(i64::from(total - free));
+        self.arena_slots
+            .with_label_values(&[chain, "total"])
+            .set(i64::from(total));
+        self.arena_slots
+            .with_label_values(&[chain, "free"])
+            .set(i64::from(free));
+        self.arena_slots
+            .with_label_values(&[chain, "in_use"])
+            .set(i64::from(total - free));
     }
 
     pub fn encode(&self) -> Vec<u8> {

@@ -140,7 +140,9 @@ async fn spawn_worker(
     let mut child = command.spawn().map_err(SpawnError::Spawn)?;
     drop((arena_fd, socket_fd));
 
-    gateway_end.set_nonblocking(true).map_err(SpawnError::Socket)?;
+    gateway_end
+        .set_nonblocking(true)
+        .map_err(SpawnError::Socket)?;
     let stream = tokio::net::TcpStream::from_std(gateway_end).map_err(SpawnError::Socket)?;
     let (read, write) = stream.into_split();
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -181,12 +183,20 @@ pub async fn supervise(
     let chain_name = chain.plan.spec.name.clone();
     let fn_name = chain.stages[stage].name.clone();
     let timeout = chain.plan.stages[stage].function.timeout;
-    let up = metrics.instances_up.with_label_values(&[chain_name.as_str(), fn_name.as_str()]);
-    let restarts = metrics.restarts.with_label_values(&[chain_name.as_str(), fn_name.as_str()]);
+    let up = metrics
+        .instances_up
+        .with_label_values(&[chain_name.as_str(), fn_name.as_str()]);
+    let restarts = metrics
+        .restarts
+        .with_label_values(&[chain_name.as_str(), fn_name.as_str()]);
     let mut first_start = Some(first_start);
     let mut backoff = Duration::from_millis(50);
     for incarnation in 1u64.. {
-        let holder = Holder { stage, instance, incarnation };
+        let holder = Holder {
+            stage,
+            instance,
+            incarnation,
+        };
         let began = Instant::now();
         let mut running = match spawn_worker(&cmd, &chain, holder).await {
             Ok(r) => r,
@@ -208,7 +218,9 @@ pub async fn supervise(
             Some(tx) => {
                 let _ = tx.send(Ok(began.elapsed()));
             }
-            None => tracing::info!(chain = %chain_name, function = %fn_name, instance, incarnation, "instance restarted"),
+            None => {
+                tracing::info!(chain = %chain_name, function = %fn_name, instance, incarnation, "instance restarted")
+            }
         }
 
         let status = tokio::select! {
@@ -220,7 +232,11 @@ pub async fn supervise(
         let Some(status) = status else {
             stop_child(&mut running.child).await;
             let _ = running.reader.await;
-            chain.fail_held_by(holder, StatusCode::SERVICE_UNAVAILABLE, "gateway is shutting down");
+            chain.fail_held_by(
+                holder,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "gateway is shutting down",
+            );
             return;
         };
         // Descriptors the worker wrote before dying are still in the socket: route them first.
@@ -228,13 +244,22 @@ pub async fn supervise(
         let (code, message) = match status {
             Ok(s) if s.code() == Some(WATCHDOG_EXIT) => (
                 StatusCode::GATEWAY_TIMEOUT,
-                format!("function {fn_name} exceeded its timeout of {} ms; instance restarted", timeout.as_millis()),
+                format!(
+                    "function {fn_name} exceeded its timeout of {} ms; instance restarted",
+                    timeout.as_millis()
+                ),
             ),
             Ok(s) => (
                 StatusCode::BAD_GATEWAY,
-                format!("function {fn_name} instance {instance} exited ({})", describe_exit(&s)),
+                format!(
+                    "function {fn_name} instance {instance} exited ({})",
+                    describe_exit(&s)
+                ),
             ),
-            Err(e) => (StatusCode::BAD_GATEWAY, format!("function {fn_name} instance {instance} lost: {e}")),
+            Err(e) => (
+                StatusCode::BAD_GATEWAY,
+                format!("function {fn_name} instance {instance} lost: {e}"),
+            ),
         };
         let failed = chain.fail_held_by(holder, code, &message);
         tracing::warn!(chain = %chain_name, function = %fn_name, instance, failed_requests = failed, "{message}");
@@ -264,7 +289,10 @@ async fn stop_child(child: &mut Child) {
         // SAFETY: kill(2) on our own child's pid, which is not yet reaped (id() is Some).
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     }
-    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
         let _ = child.kill().await;
     }
 }

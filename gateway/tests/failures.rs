@@ -39,7 +39,10 @@ async fn assert_all_slots_free(spindle: &Spindle, chain: &str, total: f64) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("slots leaked: {series} = {:?}, expected {total}", spindle.metric(&series).await);
+    panic!(
+        "slots leaked: {series} = {:?}, expected {total}",
+        spindle.metric(&series).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,24 +55,41 @@ async fn failing_functions_become_http_errors_and_instances_recover() {
 
     let r = spindle.post("/faulty", "trap").await;
     assert_eq!(r.status, 500, "{}", r.text());
-    assert!(r.text().contains("function faulty") && r.text().contains("trap"), "{}", r.text());
+    assert!(
+        r.text().contains("function faulty") && r.text().contains("trap"),
+        "{}",
+        r.text()
+    );
     // The trapped instance was rebuilt: the next request is served normally.
     assert_eq!(spindle.post("/faulty", "fine").await.text(), "FINE");
 
     // Endless loop: the fuel budget stops it.
     let r = spindle.post("/faulty", "loop").await;
     assert_eq!(r.status, 504, "{}", r.text());
-    assert!(r.text().contains("function faulty") && r.text().contains("fuel"), "{}", r.text());
-    assert_eq!(spindle.post("/faulty", "after loop").await.text(), "AFTER LOOP");
+    assert!(
+        r.text().contains("function faulty") && r.text().contains("fuel"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        spindle.post("/faulty", "after loop").await.text(),
+        "AFTER LOOP"
+    );
 
     // Out of memory at the 8 MiB cap: malloc fails, the guest traps, the instance is rebuilt.
     let r = spindle.post("/faulty", "oom").await;
     assert_eq!(r.status, 500, "{}", r.text());
     assert!(r.text().contains("function faulty"), "{}", r.text());
-    assert_eq!(spindle.post("/faulty", "after oom").await.text(), "AFTER OOM");
+    assert_eq!(
+        spindle.post("/faulty", "after oom").await.text(),
+        "AFTER OOM"
+    );
 
     let r = spindle.post("/faulty", "error").await;
-    assert_eq!((r.status, r.text()), (500, "function faulty: requested error\n".to_string()));
+    assert_eq!(
+        (r.status, r.text()),
+        (500, "function faulty: requested error\n".to_string())
+    );
 
     // Blocking past the wall-clock timeout (no fuel burnt while asleep): the watchdog ends
     // the worker, the request gets 504 and a new instance takes over.
@@ -77,9 +97,17 @@ async fn failing_functions_become_http_errors_and_instances_recover() {
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(r.text().contains("timeout"), "{}", r.text());
     let r = spindle.post("/faulty", "during restart").await;
-    assert!(r.status == 200 || r.status == 503, "served or told to retry: {} {}", r.status, r.text());
+    assert!(
+        r.status == 200 || r.status == 503,
+        "served or told to retry: {} {}",
+        r.status,
+        r.text()
+    );
     spindle.wait_ready(Duration::from_secs(60)).await;
-    assert_eq!(spindle.post("/faulty", "after sleep").await.text(), "AFTER SLEEP");
+    assert_eq!(
+        spindle.post("/faulty", "after sleep").await.text(),
+        "AFTER SLEEP"
+    );
 
     assert_all_slots_free(&spindle, "faulty", 4.0).await;
 }
@@ -95,7 +123,8 @@ async fn oversized_bodies_get_413_and_a_full_arena_503() {
     // Chunked, no Content-Length: the gateway stops at the slot size while copying.
     let mut conn = TcpStream::connect(&spindle.addr).unwrap();
     let chunk = vec![b'b'; 700];
-    let mut req = b"POST /faulty HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let mut req =
+        b"POST /faulty HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..2 {
         req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
         req.extend_from_slice(&chunk);
@@ -103,7 +132,8 @@ async fn oversized_bodies_get_413_and_a_full_arena_503() {
     }
     req.extend_from_slice(b"0\r\n\r\n");
     conn.write_all(&req).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut head = [0u8; 12];
     conn.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 413");
@@ -112,7 +142,9 @@ async fn oversized_bodies_get_413_and_a_full_arena_503() {
     let mut sleepers = Vec::new();
     for _ in 0..4 {
         let s = Arc::clone(&spindle);
-        sleepers.push(tokio::spawn(async move { s.post("/faulty", "sleep 600").await.status }));
+        sleepers.push(tokio::spawn(async move {
+            s.post("/faulty", "sleep 600").await.status
+        }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = spindle.post("/faulty", "one too many").await;
@@ -121,7 +153,9 @@ async fn oversized_bodies_get_413_and_a_full_arena_503() {
     for s in sleepers {
         assert_eq!(s.await.unwrap(), 200);
     }
-    let failures = spindle.metric(r#"spindle_arena_alloc_failures_total{chain="faulty"}"#).await;
+    let failures = spindle
+        .metric(r#"spindle_arena_alloc_failures_total{chain="faulty"}"#)
+        .await;
     assert_eq!(failures, Some(1.0));
     assert_all_slots_free(&spindle, "faulty", 4.0).await;
 }
@@ -154,23 +188,38 @@ async fn killed_worker_fails_its_requests_with_502_and_is_restarted() {
 
     let held = held.await.unwrap();
     assert_eq!(held.status, 502, "{}", held.text());
-    assert!(held.text().contains("function faulty") && held.text().contains("signal 9"), "{}", held.text());
+    assert!(
+        held.text().contains("function faulty") && held.text().contains("signal 9"),
+        "{}",
+        held.text()
+    );
     let codes = load.await.unwrap();
     // In flight at the kill: 502. Arriving while the instance restarts: 503 + Retry-After.
-    assert!(codes.iter().all(|c| [200, 502, 503].contains(c)), "statuses during the crash: {codes:?}");
+    assert!(
+        codes.iter().all(|c| [200, 502, 503].contains(c)),
+        "statuses during the crash: {codes:?}"
+    );
 
     // Restarted: a new process serves later requests.
     let mut restarted = Vec::new();
     for _ in 0..100 {
         restarted = spindle.worker_pids("faulty");
-        if restarted.len() == 1 && restarted[0] != pids[0] && spindle.get("/readyz").await.status == 200 {
+        if restarted.len() == 1
+            && restarted[0] != pids[0]
+            && spindle.get("/readyz").await.status == 200
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(restarted.len() == 1 && restarted[0] != pids[0], "worker restarted: {restarted:?}");
+    assert!(
+        restarted.len() == 1 && restarted[0] != pids[0],
+        "worker restarted: {restarted:?}"
+    );
     assert_eq!(spindle.post("/faulty", "back").await.text(), "BACK");
-    let restarts = spindle.metric(r#"spindle_instance_restarts_total{chain="faulty",function="faulty"}"#).await;
+    let restarts = spindle
+        .metric(r#"spindle_instance_restarts_total{chain="faulty",function="faulty"}"#)
+        .await;
     assert_eq!(restarts, Some(1.0));
     assert_all_slots_free(&spindle, "faulty", 4.0).await;
 }
@@ -179,15 +228,32 @@ async fn killed_worker_fails_its_requests_with_502_and_is_restarted() {
 fn malformed_yaml_is_reported_with_line_and_column() {
     let dir = common::temp_dir("badyaml");
     let config = dir.join("bad.yaml");
-    std::fs::write(&config, "functions:\n  - name: a\n    module: [unclosed\nchains: []\n").unwrap();
+    std::fs::write(
+        &config,
+        "functions:\n  - name: a\n    module: [unclosed\nchains: []\n",
+    )
+    .unwrap();
     for sub in ["validate", "run"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_spindle")).arg(sub).arg(&config).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_spindle"))
+            .arg(sub)
+            .arg(&config)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{sub} accepted a malformed config");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let needle = format!("{}:", config.display());
-        let at = text.find(&needle).unwrap_or_else(|| panic!("{sub}: no file:line:col in {text}"));
+        let at = text
+            .find(&needle)
+            .unwrap_or_else(|| panic!("{sub}: no file:line:col in {text}"));
         let pos: Vec<&str> = text[at + needle.len()..].splitn(3, ':').collect();
-        assert!(pos[0].parse::<u32>().is_ok() && pos[1].parse::<u32>().is_ok(), "{sub}: {text}");
+        assert!(
+            pos[0].parse::<u32>().is_ok() && pos[1].parse::<u32>().is_ok(),
+            "{sub}: {text}"
+        );
     }
 
     let semantic = dir.join("semantic.yaml");
@@ -198,9 +264,16 @@ fn malformed_yaml_is_reported_with_line_and_column() {
     )
     .unwrap();
     common::build_examples();
-    let out = Command::new(env!("CARGO_BIN_EXE_spindle")).arg("validate").arg(&semantic).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_spindle"))
+        .arg("validate")
+        .arg(&semantic)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains(&format!("{}:7:17:", semantic.display())), "unknown function located: {stdout}");
+    assert!(
+        stdout.contains(&format!("{}:7:17:", semantic.display())),
+        "unknown function located: {stdout}"
+    );
     assert!(stdout.contains("missing"), "{stdout}");
 }

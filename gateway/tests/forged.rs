@@ -51,14 +51,22 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
     let (mut sock, _) = listener.accept().unwrap();
     let arena_fd: OwnedFd = arena.fd().try_clone_to_owned().unwrap();
     // SAFETY: F_DUPFD_CLOEXEC returns a fresh fd (>= 10) that we own.
-    let high = |fd: i32| unsafe { OwnedFd::from_raw_fd(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10)) };
+    let high =
+        |fd: i32| unsafe { OwnedFd::from_raw_fd(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10)) };
     let (a, s) = (high(arena_fd.as_raw_fd()), high(worker_end.as_raw_fd()));
     let (a_raw, s_raw) = (a.as_raw_fd(), s.as_raw_fd());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_spindle"));
     cmd.args(["worker", "--config"])
         .arg(&config)
         .args(["--config-digest", &config_digest(&text).to_string()])
-        .args(["--chain", "up", "--function", "uppercase", "--instance", "0"])
+        .args([
+            "--chain",
+            "up",
+            "--function",
+            "uppercase",
+            "--instance",
+            "0",
+        ])
         .stdin(Stdio::null());
     // SAFETY: only dup2 between fork and exec; sources are >= 10 so they cannot collide.
     unsafe {
@@ -71,12 +79,16 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
     }
     let mut child = cmd.spawn().unwrap();
     drop((a, s, worker_end));
-    sock.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
 
     let mut buf = [0u8; Descriptor::SIZE];
     sock.read_exact(&mut buf).unwrap();
     let ready = Descriptor::from_bytes(&buf);
-    assert_eq!(ready.request_id, 0, "first message is the ready announcement");
+    assert_eq!(
+        ready.request_id, 0,
+        "first message is the ready announcement"
+    );
     let fn_id = ready.slot;
 
     let slot = arena.alloc().unwrap();
@@ -92,23 +104,44 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
     };
     let forgeries = [
         Descriptor { slot: 99, ..valid },
-        Descriptor { generation: slot.generation + 1, ..valid },
-        Descriptor { slot: (slot.index + 1) % 4, ..valid }, // a free slot
+        Descriptor {
+            generation: slot.generation + 1,
+            ..valid
+        },
+        Descriptor {
+            slot: (slot.index + 1) % 4,
+            ..valid
+        }, // a free slot
         Descriptor { len: 4096, ..valid },
-        Descriptor { reserved: 1, ..valid },
-        Descriptor { next_fn: fn_id + 1, ..valid },
+        Descriptor {
+            reserved: 1,
+            ..valid
+        },
+        Descriptor {
+            next_fn: fn_id + 1,
+            ..valid
+        },
         Descriptor { chain: 3, ..valid },
-        Descriptor { status: Status::Trap as u8, ..valid },
+        Descriptor {
+            status: Status::Trap as u8,
+            ..valid
+        },
     ];
     for (i, forged) in forgeries.iter().enumerate() {
-        let forged = Descriptor { request_id: 100 + i as u64, ..*forged };
+        let forged = Descriptor {
+            request_id: 100 + i as u64,
+            ..*forged
+        };
         let reply = exchange(&mut sock, forged);
         assert_eq!(reply.request_id, forged.request_id);
         assert_eq!(reply.status, Status::Refused as u8, "forgery {i} refused");
         assert_eq!(reply.next_fn, GATEWAY_FN, "refusals go back to the gateway");
     }
     let reply = exchange(&mut sock, valid);
-    assert_eq!((reply.status, reply.next_fn, reply.len, reply.hop), (Status::Ok as u8, GATEWAY_FN, 3, 1));
+    assert_eq!(
+        (reply.status, reply.next_fn, reply.len, reply.hop),
+        (Status::Ok as u8, GATEWAY_FN, 3, 1)
+    );
     let mut out = [0u8; 3];
     arena.read(slot, 0, &mut out).unwrap();
     assert_eq!(&out, b"ABC");
@@ -128,18 +161,34 @@ async fn router_refuses_forged_descriptors_from_a_worker_socket() {
     let pid = spindle.worker_pids("uppercase")[0];
     // SAFETY: plain syscalls on a pid of our own test; results are checked.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, SOCKET_FD, 0) } as i32;
     if fd < 0 {
         let err = std::io::Error::last_os_error();
-        eprintln!("SKIPPED router_refuses_forged_descriptors_from_a_worker_socket: pidfd_getfd needs ptrace rights over the worker (root): {err}");
+        eprintln!(
+            "SKIPPED router_refuses_forged_descriptors_from_a_worker_socket: pidfd_getfd needs ptrace rights over the worker (root): {err}"
+        );
         return;
     }
     // SAFETY: pidfd_getfd returned a new fd that we own.
     let mut stolen = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let forged = [
-        Descriptor { request_id: 999_999, len: 3, ..Descriptor::default() },
-        Descriptor { request_id: 1, slot: 2, generation: 9, len: 3, ..Descriptor::default() },
+        Descriptor {
+            request_id: 999_999,
+            len: 3,
+            ..Descriptor::default()
+        },
+        Descriptor {
+            request_id: 1,
+            slot: 2,
+            generation: 9,
+            len: 3,
+            ..Descriptor::default()
+        },
     ];
     for d in forged {
         stolen.write_all(&d.to_bytes()).unwrap();

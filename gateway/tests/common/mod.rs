@@ -15,7 +15,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// Builds examples/wasm/*.wasm once per test binary (make is incremental).
@@ -27,16 +30,27 @@ pub fn build_examples() {
             .arg(repo_root().join("examples"))
             .status()
             .expect("running make -C examples (is make installed? run scripts/setup.sh)");
-        assert!(status.success(), "building the example Wasm functions failed (see above)");
+        assert!(
+            status.success(),
+            "building the example Wasm functions failed (see above)"
+        );
     });
 }
 
 pub fn wasm(name: &str) -> String {
-    repo_root().join("examples/wasm").join(format!("{name}.wasm")).display().to_string()
+    repo_root()
+        .join("examples/wasm")
+        .join(format!("{name}.wasm"))
+        .display()
+        .to_string()
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Spindle {
@@ -95,8 +109,15 @@ impl Spindle {
             .stderr(log)
             .spawn()
             .unwrap();
-        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build_http();
-        let mut spindle = Spindle { child, addr, dir, client };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(64)
+            .build_http();
+        let mut spindle = Spindle {
+            child,
+            addr,
+            dir,
+            client,
+        };
         spindle.wait_ready(Duration::from_secs(180)).await;
         spindle
     }
@@ -116,12 +137,21 @@ impl Spindle {
             {
                 return;
             }
-            assert!(began.elapsed() < limit, "spindle not ready after {limit:?}:\n{}", self.log());
+            assert!(
+                began.elapsed() < limit,
+                "spindle not ready after {limit:?}:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    pub async fn try_request(&self, method: &str, path: &str, body: Vec<u8>) -> Result<Reply, String> {
+    pub async fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<Reply, String> {
         let req = hyper::Request::builder()
             .method(method)
             .uri(format!("http://{}{path}", self.addr))
@@ -134,24 +164,39 @@ impl Spindle {
             .get("content-type")
             .map(|v| v.to_str().unwrap_or("").to_string())
             .unwrap_or_default();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes().to_vec();
-        Ok(Reply { status, content_type, body })
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes()
+            .to_vec();
+        Ok(Reply {
+            status,
+            content_type,
+            body,
+        })
     }
 
     pub async fn post(&self, path: &str, body: impl Into<Vec<u8>>) -> Reply {
-        self.try_request("POST", path, body.into()).await.unwrap_or_else(|e| panic!("POST {path}: {e}\n{}", self.log()))
+        self.try_request("POST", path, body.into())
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}\n{}", self.log()))
     }
 
     pub async fn get(&self, path: &str) -> Reply {
-        self.try_request("GET", path, Vec::new()).await.unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        self.try_request("GET", path, Vec::new())
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     /// The value of one sample of /metrics, e.g. `spindle_arena_slots{chain="hello",state="free"}`.
     pub async fn metric(&self, series: &str) -> Option<f64> {
         let page = self.get("/metrics").await.text();
-        page.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        page.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
     }
 
     /// PIDs of the worker processes running `function`.
@@ -159,16 +204,27 @@ impl Spindle {
         let gateway = self.child.id() as i32;
         let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
             let after_comm = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-            let ppid: i32 = after_comm.split(' ').nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+            let ppid: i32 = after_comm
+                .split(' ')
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
             if ppid != gateway {
                 continue;
             }
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            if args.windows(2).any(|w| w[0] == b"--function" && w[1] == function.as_bytes()) {
+            if args
+                .windows(2)
+                .any(|w| w[0] == b"--function" && w[1] == function.as_bytes())
+            {
                 pids.push(pid);
             }
         }
@@ -186,7 +242,10 @@ impl Spindle {
             }
             if began.elapsed() > Duration::from_secs(15) {
                 let _ = self.child.kill();
-                panic!("spindle did not exit within 15 s of SIGTERM:\n{}", self.log());
+                panic!(
+                    "spindle did not exit within 15 s of SIGTERM:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
