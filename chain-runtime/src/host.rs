@@ -653,3 +653,274 @@ fn host_next(mut env: FunctionEnvMut<GuestCtx>, ptr: i32, len: i32) -> Result<i3
         None => Ok(-1),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A reactor with a bump allocator; `spindle_handle` behaviour is given per test.
+    fn reactor(handle_body: &str) -> String {
+        format!(
+            r#"(module
+                (import "spindle" "output" (func $output (param i32 i32)))
+                (import "spindle" "error" (func $error (param i32 i32)))
+                (import "spindle" "next" (func $next (param i32 i32) (result i32)))
+                (memory (export "memory") 1)
+                (global $bump (mut i32) (i32.const 1024))
+                (data (i32.const 16) "bad thing")
+                (data (i32.const 32) "second")
+                (data (i32.const 48) "nowhere")
+                (func (export "spindle_alloc") (param $n i32) (result i32)
+                    (local $p i32)
+                    (local.set $p (global.get $bump))
+                    (global.set $bump (i32.add (global.get $bump) (local.get $n)))
+                    (local.get $p))
+                (func (export "spindle_handle") (param $p i32) (param $n i32) (result i32)
+                    {handle_body}))"#
+        )
+    }
+
+    fn spec(tag: &str, wat: &str, mode: ModuleMode) -> FunctionSpec {
+        let path =
+            std::env::temp_dir().join(format!("spindle-host-{tag}-{}.wat", std::process::id()));
+        std::fs::write(&path, wat).unwrap();
+        FunctionSpec {
+            name: tag.to_string(),
+            module: path,
+            instances: 1,
+            memory_limit: 1 << 20,
+            timeout: Duration::from_secs(1),
+            fuel: Some(5_000_000),
+            mode,
+            env: vec![],
+        }
+    }
+
+    struct VecIo {
+        input: Vec<u8>,
+        output: Vec<u8>,
+        capacity: usize,
+    }
+
+    impl VecIo {
+        fn new(input: &[u8]) -> Self {
+            VecIo {
+                input: input.to_vec(),
+                output: Vec::new(),
+                capacity: 64,
+            }
+        }
+    }
+
+    impl SlotIo for VecIo {
+        fn input_len(&self) -> usize {
+            self.input.len()
+        }
+        fn read_input(&self, dst: &mut [u8]) {
+            dst.copy_from_slice(&self.input);
+        }
+        fn capacity(&self) -> usize {
+            self.capacity
+        }
+        fn write_output(&mut self, src: &[u8]) {
+            self.output = src.to_vec();
+        }
+    }
+
+    const ECHO: &str = "(call $output (local.get $p) (local.get $n)) (i32.const 0)";
+
+    #[test]
+    fn reactor_echoes_through_linear_memory() {
+        let mut host =
+            FunctionHost::new(&spec("echo", &reactor(ECHO), ModuleMode::Reactor), None).unwrap();
+        for input in [&b"hello"[..], b"", b"again"] {
+            let mut io = VecIo::new(input);
+            assert_eq!(
+                host.invoke(&mut io),
+                Outcome::Done {
+                    output_len: input.len(),
+                    next: None
+                }
+            );
+            assert_eq!(io.output, input);
+        }
+    }
+
+    #[test]
+    fn endless_loop_runs_out_of_fuel_and_instance_is_rebuilt() {
+        let body = "(if (i32.eq (local.get $n) (i32.const 4)) (then (loop $l (br $l)))) (call $output (local.get $p) (local.get $n)) (i32.const 0)";
+        let mut host =
+            FunctionHost::new(&spec("fuel", &reactor(body), ModuleMode::Reactor), None).unwrap();
+        let outcome = host.invoke(&mut VecIo::new(b"loop"));
+        assert!(
+            matches!(&outcome, Outcome::Failed { status: Status::Timeout, message } if message.contains("fuel")),
+            "{outcome:?}"
+        );
+        let mut io = VecIo::new(b"fine!");
+        assert_eq!(
+            host.invoke(&mut io),
+            Outcome::Done {
+                output_len: 5,
+                next: None
+            }
+        );
+    }
+
+    #[test]
+    fn trap_and_reported_error_become_failures() {
+        let body = "(if (i32.eq (local.get $n) (i32.const 1)) (then unreachable)) (call $error (i32.const 16) (i32.const 9)) (i32.const 1)";
+        let mut host =
+            FunctionHost::new(&spec("trap", &reactor(body), ModuleMode::Reactor), None).unwrap();
+        let trap = host.invoke(&mut VecIo::new(b"x"));
+        assert!(
+            matches!(&trap, Outcome::Failed { status: Status::Trap, message } if message.contains("unreachable")),
+            "{trap:?}"
+        );
+        let error = host.invoke(&mut VecIo::new(b"xy"));
+        assert_eq!(
+            error,
+            Outcome::Failed {
+                status: Status::GuestError,
+                message: "bad thing".into()
+            }
+        );
+    }
+
+    #[test]
+    fn nonzero_return_without_message_and_oversized_output_fail() {
+        let body = "(if (i32.eq (local.get $n) (i32.const 1)) (then (return (i32.const 7)))) (call $output (i32.const 0) (i32.const 65)) (i32.const 0)";
+        let mut host =
+            FunctionHost::new(&spec("big", &reactor(body), ModuleMode::Reactor), None).unwrap();
+        let code = host.invoke(&mut VecIo::new(b"x"));
+        assert!(
+            matches!(&code, Outcome::Failed { status: Status::GuestError, message } if message.contains("returned 7")),
+            "{code:?}"
+        );
+        let big = host.invoke(&mut VecIo::new(b"xy"));
+        assert!(
+            matches!(&big, Outcome::Failed { status: Status::GuestError, message } if message.contains("slot size")),
+            "{big:?}"
+        );
+    }
+
+    #[test]
+    fn out_of_bounds_output_traps_instead_of_reading_host_memory() {
+        let body = "(call $output (i32.const 65530) (i32.const 100)) (i32.const 0)";
+        let mut host =
+            FunctionHost::new(&spec("oob", &reactor(body), ModuleMode::Reactor), None).unwrap();
+        let outcome = host.invoke(&mut VecIo::new(b"x"));
+        assert!(
+            matches!(&outcome, Outcome::Failed { status: Status::Trap, message } if message.contains("outside linear memory")),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn dynamic_next_accepts_chain_members_only() {
+        // Names "second" (accepted) when the input is 1 byte, "nowhere" (refused) otherwise;
+        // outputs next's return value as one byte.
+        let body = r#"(local $r i32)
+            (if (i32.eq (local.get $n) (i32.const 1))
+                (then (local.set $r (call $next (i32.const 32) (i32.const 6))))
+                (else (local.set $r (call $next (i32.const 48) (i32.const 7)))))
+            (i32.store8 (i32.const 0) (local.get $r))
+            (call $output (i32.const 0) (i32.const 1)) (i32.const 0)"#;
+        let routes = vec![("first".to_string(), 1), ("second".to_string(), 2)];
+        let mut host = FunctionHost::new(
+            &spec("next", &reactor(body), ModuleMode::Reactor),
+            Some(routes),
+        )
+        .unwrap();
+        let mut io = VecIo::new(b"x");
+        assert_eq!(
+            host.invoke(&mut io),
+            Outcome::Done {
+                output_len: 1,
+                next: Some(2)
+            }
+        );
+        assert_eq!(io.output, [0]);
+        let mut io = VecIo::new(b"xy");
+        assert_eq!(
+            host.invoke(&mut io),
+            Outcome::Done {
+                output_len: 1,
+                next: None
+            }
+        );
+        assert_eq!(io.output, [0xff], "-1 for a function outside the chain");
+    }
+
+    #[test]
+    fn memory_limit_caps_growth_and_initial_size() {
+        // memory.grow by 20 pages fails under a 1 MiB (16 page) limit; report its result.
+        let body = "(i32.store (i32.const 0) (memory.grow (i32.const 20))) (call $output (i32.const 0) (i32.const 4)) (i32.const 0)";
+        let mut host =
+            FunctionHost::new(&spec("grow", &reactor(body), ModuleMode::Reactor), None).unwrap();
+        let mut io = VecIo::new(b"x");
+        assert_eq!(
+            host.invoke(&mut io),
+            Outcome::Done {
+                output_len: 4,
+                next: None
+            }
+        );
+        assert_eq!(io.output, (-1i32).to_le_bytes());
+
+        let too_big = reactor(ECHO).replace(
+            "(memory (export \"memory\") 1)",
+            "(memory (export \"memory\") 17)",
+        );
+        let err = FunctionHost::new(&spec("big-mem", &too_big, ModuleMode::Reactor), None)
+            .err()
+            .expect("refused");
+        assert!(matches!(err, HostError::Instantiate { .. }), "{err}");
+    }
+
+    #[test]
+    fn abi_problems_are_reported_at_start() {
+        let command = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
+        let err = FunctionHost::new(&spec("cmd-as-reactor", command, ModuleMode::Reactor), None)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("mode: command"), "{err}");
+        let foreign = r#"(module (import "env" "f" (func)) (memory (export "memory") 1) (func (export "_start")))"#;
+        let err = FunctionHost::new(&spec("foreign", foreign, ModuleMode::Command), None)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("env.f"), "{err}");
+    }
+
+    #[test]
+    fn command_module_reads_stdin_and_writes_stdout() {
+        // _start: read stdin into memory at 256 (one fd_read), write it back to stdout.
+        let wat = r#"(module
+            (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+            (memory (export "memory") 1)
+            (func (export "_start")
+                (i32.store (i32.const 0) (i32.const 256))
+                (i32.store (i32.const 4) (i32.const 1024))
+                (drop (call $read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+                (i32.store (i32.const 4) (i32.load (i32.const 8)))
+                (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 12)))
+                (if (i32.eq (i32.load8_u (i32.const 256)) (i32.const 33)) (then (call $exit (i32.const 3))))))"#;
+        let mut host = FunctionHost::new(&spec("cmd", wat, ModuleMode::Command), None).unwrap();
+        let mut io = VecIo::new(b"from stdin");
+        assert_eq!(
+            host.invoke(&mut io),
+            Outcome::Done {
+                output_len: 10,
+                next: None
+            }
+        );
+        assert_eq!(io.output, b"from stdin");
+        let failed = host.invoke(&mut VecIo::new(b"!exit"));
+        assert!(
+            matches!(&failed, Outcome::Failed { status: Status::GuestError, message } if message.contains("status 3")),
+            "{failed:?}"
+        );
+    }
+}

@@ -87,7 +87,6 @@ impl Spindle {
     }
 
     pub async fn start_with(tag: &str, yaml: &str, extra_args: &[&str]) -> Spindle {
-        build_examples();
         let dir = temp_dir(tag);
         let mut text = yaml.to_string();
         while let Some(start) = text.find("{wasm:") {
@@ -97,11 +96,21 @@ impl Spindle {
         }
         let config = dir.join("spindle.yaml");
         std::fs::write(&config, text).unwrap();
+        Self::launch(dir, &config, extra_args).await
+    }
+
+    /// Starts spindle on a config file of the repository (e.g. `configs/pipeline.yaml`).
+    pub async fn start_file(tag: &str, config: &str) -> Spindle {
+        Self::launch(temp_dir(tag), &repo_root().join(config), &[]).await
+    }
+
+    async fn launch(dir: PathBuf, config: &Path, extra_args: &[&str]) -> Spindle {
+        build_examples();
         let addr = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(dir.join("spindle.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_spindle"))
             .arg("run")
-            .arg(&config)
+            .arg(config)
             .args(["--listen", &addr])
             .args(extra_args)
             .env("RUST_LOG", "info")

@@ -1,0 +1,99 @@
+//! The configs shipped in configs/ start and answer as their comments say.
+
+mod common;
+
+use common::Spindle;
+
+fn sha256_hex(data: &[u8]) -> String {
+    // Independent check through the system's sha256sum.
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum (coreutils)");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_config_serves_every_chain() {
+    let spindle = Spindle::start_file("pipeline", "configs/pipeline.yaml").await;
+
+    let words = spindle.post("/text/words", "one two  three\nfour").await;
+    assert_eq!((words.status, words.text()), (200, "4".to_string()));
+
+    let hash = spindle.post("/hash", "abc").await;
+    assert_eq!((hash.status, hash.text()), (200, sha256_hex(b"ABC")));
+
+    // 2x1 PPM: red, white -> luma 76, 255.
+    let mut ppm = b"P6\n# two pixels\n2 1\n255\n".to_vec();
+    ppm.extend_from_slice(&[255, 0, 0, 255, 255, 255]);
+    let image = spindle.post("/image", ppm).await;
+    assert_eq!(image.status, 200, "{}", image.text());
+    assert_eq!(image.content_type, "image/x-portable-graymap");
+    assert!(
+        image.body.starts_with(b"P5"),
+        "PGM header: {:?}",
+        image.text()
+    );
+    assert!(
+        image.body.ends_with(&[76, 255]),
+        "grayscale pixels: {:?}",
+        image.body
+    );
+    let bad_image = spindle.post("/image", "P6 not really").await;
+    assert_eq!(bad_image.status, 500);
+    assert!(
+        bad_image.text().contains("function grayscale"),
+        "{}",
+        bad_image.text()
+    );
+
+    // A plain WASI command (stdin -> stdout), fresh instance per request.
+    for _ in 0..3 {
+        let rot = spindle.post("/rot13", "Hello, World").await;
+        assert_eq!((rot.status, rot.text()), (200, "Uryyb, Jbeyq".to_string()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_and_boutique_configs_answer_as_documented() {
+    let hello = Spindle::start_file("cfg-hello", "configs/hello.yaml").await;
+    assert_eq!(
+        hello.post("/hello", "hello spindle").await.text(),
+        r#"{"result":"ELDNIPS OLLEH","bytes":13}"#
+    );
+    drop(hello);
+    let shop = Spindle::start_file("cfg-boutique", "configs/boutique.yaml").await;
+    let r = shop.post("/shop", "cart total 30.00 JPY").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().starts_with("30.00 USD = "), "{}", r.text());
+}
+
+#[test]
+fn shipped_configs_validate() {
+    common::build_examples();
+    for config in [
+        "configs/hello.yaml",
+        "configs/pipeline.yaml",
+        "configs/boutique.yaml",
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_spindle"))
+            .arg("validate")
+            .arg(common::repo_root().join(config))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{config}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
