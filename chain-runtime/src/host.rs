@@ -204,14 +204,24 @@ impl FunctionHost {
     /// Compiles the function's module and, for reactors, instantiates it and runs `_initialize`.
     /// `routes` lists the functions a dynamic chain may name with `spindle.next`.
     pub fn new(spec: &FunctionSpec, routes: Option<Vec<(String, u32)>>) -> Result<Self, HostError> {
-        let module_path = spec.module.display().to_string();
         let bytes = std::fs::read(&spec.module).map_err(|source| HostError::Read {
-            path: module_path.clone(),
+            path: spec.module.display().to_string(),
             source,
         })?;
+        Self::from_bytes(spec, &bytes, routes)
+    }
+
+    /// Like [`FunctionHost::new`], with the module's bytes already read (the worker gets them
+    /// from the gateway, so every instance runs the bytes the gateway started with).
+    pub fn from_bytes(
+        spec: &FunctionSpec,
+        bytes: &[u8],
+        routes: Option<Vec<(String, u32)>>,
+    ) -> Result<Self, HostError> {
+        let module_path = spec.module.display().to_string();
         let engine = engine_for(spec);
         let store = Store::new(engine.clone());
-        let module = Module::new(&store, &bytes).map_err(|e| HostError::Compile {
+        let module = Module::new(&store, bytes).map_err(|e| HostError::Compile {
             path: module_path.clone(),
             message: e.to_string(),
         })?;
@@ -381,12 +391,19 @@ impl FunctionHost {
         }
     }
 
+    /// Rebuilds a reactor instance discarded after a trap. The worker calls this after
+    /// answering, so the rebuild is not charged to the next request; `invoke` does it too if
+    /// it was not done.
+    pub fn prepare(&mut self) -> Result<(), HostError> {
+        if self.mode == ModuleMode::Reactor && self.reactor.is_none() {
+            self.reactor = Some(self.instantiate_reactor()?);
+        }
+        Ok(())
+    }
+
     fn invoke_reactor(&mut self, io: &mut dyn SlotIo) -> Outcome {
-        if self.reactor.is_none() {
-            match self.instantiate_reactor() {
-                Ok(r) => self.reactor = Some(r),
-                Err(e) => return failed(Status::Trap, e.to_string()),
-            }
+        if let Err(e) = self.prepare() {
+            return failed(Status::Trap, e.to_string());
         }
         let outcome = {
             let reactor = self.reactor.as_mut().expect("reactor instantiated above");
@@ -413,7 +430,7 @@ impl FunctionHost {
         wasi_ctx.capture_stderr(MAX_ERROR_LEN);
         // A fresh store per request: stores keep every instance alive until dropped.
         let mut store = Store::new(self.engine.clone());
-        let (imports, _guest, wasi_env) = match self.link(&mut store, wasi_ctx) {
+        let (imports, guest, wasi_env) = match self.link(&mut store, wasi_ctx) {
             Ok(linked) => linked,
             Err(e) => return failed(Status::Trap, e.to_string()),
         };
@@ -422,7 +439,10 @@ impl FunctionHost {
             Err(e) => return failed(Status::Trap, format!("cannot instantiate: {e}")),
         };
         match instance.exports.get_memory("memory") {
-            Ok(memory) => wasi_env.as_mut(&mut store).set_memory(memory.clone()),
+            Ok(memory) => {
+                guest.as_mut(&mut store).memory = Some(memory.clone());
+                wasi_env.as_mut(&mut store).set_memory(memory.clone());
+            }
             Err(e) => return failed(Status::Trap, format!("command exports no memory: {e}")),
         }
         let start = match instance
@@ -519,8 +539,12 @@ fn run_reactor(reactor: &mut Reactor, io: &mut dyn SlotIo, fuel: Option<u64>) ->
         return (failed(Status::Trap, message), true);
     }
     {
-        let ctx = guest.as_mut(store);
-        let memory = ctx.memory.clone().expect("memory set at instantiation");
+        let Some(memory) = guest.as_mut(store).memory.clone() else {
+            return (
+                failed(Status::Trap, "instance has no memory attached"),
+                true,
+            );
+        };
         let view = memory.view(&*store);
         let start = ptr as u32 as u64;
         if start + input_len as u64 > view.data_size() {
@@ -584,6 +608,13 @@ unsafe fn guest_bytes<'a>(
     Some(unsafe { &view.data_unchecked()[start as usize..][..len as usize] })
 }
 
+/// The guest's memory; a `start` function can call imports before it is attached.
+fn attached_memory(ctx: &GuestCtx) -> Result<Memory, RuntimeError> {
+    ctx.memory
+        .clone()
+        .ok_or_else(|| RuntimeError::new("spindle imports are unavailable during instantiation"))
+}
+
 fn guest_fault(what: &str) -> RuntimeError {
     RuntimeError::new(format!(
         "spindle.{what}: pointer/length outside linear memory"
@@ -592,7 +623,7 @@ fn guest_fault(what: &str) -> RuntimeError {
 
 fn host_output(mut env: FunctionEnvMut<GuestCtx>, ptr: i32, len: i32) -> Result<(), RuntimeError> {
     let (ctx, store) = env.data_and_store_mut();
-    let memory = ctx.memory.clone().expect("memory set at instantiation");
+    let memory = attached_memory(ctx)?;
     let Some(mut io) = ctx.io else {
         return Err(RuntimeError::new(
             "spindle.output called outside spindle_handle",
@@ -619,7 +650,7 @@ fn host_output(mut env: FunctionEnvMut<GuestCtx>, ptr: i32, len: i32) -> Result<
 
 fn host_error(mut env: FunctionEnvMut<GuestCtx>, ptr: i32, len: i32) -> Result<(), RuntimeError> {
     let (ctx, store) = env.data_and_store_mut();
-    let memory = ctx.memory.clone().expect("memory set at instantiation");
+    let memory = attached_memory(ctx)?;
     let view = memory.view(&store);
     // SAFETY: called from a host function; the slice is dropped before returning to the guest.
     let bytes = unsafe { guest_bytes(&view, ptr, len) }.ok_or_else(|| guest_fault("error"))?;
@@ -634,7 +665,7 @@ fn host_error(mut env: FunctionEnvMut<GuestCtx>, ptr: i32, len: i32) -> Result<(
 
 fn host_next(mut env: FunctionEnvMut<GuestCtx>, ptr: i32, len: i32) -> Result<i32, RuntimeError> {
     let (ctx, store) = env.data_and_store_mut();
-    let memory = ctx.memory.clone().expect("memory set at instantiation");
+    let memory = attached_memory(ctx)?;
     let view = memory.view(&store);
     // SAFETY: called from a host function; the slice is dropped before returning to the guest.
     let name = unsafe { guest_bytes(&view, ptr, len) }.ok_or_else(|| guest_fault("next"))?;
@@ -890,6 +921,21 @@ mod tests {
             .err()
             .expect("refused");
         assert!(err.to_string().contains("env.f"), "{err}");
+    }
+
+    #[test]
+    fn command_module_calling_spindle_imports_fails_cleanly() {
+        let wat = r#"(module
+            (import "spindle" "output" (func $output (param i32 i32)))
+            (memory (export "memory") 1)
+            (func (export "_start") (call $output (i32.const 0) (i32.const 4))))"#;
+        let mut host =
+            FunctionHost::new(&spec("cmd-spindle", wat, ModuleMode::Command), None).unwrap();
+        let outcome = host.invoke(&mut VecIo::new(b"x"));
+        assert!(
+            matches!(&outcome, Outcome::Failed { status: Status::Trap, message } if message.contains("outside spindle_handle")),
+            "{outcome:?}"
+        );
     }
 
     #[test]

@@ -1,15 +1,19 @@
 //! The worker process: one instance of one function of one chain.
 //!
-//! The gateway starts it with two descriptors already open: fd 3 is the chain's arena (a
-//! memfd) and fd 4 is this instance's end of a connected loopback TCP socket. The worker
+//! The gateway starts it with four descriptors already open: fd 3 is the chain's arena (a
+//! memfd), fd 4 is this instance's end of a connected loopback TCP socket, fd 5 holds the
+//! config text and fd 6 the module bytes as the gateway read them at start (sealed memfds),
+//! so a restart runs exactly what the gateway started with even if the files changed. The worker
 //! compiles and instantiates its module once, announces itself with a ready message, then
 //! loops: read a descriptor, check it against the arena, run the guest on the slot, write the
 //! output back into the slot, and send the descriptor on (to the next function or back to the
 //! gateway). Every descriptor gets exactly one answer, so the gateway never waits on a lost one.
 
-use std::io::{BufReader, Read, Write};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -24,6 +28,10 @@ use crate::plan::{ChainPlan, Plan, Stage};
 pub const ARENA_FD: RawFd = 3;
 /// Where the gateway puts the worker's socket.
 pub const SOCKET_FD: RawFd = 4;
+/// Where the gateway puts the config text it started with.
+pub const CONFIG_FD: RawFd = 5;
+/// Where the gateway puts the function's module bytes.
+pub const MODULE_FD: RawFd = 6;
 /// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
 pub const WATCHDOG_EXIT: i32 = 124;
 /// Descriptors read per syscall at most when several are queued.
@@ -31,21 +39,15 @@ const READ_BATCH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("cannot read config {path}: {source}")]
-    ReadConfig {
-        path: String,
+    #[error("cannot read the {what} the gateway passed: {source}")]
+    ReadInput {
+        what: &'static str,
         source: std::io::Error,
     },
+    #[error("config passed by the gateway is not UTF-8")]
+    ConfigEncoding,
     #[error("{0}")]
     Config(#[from] ConfigErrors),
-    #[error(
-        "config {path} changed since the gateway started (digest {found:x}, expected {expected:x})"
-    )]
-    ConfigChanged {
-        path: String,
-        found: u64,
-        expected: u64,
-    },
     #[error("no function {function} in chain {chain}")]
     UnknownStage { chain: String, function: String },
     #[error("fd {fd} is not {what}: was this process started by the gateway?")]
@@ -61,21 +63,42 @@ pub enum WorkerError {
 /// What identifies a worker; the gateway passes it on the command line.
 #[derive(Debug, Clone)]
 pub struct WorkerArgs {
+    /// The config's path: names it in messages and anchors relative module paths.
     pub config: std::path::PathBuf,
-    pub config_digest: u64,
     pub chain: String,
     pub function: String,
     pub instance: u32,
 }
 
-/// Digest of the config text, so a worker refuses to run against a file edited after the
-/// gateway planned ids from it.
-pub fn config_digest(text: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    // DefaultHasher::new() has fixed keys, so every process of one binary agrees.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
+/// A read-only, sealed memfd holding `data`, for handing to worker processes.
+pub fn sealed_memfd(name: &str, data: &[u8]) -> std::io::Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: memfd_create with a valid C string; returns a new fd we own, or -1.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.write_all_at(data, 0)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on an fd we own.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file.into())
+}
+
+/// Reads a whole memfd from offset 0 (positioned reads: the open file description, and so its
+/// offset, is shared by every worker that inherited it).
+fn read_memfd(fd: OwnedFd, what: &'static str) -> Result<Vec<u8>, WorkerError> {
+    let file = File::from(fd);
+    let err = |source| WorkerError::ReadInput { what, source };
+    let len = file.metadata().map_err(err)?.len() as usize;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, 0).map_err(err)?;
+    Ok(buf)
 }
 
 /// The message a worker sends once its module is instantiated: request id 0 marks control
@@ -95,20 +118,13 @@ pub fn is_control(d: &Descriptor) -> bool {
     d.request_id == 0
 }
 
-/// Runs the worker until the gateway closes the socket. Takes over fds 3 and 4.
+/// Runs the worker until the gateway closes the socket. Takes over fds 3 to 6.
 pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
-    let text = std::fs::read_to_string(&args.config).map_err(|source| WorkerError::ReadConfig {
-        path: args.config.display().to_string(),
-        source,
-    })?;
-    let found = config_digest(&text);
-    if found != args.config_digest {
-        return Err(WorkerError::ConfigChanged {
-            path: args.config.display().to_string(),
-            found,
-            expected: args.config_digest,
-        });
-    }
+    let config_fd = take_fd(CONFIG_FD, libc::S_IFREG, "the config memfd")?;
+    let module_fd = take_fd(MODULE_FD, libc::S_IFREG, "the module memfd")?;
+    let text = String::from_utf8(read_memfd(config_fd, "config")?)
+        .map_err(|_| WorkerError::ConfigEncoding)?;
+    let module = read_memfd(module_fd, "module")?;
     let config = Config::parse(&text, &args.config)?;
     let plan = Plan::new(&config);
     let unknown = || WorkerError::UnknownStage {
@@ -122,7 +138,8 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
     let socket = TcpStream::from(take_fd(SOCKET_FD, libc::S_IFSOCK, "a socket")?);
     socket.set_nodelay(true)?;
 
-    let host = FunctionHost::new(&stage.function, chain.routes())?;
+    let host = FunctionHost::from_bytes(&stage.function, &module, chain.routes())?;
+    drop(module);
     let mut worker = Worker {
         chain,
         stage,
@@ -133,8 +150,9 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
         epoch: Instant::now(),
     };
     worker.start_watchdog();
-    let mut writer = socket.try_clone()?;
+    let mut writer = BufWriter::with_capacity(READ_BATCH * Descriptor::SIZE, socket.try_clone()?);
     writer.write_all(&ready_message(chain.id, stage.fn_id, args.instance).to_bytes())?;
+    writer.flush()?;
     tracing::info!(chain = %chain.spec.name, function = %stage.function.name, instance = args.instance, "worker ready");
     worker.serve(
         BufReader::with_capacity(READ_BATCH * Descriptor::SIZE, socket),
@@ -197,7 +215,11 @@ impl Worker<'_> {
             .expect("spawning the watchdog thread");
     }
 
-    fn serve(&mut self, mut reader: impl Read, mut writer: impl Write) -> Result<(), WorkerError> {
+    fn serve(
+        &mut self,
+        mut reader: BufReader<TcpStream>,
+        mut writer: BufWriter<TcpStream>,
+    ) -> Result<(), WorkerError> {
         let mut buf = [0u8; Descriptor::SIZE];
         loop {
             match reader.read_exact(&mut buf) {
@@ -208,6 +230,14 @@ impl Worker<'_> {
             }
             let reply = self.handle(Descriptor::from_bytes(&buf));
             writer.write_all(&reply.to_bytes())?;
+            // Replies to a burst that arrived together leave in one write; nothing waits
+            // behind a descriptor when no more are queued.
+            if reader.buffer().is_empty() {
+                writer.flush()?;
+                if let Err(e) = self.host.prepare() {
+                    tracing::error!(function = %self.stage.function.name, "rebuilding the instance: {e}");
+                }
+            }
         }
     }
 

@@ -76,6 +76,8 @@ pub struct Holder {
 struct Pending {
     slot: SlotGuard,
     holder: Holder,
+    /// The `hop` of the descriptor last sent out: the reply must carry `hop + 1`.
+    hop: u8,
     responder: oneshot::Sender<Completion>,
 }
 
@@ -107,6 +109,7 @@ pub enum Refusal {
     WrongHolder,
     SlotMismatch,
     Malformed,
+    WrongRoute,
     WorkerRefused,
 }
 
@@ -117,6 +120,7 @@ impl Refusal {
             Refusal::WrongHolder => "wrong_holder",
             Refusal::SlotMismatch => "slot_mismatch",
             Refusal::Malformed => "malformed",
+            Refusal::WrongRoute => "wrong_route",
             Refusal::WorkerRefused => "refused_by_worker",
         }
     }
@@ -184,8 +188,11 @@ impl ChainRuntime {
             .count()
     }
 
-    /// Picks a live instance of `stage` round-robin and queues `desc` to it.
-    fn dispatch(&self, stage: usize, desc: Descriptor) -> Option<Holder> {
+    /// Picks a live instance of `stage` round-robin. The caller records the holder under the
+    /// pending lock and sends after releasing it: if the instance dies in between, its
+    /// supervisor fails the request by holder, because `fail_held_by` runs only after the
+    /// instance was marked down and so after this pick.
+    fn pick(&self, stage: usize) -> Option<(Holder, mpsc::UnboundedSender<Descriptor>)> {
         let st = &self.stages[stage];
         let n = st.instances.len();
         let start = st.round_robin.fetch_add(1, Ordering::Relaxed);
@@ -193,13 +200,19 @@ impl ChainRuntime {
             let instance = (start + k) % n;
             let link = st.instances[instance].sender.lock().expect("link lock");
             let (incarnation, sender) = link.as_ref()?;
-            sender.send(desc).ok()?;
-            Some(Holder {
+            let holder = Holder {
                 stage,
                 instance,
                 incarnation: *incarnation,
-            })
+            };
+            Some((holder, sender.clone()))
         })
+    }
+
+    fn no_instance(&self, stage: usize) -> (StatusCode, String) {
+        let name = &self.stages[stage].name;
+        let message = format!("function {name} has no live instance (restarting); retry shortly");
+        (StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
     /// Starts a request whose body is already in `slot`: sends its descriptor to the chain's
@@ -222,105 +235,117 @@ impl ChainRuntime {
             reserved: 0,
         };
         let (tx, rx) = oneshot::channel();
-        // Hold the table lock across dispatch so the reply cannot be processed before the
-        // entry exists.
-        let mut pending = self.pending.lock().expect("pending lock");
-        let Some(holder) = self.dispatch(0, desc) else {
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "function {} has no live instance (restarting); retry shortly",
-                    self.stages[0].name
-                ),
-            ));
-        };
-        pending.insert(
-            request_id,
-            Pending {
+        let sender = {
+            let mut pending = self.pending.lock().expect("pending lock");
+            let Some((holder, sender)) = self.pick(0) else {
+                return Err(self.no_instance(0));
+            };
+            let entry = Pending {
                 slot,
                 holder,
+                hop: 0,
                 responder: tx,
-            },
-        );
+            };
+            pending.insert(request_id, entry);
+            sender
+        };
+        // A failed send means the instance is going down; its supervisor fails the request.
+        let _ = sender.send(desc);
         Ok(rx)
     }
 
     /// Handles one descriptor a worker sent. `from` is the instance that sent it.
     pub fn on_descriptor(&self, from: Holder, desc: Descriptor) {
         let mut pending = self.pending.lock().expect("pending lock");
-        let refusal = match pending.get(&desc.request_id) {
-            None => Some(Refusal::UnknownRequest),
-            Some(p) if p.holder != from => Some(Refusal::WrongHolder),
-            Some(p)
-                if p.slot.slot().index != desc.slot
-                    || p.slot.slot().generation != desc.generation
-                    || desc.chain != self.plan.id =>
-            {
-                Some(Refusal::SlotMismatch)
-            }
-            Some(_)
-                if desc.len > self.arena.slot_size()
-                    || desc.reserved != 0
-                    || desc.status().is_err() =>
-            {
-                Some(Refusal::Malformed)
-            }
-            Some(_) => None,
+        let Some(p) = pending.get(&desc.request_id) else {
+            drop(pending);
+            return self.refuse(from, &desc, Refusal::UnknownRequest);
+        };
+        let refusal = if p.holder != from {
+            Some(Refusal::WrongHolder)
+        } else if p.slot.slot().index != desc.slot
+            || p.slot.slot().generation != desc.generation
+            || desc.chain != self.plan.id
+        {
+            Some(Refusal::SlotMismatch)
+        } else if desc.len > self.arena.slot_size()
+            || desc.reserved != 0
+            || desc.status().is_err()
+            || desc.hop != p.hop.wrapping_add(1)
+        {
+            Some(Refusal::Malformed)
+        } else {
+            None
         };
         if let Some(reason) = refusal {
             drop(pending);
-            self.refuse(from, &desc, reason);
-            return;
+            return self.refuse(from, &desc, reason);
         }
         let status = desc.status().expect("checked above");
         if status == Status::Refused {
-            // The worker refused what we sent it: a gateway-side inconsistency, fail the request.
+            // The worker refused what we sent it: a gateway-side inconsistency.
             self.metrics.refused(Refusal::WorkerRefused.label());
         }
-        if status != Status::Ok || desc.next_fn == GATEWAY_FN {
+        let finished = status != Status::Ok || desc.next_fn == GATEWAY_FN;
+        if finished || p.responder.is_closed() {
+            // Done, or nobody waits any more (timed out, client gone): no worker holds the
+            // descriptor now, so the request ends here and its slot is released.
             let p = pending.remove(&desc.request_id).expect("present above");
             drop(pending);
-            let _ = p
-                .responder
-                .send(Completion::Returned { desc, slot: p.slot });
+            if finished {
+                let _ = p
+                    .responder
+                    .send(Completion::Returned { desc, slot: p.slot });
+            }
             return;
         }
-        let Some(stage) = self.stage_index(desc.next_fn) else {
-            let p = pending.remove(&desc.request_id).expect("present above");
-            drop(pending);
-            let message = format!(
+        let from_fn = self.stages[from.stage].fn_id;
+        let route_error = match self.stage_index(desc.next_fn) {
+            None => Some(format!(
                 "function {} sent the request to function id {}, which is not part of chain {}",
                 self.stages[from.stage].name, desc.next_fn, self.plan.spec.name
-            );
+            )),
+            Some(_)
+                if !self.plan.is_dynamic()
+                    && self.plan.static_next(from_fn) != Some(desc.next_fn) =>
+            {
+                Some(format!(
+                    "function {} sent the request out of step order (to function id {})",
+                    self.stages[from.stage].name, desc.next_fn
+                ))
+            }
+            Some(_) if desc.hop >= self.plan.max_hops() => Some(format!(
+                "request passed through {} functions, the chain's max_hops",
+                desc.hop
+            )),
+            Some(_) => None,
+        };
+        if let Some(message) = route_error {
+            self.metrics.refused(Refusal::WrongRoute.label());
+            let p = pending.remove(&desc.request_id).expect("present above");
+            drop(pending);
             drop(p.slot);
             let _ = p.responder.send(Completion::Failed {
                 code: StatusCode::INTERNAL_SERVER_ERROR,
                 message,
             });
             return;
-        };
-        match self.dispatch(stage, desc) {
-            Some(holder) => {
-                pending
-                    .get_mut(&desc.request_id)
-                    .expect("present above")
-                    .holder = holder;
-                self.metrics.forwarded.inc();
-            }
-            None => {
-                let p = pending.remove(&desc.request_id).expect("present above");
-                drop(pending);
-                drop(p.slot);
-                let message = format!(
-                    "function {} has no live instance (restarting); retry shortly",
-                    self.stages[stage].name
-                );
-                let _ = p.responder.send(Completion::Failed {
-                    code: StatusCode::SERVICE_UNAVAILABLE,
-                    message,
-                });
-            }
         }
+        let stage = self.stage_index(desc.next_fn).expect("checked above");
+        let Some((holder, sender)) = self.pick(stage) else {
+            let p = pending.remove(&desc.request_id).expect("present above");
+            drop(pending);
+            drop(p.slot);
+            let (code, message) = self.no_instance(stage);
+            let _ = p.responder.send(Completion::Failed { code, message });
+            return;
+        };
+        let p = pending.get_mut(&desc.request_id).expect("present above");
+        p.holder = holder;
+        p.hop = desc.hop;
+        drop(pending);
+        self.metrics.forwarded.inc();
+        let _ = sender.send(desc);
     }
 
     fn refuse(&self, from: Holder, desc: &Descriptor, reason: Refusal) {
@@ -373,11 +398,10 @@ pub async fn read_worker(
     while reader.read_exact(&mut buf).await.is_ok() {
         let desc = Descriptor::from_bytes(&buf);
         if is_control(&desc) {
-            match ready.take() {
-                Some(tx) if desc.slot == chain.stages[from.stage].fn_id => {
-                    let _ = tx.send(());
-                }
-                _ => chain.refuse(from, &desc, Refusal::Malformed),
+            if ready.is_some() && desc.slot == chain.stages[from.stage].fn_id {
+                let _ = ready.take().expect("checked is_some").send(());
+            } else {
+                chain.refuse(from, &desc, Refusal::Malformed);
             }
             continue;
         }

@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 pub struct Gateway {
     pub chains: Vec<Arc<ChainRuntime>>,
     routes: HashMap<String, usize>,
+    content_types: Vec<HeaderValue>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -48,9 +49,18 @@ impl Gateway {
             .enumerate()
             .map(|(i, c)| (c.plan.spec.route.clone(), i))
             .collect();
+        // Validated as printable ASCII by the config; the fallback only guards the invariant.
+        let content_types = chains
+            .iter()
+            .map(|c| {
+                HeaderValue::from_str(&c.plan.spec.content_type)
+                    .unwrap_or(HeaderValue::from_static("application/octet-stream"))
+            })
+            .collect();
         Gateway {
             chains,
             routes,
+            content_types,
             metrics,
         }
     }
@@ -65,7 +75,7 @@ impl Gateway {
                 Some(&i) => {
                     let chain = Arc::clone(&self.chains[i]);
                     let started = Instant::now();
-                    let reply = serve_chain(&chain, req).await;
+                    let reply = serve_chain(&chain, &self.content_types[i], req).await;
                     chain.metrics.request(reply.status().as_u16());
                     chain
                         .metrics
@@ -120,7 +130,11 @@ impl Gateway {
     }
 }
 
-async fn serve_chain(chain: &ChainRuntime, req: Request<Incoming>) -> Reply {
+async fn serve_chain(
+    chain: &ChainRuntime,
+    content_type: &HeaderValue,
+    req: Request<Incoming>,
+) -> Reply {
     let slot_size = chain.arena.slot_size() as u64;
     let too_large = || {
         text(
@@ -155,38 +169,29 @@ async fn serve_chain(chain: &ChainRuntime, req: Request<Incoming>) -> Reply {
         Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}")),
     };
 
-    // The one copy of the body: each received chunk goes straight into the slot.
-    let mut body = req.into_body();
-    let mut len: u64 = 0;
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!("reading request body: {e}"),
-                );
-            }
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if len + data.len() as u64 > slot_size {
-            return too_large();
+    // The chain's deadline covers the upload too: a slow sender must not pin a slot forever.
+    let timeout = chain.plan.spec.timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let body = copy_body(chain, &slot, req.into_body());
+    let len = match tokio::time::timeout_at(deadline, body).await {
+        Ok(Ok(len)) => len,
+        Ok(Err(reply)) => return reply,
+        Err(_) => {
+            let name = &chain.plan.spec.name;
+            let message = format!(
+                "request body not received within chain {name}'s {} ms",
+                timeout.as_millis()
+            );
+            return text(StatusCode::REQUEST_TIMEOUT, message);
         }
-        if let Err(e) = chain.arena.write(slot.slot(), len as usize, &data) {
-            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}"));
-        }
-        len += data.len() as u64;
-    }
+    };
 
-    let completion = match chain.start(slot, len as u32) {
+    let completion = match chain.start(slot, len) {
         Ok(rx) => rx,
         Err((code, message)) => return text(code, message),
     };
-    let timeout = chain.plan.spec.timeout;
-    match tokio::time::timeout(timeout, completion).await {
-        Ok(Ok(Completion::Returned { desc, slot })) => respond(chain, desc, slot),
+    match tokio::time::timeout_at(deadline, completion).await {
+        Ok(Ok(Completion::Returned { desc, slot })) => respond(chain, content_type, desc, slot),
         Ok(Ok(Completion::Failed { code, message })) => text(code, message),
         Ok(Err(_)) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -205,7 +210,49 @@ async fn serve_chain(chain: &ChainRuntime, req: Request<Incoming>) -> Reply {
     }
 }
 
-fn respond(chain: &ChainRuntime, desc: shm::Descriptor, slot: SlotGuard) -> Reply {
+/// The one copy of the body: each received chunk goes straight into the slot.
+async fn copy_body(
+    chain: &ChainRuntime,
+    slot: &SlotGuard,
+    mut body: Incoming,
+) -> Result<u32, Reply> {
+    let slot_size = chain.arena.slot_size() as usize;
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            text(
+                StatusCode::BAD_REQUEST,
+                format!("reading request body: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if len + data.len() > slot_size {
+            return Err(text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body exceeds chain {}'s slot size of {slot_size} bytes",
+                    chain.plan.spec.name
+                ),
+            ));
+        }
+        chain
+            .arena
+            .write(slot.slot(), len, &data)
+            .map_err(|e| text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}")))?;
+        len += data.len();
+    }
+    // slot_size is a u32, so len fits.
+    Ok(len as u32)
+}
+
+fn respond(
+    chain: &ChainRuntime,
+    content_type: &HeaderValue,
+    desc: shm::Descriptor,
+    slot: SlotGuard,
+) -> Reply {
     let mut payload = vec![0u8; desc.len as usize];
     if let Err(e) = chain.arena.read(slot.slot(), 0, &mut payload) {
         return text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}"));
@@ -215,9 +262,8 @@ fn respond(chain: &ChainRuntime, desc: shm::Descriptor, slot: SlotGuard) -> Repl
     let code = match status {
         Status::Ok => {
             let mut resp = Response::new(Full::new(Bytes::from(payload)));
-            if let Ok(ct) = HeaderValue::from_str(&chain.plan.spec.content_type) {
-                resp.headers_mut().insert(CONTENT_TYPE, ct);
-            }
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, content_type.clone());
             return resp;
         }
         Status::GuestError | Status::Trap | Status::Refused => StatusCode::INTERNAL_SERVER_ERROR,

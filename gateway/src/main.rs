@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use chain_runtime::config::Config;
 use chain_runtime::plan::Plan;
-use chain_runtime::worker::{self, WorkerArgs, config_digest};
+use chain_runtime::worker::{self, WorkerArgs, sealed_memfd};
 use clap::{Parser, Subcommand};
 use gateway::dataplane::ChainRuntime;
 use gateway::http::Gateway;
@@ -16,12 +16,17 @@ use gateway::metrics::Metrics;
 use gateway::supervisor::{WorkerCommand, supervise};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use shm::Arena;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// How long a client may take to send request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long requests in flight get to finish once shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Spindle serves HTTP requests through chains of WebAssembly functions on one node.
 /// Request bodies are copied once into a shared-memory arena; functions pass 32-byte
@@ -52,8 +57,6 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
         #[arg(long)]
-        config_digest: u64,
-        #[arg(long)]
         chain: String,
         #[arg(long)]
         function: String,
@@ -75,14 +78,12 @@ fn main() -> std::process::ExitCode {
         Command::Validate { config } => validate(&config),
         Command::Worker {
             config,
-            config_digest,
             chain,
             function,
             instance,
         } => {
             let args = WorkerArgs {
                 config,
-                config_digest,
                 chain,
                 function,
                 instance,
@@ -167,19 +168,26 @@ async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<(
     let cmd = WorkerCommand {
         exe: std::env::current_exe().context("locating the spindle binary")?,
         config: config_path.clone(),
-        config_digest: config_digest(&text),
+        config_text: Arc::new(
+            sealed_memfd("spindle-config", text.as_bytes()).context("pinning the config")?,
+        ),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut starting = Vec::new();
     let mut supervisors = Vec::new();
     for chain in &chains {
         for (stage, st) in chain.stages.iter().enumerate() {
+            let path = &chain.plan.stages[stage].function.module;
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("reading module {}", path.display()))?;
+            let module = Arc::new(sealed_memfd(&st.name, &bytes).context("pinning the module")?);
             for instance in 0..st.instances.len() {
                 let (tx, rx) = oneshot::channel();
                 supervisors.push(tokio::spawn(supervise(
                     cmd.clone(),
                     Arc::clone(chain),
                     Arc::clone(&metrics),
+                    Arc::clone(&module),
                     stage,
                     instance,
                     tx,
@@ -222,36 +230,49 @@ async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<(
         tracing::info!("  {} -> chain {}", c.plan.spec.route, c.plan.spec.name);
     }
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of fds or similar: keep serving existing connections, retry soon.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = tokio::signal::ctrl_c() => break,
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of fds or similar: keep serving existing connections, retry soon.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let gateway = Arc::clone(&gateway);
+        let service = service_fn(move |req| Arc::clone(&gateway).handle(req));
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
-            let service = service_fn(move |req| Arc::clone(&gateway).handle(req));
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            if let Err(e) = connection.await {
                 tracing::debug!("connection ended: {e}");
             }
         });
     }
 
-    tracing::info!("shutting down: stopping workers");
+    // Stop accepting, let requests in flight finish (workers still up), then stop workers.
+    drop(listener);
+    tracing::info!("shutting down: draining requests in flight");
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
+    }
+    tracing::info!("stopping workers");
     let _ = shutdown_tx.send(true);
     // Each supervisor stops (SIGTERM, then SIGKILL) and reaps its worker before returning.
     for handle in supervisors {

@@ -74,7 +74,7 @@ impl Metrics {
             HistogramVec::new(
                 HistogramOpts::new(
                     "spindle_request_duration_seconds",
-                    "End-to-end latency of chain requests, from body received to response ready",
+                    "End-to-end latency of chain requests, from request headers to response ready",
                 )
                 .buckets(prometheus::exponential_buckets(25e-6, 2.0, 18).expect("valid buckets")),
                 &["chain"],
@@ -176,9 +176,10 @@ impl Metrics {
         self.arena_slots
             .with_label_values(&[chain, "free"])
             .set(i64::from(free));
+        // `free` is read from memory workers can write: never trust it to be <= total.
         self.arena_slots
             .with_label_values(&[chain, "in_use"])
-            .set(i64::from(total - free));
+            .set(i64::from(total.saturating_sub(free)));
     }
 
     pub fn encode(&self) -> Vec<u8> {

@@ -2,8 +2,9 @@
 //! ready, restart any that exits, and stop them all on shutdown.
 //!
 //! A worker is this same binary re-executed as `spindle worker`. It receives its chain's arena
-//! memfd at fd 3 and its end of a connected loopback TCP socket at fd 4; the gateway keeps the
-//! other end. The gateway makes the connection itself (listen on an ephemeral loopback port,
+//! memfd at fd 3, its end of a connected loopback TCP socket at fd 4 (the gateway keeps the
+//! other end), and sealed memfds with the config text (fd 5) and its module's bytes (fd 6) as
+//! the gateway read them at start, so restarts are immune to later edits of either file. The gateway makes the connection itself (listen on an ephemeral loopback port,
 //! connect, accept, close the listener), so no port stays open for other processes to use.
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -14,7 +15,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chain_runtime::worker::{ARENA_FD, SOCKET_FD, WATCHDOG_EXIT};
+use chain_runtime::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, WATCHDOG_EXIT};
 use hyper::StatusCode;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -26,6 +27,8 @@ use crate::metrics::Metrics;
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a stopping worker gets after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long descriptors a dead worker wrote may take to drain from its socket.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -37,6 +40,8 @@ pub enum SpawnError {
     ExitedEarly(String),
     #[error("worker was not ready within {0:?}")]
     NotReady(Duration),
+    #[error("gateway is shutting down")]
+    ShuttingDown,
 }
 
 /// What every worker of this gateway is started with.
@@ -44,7 +49,8 @@ pub enum SpawnError {
 pub struct WorkerCommand {
     pub exe: PathBuf,
     pub config: PathBuf,
-    pub config_digest: u64,
+    /// Sealed memfd with the config text the gateway started with.
+    pub config_text: Arc<OwnedFd>,
 }
 
 /// A connected pair of loopback TCP sockets: (gateway end, worker end).
@@ -94,21 +100,36 @@ fn describe_exit(status: &ExitStatus) -> String {
 async fn spawn_worker(
     cmd: &WorkerCommand,
     chain: &Arc<ChainRuntime>,
+    module: &OwnedFd,
     holder: Holder,
+    shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Running, SpawnError> {
     let stage = &chain.stages[holder.stage];
     let (gateway_end, worker_end) = socket_pair().map_err(SpawnError::Socket)?;
-    let arena_fd = dup_high(chain.arena.fd()).map_err(SpawnError::Socket)?;
-    let socket_fd = dup_high(worker_end.as_fd()).map_err(SpawnError::Socket)?;
+    let fds = [
+        dup_high(chain.arena.fd()),
+        dup_high(worker_end.as_fd()),
+        dup_high(cmd.config_text.as_fd()),
+        dup_high(module.as_fd()),
+    ];
+    let fds: Vec<OwnedFd> = fds
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(SpawnError::Socket)?;
     drop(worker_end);
+    let placements: [(i32, i32); 4] = [
+        (fds[0].as_raw_fd(), ARENA_FD),
+        (fds[1].as_raw_fd(), SOCKET_FD),
+        (fds[2].as_raw_fd(), CONFIG_FD),
+        (fds[3].as_raw_fd(), MODULE_FD),
+    ];
+    let gateway_pid = std::process::id() as libc::pid_t;
 
     let mut command = Command::new(&cmd.exe);
     command
         .arg("worker")
         .arg("--config")
         .arg(&cmd.config)
-        .arg("--config-digest")
-        .arg(cmd.config_digest.to_string())
         .arg("--chain")
         .arg(&chain.plan.spec.name)
         .arg("--function")
@@ -117,28 +138,32 @@ async fn spawn_worker(
         .arg(holder.instance.to_string())
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    let (arena_raw, socket_raw) = (arena_fd.as_raw_fd(), socket_fd.as_raw_fd());
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe calls (dup2, prctl, getppid). Both source fds are >= 10, so placing
-    // them at 3 and 4 cannot overwrite one with the other; dup2 clears close-on-exec on the
-    // copies, which is how they survive exec.
+    // async-signal-safe, non-allocating calls (dup2, prctl, getppid). Every source fd is >= 10,
+    // so placing them at 3..=6 cannot overwrite one with another; dup2 clears close-on-exec on
+    // the copies, which is how they survive exec.
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(arena_raw, ARENA_FD) < 0 || libc::dup2(socket_raw, SOCKET_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
+            for (from, to) in placements {
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
-            // A worker must not outlive its gateway, even one killed with SIGKILL.
+            // A worker must not outlive its gateway, even one killed with SIGKILL. The signal
+            // fires when the forking *thread* exits: tokio's worker threads live as long as the
+            // runtime, so spawns must not move to spawn_blocking threads.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::getppid() == 1 {
-                return Err(std::io::Error::other("gateway exited during worker start"));
+            // The gateway died between fork and prctl: the signal would never come.
+            if libc::getppid() != gateway_pid {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
     }
     let mut child = command.spawn().map_err(SpawnError::Spawn)?;
-    drop((arena_fd, socket_fd));
+    drop(fds);
 
     gateway_end
         .set_nonblocking(true)
@@ -157,6 +182,8 @@ async fn spawn_worker(
                 Ok(Running { child, reader })
             }
             Ok(Err(_)) => {
+                // The socket closed or carried garbage before the ready message.
+                let _ = child.start_kill();
                 let status = child.wait().await.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string());
                 Err(SpawnError::ExitedEarly(status))
             }
@@ -166,15 +193,19 @@ async fn spawn_worker(
             let status = status.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string());
             Err(SpawnError::ExitedEarly(status))
         }
+        // kill_on_drop stops the half-started worker.
+        _ = stopping(shutdown) => Err(SpawnError::ShuttingDown),
     }
 }
 
 /// Starts one instance and keeps it running until shutdown. Reports the first start's result
 /// through `first_start` so the gateway can refuse to come up with a broken function.
+#[allow(clippy::too_many_arguments)]
 pub async fn supervise(
     cmd: WorkerCommand,
     chain: Arc<ChainRuntime>,
     metrics: Arc<Metrics>,
+    module: Arc<OwnedFd>,
     stage: usize,
     instance: usize,
     first_start: oneshot::Sender<Result<Duration, SpawnError>>,
@@ -198,8 +229,9 @@ pub async fn supervise(
             incarnation,
         };
         let began = Instant::now();
-        let mut running = match spawn_worker(&cmd, &chain, holder).await {
+        let mut running = match spawn_worker(&cmd, &chain, &module, holder, &mut shutdown).await {
             Ok(r) => r,
+            Err(SpawnError::ShuttingDown) => return,
             Err(e) => {
                 if let Some(tx) = first_start.take() {
                     let _ = tx.send(Err(e));
@@ -225,13 +257,13 @@ pub async fn supervise(
 
         let status = tokio::select! {
             status = running.child.wait() => Some(status),
-            _ = shutdown.wait_for(|stop| *stop) => None,
+            _ = stopping(&mut shutdown) => None,
         };
         chain.instance_down(stage, instance);
         up.dec();
         let Some(status) = status else {
             stop_child(&mut running.child).await;
-            let _ = running.reader.await;
+            drain(&mut running.reader).await;
             chain.fail_held_by(
                 holder,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -240,7 +272,8 @@ pub async fn supervise(
             return;
         };
         // Descriptors the worker wrote before dying are still in the socket: route them first.
-        let _ = running.reader.await;
+        // Descriptors the worker wrote before dying are still in the socket: route them first.
+        drain(&mut running.reader).await;
         let (code, message) = match status {
             Ok(s) if s.code() == Some(WATCHDOG_EXIT) => (
                 StatusCode::GATEWAY_TIMEOUT,
@@ -275,11 +308,28 @@ pub async fn supervise(
     }
 }
 
+/// Lets the reader route what a dead worker left in its socket. EOF normally ends it at once;
+/// if another process still holds a copy of the worker's socket, EOF never comes, so give up.
+async fn drain(reader: &mut tokio::task::JoinHandle<()>) {
+    if tokio::time::timeout(DRAIN_TIMEOUT, &mut *reader)
+        .await
+        .is_err()
+    {
+        reader.abort();
+        tracing::warn!("worker socket still open after the process exited; stopped reading it");
+    }
+}
+
+/// Resolves once shutdown began. (Wraps `wait_for` so no watch guard lives across an await.)
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
 /// Sleeps, returning true early if shutdown began.
 async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
     let stopped = tokio::select! {
         _ = tokio::time::sleep(d) => None,
-        _ = shutdown.wait_for(|stop| *stop) => Some(true),
+        _ = stopping(shutdown) => Some(true),
     };
     stopped.unwrap_or_else(|| *shutdown.borrow())
 }

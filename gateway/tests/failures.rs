@@ -138,6 +138,18 @@ async fn oversized_bodies_get_413_and_a_full_arena_503() {
     conn.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 413");
 
+    // A client that announces a body and stalls gets 408 at the chain deadline, and its slot
+    // comes back.
+    let mut slow = TcpStream::connect(&spindle.addr).unwrap();
+    slow.write_all(b"POST /faulty HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly ten b")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut head = [0u8; 12];
+    slow.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 408");
+    assert_all_slots_free(&spindle, "faulty", 4.0).await;
+
     // Fill all 4 slots with sleeping requests: the fifth is turned away with Retry-After.
     let mut sleepers = Vec::new();
     for _ in 0..4 {
@@ -183,6 +195,9 @@ async fn killed_worker_fails_its_requests_with_502_and_is_restarted() {
         tokio::spawn(async move { s.post("/faulty", "sleep 1000").await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Editing the config after start must not break restarts: workers get the text the
+    // gateway started with.
+    std::fs::write(spindle.dir.join("spindle.yaml"), "not: [valid").unwrap();
     // SAFETY: signalling a process of our own test.
     unsafe { libc::kill(pids[0], libc::SIGKILL) };
 
@@ -276,4 +291,28 @@ fn malformed_yaml_is_reported_with_line_and_column() {
         "unknown function located: {stdout}"
     );
     assert!(stdout.contains("missing"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_requests_in_flight_finish_then_stops_workers() {
+    let spindle = Arc::new(Spindle::start("drain", FAULTY).await);
+    let in_flight = {
+        let s = Arc::clone(&spindle);
+        tokio::spawn(async move { s.post("/faulty", "sleep 700").await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(spindle.child.id() as i32, libc::SIGTERM) };
+    let r = in_flight.await.unwrap();
+    assert_eq!((r.status, r.text()), (200, "SLEEP 700".to_string()));
+    let mut spindle = Arc::into_inner(spindle).expect("only owner");
+    let status = spindle.stop();
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status}\n{}",
+        spindle.log()
+    );
+    assert!(
+        spindle.worker_pids("faulty").is_empty() && spindle.worker_pids("uppercase").is_empty()
+    );
 }

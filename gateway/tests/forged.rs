@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use chain_runtime::worker::{ARENA_FD, SOCKET_FD, config_digest};
+use chain_runtime::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, sealed_memfd};
 use common::Spindle;
 use shm::{Arena, Descriptor, GATEWAY_FN, Status};
 
@@ -53,12 +53,23 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
     // SAFETY: F_DUPFD_CLOEXEC returns a fresh fd (>= 10) that we own.
     let high =
         |fd: i32| unsafe { OwnedFd::from_raw_fd(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10)) };
-    let (a, s) = (high(arena_fd.as_raw_fd()), high(worker_end.as_raw_fd()));
-    let (a_raw, s_raw) = (a.as_raw_fd(), s.as_raw_fd());
+    let config_fd = sealed_memfd("config", text.as_bytes()).unwrap();
+    let module_fd =
+        sealed_memfd("module", &std::fs::read(common::wasm("uppercase")).unwrap()).unwrap();
+    let fds = [
+        high(arena_fd.as_raw_fd()),
+        high(worker_end.as_raw_fd()),
+        high(config_fd.as_raw_fd()),
+        high(module_fd.as_raw_fd()),
+    ];
+    let placements: Vec<(i32, i32)> = fds
+        .iter()
+        .map(|fd| fd.as_raw_fd())
+        .zip([ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD])
+        .collect();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_spindle"));
     cmd.args(["worker", "--config"])
         .arg(&config)
-        .args(["--config-digest", &config_digest(&text).to_string()])
         .args([
             "--chain",
             "up",
@@ -71,14 +82,16 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
     // SAFETY: only dup2 between fork and exec; sources are >= 10 so they cannot collide.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(a_raw, ARENA_FD) < 0 || libc::dup2(s_raw, SOCKET_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
+            for &(from, to) in &placements {
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
     }
     let mut child = cmd.spawn().unwrap();
-    drop((a, s, worker_end));
+    drop((fds, worker_end));
     sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
 
