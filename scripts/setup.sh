@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   clang lld wasi-libc libclang-rt-14-dev-wasm32   # example functions -> wasm32-wasi
   make gcc pkg-config libelf-dev zlib1g-dev       # C parts and -sys crates
-  wrk                                             # HTTP load generator for bench/
+  wrk curl                                        # load generator and probe for bench/
 )
 
 missing=()
