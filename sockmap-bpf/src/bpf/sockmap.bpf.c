@@ -1,0 +1,158 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0)
+/*
+ * Spindle's kernel dataplane: an sk_msg verdict program on the SOCKHASH of worker sockets.
+ * Each 32-byte descriptor a worker sends is redirected straight into the receive queue of
+ * an instance of the function it names, without the TCP/IP stack and without waking the
+ * gateway. Descriptors for the gateway (next_fn 0) go on over TCP as usual. A descriptor
+ * that cannot be delivered is not dropped: it goes to the gateway marked with an error.
+ *
+ * Instance choice: request_id % instances, then the following instances in order while the
+ * chosen one has no socket in the map (it is restarting). Same request, same instance.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "spindle_maps.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, SPINDLE_MAX_SOCKETS);
+	__type(key, struct spindle_sock_key);
+	__type(value, __u32); /* socket fd on update */
+} sock_hash SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SPINDLE_MAX_SOCKETS);
+	__type(key, __u32); /* local port of the worker's socket */
+	__type(value, struct spindle_sender);
+} sender_by_port SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SPINDLE_MAX_FUNCTIONS);
+	__type(key, __u32);
+	__type(value, struct spindle_fn_info);
+} fn_info SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SPINDLE_MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, struct spindle_holder);
+} holders SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SPINDLE_MAX_FUNCTIONS);
+	__type(key, __u32);
+	__type(value, struct spindle_fn_stats);
+} fn_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SPINDLE_MAX_FUNCTIONS * SPINDLE_MAX_INSTANCES);
+	__type(key, __u32); /* fn_id * SPINDLE_MAX_INSTANCES + instance */
+	__type(value, __u64);
+} instance_messages SEC(".maps");
+
+static __always_inline struct spindle_fn_stats *stats_of(__u32 fn_id)
+{
+	return bpf_map_lookup_elem(&fn_stats, &fn_id);
+}
+
+/* Sends the descriptor back to the gateway (the sender's TCP peer) marked with `status`. */
+static __always_inline int give_back(struct spindle_desc *d, __u32 sender_fn, __u8 status)
+{
+	struct spindle_fn_stats *s = stats_of(sender_fn);
+
+	d->status = status;
+	d->next_fn = SPINDLE_GATEWAY_FN;
+	if (s) {
+		s->returned++;
+		s->to_gateway++;
+	}
+	return SK_PASS;
+}
+
+SEC("sk_msg")
+int spindle_redirect(struct sk_msg_md *msg)
+{
+	struct spindle_sock_key key;
+	struct spindle_fn_info *info;
+	struct spindle_sender *from;
+	struct spindle_fn_stats *s;
+	struct spindle_desc *d;
+	__u32 port, start, i;
+
+	/* A short write: wait for the rest of the descriptor, then decide on the whole. */
+	if (msg->size < SPINDLE_DESC_SIZE) {
+		bpf_msg_cork_bytes(msg, SPINDLE_DESC_SIZE);
+		return SK_PASS;
+	}
+	/* One verdict per descriptor, even when a worker writes a batch in one call. */
+	bpf_msg_apply_bytes(msg, SPINDLE_DESC_SIZE);
+	if (bpf_msg_pull_data(msg, 0, SPINDLE_DESC_SIZE, 0))
+		return SK_PASS; /* cannot look: the gateway checks it */
+	d = msg->data;
+	if ((void *)(d + 1) > msg->data_end)
+		return SK_PASS;
+
+	port = msg->local_port;
+	from = bpf_map_lookup_elem(&sender_by_port, &port);
+	if (!from)
+		return SK_PASS; /* not a worker socket we registered */
+
+	if (d->next_fn == SPINDLE_GATEWAY_FN) {
+		s = stats_of(from->fn_id);
+		if (s)
+			s->to_gateway++;
+		return SK_PASS;
+	}
+	if (d->chain != from->chain || d->status != SPINDLE_STATUS_OK)
+		return give_back(d, from->fn_id, SPINDLE_STATUS_REFUSED);
+
+	if (d->next_fn >= SPINDLE_MAX_FUNCTIONS)
+		return give_back(d, from->fn_id, SPINDLE_STATUS_BAD_ROUTE);
+	key.fn_id = d->next_fn;
+	info = bpf_map_lookup_elem(&fn_info, &key.fn_id);
+	if (!info || info->instances == 0 || info->chain != d->chain)
+		return give_back(d, from->fn_id, SPINDLE_STATUS_BAD_ROUTE);
+
+	start = (__u32)(d->request_id % info->instances);
+	for (i = 0; i < SPINDLE_MAX_INSTANCES && i < info->instances; i++) {
+		key.instance = (start + i) % info->instances;
+		if (bpf_msg_redirect_hash(msg, &sock_hash, &key, BPF_F_INGRESS) != SK_PASS)
+			continue;
+		if (d->slot < info->slots && info->slot_base + d->slot < SPINDLE_MAX_SLOTS) {
+			__u32 at = info->slot_base + d->slot;
+			struct spindle_holder *h = bpf_map_lookup_elem(&holders, &at);
+
+			if (h) {
+				h->request_id = d->request_id;
+				h->fn_id = key.fn_id;
+				h->instance = key.instance;
+			}
+		}
+		s = stats_of(key.fn_id);
+		if (s) {
+			s->messages++;
+			s->bytes += SPINDLE_DESC_SIZE;
+		}
+		if (key.instance < SPINDLE_MAX_INSTANCES) {
+			__u32 slot = key.fn_id * SPINDLE_MAX_INSTANCES + key.instance;
+			__u64 *n = bpf_map_lookup_elem(&instance_messages, &slot);
+
+			if (n)
+				(*n)++;
+		}
+		return SK_PASS;
+	}
+
+	s = stats_of(key.fn_id);
+	if (s)
+		s->redirect_failures++;
+	return give_back(d, from->fn_id, SPINDLE_STATUS_UNDELIVERABLE);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
