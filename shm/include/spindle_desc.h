@@ -31,6 +31,7 @@ enum spindle_status {
 	SPINDLE_STATUS_TIMEOUT = 3,     /* the function ran out of fuel or time */
 	SPINDLE_STATUS_REFUSED = 4,     /* a hop refused this descriptor (forged, stale, malformed) */
 	SPINDLE_STATUS_BAD_ROUTE = 5,   /* the next hop named does not exist in this chain */
+	SPINDLE_STATUS_UNDELIVERABLE = 6, /* the next hop has no live instance (kernel dataplane) */
 };
 
 struct spindle_desc {

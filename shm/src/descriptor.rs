@@ -54,11 +54,13 @@ pub enum Status {
     Refused = 4,
     /// The next hop named does not exist in this chain.
     BadRoute = 5,
+    /// The next hop exists but has no live instance (set by the kernel dataplane).
+    Undeliverable = 6,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DescriptorError {
-    #[error("unknown descriptor status {0} (known: 0..=5)")]
+    #[error("unknown descriptor status {0} (known: 0..=6)")]
     UnknownStatus(u8),
 }
 
@@ -73,6 +75,7 @@ impl TryFrom<u8> for Status {
             3 => Status::Timeout,
             4 => Status::Refused,
             5 => Status::BadRoute,
+            6 => Status::Undeliverable,
             other => return Err(DescriptorError::UnknownStatus(other)),
         })
     }
@@ -261,13 +264,14 @@ mod tests {
         }
     }
 
-    const STATUSES: [(&str, Status); 6] = [
+    const STATUSES: [(&str, Status); 7] = [
         ("OK", Status::Ok),
         ("GUEST_ERROR", Status::GuestError),
         ("TRAP", Status::Trap),
         ("TIMEOUT", Status::Timeout),
         ("REFUSED", Status::Refused),
         ("BAD_ROUTE", Status::BadRoute),
+        ("UNDELIVERABLE", Status::Undeliverable),
     ];
 
     #[test]
@@ -301,9 +305,9 @@ mod tests {
             assert_eq!(u8::from(s), s as u8);
         }
         let d = Descriptor {
-            status: 6,
+            status: 7,
             ..Default::default()
         };
-        assert_eq!(d.status(), Err(DescriptorError::UnknownStatus(6)));
+        assert_eq!(d.status(), Err(DescriptorError::UnknownStatus(7)));
     }
 }

@@ -16,10 +16,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, OpenObject};
 
-pub use maps::{
-    FnInfo, FnStats, HolderRecord, MAX_FUNCTIONS, MAX_INSTANCES, MAX_SLOTS, STATUS_UNDELIVERABLE,
-    Sender, SockKey,
-};
+pub use maps::{FnInfo, FnStats, HolderRecord, MAX_FUNCTIONS, MAX_INSTANCES, MAX_SLOTS, Sender, SockKey};
 use maps::Pod;
 
 mod skel {
@@ -239,7 +236,7 @@ mod tests {
         assert_eq!(read_desc(&mut g1).status, Status::BadRoute as u8);
         assert_eq!(read_desc(&mut g1).status, Status::BadRoute as u8);
         let refused = read_desc(&mut g1);
-        assert_eq!((refused.status, refused.next_fn), (Status::Refused as u8, GATEWAY_FN));
+        assert_eq!((refused.status, refused.next_fn, refused.len), (Status::Refused as u8, 2, 0));
         assert_eq!(k.function_stats(1).unwrap().returned, 3);
         assert_eq!(k.function_stats(2).unwrap().to_gateway, 1);
 
@@ -248,7 +245,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         w1.write_all(&d.to_bytes()).unwrap();
         let gone = read_desc(&mut g1);
-        assert_eq!(gone.status, STATUS_UNDELIVERABLE);
+        assert_eq!((gone.status, gone.next_fn), (Status::Undeliverable as u8, 2));
         assert_eq!(k.function_stats(2).unwrap().redirect_failures, 1);
     }
 }

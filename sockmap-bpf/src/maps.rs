@@ -4,8 +4,6 @@
 pub const MAX_FUNCTIONS: u32 = 1024;
 pub const MAX_INSTANCES: u32 = 64;
 pub const MAX_SLOTS: u32 = 1 << 20;
-/// Descriptor status the kernel sets when the destination has no live instance.
-pub const STATUS_UNDELIVERABLE: u8 = 6;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -111,7 +109,7 @@ int main(void) {{
   S(spindle_fn_info); F(spindle_fn_info, chain); F(spindle_fn_info, instances); F(spindle_fn_info, slot_base); F(spindle_fn_info, slots);
   S(spindle_holder); F(spindle_holder, request_id); F(spindle_holder, fn_id); F(spindle_holder, instance);
   S(spindle_fn_stats); F(spindle_fn_stats, messages); F(spindle_fn_stats, bytes); F(spindle_fn_stats, redirect_failures); F(spindle_fn_stats, returned); F(spindle_fn_stats, to_gateway);
-  printf("MAX %d %d %d %d %d\n", SPINDLE_MAX_FUNCTIONS, SPINDLE_MAX_INSTANCES, SPINDLE_MAX_SLOTS, SPINDLE_MAX_SOCKETS, SPINDLE_STATUS_UNDELIVERABLE);
+  printf("MAX %d %d %d %d\n", SPINDLE_MAX_FUNCTIONS, SPINDLE_MAX_INSTANCES, SPINDLE_MAX_SLOTS, SPINDLE_MAX_SOCKETS);
   return 0;
 }}"#
         );
@@ -129,7 +127,7 @@ int main(void) {{
              spindle_fn_info {}\nspindle_fn_info.chain {} 4\nspindle_fn_info.instances {} 4\nspindle_fn_info.slot_base {} 4\nspindle_fn_info.slots {} 4\n\
              spindle_holder {}\nspindle_holder.request_id {} 8\nspindle_holder.fn_id {} 4\nspindle_holder.instance {} 4\n\
              spindle_fn_stats {}\nspindle_fn_stats.messages {} 8\nspindle_fn_stats.bytes {} 8\nspindle_fn_stats.redirect_failures {} 8\nspindle_fn_stats.returned {} 8\nspindle_fn_stats.to_gateway {} 8\n\
-             MAX {MAX_FUNCTIONS} {MAX_INSTANCES} {MAX_SLOTS} {} {STATUS_UNDELIVERABLE}\n",
+             MAX {MAX_FUNCTIONS} {MAX_INSTANCES} {MAX_SLOTS} {}\n",
             size_of::<SockKey>(), offset_of!(SockKey, fn_id), offset_of!(SockKey, instance),
             size_of::<Sender>(), offset_of!(Sender, fn_id), offset_of!(Sender, instance), offset_of!(Sender, chain),
             size_of::<FnInfo>(), offset_of!(FnInfo, chain), offset_of!(FnInfo, instances), offset_of!(FnInfo, slot_base), offset_of!(FnInfo, slots),

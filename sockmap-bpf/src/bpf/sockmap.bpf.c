@@ -61,13 +61,17 @@ static __always_inline struct spindle_fn_stats *stats_of(__u32 fn_id)
 	return bpf_map_lookup_elem(&fn_stats, &fn_id);
 }
 
-/* Sends the descriptor back to the gateway (the sender's TCP peer) marked with `status`. */
+/*
+ * Sends the descriptor back to the gateway (the sender's TCP peer) marked with `status`.
+ * next_fn keeps the destination that failed, for the gateway's message; len 0 says the slot
+ * holds no error text.
+ */
 static __always_inline int give_back(struct spindle_desc *d, __u32 sender_fn, __u8 status)
 {
 	struct spindle_fn_stats *s = stats_of(sender_fn);
 
 	d->status = status;
-	d->next_fn = SPINDLE_GATEWAY_FN;
+	d->len = 0;
 	if (s) {
 		s->returned++;
 		s->to_gateway++;

@@ -51,7 +51,4 @@ struct spindle_fn_stats {
 	__u64 to_gateway;        /* descriptors this function sent to the gateway (chain end or error) */
 };
 
-/* Extra descriptor status set by the kernel: the destination has no live instance. */
-#define SPINDLE_STATUS_UNDELIVERABLE 6
-
 #endif /* SPINDLE_MAPS_H */
