@@ -10,6 +10,8 @@
 //!
 //! ```yaml
 //! listen: 127.0.0.1:8080            # optional; an IP:port, host names are not resolved
+//! dataplane: auto                   # auto (default) | sockmap | userspace: how descriptors move
+//!                                   #   between functions (sockmap = eBPF sk_msg redirect)
 //!
 //! functions:                        # at least one
 //!   - name: uppercase               # [a-z0-9_-]+, unique
@@ -96,7 +98,7 @@ const MAX_SLOTS: i64 = 65536;
 // The gateway answers these itself.
 const RESERVED_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
-const TOP_KEYS: &[&str] = &["listen", "functions", "chains"];
+const TOP_KEYS: &[&str] = &["listen", "dataplane", "functions", "chains"];
 const FUNCTION_KEYS: &[&str] = &[
     "name",
     "module",
@@ -127,6 +129,8 @@ pub struct Config {
     /// [`Config::parse`].
     pub source: PathBuf,
     pub listen: Option<SocketAddr>,
+    /// How descriptors move between functions (`dataplane:`, default `auto`).
+    pub dataplane: DataplaneMode,
     /// In file order.
     pub functions: Vec<FunctionSpec>,
     /// In file order.
@@ -148,6 +152,33 @@ pub struct FunctionSpec {
     pub mode: ModuleMode,
     /// In file order.
     pub env: Vec<(String, String)>,
+}
+
+/// How descriptors move between a chain's functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataplaneMode {
+    /// The kernel (sk_msg) dataplane when it can be loaded, else userspace.
+    #[default]
+    Auto,
+    /// The kernel dataplane; failing to load it is an error.
+    Sockmap,
+    /// The gateway routes every hop.
+    Userspace,
+}
+
+impl std::str::FromStr for DataplaneMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DataplaneMode::Auto),
+            "sockmap" => Ok(DataplaneMode::Sockmap),
+            "userspace" => Ok(DataplaneMode::Userspace),
+            other => Err(format!(
+                "unknown dataplane `{other}`: expected `auto`, `sockmap` or `userspace`"
+            )),
+        }
+    }
 }
 
 /// How a module is driven.
@@ -392,6 +423,10 @@ impl Checker<'_> {
         let top = self.fields(root, "the configuration", Some(TOP_KEYS))?;
 
         let listen = top.get("listen").and_then(|n| self.listen(n));
+        let dataplane = top
+            .get("dataplane")
+            .and_then(|n| self.dataplane(n))
+            .unwrap_or_default();
 
         let mut known: Known = None;
         let mut functions = Vec::new();
@@ -429,6 +464,7 @@ impl Checker<'_> {
         Some(Config {
             source: self.source.to_path_buf(),
             listen,
+            dataplane,
             functions,
             chains,
         })
@@ -670,6 +706,17 @@ impl Checker<'_> {
         }
         self.int_in(node, "fuel", 1, i64::MAX)
             .map(|n| Some(n as u64))
+    }
+
+    fn dataplane(&mut self, node: &MarkedYaml<'_>) -> Option<DataplaneMode> {
+        let text = self.string(node, "dataplane")?;
+        match text.parse() {
+            Ok(mode) => Some(mode),
+            Err(message) => {
+                self.error(pos(node), message);
+                None
+            }
+        }
     }
 
     fn mode(&mut self, node: &MarkedYaml<'_>) -> Option<ModuleMode> {
@@ -1763,6 +1810,19 @@ mod tests {
         s.one_error(&lines, 1, 9, "invalid listen address");
         lines[0] = "listen: '[::1]:9000'";
         assert_eq!(s.ok(&lines).listen, Some("[::1]:9000".parse().unwrap()));
+    }
+
+    #[test]
+    fn dataplane_mode() {
+        let s = Scratch::new();
+        let mut lines = vec!["dataplane: sockmap"];
+        lines.extend(with_chains(&["  - name: c", "    route: /c", "    steps: [a]"]));
+        assert_eq!(s.ok(&lines).dataplane, DataplaneMode::Sockmap);
+        lines[0] = "dataplane: userspace";
+        assert_eq!(s.ok(&lines).dataplane, DataplaneMode::Userspace);
+        lines[0] = "dataplane: kernel";
+        s.one_error(&lines, 1, 12, "unknown dataplane `kernel`");
+        assert_eq!(s.ok(&lines[1..]).dataplane, DataplaneMode::Auto);
     }
 
     #[test]

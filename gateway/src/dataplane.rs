@@ -7,6 +7,12 @@
 //! it to an instance of the next function or completes the request. This is the path the
 //! sk_msg/sockmap dataplane replaces, with the same sockets and the same 32-byte messages.
 //!
+//! With the kernel dataplane ([`KernelRoute`]), function-to-function hops never reach the
+//! router: it sees the first send and the final return. Where a request is held is then read
+//! from the eBPF program's holder record for its slot, and a returning descriptor is checked
+//! for plausibility (right chain, slot, generation; a static chain's last step) rather than
+//! against an exact holder.
+//!
 //! Slot ownership: the `Pending` entry owns the request's slot through a [`SlotGuard`], and the
 //! guard releases it on drop. Whoever removes the entry from the table owns the slot from then
 //! on; if the HTTP handler is gone (timeout, client disconnect), the guard is dropped with the
@@ -22,6 +28,7 @@ use chain_runtime::plan::ChainPlan;
 use chain_runtime::worker::is_control;
 use hyper::StatusCode;
 use shm::{Arena, Descriptor, GATEWAY_FN, SlotRef, Status};
+use sockmap_bpf::KernelDataplane;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
@@ -99,7 +106,15 @@ pub struct ChainRuntime {
     pub arena: Arc<Arena>,
     pub stages: Vec<StageRuntime>,
     pub metrics: ChainMetrics,
+    /// Set when the kernel dataplane routes this chain's hops.
+    pub kernel: Option<KernelRoute>,
     pending: Mutex<HashMap<u64, Pending>>,
+}
+
+/// The kernel dataplane and where this chain's slots start in its holder table.
+pub struct KernelRoute {
+    pub dataplane: Arc<KernelDataplane>,
+    pub slot_base: u32,
 }
 
 /// Why the router refused a descriptor from a worker; also the metric label.
@@ -111,6 +126,7 @@ pub enum Refusal {
     Malformed,
     WrongRoute,
     WorkerRefused,
+    KernelRefused,
 }
 
 impl Refusal {
@@ -121,6 +137,7 @@ impl Refusal {
             Refusal::SlotMismatch => "slot_mismatch",
             Refusal::Malformed => "malformed",
             Refusal::WrongRoute => "wrong_route",
+            Refusal::KernelRefused => "refused_by_kernel",
             Refusal::WorkerRefused => "refused_by_worker",
         }
     }
@@ -129,7 +146,12 @@ impl Refusal {
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
 impl ChainRuntime {
-    pub fn new(plan: ChainPlan, arena: Arc<Arena>, metrics: ChainMetrics) -> Self {
+    pub fn new(
+        plan: ChainPlan,
+        arena: Arc<Arena>,
+        metrics: ChainMetrics,
+        kernel: Option<KernelRoute>,
+    ) -> Self {
         let stages = plan
             .stages
             .iter()
@@ -147,7 +169,63 @@ impl ChainRuntime {
             arena,
             stages,
             metrics,
+            kernel,
             pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `from` may be the one returning `desc`. Userspace: exactly the instance the
+    /// router sent it to. Kernel-routed: any instance of the chain, but a static chain's
+    /// successful end must come from its last step, and hops must have advanced.
+    fn plausible_sender(&self, p: &Pending, from: Holder, desc: &Descriptor) -> bool {
+        if self.kernel.is_none() {
+            return p.holder == from;
+        }
+        let finished_ok = desc.status == Status::Ok as u8 && desc.next_fn == GATEWAY_FN;
+        !(finished_ok && !self.plan.is_dynamic() && from.stage + 1 != self.stages.len())
+    }
+
+    fn hop_ok(&self, p: &Pending, desc: &Descriptor) -> bool {
+        match self.kernel {
+            None => desc.hop == p.hop.wrapping_add(1),
+            Some(_) => desc.hop > p.hop && desc.hop <= self.plan.max_hops(),
+        }
+    }
+
+    /// Whether the request in `p` is held by `holder`: the kernel's record of the last
+    /// redirect when it names this request, else the instance the router last sent it to.
+    fn held_by(&self, request_id: u64, p: &Pending, holder: Holder) -> bool {
+        if let Some(k) = &self.kernel
+            && let Ok(rec) = k.dataplane.holder(k.slot_base + p.slot.slot().index)
+            && rec.request_id == request_id
+        {
+            return self.stage_index(rec.fn_id) == Some(holder.stage)
+                && rec.instance as usize == holder.instance;
+        }
+        p.holder == holder
+    }
+
+    /// Turns a descriptor the kernel gave back (it could not deliver it) into a failure.
+    fn kernel_failure(&self, from: Holder, desc: &Descriptor) -> Option<(StatusCode, String)> {
+        self.kernel.as_ref()?;
+        let sender = &self.stages[from.stage].name;
+        let target = self
+            .stage_index(desc.next_fn)
+            .map_or_else(|| format!("function id {}", desc.next_fn), |s| format!("function {}", self.stages[s].name));
+        match desc.status().ok()? {
+            Status::Undeliverable => Some((
+                StatusCode::BAD_GATEWAY,
+                format!("{target} has no live instance to take the request from function {sender}"),
+            )),
+            Status::BadRoute if desc.len == 0 => Some((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("function {sender} sent the request to {target}, which is not part of chain {}", self.plan.spec.name),
+            )),
+            Status::Refused if desc.len == 0 => Some((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the kernel dataplane refused a descriptor from function {sender} (wrong chain or status)"),
+            )),
+            _ => None,
         }
     }
 
@@ -261,7 +339,7 @@ impl ChainRuntime {
             drop(pending);
             return self.refuse(from, &desc, Refusal::UnknownRequest);
         };
-        let refusal = if p.holder != from {
+        let refusal = if !self.plausible_sender(p, from, &desc) {
             Some(Refusal::WrongHolder)
         } else if p.slot.slot().index != desc.slot
             || p.slot.slot().generation != desc.generation
@@ -271,7 +349,7 @@ impl ChainRuntime {
         } else if desc.len > self.arena.slot_size()
             || desc.reserved != 0
             || desc.status().is_err()
-            || desc.hop != p.hop.wrapping_add(1)
+            || !self.hop_ok(p, &desc)
         {
             Some(Refusal::Malformed)
         } else {
@@ -282,6 +360,16 @@ impl ChainRuntime {
             return self.refuse(from, &desc, reason);
         }
         let status = desc.status().expect("checked above");
+        if let Some((code, message)) = self.kernel_failure(from, &desc) {
+            if status == Status::Refused {
+                self.metrics.refused(Refusal::KernelRefused.label());
+            }
+            let p = pending.remove(&desc.request_id).expect("present above");
+            drop(pending);
+            drop(p.slot);
+            let _ = p.responder.send(Completion::Failed { code, message });
+            return;
+        }
         if status == Status::Refused {
             // The worker refused what we sent it: a gateway-side inconsistency.
             self.metrics.refused(Refusal::WorkerRefused.label());
@@ -367,7 +455,7 @@ impl ChainRuntime {
             let mut pending = self.pending.lock().expect("pending lock");
             let ids: Vec<u64> = pending
                 .iter()
-                .filter(|(_, p)| p.holder == holder)
+                .filter(|(id, p)| self.held_by(**id, p, holder))
                 .map(|(id, _)| *id)
                 .collect();
             ids.iter().filter_map(|id| pending.remove(id)).collect()

@@ -21,6 +21,24 @@ pub struct Gateway {
     routes: HashMap<String, usize>,
     content_types: Vec<HeaderValue>,
     pub metrics: Arc<Metrics>,
+    pub dataplane: DataplaneStatus,
+}
+
+/// Which dataplane runs, and why not the kernel one when `auto` fell back.
+#[derive(Clone, Debug)]
+pub struct DataplaneStatus {
+    pub mode: &'static str,
+    pub fallback_reason: Option<String>,
+}
+
+impl DataplaneStatus {
+    pub fn sockmap() -> Self {
+        DataplaneStatus { mode: "sockmap", fallback_reason: None }
+    }
+
+    pub fn userspace(fallback_reason: Option<String>) -> Self {
+        DataplaneStatus { mode: "userspace", fallback_reason }
+    }
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -43,7 +61,8 @@ fn text(code: StatusCode, message: impl Into<String>) -> Reply {
 }
 
 impl Gateway {
-    pub fn new(chains: Vec<Arc<ChainRuntime>>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(chains: Vec<Arc<ChainRuntime>>, metrics: Arc<Metrics>, dataplane: DataplaneStatus) -> Self {
+        metrics.set_dataplane(dataplane.mode, dataplane.fallback_reason.as_deref());
         let routes = chains
             .iter()
             .enumerate()
@@ -62,6 +81,7 @@ impl Gateway {
             routes,
             content_types,
             metrics,
+            dataplane,
         }
     }
 
@@ -104,7 +124,11 @@ impl Gateway {
             })
             .collect();
         if down.is_empty() {
-            text(StatusCode::OK, "ready")
+            let mut body = format!("ready\ndataplane: {}", self.dataplane.mode);
+            if let Some(reason) = &self.dataplane.fallback_reason {
+                body.push_str(&format!(" (eBPF unavailable: {reason})"));
+            }
+            text(StatusCode::OK, body)
         } else {
             text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -120,6 +144,9 @@ impl Gateway {
                 c.arena.slot_count(),
                 c.arena.free_slots(),
             );
+            if let Some(k) = &c.kernel {
+                self.metrics.set_kernel_counters(c, &k.dataplane);
+            }
         }
         let mut resp = Response::new(Full::new(Bytes::from(self.metrics.encode())));
         resp.headers_mut().insert(
@@ -269,6 +296,7 @@ fn respond(
         Status::GuestError | Status::Trap | Status::Refused => StatusCode::INTERNAL_SERVER_ERROR,
         Status::Timeout => StatusCode::GATEWAY_TIMEOUT,
         Status::BadRoute => StatusCode::LOOP_DETECTED,
+        Status::Undeliverable => StatusCode::BAD_GATEWAY,
     };
     // A refusing worker leaves the slot untouched, so the payload is not a message.
     let message = match status {

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use chain_runtime::config::Config;
+use chain_runtime::config::{Config, DataplaneMode};
 use chain_runtime::plan::Plan;
 use chain_runtime::worker::{self, WorkerArgs, sealed_memfd};
 use clap::{Parser, Subcommand};
-use gateway::dataplane::ChainRuntime;
-use gateway::http::Gateway;
+use gateway::dataplane::{ChainRuntime, KernelRoute};
+use gateway::http::{DataplaneStatus, Gateway};
 use gateway::metrics::Metrics;
 use gateway::supervisor::{WorkerCommand, supervise};
 use hyper::server::conn::http1;
@@ -48,6 +48,11 @@ enum Command {
         /// Address to serve on [default: `listen` from the config, else 127.0.0.1:8080].
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// How descriptors move between functions: auto (eBPF sk_msg redirect when it loads,
+        /// else userspace), sockmap (eBPF or fail), userspace (the gateway routes every hop)
+        /// [default: `dataplane` from the config, else auto].
+        #[arg(long)]
+        dataplane: Option<DataplaneMode>,
     },
     /// Check CONFIG and print every problem as file:line:col: message. Exit status 1 if any.
     Validate { config: PathBuf },
@@ -96,11 +101,15 @@ fn main() -> std::process::ExitCode {
                 )
             })
         }
-        Command::Run { config, listen } => tokio::runtime::Builder::new_multi_thread()
+        Command::Run {
+            config,
+            listen,
+            dataplane,
+        } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("starting the async runtime")
-            .and_then(|rt| rt.block_on(run(&config, listen))),
+            .and_then(|rt| rt.block_on(run(&config, listen, dataplane))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -129,7 +138,43 @@ fn validate(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+/// Loads the kernel dataplane and declares every function to it; `Err` says why it cannot be
+/// used.
+fn load_kernel_dataplane(plan: &Plan) -> anyhow::Result<Arc<sockmap_bpf::KernelDataplane>> {
+    let kernel = sockmap_bpf::KernelDataplane::load()?;
+    let mut slot_base = 0u32;
+    for chain in &plan.chains {
+        for stage in &chain.stages {
+            let info = sockmap_bpf::FnInfo {
+                chain: u32::from(chain.id),
+                instances: stage.function.instances,
+                slot_base,
+                slots: chain.spec.slots,
+            };
+            kernel.register_function(stage.fn_id, info)?;
+        }
+        slot_base = slot_base.saturating_add(chain.spec.slots);
+    }
+    Ok(Arc::new(kernel))
+}
+
+/// Where each chain's slots start in the kernel's holder table (same order as above).
+fn slot_bases(plan: &Plan) -> Vec<u32> {
+    plan.chains
+        .iter()
+        .scan(0u32, |base, c| {
+            let this = *base;
+            *base = base.saturating_add(c.spec.slots);
+            Some(this)
+        })
+        .collect()
+}
+
+async fn run(
+    config_path: &Path,
+    listen: Option<SocketAddr>,
+    dataplane: Option<DataplaneMode>,
+) -> anyhow::Result<()> {
     let config_path = config_path
         .canonicalize()
         .with_context(|| format!("cannot open config {}", config_path.display()))?;
@@ -145,7 +190,26 @@ async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<(
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
 
+    let (kernel, status) = match dataplane.unwrap_or(config.dataplane) {
+        DataplaneMode::Userspace => (None, DataplaneStatus::userspace(None)),
+        DataplaneMode::Sockmap => {
+            let kernel = load_kernel_dataplane(&plan)
+                .context("dataplane sockmap: cannot use the eBPF dataplane")?;
+            (Some(kernel), DataplaneStatus::sockmap())
+        }
+        DataplaneMode::Auto => match load_kernel_dataplane(&plan) {
+            Ok(kernel) => (Some(kernel), DataplaneStatus::sockmap()),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::warn!("eBPF dataplane unavailable, routing in userspace: {reason}");
+                (None, DataplaneStatus::userspace(Some(reason)))
+            }
+        },
+    };
+    tracing::info!("dataplane: {}", status.mode);
+
     let metrics = Arc::new(Metrics::new());
+    let bases = slot_bases(&plan);
     let mut chains = Vec::new();
     for chain in &plan.chains {
         let spec = &chain.spec;
@@ -159,10 +223,15 @@ async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<(
             chain = %spec.name, route = %spec.route, slots = spec.slots, slot_size = spec.slot_size,
             hugepages = arena.uses_hugepages(), "arena created"
         );
+        let route = kernel.as_ref().map(|k| KernelRoute {
+            dataplane: Arc::clone(k),
+            slot_base: bases[usize::from(chain.id)],
+        });
         chains.push(Arc::new(ChainRuntime::new(
             chain.clone(),
             Arc::new(arena),
             metrics.chain(&spec.name),
+            route,
         )));
     }
 
@@ -221,7 +290,7 @@ async fn run(config_path: &Path, listen: Option<SocketAddr>) -> anyhow::Result<(
         }
     }
 
-    let gateway = Arc::new(Gateway::new(chains, Arc::clone(&metrics)));
+    let gateway = Arc::new(Gateway::new(chains, Arc::clone(&metrics), status));
     tracing::info!(
         "spindle serving {} chain(s) on http://{}",
         gateway.chains.len(),

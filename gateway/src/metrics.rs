@@ -1,6 +1,9 @@
 //! Prometheus metrics of the gateway. Handles used per request are created once per chain and
 //! kept in [`ChainMetrics`], so the hot path does no label lookups.
 
+use sockmap_bpf::KernelDataplane;
+
+use crate::dataplane::ChainRuntime;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -16,6 +19,9 @@ pub struct Metrics {
     pub restarts: IntCounterVec,
     pub instances_up: IntGaugeVec,
     arena_slots: IntGaugeVec,
+    dataplane: IntGaugeVec,
+    kernel: IntCounterVec,
+    kernel_instance: IntCounterVec,
 }
 
 /// Per-chain handles, cloned out of the vectors once.
@@ -45,6 +51,14 @@ impl ChainMetrics {
         self.refused
             .with_label_values(&[self.chain.as_str(), reason])
             .inc();
+    }
+}
+
+/// Brings a counter up to a value read elsewhere (the kernel's counters only grow).
+fn advance(counter: &IntCounter, value: u64) {
+    let current = counter.get();
+    if value > current {
+        counter.inc_by(value - current);
     }
 }
 
@@ -144,6 +158,41 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let dataplane = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "spindle_dataplane_info",
+                    "The dataplane in use (1), and why eBPF is not when auto fell back",
+                ),
+                &["mode", "fallback_reason"],
+            )
+            .expect("valid metric"),
+        );
+        let kernel = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_ebpf_descriptors_total",
+                    "Descriptors seen by the eBPF sk_msg program, per function: redirected to it, \
+                     sent by it to the gateway, given back to the gateway marked failed, or \
+                     undeliverable to it (read from the program's per-CPU map, summed)",
+                ),
+                &["chain", "function", "event"],
+            )
+            .expect("valid metric"),
+        );
+        let kernel_instance = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_ebpf_instance_descriptors_total",
+                    "Descriptors the eBPF program redirected to each function instance",
+                ),
+                &["chain", "function", "instance"],
+            )
+            .expect("valid metric"),
+        );
         Metrics {
             registry,
             requests,
@@ -154,6 +203,35 @@ impl Metrics {
             restarts,
             instances_up,
             arena_slots,
+            dataplane,
+            kernel,
+            kernel_instance,
+        }
+    }
+
+    pub fn set_dataplane(&self, mode: &str, fallback_reason: Option<&str>) {
+        self.dataplane.with_label_values(&[mode, fallback_reason.unwrap_or("")]).set(1);
+    }
+
+    /// Copies the eBPF program's counters for a chain's functions into the registry.
+    pub fn set_kernel_counters(&self, chain: &ChainRuntime, kernel: &KernelDataplane) {
+        let name = chain.plan.spec.name.as_str();
+        for stage in &chain.stages {
+            let Ok(stats) = kernel.function_stats(stage.fn_id) else { continue };
+            for (event, value) in [
+                ("redirected", stats.messages),
+                ("to_gateway", stats.to_gateway),
+                ("returned_failed", stats.returned),
+                ("undeliverable", stats.redirect_failures),
+            ] {
+                advance(&self.kernel.with_label_values(&[name, stage.name.as_str(), event]), value);
+            }
+            for instance in 0..stage.instances.len() {
+                if let Ok(n) = kernel.instance_messages(stage.fn_id, instance as u32) {
+                    let label = instance.to_string();
+                    advance(&self.kernel_instance.with_label_values(&[name, stage.name.as_str(), &label]), n);
+                }
+            }
         }
     }
 

@@ -21,6 +21,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dataplane::{ChainRuntime, Holder, read_worker, write_worker};
+use sockmap_bpf::SockKey;
 use crate::metrics::Metrics;
 
 /// How long a worker may take to compile and instantiate its module.
@@ -87,6 +88,24 @@ fn dup_high(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
 struct Running {
     child: Child,
     reader: tokio::task::JoinHandle<()>,
+    /// The worker socket's entry in the kernel dataplane, if it routes this chain.
+    kernel_entry: Option<KernelEntry>,
+}
+
+/// A worker socket registered with the kernel dataplane. Dropping it removes the entry, so a
+/// dead or half-started instance never stays addressable.
+struct KernelEntry {
+    chain: Arc<ChainRuntime>,
+    key: SockKey,
+    port: u16,
+}
+
+impl Drop for KernelEntry {
+    fn drop(&mut self) {
+        if let Some(k) = &self.chain.kernel {
+            k.dataplane.remove_socket(self.key, self.port);
+        }
+    }
 }
 
 fn describe_exit(status: &ExitStatus) -> String {
@@ -106,6 +125,18 @@ async fn spawn_worker(
 ) -> Result<Running, SpawnError> {
     let stage = &chain.stages[holder.stage];
     let (gateway_end, worker_end) = socket_pair().map_err(SpawnError::Socket)?;
+    // Registered before the worker runs, so its first descriptor already meets the program.
+    let kernel_entry = match &chain.kernel {
+        Some(k) => {
+            let key = SockKey { fn_id: stage.fn_id, instance: holder.instance as u32 };
+            let port = k
+                .dataplane
+                .insert_socket(key, chain.plan.id, worker_end.as_fd())
+                .map_err(|e| SpawnError::Socket(std::io::Error::other(e)))?;
+            Some(KernelEntry { chain: Arc::clone(chain), key, port })
+        }
+        None => None,
+    };
     let fds = [
         dup_high(chain.arena.fd()),
         dup_high(worker_end.as_fd()),
@@ -179,7 +210,7 @@ async fn spawn_worker(
         ready = tokio::time::timeout(READY_TIMEOUT, ready_rx) => match ready {
             Ok(Ok(())) => {
                 chain.instance_up(holder.stage, holder.instance, holder.incarnation, queue_tx);
-                Ok(Running { child, reader })
+                Ok(Running { child, reader, kernel_entry })
             }
             Ok(Err(_)) => {
                 // The socket closed or carried garbage before the ready message.
@@ -274,6 +305,8 @@ pub async fn supervise(
         // Descriptors the worker wrote before dying are still in the socket: route them first.
         // Descriptors the worker wrote before dying are still in the socket: route them first.
         drain(&mut running.reader).await;
+        // Out of the kernel map before anything else can take this instance's key.
+        drop(running.kernel_entry.take());
         let (code, message) = match status {
             Ok(s) if s.code() == Some(WATCHDOG_EXIT) => (
                 StatusCode::GATEWAY_TIMEOUT,

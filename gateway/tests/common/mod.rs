@@ -108,10 +108,17 @@ impl Spindle {
         build_examples();
         let addr = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(dir.join("spindle.log")).unwrap();
+        // The suite runs once per dataplane: scripts/test.sh sets this for the sockmap pass.
+        let mut dataplane = vec!["--dataplane".to_string()];
+        dataplane.push(std::env::var("SPINDLE_TEST_DATAPLANE").unwrap_or_else(|_| "userspace".into()));
+        if extra_args.contains(&"--dataplane") {
+            dataplane.clear();
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_spindle"))
             .arg("run")
             .arg(config)
             .args(["--listen", &addr])
+            .args(&dataplane)
             .args(extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

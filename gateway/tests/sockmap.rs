@@ -1,0 +1,232 @@
+//! The eBPF sk_msg dataplane: the kernel routes function-to-function hops. Needs root (CI runs
+//! as root); elsewhere every test here says SKIPPED and returns.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chain_runtime::worker::SOCKET_FD;
+use common::Spindle;
+use shm::Descriptor;
+
+fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("SKIPPED {test}: the eBPF dataplane needs root (CAP_BPF + CAP_NET_ADMIN)");
+    }
+    root
+}
+
+async fn start(tag: &str, yaml: &str) -> Spindle {
+    Spindle::start_with(tag, yaml, &["--dataplane", "sockmap"]).await
+}
+
+async fn ebpf(s: &Spindle, chain: &str, function: &str, event: &str) -> f64 {
+    let series = format!(r#"spindle_ebpf_descriptors_total{{chain="{chain}",event="{event}",function="{function}"}}"#);
+    s.metric(&series).await.unwrap_or(0.0)
+}
+
+async fn per_instance(s: &Spindle, chain: &str, function: &str, instance: usize) -> f64 {
+    let series = format!(
+        r#"spindle_ebpf_instance_descriptors_total{{chain="{chain}",function="{function}",instance="{instance}"}}"#
+    );
+    s.metric(&series).await.unwrap_or(0.0)
+}
+
+/// Takes a copy of a worker's socket (its end of the gateway connection), as a compromised
+/// worker would use it.
+fn steal_worker_socket(pid: i32) -> Option<TcpStream> {
+    // SAFETY: plain syscalls on a pid of our own test; results are checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, SOCKET_FD, 0) } as i32;
+    // SAFETY: pidfd_open returned a new fd we own (or -1, not closed).
+    if pidfd >= 0 {
+        drop(unsafe { OwnedFd::from_raw_fd(pidfd) });
+    }
+    // SAFETY: pidfd_getfd returned a new fd we own.
+    (fd >= 0).then(|| TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+const HELLO: &str = r#"
+functions:
+  - { name: uppercase, module: "{wasm:uppercase}" }
+  - { name: reverse, module: "{wasm:reverse}" }
+  - { name: frame, module: "{wasm:frame}" }
+chains:
+  - name: hello
+    route: /hello
+    steps: [uppercase, reverse, frame]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_routes_every_function_hop_and_the_router_none() {
+    if !root_or_skip("kernel_routes_every_function_hop_and_the_router_none") {
+        return;
+    }
+    let s = start("sockmap-proof", HELLO).await;
+    assert!(s.get("/readyz").await.text().contains("dataplane: sockmap"));
+    assert_eq!(s.metric(r#"spindle_dataplane_info{fallback_reason="",mode="sockmap"}"#).await, Some(1.0));
+    let n = 200;
+    for i in 0..n {
+        let r = s.post("/hello", format!("req {i}")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // uppercase -> reverse and reverse -> frame went through the kernel, once per request;
+    // the gateway -> uppercase and frame -> gateway edges are TCP.
+    assert_eq!(ebpf(&s, "hello", "reverse", "redirected").await, n as f64);
+    assert_eq!(ebpf(&s, "hello", "frame", "redirected").await, n as f64);
+    assert_eq!(ebpf(&s, "hello", "uppercase", "redirected").await, 0.0);
+    // Each response, plus the worker's ready announcement at start.
+    assert_eq!(ebpf(&s, "hello", "frame", "to_gateway").await, (n + 1) as f64);
+    assert_eq!(s.metric(r#"spindle_router_forwarded_total{chain="hello"}"#).await, Some(0.0));
+}
+
+const SPREAD: &str = r#"
+functions:
+  - { name: reverse, module: "{wasm:reverse}" }
+  - { name: faulty, module: "{wasm:faulty}", instances: 3, timeout_ms: 5000 }
+  - { name: uppercase, module: "{wasm:uppercase}" }
+chains:
+  - name: spread
+    route: /spread
+    steps: [reverse, faulty, uppercase]
+    arena: { slot_size: 1KiB, slots: 64 }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_share_load_and_a_killed_one_loses_only_its_requests() {
+    if !root_or_skip("instances_share_load_and_a_killed_one_loses_only_its_requests") {
+        return;
+    }
+    let s = Arc::new(start("sockmap-spread", SPREAD).await);
+    let n = 90;
+    for i in 0..n {
+        let r = s.post("/spread", format!("{i} ym")).await;
+        assert_eq!((r.status, r.text()), (200, format!("MY {}", i.to_string().chars().rev().collect::<String>())));
+    }
+    let counts: Vec<f64> = futures_counts(&s).await;
+    assert_eq!(counts.iter().sum::<f64>(), n as f64, "{counts:?}");
+    assert!(counts.iter().all(|c| *c >= 25.0), "load spread by request id over 3 instances: {counts:?}");
+
+    // Six requests asleep in faulty (reverse turns "0001 peels" into "sleeps 1000").
+    let sleepers: Vec<_> = (0..6)
+        .map(|_| {
+            let s = Arc::clone(&s);
+            tokio::spawn(async move { s.post("/spread", "0001 peels").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = victim_pid(&s, 1);
+    // SAFETY: signalling a process of our own test.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let mut lost = 0;
+    for t in sleepers {
+        let r = t.await.unwrap();
+        match r.status {
+            200 => assert_eq!(r.text(), "SLEEP 1000"),
+            502 => {
+                assert!(r.text().contains("faulty") && r.text().contains("signal 9"), "{}", r.text());
+                lost += 1;
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    assert!((1..6).contains(&lost), "only the killed instance's requests are lost: {lost} of 6");
+
+    // While it restarts, the kernel skips the missing instance: everything is served.
+    for i in 0..30 {
+        let r = s.post("/spread", format!("{i} ym")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // And once back, the restarted instance takes its share again.
+    for _ in 0..100 {
+        if s.worker_pids("faulty").len() == 3 && s.get("/readyz").await.status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = per_instance(&s, "spread", "faulty", 1).await;
+    for i in 0..30 {
+        assert_eq!(s.post("/spread", format!("{i} ym")).await.status, 200);
+    }
+    assert!(per_instance(&s, "spread", "faulty", 1).await > before, "restarted instance serves again");
+    assert_eq!(s.metric(r#"spindle_arena_slots{chain="spread",state="free"}"#).await, Some(64.0));
+}
+
+async fn futures_counts(s: &Spindle) -> Vec<f64> {
+    let mut v = Vec::new();
+    for i in 0..3 {
+        v.push(per_instance(s, "spread", "faulty", i).await);
+    }
+    v
+}
+
+fn victim_pid(s: &Spindle, instance: u32) -> i32 {
+    for pid in s.worker_pids("faulty") {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.windows(2).any(|w| w[0] == b"--instance" && w[1] == instance.to_string().as_bytes()) {
+            return pid;
+        }
+    }
+    panic!("no faulty instance {instance}");
+}
+
+const TWO_CHAINS: &str = r#"
+functions:
+  - { name: uppercase, module: "{wasm:uppercase}" }
+  - { name: reverse, module: "{wasm:reverse}" }
+chains:
+  - name: one
+    route: /one
+    steps: [uppercase, reverse]
+  - name: two
+    route: /two
+    steps: [reverse]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_cross_chain_messages_are_returned_not_delivered() {
+    if !root_or_skip("malformed_and_cross_chain_messages_are_returned_not_delivered") {
+        return;
+    }
+    let s = start("sockmap-bad", TWO_CHAINS).await;
+    assert_eq!(s.post("/one", "ab").await.text(), "BA");
+    let pids = s.worker_pids("uppercase");
+    let Some(mut sock) = steal_worker_socket(pids[0]) else {
+        eprintln!("SKIPPED: pidfd_getfd refused");
+        return;
+    };
+    // Function ids: chain one = uppercase 1, reverse 2; chain two = reverse 3.
+    let forged = Descriptor { next_fn: 2, chain: 0, request_id: 777_000, slot: 0, generation: 1, len: 2, ..Default::default() };
+    let redirected_before = ebpf(&s, "one", "reverse", "redirected").await;
+    // Names chain two's reverse from chain one: not part of the chain.
+    sock.write_all(&Descriptor { next_fn: 3, ..forged }.to_bytes()).unwrap();
+    // Claims to be chain two: the sender belongs to chain one.
+    sock.write_all(&Descriptor { chain: 1, request_id: 777_001, ..forged }.to_bytes()).unwrap();
+    // A too-short write, completed later with a non-OK status: judged whole, refused.
+    let bad = Descriptor { status: 9, request_id: 777_002, ..forged }.to_bytes();
+    sock.write_all(&bad[..7]).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    sock.write_all(&bad[7..]).unwrap();
+    let mut returned = 0.0;
+    for _ in 0..100 {
+        returned = ebpf(&s, "one", "uppercase", "returned_failed").await;
+        if returned >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(returned, 3.0, "all three given back to the gateway by the kernel");
+    assert_eq!(ebpf(&s, "one", "reverse", "redirected").await, redirected_before, "none delivered");
+    assert_eq!(ebpf(&s, "two", "reverse", "redirected").await, 0.0, "nothing crossed into chain two");
+    let refused = s.metric(r#"spindle_descriptors_refused_total{chain="one",reason="unknown_request"}"#).await;
+    assert_eq!(refused, Some(3.0), "and the gateway counted them");
+    assert_eq!(s.post("/one", "cd").await.text(), "DC");
+    assert_eq!(s.post("/two", "xy").await.text(), "yx");
+}
