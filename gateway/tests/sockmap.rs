@@ -230,3 +230,62 @@ async fn malformed_and_cross_chain_messages_are_returned_not_delivered() {
     assert_eq!(s.post("/one", "cd").await.text(), "DC");
     assert_eq!(s.post("/two", "xy").await.text(), "yx");
 }
+
+/// Raw GET, for a gateway the harness did not start.
+fn get(addr: &str, path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut c = TcpStream::connect(addr).ok()?;
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Without privileges (run as nobody), `auto` falls back to userspace and says why, and
+/// `sockmap` refuses to start with a clear error.
+#[test]
+fn without_privileges_auto_falls_back_and_sockmap_refuses() {
+    if !root_or_skip("without_privileges_auto_falls_back_and_sockmap_refuses") {
+        return;
+    }
+    common::build_examples();
+    let dir = common::temp_dir("sockmap-nobody");
+    let config = dir.join("spindle.yaml");
+    std::fs::write(&config, HELLO.replace("{wasm:uppercase}", &common::wasm("uppercase"))
+        .replace("{wasm:reverse}", &common::wasm("reverse"))
+        .replace("{wasm:frame}", &common::wasm("frame"))).unwrap();
+    let nobody = |dataplane: &str, addr: &str| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+            .arg(env!("CARGO_BIN_EXE_spindle"))
+            .arg("run")
+            .arg(&config)
+            .args(["--listen", addr, "--dataplane", dataplane])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("setpriv (util-linux)")
+    };
+    let free = || format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let refused = nobody("sockmap", &free()).wait_with_output().unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("dataplane sockmap: cannot use the eBPF dataplane"), "{err}");
+
+    let addr = free();
+    let mut child = nobody("auto", &addr);
+    let mut ready = None;
+    for _ in 0..600 {
+        if let Some(r) = get(&addr, "/readyz").filter(|r| r.starts_with("HTTP/1.1 200")) {
+            ready = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let hello = get(&addr, "/hello");
+    let _ = child.kill();
+    let _ = child.wait();
+    let ready = ready.expect("auto mode came up as nobody");
+    assert!(ready.contains("dataplane: userspace (eBPF unavailable:"), "{ready}");
+    assert!(hello.is_some_and(|h| h.starts_with("HTTP/1.1 200")), "serves in userspace");
+}
