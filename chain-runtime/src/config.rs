@@ -1816,7 +1816,11 @@ mod tests {
     fn dataplane_mode() {
         let s = Scratch::new();
         let mut lines = vec!["dataplane: sockmap"];
-        lines.extend(with_chains(&["  - name: c", "    route: /c", "    steps: [a]"]));
+        lines.extend(with_chains(&[
+            "  - name: c",
+            "    route: /c",
+            "    steps: [a]",
+        ]));
         assert_eq!(s.ok(&lines).dataplane, DataplaneMode::Sockmap);
         lines[0] = "dataplane: userspace";
         assert_eq!(s.ok(&lines).dataplane, DataplaneMode::Userspace);

@@ -209,9 +209,10 @@ impl ChainRuntime {
     fn kernel_failure(&self, from: Holder, desc: &Descriptor) -> Option<(StatusCode, String)> {
         self.kernel.as_ref()?;
         let sender = &self.stages[from.stage].name;
-        let target = self
-            .stage_index(desc.next_fn)
-            .map_or_else(|| format!("function id {}", desc.next_fn), |s| format!("function {}", self.stages[s].name));
+        let target = self.stage_index(desc.next_fn).map_or_else(
+            || format!("function id {}", desc.next_fn),
+            |s| format!("function {}", self.stages[s].name),
+        );
         match desc.status().ok()? {
             Status::Undeliverable => Some((
                 StatusCode::BAD_GATEWAY,
@@ -219,11 +220,16 @@ impl ChainRuntime {
             )),
             Status::BadRoute if desc.len == 0 => Some((
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("function {sender} sent the request to {target}, which is not part of chain {}", self.plan.spec.name),
+                format!(
+                    "function {sender} sent the request to {target}, which is not part of chain {}",
+                    self.plan.spec.name
+                ),
             )),
             Status::Refused if desc.len == 0 => Some((
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the kernel dataplane refused a descriptor from function {sender} (wrong chain or status)"),
+                format!(
+                    "the kernel dataplane refused a descriptor from function {sender} (wrong chain or status)"
+                ),
             )),
             _ => None,
         }

@@ -33,11 +33,17 @@ pub struct DataplaneStatus {
 
 impl DataplaneStatus {
     pub fn sockmap() -> Self {
-        DataplaneStatus { mode: "sockmap", fallback_reason: None }
+        DataplaneStatus {
+            mode: "sockmap",
+            fallback_reason: None,
+        }
     }
 
     pub fn userspace(fallback_reason: Option<String>) -> Self {
-        DataplaneStatus { mode: "userspace", fallback_reason }
+        DataplaneStatus {
+            mode: "userspace",
+            fallback_reason,
+        }
     }
 }
 
@@ -61,7 +67,11 @@ fn text(code: StatusCode, message: impl Into<String>) -> Reply {
 }
 
 impl Gateway {
-    pub fn new(chains: Vec<Arc<ChainRuntime>>, metrics: Arc<Metrics>, dataplane: DataplaneStatus) -> Self {
+    pub fn new(
+        chains: Vec<Arc<ChainRuntime>>,
+        metrics: Arc<Metrics>,
+        dataplane: DataplaneStatus,
+    ) -> Self {
         metrics.set_dataplane(dataplane.mode, dataplane.fallback_reason.as_deref());
         let routes = chains
             .iter()

@@ -210,26 +210,42 @@ impl Metrics {
     }
 
     pub fn set_dataplane(&self, mode: &str, fallback_reason: Option<&str>) {
-        self.dataplane.with_label_values(&[mode, fallback_reason.unwrap_or("")]).set(1);
+        self.dataplane
+            .with_label_values(&[mode, fallback_reason.unwrap_or("")])
+            .set(1);
     }
 
     /// Copies the eBPF program's counters for a chain's functions into the registry.
     pub fn set_kernel_counters(&self, chain: &ChainRuntime, kernel: &KernelDataplane) {
         let name = chain.plan.spec.name.as_str();
         for stage in &chain.stages {
-            let Ok(stats) = kernel.function_stats(stage.fn_id) else { continue };
+            let Ok(stats) = kernel.function_stats(stage.fn_id) else {
+                continue;
+            };
             for (event, value) in [
                 ("redirected", stats.messages),
                 ("to_gateway", stats.to_gateway),
                 ("returned_failed", stats.returned),
                 ("undeliverable", stats.redirect_failures),
             ] {
-                advance(&self.kernel.with_label_values(&[name, stage.name.as_str(), event]), value);
+                advance(
+                    &self
+                        .kernel
+                        .with_label_values(&[name, stage.name.as_str(), event]),
+                    value,
+                );
             }
             for instance in 0..stage.instances.len() {
                 if let Ok(n) = kernel.instance_messages(stage.fn_id, instance as u32) {
                     let label = instance.to_string();
-                    advance(&self.kernel_instance.with_label_values(&[name, stage.name.as_str(), &label]), n);
+                    advance(
+                        &self.kernel_instance.with_label_values(&[
+                            name,
+                            stage.name.as_str(),
+                            &label,
+                        ]),
+                        n,
+                    );
                 }
             }
         }

@@ -21,8 +21,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dataplane::{ChainRuntime, Holder, read_worker, write_worker};
-use sockmap_bpf::SockKey;
 use crate::metrics::Metrics;
+use sockmap_bpf::SockKey;
 
 /// How long a worker may take to compile and instantiate its module.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -128,12 +128,19 @@ async fn spawn_worker(
     // Registered before the worker runs, so its first descriptor already meets the program.
     let kernel_entry = match &chain.kernel {
         Some(k) => {
-            let key = SockKey { fn_id: stage.fn_id, instance: holder.instance as u32 };
+            let key = SockKey {
+                fn_id: stage.fn_id,
+                instance: holder.instance as u32,
+            };
             let port = k
                 .dataplane
                 .insert_socket(key, chain.plan.id, worker_end.as_fd())
                 .map_err(|e| SpawnError::Socket(std::io::Error::other(e)))?;
-            Some(KernelEntry { chain: Arc::clone(chain), key, port })
+            Some(KernelEntry {
+                chain: Arc::clone(chain),
+                key,
+                port,
+            })
         }
         None => None,
     };

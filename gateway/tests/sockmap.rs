@@ -27,7 +27,9 @@ async fn start(tag: &str, yaml: &str) -> Spindle {
 }
 
 async fn ebpf(s: &Spindle, chain: &str, function: &str, event: &str) -> f64 {
-    let series = format!(r#"spindle_ebpf_descriptors_total{{chain="{chain}",event="{event}",function="{function}"}}"#);
+    let series = format!(
+        r#"spindle_ebpf_descriptors_total{{chain="{chain}",event="{event}",function="{function}"}}"#
+    );
     s.metric(&series).await.unwrap_or(0.0)
 }
 
@@ -70,7 +72,11 @@ async fn kernel_routes_every_function_hop_and_the_router_none() {
     }
     let s = start("sockmap-proof", HELLO).await;
     assert!(s.get("/readyz").await.text().contains("dataplane: sockmap"));
-    assert_eq!(s.metric(r#"spindle_dataplane_info{fallback_reason="",mode="sockmap"}"#).await, Some(1.0));
+    assert_eq!(
+        s.metric(r#"spindle_dataplane_info{fallback_reason="",mode="sockmap"}"#)
+            .await,
+        Some(1.0)
+    );
     let n = 200;
     for i in 0..n {
         let r = s.post("/hello", format!("req {i}")).await;
@@ -82,8 +88,15 @@ async fn kernel_routes_every_function_hop_and_the_router_none() {
     assert_eq!(ebpf(&s, "hello", "frame", "redirected").await, n as f64);
     assert_eq!(ebpf(&s, "hello", "uppercase", "redirected").await, 0.0);
     // Each response, plus the worker's ready announcement at start.
-    assert_eq!(ebpf(&s, "hello", "frame", "to_gateway").await, (n + 1) as f64);
-    assert_eq!(s.metric(r#"spindle_router_forwarded_total{chain="hello"}"#).await, Some(0.0));
+    assert_eq!(
+        ebpf(&s, "hello", "frame", "to_gateway").await,
+        (n + 1) as f64
+    );
+    assert_eq!(
+        s.metric(r#"spindle_router_forwarded_total{chain="hello"}"#)
+            .await,
+        Some(0.0)
+    );
 }
 
 const SPREAD: &str = r#"
@@ -107,11 +120,20 @@ async fn instances_share_load_and_a_killed_one_loses_only_its_requests() {
     let n = 90;
     for i in 0..n {
         let r = s.post("/spread", format!("{i} ym")).await;
-        assert_eq!((r.status, r.text()), (200, format!("MY {}", i.to_string().chars().rev().collect::<String>())));
+        assert_eq!(
+            (r.status, r.text()),
+            (
+                200,
+                format!("MY {}", i.to_string().chars().rev().collect::<String>())
+            )
+        );
     }
     let counts: Vec<f64> = futures_counts(&s).await;
     assert_eq!(counts.iter().sum::<f64>(), n as f64, "{counts:?}");
-    assert!(counts.iter().all(|c| *c >= 25.0), "load spread by request id over 3 instances: {counts:?}");
+    assert!(
+        counts.iter().all(|c| *c >= 25.0),
+        "load spread by request id over 3 instances: {counts:?}"
+    );
 
     // Six requests asleep in faulty (reverse turns "0001 peels" into "sleeps 1000").
     let sleepers: Vec<_> = (0..6)
@@ -130,13 +152,20 @@ async fn instances_share_load_and_a_killed_one_loses_only_its_requests() {
         match r.status {
             200 => assert_eq!(r.text(), "SLEEP 1000"),
             502 => {
-                assert!(r.text().contains("faulty") && r.text().contains("signal 9"), "{}", r.text());
+                assert!(
+                    r.text().contains("faulty") && r.text().contains("signal 9"),
+                    "{}",
+                    r.text()
+                );
                 lost += 1;
             }
             other => panic!("unexpected {other}: {}", r.text()),
         }
     }
-    assert!((1..6).contains(&lost), "only the killed instance's requests are lost: {lost} of 6");
+    assert!(
+        (1..6).contains(&lost),
+        "only the killed instance's requests are lost: {lost} of 6"
+    );
 
     // While it restarts, the kernel skips the missing instance: everything is served.
     for i in 0..30 {
@@ -154,8 +183,15 @@ async fn instances_share_load_and_a_killed_one_loses_only_its_requests() {
     for i in 0..30 {
         assert_eq!(s.post("/spread", format!("{i} ym")).await.status, 200);
     }
-    assert!(per_instance(&s, "spread", "faulty", 1).await > before, "restarted instance serves again");
-    assert_eq!(s.metric(r#"spindle_arena_slots{chain="spread",state="free"}"#).await, Some(64.0));
+    assert!(
+        per_instance(&s, "spread", "faulty", 1).await > before,
+        "restarted instance serves again"
+    );
+    assert_eq!(
+        s.metric(r#"spindle_arena_slots{chain="spread",state="free"}"#)
+            .await,
+        Some(64.0)
+    );
 }
 
 async fn futures_counts(s: &Spindle) -> Vec<f64> {
@@ -170,7 +206,10 @@ fn victim_pid(s: &Spindle, instance: u32) -> i32 {
     for pid in s.worker_pids("faulty") {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args.windows(2).any(|w| w[0] == b"--instance" && w[1] == instance.to_string().as_bytes()) {
+        if args
+            .windows(2)
+            .any(|w| w[0] == b"--instance" && w[1] == instance.to_string().as_bytes())
+        {
             return pid;
         }
     }
@@ -203,14 +242,42 @@ async fn malformed_and_cross_chain_messages_are_returned_not_delivered() {
         return;
     };
     // Function ids: chain one = uppercase 1, reverse 2; chain two = reverse 3.
-    let forged = Descriptor { next_fn: 2, chain: 0, request_id: 777_000, slot: 0, generation: 1, len: 2, ..Default::default() };
+    let forged = Descriptor {
+        next_fn: 2,
+        chain: 0,
+        request_id: 777_000,
+        slot: 0,
+        generation: 1,
+        len: 2,
+        ..Default::default()
+    };
     let redirected_before = ebpf(&s, "one", "reverse", "redirected").await;
     // Names chain two's reverse from chain one: not part of the chain.
-    sock.write_all(&Descriptor { next_fn: 3, ..forged }.to_bytes()).unwrap();
+    sock.write_all(
+        &Descriptor {
+            next_fn: 3,
+            ..forged
+        }
+        .to_bytes(),
+    )
+    .unwrap();
     // Claims to be chain two: the sender belongs to chain one.
-    sock.write_all(&Descriptor { chain: 1, request_id: 777_001, ..forged }.to_bytes()).unwrap();
+    sock.write_all(
+        &Descriptor {
+            chain: 1,
+            request_id: 777_001,
+            ..forged
+        }
+        .to_bytes(),
+    )
+    .unwrap();
     // A too-short write, completed later with a non-OK status: judged whole, refused.
-    let bad = Descriptor { status: 9, request_id: 777_002, ..forged }.to_bytes();
+    let bad = Descriptor {
+        status: 9,
+        request_id: 777_002,
+        ..forged
+    }
+    .to_bytes();
     sock.write_all(&bad[..7]).unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     sock.write_all(&bad[7..]).unwrap();
@@ -222,10 +289,23 @@ async fn malformed_and_cross_chain_messages_are_returned_not_delivered() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(returned, 3.0, "all three given back to the gateway by the kernel");
-    assert_eq!(ebpf(&s, "one", "reverse", "redirected").await, redirected_before, "none delivered");
-    assert_eq!(ebpf(&s, "two", "reverse", "redirected").await, 0.0, "nothing crossed into chain two");
-    let refused = s.metric(r#"spindle_descriptors_refused_total{chain="one",reason="unknown_request"}"#).await;
+    assert_eq!(
+        returned, 3.0,
+        "all three given back to the gateway by the kernel"
+    );
+    assert_eq!(
+        ebpf(&s, "one", "reverse", "redirected").await,
+        redirected_before,
+        "none delivered"
+    );
+    assert_eq!(
+        ebpf(&s, "two", "reverse", "redirected").await,
+        0.0,
+        "nothing crossed into chain two"
+    );
+    let refused = s
+        .metric(r#"spindle_descriptors_refused_total{chain="one",reason="unknown_request"}"#)
+        .await;
     assert_eq!(refused, Some(3.0), "and the gateway counted them");
     assert_eq!(s.post("/one", "cd").await.text(), "DC");
     assert_eq!(s.post("/two", "xy").await.text(), "yx");
@@ -235,7 +315,8 @@ async fn malformed_and_cross_chain_messages_are_returned_not_delivered() {
 fn get(addr: &str, path: &str) -> Option<String> {
     use std::io::Read;
     let mut c = TcpStream::connect(addr).ok()?;
-    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
     let mut out = String::new();
     c.read_to_string(&mut out).ok()?;
     Some(out)
@@ -251,12 +332,22 @@ fn without_privileges_auto_falls_back_and_sockmap_refuses() {
     common::build_examples();
     let dir = common::temp_dir("sockmap-nobody");
     let config = dir.join("spindle.yaml");
-    std::fs::write(&config, HELLO.replace("{wasm:uppercase}", &common::wasm("uppercase"))
-        .replace("{wasm:reverse}", &common::wasm("reverse"))
-        .replace("{wasm:frame}", &common::wasm("frame"))).unwrap();
+    std::fs::write(
+        &config,
+        HELLO
+            .replace("{wasm:uppercase}", &common::wasm("uppercase"))
+            .replace("{wasm:reverse}", &common::wasm("reverse"))
+            .replace("{wasm:frame}", &common::wasm("frame")),
+    )
+    .unwrap();
     let nobody = |dataplane: &str, addr: &str| {
         std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
             .arg(env!("CARGO_BIN_EXE_spindle"))
             .arg("run")
             .arg(&config)
@@ -266,11 +357,23 @@ fn without_privileges_auto_falls_back_and_sockmap_refuses() {
             .spawn()
             .expect("setpriv (util-linux)")
     };
-    let free = || format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let free = || {
+        format!(
+            "127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        )
+    };
     let refused = nobody("sockmap", &free()).wait_with_output().unwrap();
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("dataplane sockmap: cannot use the eBPF dataplane"), "{err}");
+    assert!(
+        err.contains("dataplane sockmap: cannot use the eBPF dataplane"),
+        "{err}"
+    );
 
     let addr = free();
     let mut child = nobody("auto", &addr);
@@ -286,6 +389,12 @@ fn without_privileges_auto_falls_back_and_sockmap_refuses() {
     let _ = child.kill();
     let _ = child.wait();
     let ready = ready.expect("auto mode came up as nobody");
-    assert!(ready.contains("dataplane: userspace (eBPF unavailable:"), "{ready}");
-    assert!(hello.is_some_and(|h| h.starts_with("HTTP/1.1 200")), "serves in userspace");
+    assert!(
+        ready.contains("dataplane: userspace (eBPF unavailable:"),
+        "{ready}"
+    );
+    assert!(
+        hello.is_some_and(|h| h.starts_with("HTTP/1.1 200")),
+        "serves in userspace"
+    );
 }

@@ -16,8 +16,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, OpenObject};
 
-pub use maps::{FnInfo, FnStats, HolderRecord, MAX_FUNCTIONS, MAX_INSTANCES, MAX_SLOTS, Sender, SockKey};
 use maps::Pod;
+pub use maps::{
+    FnInfo, FnStats, HolderRecord, MAX_FUNCTIONS, MAX_INSTANCES, MAX_SLOTS, Sender, SockKey,
+};
 
 mod skel {
     #![allow(clippy::all, unsafe_op_in_unsafe_fn, missing_docs)]
@@ -28,7 +30,10 @@ use skel::{SockmapSkel, SockmapSkelBuilder};
 #[derive(Debug, thiserror::Error)]
 pub enum SockmapError {
     #[error("{what}: {source}")]
-    Bpf { what: &'static str, source: libbpf_rs::Error },
+    Bpf {
+        what: &'static str,
+        source: libbpf_rs::Error,
+    },
     #[error("function id {0} is beyond the kernel dataplane's limit of {MAX_FUNCTIONS}")]
     TooManyFunctions(u32),
     #[error("instance {0} is beyond the kernel dataplane's limit of {MAX_INSTANCES} per function")]
@@ -55,9 +60,14 @@ impl KernelDataplane {
         // The skeleton borrows its object storage for its whole life; the gateway keeps one
         // dataplane for the life of the process, so a leaked box of a few hundred bytes is the
         // simplest owner.
-        let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
-        let open = SockmapSkelBuilder::default().open(storage).map_err(bpf("opening the eBPF object"))?;
-        let skel = open.load().map_err(bpf("loading the eBPF program (needs root or CAP_BPF)"))?;
+        let storage: &'static mut MaybeUninit<OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let open = SockmapSkelBuilder::default()
+            .open(storage)
+            .map_err(bpf("opening the eBPF object"))?;
+        let skel = open
+            .load()
+            .map_err(bpf("loading the eBPF program (needs root or CAP_BPF)"))?;
         skel.progs
             .spindle_redirect
             .attach_sockmap(skel.maps.sock_hash.as_fd().as_raw_fd())
@@ -75,7 +85,9 @@ impl KernelDataplane {
             return Err(SockmapError::TooManyInstances(info.instances));
         }
         if u64::from(info.slot_base) + u64::from(info.slots) > u64::from(MAX_SLOTS) {
-            return Err(SockmapError::TooManySlots(u64::from(info.slot_base) + u64::from(info.slots)));
+            return Err(SockmapError::TooManySlots(
+                u64::from(info.slot_base) + u64::from(info.slots),
+            ));
         }
         self.skel
             .maps
@@ -87,12 +99,22 @@ impl KernelDataplane {
     /// Puts a worker's socket (its end of the gateway connection) into the socket hash, so the
     /// program sees what the worker sends and can redirect descriptors to it. Returns the
     /// socket's local port, the key of the sender entry.
-    pub fn insert_socket(&self, key: SockKey, chain: u16, sock: BorrowedFd<'_>) -> Result<u16, SockmapError> {
+    pub fn insert_socket(
+        &self,
+        key: SockKey,
+        chain: u16,
+        sock: BorrowedFd<'_>,
+    ) -> Result<u16, SockmapError> {
         if key.instance >= MAX_INSTANCES {
             return Err(SockmapError::TooManyInstances(key.instance));
         }
         let port = local_port(sock).map_err(SockmapError::Socket)?;
-        let sender = Sender { fn_id: key.fn_id, instance: key.instance, chain: u32::from(chain), pad: 0 };
+        let sender = Sender {
+            fn_id: key.fn_id,
+            instance: key.instance,
+            chain: u32::from(chain),
+            pad: 0,
+        };
         self.skel
             .maps
             .sender_by_port
@@ -112,7 +134,11 @@ impl KernelDataplane {
     pub fn remove_socket(&self, key: SockKey, local_port: u16) {
         // Absent entries are fine: the kernel drops a socket's entry when it closes.
         let _ = self.skel.maps.sock_hash.delete(key.as_bytes());
-        let _ = self.skel.maps.sender_by_port.delete(u32::from(local_port).as_bytes());
+        let _ = self
+            .skel
+            .maps
+            .sender_by_port
+            .delete(u32::from(local_port).as_bytes());
     }
 
     /// Where the program last redirected the request in holder slot `index`.
@@ -123,7 +149,9 @@ impl KernelDataplane {
             .holders
             .lookup(index.as_bytes(), MapFlags::ANY)
             .map_err(bpf("reading holders"))?;
-        Ok(raw.and_then(|b| HolderRecord::from_bytes(&b)).unwrap_or_default())
+        Ok(raw
+            .and_then(|b| HolderRecord::from_bytes(&b))
+            .unwrap_or_default())
     }
 
     /// A function's counters, summed over CPUs.
@@ -135,13 +163,16 @@ impl KernelDataplane {
             .lookup_percpu(fn_id.as_bytes(), MapFlags::ANY)
             .map_err(bpf("reading fn_stats"))?
             .unwrap_or_default();
-        Ok(per_cpu.iter().filter_map(|b| FnStats::from_bytes(b)).fold(FnStats::default(), |a, s| FnStats {
-            messages: a.messages + s.messages,
-            bytes: a.bytes + s.bytes,
-            redirect_failures: a.redirect_failures + s.redirect_failures,
-            returned: a.returned + s.returned,
-            to_gateway: a.to_gateway + s.to_gateway,
-        }))
+        Ok(per_cpu.iter().filter_map(|b| FnStats::from_bytes(b)).fold(
+            FnStats::default(),
+            |a, s| FnStats {
+                messages: a.messages + s.messages,
+                bytes: a.bytes + s.bytes,
+                redirect_failures: a.redirect_failures + s.redirect_failures,
+                returned: a.returned + s.returned,
+                to_gateway: a.to_gateway + s.to_gateway,
+            },
+        ))
     }
 
     /// Descriptors redirected to one instance, summed over CPUs.
@@ -201,42 +232,126 @@ mod tests {
     /// unknown function or another chain comes back to the gateway marked.
     #[test]
     fn redirects_between_worker_sockets_in_the_kernel() {
-        let Some(k) = load_or_skip("redirects_between_worker_sockets_in_the_kernel") else { return };
-        k.register_function(1, FnInfo { chain: 0, instances: 1, slot_base: 0, slots: 8 }).unwrap();
-        k.register_function(2, FnInfo { chain: 0, instances: 1, slot_base: 0, slots: 8 }).unwrap();
-        k.register_function(3, FnInfo { chain: 1, instances: 1, slot_base: 8, slots: 8 }).unwrap();
+        let Some(k) = load_or_skip("redirects_between_worker_sockets_in_the_kernel") else {
+            return;
+        };
+        k.register_function(
+            1,
+            FnInfo {
+                chain: 0,
+                instances: 1,
+                slot_base: 0,
+                slots: 8,
+            },
+        )
+        .unwrap();
+        k.register_function(
+            2,
+            FnInfo {
+                chain: 0,
+                instances: 1,
+                slot_base: 0,
+                slots: 8,
+            },
+        )
+        .unwrap();
+        k.register_function(
+            3,
+            FnInfo {
+                chain: 1,
+                instances: 1,
+                slot_base: 8,
+                slots: 8,
+            },
+        )
+        .unwrap();
         let (mut w1, mut g1) = pair();
         let (mut w2, _g2) = pair();
-        k.insert_socket(SockKey { fn_id: 1, instance: 0 }, 0, w1.as_fd()).unwrap();
-        k.insert_socket(SockKey { fn_id: 2, instance: 0 }, 0, w2.as_fd()).unwrap();
+        k.insert_socket(
+            SockKey {
+                fn_id: 1,
+                instance: 0,
+            },
+            0,
+            w1.as_fd(),
+        )
+        .unwrap();
+        k.insert_socket(
+            SockKey {
+                fn_id: 2,
+                instance: 0,
+            },
+            0,
+            w2.as_fd(),
+        )
+        .unwrap();
         for s in [&w1, &w2, &g1] {
-            s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
         }
 
-        let d = Descriptor { next_fn: 2, chain: 0, request_id: 41, slot: 3, generation: 1, len: 5, ..Default::default() };
+        let d = Descriptor {
+            next_fn: 2,
+            chain: 0,
+            request_id: 41,
+            slot: 3,
+            generation: 1,
+            len: 5,
+            ..Default::default()
+        };
         // Two descriptors in one write: each gets its own verdict.
         let mut batch = d.to_bytes().to_vec();
-        batch.extend_from_slice(&Descriptor { request_id: 42, ..d }.to_bytes());
+        batch.extend_from_slice(
+            &Descriptor {
+                request_id: 42,
+                ..d
+            }
+            .to_bytes(),
+        );
         w1.write_all(&batch).unwrap();
         assert_eq!(read_desc(&mut w2).request_id, 41);
         assert_eq!(read_desc(&mut w2).request_id, 42);
         assert_eq!(k.function_stats(2).unwrap().messages, 2);
         assert_eq!(k.instance_messages(2, 0).unwrap(), 2);
-        assert_eq!(k.holder(3).unwrap(), HolderRecord { request_id: 42, fn_id: 2, instance: 0 });
+        assert_eq!(
+            k.holder(3).unwrap(),
+            HolderRecord {
+                request_id: 42,
+                fn_id: 2,
+                instance: 0
+            }
+        );
 
         // To the gateway: plain TCP to the peer.
-        w2.write_all(&Descriptor { next_fn: GATEWAY_FN, ..d }.to_bytes()).unwrap();
+        w2.write_all(
+            &Descriptor {
+                next_fn: GATEWAY_FN,
+                ..d
+            }
+            .to_bytes(),
+        )
+        .unwrap();
         // Unknown function, another chain's function, a short write completed later: all come
         // back to the sender's gateway end marked.
-        w1.write_all(&Descriptor { next_fn: 77, ..d }.to_bytes()).unwrap();
-        w1.write_all(&Descriptor { next_fn: 3, ..d }.to_bytes()).unwrap();
-        let bad = Descriptor { next_fn: 2, chain: 1, ..d }.to_bytes();
+        w1.write_all(&Descriptor { next_fn: 77, ..d }.to_bytes())
+            .unwrap();
+        w1.write_all(&Descriptor { next_fn: 3, ..d }.to_bytes())
+            .unwrap();
+        let bad = Descriptor {
+            next_fn: 2,
+            chain: 1,
+            ..d
+        }
+        .to_bytes();
         w1.write_all(&bad[..10]).unwrap();
         w1.write_all(&bad[10..]).unwrap();
         assert_eq!(read_desc(&mut g1).status, Status::BadRoute as u8);
         assert_eq!(read_desc(&mut g1).status, Status::BadRoute as u8);
         let refused = read_desc(&mut g1);
-        assert_eq!((refused.status, refused.next_fn, refused.len), (Status::Refused as u8, 2, 0));
+        assert_eq!(
+            (refused.status, refused.next_fn, refused.len),
+            (Status::Refused as u8, 2, 0)
+        );
         assert_eq!(k.function_stats(1).unwrap().returned, 3);
         assert_eq!(k.function_stats(2).unwrap().to_gateway, 1);
 
@@ -245,7 +360,10 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         w1.write_all(&d.to_bytes()).unwrap();
         let gone = read_desc(&mut g1);
-        assert_eq!((gone.status, gone.next_fn), (Status::Undeliverable as u8, 2));
+        assert_eq!(
+            (gone.status, gone.next_fn),
+            (Status::Undeliverable as u8, 2)
+        );
         assert_eq!(k.function_stats(2).unwrap().redirect_failures, 1);
     }
 }

@@ -115,12 +115,18 @@ int main(void) {{
         );
         std::fs::write(dir.join("layout.c"), src).unwrap();
         let exe = dir.join("layout");
-        let Ok(status) = std::process::Command::new("cc").arg(dir.join("layout.c")).arg("-o").arg(&exe).status() else {
+        let Ok(status) = std::process::Command::new("cc")
+            .arg(dir.join("layout.c"))
+            .arg("-o")
+            .arg(&exe)
+            .status()
+        else {
             eprintln!("SKIPPED matches_c_header: no C compiler (cc) on this machine");
             return;
         };
         assert!(status.success(), "compiling the header failed");
-        let out = String::from_utf8(std::process::Command::new(&exe).output().unwrap().stdout).unwrap();
+        let out =
+            String::from_utf8(std::process::Command::new(&exe).output().unwrap().stdout).unwrap();
         let expected = format!(
             "spindle_sock_key {}\nspindle_sock_key.fn_id {} 4\nspindle_sock_key.instance {} 4\n\
              spindle_sender {}\nspindle_sender.fn_id {} 4\nspindle_sender.instance {} 4\nspindle_sender.chain {} 4\n\
@@ -128,11 +134,28 @@ int main(void) {{
              spindle_holder {}\nspindle_holder.request_id {} 8\nspindle_holder.fn_id {} 4\nspindle_holder.instance {} 4\n\
              spindle_fn_stats {}\nspindle_fn_stats.messages {} 8\nspindle_fn_stats.bytes {} 8\nspindle_fn_stats.redirect_failures {} 8\nspindle_fn_stats.returned {} 8\nspindle_fn_stats.to_gateway {} 8\n\
              MAX {MAX_FUNCTIONS} {MAX_INSTANCES} {MAX_SLOTS} {}\n",
-            size_of::<SockKey>(), offset_of!(SockKey, fn_id), offset_of!(SockKey, instance),
-            size_of::<Sender>(), offset_of!(Sender, fn_id), offset_of!(Sender, instance), offset_of!(Sender, chain),
-            size_of::<FnInfo>(), offset_of!(FnInfo, chain), offset_of!(FnInfo, instances), offset_of!(FnInfo, slot_base), offset_of!(FnInfo, slots),
-            size_of::<HolderRecord>(), offset_of!(HolderRecord, request_id), offset_of!(HolderRecord, fn_id), offset_of!(HolderRecord, instance),
-            size_of::<FnStats>(), offset_of!(FnStats, messages), offset_of!(FnStats, bytes), offset_of!(FnStats, redirect_failures), offset_of!(FnStats, returned), offset_of!(FnStats, to_gateway),
+            size_of::<SockKey>(),
+            offset_of!(SockKey, fn_id),
+            offset_of!(SockKey, instance),
+            size_of::<Sender>(),
+            offset_of!(Sender, fn_id),
+            offset_of!(Sender, instance),
+            offset_of!(Sender, chain),
+            size_of::<FnInfo>(),
+            offset_of!(FnInfo, chain),
+            offset_of!(FnInfo, instances),
+            offset_of!(FnInfo, slot_base),
+            offset_of!(FnInfo, slots),
+            size_of::<HolderRecord>(),
+            offset_of!(HolderRecord, request_id),
+            offset_of!(HolderRecord, fn_id),
+            offset_of!(HolderRecord, instance),
+            size_of::<FnStats>(),
+            offset_of!(FnStats, messages),
+            offset_of!(FnStats, bytes),
+            offset_of!(FnStats, redirect_failures),
+            offset_of!(FnStats, returned),
+            offset_of!(FnStats, to_gateway),
             MAX_FUNCTIONS * 4,
         );
         assert_eq!(out, expected);

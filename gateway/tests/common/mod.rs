@@ -110,7 +110,8 @@ impl Spindle {
         let log = std::fs::File::create(dir.join("spindle.log")).unwrap();
         // The suite runs once per dataplane: scripts/test.sh sets this for the sockmap pass.
         let mut dataplane = vec!["--dataplane".to_string()];
-        dataplane.push(std::env::var("SPINDLE_TEST_DATAPLANE").unwrap_or_else(|_| "userspace".into()));
+        dataplane
+            .push(std::env::var("SPINDLE_TEST_DATAPLANE").unwrap_or_else(|_| "userspace".into()));
         if extra_args.contains(&"--dataplane") {
             dataplane.clear();
         }
