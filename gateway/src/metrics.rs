@@ -22,6 +22,7 @@ pub struct Metrics {
     dataplane: IntGaugeVec,
     kernel: IntCounterVec,
     kernel_instance: IntCounterVec,
+    kernel_bytes: IntCounterVec,
 }
 
 /// Per-chain handles, cloned out of the vectors once.
@@ -193,6 +194,17 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let kernel_bytes = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_ebpf_redirected_bytes_total",
+                    "Bytes the eBPF program redirected to each function",
+                ),
+                &["chain", "function"],
+            )
+            .expect("valid metric"),
+        );
         Metrics {
             registry,
             requests,
@@ -206,6 +218,7 @@ impl Metrics {
             dataplane,
             kernel,
             kernel_instance,
+            kernel_bytes,
         }
     }
 
@@ -222,6 +235,12 @@ impl Metrics {
             let Ok(stats) = kernel.function_stats(stage.fn_id) else {
                 continue;
             };
+            advance(
+                &self
+                    .kernel_bytes
+                    .with_label_values(&[name, stage.name.as_str()]),
+                stats.bytes,
+            );
             for (event, value) in [
                 ("redirected", stats.messages),
                 ("to_gateway", stats.to_gateway),

@@ -97,6 +97,39 @@ async fn kernel_routes_every_function_hop_and_the_router_none() {
             .await,
         Some(0.0)
     );
+    let bytes = s
+        .metric(r#"spindle_ebpf_redirected_bytes_total{chain="hello",function="frame"}"#)
+        .await;
+    assert_eq!(
+        bytes,
+        Some((n * 32) as f64),
+        "one 32-byte descriptor per redirect"
+    );
+}
+
+/// Each gateway owns its own programs and maps: two on one machine both route in the kernel,
+/// count only their own traffic, and stopping one leaves the other working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_do_not_share_or_break_each_others_maps() {
+    if !root_or_skip("two_gateways_do_not_share_or_break_each_others_maps") {
+        return;
+    }
+    let a = start("sockmap-a", HELLO).await;
+    let mut b = start("sockmap-b", HELLO).await;
+    for _ in 0..10 {
+        assert_eq!(a.post("/hello", "a").await.status, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(b.post("/hello", "b").await.status, 200);
+    }
+    assert_eq!(ebpf(&a, "hello", "frame", "redirected").await, 10.0);
+    assert_eq!(ebpf(&b, "hello", "frame", "redirected").await, 3.0);
+    assert!(b.stop().success());
+    assert_eq!(
+        a.post("/hello", "still").await.text(),
+        r#"{"result":"LLITS","bytes":5}"#
+    );
+    assert_eq!(ebpf(&a, "hello", "frame", "redirected").await, 11.0);
 }
 
 const SPREAD: &str = r#"
