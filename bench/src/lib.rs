@@ -1,0 +1,1 @@
+//! spindle bench (being written).

@@ -1,0 +1,1 @@
+//! Knative-style baseline (being written).
