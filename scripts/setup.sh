@@ -2,6 +2,9 @@
 # Installs what building and testing Spindle needs on Debian 12 (run as root or with sudo).
 # Idempotent: skips apt entirely when everything is already there.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
 
 packages=(
   clang lld wasi-libc libclang-rt-14-dev-wasm32   # example functions -> wasm32-wasi
@@ -14,11 +17,23 @@ for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing ${missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Prometheus server and promtool for the metrics tests, unpacked from Debian's package into
+# target/prometheus: no system service is installed or started.
+prom=target/prometheus/usr/bin
+if [ ! -x "$prom/promtool" ] || [ ! -x "$prom/prometheus" ]; then
+  echo "setup: unpacking Debian's prometheus package into target/prometheus"
+  apt-cache show prometheus >/dev/null 2>&1 || ${sudo:-} apt-get update -qq
+  tmp=$(mktemp -d)
+  chown _apt "$tmp" 2>/dev/null || true   # apt downloads as its sandbox user
+  (cd "$tmp" && apt-get download -qq prometheus >/dev/null)
+  mkdir -p target/prometheus
+  dpkg-deb -x "$tmp"/prometheus_*.deb target/prometheus
+  rm -rf "$tmp"
 fi
 
 if ! command -v cargo >/dev/null; then

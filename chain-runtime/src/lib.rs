@@ -8,5 +8,6 @@
 pub mod config;
 pub mod host;
 pub mod plan;
+pub mod stats;
 pub mod wasi;
 pub mod worker;

@@ -3,7 +3,8 @@
 //! The gateway starts it with four descriptors already open: fd 3 is the chain's arena (a
 //! memfd), fd 4 is this instance's end of a connected loopback TCP socket, fd 5 holds the
 //! config text and fd 6 the module bytes as the gateway read them at start (sealed memfds),
-//! so a restart runs exactly what the gateway started with even if the files changed. The worker
+//! so a restart runs exactly what the gateway started with even if the files changed, and fd 7
+//! is this instance's statistics page (see [`crate::stats`]). The worker
 //! compiles and instantiates its module once, announces itself with a ready message, then
 //! loops: read a descriptor, check it against the arena, run the guest on the slot, write the
 //! output back into the slot, and send the descriptor on (to the next function or back to the
@@ -23,6 +24,7 @@ use shm::{Arena, Descriptor, GATEWAY_FN, SlotRef, Status};
 use crate::config::{Config, ConfigErrors};
 use crate::host::{FunctionHost, HostError, Outcome, SlotIo};
 use crate::plan::{ChainPlan, Plan, Stage};
+use crate::stats::{ErrorKind, StatsError, StatsPage};
 
 /// Where the gateway puts the arena memfd in a worker.
 pub const ARENA_FD: RawFd = 3;
@@ -32,6 +34,8 @@ pub const SOCKET_FD: RawFd = 4;
 pub const CONFIG_FD: RawFd = 5;
 /// Where the gateway puts the function's module bytes.
 pub const MODULE_FD: RawFd = 6;
+/// Where the gateway puts this instance's statistics page.
+pub const STATS_FD: RawFd = 7;
 /// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
 pub const WATCHDOG_EXIT: i32 = 124;
 /// Descriptors read per syscall at most when several are queued.
@@ -48,6 +52,8 @@ pub enum WorkerError {
     ConfigEncoding,
     #[error("{0}")]
     Config(#[from] ConfigErrors),
+    #[error(transparent)]
+    Stats(#[from] StatsError),
     #[error("no function {function} in chain {chain}")]
     UnknownStage { chain: String, function: String },
     #[error("fd {fd} is not {what}: was this process started by the gateway?")]
@@ -118,10 +124,11 @@ pub fn is_control(d: &Descriptor) -> bool {
     d.request_id == 0
 }
 
-/// Runs the worker until the gateway closes the socket. Takes over fds 3 to 6.
+/// Runs the worker until the gateway closes the socket. Takes over fds 3 to 7.
 pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
     let config_fd = take_fd(CONFIG_FD, libc::S_IFREG, "the config memfd")?;
     let module_fd = take_fd(MODULE_FD, libc::S_IFREG, "the module memfd")?;
+    let stats = StatsPage::from_fd(take_fd(STATS_FD, libc::S_IFREG, "the stats memfd")?)?;
     let text = String::from_utf8(read_memfd(config_fd, "config")?)
         .map_err(|_| WorkerError::ConfigEncoding)?;
     let module = read_memfd(module_fd, "module")?;
@@ -146,6 +153,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
         arena,
         host,
         refused: 0,
+        stats,
         busy_since: Arc::new(AtomicU64::new(0)),
         epoch: Instant::now(),
     };
@@ -178,6 +186,7 @@ struct Worker<'p> {
     arena: Arena,
     host: FunctionHost,
     refused: u64,
+    stats: StatsPage,
     /// Milliseconds since `epoch` when the current call started, 0 when idle.
     busy_since: Arc<AtomicU64>,
     epoch: Instant,
@@ -247,6 +256,7 @@ impl Worker<'_> {
             Ok(slot) => slot,
             Err(reason) => {
                 self.refused += 1;
+                self.stats.record_refused();
                 tracing::warn!(function = %self.stage.function.name, request = d.request_id,
                     refused_total = self.refused, "refused descriptor: {reason}");
                 d.status = Status::Refused as u8;
@@ -263,8 +273,21 @@ impl Worker<'_> {
             (self.epoch.elapsed().as_millis() as u64).max(1),
             Ordering::Release,
         );
+        let started = Instant::now();
         let outcome = self.host.invoke(&mut io);
+        let elapsed = started.elapsed();
         self.busy_since.store(0, Ordering::Release);
+        let error = match &outcome {
+            Outcome::Done { .. } => None,
+            Outcome::Failed { status, .. } => Some(match status {
+                Status::Trap => ErrorKind::Trap,
+                Status::Timeout => ErrorKind::Timeout,
+                Status::BadRoute => ErrorKind::BadRoute,
+                Status::Refused => ErrorKind::Refused,
+                _ => ErrorKind::GuestError,
+            }),
+        };
+        self.stats.record(elapsed, error);
         d.hop = d.hop.saturating_add(1);
         match outcome {
             Outcome::Done { output_len, next } => {

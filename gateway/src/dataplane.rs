@@ -21,10 +21,12 @@
 //! holding it has exited.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chain_runtime::plan::ChainPlan;
+use chain_runtime::stats::{StatsError, StatsPage};
 use chain_runtime::worker::is_control;
 use hyper::StatusCode;
 use shm::{Arena, Descriptor, GATEWAY_FN, SlotRef, Status};
@@ -88,10 +90,14 @@ struct Pending {
     responder: oneshot::Sender<Completion>,
 }
 
-/// A live instance's outbound queue; `None` while the instance is down.
-#[derive(Default)]
+/// A live instance's outbound queue (`None` while the instance is down), its current process,
+/// and its statistics page, which outlives restarts.
 pub struct InstanceLink {
     sender: Mutex<Option<(u64, mpsc::UnboundedSender<Descriptor>)>>,
+    /// Process id of the running incarnation, 0 while down.
+    pub pid: AtomicU32,
+    pub stats: StatsPage,
+    pub stats_fd: OwnedFd,
 }
 
 pub struct StageRuntime {
@@ -99,6 +105,10 @@ pub struct StageRuntime {
     pub name: String,
     pub instances: Vec<InstanceLink>,
     round_robin: AtomicUsize,
+    /// Instances that died other than by the watchdog.
+    pub crashes: AtomicU64,
+    /// Instances the watchdog ended for overrunning `timeout_ms`.
+    pub watchdog_timeouts: AtomicU64,
 }
 
 pub struct ChainRuntime {
@@ -151,27 +161,37 @@ impl ChainRuntime {
         arena: Arc<Arena>,
         metrics: ChainMetrics,
         kernel: Option<KernelRoute>,
-    ) -> Self {
-        let stages = plan
-            .stages
-            .iter()
-            .map(|s| StageRuntime {
+    ) -> Result<Self, StatsError> {
+        let mut stages = Vec::with_capacity(plan.stages.len());
+        for s in &plan.stages {
+            let mut instances = Vec::new();
+            for i in 0..s.function.instances {
+                let (stats, stats_fd) =
+                    StatsPage::create(&format!("spindle-stats-{}-{i}", s.function.name))?;
+                instances.push(InstanceLink {
+                    sender: Mutex::new(None),
+                    pid: AtomicU32::new(0),
+                    stats,
+                    stats_fd,
+                });
+            }
+            stages.push(StageRuntime {
                 fn_id: s.fn_id,
                 name: s.function.name.clone(),
-                instances: (0..s.function.instances)
-                    .map(|_| InstanceLink::default())
-                    .collect(),
+                instances,
                 round_robin: AtomicUsize::new(0),
-            })
-            .collect();
-        ChainRuntime {
+                crashes: AtomicU64::new(0),
+                watchdog_timeouts: AtomicU64::new(0),
+            });
+        }
+        Ok(ChainRuntime {
             plan,
             arena,
             stages,
             metrics,
             kernel,
             pending: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// Whether `from` may be the one returning `desc`. Userspace: exactly the instance the

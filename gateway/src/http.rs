@@ -49,6 +49,15 @@ impl DataplaneStatus {
 
 type Reply = Response<Full<Bytes>>;
 
+/// Decrements a gauge when dropped.
+struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 fn text(code: StatusCode, message: impl Into<String>) -> Reply {
     let mut body = message.into();
     body.push('\n');
@@ -105,6 +114,9 @@ impl Gateway {
                 Some(&i) => {
                     let chain = Arc::clone(&self.chains[i]);
                     let started = Instant::now();
+                    chain.metrics.in_flight.inc();
+                    // Decremented on every exit, including a client that disconnects mid-way.
+                    let _in_flight = GaugeGuard(&chain.metrics.in_flight);
                     let reply = serve_chain(&chain, &self.content_types[i], req).await;
                     chain.metrics.request(reply.status().as_u16());
                     chain
@@ -158,7 +170,7 @@ impl Gateway {
                 self.metrics.set_kernel_counters(c, &k.dataplane);
             }
         }
-        let mut resp = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+        let mut resp = Response::new(Full::new(Bytes::from(self.metrics.encode(&self.chains))));
         resp.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -227,12 +227,14 @@ async fn run(
             dataplane: Arc::clone(k),
             slot_base: bases[usize::from(chain.id)],
         });
-        chains.push(Arc::new(ChainRuntime::new(
+        let runtime = ChainRuntime::new(
             chain.clone(),
             Arc::new(arena),
             metrics.chain(&spec.name),
             route,
-        )));
+        )
+        .with_context(|| format!("creating the statistics pages of chain {}", spec.name))?;
+        chains.push(Arc::new(runtime));
     }
 
     let cmd = WorkerCommand {

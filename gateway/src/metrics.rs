@@ -3,6 +3,12 @@
 
 use sockmap_bpf::KernelDataplane;
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use chain_runtime::stats::{EXEC_BUCKETS, ErrorKind, Snapshot, bucket_bound};
+use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
+
 use crate::dataplane::ChainRuntime;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
@@ -20,6 +26,7 @@ pub struct Metrics {
     pub instances_up: IntGaugeVec,
     arena_slots: IntGaugeVec,
     dataplane: IntGaugeVec,
+    in_flight: IntGaugeVec,
     kernel: IntCounterVec,
     kernel_instance: IntCounterVec,
     kernel_bytes: IntCounterVec,
@@ -35,6 +42,7 @@ pub struct ChainMetrics {
     pub duration: prometheus::Histogram,
     pub forwarded: IntCounter,
     pub alloc_failures: IntCounter,
+    pub in_flight: prometheus::IntGauge,
 }
 
 impl ChainMetrics {
@@ -53,6 +61,182 @@ impl ChainMetrics {
             .with_label_values(&[self.chain.as_str(), reason])
             .inc();
     }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(name, value)| {
+            let mut l = LabelPair::default();
+            l.set_name((*name).to_string());
+            l.set_value((*value).to_string());
+            l
+        })
+        .collect()
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<proto::Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn counter(pairs: &[(&str, &str)], value: f64) -> proto::Metric {
+    let mut c = proto::Counter::default();
+    c.set_value(value);
+    let mut m = proto::Metric::from_label(labels(pairs));
+    m.set_counter(c);
+    m
+}
+
+fn gauge(pairs: &[(&str, &str)], value: f64) -> proto::Metric {
+    let mut g = proto::Gauge::default();
+    g.set_value(value);
+    let mut m = proto::Metric::from_label(labels(pairs));
+    m.set_gauge(g);
+    m
+}
+
+/// Per-function invocations, errors and execution times, summed over the function's
+/// instances' statistics pages (written by the workers).
+fn function_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
+    let (mut invocations, mut errors, mut exec) = (Vec::new(), Vec::new(), Vec::new());
+    for chain in chains {
+        let c = chain.plan.spec.name.as_str();
+        for stage in &chain.stages {
+            let f = stage.name.as_str();
+            let mut total = Snapshot::default();
+            for instance in &stage.instances {
+                total.add(&instance.stats.snapshot());
+            }
+            invocations.push(counter(
+                &[("chain", c), ("function", f)],
+                total.invocations as f64,
+            ));
+            for kind in ErrorKind::ALL {
+                let mut n = total.errors[kind as usize];
+                if kind == ErrorKind::Timeout {
+                    n += stage.watchdog_timeouts.load(Ordering::Relaxed);
+                }
+                errors.push(counter(
+                    &[("chain", c), ("function", f), ("kind", kind.label())],
+                    n as f64,
+                ));
+            }
+            let crashes = stage.crashes.load(Ordering::Relaxed) as f64;
+            errors.push(counter(
+                &[("chain", c), ("function", f), ("kind", "crash")],
+                crashes,
+            ));
+
+            let mut cumulative = 0;
+            let buckets = (0..EXEC_BUCKETS)
+                .map(|i| {
+                    cumulative += total.exec_buckets[i];
+                    let mut b = proto::Bucket::default();
+                    b.set_upper_bound(bucket_bound(i));
+                    b.set_cumulative_count(cumulative);
+                    b
+                })
+                .collect();
+            let mut h = proto::Histogram::default();
+            h.set_bucket(buckets);
+            h.set_sample_count(cumulative);
+            h.set_sample_sum(total.exec_sum_seconds);
+            let mut m = proto::Metric::from_label(labels(&[("chain", c), ("function", f)]));
+            m.set_histogram(h);
+            exec.push(m);
+        }
+    }
+    vec![
+        family(
+            "spindle_function_invocations_total",
+            "Calls of each function's guest code, over all its instances",
+            MetricType::COUNTER,
+            invocations,
+        ),
+        family(
+            "spindle_function_errors_total",
+            "Failed function calls by kind (guest_error, trap, timeout, refused_descriptor, \
+             bad_route, crash)",
+            MetricType::COUNTER,
+            errors,
+        ),
+        family(
+            "spindle_function_execution_seconds",
+            "Time spent in a function's guest code per call",
+            MetricType::HISTOGRAM,
+            exec,
+        ),
+    ]
+}
+
+/// (CPU seconds, resident bytes) of a process, from /proc.
+fn process_usage(pid: &str) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name, which may itself contain spaces.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: f64 = statm.split(' ').nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let (hz, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    Some((ticks / hz as f64, pages * page as f64))
+}
+
+/// CPU time and memory of the gateway and of every running worker.
+fn process_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
+    let (mut cpu, mut rss) = (Vec::new(), Vec::new());
+    if let Some((c, r)) = process_usage("self") {
+        let l = [("process", "gateway")];
+        cpu.push(counter(&l, c));
+        rss.push(gauge(&l, r));
+    }
+    for chain in chains {
+        for stage in &chain.stages {
+            for (i, instance) in stage.instances.iter().enumerate() {
+                let pid = instance.pid.load(Ordering::Relaxed);
+                if pid == 0 {
+                    continue;
+                }
+                if let Some((c, r)) = process_usage(&pid.to_string()) {
+                    let i = i.to_string();
+                    let l = [
+                        ("chain", chain.plan.spec.name.as_str()),
+                        ("function", stage.name.as_str()),
+                        ("instance", i.as_str()),
+                        ("process", "worker"),
+                    ];
+                    cpu.push(counter(&l, c));
+                    rss.push(gauge(&l, r));
+                }
+            }
+        }
+    }
+    vec![
+        family(
+            "spindle_process_cpu_seconds_total",
+            "User and system CPU time of the gateway and of each running worker process \
+             (a restarted worker starts again from 0)",
+            MetricType::COUNTER,
+            cpu,
+        ),
+        family(
+            "spindle_process_resident_memory_bytes",
+            "Resident memory of the gateway and of each running worker process",
+            MetricType::GAUGE,
+            rss,
+        ),
+    ]
 }
 
 /// Brings a counter up to a value read elsewhere (the kernel's counters only grow).
@@ -159,6 +343,17 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let in_flight = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "spindle_requests_in_flight",
+                    "Chain requests being served now",
+                ),
+                &["chain"],
+            )
+            .expect("valid metric"),
+        );
         let dataplane = register(
             &registry,
             IntGaugeVec::new(
@@ -216,6 +411,7 @@ impl Metrics {
             instances_up,
             arena_slots,
             dataplane,
+            in_flight,
             kernel,
             kernel_instance,
             kernel_bytes,
@@ -279,6 +475,7 @@ impl Metrics {
             duration: self.duration.with_label_values(&[chain]),
             forwarded: self.forwarded.with_label_values(&[chain]),
             alloc_failures: self.alloc_failures.with_label_values(&[chain]),
+            in_flight: self.in_flight.with_label_values(&[chain]),
         }
     }
 
@@ -295,10 +492,15 @@ impl Metrics {
             .set(i64::from(total.saturating_sub(free)));
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    /// The whole scrape: the registry plus what is read at scrape time from the workers'
+    /// statistics pages and /proc.
+    pub fn encode(&self, chains: &[Arc<ChainRuntime>]) -> Vec<u8> {
+        let mut families = self.registry.gather();
+        families.extend(function_families(chains));
+        families.extend(process_families(chains));
         let mut out = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
+            .encode(&families, &mut out)
             .expect("encoding to a Vec cannot fail");
         out
     }

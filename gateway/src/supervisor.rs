@@ -15,7 +15,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chain_runtime::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, WATCHDOG_EXIT};
+use chain_runtime::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD, WATCHDOG_EXIT};
 use hyper::StatusCode;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -149,17 +149,19 @@ async fn spawn_worker(
         dup_high(worker_end.as_fd()),
         dup_high(cmd.config_text.as_fd()),
         dup_high(module.as_fd()),
+        dup_high(stage.instances[holder.instance].stats_fd.as_fd()),
     ];
     let fds: Vec<OwnedFd> = fds
         .into_iter()
         .collect::<Result<_, _>>()
         .map_err(SpawnError::Socket)?;
     drop(worker_end);
-    let placements: [(i32, i32); 4] = [
+    let placements: [(i32, i32); 5] = [
         (fds[0].as_raw_fd(), ARENA_FD),
         (fds[1].as_raw_fd(), SOCKET_FD),
         (fds[2].as_raw_fd(), CONFIG_FD),
         (fds[3].as_raw_fd(), MODULE_FD),
+        (fds[4].as_raw_fd(), STATS_FD),
     ];
     let gateway_pid = std::process::id() as libc::pid_t;
 
@@ -178,7 +180,7 @@ async fn spawn_worker(
         .kill_on_drop(true);
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe, non-allocating calls (dup2, prctl, getppid). Every source fd is >= 10,
-    // so placing them at 3..=6 cannot overwrite one with another; dup2 clears close-on-exec on
+    // so placing them at 3..=7 cannot overwrite one with another; dup2 clears close-on-exec on
     // the copies, which is how they survive exec.
     unsafe {
         command.pre_exec(move || {
@@ -216,6 +218,7 @@ async fn spawn_worker(
     tokio::select! {
         ready = tokio::time::timeout(READY_TIMEOUT, ready_rx) => match ready {
             Ok(Ok(())) => {
+                stage.instances[holder.instance].pid.store(child.id().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
                 chain.instance_up(holder.stage, holder.instance, holder.incarnation, queue_tx);
                 Ok(Running { child, reader, kernel_entry })
             }
@@ -298,6 +301,9 @@ pub async fn supervise(
             _ = stopping(&mut shutdown) => None,
         };
         chain.instance_down(stage, instance);
+        chain.stages[stage].instances[instance]
+            .pid
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         up.dec();
         let Some(status) = status else {
             stop_child(&mut running.child).await;
@@ -334,6 +340,12 @@ pub async fn supervise(
                 format!("function {fn_name} instance {instance} lost: {e}"),
             ),
         };
+        let counter = if code == StatusCode::GATEWAY_TIMEOUT {
+            &chain.stages[stage].watchdog_timeouts
+        } else {
+            &chain.stages[stage].crashes
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let failed = chain.fail_held_by(holder, code, &message);
         tracing::warn!(chain = %chain_name, function = %fn_name, instance, failed_requests = failed, "{message}");
         restarts.inc();

@@ -9,7 +9,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use chain_runtime::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, sealed_memfd};
+use chain_runtime::stats::StatsPage;
+use chain_runtime::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD, sealed_memfd};
 use common::Spindle;
 use shm::{Arena, Descriptor, GATEWAY_FN, Status};
 
@@ -54,6 +55,7 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
     let high =
         |fd: i32| unsafe { OwnedFd::from_raw_fd(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10)) };
     let config_fd = sealed_memfd("config", text.as_bytes()).unwrap();
+    let (stats, stats_fd) = StatsPage::create("forged-stats").unwrap();
     let module_fd =
         sealed_memfd("module", &std::fs::read(common::wasm("uppercase")).unwrap()).unwrap();
     let fds = [
@@ -61,11 +63,12 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
         high(worker_end.as_raw_fd()),
         high(config_fd.as_raw_fd()),
         high(module_fd.as_raw_fd()),
+        high(stats_fd.as_raw_fd()),
     ];
     let placements: Vec<(i32, i32)> = fds
         .iter()
         .map(|fd| fd.as_raw_fd())
-        .zip([ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD])
+        .zip([ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD])
         .collect();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_spindle"));
     cmd.args(["worker", "--config"])
@@ -158,6 +161,13 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
     let mut out = [0u8; 3];
     arena.read(slot, 0, &mut out).unwrap();
     assert_eq!(&out, b"ABC");
+    // The worker counted both, in the page the gateway would export.
+    let counted = stats.snapshot();
+    assert_eq!(counted.invocations, 1);
+    assert_eq!(
+        counted.errors[chain_runtime::stats::ErrorKind::Refused as usize],
+        forgeries.len() as u64
+    );
 
     drop(sock); // EOF: the worker exits cleanly
     let status = child.wait().unwrap();

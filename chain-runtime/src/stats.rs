@@ -1,0 +1,231 @@
+//! Per-instance function statistics in shared memory: the worker counts invocations and errors
+//! and records execution times; the gateway reads them when Prometheus scrapes. A page per
+//! (function, instance) lives for the gateway's whole run, so counters keep growing across
+//! worker restarts, as Prometheus counters must.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+/// Upper bounds of the execution-time histogram: 1 µs · 2^k, k = 0..=24 (1 µs .. ~16.8 s).
+pub const EXEC_BUCKETS: usize = 25;
+const MAGIC: u64 = u64::from_le_bytes(*b"SPDLSTAT");
+
+/// Why an invocation failed, as counted by the worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    GuestError = 0,
+    Trap = 1,
+    Timeout = 2,
+    Refused = 3,
+    BadRoute = 4,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 5] = [
+        ErrorKind::GuestError,
+        ErrorKind::Trap,
+        ErrorKind::Timeout,
+        ErrorKind::Refused,
+        ErrorKind::BadRoute,
+    ];
+
+    /// The `kind` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::GuestError => "guest_error",
+            ErrorKind::Trap => "trap",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Refused => "refused_descriptor",
+            ErrorKind::BadRoute => "bad_route",
+        }
+    }
+}
+
+#[repr(C)]
+struct Block {
+    magic: AtomicU64,
+    invocations: AtomicU64,
+    errors: [AtomicU64; 5],
+    exec_sum_ns: AtomicU64,
+    /// Non-cumulative counts per bucket; the last one also takes everything slower.
+    exec_buckets: [AtomicU64; EXEC_BUCKETS],
+}
+
+/// A consistent-enough copy of one page (each field is read atomically).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub invocations: u64,
+    pub errors: [u64; 5],
+    pub exec_sum_seconds: f64,
+    pub exec_buckets: [u64; EXEC_BUCKETS],
+}
+
+impl Snapshot {
+    pub fn add(&mut self, other: &Snapshot) {
+        self.invocations += other.invocations;
+        for (a, b) in self.errors.iter_mut().zip(other.errors) {
+            *a += b;
+        }
+        self.exec_sum_seconds += other.exec_sum_seconds;
+        for (a, b) in self.exec_buckets.iter_mut().zip(other.exec_buckets) {
+            *a += b;
+        }
+    }
+}
+
+/// Upper bound of bucket `i` in seconds.
+pub fn bucket_bound(i: usize) -> f64 {
+    1e-6 * f64::from(1u32 << i)
+}
+
+pub struct StatsPage {
+    map: MmapRaw,
+}
+
+// SAFETY: the mapping is only accessed through atomics.
+unsafe impl Send for StatsPage {}
+unsafe impl Sync for StatsPage {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    #[error("stats page: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stats page: not a Spindle stats page")]
+    BadPage,
+}
+
+impl StatsPage {
+    /// Creates a zeroed page in a new memfd; the fd goes to each incarnation of the worker.
+    pub fn create(name: &str) -> Result<(StatsPage, OwnedFd), StatsError> {
+        let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+        // SAFETY: memfd_create with a valid C string; returns a new fd we own, or -1.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.set_len(size_of::<Block>() as u64)?;
+        let page = StatsPage::map(&file)?;
+        page.block().magic.store(MAGIC, Relaxed);
+        Ok((page, file.into()))
+    }
+
+    /// Maps a page the gateway created.
+    pub fn from_fd(fd: OwnedFd) -> Result<StatsPage, StatsError> {
+        let file = File::from(fd);
+        if file.metadata()?.len() < size_of::<Block>() as u64 {
+            return Err(StatsError::BadPage);
+        }
+        let page = StatsPage::map(&file)?;
+        if page.block().magic.load(Relaxed) != MAGIC {
+            return Err(StatsError::BadPage);
+        }
+        Ok(page)
+    }
+
+    fn map(file: &File) -> Result<StatsPage, StatsError> {
+        let map = MmapOptions::new()
+            .len(size_of::<Block>())
+            .map_raw(file.as_raw_fd())?;
+        Ok(StatsPage { map })
+    }
+
+    fn block(&self) -> &Block {
+        // SAFETY: the mapping is at least size_of::<Block>() bytes (checked or set at
+        // creation), page-aligned (so aligned for AtomicU64), lives as long as `self`, and is
+        // only ever accessed through these atomics, by every process that maps it.
+        unsafe { &*self.map.as_ptr().cast::<Block>() }
+    }
+
+    /// Counts one invocation that ran for `elapsed`, failed with `error` if any.
+    pub fn record(&self, elapsed: Duration, error: Option<ErrorKind>) {
+        let b = self.block();
+        b.invocations.fetch_add(1, Relaxed);
+        if let Some(kind) = error {
+            b.errors[kind as usize].fetch_add(1, Relaxed);
+        }
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        b.exec_sum_ns.fetch_add(ns, Relaxed);
+        let us = ns / 1000;
+        // Smallest k with us <= 2^k: bucket k covers (2^(k-1), 2^k] microseconds.
+        let k = if us <= 1 {
+            0
+        } else {
+            (64 - (us - 1).leading_zeros()) as usize
+        };
+        b.exec_buckets[k.min(EXEC_BUCKETS - 1)].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a descriptor refused before any guest ran.
+    pub fn record_refused(&self) {
+        self.block().errors[ErrorKind::Refused as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let b = self.block();
+        let mut s = Snapshot {
+            invocations: b.invocations.load(Relaxed),
+            exec_sum_seconds: b.exec_sum_ns.load(Relaxed) as f64 / 1e9,
+            ..Snapshot::default()
+        };
+        for (dst, src) in s.errors.iter_mut().zip(&b.errors) {
+            *dst = src.load(Relaxed);
+        }
+        for (dst, src) in s.exec_buckets.iter_mut().zip(&b.exec_buckets) {
+            *dst = src.load(Relaxed);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_visible_through_another_mapping() {
+        let (page, fd) = StatsPage::create("stats-test").unwrap();
+        let other = StatsPage::from_fd(fd.try_clone().unwrap()).unwrap();
+        other.record(Duration::from_micros(1), None);
+        other.record(Duration::from_micros(3), Some(ErrorKind::Trap));
+        other.record(Duration::from_millis(5), None);
+        other.record(Duration::from_secs(100), Some(ErrorKind::Timeout));
+        other.record_refused();
+        let s = page.snapshot();
+        assert_eq!(s.invocations, 4);
+        assert_eq!(s.errors, [0, 1, 1, 1, 0]);
+        assert_eq!(s.exec_buckets[0], 1, "1 µs");
+        assert_eq!(s.exec_buckets[2], 1, "3 µs -> (2, 4]");
+        assert_eq!(s.exec_buckets[13], 1, "5 ms -> (4.096, 8.192] ms");
+        assert_eq!(
+            s.exec_buckets[EXEC_BUCKETS - 1],
+            1,
+            "100 s lands in the last bucket"
+        );
+        assert!((s.exec_sum_seconds - 100.005004).abs() < 1e-6);
+        assert!(bucket_bound(13) >= 0.005 && bucket_bound(12) < 0.005);
+    }
+
+    #[test]
+    fn rejects_foreign_memory() {
+        let path = std::env::temp_dir().join(format!("spindle-stats-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let zeros = File::options().read(true).write(true).open(&path).unwrap();
+        assert!(matches!(
+            StatsPage::from_fd(zeros.into()),
+            Err(StatsError::BadPage)
+        ));
+        let short = File::options().read(true).write(true).open(&path).unwrap();
+        short.set_len(8).unwrap();
+        assert!(matches!(
+            StatsPage::from_fd(short.into()),
+            Err(StatsError::BadPage)
+        ));
+        let _ = std::fs::remove_file(path);
+    }
+}
