@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Spindle needs on Debian 12 (run as root or with sudo).
 # Idempotent: skips apt entirely when everything is already there.
+#   scripts/setup.sh                  build, demo and bench dependencies
+#   scripts/setup.sh --with-prometheus  also Prometheus and promtool (the metrics tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sudo=""
@@ -25,7 +27,7 @@ fi
 # Prometheus server and promtool for the metrics tests, unpacked from Debian's package into
 # target/prometheus: no system service is installed or started.
 prom=target/prometheus/usr/bin
-if [ ! -x "$prom/promtool" ] || [ ! -x "$prom/prometheus" ]; then
+if [ "${1:-}" = --with-prometheus ] && { [ ! -x "$prom/promtool" ] || [ ! -x "$prom/prometheus" ]; }; then
   echo "setup: unpacking Debian's prometheus package into target/prometheus"
   apt-cache show prometheus >/dev/null 2>&1 || ${sudo:-} apt-get update -qq
   tmp=$(mktemp -d)

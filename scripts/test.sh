@@ -4,7 +4,7 @@
 # gateway's integration tests again on the eBPF sk_msg dataplane.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --with-prometheus
 make -s -C examples all native-test
 cargo test --workspace --locked "$@"
 if [ "$(id -u)" -eq 0 ]; then
