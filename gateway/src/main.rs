@@ -56,6 +56,14 @@ enum Command {
     },
     /// Check CONFIG and print every problem as file:line:col: message. Exit status 1 if any.
     Validate { config: PathBuf },
+    /// Run the Knative-style baseline (ingress -> queue-proxy -> function server per step,
+    /// each its own process) on the same config and Wasm functions, for comparison:
+    /// `spindle knative-baseline run --config CONFIG [--listen ADDR]`. `help` lists the roles.
+    #[command(name = "knative-baseline", disable_help_flag = true)]
+    KnativeBaseline {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run one function instance (started by `spindle run`, not by hand).
     #[command(hide = true)]
     Worker {
@@ -82,6 +90,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Validate { config } => validate(&config),
+        Command::KnativeBaseline { args } => knative_baseline::main_entry(args).map_err(Into::into),
         Command::Worker {
             config,
             chain,

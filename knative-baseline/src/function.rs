@@ -1,0 +1,291 @@
+//! The function server: Knative's *user container*. An HTTP server that runs one Wasm
+//! function of one chain with Spindle's own host, so both systems execute identical code.
+//!
+//! `POST /` (any path but `/healthz`) with the payload → 200 with the function's output, or
+//! Spindle's error reply (`500 function NAME: message`, 504 when out of fuel). For a dynamic
+//! chain the next function the guest chose is returned in the `x-spindle-next` header — the
+//! Sequence dispatcher (the ingress) follows it, as Spindle's router follows `next_fn`.
+//!
+//! The host is not `Sync` and `invoke` blocks, so it lives on one dedicated thread fed by a
+//! channel: the container handles one request at a time, like a single-threaded function
+//! runtime, and never blocks tokio's workers. Concurrent requests queue in the channel.
+//! CloudEvents binary-mode headers (`ce-*`) of the request are echoed on the reply, as an SDK
+//! replying with the same event would.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chain_runtime::config::Config;
+use chain_runtime::host::{FunctionHost, Outcome, SlotIo};
+use chain_runtime::plan::Plan;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use shm::Status;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::BaselineError;
+use crate::net::{self, Reply, text};
+
+/// The response header naming the next function of a dynamic chain.
+pub const NEXT_HEADER: &str = "x-spindle-next";
+/// The tokio side only moves bytes; the function itself runs on its own thread.
+const IO_WORKERS: usize = 2;
+
+#[derive(Debug, Clone)]
+pub struct FunctionArgs {
+    pub config: PathBuf,
+    pub chain: String,
+    pub function: String,
+    pub listen: SocketAddr,
+}
+
+/// One request for the invoke thread.
+struct Job {
+    input: Bytes,
+    reply: oneshot::Sender<Invoked>,
+}
+
+struct Invoked {
+    outcome: Outcome,
+    output: Vec<u8>,
+}
+
+/// The chain's slot is the buffer a Spindle worker reads from and writes to; here the input
+/// and output are vectors with the same capacity, so the same size limits apply.
+struct VecIo<'a> {
+    input: &'a [u8],
+    output: Vec<u8>,
+    capacity: usize,
+}
+
+impl SlotIo for VecIo<'_> {
+    fn input_len(&self) -> usize {
+        self.input.len()
+    }
+
+    fn read_input(&self, dst: &mut [u8]) {
+        let n = dst.len().min(self.input.len());
+        dst[..n].copy_from_slice(&self.input[..n]);
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn write_output(&mut self, src: &[u8]) {
+        self.output.clear();
+        self.output.extend_from_slice(src);
+    }
+}
+
+struct Server {
+    function: String,
+    chain: String,
+    slot_size: usize,
+    dynamic: bool,
+    /// Dynamic chains: function id (what the host reports) → name (what travels in HTTP).
+    names: HashMap<u32, HeaderValue>,
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+pub fn run(args: FunctionArgs) -> Result<(), BaselineError> {
+    let config = Config::load(&args.config)?;
+    let plan = Plan::new(&config);
+    let chain = plan
+        .chain_by_name(&args.chain)
+        .ok_or_else(|| BaselineError::UnknownChain(args.chain.clone()))?;
+    let stage = chain
+        .stage_by_name(&args.function)
+        .ok_or_else(|| BaselineError::UnknownStage {
+            chain: args.chain.clone(),
+            function: args.function.clone(),
+        })?;
+    let slot_size = chain.spec.slot_size as usize;
+    let jobs = spawn_invoker(&stage.function, chain.routes(), slot_size)?;
+    let names = chain
+        .stages
+        .iter()
+        .filter_map(|s| Some((s.fn_id, HeaderValue::from_str(&s.function.name).ok()?)))
+        .collect();
+    let server = Arc::new(Server {
+        function: args.function.clone(),
+        chain: args.chain.clone(),
+        slot_size,
+        dynamic: chain.is_dynamic(),
+        names,
+        jobs,
+    });
+
+    net::runtime("kn-function", IO_WORKERS)?.block_on(async move {
+        let listener = net::bind(args.listen).await?;
+        let addr = net::announce(&listener)?;
+        tracing::info!(
+            "knative-style baseline: function server {}/{} (user container) listening on {addr}",
+            args.chain,
+            args.function
+        );
+        let handler = move |req| Arc::clone(&server).handle(req);
+        net::until_signal(net::serve(listener, handler, false)).await
+    })
+}
+
+/// Starts the thread that owns the function host. Returns once the module is compiled and
+/// instantiated, so a server that announces its address is ready to run the function.
+fn spawn_invoker(
+    spec: &chain_runtime::config::FunctionSpec,
+    routes: Option<Vec<(String, u32)>>,
+    slot_size: usize,
+) -> Result<mpsc::UnboundedSender<Job>, BaselineError> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let function = spec.name.clone();
+    let spec = spec.clone();
+    std::thread::Builder::new()
+        .name(format!("invoke-{}", spec.name))
+        .spawn(move || {
+            // Built on this thread so the host, which is not Sync, never crosses threads.
+            let mut host = match FunctionHost::new(&spec, routes) {
+                Ok(host) => {
+                    let _ = ready_tx.send(Ok(()));
+                    host
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while let Some(job) = rx.blocking_recv() {
+                let mut io = VecIo {
+                    input: &job.input,
+                    output: Vec::new(),
+                    capacity: slot_size,
+                };
+                let outcome = host.invoke(&mut io);
+                let _ = job.reply.send(Invoked {
+                    outcome,
+                    output: io.output,
+                });
+                // As Spindle's worker does: rebuild a trapped instance while idle, so the
+                // rebuild is not charged to the next request.
+                if rx.is_empty()
+                    && let Err(e) = host.prepare()
+                {
+                    tracing::error!(function = %spec.name, "rebuilding the instance: {e}");
+                }
+            }
+        })
+        .map_err(|e| BaselineError::io("starting the invoke thread", e))?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(tx),
+        Ok(Err(source)) => Err(BaselineError::Host { function, source }),
+        Err(_) => Err(BaselineError::io(
+            "starting the function host",
+            std::io::Error::other("the invoke thread ended during start-up"),
+        )),
+    }
+}
+
+impl Server {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Reply, Infallible> {
+        if req.uri().path() == "/healthz" {
+            return Ok(text(StatusCode::OK, "ok"));
+        }
+        Ok(self.invoke(req).await)
+    }
+
+    fn too_large(&self) -> Reply {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body exceeds chain {}'s slot size of {} bytes",
+                self.chain, self.slot_size
+            ),
+        )
+    }
+
+    async fn invoke(&self, req: Request<Incoming>) -> Reply {
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.slot_size as u64) {
+            return self.too_large();
+        }
+        let cloud_event: Vec<(HeaderName, HeaderValue)> = req
+            .headers()
+            .iter()
+            .filter(|(name, _)| name.as_str().starts_with("ce-"))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let input = match Limited::new(req.into_body(), self.slot_size)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return self.too_large(),
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading request body: {e}"),
+                );
+            }
+        };
+        let (reply, done) = oneshot::channel();
+        if self.jobs.send(Job { input, reply }).is_err() {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("function {}: the invoke thread has stopped", self.function),
+            );
+        }
+        let Ok(Invoked { outcome, output }) = done.await else {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("function {}: the invoke thread has stopped", self.function),
+            );
+        };
+        let mut resp = match outcome {
+            Outcome::Done { output_len, next } => {
+                debug_assert_eq!(output_len, output.len());
+                let mut resp = Response::new(Full::new(Bytes::from(output)));
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                // Static chains ignore a guest's `spindle.next`, as Spindle's worker does.
+                if self.dynamic
+                    && let Some(name) = next.and_then(|id| self.names.get(&id))
+                {
+                    resp.headers_mut()
+                        .insert(HeaderName::from_static(NEXT_HEADER), name.clone());
+                }
+                resp
+            }
+            Outcome::Failed { status, message } => self.failure(status, &message),
+        };
+        resp.headers_mut().extend(cloud_event);
+        resp
+    }
+
+    /// The reply Spindle's gateway gives for the same failure: the worker writes
+    /// "function NAME: message" (cut at the slot size) and the status picks the code.
+    fn failure(&self, status: Status, message: &str) -> Reply {
+        let code = match status {
+            Status::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Status::BadRoute => StatusCode::LOOP_DETECTED,
+            Status::Undeliverable => StatusCode::BAD_GATEWAY,
+            Status::Ok | Status::GuestError | Status::Trap | Status::Refused => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        let full = format!("function {}: {message}", self.function);
+        let cut = &full.as_bytes()[..full.len().min(self.slot_size)];
+        text(code, String::from_utf8_lossy(cut).into_owned())
+    }
+}

@@ -1,0 +1,550 @@
+//! Starts the real Knative-style baseline (this crate's binary, one process per component) on
+//! example configs and talks HTTP to it.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use knative_baseline::{Baseline, BaselineError, Options};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Builds examples/wasm/*.wasm once per test binary (make is incremental).
+fn build_examples() {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let status = Command::new("make")
+            .args(["-s", "-C"])
+            .arg(repo_root().join("examples"))
+            .status()
+            .expect("running make -C examples (is make installed? run scripts/setup.sh)");
+        assert!(
+            status.success(),
+            "building the example Wasm functions failed"
+        );
+    });
+}
+
+/// Writes `yaml`, with `{wasm:NAME}` replaced by the absolute module path, to a temp dir.
+fn config(tag: &str, yaml: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kn-baseline-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut text = yaml.to_string();
+    while let Some(start) = text.find("{wasm:") {
+        let end = start + text[start..].find('}').unwrap();
+        let module = repo_root()
+            .join("examples/wasm")
+            .join(format!("{}.wasm", &text[start + 6..end]));
+        text.replace_range(start..=end, &module.display().to_string());
+    }
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start_with(config: &Path, options: &Options) -> Result<Baseline, BaselineError> {
+    build_examples();
+    Baseline::start_with(
+        Path::new(env!("CARGO_BIN_EXE_knative-baseline")),
+        &[],
+        config,
+        "127.0.0.1:0".parse().unwrap(),
+        options,
+    )
+}
+
+fn start(config: &Path) -> Baseline {
+    start_with(config, &Options::default()).unwrap_or_else(|e| panic!("start failed: {e}"))
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    content_type: String,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`); `chunked` sends the body
+/// without a Content-Length.
+fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8], chunked: bool) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if chunked {
+        req.push_str("Transfer-Encoding: chunked\r\n\r\n");
+        req.push_str(&format!("{:x}\r\n", body.len()));
+    } else {
+        req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    }
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    if chunked {
+        bytes.extend_from_slice(b"\r\n0\r\n\r\n");
+    }
+    // The server may answer (413) and close before reading everything; the reply is what
+    // matters, so a failed write is not the test's failure.
+    let _ = s.write_all(&bytes);
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if raw.is_empty() => panic!("reading reply from {addr}{path}: {e}"),
+            Err(_) => break,
+        }
+    }
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap();
+    let mut content_type = String::new();
+    let mut length = None;
+    for line in lines {
+        let (k, v) = line.split_once(':').unwrap();
+        match k.trim().to_ascii_lowercase().as_str() {
+            "content-type" => content_type = v.trim().to_string(),
+            "content-length" => length = Some(v.trim().parse::<usize>().unwrap()),
+            _ => {}
+        }
+    }
+    let mut body = raw[split + 4..].to_vec();
+    if let Some(n) = length {
+        assert_eq!(body.len(), n, "body length vs Content-Length");
+        body.truncate(n);
+    }
+    Reply {
+        status: status.parse().unwrap(),
+        content_type,
+        body,
+    }
+}
+
+fn post(addr: SocketAddr, path: &str, body: &str) -> Reply {
+    request(addr, "POST", path, body.as_bytes(), false)
+}
+
+fn get(addr: SocketAddr, path: &str) -> Reply {
+    request(addr, "GET", path, b"", false)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Stats {
+    in_flight: u64,
+    served: u64,
+    queued_max: u64,
+}
+
+fn stats(queue_proxy: SocketAddr) -> Stats {
+    let reply = get(queue_proxy, "/_queue/stats");
+    assert_eq!(reply.status, 200);
+    let text = reply.text();
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text:?}"))
+    };
+    Stats {
+        in_flight: field("in_flight "),
+        served: field("served "),
+        queued_max: field("queued_max "),
+    }
+}
+
+/// Stats of every pod of `function`, in instance order.
+fn pod_stats(baseline: &Baseline, function: &str) -> Vec<Stats> {
+    baseline
+        .pods()
+        .iter()
+        .filter(|p| p.function == function)
+        .map(|p| stats(p.queue_proxy_addr))
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    // A reaped child leaves no /proc entry; a recycled pid would not be our child.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => {
+            let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+            let ppid: u32 = after_comm
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse()
+                .unwrap();
+            let state = after_comm.chars().next().unwrap();
+            ppid == std::process::id() && state != 'Z'
+        }
+    }
+}
+
+#[test]
+fn hello_chain_answers_like_spindle() {
+    let baseline = start(&repo_root().join("configs/hello.yaml"));
+    let addr = baseline.addr();
+    assert_eq!(baseline.pods().len(), 3);
+    assert_eq!(
+        baseline.pids().len(),
+        7,
+        "3 function servers, 3 queue-proxies, 1 ingress"
+    );
+
+    let r = post(addr, "/hello", "hello spindle");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.content_type, "application/json");
+    assert_eq!(r.text(), r#"{"result":"ELDNIPS OLLEH","bytes":13}"#);
+
+    assert_eq!(get(addr, "/healthz").status, 200);
+    let ready = get(addr, "/readyz");
+    assert_eq!(ready.status, 200);
+    assert!(
+        ready.text().contains("knative-style baseline"),
+        "{}",
+        ready.text()
+    );
+
+    let r = post(addr, "/nope", "x");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.text(), "no chain is routed at /nope\n");
+    // Routing is by exact path.
+    assert_eq!(post(addr, "/hello/", "x").status, 404);
+}
+
+#[test]
+fn dynamic_chain_follows_the_functions_choice() {
+    let baseline = start(&repo_root().join("configs/boutique.yaml"));
+    let r = post(baseline.addr(), "/shop", "cart total 30.00 EUR");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.content_type, "text/plain");
+    assert!(r.text().starts_with("30.00 USD = "), "{}", r.text());
+    // frontend -> cart -> currency, never catalog.
+    for (function, served) in [
+        ("frontend", 1),
+        ("cart", 1),
+        ("currency", 1),
+        ("catalog", 0),
+    ] {
+        let s = pod_stats(&baseline, function);
+        assert_eq!(s[0].served, served, "{function}: {s:?}");
+    }
+}
+
+#[test]
+fn dynamic_chain_stops_at_max_hops() {
+    let path = config(
+        "hops",
+        "functions:
+  - { name: frontend, module: '{wasm:frontend}' }
+  - { name: cart, module: '{wasm:cart}' }
+  - { name: currency, module: '{wasm:currency}' }
+chains:
+  - name: shop
+    route: /shop
+    entry: frontend
+    functions: [frontend, cart, currency]
+    max_hops: 2
+",
+    );
+    let baseline = start(&path);
+    let r = post(baseline.addr(), "/shop", "cart total 30.00 EUR");
+    assert_eq!(r.status, 508, "{}", r.text());
+    assert_eq!(
+        r.text(),
+        "function cart: request passed through 2 functions, the chain's max_hops\n"
+    );
+    assert_eq!(pod_stats(&baseline, "currency")[0].served, 0);
+}
+
+#[test]
+fn failing_function_is_named_and_stops_the_sequence() {
+    let path = config(
+        "faulty",
+        "functions:
+  - { name: faulty, module: '{wasm:faulty}', fuel: 20000000 }
+  - { name: reverse, module: '{wasm:reverse}' }
+chains:
+  - { name: f, route: /f, steps: [faulty, reverse], content_type: text/plain }
+",
+    );
+    let baseline = start(&path);
+    let addr = baseline.addr();
+
+    let r = post(addr, "/f", "trap");
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(
+        r.text().starts_with("function faulty: trapped"),
+        "{}",
+        r.text()
+    );
+    assert!(r.content_type.starts_with("text/plain"));
+
+    let r = post(addr, "/f", "error");
+    assert_eq!(r.status, 500);
+    assert_eq!(r.text(), "function faulty: requested error\n");
+
+    let r = post(addr, "/f", "loop");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        r.text().starts_with("function faulty: ran out of fuel"),
+        "{}",
+        r.text()
+    );
+
+    // The trapped instance was rebuilt; the chain works again.
+    let r = post(addr, "/f", "abc");
+    assert_eq!((r.status, r.text().as_str()), (200, "cba"));
+    assert_eq!(pod_stats(&baseline, "faulty")[0].served, 4);
+    assert_eq!(
+        pod_stats(&baseline, "reverse")[0].served,
+        1,
+        "failed steps stop the sequence"
+    );
+}
+
+#[test]
+fn limits_match_spindle() {
+    let path = config(
+        "limits",
+        "functions:
+  - { name: uppercase, module: '{wasm:uppercase}' }
+  - { name: faulty, module: '{wasm:faulty}' }
+chains:
+  - { name: up, route: /up, steps: [uppercase], content_type: text/plain, arena: { slot_size: 4KiB, slots: 8 } }
+  - { name: slow, route: /slow, steps: [faulty], timeout_ms: 300 }
+",
+    );
+    let baseline = start(&path);
+    let addr = baseline.addr();
+
+    let fits = "a".repeat(4096);
+    let r = post(addr, "/up", &fits);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "A".repeat(4096));
+
+    let expected = "request body exceeds chain up's slot size of 4096 bytes\n";
+    let too_big = "a".repeat(4097);
+    let r = post(addr, "/up", &too_big);
+    assert_eq!((r.status, r.text().as_str()), (413, expected));
+    // Without a Content-Length the limit is found while reading.
+    let r = request(addr, "POST", "/up", too_big.as_bytes(), true);
+    assert_eq!((r.status, r.text().as_str()), (413, expected));
+    assert_eq!(
+        pod_stats(&baseline, "uppercase")[0].served,
+        1,
+        "413s never reach a pod"
+    );
+
+    let began = Instant::now();
+    let r = post(addr, "/slow", "sleep 1500");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.text(), "chain slow did not finish within 300 ms\n");
+    assert!(
+        began.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        began.elapsed()
+    );
+}
+
+#[test]
+fn queue_proxies_count_every_request_and_pods_share_the_load() {
+    let path = config(
+        "accounting",
+        "functions:
+  - { name: uppercase, module: '{wasm:uppercase}', instances: 2 }
+  - { name: reverse, module: '{wasm:reverse}' }
+chains:
+  - { name: ur, route: /ur, steps: [uppercase, reverse], content_type: text/plain }
+",
+    );
+    let baseline = start(&path);
+    let addr = baseline.addr();
+    assert_eq!(baseline.pods().len(), 3);
+
+    for i in 0..10 {
+        let r = post(addr, "/ur", &format!("req {i}"));
+        assert_eq!((r.status, r.text()), (200, format!("{i} QER")));
+    }
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..5 {
+                    let r = post(addr, "/ur", &format!("t{t} {i}"));
+                    assert_eq!((r.status, r.text()), (200, format!("{i} {t}T")));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+
+    let up = pod_stats(&baseline, "uppercase");
+    let idle = |served| Stats {
+        in_flight: 0,
+        served,
+        queued_max: 0,
+    };
+    assert_eq!(up, vec![idle(15), idle(15)], "round-robin over two pods");
+    assert_eq!(pod_stats(&baseline, "reverse"), vec![idle(30)]);
+}
+
+#[test]
+fn container_concurrency_one_serialises_requests() {
+    let path = config(
+        "concurrency",
+        "functions:
+  - { name: faulty, module: '{wasm:faulty}' }
+chains:
+  - { name: s, route: /s, steps: [faulty] }
+",
+    );
+    let options = Options {
+        container_concurrency: 1,
+        ..Options::default()
+    };
+    let baseline = start_with(&path, &options).unwrap();
+    let addr = baseline.addr();
+    let began = Instant::now();
+    let sleepers: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || post(addr, "/s", "sleep 300")))
+        .collect();
+    for s in sleepers {
+        let r = s.join().unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "sleep 300"));
+    }
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(600), "took {took:?}");
+    // The second request waited in the queue-proxy, not in the container.
+    assert_eq!(
+        pod_stats(&baseline, "faulty"),
+        vec![Stats {
+            in_flight: 0,
+            served: 2,
+            queued_max: 1
+        }]
+    );
+}
+
+#[test]
+fn drop_leaves_no_processes() {
+    let baseline = start(&repo_root().join("configs/hello.yaml"));
+    let pids = baseline.pids();
+    assert_eq!(pids.len(), 7);
+    for &pid in &pids {
+        assert!(alive(pid), "pid {pid} should be running");
+    }
+    drop(baseline);
+    let still: Vec<u32> = pids.into_iter().filter(|&p| alive(p)).collect();
+    assert!(still.is_empty(), "still running after drop: {still:?}");
+}
+
+/// `run` as a process of its own: prints its address, serves, and its children die with it
+/// even when it is SIGKILLed (PR_SET_PDEATHSIG), so nothing is left behind.
+#[test]
+fn run_role_serves_and_its_children_die_with_it() {
+    build_examples();
+    let mut run = Command::new(env!("CARGO_BIN_EXE_knative-baseline"))
+        .args(["knative-baseline", "run", "--config"])
+        .arg(repo_root().join("configs/hello.yaml"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(run.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("knative-style baseline serving on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    let r = post(addr, "/hello", "hello spindle");
+    assert_eq!(r.text(), r#"{"result":"ELDNIPS OLLEH","bytes":13}"#);
+
+    let children = children_of(run.id());
+    assert_eq!(children.len(), 7, "{children:?}");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while children.iter().any(|&p| exists(p)) {
+        assert!(Instant::now() < deadline, "children outlived `run`");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Pids whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+                after_comm.split_whitespace().nth(1) == Some(&pid.to_string())
+            })
+        })
+        .collect()
+}
+
+/// Orphans are reaped by init (or a subreaper) once dead; until then they are zombies.
+fn exists(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+        !after_comm.starts_with('Z')
+    })
+}
+
+#[test]
+fn start_failure_names_the_component() {
+    let path = config(
+        "badmodule",
+        "functions:
+  - { name: uppercase, module: '{wasm:uppercase}' }
+  - { name: broken, module: ./broken.wasm }
+chains:
+  - { name: c, route: /c, steps: [uppercase, broken] }
+",
+    );
+    std::fs::write(path.with_file_name("broken.wasm"), b"not wasm at all").unwrap();
+    let began = Instant::now();
+    let err = start_with(&path, &Options::default())
+        .expect_err("a module that does not compile cannot start");
+    let message = err.to_string();
+    assert!(
+        message.contains("function server c/broken#0 failed to start"),
+        "{message}"
+    );
+    assert!(message.contains("cannot compile"), "{message}");
+    assert!(began.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn baseline_can_be_held_across_threads_and_awaits() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Baseline>();
+    send_sync::<BaselineError>();
+}
