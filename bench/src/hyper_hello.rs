@@ -1,39 +1,35 @@
 //! The ceiling for benchmarks: a bare hyper HTTP/1.1 server on the same runtime settings as the
 //! gateway, answering every request with a fixed body. Whatever Spindle adds on top of this is
-//! the cost of the chain.
+//! the cost of the chain. `spindle bench-ceiling` runs the same server.
 //!
-//! Usage: hyper-hello [ADDR]   (default 127.0.0.1:8090)
+//! ```text
+//! hyper-hello [ADDR]                        (default 127.0.0.1:8090)
+//! hyper-hello bench-ceiling --listen ADDR   (the `spindle` form, so this crate's tests can
+//!                                            start it the way `spindle bench` does)
+//! ```
 
-use std::convert::Infallible;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-
-async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    // Read the body like the gateway does, so both servers do the same socket work.
-    let _ = req.into_body().collect().await;
-    Ok(Response::new(Full::new(Bytes::from_static(b"hello world"))))
-}
+use std::net::SocketAddr;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:8090".into());
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = match args.as_slice() {
+        [] => "127.0.0.1:8090",
+        [addr] => addr.as_str(),
+        [sub, flag, addr] if sub == "bench-ceiling" && flag == "--listen" => addr.as_str(),
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "usage: hyper-hello [ADDR] | hyper-hello bench-ceiling --listen ADDR",
+            ));
+        }
+    };
+    let addr: SocketAddr = arg.parse().map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad address `{arg}`: {e}"),
+        )
+    })?;
     eprintln!("hyper-hello serving on http://{addr}");
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service_fn(hello))
-                .await;
-        });
-    }
+    spindle_bench::serve_ceiling(addr).await
 }

@@ -56,6 +56,52 @@ enum Command {
     },
     /// Check CONFIG and print every problem as file:line:col: message. Exit status 1 if any.
     Validate { config: PathBuf },
+    /// Compare, in one run and under the same load: a bare hyper server (the ceiling), Spindle on
+    /// the userspace and the eBPF (sockmap) dataplanes, the Knative-style baseline, and any
+    /// URL. Prints a Markdown table; writes JSON, Markdown and an SVG chart on request.
+    Bench {
+        /// Chain configuration for the Spindle and Knative-style targets.
+        #[arg(long, default_value = "configs/hello.yaml")]
+        config: PathBuf,
+        /// Comma-separated: ceiling, userspace, sockmap, knative, or http://HOST:PORT/PATH.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "ceiling,userspace,sockmap,knative"
+        )]
+        targets: Vec<spindle_bench::Target>,
+        /// Measured window per target (e.g. 10s, 500ms, 2m), after a 2 s warm-up.
+        #[arg(long, value_parser = spindle_bench::parse_duration, default_value = "10s")]
+        duration: Duration,
+        /// Concurrent keep-alive connections.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Open loop at this many requests/s (latency counted from the intended send time, so
+        /// queueing is not hidden); closed loop when absent.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Request path [default: the config's first chain route].
+        #[arg(long)]
+        path: Option<String>,
+        /// Request body [default: "hello spindle"].
+        #[arg(long)]
+        payload: Option<String>,
+        /// Write the report as JSON (stable field names, see docs/benchmarks.md).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the Markdown table here too (it is always printed).
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// SVG chart: throughput per target and latency CDFs.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// The bench's ceiling server (started by `spindle bench`).
+    #[command(name = "bench-ceiling", hide = true)]
+    BenchCeiling {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Run the Knative-style baseline (ingress -> queue-proxy -> function server per step,
     /// each its own process) on the same config and Wasm functions, for comparison:
     /// `spindle knative-baseline run --config CONFIG [--listen ADDR]`. `help` lists the roles.
@@ -90,6 +136,49 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Validate { config } => validate(&config),
+        Command::Bench {
+            config,
+            targets,
+            duration,
+            connections,
+            rate,
+            path,
+            payload,
+            json,
+            markdown,
+            plot,
+        } => {
+            let defaults = spindle_bench::BenchOptions::default();
+            let opts = spindle_bench::BenchOptions {
+                config,
+                targets,
+                duration,
+                connections,
+                rate,
+                path,
+                payload: payload.map_or(defaults.payload.clone(), String::into_bytes),
+                json,
+                markdown,
+                plot,
+                ..defaults
+            };
+            // Runs on this (main) thread: the targets' parent-death signal is tied to it.
+            std::env::current_exe()
+                .context("locating the spindle binary")
+                .and_then(|exe| {
+                    spindle_bench::run(&opts, &exe)
+                        .map(drop)
+                        .map_err(Into::into)
+                })
+        }
+        Command::BenchCeiling { listen } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")
+            .and_then(|rt| {
+                rt.block_on(spindle_bench::serve_ceiling(listen))
+                    .with_context(|| format!("ceiling server on {listen}"))
+            }),
         Command::KnativeBaseline { args } => knative_baseline::main_entry(args).map_err(Into::into),
         Command::Worker {
             config,

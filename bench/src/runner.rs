@@ -1,0 +1,727 @@
+//! [`run`]: start each target, check it, load it, account its CPU, stop it; then report.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::Method;
+
+use crate::client::{self, Endpoint};
+use crate::load::{self, LoadResult, LoadSpec, Window};
+use crate::process::TargetProcess;
+use crate::report::{CdfPoint, CheckSample, Machine, OptionsReport, Ratios, Report, TargetReport};
+use crate::{BenchError, BenchOptions, REQUEST_TIMEOUT, Target, config, cpu};
+
+/// Wasm compilation of every function happens before /readyz turns 200; a debug build of the
+/// gateway takes seconds for that.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const READY_POLL: Duration = Duration::from_millis(100);
+/// Lines of a failed target's output quoted in its skip reason.
+const LOG_LINES: usize = 12;
+const CDF_QUANTILES: [f64; 24] = [
+    0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99,
+    0.995, 0.999, 0.9995, 0.9999, 0.99995, 0.99999, 1.0,
+];
+
+/// Runs the comparison described by `opts`, starting targets from the `spindle` binary `exe`.
+///
+/// Prints progress to stderr and the Markdown report to stdout, and writes the JSON,
+/// Markdown and plot files that `opts` names. The report is written even when the result is
+/// [`BenchError::NothingMeasured`] or [`BenchError::Interrupted`] (both carry it).
+///
+/// Call it from the main thread (or any thread that outlives the run), outside an async
+/// runtime: it builds its own, and targets get `PR_SET_PDEATHSIG`, which fires when the
+/// *thread* that started them exits. While it runs, SIGINT/SIGTERM stop the run (a second one
+/// kills the process the default way); the previous handlers are restored on return.
+pub fn run(opts: &BenchOptions, exe: &Path) -> Result<Report, BenchError> {
+    check_options(opts)?;
+    let config = config_for(opts)?;
+    let path = request_path(opts, config.as_deref())?;
+    let load_threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(opts.connections)
+        .max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(load_threads)
+        .thread_name("spindle-bench")
+        .enable_all()
+        .build()
+        .map_err(BenchError::io("starting the load generator's runtime"))?;
+    let machine = Machine::detect();
+    let interrupt = Interrupt::install();
+
+    let mut targets = Vec::with_capacity(opts.targets.len());
+    for target in &opts.targets {
+        if interrupt.fired() {
+            targets.push(TargetReport::skipped(target, None, "not run: interrupted"));
+            continue;
+        }
+        eprintln!("spindle bench: {}", target.display_name());
+        let bench = TargetBench {
+            runtime: &runtime,
+            opts,
+            target,
+            config: config.as_deref(),
+            path: &path,
+            exe,
+            interrupt: &interrupt,
+        };
+        let result = bench.run();
+        if let Some(reason) = &result.skipped {
+            eprintln!("  skipped: {}", reason.lines().next().unwrap_or_default());
+        }
+        targets.push(result);
+    }
+    drop(runtime);
+    let interrupted = interrupt.fired();
+    drop(interrupt);
+
+    let report = Report {
+        machine,
+        options: OptionsReport::new(opts, &path, load_threads),
+        ratios: Ratios::compute(&targets),
+        targets,
+    };
+    emit(&report, opts)?;
+    if interrupted {
+        return Err(BenchError::Interrupted {
+            report: Box::new(report),
+        });
+    }
+    if report.targets.iter().all(|t| t.skipped.is_some()) {
+        return Err(BenchError::NothingMeasured {
+            report: Box::new(report),
+        });
+    }
+    Ok(report)
+}
+
+fn check_options(opts: &BenchOptions) -> Result<(), BenchError> {
+    if opts.targets.is_empty() {
+        return Err(BenchError::NoTargets);
+    }
+    if opts.connections == 0 {
+        return Err(BenchError::BadOptions(
+            "--connections must be at least 1".into(),
+        ));
+    }
+    if opts.duration.is_zero() {
+        return Err(BenchError::BadOptions(
+            "--duration must be longer than 0".into(),
+        ));
+    }
+    if opts.rate == Some(0) {
+        return Err(BenchError::BadOptions(
+            "--rate must be at least 1 request/s".into(),
+        ));
+    }
+    for target in &opts.targets {
+        if let Target::Url(url) = target {
+            client::parse_url(url)?;
+        }
+    }
+    Ok(())
+}
+
+/// The absolute config path if some target is started from it. Absolute, because the
+/// target's working directory is ours only by accident of how it is spawned.
+fn config_for(opts: &BenchOptions) -> Result<Option<PathBuf>, BenchError> {
+    let users: Vec<&str> = opts
+        .targets
+        .iter()
+        .filter(|t| t.needs_config())
+        .map(|t| t.mode())
+        .collect();
+    if users.is_empty() {
+        return Ok(None);
+    }
+    if !opts.config.is_file() {
+        return Err(BenchError::ConfigMissing {
+            path: opts.config.clone(),
+            needed_by: users.join(", "),
+        });
+    }
+    std::fs::canonicalize(&opts.config)
+        .map(Some)
+        .map_err(BenchError::io(format!("reading {}", opts.config.display())))
+}
+
+fn request_path(opts: &BenchOptions, config: Option<&Path>) -> Result<String, BenchError> {
+    if let Some(path) = &opts.path {
+        return Ok(if path.starts_with('/') {
+            path.clone()
+        } else {
+            format!("/{path}")
+        });
+    }
+    let Some(config) = config else {
+        // Only the ceiling and URLs: the ceiling answers any path.
+        return Ok(match std::fs::read_to_string(&opts.config) {
+            Ok(text) => config::first_route(&text).unwrap_or_else(|| "/".into()),
+            Err(_) => "/".into(),
+        });
+    };
+    let text = std::fs::read_to_string(config)
+        .map_err(BenchError::io(format!("reading {}", config.display())))?;
+    config::first_route(&text).ok_or_else(|| BenchError::Config {
+        path: opts.config.clone(),
+        reason: "no chain with a `route:` found to send requests to; pass --path".into(),
+    })
+}
+
+struct TargetBench<'a> {
+    runtime: &'a tokio::runtime::Runtime,
+    opts: &'a BenchOptions,
+    target: &'a Target,
+    config: Option<&'a Path>,
+    path: &'a str,
+    exe: &'a Path,
+    interrupt: &'a Interrupt,
+}
+
+impl TargetBench<'_> {
+    fn skipped(&self, endpoint: Option<&Endpoint>, reason: impl Into<String>) -> TargetReport {
+        let url = match (endpoint, self.target) {
+            (Some(e), _) => Some(e.url()),
+            (None, Target::Url(url)) => Some(url.clone()),
+            (None, _) => None,
+        };
+        TargetReport::skipped(self.target, url, reason)
+    }
+
+    fn run(&self) -> TargetReport {
+        // `process` lives until this function returns: every path out stops the target.
+        let (endpoint, process) = match self.target {
+            Target::Url(url) => match self.runtime.block_on(client::resolve(url)) {
+                Ok(endpoint) => (endpoint, None),
+                Err(reason) => return self.skipped(None, reason),
+            },
+            builtin => {
+                let addr = match free_loopback_port() {
+                    Ok(addr) => addr,
+                    Err(e) => return self.skipped(None, format!("no free loopback port: {e}")),
+                };
+                let endpoint = Endpoint::loopback(addr, self.path);
+                let args = self.args(builtin, addr);
+                // Spawned on this (the caller's) thread: see `run` on PR_SET_PDEATHSIG.
+                let mut process = match TargetProcess::spawn(self.exe, &args) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        return self.skipped(
+                            Some(&endpoint),
+                            format!("cannot start {}: {e}", self.exe.display()),
+                        );
+                    }
+                };
+                eprintln!("  started {} (pid {})", process.command_line, process.pid());
+                let ready =
+                    self.runtime
+                        .block_on(wait_ready(&mut process, &endpoint, self.interrupt));
+                if let Err(reason) = ready {
+                    return self.skipped(Some(&endpoint), reason);
+                }
+                (endpoint, Some(process))
+            }
+        };
+
+        let payload = Bytes::from(self.opts.payload.clone());
+        let check = match self
+            .runtime
+            .block_on(check_target(&endpoint, payload.clone()))
+        {
+            Ok(sample) => sample,
+            Err(reason) => return self.skipped(Some(&endpoint), reason),
+        };
+
+        let spec = LoadSpec {
+            endpoint: endpoint.clone(),
+            payload,
+            connections: self.opts.connections,
+            rate: self.opts.rate,
+            timeout: REQUEST_TIMEOUT,
+        };
+        let root = process.as_ref().map(|p| p.pid());
+        let label = self.target.display_name();
+        let measured = self.runtime.block_on(async {
+            tokio::select! {
+                m = measure(spec, self.opts, root, label) => Some(m),
+                () = self.interrupt.wait() => None,
+            }
+        });
+        let Some(measured) = measured else {
+            return self.skipped(Some(&endpoint), "interrupted during the measurement");
+        };
+        if let Some(mut process) = process
+            && let Some(status) = process.exited()
+        {
+            eprintln!(
+                "  warning: the target exited during the run ({status}); its last output:\n{}",
+                process.log_tail(LOG_LINES)
+            );
+        }
+        self.report(&endpoint, check, measured)
+    }
+
+    fn args(&self, target: &Target, addr: SocketAddr) -> Vec<OsString> {
+        let config = self
+            .config
+            .map(|c| c.as_os_str().to_owned())
+            .unwrap_or_default();
+        let listen = OsString::from(addr.to_string());
+        let strs = |items: &[&str]| items.iter().map(OsString::from).collect::<Vec<_>>();
+        match target {
+            Target::Ceiling => {
+                let mut a = strs(&["bench-ceiling", "--listen"]);
+                a.push(listen);
+                a
+            }
+            Target::Userspace | Target::Sockmap => {
+                let mut a = strs(&["run"]);
+                a.push(config);
+                a.extend(strs(&["--listen"]));
+                a.push(listen);
+                a.extend(strs(&["--dataplane", target.mode()]));
+                a
+            }
+            Target::Knative => {
+                let mut a = strs(&["knative-baseline", "run", "--config"]);
+                a.push(config);
+                a.extend(strs(&["--listen"]));
+                a.push(listen);
+                a
+            }
+            Target::Url(_) => Vec::new(),
+        }
+    }
+
+    fn report(&self, endpoint: &Endpoint, check: CheckSample, m: Measured) -> TargetReport {
+        let LoadResult {
+            histogram,
+            ok,
+            errors,
+        } = m.load;
+        let duration = self.opts.duration.as_secs_f64();
+        let per_request = |seconds: f64| (ok > 0).then(|| seconds / ok as f64);
+        let latency = |q: f64| (ok > 0).then(|| histogram.value_at_quantile(q));
+        let cdf = (ok > 0).then(|| {
+            CDF_QUANTILES
+                .iter()
+                .map(|&q| CdfPoint {
+                    q,
+                    us: histogram.value_at_quantile(q),
+                })
+                .collect()
+        });
+        TargetReport {
+            name: self.target.display_name(),
+            mode: self.target.mode().to_string(),
+            url: Some(endpoint.url()),
+            rps: Some(round1(ok as f64 / duration)),
+            p50_us: latency(0.5),
+            p90_us: latency(0.9),
+            p99_us: latency(0.99),
+            p999_us: latency(0.999),
+            max_us: (ok > 0).then(|| histogram.max()),
+            mean_us: (ok > 0).then(|| round1(histogram.mean())),
+            errors: Some(errors.total()),
+            error_kinds: Some(errors),
+            requests: Some(ok),
+            duration_s: Some(duration),
+            intended_rps: self.opts.rate.map(|r| r as f64),
+            cpu_s_per_req: m.tree.as_ref().and_then(|t| per_request(t.seconds)),
+            cpu_s: m.tree.as_ref().map(|t| t.seconds),
+            loadgen_cpu_s_per_req: m.loadgen_cpu_s.and_then(per_request),
+            processes: m.tree.map(|t| t.processes),
+            check: Some(check),
+            cdf,
+            skipped: None,
+        }
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn free_loopback_port() -> std::io::Result<SocketAddr> {
+    // Bound and released: the target binds it again a few milliseconds later. Another
+    // process could grab it in between; then the target fails to start and says so.
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    text.trim().to_string()
+}
+
+/// The line of a failed target's output that most likely says why: the last one mentioning
+/// an error, else the last one. The skip reason leads with it, since its first line is what
+/// the progress output and the Markdown list show.
+fn key_line(output: &str) -> &str {
+    let lines = || {
+        output
+            .lines()
+            .rev()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+    };
+    lines()
+        .find(|l| l.to_ascii_lowercase().contains("error"))
+        .or_else(|| lines().next())
+        .unwrap_or("no output")
+}
+
+async fn wait_ready(
+    process: &mut TargetProcess,
+    endpoint: &Endpoint,
+    interrupt: &Interrupt,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if interrupt.fired() {
+            return Err("interrupted while starting".into());
+        }
+        if let Some(status) = process.exited() {
+            let tail = process.log_tail(LOG_LINES);
+            return Err(format!(
+                "exited ({status}) before it was ready: {}\n{tail}",
+                key_line(&tail)
+            ));
+        }
+        let probe = client::one_shot(
+            Method::GET,
+            endpoint,
+            "/readyz",
+            Bytes::new(),
+            Duration::from_secs(1),
+        )
+        .await;
+        let last = match probe {
+            Ok((status, _)) if status.as_u16() == 200 => return Ok(()),
+            Ok((status, body)) => format!("GET /readyz answered {status}: {}", snippet(&body)),
+            Err(e) => format!("GET /readyz: {e}"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "not ready after {} s: {last}\n{}",
+                READY_TIMEOUT.as_secs(),
+                process.log_tail(LOG_LINES)
+            ));
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+}
+
+/// One request before the load: a target that answers the configured request with an error
+/// (wrong path, bad config) would otherwise be benchmarked serving error pages.
+async fn check_target(endpoint: &Endpoint, payload: Bytes) -> Result<CheckSample, String> {
+    let answer = client::one_shot(
+        Method::POST,
+        endpoint,
+        &endpoint.path,
+        payload,
+        REQUEST_TIMEOUT,
+    )
+    .await;
+    match answer {
+        Ok((status, body)) if status.is_success() => Ok(CheckSample {
+            status: status.as_u16(),
+            body: snippet(&body),
+        }),
+        Ok((status, body)) => Err(format!(
+            "the check request POST {} answered {status}, expected 2xx: {}",
+            endpoint.url(),
+            snippet(&body)
+        )),
+        Err(e) => Err(format!(
+            "the check request POST {} failed: {e}",
+            endpoint.url()
+        )),
+    }
+}
+
+struct Measured {
+    load: LoadResult,
+    tree: Option<cpu::TreeCpu>,
+    loadgen_cpu_s: Option<f64>,
+}
+
+async fn measure(
+    spec: LoadSpec,
+    opts: &BenchOptions,
+    root: Option<i32>,
+    label: String,
+) -> Measured {
+    let window = Window::starting_now(opts.warmup, opts.duration);
+    let snapshot = move || async move {
+        let tree = match root {
+            // Reading a few hundred /proc files takes milliseconds: keep it off the workers.
+            Some(pid) => tokio::task::spawn_blocking(move || cpu::tree(pid))
+                .await
+                .ok(),
+            None => None,
+        };
+        (tree, cpu::self_cpu_seconds())
+    };
+    let accounting = async {
+        tokio::time::sleep_until(window.measure_start).await;
+        let (tree0, self0) = snapshot().await;
+        tokio::time::sleep_until(window.end).await;
+        let (tree1, self1) = snapshot().await;
+        let tree = match (tree0, tree1) {
+            (Some(a), Some(b)) => Some(cpu::diff(&a, &b)),
+            _ => None,
+        };
+        let loadgen = match (self0, self1) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        (tree, loadgen)
+    };
+    let (load, (tree, loadgen_cpu_s)) =
+        tokio::join!(load::generate(spec, window, Some(label)), accounting);
+    Measured {
+        load,
+        tree,
+        loadgen_cpu_s,
+    }
+}
+
+fn emit(report: &Report, opts: &BenchOptions) -> Result<(), BenchError> {
+    use std::io::Write;
+    let markdown = report.to_markdown();
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(markdown.as_bytes());
+    let _ = stdout.flush();
+    drop(stdout);
+    // Write every requested file even if one fails; report the first failure.
+    let mut first_error = None;
+    let mut keep = |r: Result<(), BenchError>| {
+        if let Err(e) = r {
+            first_error.get_or_insert(e);
+        }
+    };
+    if let Some(path) = &opts.json {
+        keep(
+            std::fs::write(path, report.to_json())
+                .map_err(BenchError::io(format!("writing {}", path.display()))),
+        );
+    }
+    if let Some(path) = &opts.markdown {
+        keep(
+            std::fs::write(path, &markdown)
+                .map_err(BenchError::io(format!("writing {}", path.display()))),
+        );
+    }
+    if let Some(path) = &opts.plot {
+        keep(report.write_svg(path));
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// SIGINT/SIGTERM while a run is in progress: a flag the run polls, so it can stop and reap
+/// its targets and still write the report. Installed for the duration of `run` (counted, so
+/// concurrent runs in one process share it) and then the previous handlers are restored.
+struct Interrupt;
+
+static FIRED: AtomicBool = AtomicBool::new(false);
+static INSTALLED: Mutex<(usize, Vec<(libc::c_int, libc::sigaction)>)> = Mutex::new((0, Vec::new()));
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    if FIRED.swap(true, Ordering::SeqCst) {
+        // The second Ctrl-C: stop waiting for a graceful end. Dying by the signal's default
+        // action still takes the targets along (parent-death signal).
+        // SAFETY: signal and raise are async-signal-safe.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+}
+
+impl Interrupt {
+    fn install() -> Interrupt {
+        let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+        if installed.0 == 0 {
+            FIRED.store(false, Ordering::SeqCst);
+            for sig in [libc::SIGINT, libc::SIGTERM] {
+                // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the
+                // handler only touches an atomic and async-signal-safe calls.
+                unsafe {
+                    let mut action: libc::sigaction = std::mem::zeroed();
+                    action.sa_sigaction =
+                        on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                    action.sa_flags = libc::SA_RESTART;
+                    libc::sigemptyset(&mut action.sa_mask);
+                    let mut old: libc::sigaction = std::mem::zeroed();
+                    if libc::sigaction(sig, &action, &mut old) == 0 {
+                        installed.1.push((sig, old));
+                    }
+                }
+            }
+        }
+        installed.0 += 1;
+        Interrupt
+    }
+
+    fn fired(&self) -> bool {
+        FIRED.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once a signal has arrived. Polled: a signal handler cannot wake a task.
+    async fn wait(&self) {
+        while !self.fired() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("spindle bench: interrupted, stopping the target");
+    }
+}
+
+impl Drop for Interrupt {
+    fn drop(&mut self) {
+        let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+        installed.0 -= 1;
+        if installed.0 == 0 {
+            for (sig, old) in installed.1.drain(..) {
+                // SAFETY: restores the action sigaction returned when we installed ours.
+                unsafe { libc::sigaction(sig, &old, std::ptr::null_mut()) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(targets: Vec<Target>) -> BenchOptions {
+        BenchOptions {
+            targets,
+            ..BenchOptions::default()
+        }
+    }
+
+    #[test]
+    fn rejects_bad_options_before_starting_anything() {
+        let exe = Path::new("/nonexistent/spindle");
+        let mut o = opts(vec![Target::Ceiling]);
+        o.connections = 0;
+        assert!(
+            matches!(run(&o, exe), Err(BenchError::BadOptions(m)) if m.contains("connections"))
+        );
+        let mut o = opts(vec![Target::Ceiling]);
+        o.rate = Some(0);
+        assert!(matches!(run(&o, exe), Err(BenchError::BadOptions(m)) if m.contains("rate")));
+        let mut o = opts(vec![Target::Ceiling]);
+        o.duration = Duration::ZERO;
+        assert!(matches!(run(&o, exe), Err(BenchError::BadOptions(_))));
+        assert!(matches!(
+            run(&opts(vec![]), exe),
+            Err(BenchError::NoTargets)
+        ));
+        let o = opts(vec![Target::Url("https://example.com".into())]);
+        assert!(matches!(run(&o, exe), Err(BenchError::BadUrl { .. })));
+    }
+
+    #[test]
+    fn a_missing_config_is_an_error_only_for_targets_that_need_it() {
+        let mut o = opts(vec![Target::Ceiling, Target::Userspace, Target::Knative]);
+        o.config = PathBuf::from("/nonexistent/hello.yaml");
+        let err = config_for(&o).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config file /nonexistent/hello.yaml not found (needed to start userspace, knative; pass --config FILE)"
+        );
+        o.targets = vec![Target::Ceiling];
+        assert_eq!(config_for(&o).unwrap(), None);
+        assert_eq!(request_path(&o, None).unwrap(), "/");
+        o.path = Some("hop8".into());
+        assert_eq!(request_path(&o, None).unwrap(), "/hop8");
+    }
+
+    #[test]
+    fn the_default_path_is_the_first_chain_route() {
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench.yaml");
+        let o = BenchOptions {
+            config: config.clone(),
+            ..BenchOptions::default()
+        };
+        let resolved = config_for(&o).unwrap().unwrap();
+        assert!(resolved.is_absolute());
+        assert_eq!(request_path(&o, Some(&resolved)).unwrap(), "/hello");
+
+        let dir = std::env::temp_dir().join(format!("spindle-bench-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let no_route = dir.join("empty.yaml");
+        std::fs::write(&no_route, "functions: []\nchains: []\n").unwrap();
+        let o = BenchOptions {
+            config: no_route.clone(),
+            ..BenchOptions::default()
+        };
+        let err = request_path(&o, Some(&no_route)).unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            err.to_string().contains("no chain with a `route:`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn leads_a_skip_reason_with_the_error_line() {
+        let log = "INFO starting\nerror: unrecognized subcommand 'bench-ceiling'\nUsage: spindle <COMMAND>\n";
+        assert_eq!(
+            key_line(log),
+            "error: unrecognized subcommand 'bench-ceiling'"
+        );
+        assert_eq!(key_line("a\nlast words\n\n"), "last words");
+        assert_eq!(key_line(""), "no output");
+    }
+
+    #[test]
+    fn builds_the_documented_command_lines() {
+        let o = BenchOptions::default();
+        let interrupt = Interrupt::install();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let config = Path::new("/c/hello.yaml");
+        let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let line = |target: &Target| {
+            let bench = TargetBench {
+                runtime: &runtime,
+                opts: &o,
+                target,
+                config: Some(config),
+                path: "/hello",
+                exe: Path::new("spindle"),
+                interrupt: &interrupt,
+            };
+            bench
+                .args(target, addr)
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            line(&Target::Ceiling),
+            "bench-ceiling --listen 127.0.0.1:4000"
+        );
+        assert_eq!(
+            line(&Target::Userspace),
+            "run /c/hello.yaml --listen 127.0.0.1:4000 --dataplane userspace"
+        );
+        assert_eq!(
+            line(&Target::Sockmap),
+            "run /c/hello.yaml --listen 127.0.0.1:4000 --dataplane sockmap"
+        );
+        assert_eq!(
+            line(&Target::Knative),
+            "knative-baseline run --config /c/hello.yaml --listen 127.0.0.1:4000"
+        );
+    }
+}
