@@ -32,13 +32,17 @@ pub struct Metrics {
     kernel_bytes: IntCounterVec,
 }
 
+/// Statuses a chain route answers with (see README "Status codes").
+const CHAIN_CODES: [u16; 9] = [200, 400, 408, 413, 500, 502, 503, 504, 508];
+
 /// Per-chain handles, cloned out of the vectors once.
 #[derive(Clone)]
 pub struct ChainMetrics {
     chain: String,
     requests: IntCounterVec,
     refused: IntCounterVec,
-    pub ok: IntCounter,
+    /// Handles for every status a chain request can end with, so no request looks one up.
+    by_code: Vec<(u16, IntCounter)>,
     pub duration: prometheus::Histogram,
     pub forwarded: IntCounter,
     pub alloc_failures: IntCounter,
@@ -47,12 +51,12 @@ pub struct ChainMetrics {
 
 impl ChainMetrics {
     pub fn request(&self, code: u16) {
-        if code == 200 {
-            self.ok.inc();
-        } else {
-            self.requests
+        match self.by_code.iter().find(|(c, _)| *c == code) {
+            Some((_, counter)) => counter.inc(),
+            None => self
+                .requests
                 .with_label_values(&[self.chain.as_str(), &code.to_string()])
-                .inc();
+                .inc(),
         }
     }
 
@@ -471,7 +475,10 @@ impl Metrics {
             chain: chain.to_string(),
             requests: self.requests.clone(),
             refused: self.refused.clone(),
-            ok: self.requests.with_label_values(&[chain, "200"]),
+            by_code: CHAIN_CODES
+                .iter()
+                .map(|&c| (c, self.requests.with_label_values(&[chain, &c.to_string()])))
+                .collect(),
             duration: self.duration.with_label_values(&[chain]),
             forwarded: self.forwarded.with_label_values(&[chain]),
             alloc_failures: self.alloc_failures.with_label_values(&[chain]),
