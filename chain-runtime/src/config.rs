@@ -73,6 +73,8 @@ const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 
 const WASM_PAGE: u64 = 64 * KIB;
+/// Chain ids are 16-bit in the descriptor.
+const MAX_CHAINS: usize = 1024;
 const DEFAULT_INSTANCES: u32 = 1;
 const MAX_INSTANCES: i64 = 64;
 const DEFAULT_MEMORY_LIMIT: u64 = 64 * MIB;
@@ -450,6 +452,12 @@ impl Checker<'_> {
             None => self.error(top.at, "missing required key `chains`"),
             Some(node) => {
                 if let Some(items) = self.list(node, "chains", "chain") {
+                    if items.len() > MAX_CHAINS {
+                        self.error(
+                            pos(node),
+                            format!("{} chains; at most {MAX_CHAINS} are supported", items.len()),
+                        );
+                    }
                     let mut names = HashMap::new();
                     let mut routes = HashMap::new();
                     for item in items {
@@ -1810,6 +1818,19 @@ mod tests {
         s.one_error(&lines, 1, 9, "invalid listen address");
         lines[0] = "listen: '[::1]:9000'";
         assert_eq!(s.ok(&lines).listen, Some("[::1]:9000".parse().unwrap()));
+    }
+
+    #[test]
+    fn chain_count_is_bounded() {
+        let s = Scratch::new();
+        let owned: Vec<String> = (0..=MAX_CHAINS)
+            .map(|i| format!("  - {{ name: c{i}, route: /c{i}, steps: [a] }}"))
+            .collect();
+        let chains: Vec<&str> = owned.iter().map(String::as_str).collect();
+        let errors = s.errors(&with_chains(&chains));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((errors[0].0, errors[0].1), (7, 3));
+        assert!(errors[0].2.contains("at most 1024"), "{errors:?}");
     }
 
     #[test]
