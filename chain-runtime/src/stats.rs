@@ -51,8 +51,10 @@ struct Block {
     invocations: AtomicU64,
     errors: [AtomicU64; 5],
     exec_sum_ns: AtomicU64,
-    /// Non-cumulative counts per bucket; the last one also takes everything slower.
+    /// Non-cumulative counts per bucket.
     exec_buckets: [AtomicU64; EXEC_BUCKETS],
+    /// Calls slower than the last bound: they appear only in `+Inf` and the count.
+    exec_overflow: AtomicU64,
 }
 
 /// A consistent-enough copy of one page (each field is read atomically).
@@ -62,6 +64,7 @@ pub struct Snapshot {
     pub errors: [u64; 5],
     pub exec_sum_seconds: f64,
     pub exec_buckets: [u64; EXEC_BUCKETS],
+    pub exec_overflow: u64,
 }
 
 impl Snapshot {
@@ -74,6 +77,7 @@ impl Snapshot {
         for (a, b) in self.exec_buckets.iter_mut().zip(other.exec_buckets) {
             *a += b;
         }
+        self.exec_overflow += other.exec_overflow;
     }
 }
 
@@ -151,14 +155,18 @@ impl StatsPage {
         }
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         b.exec_sum_ns.fetch_add(ns, Relaxed);
-        let us = ns / 1000;
+        // Rounded up, so a bucket's count never includes a call longer than its bound.
+        let us = ns.div_ceil(1000);
         // Smallest k with us <= 2^k: bucket k covers (2^(k-1), 2^k] microseconds.
         let k = if us <= 1 {
             0
         } else {
             (64 - (us - 1).leading_zeros()) as usize
         };
-        b.exec_buckets[k.min(EXEC_BUCKETS - 1)].fetch_add(1, Relaxed);
+        match b.exec_buckets.get(k) {
+            Some(bucket) => bucket.fetch_add(1, Relaxed),
+            None => b.exec_overflow.fetch_add(1, Relaxed),
+        };
     }
 
     /// Counts a descriptor refused before any guest ran.
@@ -179,6 +187,7 @@ impl StatsPage {
         for (dst, src) in s.exec_buckets.iter_mut().zip(&b.exec_buckets) {
             *dst = src.load(Relaxed);
         }
+        s.exec_overflow = b.exec_overflow.load(Relaxed);
         s
     }
 }
@@ -192,7 +201,7 @@ mod tests {
         let (page, fd) = StatsPage::create("stats-test").unwrap();
         let other = StatsPage::from_fd(fd.try_clone().unwrap()).unwrap();
         other.record(Duration::from_micros(1), None);
-        other.record(Duration::from_micros(3), Some(ErrorKind::Trap));
+        other.record(Duration::from_nanos(2_001), Some(ErrorKind::Trap));
         other.record(Duration::from_millis(5), None);
         other.record(Duration::from_secs(100), Some(ErrorKind::Timeout));
         other.record_refused();
@@ -200,14 +209,14 @@ mod tests {
         assert_eq!(s.invocations, 4);
         assert_eq!(s.errors, [0, 1, 1, 1, 0]);
         assert_eq!(s.exec_buckets[0], 1, "1 µs");
-        assert_eq!(s.exec_buckets[2], 1, "3 µs -> (2, 4]");
+        assert_eq!(s.exec_buckets[2], 1, "2.001 µs -> (2, 4], never le=2e-6");
         assert_eq!(s.exec_buckets[13], 1, "5 ms -> (4.096, 8.192] ms");
+        assert_eq!(s.exec_buckets.iter().sum::<u64>(), 3);
         assert_eq!(
-            s.exec_buckets[EXEC_BUCKETS - 1],
-            1,
-            "100 s lands in the last bucket"
+            s.exec_overflow, 1,
+            "100 s is beyond the last bound: only in +Inf"
         );
-        assert!((s.exec_sum_seconds - 100.005004).abs() < 1e-6);
+        assert!((s.exec_sum_seconds - 100.005003001).abs() < 1e-6);
         assert!(bucket_bound(13) >= 0.005 && bucket_bound(12) < 0.005);
     }
 

@@ -238,11 +238,13 @@ impl Worker<'_> {
                 Err(e) => return Err(e.into()),
             }
             let reply = self.handle(Descriptor::from_bytes(&buf));
-            writer.write_all(&reply.to_bytes())?;
+            // A 32-byte reply always fits the buffer, so a failed call consumed none of it
+            // and retrying cannot duplicate bytes.
+            retry_redirect(|| writer.write_all(&reply.to_bytes()))?;
             // Replies to a burst that arrived together leave in one write; nothing waits
             // behind a descriptor when no more are queued.
             if reader.buffer().is_empty() {
-                writer.flush()?;
+                retry_redirect(|| writer.flush())?;
                 if let Err(e) = self.host.prepare() {
                     tracing::error!(function = %self.stage.function.name, "rebuilding the instance: {e}");
                 }
@@ -341,6 +343,31 @@ impl Worker<'_> {
         d.len = if written { bytes.len() as u32 } else { 0 };
         d.status = status as u8;
         d.next_fn = GATEWAY_FN;
+    }
+}
+
+/// Runs a socket write, retrying the errors a kernel redirect can hit after its verdict: the
+/// target's socket went away (EPIPE) or had no memory (ENOMEM). The kernel counted those
+/// bytes as unwritten, so the retry gets a fresh verdict — a destination that is gone now
+/// sends the descriptor back to the gateway marked undeliverable. Our own connection being
+/// gone looks the same, so retries are bounded.
+fn retry_redirect(mut write: impl FnMut() -> std::io::Result<()>) -> std::io::Result<()> {
+    const ATTEMPTS: u32 = 200;
+    let mut attempt = 0;
+    loop {
+        match write() {
+            Err(e)
+                if attempt < ATTEMPTS
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EPIPE | libc::ENOMEM | libc::EAGAIN)
+                    ) =>
+            {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -9,9 +9,8 @@
 //!
 //! With the kernel dataplane ([`KernelRoute`]), function-to-function hops never reach the
 //! router: it sees the first send and the final return. Where a request is held is then read
-//! from the eBPF program's holder record for its slot, and a returning descriptor is checked
-//! for plausibility (right chain, slot, generation; a static chain's last step) rather than
-//! against an exact holder.
+//! from the eBPF program's holder record for its slot (written on every redirect, the
+//! gateway's own first sends included); a returning descriptor must come from that holder.
 //!
 //! Slot ownership: the `Pending` entry owns the request's slot through a [`SlotGuard`], and the
 //! guard releases it on drop. Whoever removes the entry from the table owns the slot from then
@@ -30,7 +29,7 @@ use chain_runtime::stats::{StatsError, StatsPage};
 use chain_runtime::worker::is_control;
 use hyper::StatusCode;
 use shm::{Arena, Descriptor, GATEWAY_FN, SlotRef, Status};
-use sockmap_bpf::KernelDataplane;
+use sockmap_bpf::{HolderRecord, KernelDataplane};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
@@ -194,35 +193,45 @@ impl ChainRuntime {
         })
     }
 
-    /// Whether `from` may be the one returning `desc`. Userspace: exactly the instance the
-    /// router sent it to. Kernel-routed: any instance of the chain, but a static chain's
-    /// successful end must come from its last step, and hops must have advanced.
-    fn plausible_sender(&self, p: &Pending, from: Holder, desc: &Descriptor) -> bool {
-        if self.kernel.is_none() {
-            return p.holder == from;
+    /// The kernel's record of where the request in slot `slot` was last sent, read outside
+    /// the pending lock (it is a syscall). None in userspace mode or for a bad slot index.
+    fn kernel_record(&self, slot: u32) -> Option<HolderRecord> {
+        let k = self.kernel.as_ref()?;
+        if slot >= self.arena.slot_count() {
+            return None;
         }
-        let finished_ok = desc.status == Status::Ok as u8 && desc.next_fn == GATEWAY_FN;
-        !(finished_ok && !self.plan.is_dynamic() && from.stage + 1 != self.stages.len())
-    }
-
-    fn hop_ok(&self, p: &Pending, desc: &Descriptor) -> bool {
-        match self.kernel {
-            None => desc.hop == p.hop.wrapping_add(1),
-            Some(_) => desc.hop > p.hop && desc.hop <= self.plan.max_hops(),
-        }
+        k.dataplane.holder(k.slot_base + slot).ok()
     }
 
     /// Whether the request in `p` is held by `holder`: the kernel's record of the last
     /// redirect when it names this request, else the instance the router last sent it to.
-    fn held_by(&self, request_id: u64, p: &Pending, holder: Holder) -> bool {
-        if let Some(k) = &self.kernel
-            && let Ok(rec) = k.dataplane.holder(k.slot_base + p.slot.slot().index)
-            && rec.request_id == request_id
-        {
-            return self.stage_index(rec.fn_id) == Some(holder.stage)
-                && rec.instance as usize == holder.instance;
+    fn held_by(
+        &self,
+        request_id: u64,
+        p: &Pending,
+        record: Option<HolderRecord>,
+        holder: Holder,
+    ) -> bool {
+        match record {
+            Some(rec) if rec.request_id == request_id => {
+                self.stage_index(rec.fn_id()) == Some(holder.stage)
+                    && rec.instance() as usize == holder.instance
+            }
+            _ => p.holder == holder,
         }
-        p.holder == holder
+    }
+
+    /// The hop count a returning descriptor must carry. A refusal is taken at any hop: the
+    /// refusing side did not run the function, and the request ends either way.
+    fn hop_ok(&self, p: &Pending, desc: &Descriptor) -> bool {
+        if desc.status == Status::Refused as u8 {
+            return true;
+        }
+        match self.kernel {
+            None => desc.hop == p.hop.wrapping_add(1),
+            // Kernel hops are not seen here: the count only has to have advanced, within bounds.
+            Some(_) => desc.hop > p.hop && desc.hop <= self.plan.max_hops(),
+        }
     }
 
     /// Turns a descriptor the kernel gave back (it could not deliver it) into a failure.
@@ -360,12 +369,15 @@ impl ChainRuntime {
 
     /// Handles one descriptor a worker sent. `from` is the instance that sent it.
     pub fn on_descriptor(&self, from: Holder, desc: Descriptor) {
+        let record = self.kernel_record(desc.slot);
         let mut pending = self.pending.lock().expect("pending lock");
         let Some(p) = pending.get(&desc.request_id) else {
             drop(pending);
             return self.refuse(from, &desc, Refusal::UnknownRequest);
         };
-        let refusal = if !self.plausible_sender(p, from, &desc) {
+        // Only the instance holding a request may return it (the kernel's give-backs come from
+        // the sender, which its record names).
+        let refusal = if !self.held_by(desc.request_id, p, record, from) {
             Some(Refusal::WrongHolder)
         } else if p.slot.slot().index != desc.slot
             || p.slot.slot().generation != desc.generation
@@ -457,7 +469,17 @@ impl ChainRuntime {
         let p = pending.get_mut(&desc.request_id).expect("present above");
         p.holder = holder;
         p.hop = desc.hop;
+        let slot = p.slot.slot().index;
         drop(pending);
+        if let Some(k) = &self.kernel {
+            // The kernel's record for this request names the previous hop; the gateway routed
+            // this one, so it records it before sending (held_by prefers the record).
+            let fn_id = self.stages[holder.stage].fn_id;
+            let record = HolderRecord::new(desc.request_id, fn_id, holder.instance as u32);
+            if let Err(e) = k.dataplane.set_holder(k.slot_base + slot, record) {
+                tracing::error!("recording a router forward in the kernel's holder table: {e}");
+            }
+        }
         self.metrics.forwarded.inc();
         let _ = sender.send(desc);
     }
@@ -477,11 +499,23 @@ impl ChainRuntime {
     /// Fails every request held by an instance incarnation that exited. Called only after the
     /// process is gone and its socket drained, so no worker can touch these slots any more.
     pub fn fail_held_by(&self, holder: Holder, code: StatusCode, message: &str) -> usize {
+        // The kernel's holder records are syscalls: read them without holding the table lock.
+        let candidates: Vec<(u64, u32)> = {
+            let pending = self.pending.lock().expect("pending lock");
+            pending
+                .iter()
+                .map(|(id, p)| (*id, p.slot.slot().index))
+                .collect()
+        };
+        let records: HashMap<u64, HolderRecord> = candidates
+            .iter()
+            .filter_map(|&(id, slot)| Some((id, self.kernel_record(slot)?)))
+            .collect();
         let lost: Vec<Pending> = {
             let mut pending = self.pending.lock().expect("pending lock");
             let ids: Vec<u64> = pending
                 .iter()
-                .filter(|(id, p)| self.held_by(**id, p, holder))
+                .filter(|(id, p)| self.held_by(**id, p, records.get(*id).copied(), holder))
                 .map(|(id, _)| *id)
                 .collect();
             ids.iter().filter_map(|id| pending.remove(id)).collect()

@@ -166,9 +166,6 @@ impl Gateway {
                 c.arena.slot_count(),
                 c.arena.free_slots(),
             );
-            if let Some(k) = &c.kernel {
-                self.metrics.set_kernel_counters(c, &k.dataplane);
-            }
         }
         let mut resp = Response::new(Full::new(Bytes::from(self.metrics.encode(&self.chains))));
         resp.headers_mut().insert(

@@ -239,6 +239,19 @@ fn validate(path: &Path) -> anyhow::Result<()> {
 /// Loads the kernel dataplane and declares every function to it; `Err` says why it cannot be
 /// used.
 fn load_kernel_dataplane(plan: &Plan) -> anyhow::Result<Arc<sockmap_bpf::KernelDataplane>> {
+    // Both ends of every worker connection go in the socket map.
+    let sockets: u64 = plan
+        .chains
+        .iter()
+        .flat_map(|c| &c.stages)
+        .map(|s| 2 * u64::from(s.function.instances))
+        .sum();
+    if sockets > u64::from(sockmap_bpf::MAX_SOCKETS) {
+        bail!(
+            "{sockets} worker sockets exceed the eBPF socket map's {} entries",
+            sockmap_bpf::MAX_SOCKETS
+        );
+    }
     let kernel = sockmap_bpf::KernelDataplane::load()?;
     let mut slot_base = 0u32;
     for chain in &plan.chains {

@@ -1,8 +1,6 @@
 //! Prometheus metrics of the gateway. Handles used per request are created once per chain and
 //! kept in [`ChainMetrics`], so the hot path does no label lookups.
 
-use sockmap_bpf::KernelDataplane;
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -27,9 +25,6 @@ pub struct Metrics {
     arena_slots: IntGaugeVec,
     dataplane: IntGaugeVec,
     in_flight: IntGaugeVec,
-    kernel: IntCounterVec,
-    kernel_instance: IntCounterVec,
-    kernel_bytes: IntCounterVec,
 }
 
 /// Statuses a chain route answers with (see README "Status codes").
@@ -148,7 +143,7 @@ fn function_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
                 .collect();
             let mut h = proto::Histogram::default();
             h.set_bucket(buckets);
-            h.set_sample_count(cumulative);
+            h.set_sample_count(cumulative + total.exec_overflow);
             h.set_sample_sum(total.exec_sum_seconds);
             let mut m = proto::Metric::from_label(labels(&[("chain", c), ("function", f)]));
             m.set_histogram(h);
@@ -197,6 +192,72 @@ fn process_usage(pid: &str) -> Option<(f64, f64)> {
     Some((ticks / hz as f64, pages * page as f64))
 }
 
+/// The eBPF program's per-CPU counters, summed, for chains the kernel dataplane routes.
+fn kernel_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
+    let (mut events, mut instances, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+    for chain in chains {
+        let Some(k) = &chain.kernel else { continue };
+        let c = chain.plan.spec.name.as_str();
+        for stage in &chain.stages {
+            let f = stage.name.as_str();
+            let Ok(stats) = k.dataplane.function_stats(stage.fn_id) else {
+                continue;
+            };
+            for (event, value) in [
+                ("redirected", stats.messages),
+                ("to_gateway", stats.to_gateway),
+                ("returned_failed", stats.returned),
+                ("undeliverable", stats.redirect_failures),
+                ("dropped", stats.dropped),
+            ] {
+                events.push(counter(
+                    &[("chain", c), ("event", event), ("function", f)],
+                    value as f64,
+                ));
+            }
+            bytes.push(counter(
+                &[("chain", c), ("function", f)],
+                stats.bytes as f64,
+            ));
+            for i in 0..stage.instances.len() {
+                if let Ok(n) = k.dataplane.instance_messages(stage.fn_id, i as u32) {
+                    let i = i.to_string();
+                    instances.push(counter(
+                        &[("chain", c), ("function", f), ("instance", i.as_str())],
+                        n as f64,
+                    ));
+                }
+            }
+        }
+    }
+    if events.is_empty() {
+        return Vec::new();
+    }
+    vec![
+        family(
+            "spindle_ebpf_descriptors_total",
+            "Descriptors seen by the eBPF sk_msg program, per function: redirected to it, sent by \
+             it to the gateway (chain end, errors, ready), given back to the gateway marked failed \
+             (a subset of to_gateway), undeliverable to it, or dropped on the way from the gateway \
+             to an instance going away",
+            MetricType::COUNTER,
+            events,
+        ),
+        family(
+            "spindle_ebpf_instance_descriptors_total",
+            "Descriptors the eBPF program redirected to each function instance",
+            MetricType::COUNTER,
+            instances,
+        ),
+        family(
+            "spindle_ebpf_redirected_bytes_total",
+            "Bytes the eBPF program redirected to each function",
+            MetricType::COUNTER,
+            bytes,
+        ),
+    ]
+}
+
 /// CPU time and memory of the gateway and of every running worker.
 fn process_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
     let (mut cpu, mut rss) = (Vec::new(), Vec::new());
@@ -241,14 +302,6 @@ fn process_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
             rss,
         ),
     ]
-}
-
-/// Brings a counter up to a value read elsewhere (the kernel's counters only grow).
-fn advance(counter: &IntCounter, value: u64) {
-    let current = counter.get();
-    if value > current {
-        counter.inc_by(value - current);
-    }
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
@@ -369,41 +422,6 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        let kernel = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "spindle_ebpf_descriptors_total",
-                    "Descriptors seen by the eBPF sk_msg program, per function: redirected to it, \
-                     sent by it to the gateway, given back to the gateway marked failed, or \
-                     undeliverable to it (read from the program's per-CPU map, summed)",
-                ),
-                &["chain", "function", "event"],
-            )
-            .expect("valid metric"),
-        );
-        let kernel_instance = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "spindle_ebpf_instance_descriptors_total",
-                    "Descriptors the eBPF program redirected to each function instance",
-                ),
-                &["chain", "function", "instance"],
-            )
-            .expect("valid metric"),
-        );
-        let kernel_bytes = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "spindle_ebpf_redirected_bytes_total",
-                    "Bytes the eBPF program redirected to each function",
-                ),
-                &["chain", "function"],
-            )
-            .expect("valid metric"),
-        );
         Metrics {
             registry,
             requests,
@@ -416,9 +434,6 @@ impl Metrics {
             arena_slots,
             dataplane,
             in_flight,
-            kernel,
-            kernel_instance,
-            kernel_bytes,
         }
     }
 
@@ -426,48 +441,6 @@ impl Metrics {
         self.dataplane
             .with_label_values(&[mode, fallback_reason.unwrap_or("")])
             .set(1);
-    }
-
-    /// Copies the eBPF program's counters for a chain's functions into the registry.
-    pub fn set_kernel_counters(&self, chain: &ChainRuntime, kernel: &KernelDataplane) {
-        let name = chain.plan.spec.name.as_str();
-        for stage in &chain.stages {
-            let Ok(stats) = kernel.function_stats(stage.fn_id) else {
-                continue;
-            };
-            advance(
-                &self
-                    .kernel_bytes
-                    .with_label_values(&[name, stage.name.as_str()]),
-                stats.bytes,
-            );
-            for (event, value) in [
-                ("redirected", stats.messages),
-                ("to_gateway", stats.to_gateway),
-                ("returned_failed", stats.returned),
-                ("undeliverable", stats.redirect_failures),
-            ] {
-                advance(
-                    &self
-                        .kernel
-                        .with_label_values(&[name, stage.name.as_str(), event]),
-                    value,
-                );
-            }
-            for instance in 0..stage.instances.len() {
-                if let Ok(n) = kernel.instance_messages(stage.fn_id, instance as u32) {
-                    let label = instance.to_string();
-                    advance(
-                        &self.kernel_instance.with_label_values(&[
-                            name,
-                            stage.name.as_str(),
-                            &label,
-                        ]),
-                        n,
-                    );
-                }
-            }
-        }
     }
 
     pub fn chain(&self, chain: &str) -> ChainMetrics {
@@ -504,6 +477,7 @@ impl Metrics {
     pub fn encode(&self, chains: &[Arc<ChainRuntime>]) -> Vec<u8> {
         let mut families = self.registry.gather();
         families.extend(function_families(chains));
+        families.extend(kernel_families(chains));
         families.extend(process_families(chains));
         let mut out = Vec::new();
         TextEncoder::new()

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dataplane::{ChainRuntime, Holder, read_worker, write_worker};
 use crate::metrics::Metrics;
-use sockmap_bpf::SockKey;
+use sockmap_bpf::{ConnectionEntry, SockKey};
 
 /// How long a worker may take to compile and instantiate its module.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -92,18 +92,17 @@ struct Running {
     kernel_entry: Option<KernelEntry>,
 }
 
-/// A worker socket registered with the kernel dataplane. Dropping it removes the entry, so a
-/// dead or half-started instance never stays addressable.
+/// A worker connection registered with the kernel dataplane. Dropping it removes the
+/// entries, so a dead instance never stays addressable.
 struct KernelEntry {
     chain: Arc<ChainRuntime>,
-    key: SockKey,
-    port: u16,
+    entry: ConnectionEntry,
 }
 
 impl Drop for KernelEntry {
     fn drop(&mut self) {
         if let Some(k) = &self.chain.kernel {
-            k.dataplane.remove_socket(self.key, self.port);
+            k.dataplane.remove_connection(&self.entry);
         }
     }
 }
@@ -125,21 +124,21 @@ async fn spawn_worker(
 ) -> Result<Running, SpawnError> {
     let stage = &chain.stages[holder.stage];
     let (gateway_end, worker_end) = socket_pair().map_err(SpawnError::Socket)?;
-    // Registered before the worker runs, so its first descriptor already meets the program.
+    // Registered before the worker runs: a socket added while its owner is already blocked
+    // in read() would not see redirected data. The program sends it nothing until ready.
     let kernel_entry = match &chain.kernel {
         Some(k) => {
             let key = SockKey {
                 fn_id: stage.fn_id,
                 instance: holder.instance as u32,
             };
-            let port = k
+            let entry = k
                 .dataplane
-                .insert_socket(key, chain.plan.id, worker_end.as_fd())
+                .insert_connection(key, chain.plan.id, worker_end.as_fd(), gateway_end.as_fd())
                 .map_err(|e| SpawnError::Socket(std::io::Error::other(e)))?;
             Some(KernelEntry {
                 chain: Arc::clone(chain),
-                key,
-                port,
+                entry,
             })
         }
         None => None,
@@ -218,6 +217,13 @@ async fn spawn_worker(
     tokio::select! {
         ready = tokio::time::timeout(READY_TIMEOUT, ready_rx) => match ready {
             Ok(Ok(())) => {
+                // Addressable only once ready: nothing is redirected into a worker that is still
+                // compiling, or that fails to start and takes its queue with it.
+                if let (Some(k), Some(e)) = (&chain.kernel, &kernel_entry) {
+                    k.dataplane
+                        .set_ready(e.entry.worker(), true)
+                        .map_err(|e| SpawnError::Socket(std::io::Error::other(e)))?;
+                }
                 stage.instances[holder.instance].pid.store(child.id().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
                 chain.instance_up(holder.stage, holder.instance, holder.incarnation, queue_tx);
                 Ok(Running { child, reader, kernel_entry })

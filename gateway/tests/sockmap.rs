@@ -82,16 +82,17 @@ async fn kernel_routes_every_function_hop_and_the_router_none() {
         let r = s.post("/hello", format!("req {i}")).await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    // uppercase -> reverse and reverse -> frame went through the kernel, once per request;
-    // the gateway -> uppercase and frame -> gateway edges are TCP.
+    // gateway -> uppercase, uppercase -> reverse and reverse -> frame went through the kernel,
+    // once per request; frame -> gateway is TCP (to the gateway's end of frame's connection).
+    assert_eq!(ebpf(&s, "hello", "uppercase", "redirected").await, n as f64);
     assert_eq!(ebpf(&s, "hello", "reverse", "redirected").await, n as f64);
     assert_eq!(ebpf(&s, "hello", "frame", "redirected").await, n as f64);
-    assert_eq!(ebpf(&s, "hello", "uppercase", "redirected").await, 0.0);
     // Each response, plus the worker's ready announcement at start.
     assert_eq!(
         ebpf(&s, "hello", "frame", "to_gateway").await,
         (n + 1) as f64
     );
+    assert_eq!(ebpf(&s, "hello", "uppercase", "dropped").await, 0.0);
     assert_eq!(
         s.metric(r#"spindle_router_forwarded_total{chain="hello"}"#)
             .await,

@@ -18,7 +18,8 @@ use libbpf_rs::{MapCore, MapFlags, OpenObject};
 
 use maps::Pod;
 pub use maps::{
-    FnInfo, FnStats, HolderRecord, MAX_FUNCTIONS, MAX_INSTANCES, MAX_SLOTS, Sender, SockKey,
+    FnInfo, FnStats, HolderRecord, MAX_FUNCTIONS, MAX_INSTANCES, MAX_SLOTS, MAX_SOCKETS, Sender,
+    SenderKey, SockKey,
 };
 
 mod skel {
@@ -51,6 +52,25 @@ fn bpf(what: &'static str) -> impl FnOnce(libbpf_rs::Error) -> SockmapError {
 /// The loaded and attached program with its maps.
 pub struct KernelDataplane {
     skel: SockmapSkel<'static>,
+    /// Numbers the gateway ends of connections in the socket map.
+    gateway_keys: std::sync::atomic::AtomicU32,
+}
+
+/// A worker connection registered with the program; pass it back to
+/// [`KernelDataplane::remove_connection`].
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionEntry {
+    worker: SockKey,
+    gateway: SockKey,
+    worker_sender: SenderKey,
+    gateway_sender: SenderKey,
+}
+
+impl ConnectionEntry {
+    /// The worker end's key: `{fn_id, instance}`.
+    pub fn worker(&self) -> SockKey {
+        self.worker
+    }
 }
 
 impl KernelDataplane {
@@ -72,7 +92,10 @@ impl KernelDataplane {
             .spindle_redirect
             .attach_sockmap(skel.maps.sock_hash.as_fd().as_raw_fd())
             .map_err(bpf("attaching the sk_msg program to the socket hash"))?;
-        Ok(KernelDataplane { skel })
+        Ok(KernelDataplane {
+            skel,
+            gateway_keys: std::sync::atomic::AtomicU32::new(0),
+        })
     }
 
     /// Declares a function: its chain, instance count, and where its chain's slots start in the
@@ -96,49 +119,118 @@ impl KernelDataplane {
             .map_err(bpf("updating fn_info"))
     }
 
-    /// Puts a worker's socket (its end of the gateway connection) into the socket hash, so the
-    /// program sees what the worker sends and can redirect descriptors to it. Returns the
-    /// socket's local port, the key of the sender entry.
-    pub fn insert_socket(
+    /// Registers one worker connection: the worker's end becomes the destination
+    /// `{fn_id, instance}` and a sender the program checks; the gateway's end becomes a sender
+    /// whose descriptors the program redirects into that worker's receive queue. Call it
+    /// before the worker reads its socket, and [`KernelDataplane::set_ready`] once it is ready.
+    /// On error nothing stays registered.
+    pub fn insert_connection(
         &self,
-        key: SockKey,
+        worker: SockKey,
         chain: u16,
-        sock: BorrowedFd<'_>,
-    ) -> Result<u16, SockmapError> {
-        if key.instance >= MAX_INSTANCES {
-            return Err(SockmapError::TooManyInstances(key.instance));
+        worker_end: BorrowedFd<'_>,
+        gateway_end: BorrowedFd<'_>,
+    ) -> Result<ConnectionEntry, SockmapError> {
+        if worker.instance >= MAX_INSTANCES {
+            return Err(SockmapError::TooManyInstances(worker.instance));
         }
-        let port = local_port(sock).map_err(SockmapError::Socket)?;
-        let sender = Sender {
-            fn_id: key.fn_id,
-            instance: key.instance,
-            chain: u32::from(chain),
-            pad: 0,
+        let n = self
+            .gateway_keys
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entry = ConnectionEntry {
+            worker,
+            gateway: SockKey {
+                fn_id: shm::GATEWAY_FN,
+                instance: n,
+            },
+            worker_sender: sender_key(worker_end).map_err(SockmapError::Socket)?,
+            gateway_sender: sender_key(gateway_end).map_err(SockmapError::Socket)?,
         };
+        let chain = u32::from(chain);
+        let as_worker = Sender {
+            fn_id: worker.fn_id,
+            instance: worker.instance,
+            chain,
+            peer_fn: shm::GATEWAY_FN,
+        };
+        let as_gateway = Sender {
+            fn_id: shm::GATEWAY_FN,
+            instance: worker.instance,
+            chain,
+            peer_fn: worker.fn_id,
+        };
+        let result = self
+            .put_sender(entry.worker_sender, as_worker)
+            .and_then(|()| self.put_sender(entry.gateway_sender, as_gateway))
+            .and_then(|()| self.put_socket(worker, worker_end))
+            // Last: from here on the gateway's writes on this connection go through the kernel.
+            .and_then(|()| self.put_socket(entry.gateway, gateway_end));
+        match result {
+            Ok(()) => Ok(entry),
+            Err(e) => {
+                self.remove_connection(&entry);
+                Err(e)
+            }
+        }
+    }
+
+    fn put_sender(&self, key: SenderKey, sender: Sender) -> Result<(), SockmapError> {
         self.skel
             .maps
-            .sender_by_port
-            .update(u32::from(port).as_bytes(), sender.as_bytes(), MapFlags::ANY)
-            .map_err(bpf("updating sender_by_port"))?;
+            .senders
+            .update(key.as_bytes(), sender.as_bytes(), MapFlags::ANY)
+            .map_err(bpf("updating senders"))
+    }
+
+    fn put_socket(&self, key: SockKey, sock: BorrowedFd<'_>) -> Result<(), SockmapError> {
         let fd = u32::try_from(sock.as_raw_fd()).expect("open fds are non-negative");
         self.skel
             .maps
             .sock_hash
             .update(key.as_bytes(), fd.as_bytes(), MapFlags::ANY)
-            .map_err(bpf("inserting the socket into sock_hash"))?;
-        Ok(port)
+            .map_err(bpf("inserting a socket into sock_hash"))
     }
 
-    /// Removes an instance's socket and sender entry (closing the socket removes the former by
-    /// itself; this makes it explicit before a restarted instance takes the key).
-    pub fn remove_socket(&self, key: SockKey, local_port: u16) {
-        // Absent entries are fine: the kernel drops a socket's entry when it closes.
-        let _ = self.skel.maps.sock_hash.delete(key.as_bytes());
+    /// Lets the program send descriptors to an instance (after it announced itself ready), or
+    /// stops it.
+    pub fn set_ready(&self, key: SockKey, ready: bool) -> Result<(), SockmapError> {
+        if key.fn_id >= MAX_FUNCTIONS || key.instance >= MAX_INSTANCES {
+            return Err(SockmapError::TooManyInstances(key.instance));
+        }
+        let index = key.fn_id * MAX_INSTANCES + key.instance;
+        self.skel
+            .maps
+            .instance_ready
+            .update(index.as_bytes(), u32::from(ready).as_bytes(), MapFlags::ANY)
+            .map_err(bpf("updating instance_ready"))
+    }
+
+    /// Removes a connection's entries (closing a socket removes its sock_hash entry by itself;
+    /// this makes it explicit before a restarted instance takes the key).
+    pub fn remove_connection(&self, entry: &ConnectionEntry) {
+        let _ = self.set_ready(entry.worker, false);
+        // Absent entries are fine.
+        let _ = self.skel.maps.sock_hash.delete(entry.gateway.as_bytes());
+        let _ = self.skel.maps.sock_hash.delete(entry.worker.as_bytes());
         let _ = self
             .skel
             .maps
-            .sender_by_port
-            .delete(u32::from(local_port).as_bytes());
+            .senders
+            .delete(entry.worker_sender.as_bytes());
+        let _ = self
+            .skel
+            .maps
+            .senders
+            .delete(entry.gateway_sender.as_bytes());
+    }
+
+    /// Records where a request is, for descriptors the gateway routed itself.
+    pub fn set_holder(&self, index: u32, record: HolderRecord) -> Result<(), SockmapError> {
+        self.skel
+            .maps
+            .holders
+            .update(index.as_bytes(), record.as_bytes(), MapFlags::ANY)
+            .map_err(bpf("updating holders"))
     }
 
     /// Where the program last redirected the request in holder slot `index`.
@@ -171,6 +263,7 @@ impl KernelDataplane {
                 redirect_failures: a.redirect_failures + s.redirect_failures,
                 returned: a.returned + s.returned,
                 to_gateway: a.to_gateway + s.to_gateway,
+                dropped: a.dropped + s.dropped,
             },
         ))
     }
@@ -189,9 +282,13 @@ impl KernelDataplane {
     }
 }
 
-fn local_port(sock: BorrowedFd<'_>) -> std::io::Result<u16> {
+/// A connected socket's (local port, remote port), as the program sees it.
+fn sender_key(sock: BorrowedFd<'_>) -> std::io::Result<SenderKey> {
     let stream = std::net::TcpStream::from(sock.try_clone_to_owned()?);
-    Ok(stream.local_addr()?.port())
+    Ok(SenderKey {
+        local_port: u32::from(stream.local_addr()?.port()),
+        remote_port: u32::from(stream.peer_addr()?.port()),
+    })
 }
 
 #[cfg(test)]
@@ -227,64 +324,53 @@ mod tests {
         Descriptor::from_bytes(&b)
     }
 
-    /// Two "workers" of one chain: a descriptor worker 1 writes for function 2 arrives on
-    /// worker 2's socket, not at the gateway; one for the gateway goes over TCP; one for an
-    /// unknown function or another chain comes back to the gateway marked.
+    /// Two "workers" of one chain, each with its gateway connection: what the gateway writes
+    /// reaches its peer worker through the kernel; a descriptor worker 1 writes for function 2
+    /// arrives on worker 2's socket, not at the gateway; one for the gateway goes over TCP;
+    /// one for an unknown function or another chain comes back to the gateway marked.
     #[test]
     fn redirects_between_worker_sockets_in_the_kernel() {
         let Some(k) = load_or_skip("redirects_between_worker_sockets_in_the_kernel") else {
             return;
         };
-        k.register_function(
-            1,
-            FnInfo {
-                chain: 0,
-                instances: 1,
-                slot_base: 0,
-                slots: 8,
-            },
-        )
-        .unwrap();
-        k.register_function(
-            2,
-            FnInfo {
-                chain: 0,
-                instances: 1,
-                slot_base: 0,
-                slots: 8,
-            },
-        )
-        .unwrap();
-        k.register_function(
-            3,
-            FnInfo {
-                chain: 1,
-                instances: 1,
-                slot_base: 8,
-                slots: 8,
-            },
-        )
-        .unwrap();
+        let info = |chain, slot_base| FnInfo {
+            chain,
+            instances: 1,
+            slot_base,
+            slots: 8,
+        };
+        k.register_function(1, info(0, 0)).unwrap();
+        k.register_function(2, info(0, 0)).unwrap();
+        k.register_function(3, info(1, 8)).unwrap();
         let (mut w1, mut g1) = pair();
-        let (mut w2, _g2) = pair();
-        k.insert_socket(
-            SockKey {
-                fn_id: 1,
-                instance: 0,
-            },
-            0,
-            w1.as_fd(),
+        let (mut w2, mut g2) = pair();
+        let key = |fn_id| SockKey { fn_id, instance: 0 };
+        let e1 = k
+            .insert_connection(key(1), 0, w1.as_fd(), g1.as_fd())
+            .unwrap();
+        k.insert_connection(key(2), 0, w2.as_fd(), g2.as_fd())
+            .unwrap();
+        // Not ready yet: function 2 is not a destination.
+        w1.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        g1.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        w1.write_all(
+            &Descriptor {
+                next_fn: 2,
+                request_id: 30,
+                ..Default::default()
+            }
+            .to_bytes(),
         )
         .unwrap();
-        k.insert_socket(
-            SockKey {
-                fn_id: 2,
-                instance: 0,
-            },
-            0,
-            w2.as_fd(),
-        )
-        .unwrap();
+        let not_ready = read_desc(&mut g1);
+        assert_eq!(
+            (not_ready.request_id, not_ready.status),
+            (30, Status::Undeliverable as u8)
+        );
+        k.set_ready(key(1), true).unwrap();
+        k.set_ready(key(2), true).unwrap();
         for s in [&w1, &w2, &g1] {
             s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
                 .unwrap();
@@ -299,6 +385,32 @@ mod tests {
             len: 5,
             ..Default::default()
         };
+        // The gateway's first hop, through the kernel into worker 1's queue.
+        g1.write_all(
+            &Descriptor {
+                next_fn: 1,
+                request_id: 40,
+                ..d
+            }
+            .to_bytes(),
+        )
+        .unwrap();
+        assert_eq!(read_desc(&mut w1).request_id, 40);
+        assert_eq!(k.holder(3).unwrap(), HolderRecord::new(40, 1, 0));
+        // A descriptor the gateway writes on the wrong connection is not delivered anywhere.
+        assert!(
+            g2.write_all(
+                &Descriptor {
+                    next_fn: 1,
+                    request_id: 39,
+                    ..d
+                }
+                .to_bytes()
+            )
+            .is_err()
+        );
+        assert_eq!(k.function_stats(2).unwrap().dropped, 1);
+
         // Two descriptors in one write: each gets its own verdict.
         let mut batch = d.to_bytes().to_vec();
         batch.extend_from_slice(
@@ -313,14 +425,7 @@ mod tests {
         assert_eq!(read_desc(&mut w2).request_id, 42);
         assert_eq!(k.function_stats(2).unwrap().messages, 2);
         assert_eq!(k.instance_messages(2, 0).unwrap(), 2);
-        assert_eq!(
-            k.holder(3).unwrap(),
-            HolderRecord {
-                request_id: 42,
-                fn_id: 2,
-                instance: 0
-            }
-        );
+        assert_eq!(k.holder(3).unwrap(), HolderRecord::new(42, 2, 0));
 
         // To the gateway: plain TCP to the peer.
         w2.write_all(
@@ -352,7 +457,11 @@ mod tests {
             (refused.status, refused.next_fn, refused.len),
             (Status::Refused as u8, 2, 0)
         );
-        assert_eq!(k.function_stats(1).unwrap().returned, 3);
+        assert_eq!(
+            k.function_stats(1).unwrap().returned,
+            4,
+            "three marked above plus the not-ready one"
+        );
         assert_eq!(k.function_stats(2).unwrap().to_gateway, 1);
 
         // Destination gone: undeliverable, counted, back to the gateway.
@@ -364,6 +473,20 @@ mod tests {
             (gone.status, gone.next_fn),
             (Status::Undeliverable as u8, 2)
         );
-        assert_eq!(k.function_stats(2).unwrap().redirect_failures, 1);
+        assert_eq!(k.function_stats(2).unwrap().redirect_failures, 2);
+
+        // Removed: worker 1's writes are no longer seen by the program (plain TCP again).
+        k.remove_connection(&e1);
+        w1.write_all(
+            &Descriptor {
+                next_fn: 77,
+                request_id: 50,
+                ..d
+            }
+            .to_bytes(),
+        )
+        .unwrap();
+        let passed = read_desc(&mut g1);
+        assert_eq!((passed.request_id, passed.status), (50, Status::Ok as u8));
     }
 }

@@ -4,6 +4,8 @@
 pub const MAX_FUNCTIONS: u32 = 1024;
 pub const MAX_INSTANCES: u32 = 64;
 pub const MAX_SLOTS: u32 = 1 << 20;
+/// Sockets the map holds: both ends of every worker connection.
+pub const MAX_SOCKETS: u32 = MAX_FUNCTIONS * 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -14,11 +16,18 @@ pub struct SockKey {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SenderKey {
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sender {
     pub fn_id: u32,
     pub instance: u32,
     pub chain: u32,
-    pub pad: u32,
+    pub peer_fn: u32,
 }
 
 #[repr(C)]
@@ -34,8 +43,25 @@ pub struct FnInfo {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HolderRecord {
     pub request_id: u64,
-    pub fn_id: u32,
-    pub instance: u32,
+    /// fn_id | instance << 32 (one store in the program).
+    pub at: u64,
+}
+
+impl HolderRecord {
+    pub fn new(request_id: u64, fn_id: u32, instance: u32) -> Self {
+        HolderRecord {
+            request_id,
+            at: u64::from(fn_id) | (u64::from(instance) << 32),
+        }
+    }
+
+    pub fn fn_id(&self) -> u32 {
+        self.at as u32
+    }
+
+    pub fn instance(&self) -> u32 {
+        (self.at >> 32) as u32
+    }
 }
 
 #[repr(C)]
@@ -46,6 +72,7 @@ pub struct FnStats {
     pub redirect_failures: u64,
     pub returned: u64,
     pub to_gateway: u64,
+    pub dropped: u64,
 }
 
 /// Plain-old-data map values: any byte pattern of the right length is a valid value.
@@ -70,6 +97,7 @@ pub(crate) unsafe trait Pod: Copy + Default {
 // SAFETY: all are repr(C) structs of u32/u64 fields laid out without padding (checked below).
 unsafe impl Pod for SockKey {}
 unsafe impl Pod for Sender {}
+unsafe impl Pod for SenderKey {}
 unsafe impl Pod for FnInfo {}
 unsafe impl Pod for HolderRecord {}
 unsafe impl Pod for FnStats {}
@@ -86,9 +114,12 @@ mod tests {
         assert_eq!(size_of::<SockKey>(), 8);
         assert_eq!(size_of::<Sender>(), 16);
         assert_eq!(size_of::<FnInfo>(), 16);
+        assert_eq!(size_of::<SenderKey>(), 8);
         assert_eq!(size_of::<HolderRecord>(), 16);
-        assert_eq!(offset_of!(HolderRecord, fn_id), 8);
-        assert_eq!(size_of::<FnStats>(), 40);
+        assert_eq!(offset_of!(HolderRecord, at), 8);
+        assert_eq!(size_of::<FnStats>(), 48);
+        let h = HolderRecord::new(7, 3, 2);
+        assert_eq!((h.fn_id(), h.instance()), (3, 2));
     }
 
     /// Compiles a C program against the header and compares its layout with ours.
@@ -97,21 +128,115 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("spindle-maps-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let header = concat!(env!("CARGO_MANIFEST_DIR"), "/src/bpf/spindle_maps.h");
+        // (C struct, field, Rust offset, size) for every field of every map type.
+        let fields: Vec<(&str, &str, usize, usize)> = vec![
+            ("spindle_sock_key", "fn_id", offset_of!(SockKey, fn_id), 4),
+            (
+                "spindle_sock_key",
+                "instance",
+                offset_of!(SockKey, instance),
+                4,
+            ),
+            (
+                "spindle_sender_key",
+                "local_port",
+                offset_of!(SenderKey, local_port),
+                4,
+            ),
+            (
+                "spindle_sender_key",
+                "remote_port",
+                offset_of!(SenderKey, remote_port),
+                4,
+            ),
+            ("spindle_sender", "fn_id", offset_of!(Sender, fn_id), 4),
+            (
+                "spindle_sender",
+                "instance",
+                offset_of!(Sender, instance),
+                4,
+            ),
+            ("spindle_sender", "chain", offset_of!(Sender, chain), 4),
+            ("spindle_sender", "peer_fn", offset_of!(Sender, peer_fn), 4),
+            ("spindle_fn_info", "chain", offset_of!(FnInfo, chain), 4),
+            (
+                "spindle_fn_info",
+                "instances",
+                offset_of!(FnInfo, instances),
+                4,
+            ),
+            (
+                "spindle_fn_info",
+                "slot_base",
+                offset_of!(FnInfo, slot_base),
+                4,
+            ),
+            ("spindle_fn_info", "slots", offset_of!(FnInfo, slots), 4),
+            (
+                "spindle_holder",
+                "request_id",
+                offset_of!(HolderRecord, request_id),
+                8,
+            ),
+            ("spindle_holder", "at", offset_of!(HolderRecord, at), 8),
+            (
+                "spindle_fn_stats",
+                "messages",
+                offset_of!(FnStats, messages),
+                8,
+            ),
+            ("spindle_fn_stats", "bytes", offset_of!(FnStats, bytes), 8),
+            (
+                "spindle_fn_stats",
+                "redirect_failures",
+                offset_of!(FnStats, redirect_failures),
+                8,
+            ),
+            (
+                "spindle_fn_stats",
+                "returned",
+                offset_of!(FnStats, returned),
+                8,
+            ),
+            (
+                "spindle_fn_stats",
+                "to_gateway",
+                offset_of!(FnStats, to_gateway),
+                8,
+            ),
+            (
+                "spindle_fn_stats",
+                "dropped",
+                offset_of!(FnStats, dropped),
+                8,
+            ),
+        ];
+        let sizes = [
+            ("spindle_sock_key", size_of::<SockKey>()),
+            ("spindle_sender_key", size_of::<SenderKey>()),
+            ("spindle_sender", size_of::<Sender>()),
+            ("spindle_fn_info", size_of::<FnInfo>()),
+            ("spindle_holder", size_of::<HolderRecord>()),
+            ("spindle_fn_stats", size_of::<FnStats>()),
+        ];
+        let mut body = String::new();
+        let mut expected = String::new();
+        for (t, size) in sizes {
+            body.push_str(&format!("printf(\"{t} %zu\\n\", sizeof(struct {t}));\n"));
+            expected.push_str(&format!("{t} {size}\n"));
+        }
+        for (t, f, off, size) in &fields {
+            body.push_str(&format!(
+                "printf(\"{t}.{f} %zu %zu\\n\", offsetof(struct {t}, {f}), sizeof(((struct {t} *)0)->{f}));\n"
+            ));
+            expected.push_str(&format!("{t}.{f} {off} {size}\n"));
+        }
+        body.push_str("printf(\"MAX %d %d %d %d\\n\", SPINDLE_MAX_FUNCTIONS, SPINDLE_MAX_INSTANCES, SPINDLE_MAX_SLOTS, SPINDLE_MAX_SOCKETS);\n");
+        expected.push_str(&format!(
+            "MAX {MAX_FUNCTIONS} {MAX_INSTANCES} {MAX_SLOTS} {MAX_SOCKETS}\n"
+        ));
         let src = format!(
-            r#"#include <stdio.h>
-#include <stddef.h>
-#include "{header}"
-#define F(t, f) printf(#t "." #f " %zu %zu\n", offsetof(struct t, f), sizeof(((struct t *)0)->f))
-#define S(t) printf(#t " %zu\n", sizeof(struct t))
-int main(void) {{
-  S(spindle_sock_key); F(spindle_sock_key, fn_id); F(spindle_sock_key, instance);
-  S(spindle_sender); F(spindle_sender, fn_id); F(spindle_sender, instance); F(spindle_sender, chain);
-  S(spindle_fn_info); F(spindle_fn_info, chain); F(spindle_fn_info, instances); F(spindle_fn_info, slot_base); F(spindle_fn_info, slots);
-  S(spindle_holder); F(spindle_holder, request_id); F(spindle_holder, fn_id); F(spindle_holder, instance);
-  S(spindle_fn_stats); F(spindle_fn_stats, messages); F(spindle_fn_stats, bytes); F(spindle_fn_stats, redirect_failures); F(spindle_fn_stats, returned); F(spindle_fn_stats, to_gateway);
-  printf("MAX %d %d %d %d\n", SPINDLE_MAX_FUNCTIONS, SPINDLE_MAX_INSTANCES, SPINDLE_MAX_SLOTS, SPINDLE_MAX_SOCKETS);
-  return 0;
-}}"#
+            "#include <stdio.h>\n#include <stddef.h>\n#include \"{header}\"\nint main(void) {{\n{body}return 0;\n}}\n"
         );
         std::fs::write(dir.join("layout.c"), src).unwrap();
         let exe = dir.join("layout");
@@ -127,37 +252,6 @@ int main(void) {{
         assert!(status.success(), "compiling the header failed");
         let out =
             String::from_utf8(std::process::Command::new(&exe).output().unwrap().stdout).unwrap();
-        let expected = format!(
-            "spindle_sock_key {}\nspindle_sock_key.fn_id {} 4\nspindle_sock_key.instance {} 4\n\
-             spindle_sender {}\nspindle_sender.fn_id {} 4\nspindle_sender.instance {} 4\nspindle_sender.chain {} 4\n\
-             spindle_fn_info {}\nspindle_fn_info.chain {} 4\nspindle_fn_info.instances {} 4\nspindle_fn_info.slot_base {} 4\nspindle_fn_info.slots {} 4\n\
-             spindle_holder {}\nspindle_holder.request_id {} 8\nspindle_holder.fn_id {} 4\nspindle_holder.instance {} 4\n\
-             spindle_fn_stats {}\nspindle_fn_stats.messages {} 8\nspindle_fn_stats.bytes {} 8\nspindle_fn_stats.redirect_failures {} 8\nspindle_fn_stats.returned {} 8\nspindle_fn_stats.to_gateway {} 8\n\
-             MAX {MAX_FUNCTIONS} {MAX_INSTANCES} {MAX_SLOTS} {}\n",
-            size_of::<SockKey>(),
-            offset_of!(SockKey, fn_id),
-            offset_of!(SockKey, instance),
-            size_of::<Sender>(),
-            offset_of!(Sender, fn_id),
-            offset_of!(Sender, instance),
-            offset_of!(Sender, chain),
-            size_of::<FnInfo>(),
-            offset_of!(FnInfo, chain),
-            offset_of!(FnInfo, instances),
-            offset_of!(FnInfo, slot_base),
-            offset_of!(FnInfo, slots),
-            size_of::<HolderRecord>(),
-            offset_of!(HolderRecord, request_id),
-            offset_of!(HolderRecord, fn_id),
-            offset_of!(HolderRecord, instance),
-            size_of::<FnStats>(),
-            offset_of!(FnStats, messages),
-            offset_of!(FnStats, bytes),
-            offset_of!(FnStats, redirect_failures),
-            offset_of!(FnStats, returned),
-            offset_of!(FnStats, to_gateway),
-            MAX_FUNCTIONS * 4,
-        );
         assert_eq!(out, expected);
     }
 }

@@ -8,8 +8,14 @@
  *
  * Instance choice: request_id % instances, then the following instances in order while the
  * chosen one has no socket in the map (it is restarting). Same request, same instance.
+ *
+ * The gateway's ends of the worker connections are in the map too: what the gateway writes
+ * to a worker is redirected into that worker's receive queue like everything else, so a
+ * worker reads one ordered queue of whole descriptors and never TCP bytes interleaved with
+ * redirected ones.
  */
 #include <linux/bpf.h>
+#include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
 #include "spindle_maps.h"
@@ -24,9 +30,9 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, SPINDLE_MAX_SOCKETS);
-	__type(key, __u32); /* local port of the worker's socket */
+	__type(key, struct spindle_sender_key);
 	__type(value, struct spindle_sender);
-} sender_by_port SEC(".maps");
+} senders SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -56,9 +62,61 @@ struct {
 	__type(value, __u64);
 } instance_messages SEC(".maps");
 
+/*
+ * 1 once an instance has announced itself ready, 0 before and after. Its socket is in the
+ * map from before it starts (a socket added while its owner is already blocked in read() is
+ * not woken for redirected data), but nothing is sent to it until it is ready.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SPINDLE_MAX_FUNCTIONS * SPINDLE_MAX_INSTANCES);
+	__type(key, __u32); /* fn_id * SPINDLE_MAX_INSTANCES + instance */
+	__type(value, __u32);
+} instance_ready SEC(".maps");
+
+static __always_inline int is_ready(struct spindle_sock_key *key)
+{
+	__u32 idx = key->fn_id * SPINDLE_MAX_INSTANCES + key->instance;
+	__u32 *ready;
+
+	if (key->fn_id >= SPINDLE_MAX_FUNCTIONS || key->instance >= SPINDLE_MAX_INSTANCES)
+		return 0;
+	ready = bpf_map_lookup_elem(&instance_ready, &idx);
+	return ready && *ready;
+}
+
 static __always_inline struct spindle_fn_stats *stats_of(__u32 fn_id)
 {
 	return bpf_map_lookup_elem(&fn_stats, &fn_id);
+}
+
+/* Counts a redirect to `key` and records it as the holder of the descriptor's slot. */
+static __always_inline void delivered(struct spindle_desc *d, struct spindle_fn_info *info,
+				      struct spindle_sock_key *key)
+{
+	struct spindle_fn_stats *s;
+
+	if (d->slot < info->slots && info->slot_base + d->slot < SPINDLE_MAX_SLOTS) {
+		__u32 at = info->slot_base + d->slot;
+		struct spindle_holder *h = bpf_map_lookup_elem(&holders, &at);
+
+		if (h) {
+			h->request_id = d->request_id;
+			h->at = (__u64)key->fn_id | ((__u64)key->instance << 32);
+		}
+	}
+	s = stats_of(key->fn_id);
+	if (s) {
+		s->messages++;
+		s->bytes += SPINDLE_DESC_SIZE;
+	}
+	if (key->instance < SPINDLE_MAX_INSTANCES) {
+		__u32 slot = key->fn_id * SPINDLE_MAX_INSTANCES + key->instance;
+		__u64 *n = bpf_map_lookup_elem(&instance_messages, &slot);
+
+		if (n)
+			(*n)++;
+	}
 }
 
 /*
@@ -82,12 +140,13 @@ static __always_inline int give_back(struct spindle_desc *d, __u32 sender_fn, __
 SEC("sk_msg")
 int spindle_redirect(struct sk_msg_md *msg)
 {
+	struct spindle_sender_key sender;
 	struct spindle_sock_key key;
 	struct spindle_fn_info *info;
 	struct spindle_sender *from;
 	struct spindle_fn_stats *s;
 	struct spindle_desc *d;
-	__u32 port, start, i;
+	__u32 start, i;
 
 	/* A short write: wait for the rest of the descriptor, then decide on the whole. */
 	if (msg->size < SPINDLE_DESC_SIZE) {
@@ -102,10 +161,33 @@ int spindle_redirect(struct sk_msg_md *msg)
 	if ((void *)(d + 1) > msg->data_end)
 		return SK_PASS;
 
-	port = msg->local_port;
-	from = bpf_map_lookup_elem(&sender_by_port, &port);
+	sender.local_port = msg->local_port;
+	/* Network order in the upper 16 bits (as in sock_ops), so a 32-bit swap yields the port. */
+	sender.remote_port = bpf_ntohl(msg->remote_port);
+	from = bpf_map_lookup_elem(&senders, &sender);
 	if (!from)
-		return SK_PASS; /* not a worker socket we registered */
+		return SK_PASS; /* not a socket we registered */
+
+	if (from->fn_id == SPINDLE_GATEWAY_FN) {
+		/* The gateway picked the instance by picking the connection: deliver to its peer. */
+		key.fn_id = from->peer_fn;
+		key.instance = from->instance;
+		info = bpf_map_lookup_elem(&fn_info, &key.fn_id);
+		if (info && d->next_fn == key.fn_id &&
+		    bpf_msg_redirect_hash(msg, &sock_hash, &key, BPF_F_INGRESS) == SK_PASS) {
+			delivered(d, info, &key);
+			return SK_PASS;
+		}
+		/*
+		 * Passing it on would send it over TCP to the same worker, out of order with
+		 * redirected descriptors. The instance is going away (its socket left the map);
+		 * the gateway fails what it held when it reaps it.
+		 */
+		s = stats_of(key.fn_id);
+		if (s)
+			s->dropped++;
+		return SK_DROP;
+	}
 
 	if (d->next_fn == SPINDLE_GATEWAY_FN) {
 		s = stats_of(from->fn_id);
@@ -126,30 +208,11 @@ int spindle_redirect(struct sk_msg_md *msg)
 	start = (__u32)(d->request_id % info->instances);
 	for (i = 0; i < SPINDLE_MAX_INSTANCES && i < info->instances; i++) {
 		key.instance = (start + i) % info->instances;
+		if (!is_ready(&key))
+			continue;
 		if (bpf_msg_redirect_hash(msg, &sock_hash, &key, BPF_F_INGRESS) != SK_PASS)
 			continue;
-		if (d->slot < info->slots && info->slot_base + d->slot < SPINDLE_MAX_SLOTS) {
-			__u32 at = info->slot_base + d->slot;
-			struct spindle_holder *h = bpf_map_lookup_elem(&holders, &at);
-
-			if (h) {
-				h->request_id = d->request_id;
-				h->fn_id = key.fn_id;
-				h->instance = key.instance;
-			}
-		}
-		s = stats_of(key.fn_id);
-		if (s) {
-			s->messages++;
-			s->bytes += SPINDLE_DESC_SIZE;
-		}
-		if (key.instance < SPINDLE_MAX_INSTANCES) {
-			__u32 slot = key.fn_id * SPINDLE_MAX_INSTANCES + key.instance;
-			__u64 *n = bpf_map_lookup_elem(&instance_messages, &slot);
-
-			if (n)
-				(*n)++;
-		}
+		delivered(d, info, &key);
 		return SK_PASS;
 	}
 
