@@ -25,7 +25,8 @@ usage: spindle knative-baseline ROLE [OPTIONS]
   queue-proxy --listen ADDR --upstream ADDR [--container-concurrency N] [--timeout-ms MS]
         [--name FUNCTION]
         the queue-proxy sidecar; N > 0 caps concurrent upstream requests (0 = unlimited);
-        MS > 0 answers 504 after MS milliseconds (the revision timeout)
+        MS > 0 answers 504 MS milliseconds after a request arrives (the revision timeout;
+        `run` passes the chain's timeout_ms)
   ingress --config PATH --listen ADDR --pods FUNCTION@CHAIN=ADDR[,ADDR...] ...
         the gateway and Sequence dispatcher; one --pods per function of every chain, each
         ADDR a queue-proxy of that function, used round-robin

@@ -6,17 +6,22 @@
 //! chain the next function the guest chose is returned in the `x-spindle-next` header — the
 //! Sequence dispatcher (the ingress) follows it, as Spindle's router follows `next_fn`.
 //!
-//! The host is not `Sync` and `invoke` blocks, so it lives on one dedicated thread fed by a
-//! channel: the container handles one request at a time, like a single-threaded function
-//! runtime, and never blocks tokio's workers. Concurrent requests queue in the channel.
+//! Like a single-threaded function runtime in a container, the whole server is one thread: a
+//! current-thread tokio runtime that owns the host (which is not `Sync`) and calls `invoke`
+//! inline in the request handler. A request is read, run and answered on the thread that
+//! accepted it, with no hand-off to another thread; while a call runs nothing else does, so
+//! calls are serialised and concurrent requests wait in their connections. A guest that runs
+//! away without a fuel limit therefore wedges the pod (see the crate docs).
+//!
 //! CloudEvents binary-mode headers (`ce-*`) of the request are echoed on the reply, as an SDK
 //! replying with the same event would.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use chain_runtime::config::Config;
@@ -27,15 +32,12 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use shm::Status;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::BaselineError;
 use crate::net::{self, Reply, text};
 
 /// The response header naming the next function of a dynamic chain.
 pub const NEXT_HEADER: &str = "x-spindle-next";
-/// The tokio side only moves bytes; the function itself runs on its own thread.
-const IO_WORKERS: usize = 2;
 
 #[derive(Debug, Clone)]
 pub struct FunctionArgs {
@@ -43,17 +45,6 @@ pub struct FunctionArgs {
     pub chain: String,
     pub function: String,
     pub listen: SocketAddr,
-}
-
-/// One request for the invoke thread.
-struct Job {
-    input: Bytes,
-    reply: oneshot::Sender<Invoked>,
-}
-
-struct Invoked {
-    outcome: Outcome,
-    output: Vec<u8>,
 }
 
 /// The chain's slot is the buffer a Spindle worker reads from and writes to; here the input
@@ -91,7 +82,8 @@ struct Server {
     dynamic: bool,
     /// Dynamic chains: function id (what the host reports) → name (what travels in HTTP).
     names: HashMap<u32, HeaderValue>,
-    jobs: mpsc::UnboundedSender<Job>,
+    /// Only ever borrowed for one synchronous call, never across an `.await`.
+    host: RefCell<FunctionHost>,
 }
 
 pub fn run(args: FunctionArgs) -> Result<(), BaselineError> {
@@ -107,22 +99,34 @@ pub fn run(args: FunctionArgs) -> Result<(), BaselineError> {
             function: args.function.clone(),
         })?;
     let slot_size = chain.spec.slot_size as usize;
-    let jobs = spawn_invoker(&stage.function, chain.routes(), slot_size)?;
+    // Compiled and instantiated before listening, so a server that announces its address is
+    // ready to run the function.
+    let host = FunctionHost::new(&stage.function, chain.routes()).map_err(|source| {
+        BaselineError::Host {
+            function: args.function.clone(),
+            source,
+        }
+    })?;
     let names = chain
         .stages
         .iter()
         .filter_map(|s| Some((s.fn_id, HeaderValue::from_str(&s.function.name).ok()?)))
         .collect();
-    let server = Arc::new(Server {
+    let server = Rc::new(Server {
         function: args.function.clone(),
         chain: args.chain.clone(),
         slot_size,
         dynamic: chain.is_dynamic(),
         names,
-        jobs,
+        host: RefCell::new(host),
     });
 
-    net::runtime("kn-function", IO_WORKERS)?.block_on(async move {
+    // One thread: the runtime runs on this one, which owns the host.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BaselineError::io("starting the async runtime", e))?;
+    tokio::task::LocalSet::new().block_on(&runtime, async move {
         let listener = net::bind(args.listen).await?;
         let addr = net::announce(&listener)?;
         tracing::info!(
@@ -130,69 +134,13 @@ pub fn run(args: FunctionArgs) -> Result<(), BaselineError> {
             args.chain,
             args.function
         );
-        let handler = move |req| Arc::clone(&server).handle(req);
-        net::until_signal(net::serve(listener, handler, false)).await
+        let handler = move |req| Rc::clone(&server).handle(req);
+        net::until_signal(net::serve_local(listener, handler)).await
     })
 }
 
-/// Starts the thread that owns the function host. Returns once the module is compiled and
-/// instantiated, so a server that announces its address is ready to run the function.
-fn spawn_invoker(
-    spec: &chain_runtime::config::FunctionSpec,
-    routes: Option<Vec<(String, u32)>>,
-    slot_size: usize,
-) -> Result<mpsc::UnboundedSender<Job>, BaselineError> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-    let function = spec.name.clone();
-    let spec = spec.clone();
-    std::thread::Builder::new()
-        .name(format!("invoke-{}", spec.name))
-        .spawn(move || {
-            // Built on this thread so the host, which is not Sync, never crosses threads.
-            let mut host = match FunctionHost::new(&spec, routes) {
-                Ok(host) => {
-                    let _ = ready_tx.send(Ok(()));
-                    host
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            while let Some(job) = rx.blocking_recv() {
-                let mut io = VecIo {
-                    input: &job.input,
-                    output: Vec::new(),
-                    capacity: slot_size,
-                };
-                let outcome = host.invoke(&mut io);
-                let _ = job.reply.send(Invoked {
-                    outcome,
-                    output: io.output,
-                });
-                // As Spindle's worker does: rebuild a trapped instance while idle, so the
-                // rebuild is not charged to the next request.
-                if rx.is_empty()
-                    && let Err(e) = host.prepare()
-                {
-                    tracing::error!(function = %spec.name, "rebuilding the instance: {e}");
-                }
-            }
-        })
-        .map_err(|e| BaselineError::io("starting the invoke thread", e))?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(tx),
-        Ok(Err(source)) => Err(BaselineError::Host { function, source }),
-        Err(_) => Err(BaselineError::io(
-            "starting the function host",
-            std::io::Error::other("the invoke thread ended during start-up"),
-        )),
-    }
-}
-
 impl Server {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Reply, Infallible> {
+    async fn handle(self: Rc<Self>, req: Request<Incoming>) -> Result<Reply, Infallible> {
         if req.uri().path() == "/healthz" {
             return Ok(text(StatusCode::OK, "ok"));
         }
@@ -209,7 +157,7 @@ impl Server {
         )
     }
 
-    async fn invoke(&self, req: Request<Incoming>) -> Reply {
+    async fn invoke(self: Rc<Self>, req: Request<Incoming>) -> Reply {
         let declared = req
             .headers()
             .get(CONTENT_LENGTH)
@@ -237,19 +185,26 @@ impl Server {
                 );
             }
         };
-        let (reply, done) = oneshot::channel();
-        if self.jobs.send(Job { input, reply }).is_err() {
-            return text(
-                StatusCode::BAD_GATEWAY,
-                format!("function {}: the invoke thread has stopped", self.function),
-            );
-        }
-        let Ok(Invoked { outcome, output }) = done.await else {
-            return text(
-                StatusCode::BAD_GATEWAY,
-                format!("function {}: the invoke thread has stopped", self.function),
-            );
+        // Inline, on the thread that read the request: nothing else runs until it returns.
+        let mut io = VecIo {
+            input: &input,
+            output: Vec::new(),
+            capacity: self.slot_size,
         };
+        let outcome = self.host.borrow_mut().invoke(&mut io);
+        let output = io.output;
+        if matches!(outcome, Outcome::Failed { .. }) {
+            // As Spindle's worker does: rebuild a trapped instance once the reply is on its
+            // way, so the rebuild is not charged to the next request. The task runs after this
+            // connection's task has written the reply (in the same poll that finishes this
+            // handler); if another request gets in first, `invoke` rebuilds it itself.
+            let server = Rc::clone(&self);
+            tokio::task::spawn_local(async move {
+                if let Err(e) = server.host.borrow_mut().prepare() {
+                    tracing::error!(function = %server.function, "rebuilding the instance: {e}");
+                }
+            });
+        }
         let mut resp = match outcome {
             Outcome::Done { output_len, next } => {
                 debug_assert_eq!(output_len, output.len());

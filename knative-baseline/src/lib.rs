@@ -10,8 +10,8 @@
 //! | here (one OS process each)        | Knative                                   | role |
 //! |-----------------------------------|-------------------------------------------|------|
 //! | `ingress` ([`ingress`])           | Kourier / Envoy gateway **and** the Eventing Sequence's channel dispatcher | public HTTP listener, routes by exact path; runs a chain as a Sequence: one HTTP delivery of the full payload per step, the step's reply is delivered to the next step |
-//! | `queue-proxy` ([`queue_proxy`])   | the `queue-proxy` sidecar of every pod    | reverse proxy in front of one function server; counts requests in flight, enforces `containerConcurrency` (> 0 queues the excess, 0 = unlimited) and the revision timeout |
-//! | `function` ([`function`])         | the user container                        | HTTP server running one Wasm function, one request at a time |
+//! | `queue-proxy` ([`queue_proxy`])   | the `queue-proxy` sidecar of every pod    | reverse proxy in front of one function server; counts requests in flight, enforces `containerConcurrency` (> 0 queues the excess, 0 = unlimited) and the revision timeout (the chain's `timeout_ms`, see [Timeouts](#timeouts)) |
+//! | `function` ([`function`])         | the user container                        | single-threaded HTTP server running one Wasm function, one request at a time |
 //! | [`Baseline`] ([`orchestrator`])   | the Kubernetes control plane (scheduling, readiness probes) | starts every process, waits until each answers, stops them all |
 //!
 //! A *pod* is one function server plus its queue-proxy; a function with `instances: N` in the
@@ -34,12 +34,38 @@
 //!
 //! Every HTTP client keeps a keep-alive connection pool (as Envoy and queue-proxy do), every
 //! socket has `TCP_NODELAY`, payloads stream through the queue-proxy without buffering, and
-//! nothing sleeps on the data path. The model is *generous* to Knative: real Knative adds an
-//! activator when scaled to zero or bursting, sends each Sequence step through the channel
-//! dispatcher *and then* the ingress (one more proxy per step), and runs the user container
-//! behind a container network namespace. Chain semantics follow Spindle: exact-path routing,
+//! nothing sleeps on the data path. Each function server is a single thread that runs the call
+//! inline where it read the request, as a single-threaded container would, with no hand-off
+//! between threads. The model is *generous* to Knative: real Knative adds an activator when
+//! scaled to zero or bursting, sends each Sequence step through the channel dispatcher *and
+//! then* the ingress (one more proxy per step), and runs the user container behind a
+//! container network namespace. Chain semantics follow Spindle: exact-path routing,
 //! 413 above the chain's `slot_size`, the chain's `timeout_ms` as deadline (504), a failing
 //! function's `500 function NAME: message`, 508 when a dynamic chain passes `max_hops`.
+//!
+//! ## Timeouts
+//!
+//! Spindle has two time limits: the chain's `timeout_ms`, the deadline of the whole request
+//! (its gateway answers 504 when it passes), and the function's `timeout_ms`, a per-call
+//! watchdog that times only the call itself, never the time a request waits for its turn.
+//! Knative has no per-call limit; the closest it has to the user's request budget is the
+//! revision's `timeoutSeconds`, which queue-proxy counts from the request's arrival, queueing
+//! included. So every pod's queue-proxy gets the **chain's** `timeout_ms` as its revision
+//! timeout, and the ingress keeps the chain's deadline from the request's arrival there (it
+//! starts first, so it normally fires first, with Spindle's `chain NAME did not finish within
+//! N ms`). The function's `timeout_ms` is not enforced: a request queued behind slow calls is
+//! not failed for waiting, where Spindle would serve it too. A function's `fuel` still stops a
+//! runaway loop inside a call, with Spindle's 504 `function NAME: ran out of fuel`.
+//!
+//! A guest that runs away *without* fuel (an endless loop under `fuel: none`, or a host call
+//! that never returns, such as a long sleep) is another matter. Spindle's watchdog kills that worker once the call
+//! passes the function's `timeout_ms`, and the gateway starts a new one. Here the call runs on
+//! the function server's only thread, so the guest **wedges that pod for good**: it is not
+//! restarted (nor would Knative restart it: the revision timeout answers the client but leaves
+//! the container running; only a liveness probe, which the baseline does not model, would),
+//! and every later request routed to that pod times out too (504 at the chain's deadline), as
+//! does its health check. With several instances the ingress keeps sending the wedged pod its
+//! round-robin share. Stopping the baseline waits out the grace period and then kills it.
 //!
 //! ## Entry points
 //!

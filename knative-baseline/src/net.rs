@@ -121,6 +121,36 @@ where
     }
 }
 
+/// [`serve`] for a single-threaded server whose handler is not `Send` (the function server:
+/// its handler owns the Wasm host). Must run inside a [`tokio::task::LocalSet`]; every
+/// connection is a local task, so a request never leaves the thread that accepted it.
+pub(crate) async fn serve_local<H, Fut, B>(listener: TcpListener, handler: H)
+where
+    H: Fn(Request<Incoming>) -> Fut + Clone + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let http = http1::Builder::new();
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(TokioIo::new(stream), service_fn(handler.clone()));
+        tokio::task::spawn_local(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+}
+
 /// Runs `work` until it ends or SIGTERM/SIGINT arrives (the orchestrator stops roles with
 /// SIGTERM; they hold no state worth draining).
 pub(crate) async fn until_signal(work: impl Future<Output = ()>) -> Result<(), BaselineError> {

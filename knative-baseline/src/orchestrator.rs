@@ -199,6 +199,7 @@ impl Baseline {
             chain: String,
             function: String,
             instance: u32,
+            /// The revision timeout of the pod's queue-proxy: the chain's `timeout_ms`.
             timeout_ms: u128,
         }
         let mut planned = Vec::new();
@@ -209,7 +210,11 @@ impl Baseline {
                         chain: chain.spec.name.clone(),
                         function: stage.function.name.clone(),
                         instance,
-                        timeout_ms: stage.function.timeout.as_millis(),
+                        // The user's budget for the whole request, as Knative's
+                        // `timeoutSeconds` is. Not the function's per-call `timeout_ms`: that
+                        // would also count the time a request queues for the container, which
+                        // Spindle's per-call watchdog never does (see the crate docs).
+                        timeout_ms: chain.spec.timeout.as_millis(),
                     });
                 }
             }
@@ -358,26 +363,26 @@ impl Baseline {
         let first = self.procs.len();
         let (announced_tx, announced_rx) = mpsc::channel::<(usize, Option<SocketAddr>)>();
         for (component, args) in children {
-            let index = self.procs.len();
-            let proc = self.spawn(component, &args)?;
-            let mut child = proc;
-            let stdout = child.child.stdout.take().expect("stdout is piped");
+            // Already in `self.procs` (so stopped on any error from here on) when it returns.
+            let index = self.spawn(component, &args)?;
+            let stdout = self.procs[index]
+                .child
+                .stdout
+                .take()
+                .expect("stdout is piped");
             let tx = announced_tx.clone();
-            std::thread::Builder::new()
-                .name("kn-baseline-stdout".into())
-                .spawn(move || {
-                    let mut reader = BufReader::new(stdout);
-                    let mut line = String::new();
-                    let addr = match reader.read_line(&mut line) {
-                        Ok(n) if n > 0 => parse_announcement(&line),
-                        _ => None,
-                    };
-                    let _ = tx.send((index, addr));
-                    // Keep the pipe open and empty so a stray print never blocks the child.
-                    let _ = std::io::copy(&mut reader, &mut std::io::sink());
-                })
-                .map_err(|e| BaselineError::io("starting a stdout reader thread", e))?;
-            self.procs.push(child);
+            reader_thread("kn-baseline-stdout", move || {
+                let mut reader = BufReader::new(stdout);
+                let mut line = String::new();
+                let addr = match reader.read_line(&mut line) {
+                    Ok(n) if n > 0 => parse_announcement(&line),
+                    _ => None,
+                };
+                let _ = tx.send((index, addr));
+                // Keep the pipe open and empty so a stray print never blocks the child.
+                let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            })
+            .map_err(|e| BaselineError::io("starting a stdout reader thread", e))?;
         }
         drop(announced_tx);
 
@@ -431,7 +436,9 @@ impl Baseline {
         Ok(addrs)
     }
 
-    fn spawn(&self, component: String, args: &[String]) -> Result<Proc, BaselineError> {
+    /// Starts one child and adds it to `self.procs` before anything else can fail, so that
+    /// whatever happens next, dropping the baseline stops and reaps it. Returns its index.
+    fn spawn(&mut self, component: String, args: &[String]) -> Result<usize, BaselineError> {
         let mut cmd = Command::new(&self.exe);
         cmd.args(&self.prefix)
             .args(args)
@@ -442,12 +449,19 @@ impl Baseline {
             // stops the children itself.
             .process_group(0);
         let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe calls (prctl, getppid) that touch no memory of the parent.
+        // SAFETY: the closure runs in the child between fork and exec, where a copy of a
+        // multi-threaded parent may only do async-signal-safe work. It makes two system calls
+        // through libc's thin wrappers (prctl, getppid), which take no locks; it reads only the
+        // `parent` it owns, and allocates nothing (an `io::Error` made from an OS error code is
+        // not boxed). glibc's `prctl(int option, ...)` reads four `unsigned long` variadic
+        // arguments whatever the option, so all four are passed with that type: the signal
+        // number, then zeros, which PR_SET_PDEATHSIG ignores.
         unsafe {
             cmd.pre_exec(move || {
                 // Die with the orchestrator, even one killed by SIGKILL.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                const UNUSED: libc::c_ulong = 0;
+                let signal = libc::SIGKILL as libc::c_ulong;
+                if libc::prctl(libc::PR_SET_PDEATHSIG, signal, UNUSED, UNUSED, UNUSED) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // The orchestrator died between fork and prctl: the signal would never come.
@@ -469,15 +483,18 @@ impl Baseline {
         let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
         let tail = Arc::clone(&stderr_tail);
         let tag = component.clone();
-        std::thread::Builder::new()
-            .name("kn-baseline-stderr".into())
-            .spawn(move || forward_stderr(stderr, &tag, &tail))
-            .map_err(|e| BaselineError::io("starting a stderr reader thread", e))?;
-        Ok(Proc {
+        let index = self.procs.len();
+        self.procs.push(Proc {
             component,
             child,
             stderr_tail,
+        });
+        // If this fails the pipe closes with the closure; the child is stopped with the rest.
+        reader_thread("kn-baseline-stderr", move || {
+            forward_stderr(stderr, &tag, &tail)
         })
+        .map_err(|e| BaselineError::io("starting a stderr reader thread", e))?;
+        Ok(index)
     }
 
     fn start_failure(&mut self, index: usize, what: &str) -> BaselineError {
@@ -544,6 +561,24 @@ impl std::fmt::Debug for Baseline {
             .field("pids", &self.pids())
             .finish()
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: the name of the reader thread that `reader_thread` fails to start on this thread.
+    static FAIL_READER: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// Starts a detached thread that reads a child's output.
+fn reader_thread(name: &'static str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    #[cfg(test)]
+    if FAIL_READER.get() == Some(name) {
+        return Err(std::io::Error::other("injected failure"));
+    }
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(body)
+        .map(drop)
 }
 
 /// Copies a child's stderr to ours, each line tagged with the component, keeping the last
@@ -628,4 +663,72 @@ pub fn run(args: RunArgs) -> Result<(), BaselineError> {
     tracing::info!("knative-style baseline: stopping");
     drop(baseline);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A baseline with no processes yet whose children are `sleep`, for driving `spawn` and
+    /// `start_phase` directly.
+    fn sleepers() -> Baseline {
+        Baseline {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            pods: Vec::new(),
+            procs: Vec::new(),
+            exe: PathBuf::from("sleep"),
+            prefix: Vec::new(),
+            spawner: Spawner::new().unwrap(),
+        }
+    }
+
+    /// `pid` is a running (not zombie) child of this process.
+    fn running_child(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+            let mut fields = after_comm.split_whitespace();
+            let state = fields.next().unwrap();
+            let ppid: u32 = fields.next().unwrap().parse().unwrap();
+            ppid == std::process::id() && state != "Z"
+        })
+    }
+
+    /// Makes the named reader thread fail to start, runs `f`, and checks that the child it
+    /// started anyway is stopped and reaped when the baseline is dropped.
+    fn reader_failure_still_stops_the_child(
+        reader: &'static str,
+        f: impl FnOnce(&mut Baseline) -> Result<(), BaselineError>,
+    ) {
+        let mut baseline = sleepers();
+        FAIL_READER.set(Some(reader));
+        let result = f(&mut baseline);
+        FAIL_READER.set(None);
+        let err = result.expect_err("the reader thread cannot start");
+        assert!(err.to_string().contains("injected failure"), "{err}");
+        let pids = baseline.pids();
+        assert_eq!(pids.len(), 1, "the child is registered for cleanup");
+        assert!(running_child(pids[0]), "pid {} should be running", pids[0]);
+        drop(baseline);
+        assert!(
+            !running_child(pids[0]),
+            "pid {} outlived the baseline",
+            pids[0]
+        );
+    }
+
+    #[test]
+    fn child_is_stopped_when_its_stderr_reader_cannot_start() {
+        reader_failure_still_stops_the_child("kn-baseline-stderr", |b| {
+            b.spawn("sleeper".into(), &["60".into()]).map(drop)
+        });
+    }
+
+    #[test]
+    fn child_is_stopped_when_its_stdout_reader_cannot_start() {
+        reader_failure_still_stops_the_child("kn-baseline-stdout", |b| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            b.start_phase([("sleeper".into(), vec!["60".into()])], "/", deadline)
+                .map(drop)
+        });
+    }
 }

@@ -3,7 +3,8 @@
 //! - counts requests in flight (what Knative's autoscaler scrapes),
 //! - enforces `containerConcurrency`: with N > 0 at most N requests are forwarded at once and
 //!   the rest wait in FIFO order (Knative's "breaker"); 0 forwards everything,
-//! - enforces the revision timeout (504), counting from arrival, queueing included,
+//! - enforces the revision timeout (504), counting from arrival, queueing included; the
+//!   orchestrator sets it to the chain's `timeout_ms` (see the crate docs),
 //! - answers its own readiness probe by probing the container once.
 //!
 //! Bodies stream through in both directions; a request holds its concurrency permit and stays
@@ -42,7 +43,8 @@ pub struct QueueProxyArgs {
     pub upstream: SocketAddr,
     /// Knative's `containerConcurrency`: 0 = unlimited.
     pub container_concurrency: u32,
-    /// Knative's revision `timeoutSeconds`; None = no limit.
+    /// Knative's revision `timeoutSeconds`, counted from the request's arrival here; None = no
+    /// limit. The orchestrator passes the chain's `timeout_ms`.
     pub timeout: Option<Duration>,
     /// The function's name, for error messages.
     pub name: Option<String>,

@@ -444,6 +444,69 @@ chains:
     );
 }
 
+/// The queue-proxy's revision timeout is the chain's whole-request budget, not the function's
+/// per-call `timeout_ms`: requests that wait for a busy single-threaded container longer than
+/// one call may take are still served, as Spindle serves them.
+#[test]
+fn queueing_for_the_container_does_not_count_against_the_call_timeout() {
+    let path = config(
+        "queueing",
+        "functions:
+  - { name: faulty, module: '{wasm:faulty}', timeout_ms: 200 }
+chains:
+  - { name: q, route: /q, steps: [faulty], timeout_ms: 5000 }
+",
+    );
+    let baseline = start(&path);
+    let addr = baseline.addr();
+    let began = Instant::now();
+    let sleepers: Vec<_> = (0..4)
+        .map(|_| std::thread::spawn(move || post(addr, "/q", "sleep 150")))
+        .collect();
+    for s in sleepers {
+        let r = s.join().unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "sleep 150"));
+    }
+    // One call at a time in the container: the last waited ~450 ms, past the 200 ms a call
+    // may take, and none of it was counted as the call's.
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(600), "took {took:?}");
+    assert_eq!(
+        pod_stats(&baseline, "faulty"),
+        vec![Stats {
+            in_flight: 0,
+            served: 4,
+            queued_max: 0
+        }]
+    );
+}
+
+/// A guest that never returns (no fuel is burnt while it sleeps) holds the function server's
+/// only thread: the chain times out, and so does every later request to that pod, which is
+/// not restarted. Dropping the baseline still stops it.
+#[test]
+fn runaway_guest_wedges_its_pod() {
+    let path = config(
+        "wedged",
+        "functions:
+  - { name: faulty, module: '{wasm:faulty}' }
+chains:
+  - { name: w, route: /w, steps: [faulty], timeout_ms: 300 }
+",
+    );
+    let baseline = start(&path);
+    let addr = baseline.addr();
+    let expected = "chain w did not finish within 300 ms\n";
+    let r = post(addr, "/w", "sleep 600000");
+    assert_eq!((r.status, r.text().as_str()), (504, expected));
+    let r = post(addr, "/w", "abc");
+    assert_eq!((r.status, r.text().as_str()), (504, expected));
+    let pids = baseline.pids();
+    drop(baseline);
+    let still: Vec<u32> = pids.into_iter().filter(|&p| alive(p)).collect();
+    assert!(still.is_empty(), "still running after drop: {still:?}");
+}
+
 #[test]
 fn drop_leaves_no_processes() {
     let baseline = start(&repo_root().join("configs/hello.yaml"));
@@ -547,4 +610,142 @@ fn baseline_can_be_held_across_threads_and_awaits() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Baseline>();
     send_sync::<BaselineError>();
+}
+
+/// CPU time (user + system, all threads) a process has used so far, from /proc/PID/stat.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    // After the command: state is field 3, utime field 14, stime field 15.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// Context switches (voluntary and not) of every thread of a process so far.
+fn context_switches(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// Sends `body` to `path` over one keep-alive connection until `until`, checking each reply;
+/// returns how many were sent.
+fn keep_alive_loop(addr: SocketAddr, path: &str, body: &str, expect: &str, until: Instant) -> u64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let mut served = 0;
+    while Instant::now() < until {
+        s.write_all(req.as_bytes()).unwrap();
+        buf.clear();
+        let (head_end, length) = loop {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "connection closed");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                assert!(head.starts_with("http/1.1 200"), "{head}");
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                break (end + 4, length);
+            }
+        };
+        while buf.len() < head_end + length {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "connection closed");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(&buf[head_end..], expect.as_bytes());
+        served += 1;
+    }
+    served
+}
+
+/// Not a check: measures the CPU the function servers (user containers) spend per request of
+/// the hello chain, closed loop. Run with
+/// `cargo test -p knative-baseline -- --ignored --nocapture function_server_cpu` (8 client
+/// connections; `KN_CONNECTIONS=N` picks another number, `KN_EXE=PATH` another build of the
+/// binary, e.g. a copy of an older one for a before/after comparison).
+#[test]
+#[ignore = "measurement, prints numbers"]
+fn function_server_cpu_per_request() {
+    build_examples();
+    let exe = std::env::var_os("KN_EXE").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_knative-baseline")),
+        PathBuf::from,
+    );
+    let baseline = Baseline::start(
+        &exe,
+        &[],
+        &repo_root().join("configs/hello.yaml"),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = baseline.addr();
+    let expect = r#"{"result":"ELDNIPS OLLEH","bytes":13}"#;
+    let connections: usize = std::env::var("KN_CONNECTIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(8);
+    let drive = |seconds: u64| -> u64 {
+        let until = Instant::now() + Duration::from_secs(seconds);
+        let threads: Vec<_> = (0..connections)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    keep_alive_loop(addr, "/hello", "hello spindle", expect, until)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).sum()
+    };
+    drive(2); // warm-up
+    let functions: Vec<u32> = baseline.pods().iter().map(|p| p.function_pid).collect();
+    let all = baseline.pids();
+    let fn_before: Duration = functions.iter().map(|&p| cpu_time(p)).sum();
+    let switches_before: u64 = functions.iter().map(|&p| context_switches(p)).sum();
+    let all_before: Duration = all.iter().map(|&p| cpu_time(p)).sum();
+    let requests = drive(10);
+    let fn_cpu = functions.iter().map(|&p| cpu_time(p)).sum::<Duration>() - fn_before;
+    let all_cpu = all.iter().map(|&p| cpu_time(p)).sum::<Duration>() - all_before;
+    let switches = functions.iter().map(|&p| context_switches(p)).sum::<u64>() - switches_before;
+    let threads: Vec<usize> = functions
+        .iter()
+        .map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/task"))
+                .unwrap()
+                .count()
+        })
+        .collect();
+    println!(
+        "{requests} requests in 10 s ({} req/s), {connections} connections: function servers \
+         {:.1} µs CPU/request, {:.2} context switches/request (3 servers, {threads:?} threads); \
+         all 7 processes {:.1} µs CPU/request",
+        requests / 10,
+        fn_cpu.as_secs_f64() * 1e6 / requests as f64,
+        switches as f64 / requests as f64,
+        all_cpu.as_secs_f64() * 1e6 / requests as f64,
+    );
 }
