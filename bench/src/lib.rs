@@ -19,22 +19,35 @@
 //!   wrong path (404) fails that target with its answer instead of benchmarking an error page.
 //! * **Phases.** Load runs continuously through `warmup` then `duration`; only requests that
 //!   *start* (closed loop) or are *scheduled* (open loop) inside the measured window count.
-//!   Requests still in flight when the window closes are abandoned uncounted.
+//!   When the window closes nothing new is started or scheduled, but every request of the
+//!   window is finished and counted, since the ones still in flight or queued behind a slow
+//!   response are the slowest: a success adds its latency (open loop: from its due time), a
+//!   failure its error. Whatever is still unanswered [`REQUEST_TIMEOUT`] after the window
+//!   closed (open loop: in flight or still queued) counts as a timeout error, having waited
+//!   longer than that since it was due. Requests/s is the window's successes divided by its
+//!   length.
 //! * **Closed loop** (default): each connection sends its next request when the previous
 //!   response is complete; latency is send → last body byte. This finds the maximum
 //!   throughput, but its latencies are optimistic: while the server stalls, the client stops
-//!   sending, so the stall shows up as *one* slow request.
+//!   sending, so the stall shows up as *one* slow request. And with a fixed number of
+//!   requests in flight, latency ≈ connections / throughput (Little's law): latency
+//!   differences between targets largely restate their throughput differences. Open loop
+//!   compares tails at equal offered load.
 //! * **Open loop** (`rate`): request *n* is due at `start + n / rate`, assigned round-robin to
 //!   the connections. Latency is measured from that **intended** time, not from when the
 //!   request actually went out. If the server stalls for 200 ms at 200 req/s, the 40 requests
 //!   that were due during the stall all wait, and all of them record that wait: this is the
 //!   correction for *coordinated omission* (the load generator politely not sending while
 //!   the server is slow, and so never measuring the queueing a real client population would
-//!   see). What is *not* charged is the load generator's own timer lateness: tokio's timer
-//!   has millisecond resolution, so a request on an idle connection counts from when it was
-//!   actually sent (requests due within the same millisecond go out together). The achieved
-//!   rate is reported next to the intended one; if a target cannot keep up, the gap shows
-//!   there and in the tail.
+//!   see). The one thing left out is up to 1 ms of the load generator's own lateness in
+//!   sending: tokio's timer rounds deadlines up to the next millisecond, so requests due
+//!   within the same millisecond go out together, a tick late. So latency is counted from the
+//!   scheduled send time to within 1 ms: lateness beyond that tick (e.g. the load generator
+//!   starved of CPU by the target) is included, and also reported on its own as
+//!   `sched_lateness_p99_us`, so a tail that is partly the load generator's can be told
+//!   apart. The achieved rate is reported next to the intended one; if a target cannot keep
+//!   up, the gap shows in the tail and, once the backlog outlasts the request timeout, as
+//!   timeout errors and a lower rate.
 //! * **Latency** goes into an HDR histogram in microseconds with 3 significant digits (one per
 //!   connection, merged at the end): p50/p90/p99/p99.9 and max, plus a CDF for the plot. Only
 //!   2xx responses are timed; everything else is an error.
@@ -89,7 +102,8 @@ pub use report::{
 pub use runner::run;
 
 /// How long one request may take (from when it is sent) before it counts as a timeout error
-/// and its connection is replaced. Longer than the gateway's default chain timeout would be
+/// and its connection is replaced; also how long after the measured window its unfinished
+/// requests are waited for. Longer than the gateway's default chain timeout would be
 /// pointless on loopback; much shorter would turn a slow-but-answering target into errors.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -236,8 +250,11 @@ pub fn parse_targets(list: &str) -> Result<Vec<Target>, BenchError> {
     Ok(targets)
 }
 
-/// Parses `10s`, `500ms`, `2m`, `1h`, `1.5s`; a bare number means seconds. For clap's
-/// `value_parser`.
+/// The longest duration [`parse_duration`] accepts: a day.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses `10s`, `500ms`, `2m`, `1h`, `1.5s`; a bare number means seconds. At most
+/// [`MAX_DURATION`] (24 h). For clap's `value_parser`.
 pub fn parse_duration(s: &str) -> Result<Duration, BenchError> {
     let bad = |why: &str| BenchError::BadDuration {
         input: s.to_string(),
@@ -263,7 +280,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, BenchError> {
             return Err(bad(&format!("unknown unit `{other}`; use ms, s, m or h")));
         }
     };
-    Duration::try_from_secs_f64(value * scale).map_err(|_| bad("out of range"))
+    let seconds = value * scale;
+    if seconds > MAX_DURATION.as_secs_f64() {
+        return Err(bad("longer than the maximum of 24 h"));
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|_| bad("out of range"))
 }
 
 /// Why `spindle bench` failed.
@@ -381,7 +402,23 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
-        for bad in ["", "s", "10x", "-1s", "1..2s", "ten", "1e400s"] {
+        assert_eq!(parse_duration("24h").unwrap(), MAX_DURATION);
+        assert_eq!(parse_duration("1440m").unwrap(), MAX_DURATION);
+        for bad in [
+            "",
+            "s",
+            "10x",
+            "-1s",
+            "1..2s",
+            "ten",
+            "1e400s",
+            "25h",
+            "86401",
+            "1441m",
+            "18446744073709551616s",
+            "99999999999999999999999h",
+            &"9".repeat(400),
+        ] {
             let err = parse_duration(bad).unwrap_err();
             assert!(matches!(err, BenchError::BadDuration { .. }), "{bad}");
             assert!(
@@ -394,6 +431,10 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("unknown unit `x`")
+        );
+        assert_eq!(
+            parse_duration("25h").unwrap_err().to_string(),
+            "bad duration `25h`: longer than the maximum of 24 h"
         );
     }
 

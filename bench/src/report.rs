@@ -69,6 +69,12 @@ pub struct TargetReport {
     pub duration_s: Option<f64>,
     /// Open loop only: the rate asked for (rps is the rate achieved).
     pub intended_rps: Option<f64>,
+    /// Open loop only: p99 over the measured requests of how late the load generator sent
+    /// each one beyond the one timer tick (1 ms) left out of its latency, µs. This lateness
+    /// *is* included in the latencies above; 0 means the load generator kept to its schedule.
+    /// A large value means it was starved (e.g. of CPU by the target) and the tail is partly
+    /// its own. Null in closed loop.
+    pub sched_lateness_p99_us: Option<u64>,
     /// CPU seconds of the target's whole process tree per successful request.
     pub cpu_s_per_req: Option<f64>,
     pub cpu_s: Option<f64>,
@@ -138,7 +144,8 @@ pub struct CdfPoint {
 
 /// Side-by-side ratios, each null unless both targets ran and the ratio is defined.
 /// `*_rps` keys are throughput ratios (higher: the first one serves more); `*_p99` keys
-/// divide the baseline's p99 by Spindle's (higher: Spindle's tail is shorter).
+/// divide the baseline's p99 by Spindle's (higher: Spindle's tail is shorter); `*_cpu` keys
+/// divide the baseline's CPU seconds per request by Spindle's (higher: Spindle spends less).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ratios {
     pub spindle_userspace_over_knative_rps: Option<f64>,
@@ -148,6 +155,8 @@ pub struct Ratios {
     pub spindle_sockmap_over_userspace_rps: Option<f64>,
     pub knative_over_spindle_userspace_p99: Option<f64>,
     pub knative_over_spindle_sockmap_p99: Option<f64>,
+    pub knative_over_spindle_userspace_cpu: Option<f64>,
+    pub knative_over_spindle_sockmap_cpu: Option<f64>,
     /// The same comparisons against each URL target (e.g. a real Knative service), in
     /// target order; null when there is no URL target.
     pub urls: Option<Vec<UrlRatios>>,
@@ -181,6 +190,7 @@ impl TargetReport {
             requests: None,
             duration_s: None,
             intended_rps: None,
+            sched_lateness_p99_us: None,
             cpu_s_per_req: None,
             cpu_s: None,
             loadgen_cpu_s_per_req: None,
@@ -214,6 +224,7 @@ impl Ratios {
         let find = |mode: &str| targets.iter().find(|t| t.mode == mode && t.ran());
         let rps = |mode: &str| find(mode).and_then(|t| t.rps);
         let p99 = |mode: &str| find(mode).and_then(|t| t.p99_us).map(|v| v as f64);
+        let cpu = |mode: &str| find(mode).and_then(|t| t.cpu_s_per_req);
         let urls: Vec<UrlRatios> = targets
             .iter()
             .filter(|t| t.mode == "url")
@@ -240,6 +251,8 @@ impl Ratios {
             spindle_sockmap_over_userspace_rps: ratio(rps("sockmap"), rps("userspace")),
             knative_over_spindle_userspace_p99: ratio(p99("knative"), p99("userspace")),
             knative_over_spindle_sockmap_p99: ratio(p99("knative"), p99("sockmap")),
+            knative_over_spindle_userspace_cpu: ratio(cpu("knative"), cpu("userspace")),
+            knative_over_spindle_sockmap_cpu: ratio(cpu("knative"), cpu("sockmap")),
             urls: (!urls.is_empty()).then_some(urls),
         }
     }
@@ -274,6 +287,14 @@ impl Ratios {
             (
                 "Knative-style / Spindle sockmap, p99 latency".to_string(),
                 self.knative_over_spindle_sockmap_p99,
+            ),
+            (
+                "Knative-style / Spindle userspace, CPU per request".to_string(),
+                self.knative_over_spindle_userspace_cpu,
+            ),
+            (
+                "Knative-style / Spindle sockmap, CPU per request".to_string(),
+                self.knative_over_spindle_sockmap_cpu,
             ),
         ];
         for u in self.urls.iter().flatten() {
@@ -428,20 +449,21 @@ impl Report {
             o.load_threads
         ));
         md.push_str(
-            "| target | mode | requests/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | CPU µs/request |\n",
+            "| target | mode | requests/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | CPU µs/request | load-gen CPU µs/request |\n",
         );
-        md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         let num = |v: Option<u64>| v.map_or("–".to_string(), thousands);
+        let micros = |s: Option<f64>| s.map_or("–".into(), |c| format!("{:.1}", c * 1e6));
         for t in &self.targets {
             if t.skipped.is_some() {
                 md.push_str(&format!(
-                    "| {} | {} | skipped | | | | | | |\n",
+                    "| {} | {} | skipped | | | | | | | |\n",
                     t.name, t.mode
                 ));
                 continue;
             }
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 t.name,
                 t.mode,
                 t.rps.map_or("–".into(), |r| thousands(r.round() as u64)),
@@ -450,8 +472,8 @@ impl Report {
                 num(t.p99_us),
                 num(t.p999_us),
                 num(t.errors),
-                t.cpu_s_per_req
-                    .map_or("–".into(), |c| format!("{:.1}", c * 1e6)),
+                micros(t.cpu_s_per_req),
+                micros(t.loadgen_cpu_s_per_req),
             ));
         }
         let skipped: Vec<&TargetReport> = self
@@ -489,7 +511,23 @@ impl Report {
             md.push_str(&format!("- {label}: {value:.2}\n"));
         }
         if o.rate.is_some() {
-            md.push_str("\nOpen loop: latency counts from each request's scheduled send time, so queueing behind a slow response is included.\n");
+            md.push_str("\nOpen loop: latency counts from each request's scheduled send time (less at most 1 ms of the load generator's own timer lateness), so queueing behind a slow response is included.\n");
+            let late: Vec<String> = self
+                .targets
+                .iter()
+                .filter_map(|t| match t.sched_lateness_p99_us {
+                    Some(us) if us > 0 => Some(format!("{} {} µs", t.name, thousands(us))),
+                    _ => None,
+                })
+                .collect();
+            if !late.is_empty() {
+                md.push_str(&format!(
+                    "The load generator sent late beyond that (p99, included in the latencies above): {}.\n",
+                    late.join(", ")
+                ));
+            }
+        } else {
+            md.push_str("\nClosed loop: each connection sends only after its previous response, so latency differences between targets largely restate their throughput differences (Little's law: latency ≈ connections / throughput); open loop (`--rate`) compares tails at equal offered load.\n");
         }
         md
     }
@@ -558,7 +596,10 @@ pub(crate) mod tests {
                 Some("http://127.0.0.1:40001/hello".into()),
                 "exited with status 1 before it was ready:\nerror: loading the sk_msg program: Operation not permitted",
             ),
-            measured(&Target::Knative, 20_000.0, 4_400),
+            TargetReport {
+                cpu_s_per_req: Some(6.93e-5),
+                ..measured(&Target::Knative, 20_000.0, 4_400)
+            },
             measured(
                 &Target::Url("http://hello.default.example.com/".into()),
                 10_000.0,
@@ -619,6 +660,7 @@ pub(crate) mod tests {
             "processes",
             "requests",
             "rps",
+            "sched_lateness_p99_us",
             "skipped",
             "url",
         ];
@@ -675,7 +717,9 @@ pub(crate) mod tests {
         assert_eq!(
             keys(r),
             [
+                "knative_over_spindle_sockmap_cpu",
                 "knative_over_spindle_sockmap_p99",
+                "knative_over_spindle_userspace_cpu",
                 "knative_over_spindle_userspace_p99",
                 "spindle_sockmap_over_ceiling_rps",
                 "spindle_sockmap_over_knative_rps",
@@ -688,10 +732,14 @@ pub(crate) mod tests {
         assert_eq!(r["spindle_userspace_over_knative_rps"], 2.81);
         assert_eq!(r["spindle_userspace_over_ceiling_rps"], 0.411);
         assert_eq!(r["knative_over_spindle_userspace_p99"], 4.0);
+        assert_eq!(r["knative_over_spindle_userspace_cpu"], 3.0);
+        // Closed loop: no scheduling lateness.
+        assert!(targets[1]["sched_lateness_p99_us"].is_null());
         // sockmap was skipped: every ratio involving it is null.
         assert!(r["spindle_sockmap_over_knative_rps"].is_null());
         assert!(r["spindle_sockmap_over_ceiling_rps"].is_null());
         assert!(r["knative_over_spindle_sockmap_p99"].is_null());
+        assert!(r["knative_over_spindle_sockmap_cpu"].is_null());
         assert_eq!(r["urls"][0]["spindle_userspace_over_url_rps"], 5.621);
         assert_eq!(r["urls"][0]["url_over_spindle_userspace_p99"], 8.0);
         assert!(r["urls"][0]["spindle_sockmap_over_url_rps"].is_null());
@@ -710,9 +758,36 @@ pub(crate) mod tests {
         // A target that ran but served nothing makes a ratio undefined, not infinite.
         let mut knative = measured(&Target::Knative, 0.0, 10);
         knative.p99_us = None;
+        knative.cpu_s_per_req = None;
         let r = Ratios::compute(&[measured(&Target::Userspace, 50.0, 10), knative]);
         assert_eq!(r.spindle_userspace_over_knative_rps, None);
         assert_eq!(r.knative_over_spindle_userspace_p99, None);
+        assert_eq!(r.knative_over_spindle_userspace_cpu, None);
+        // CPU needs both targets' accounting.
+        let r = Ratios::compute(&[measured(&Target::Sockmap, 50.0, 10)]);
+        assert_eq!(r.knative_over_spindle_sockmap_cpu, None);
+        let r = Ratios::compute(&[
+            measured(&Target::Sockmap, 50.0, 10),
+            TargetReport {
+                cpu_s_per_req: Some(4.62e-5),
+                ..measured(&Target::Knative, 20.0, 10)
+            },
+        ]);
+        assert_eq!(r.knative_over_spindle_sockmap_cpu, Some(2.0));
+    }
+
+    #[test]
+    fn reads_back_reports_written_before_the_added_fields() {
+        let mut v: serde_json::Value = serde_json::from_str(&synthetic().to_json()).unwrap();
+        for t in v["targets"].as_array_mut().unwrap() {
+            t.as_object_mut().unwrap().remove("sched_lateness_p99_us");
+        }
+        let ratios = v["ratios"].as_object_mut().unwrap();
+        ratios.remove("knative_over_spindle_userspace_cpu");
+        ratios.remove("knative_over_spindle_sockmap_cpu");
+        let old: Report = serde_json::from_value(v).unwrap();
+        assert_eq!(old.targets[1].sched_lateness_p99_us, None);
+        assert_eq!(old.ratios.knative_over_spindle_userspace_cpu, None);
     }
 
     #[test]
@@ -722,20 +797,21 @@ pub(crate) mod tests {
             "Machine: 2 cores, Intel Xeon, Linux 6.18.44, 23.4 GiB, 2026-11-26T10:00:00Z"
         ));
         assert!(md.contains(
-            "| target | mode | requests/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | CPU µs/request |"
+            "| target | mode | requests/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | CPU µs/request | load-gen CPU µs/request |\n"
         ));
         assert!(
             md.contains(
-                "| Spindle userspace | userspace | 56,209 | 275 | 550 | 1,100 | 2,200 | 0 | 23.1 |"
+                "| Spindle userspace | userspace | 56,209 | 275 | 550 | 1,100 | 2,200 | 0 | 23.1 | 10.0 |\n"
             ),
             "{md}"
         );
+        assert!(md.contains("| Knative-style baseline | knative | 20,000 | 1,100 | 2,200 | 4,400 | 8,800 | 0 | 69.3 | 10.0 |\n"), "{md}");
         assert!(md.contains("| Spindle sockmap | sockmap | skipped |"));
         assert!(md.contains(
             "- Spindle sockmap: exited with status 1 before it was ready:\n  ```\n  error: loading the sk_msg program: Operation not permitted\n  ```"
         ));
         // URL target: no CPU figure.
-        assert!(md.contains("| http://hello.default.example.com/ | url | 10,000 | 2,200 | 4,400 | 8,800 | 17,600 | 0 | – |"), "{md}");
+        assert!(md.contains("| http://hello.default.example.com/ | url | 10,000 | 2,200 | 4,400 | 8,800 | 17,600 | 0 | – | 10.0 |\n"), "{md}");
         assert!(md.contains("- Spindle userspace / Knative-style, throughput: 2.81\n"));
         // Ratios of a target that did not run are left out, not shown as n/a.
         assert!(!md.contains("Spindle sockmap / Knative-style"));
@@ -753,11 +829,33 @@ pub(crate) mod tests {
                 .contains("- none: a ratio needs Spindle and a baseline")
         );
         assert!(md.contains("- Knative-style / Spindle userspace, p99 latency: 4.00\n"));
+        assert!(md.contains("- Knative-style / Spindle userspace, CPU per request: 3.00\n"));
+        assert!(!md.contains("Knative-style / Spindle sockmap, CPU"));
         assert!(md.contains("Load: closed loop, 32 connections, 10 s measured after 2 s warm-up, POST /hello (13 bytes)"));
         // Every table row has the same number of cells as the header.
         for line in md.lines().filter(|l| l.starts_with('|')) {
-            assert_eq!(line.matches('|').count(), 10, "{line}");
+            assert_eq!(line.matches('|').count(), 11, "{line}");
         }
+        // Closed loop: the Little's-law caveat, not the open-loop note.
+        assert!(md.contains("\nClosed loop: each connection sends only after its previous response, so latency differences between targets largely restate their throughput differences (Little's law"), "{md}");
+        assert!(md.contains("open loop (`--rate`) compares tails at equal offered load"));
+        assert!(!md.contains("Open loop:"));
+    }
+
+    #[test]
+    fn open_loop_markdown_notes_the_schedule_and_the_load_generators_lateness() {
+        let mut report = synthetic();
+        report.options.rate = Some(20_000);
+        report.options.load_loop = "open".into();
+        report.targets[1].sched_lateness_p99_us = Some(2_300);
+        report.targets[3].sched_lateness_p99_us = Some(0);
+        let md = report.to_markdown();
+        assert!(md.contains("Load: open loop at 20,000 req/s"));
+        assert!(md.contains("Open loop: latency counts from each request's scheduled send time (less at most 1 ms of the load generator's own timer lateness)"), "{md}");
+        assert!(md.contains("The load generator sent late beyond that (p99, included in the latencies above): Spindle userspace 2,300 µs.\n"), "{md}");
+        assert!(!md.contains("Closed loop:"));
+        report.targets[1].sched_lateness_p99_us = Some(0);
+        assert!(!report.to_markdown().contains("sent late"));
     }
 
     #[test]

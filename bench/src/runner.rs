@@ -303,6 +303,7 @@ impl TargetBench<'_> {
             histogram,
             ok,
             errors,
+            lateness,
         } = m.load;
         let duration = self.opts.duration.as_secs_f64();
         let per_request = |seconds: f64| (ok > 0).then(|| seconds / ok as f64);
@@ -332,6 +333,8 @@ impl TargetBench<'_> {
             requests: Some(ok),
             duration_s: Some(duration),
             intended_rps: self.opts.rate.map(|r| r as f64),
+            sched_lateness_p99_us: (self.opts.rate.is_some() && !lateness.is_empty())
+                .then(|| lateness.value_at_quantile(0.99)),
             cpu_s_per_req: m.tree.as_ref().and_then(|t| per_request(t.seconds)),
             cpu_s: m.tree.as_ref().map(|t| t.seconds),
             loadgen_cpu_s_per_req: m.loadgen_cpu_s.and_then(per_request),
