@@ -87,6 +87,23 @@ where
 
 /// Serves HTTP/1.1 with keep-alive on `listener` until the future is dropped. `public` adds the
 /// header-read timeout a server facing clients needs.
+/// The next connection, with TCP_NODELAY set. An accept error (out of fds or similar) leaves
+/// existing connections working; retry shortly instead of spinning on the same error.
+async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                return stream;
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 pub(crate) async fn serve<H, Fut, B>(listener: TcpListener, handler: H, public: bool)
 where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -101,17 +118,7 @@ where
             .header_read_timeout(HEADER_READ_TIMEOUT);
     }
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of fds or similar: existing connections keep working; retry shortly
-                // instead of spinning on the same error.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = accept(&listener).await;
         let connection = http.serve_connection(TokioIo::new(stream), service_fn(handler.clone()));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -133,15 +140,7 @@ where
 {
     let http = http1::Builder::new();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = accept(&listener).await;
         let connection = http.serve_connection(TokioIo::new(stream), service_fn(handler.clone()));
         tokio::task::spawn_local(async move {
             if let Err(e) = connection.await {
