@@ -142,6 +142,22 @@ fn post(addr: SocketAddr, path: &str, body: &str) -> Reply {
     request(addr, "POST", path, body.as_bytes(), false)
 }
 
+/// Sends `n` identical requests at once and checks each comes back 200 with `body` echoed.
+fn all_served_concurrently(
+    addr: std::net::SocketAddr,
+    path: &'static str,
+    body: &'static str,
+    n: usize,
+) {
+    let clients: Vec<_> = (0..n)
+        .map(|_| std::thread::spawn(move || post(addr, path, body)))
+        .collect();
+    for c in clients {
+        let r = c.join().unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, body));
+    }
+}
+
 fn get(addr: SocketAddr, path: &str) -> Reply {
     request(addr, "GET", path, b"", false)
 }
@@ -424,13 +440,7 @@ chains:
     let baseline = start_with(&path, &options).unwrap();
     let addr = baseline.addr();
     let began = Instant::now();
-    let sleepers: Vec<_> = (0..2)
-        .map(|_| std::thread::spawn(move || post(addr, "/s", "sleep 300")))
-        .collect();
-    for s in sleepers {
-        let r = s.join().unwrap();
-        assert_eq!((r.status, r.text().as_str()), (200, "sleep 300"));
-    }
+    all_served_concurrently(addr, "/s", "sleep 300", 2);
     let took = began.elapsed();
     assert!(took >= Duration::from_millis(600), "took {took:?}");
     // The second request waited in the queue-proxy, not in the container.
@@ -460,13 +470,7 @@ chains:
     let baseline = start(&path);
     let addr = baseline.addr();
     let began = Instant::now();
-    let sleepers: Vec<_> = (0..4)
-        .map(|_| std::thread::spawn(move || post(addr, "/q", "sleep 150")))
-        .collect();
-    for s in sleepers {
-        let r = s.join().unwrap();
-        assert_eq!((r.status, r.text().as_str()), (200, "sleep 150"));
-    }
+    all_served_concurrently(addr, "/q", "sleep 150", 4);
     // One call at a time in the container: the last waited ~450 ms, past the 200 ms a call
     // may take, and none of it was counted as the call's.
     let took = began.elapsed();
