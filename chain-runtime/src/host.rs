@@ -18,7 +18,7 @@
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use shm::Status;
+use proto::Status;
 use wasmer::sys::vm::{VMMemory, VMMemoryDefinition, VMTable, VMTableDefinition};
 use wasmer::sys::{BaseTunables, Cranelift, NativeEngineExt, Tunables};
 use wasmer::wasmparser::Operator;

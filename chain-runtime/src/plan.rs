@@ -6,7 +6,7 @@
 //! worker processes) per chain, because each chain has its own arena and a worker maps only
 //! its own chain's arena.
 
-use shm::GATEWAY_FN;
+use proto::GATEWAY_FN;
 
 use crate::config::{ChainSpec, Config, FunctionSpec, Routing};
 

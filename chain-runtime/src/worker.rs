@@ -19,25 +19,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use shm::{Arena, Descriptor, GATEWAY_FN, SlotRef, Status};
+use proto::worker::{
+    ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD, WATCHDOG_EXIT, ready_message,
+};
+use proto::{Descriptor, GATEWAY_FN, Status};
+use shm::{Arena, SlotRef};
 
 use crate::config::{Config, ConfigErrors};
 use crate::host::{FunctionHost, HostError, Outcome, SlotIo};
 use crate::plan::{ChainPlan, Plan, Stage};
 use crate::stats::{ErrorKind, StatsError, StatsPage};
 
-/// Where the gateway puts the arena memfd in a worker.
-pub const ARENA_FD: RawFd = 3;
-/// Where the gateway puts the worker's socket.
-pub const SOCKET_FD: RawFd = 4;
-/// Where the gateway puts the config text it started with.
-pub const CONFIG_FD: RawFd = 5;
-/// Where the gateway puts the function's module bytes.
-pub const MODULE_FD: RawFd = 6;
-/// Where the gateway puts this instance's statistics page.
-pub const STATS_FD: RawFd = 7;
-/// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
-pub const WATCHDOG_EXIT: i32 = 124;
 /// Descriptors read per syscall at most when several are queued.
 const READ_BATCH: usize = 64;
 
@@ -105,23 +97,6 @@ fn read_memfd(fd: OwnedFd, what: &'static str) -> Result<Vec<u8>, WorkerError> {
     let mut buf = vec![0u8; len];
     file.read_exact_at(&mut buf, 0).map_err(err)?;
     Ok(buf)
-}
-
-/// The message a worker sends once its module is instantiated: request id 0 marks control
-/// messages; `slot` carries the function id and `generation` the instance number.
-pub fn ready_message(chain: u16, fn_id: u32, instance: u32) -> Descriptor {
-    Descriptor {
-        next_fn: GATEWAY_FN,
-        chain,
-        request_id: 0,
-        slot: fn_id,
-        generation: instance,
-        ..Descriptor::default()
-    }
-}
-
-pub fn is_control(d: &Descriptor) -> bool {
-    d.request_id == 0
 }
 
 /// Runs the worker until the gateway closes the socket. Takes over fds 3 to 7.

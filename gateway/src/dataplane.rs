@@ -26,9 +26,10 @@ use std::sync::{Arc, Mutex};
 
 use chain_runtime::plan::ChainPlan;
 use chain_runtime::stats::{StatsError, StatsPage};
-use chain_runtime::worker::is_control;
 use hyper::StatusCode;
-use shm::{Arena, Descriptor, GATEWAY_FN, SlotRef, Status};
+use proto::worker::is_control;
+use proto::{Descriptor, GATEWAY_FN, Status};
+use shm::{Arena, SlotRef};
 use sockmap_bpf::{HolderRecord, KernelDataplane};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

@@ -11,7 +11,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
-use shm::{ArenaError, Status};
+use proto::Status;
+use shm::ArenaError;
 
 use crate::dataplane::{ChainRuntime, Completion, SlotGuard};
 use crate::metrics::Metrics;
@@ -296,7 +297,7 @@ async fn copy_body(
 fn respond(
     chain: &ChainRuntime,
     content_type: &HeaderValue,
-    desc: shm::Descriptor,
+    desc: proto::Descriptor,
     slot: SlotGuard,
 ) -> Reply {
     let mut payload = vec![0u8; desc.len as usize];

@@ -15,8 +15,8 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chain_runtime::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD, WATCHDOG_EXIT};
 use hyper::StatusCode;
+use proto::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD, WATCHDOG_EXIT};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 

@@ -10,9 +10,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use chain_runtime::stats::StatsPage;
-use chain_runtime::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD, sealed_memfd};
+use chain_runtime::worker::sealed_memfd;
 use common::Spindle;
-use shm::{Arena, Descriptor, GATEWAY_FN, Status};
+use proto::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD};
+use proto::{Descriptor, GATEWAY_FN, Status};
+use shm::Arena;
 
 const CONFIG: &str = r#"
 functions:

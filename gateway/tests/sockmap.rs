@@ -9,9 +9,9 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chain_runtime::worker::SOCKET_FD;
 use common::Spindle;
-use shm::Descriptor;
+use proto::Descriptor;
+use proto::worker::SOCKET_FD;
 
 fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -31,7 +31,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use shm::Status;
+use proto::Status;
 
 use crate::BaselineError;
 use crate::net::{self, Reply, text};

@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use crate::descriptor::Descriptor;
+use proto::Descriptor;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SPDLAREN");
 const VERSION: u32 = 1;

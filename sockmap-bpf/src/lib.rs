@@ -140,7 +140,7 @@ impl KernelDataplane {
         let entry = ConnectionEntry {
             worker,
             gateway: SockKey {
-                fn_id: shm::GATEWAY_FN,
+                fn_id: proto::GATEWAY_FN,
                 instance: n,
             },
             worker_sender: sender_key(worker_end).map_err(SockmapError::Socket)?,
@@ -151,10 +151,10 @@ impl KernelDataplane {
             fn_id: worker.fn_id,
             instance: worker.instance,
             chain,
-            peer_fn: shm::GATEWAY_FN,
+            peer_fn: proto::GATEWAY_FN,
         };
         let as_gateway = Sender {
-            fn_id: shm::GATEWAY_FN,
+            fn_id: proto::GATEWAY_FN,
             instance: worker.instance,
             chain,
             peer_fn: worker.fn_id,
@@ -297,7 +297,7 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
-    use shm::{Descriptor, GATEWAY_FN, Status};
+    use proto::{Descriptor, GATEWAY_FN, Status};
 
     fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -240,7 +240,10 @@ mod tests {
         );
         std::fs::write(dir.join("layout.c"), src).unwrap();
         let exe = dir.join("layout");
+        let proto_include = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/include");
         let Ok(status) = std::process::Command::new("cc")
+            .arg("-I")
+            .arg(proto_include)
             .arg(dir.join("layout.c"))
             .arg("-o")
             .arg(&exe)

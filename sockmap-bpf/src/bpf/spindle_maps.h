@@ -6,7 +6,7 @@
 #ifndef SPINDLE_MAPS_H
 #define SPINDLE_MAPS_H
 
-#include "../../../shm/include/spindle_desc.h"
+#include "spindle_desc.h" /* proto/include: the wire contract */
 
 #define SPINDLE_MAX_FUNCTIONS 1024 /* function ids 0..1023 (0 is the gateway) */
 #define SPINDLE_MAX_INSTANCES 64   /* instances per function */

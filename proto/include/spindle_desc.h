@@ -2,7 +2,7 @@
 /*
  * The one definition of Spindle's descriptor: the fixed-size message that names a payload
  * in a chain's shared-memory arena. The gateway, the worker processes and the eBPF programs
- * all use this layout; shm/src/descriptor.rs mirrors it and a test checks size and offsets.
+ * all use this layout; proto/src/descriptor.rs mirrors it and a test checks size and offsets.
  *
  * A descriptor is sent as exactly SPINDLE_DESC_SIZE bytes on a stream socket.
  * All fields are little-endian (host order on every platform Spindle runs on).

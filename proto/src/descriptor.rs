@@ -1,6 +1,6 @@
 //! The 32-byte descriptor that travels between the gateway and the workers.
 //!
-//! `include/spindle_desc.h` is the one definition of the layout (the eBPF programs use it);
+//! `proto/include/spindle_desc.h` is the one definition of the layout (the eBPF programs use it);
 //! [`Descriptor`] mirrors it field for field and the tests compile the header with the C
 //! compiler to check that size and offsets agree. On the wire a descriptor is exactly
 //! [`Descriptor::SIZE`] little-endian bytes, encoded field by field so that no `unsafe`
@@ -12,7 +12,7 @@ use core::mem::offset_of;
 pub const GATEWAY_FN: u32 = 0;
 
 /// Mirror of `struct spindle_desc`. The fields are public because it is a plain message;
-/// nothing in it is trusted until [`crate::Arena::check`] has validated it.
+/// nothing in it is trusted until `shm::Arena::check` has validated it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Descriptor {
@@ -122,7 +122,7 @@ impl Descriptor {
     }
 
     /// Decodes any 32 bytes; validation is left to [`Descriptor::status`] and
-    /// [`crate::Arena::check`].
+    /// `shm::Arena::check`.
     pub fn from_bytes(b: &[u8; Self::SIZE]) -> Self {
         Descriptor {
             next_fn: get!(b, u32, next_fn),

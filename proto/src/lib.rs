@@ -1,0 +1,17 @@
+//! Spindle's wire contract: every layout and number that crosses a process boundary, defined
+//! once.
+//!
+//! - [`descriptor`]: the 32-byte chain descriptor. `include/spindle_desc.h` is its one
+//!   definition, used by the eBPF programs; [`Descriptor`] mirrors it and a test compiles the
+//!   header to check that size and offsets agree.
+//! - [`worker`]: how the gateway hands a worker process its resources (the fd numbers), the
+//!   control messages on a worker's socket, and the exit codes a worker reports with.
+//!
+//! This crate owns layouts and their encoding only. It does no I/O and holds no policy: the
+//! arena that slots live in is `shm`'s, the routing maps are `sockmap-bpf`'s, and what a
+//! worker does with a descriptor is `chain-runtime`'s.
+
+pub mod descriptor;
+pub mod worker;
+
+pub use descriptor::{Descriptor, DescriptorError, GATEWAY_FN, Status};

@@ -1,0 +1,67 @@
+//! The hand-off between the gateway and a worker process.
+//!
+//! A worker is started with its resources already open at fixed fd numbers, so it needs no
+//! path, port or name to find them and a restart gets exactly what the first start got. On
+//! its socket, descriptors with request id 0 are control messages; the only one today is the
+//! ready message a worker sends once its instance can serve.
+
+use std::os::fd::RawFd;
+
+use crate::descriptor::{Descriptor, GATEWAY_FN};
+
+/// The chain's arena (a memfd).
+pub const ARENA_FD: RawFd = 3;
+/// This instance's end of a connected loopback TCP socket to the gateway.
+pub const SOCKET_FD: RawFd = 4;
+/// The config text the gateway started with (a sealed memfd).
+pub const CONFIG_FD: RawFd = 5;
+/// The function's module bytes as the gateway read them at start (a sealed memfd).
+pub const MODULE_FD: RawFd = 6;
+/// This instance's statistics page (a memfd).
+pub const STATS_FD: RawFd = 7;
+
+/// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
+pub const WATCHDOG_EXIT: i32 = 124;
+
+/// The message a worker sends once its module is instantiated: request id 0 marks control
+/// messages; `slot` carries the function id and `generation` the instance number.
+pub fn ready_message(chain: u16, fn_id: u32, instance: u32) -> Descriptor {
+    Descriptor {
+        next_fn: GATEWAY_FN,
+        chain,
+        request_id: 0,
+        slot: fn_id,
+        generation: instance,
+        ..Descriptor::default()
+    }
+}
+
+/// True for control messages (request id 0: the gateway never assigns it to a request).
+pub fn is_control(d: &Descriptor) -> bool {
+    d.request_id == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_numbers_are_distinct_and_above_stdio() {
+        let fds = [ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD];
+        for (i, a) in fds.iter().enumerate() {
+            assert!(*a > 2, "fd {a} would clobber stdio");
+            assert!(!fds[i + 1..].contains(a), "fd {a} assigned twice");
+        }
+    }
+
+    #[test]
+    fn ready_message_is_control_and_names_its_instance() {
+        let d = ready_message(3, 17, 2);
+        assert!(is_control(&d));
+        assert_eq!(
+            (d.chain, d.slot, d.generation, d.next_fn),
+            (3, 17, 2, GATEWAY_FN)
+        );
+        assert!(!is_control(&Descriptor { request_id: 1, ..d }));
+    }
+}
