@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod host;
+pub mod instance;
 pub mod plan;
 pub mod stats;
 pub mod wasi;

@@ -1,33 +1,27 @@
 //! The worker process: one instance of one function of one chain.
 //!
-//! The gateway starts it with four descriptors already open: fd 3 is the chain's arena (a
-//! memfd), fd 4 is this instance's end of a connected loopback TCP socket, fd 5 holds the
-//! config text and fd 6 the module bytes as the gateway read them at start (sealed memfds),
-//! so a restart runs exactly what the gateway started with even if the files changed, and fd 7
-//! is this instance's statistics page (see [`crate::stats`]). The worker
-//! compiles and instantiates its module once, announces itself with a ready message, then
-//! loops: read a descriptor, check it against the arena, run the guest on the slot, write the
+//! The gateway starts it with five descriptors already open (the hand-off, see
+//! [`crate::instance::Handoff`] and `proto::worker`): the chain's arena, this instance's end of
+//! a connected loopback TCP socket, the config text and the module bytes as the gateway read
+//! them at start (sealed memfds, so a restart runs exactly what the gateway started with even
+//! if the files changed), and this instance's statistics page (see [`crate::stats`]). The
+//! worker builds its instance once ([`crate::instance::InstanceBuilder`]), announces itself
+//! with a ready message, then loops: read a descriptor, check it against the arena, run the guest on the slot, write the
 //! output back into the slot, and send the descriptor on (to the next function or back to the
 //! gateway). Every descriptor gets exactly one answer, so the gateway never waits on a lost one.
 
-use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use proto::worker::{
-    ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD, WATCHDOG_EXIT, ready_message,
-};
+use proto::worker::{WATCHDOG_EXIT, ready_message};
 use proto::{Descriptor, GATEWAY_FN, Status};
 use shm::{Arena, SlotRef};
 
-use crate::config::{Config, ConfigErrors};
-use crate::host::{FunctionHost, HostError, Outcome, SlotIo};
-use crate::plan::{ChainPlan, Plan, Stage};
+use crate::host::{Outcome, SlotIo};
+use crate::instance::{Handoff, Instance, InstanceBuilder, InstanceError};
 use crate::stats::{ErrorKind, StatsError, StatsPage};
 
 /// Descriptors read per syscall at most when several are queued.
@@ -35,25 +29,12 @@ const READ_BATCH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("cannot read the {what} the gateway passed: {source}")]
-    ReadInput {
-        what: &'static str,
-        source: std::io::Error,
-    },
-    #[error("config passed by the gateway is not UTF-8")]
-    ConfigEncoding,
-    #[error("{0}")]
-    Config(#[from] ConfigErrors),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
     #[error(transparent)]
     Stats(#[from] StatsError),
-    #[error("no function {function} in chain {chain}")]
-    UnknownStage { chain: String, function: String },
-    #[error("fd {fd} is not {what}: was this process started by the gateway?")]
-    BadFd { fd: RawFd, what: &'static str },
     #[error("arena: {0}")]
     Arena(#[from] shm::ArenaError),
-    #[error(transparent)]
-    Host(#[from] HostError),
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -68,65 +49,29 @@ pub struct WorkerArgs {
     pub instance: u32,
 }
 
-/// A read-only, sealed memfd holding `data`, for handing to worker processes.
-pub fn sealed_memfd(name: &str, data: &[u8]) -> std::io::Result<OwnedFd> {
-    let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
-    // SAFETY: memfd_create with a valid C string; returns a new fd we own, or -1.
-    let fd =
-        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    file.write_all_at(data, 0)?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on an fd we own.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(file.into())
-}
-
-/// Reads a whole memfd from offset 0 (positioned reads: the open file description, and so its
-/// offset, is shared by every worker that inherited it).
-fn read_memfd(fd: OwnedFd, what: &'static str) -> Result<Vec<u8>, WorkerError> {
-    let file = File::from(fd);
-    let err = |source| WorkerError::ReadInput { what, source };
-    let len = file.metadata().map_err(err)?.len() as usize;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, 0).map_err(err)?;
-    Ok(buf)
-}
-
 /// Runs the worker until the gateway closes the socket. Takes over fds 3 to 7.
 pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
-    let config_fd = take_fd(CONFIG_FD, libc::S_IFREG, "the config memfd")?;
-    let module_fd = take_fd(MODULE_FD, libc::S_IFREG, "the module memfd")?;
-    let stats = StatsPage::from_fd(take_fd(STATS_FD, libc::S_IFREG, "the stats memfd")?)?;
-    let text = String::from_utf8(read_memfd(config_fd, "config")?)
-        .map_err(|_| WorkerError::ConfigEncoding)?;
-    let module = read_memfd(module_fd, "module")?;
-    let config = Config::parse(&text, &args.config)?;
-    let plan = Plan::new(&config);
-    let unknown = || WorkerError::UnknownStage {
-        chain: args.chain.clone(),
-        function: args.function.clone(),
-    };
-    let chain = plan.chain_by_name(&args.chain).ok_or_else(unknown)?;
-    let stage = chain.stage_by_name(&args.function).ok_or_else(unknown)?;
-
-    let arena = Arena::from_fd(take_fd(ARENA_FD, libc::S_IFREG, "the arena memfd")?)?;
-    let socket = TcpStream::from(take_fd(SOCKET_FD, libc::S_IFSOCK, "a socket")?);
+    let handoff = Handoff::inherited()?;
+    let (text, module) = handoff.read_inputs()?;
+    let instance =
+        InstanceBuilder::from_config_text(&text, &args.config, &args.chain, &args.function)?
+            .cold(&module)?;
+    drop(module);
+    let Handoff {
+        arena,
+        socket,
+        stats,
+        ..
+    } = handoff;
+    let stats = StatsPage::from_fd(stats)?;
+    let arena = Arena::from_fd(arena)?;
+    let socket = TcpStream::from(socket);
     socket.set_nodelay(true)?;
 
-    let host = FunctionHost::from_bytes(&stage.function, &module, chain.routes())?;
-    drop(module);
+    let (chain_id, fn_id) = (instance.chain().id, instance.stage().fn_id);
     let mut worker = Worker {
-        chain,
-        stage,
+        instance,
         arena,
-        host,
         refused: 0,
         stats,
         busy_since: Arc::new(AtomicU64::new(0)),
@@ -134,32 +79,19 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
     };
     worker.start_watchdog();
     let mut writer = BufWriter::with_capacity(READ_BATCH * Descriptor::SIZE, socket.try_clone()?);
-    writer.write_all(&ready_message(chain.id, stage.fn_id, args.instance).to_bytes())?;
+    writer.write_all(&ready_message(chain_id, fn_id, args.instance).to_bytes())?;
     writer.flush()?;
-    tracing::info!(chain = %chain.spec.name, function = %stage.function.name, instance = args.instance, "worker ready");
+    tracing::info!(chain = %worker.instance.chain().spec.name, function = %worker.function_name(),
+        instance = args.instance, "worker ready");
     worker.serve(
         BufReader::with_capacity(READ_BATCH * Descriptor::SIZE, socket),
         writer,
     )
 }
 
-/// Adopts an fd the gateway left open for us, after checking it is what we expect.
-fn take_fd(fd: RawFd, kind: libc::mode_t, what: &'static str) -> Result<OwnedFd, WorkerError> {
-    // SAFETY: fstat only writes into the zeroed struct we own; an invalid fd returns -1.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != kind {
-        return Err(WorkerError::BadFd { fd, what });
-    }
-    // SAFETY: the fd is open (fstat succeeded) and nothing else in this process owns it: the
-    // gateway placed it here for the worker alone, and this is called once per fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-struct Worker<'p> {
-    chain: &'p ChainPlan,
-    stage: &'p Stage,
+struct Worker {
+    instance: Instance,
     arena: Arena,
-    host: FunctionHost,
     refused: u64,
     stats: StatsPage,
     /// Milliseconds since `epoch` when the current call started, 0 when idle.
@@ -167,15 +99,19 @@ struct Worker<'p> {
     epoch: Instant,
 }
 
-impl Worker<'_> {
+impl Worker {
+    fn function_name(&self) -> &str {
+        &self.instance.stage().function.name
+    }
+
     /// A guest can block in a host call (poll_oneoff) or burn time without fuel configured:
     /// past its timeout nothing inside the process can stop it safely, so the process exits
     /// and the gateway fails its request with 504 and starts a fresh instance.
     fn start_watchdog(&self) {
-        let timeout = self.stage.function.timeout;
+        let timeout = self.instance.stage().function.timeout;
         let busy = Arc::clone(&self.busy_since);
         let epoch = self.epoch;
-        let name = self.stage.function.name.clone();
+        let name = self.function_name().to_owned();
         let tick = (timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(100));
         std::thread::Builder::new()
             .name("watchdog".into())
@@ -220,8 +156,8 @@ impl Worker<'_> {
             // behind a descriptor when no more are queued.
             if reader.buffer().is_empty() {
                 retry_redirect(|| writer.flush())?;
-                if let Err(e) = self.host.prepare() {
-                    tracing::error!(function = %self.stage.function.name, "rebuilding the instance: {e}");
+                if let Err(e) = self.instance.host_mut().prepare() {
+                    tracing::error!(function = %self.function_name(), "rebuilding the instance: {e}");
                 }
             }
         }
@@ -234,7 +170,7 @@ impl Worker<'_> {
             Err(reason) => {
                 self.refused += 1;
                 self.stats.record_refused();
-                tracing::warn!(function = %self.stage.function.name, request = d.request_id,
+                tracing::warn!(function = %self.function_name(), request = d.request_id,
                     refused_total = self.refused, "refused descriptor: {reason}");
                 d.status = Status::Refused as u8;
                 d.next_fn = GATEWAY_FN;
@@ -251,7 +187,7 @@ impl Worker<'_> {
             Ordering::Release,
         );
         let started = Instant::now();
-        let outcome = self.host.invoke(&mut io);
+        let outcome = self.instance.host_mut().invoke(&mut io);
         let elapsed = started.elapsed();
         self.busy_since.store(0, Ordering::Release);
         let error = match &outcome {
@@ -269,14 +205,15 @@ impl Worker<'_> {
         match outcome {
             Outcome::Done { output_len, next } => {
                 d.len = output_len as u32;
-                let next = if self.chain.is_dynamic() {
+                let next = if self.instance.chain().is_dynamic() {
                     next.unwrap_or(GATEWAY_FN)
                 } else {
-                    self.chain
-                        .static_next(self.stage.fn_id)
+                    self.instance
+                        .chain()
+                        .static_next(self.instance.stage().fn_id)
                         .unwrap_or(GATEWAY_FN)
                 };
-                if next != GATEWAY_FN && d.hop >= self.chain.max_hops() {
+                if next != GATEWAY_FN && d.hop >= self.instance.chain().max_hops() {
                     let message = format!(
                         "request passed through {} functions, the chain's max_hops",
                         d.hop
@@ -292,16 +229,18 @@ impl Worker<'_> {
     }
 
     fn check(&self, d: &Descriptor) -> Result<SlotRef, String> {
-        if d.next_fn != self.stage.fn_id {
+        if d.next_fn != self.instance.stage().fn_id {
             return Err(format!(
                 "addressed to function {}, this is {}",
-                d.next_fn, self.stage.fn_id
+                d.next_fn,
+                self.instance.stage().fn_id
             ));
         }
-        if d.chain != self.chain.id {
+        if d.chain != self.instance.chain().id {
             return Err(format!(
                 "names chain {}, this worker serves chain {}",
-                d.chain, self.chain.id
+                d.chain,
+                self.instance.chain().id
             ));
         }
         if d.status != Status::Ok as u8 {
@@ -312,7 +251,7 @@ impl Worker<'_> {
 
     /// Writes "function NAME: message" into the slot and sends the descriptor to the gateway.
     fn fail(&self, d: &mut Descriptor, slot: SlotRef, status: Status, message: &str) {
-        let text = format!("function {}: {message}", self.stage.function.name);
+        let text = format!("function {}: {message}", self.function_name());
         let bytes = &text.as_bytes()[..text.len().min(self.arena.slot_size() as usize)];
         let written = self.arena.write(slot, 0, bytes).is_ok();
         d.len = if written { bytes.len() as u32 } else { 0 };

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use chain_runtime::config::{Config, DataplaneMode};
+use chain_runtime::instance::sealed_memfd;
 use chain_runtime::plan::Plan;
-use chain_runtime::worker::{self, WorkerArgs, sealed_memfd};
+use chain_runtime::worker::{self, WorkerArgs};
 use clap::{Parser, Subcommand};
 use gateway::dataplane::{ChainRuntime, KernelRoute};
 use gateway::http::{DataplaneStatus, Gateway};

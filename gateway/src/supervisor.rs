@@ -1,22 +1,25 @@
 //! Worker supervision: start every function instance as its own process, wait until each is
 //! ready, restart any that exits, and stop them all on shutdown.
 //!
-//! A worker is this same binary re-executed as `spindle worker`. It receives its chain's arena
-//! memfd at fd 3, its end of a connected loopback TCP socket at fd 4 (the gateway keeps the
-//! other end), and sealed memfds with the config text (fd 5) and its module's bytes (fd 6) as
-//! the gateway read them at start, so restarts are immune to later edits of either file. The gateway makes the connection itself (listen on an ephemeral loopback port,
-//! connect, accept, close the listener), so no port stays open for other processes to use.
+//! A worker is this same binary re-executed as `spindle worker`. It is handed its resources as
+//! fds (`chain_runtime::instance::Handoff`): the chain's arena, its end of a connected loopback
+//! TCP socket (the gateway keeps the other end), sealed memfds with the config text and its
+//! module's bytes as the gateway read them at start (so restarts are immune to later edits of
+//! either file), and its statistics page. The gateway makes the connection itself (listen on an
+//! ephemeral loopback port, connect, accept, close the listener), so no port stays open for
+//! other processes to use.
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chain_runtime::instance::Handoff;
 use hyper::StatusCode;
-use proto::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD, WATCHDOG_EXIT};
+use proto::worker::WATCHDOG_EXIT;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -68,20 +71,6 @@ fn socket_pair() -> std::io::Result<(TcpStream, TcpStream)> {
             return Ok((gateway_end, worker_end));
         }
     }
-}
-
-/// Duplicates `fd` to a number above the ones a worker's stdio and fixed fds use, so the
-/// dup2 calls in the child cannot clobber each other.
-fn dup_high(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
-    fd.try_clone_to_owned().and_then(|owned| {
-        // SAFETY: F_DUPFD_CLOEXEC returns a new fd we take ownership of, or -1.
-        let high = unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
-        if high < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `high` is a fresh fd owned by nobody else.
-        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(high) })
-    })
 }
 
 /// One running worker process and its gateway-side socket tasks.
@@ -143,25 +132,17 @@ async fn spawn_worker(
         }
         None => None,
     };
-    let fds = [
-        dup_high(chain.arena.fd()),
-        dup_high(worker_end.as_fd()),
-        dup_high(cmd.config_text.as_fd()),
-        dup_high(module.as_fd()),
-        dup_high(stage.instances[holder.instance].stats_fd.as_fd()),
-    ];
-    let fds: Vec<OwnedFd> = fds
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .map_err(SpawnError::Socket)?;
+    let exec_plan = Handoff {
+        arena: chain.arena.fd(),
+        socket: worker_end.as_fd(),
+        config: cmd.config_text.as_fd(),
+        module: module.as_fd(),
+        stats: stage.instances[holder.instance].stats_fd.as_fd(),
+    }
+    .exec_plan()
+    .map_err(SpawnError::Socket)?;
     drop(worker_end);
-    let placements: [(i32, i32); 5] = [
-        (fds[0].as_raw_fd(), ARENA_FD),
-        (fds[1].as_raw_fd(), SOCKET_FD),
-        (fds[2].as_raw_fd(), CONFIG_FD),
-        (fds[3].as_raw_fd(), MODULE_FD),
-        (fds[4].as_raw_fd(), STATS_FD),
-    ];
+    let placements = exec_plan.placements();
     let gateway_pid = std::process::id() as libc::pid_t;
 
     let mut command = Command::new(&cmd.exe);
@@ -178,9 +159,9 @@ async fn spawn_worker(
         .stdin(Stdio::null())
         .kill_on_drop(true);
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe, non-allocating calls (dup2, prctl, getppid). Every source fd is >= 10,
-    // so placing them at 3..=7 cannot overwrite one with another; dup2 clears close-on-exec on
-    // the copies, which is how they survive exec.
+    // async-signal-safe, non-allocating calls (dup2, prctl, getppid). The exec plan's sources
+    // sit above every fixed number, so placing them cannot overwrite one with another; dup2
+    // clears close-on-exec on the copies, which is how they survive exec.
     unsafe {
         command.pre_exec(move || {
             for (from, to) in placements {
@@ -202,7 +183,7 @@ async fn spawn_worker(
         });
     }
     let mut child = command.spawn().map_err(SpawnError::Spawn)?;
-    drop(fds);
+    drop(exec_plan);
 
     gateway_end
         .set_nonblocking(true)

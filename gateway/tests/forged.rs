@@ -9,8 +9,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use chain_runtime::instance::sealed_memfd;
 use chain_runtime::stats::StatsPage;
-use chain_runtime::worker::sealed_memfd;
 use common::Spindle;
 use proto::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD};
 use proto::{Descriptor, GATEWAY_FN, Status};

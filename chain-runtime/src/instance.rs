@@ -1,0 +1,390 @@
+//! How a function instance comes to exist: the one place that turns a module plus the config
+//! into an instance ready to serve, and that knows what a worker process is handed to build
+//! one.
+//!
+//! - [`Handoff`] is both sides of the gateway → worker hand-off: the gateway places its fds at
+//!   the numbers `proto::worker` fixes ([`Handoff::exec_plan`]); the worker adopts them,
+//!   checking each is what it should be ([`Handoff::inherited`]).
+//! - [`InstanceBuilder`] resolves a (chain, function) in the config and builds its
+//!   [`Instance`]. Today every build is cold: compile the module with Cranelift, instantiate,
+//!   run `_initialize`. A build from a prepared image (remote fork) is a second constructor
+//!   here, so callers do not change when instances stop being built cold.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use proto::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD};
+
+use crate::config::{Config, ConfigErrors};
+use crate::host::{FunctionHost, HostError};
+use crate::plan::{ChainPlan, Plan, Stage};
+
+/// Lowest fd number [`Handoff::exec_plan`] duplicates to: above stdio and every fixed
+/// number, so placing the copies cannot overwrite one with another.
+const EXEC_PLAN_MIN_FD: RawFd = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("fd {fd} is not {what}: was this process started by the gateway?")]
+    BadFd { fd: RawFd, what: &'static str },
+    #[error("cannot read the {what} the gateway passed: {source}")]
+    ReadInput {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("config passed by the gateway is not UTF-8")]
+    ConfigEncoding,
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("no function {function} in chain {chain}")]
+    UnknownStage { chain: String, function: String },
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// The resources a worker process gets from the gateway, one field per fixed fd number.
+#[derive(Debug)]
+pub struct Handoff<Fd> {
+    /// The chain's arena memfd.
+    pub arena: Fd,
+    /// The worker's end of its connected socket to the gateway.
+    pub socket: Fd,
+    /// Sealed memfd with the config text the gateway started with.
+    pub config: Fd,
+    /// Sealed memfd with the function's module bytes as the gateway read them at start.
+    pub module: Fd,
+    /// The instance's statistics page.
+    pub stats: Fd,
+}
+
+/// The gateway's copies of a [`Handoff`], ready to be placed in a child between fork and exec.
+pub struct ExecPlan {
+    /// Kept open until the child has been spawned; dropping the plan closes them.
+    _copies: [OwnedFd; 5],
+    placements: [(RawFd, RawFd); 5],
+}
+
+impl ExecPlan {
+    /// `(source fd, fd number in the worker)` pairs, for `dup2` in a `pre_exec` closure: plain
+    /// integers, so using them there needs no allocation. `dup2` clears close-on-exec on the
+    /// copy, which is how the fds survive exec.
+    pub fn placements(&self) -> [(RawFd, RawFd); 5] {
+        self.placements
+    }
+}
+
+impl Handoff<BorrowedFd<'_>> {
+    /// Duplicates every fd to a close-on-exec number above the fixed ones, so the child's
+    /// `dup2` calls cannot clobber each other, and pairs each copy with its place.
+    pub fn exec_plan(&self) -> std::io::Result<ExecPlan> {
+        let high = |fd: BorrowedFd<'_>| -> std::io::Result<OwnedFd> {
+            // SAFETY: F_DUPFD_CLOEXEC on a valid borrowed fd returns a new fd or -1; no memory
+            // is passed. (std's try_clone_to_owned cannot choose the lowest number.)
+            let new =
+                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, EXEC_PLAN_MIN_FD) };
+            if new < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `new` is a fresh fd that nothing else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(new) })
+        };
+        let copies = [
+            high(self.arena)?,
+            high(self.socket)?,
+            high(self.config)?,
+            high(self.module)?,
+            high(self.stats)?,
+        ];
+        let targets = [ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD];
+        let placements = std::array::from_fn(|i| (copies[i].as_raw_fd(), targets[i]));
+        Ok(ExecPlan {
+            _copies: copies,
+            placements,
+        })
+    }
+}
+
+impl Handoff<OwnedFd> {
+    /// Adopts the fds the gateway left open for this process, after checking that each is of
+    /// the kind expected. Call it once per process.
+    pub fn inherited() -> Result<Self, InstanceError> {
+        Ok(Handoff {
+            config: take_fd(CONFIG_FD, libc::S_IFREG, "the config memfd")?,
+            module: take_fd(MODULE_FD, libc::S_IFREG, "the module memfd")?,
+            stats: take_fd(STATS_FD, libc::S_IFREG, "the stats memfd")?,
+            arena: take_fd(ARENA_FD, libc::S_IFREG, "the arena memfd")?,
+            socket: take_fd(SOCKET_FD, libc::S_IFSOCK, "a socket")?,
+        })
+    }
+
+    /// Reads the config text and the module bytes out of their memfds.
+    pub fn read_inputs(&self) -> Result<(String, Vec<u8>), InstanceError> {
+        let text = String::from_utf8(read_memfd(self.config.as_fd(), "config")?)
+            .map_err(|_| InstanceError::ConfigEncoding)?;
+        let module = read_memfd(self.module.as_fd(), "module")?;
+        Ok((text, module))
+    }
+}
+
+/// Adopts an fd the gateway left open for us, after checking it is what we expect.
+fn take_fd(fd: RawFd, kind: libc::mode_t, what: &'static str) -> Result<OwnedFd, InstanceError> {
+    // SAFETY: fstat only writes into the zeroed struct we own; an invalid fd returns -1.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != kind {
+        return Err(InstanceError::BadFd { fd, what });
+    }
+    // SAFETY: the fd is open (fstat succeeded) and nothing else in this process owns it: the
+    // gateway placed it here for the worker alone, and this is called once per fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads a whole memfd from offset 0 (positioned reads: the open file description, and so its
+/// offset, is shared by every worker that inherited it).
+fn read_memfd(fd: BorrowedFd<'_>, what: &'static str) -> Result<Vec<u8>, InstanceError> {
+    let file = File::from(
+        fd.try_clone_to_owned()
+            .map_err(|source| InstanceError::ReadInput { what, source })?,
+    );
+    let err = |source| InstanceError::ReadInput { what, source };
+    let len = file.metadata().map_err(err)?.len() as usize;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, 0).map_err(err)?;
+    Ok(buf)
+}
+
+/// A read-only, sealed memfd holding `data`, for handing to worker processes: what a worker
+/// builds from cannot change under it, even if the file it came from is edited.
+pub fn sealed_memfd(name: &str, data: &[u8]) -> std::io::Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: memfd_create with a valid C string; returns a new fd we own, or -1.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.write_all_at(data, 0)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on an fd we own.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file.into())
+}
+
+/// One function of one chain, resolved in the plan, about to be built.
+pub struct InstanceBuilder {
+    plan: Plan,
+    chain: usize,
+    stage: usize,
+}
+
+impl InstanceBuilder {
+    /// Resolves `function` of `chain` in `config`.
+    pub fn new(config: &Config, chain: &str, function: &str) -> Result<Self, InstanceError> {
+        let plan = Plan::new(config);
+        let unknown = || InstanceError::UnknownStage {
+            chain: chain.to_owned(),
+            function: function.to_owned(),
+        };
+        let chain_index = plan
+            .chains
+            .iter()
+            .position(|c| c.spec.name == chain)
+            .ok_or_else(unknown)?;
+        let stage = plan.chains[chain_index]
+            .stages
+            .iter()
+            .position(|s| s.function.name == function)
+            .ok_or_else(unknown)?;
+        Ok(InstanceBuilder {
+            plan,
+            chain: chain_index,
+            stage,
+        })
+    }
+
+    /// Parses `text` (the config read from `path`) and resolves `function` of `chain` in it.
+    pub fn from_config_text(
+        text: &str,
+        path: &Path,
+        chain: &str,
+        function: &str,
+    ) -> Result<Self, InstanceError> {
+        Self::new(&Config::parse(text, path)?, chain, function)
+    }
+
+    pub fn chain(&self) -> &ChainPlan {
+        &self.plan.chains[self.chain]
+    }
+
+    pub fn stage(&self) -> &Stage {
+        &self.chain().stages[self.stage]
+    }
+
+    /// Cold start from the module's bytes: compile, instantiate, `_initialize` (reactors).
+    pub fn cold(self, module: &[u8]) -> Result<Instance, InstanceError> {
+        let host = FunctionHost::from_bytes(&self.stage().function, module, self.chain().routes())?;
+        Ok(self.finish(host))
+    }
+
+    /// Cold start from the module file the config names.
+    pub fn cold_from_file(self) -> Result<Instance, InstanceError> {
+        let host = FunctionHost::new(&self.stage().function, self.chain().routes())?;
+        Ok(self.finish(host))
+    }
+
+    fn finish(self, host: FunctionHost) -> Instance {
+        Instance {
+            plan: self.plan,
+            chain: self.chain,
+            stage: self.stage,
+            host,
+        }
+    }
+}
+
+/// A built function instance: its place in the plan and its live Wasm host.
+pub struct Instance {
+    plan: Plan,
+    chain: usize,
+    stage: usize,
+    host: FunctionHost,
+}
+
+impl Instance {
+    pub fn chain(&self) -> &ChainPlan {
+        &self.plan.chains[self.chain]
+    }
+
+    pub fn stage(&self) -> &Stage {
+        &self.chain().stages[self.stage]
+    }
+
+    pub fn host_mut(&mut self) -> &mut FunctionHost {
+        &mut self.host
+    }
+
+    /// The plan entries and the host at once, for a caller that runs the host while reading
+    /// its routing.
+    pub fn parts_mut(&mut self) -> (&ChainPlan, &Stage, &mut FunctionHost) {
+        let chain = &self.plan.chains[self.chain];
+        (chain, &chain.stages[self.stage], &mut self.host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> Config {
+        // The smallest reactor: echoes its input.
+        let wat = r#"(module
+            (import "spindle" "output" (func $out (param i32 i32)))
+            (memory (export "memory") 1)
+            (func (export "spindle_alloc") (param i32) (result i32) (i32.const 1024))
+            (func (export "spindle_handle") (param i32 i32) (result i32)
+              (call $out (local.get 0) (local.get 1)) (i32.const 0)))"#;
+        std::fs::write(dir.join("echo.wat"), wat).unwrap();
+        let yaml = "functions:\n  - name: echo\n    module: echo.wat\n\
+                    chains:\n  - name: c\n    route: /c\n    steps: [echo]\n";
+        let path = dir.join("spindle.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        Config::load(&path).unwrap()
+    }
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("instance-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn builds_a_cold_instance_from_bytes_and_from_the_file() {
+        let dir = temp_dir("cold");
+        let config = config(&dir);
+        let bytes = std::fs::read(dir.join("echo.wat")).unwrap();
+        let from_bytes = InstanceBuilder::new(&config, "c", "echo")
+            .unwrap()
+            .cold(&bytes)
+            .unwrap();
+        assert_eq!(from_bytes.stage().function.name, "echo");
+        assert_eq!(from_bytes.chain().spec.name, "c");
+        let mut from_file = InstanceBuilder::new(&config, "c", "echo")
+            .unwrap()
+            .cold_from_file()
+            .unwrap();
+        assert_eq!(from_file.host_mut().name(), "echo");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unknown_chain_or_function_is_named() {
+        let dir = temp_dir("unknown");
+        let config = config(&dir);
+        for (chain, function) in [("nope", "echo"), ("c", "nope")] {
+            let err = InstanceBuilder::new(&config, chain, function)
+                .err()
+                .unwrap();
+            assert_eq!(
+                err.to_string(),
+                format!("no function {function} in chain {chain}")
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_module_that_does_not_compile_fails_the_build() {
+        let dir = temp_dir("bad");
+        let config = config(&dir);
+        let err = InstanceBuilder::new(&config, "c", "echo")
+            .unwrap()
+            .cold(b"not wasm")
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, InstanceError::Host(HostError::Compile { .. })),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sealed_memfd_holds_the_bytes_and_refuses_writes() {
+        let fd = sealed_memfd("test", b"hello").unwrap();
+        assert_eq!(read_memfd(fd.as_fd(), "test").unwrap(), b"hello");
+        let file = File::from(fd);
+        assert!(file.write_at(b"x", 0).is_err(), "sealed against writes");
+    }
+
+    #[test]
+    fn exec_plan_places_copies_above_the_fixed_numbers() {
+        let fds: Vec<OwnedFd> = (0..5)
+            .map(|i| sealed_memfd(&format!("f{i}"), b"x").unwrap())
+            .collect();
+        let handoff = Handoff {
+            arena: fds[0].as_fd(),
+            socket: fds[1].as_fd(),
+            config: fds[2].as_fd(),
+            module: fds[3].as_fd(),
+            stats: fds[4].as_fd(),
+        };
+        let plan = handoff.exec_plan().unwrap();
+        let placements = plan.placements();
+        let targets: Vec<RawFd> = placements.iter().map(|p| p.1).collect();
+        assert_eq!(
+            targets,
+            [ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD]
+        );
+        for (from, _) in placements {
+            assert!(
+                from >= EXEC_PLAN_MIN_FD,
+                "copy at {from} could be clobbered"
+            );
+        }
+    }
+}
