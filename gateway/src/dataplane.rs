@@ -35,8 +35,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::metrics::ChainMetrics;
-
 /// Descriptors written per syscall at most when several are queued for one instance.
 const WRITE_BATCH: usize = 64;
 
@@ -115,7 +113,8 @@ pub struct ChainRuntime {
     pub plan: ChainPlan,
     pub arena: Arc<Arena>,
     pub stages: Vec<StageRuntime>,
-    pub metrics: ChainMetrics,
+    /// What the router did, for the metrics page to read.
+    pub counters: RouterCounters,
     /// Set when the kernel dataplane routes this chain's hops.
     pub kernel: Option<KernelRoute>,
     pending: Mutex<HashMap<u64, Pending>>,
@@ -140,6 +139,16 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 7] = [
+        Refusal::UnknownRequest,
+        Refusal::WrongHolder,
+        Refusal::SlotMismatch,
+        Refusal::Malformed,
+        Refusal::WrongRoute,
+        Refusal::WorkerRefused,
+        Refusal::KernelRefused,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Refusal::UnknownRequest => "unknown_request",
@@ -153,13 +162,33 @@ impl Refusal {
     }
 }
 
+/// Counts of what the router did with descriptors, per chain. Written on the router's path,
+/// read when the metrics page is scraped.
+#[derive(Default)]
+pub struct RouterCounters {
+    /// Descriptors forwarded from one function to the next (userspace routing).
+    pub forwarded: AtomicU64,
+    /// Descriptors refused, indexed like [`Refusal::ALL`].
+    refused: [AtomicU64; Refusal::ALL.len()],
+}
+
+impl RouterCounters {
+    fn refuse(&self, reason: Refusal) {
+        self.refused[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many descriptors were refused for `reason`.
+    pub fn refused(&self, reason: Refusal) -> u64 {
+        self.refused[reason as usize].load(Ordering::Relaxed)
+    }
+}
+
 static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
 
 impl ChainRuntime {
     pub fn new(
         plan: ChainPlan,
         arena: Arc<Arena>,
-        metrics: ChainMetrics,
         kernel: Option<KernelRoute>,
     ) -> Result<Self, StatsError> {
         let mut stages = Vec::with_capacity(plan.stages.len());
@@ -188,7 +217,7 @@ impl ChainRuntime {
             plan,
             arena,
             stages,
-            metrics,
+            counters: RouterCounters::default(),
             kernel,
             pending: Mutex::new(HashMap::new()),
         })
@@ -401,7 +430,7 @@ impl ChainRuntime {
         let status = desc.status().expect("checked above");
         if let Some((code, message)) = self.kernel_failure(from, &desc) {
             if status == Status::Refused {
-                self.metrics.refused(Refusal::KernelRefused.label());
+                self.counters.refuse(Refusal::KernelRefused);
             }
             let p = pending.remove(&desc.request_id).expect("present above");
             drop(pending);
@@ -411,7 +440,7 @@ impl ChainRuntime {
         }
         if status == Status::Refused {
             // The worker refused what we sent it: a gateway-side inconsistency.
-            self.metrics.refused(Refusal::WorkerRefused.label());
+            self.counters.refuse(Refusal::WorkerRefused);
         }
         let finished = status != Status::Ok || desc.next_fn == GATEWAY_FN;
         if finished || p.responder.is_closed() {
@@ -448,7 +477,7 @@ impl ChainRuntime {
             Some(_) => None,
         };
         if let Some(message) = route_error {
-            self.metrics.refused(Refusal::WrongRoute.label());
+            self.counters.refuse(Refusal::WrongRoute);
             let p = pending.remove(&desc.request_id).expect("present above");
             drop(pending);
             drop(p.slot);
@@ -481,12 +510,12 @@ impl ChainRuntime {
                 tracing::error!("recording a router forward in the kernel's holder table: {e}");
             }
         }
-        self.metrics.forwarded.inc();
+        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
         let _ = sender.send(desc);
     }
 
     fn refuse(&self, from: Holder, desc: &Descriptor, reason: Refusal) {
-        self.metrics.refused(reason.label());
+        self.counters.refuse(reason);
         tracing::warn!(
             chain = %self.plan.spec.name,
             function = %self.stages[from.stage].name,

@@ -15,12 +15,14 @@ use proto::Status;
 use shm::ArenaError;
 
 use crate::dataplane::{ChainRuntime, Completion, SlotGuard};
-use crate::metrics::Metrics;
+use crate::metrics::{ChainMetrics, Metrics};
 
 pub struct Gateway {
     pub chains: Vec<Arc<ChainRuntime>>,
     routes: HashMap<String, usize>,
     content_types: Vec<HeaderValue>,
+    /// Per-chain metric handles, indexed like `chains`.
+    chain_metrics: Vec<ChainMetrics>,
     pub metrics: Arc<Metrics>,
     pub dataplane: DataplaneStatus,
 }
@@ -96,10 +98,15 @@ impl Gateway {
                     .unwrap_or(HeaderValue::from_static("application/octet-stream"))
             })
             .collect();
+        let chain_metrics = chains
+            .iter()
+            .map(|c| metrics.chain(&c.plan.spec.name))
+            .collect();
         Gateway {
             chains,
             routes,
             content_types,
+            chain_metrics,
             metrics,
             dataplane,
         }
@@ -114,16 +121,14 @@ impl Gateway {
             _ => match self.routes.get(path) {
                 Some(&i) => {
                     let chain = Arc::clone(&self.chains[i]);
+                    let metrics = &self.chain_metrics[i];
                     let started = Instant::now();
-                    chain.metrics.in_flight.inc();
+                    metrics.in_flight.inc();
                     // Decremented on every exit, including a client that disconnects mid-way.
-                    let _in_flight = GaugeGuard(&chain.metrics.in_flight);
-                    let reply = serve_chain(&chain, &self.content_types[i], req).await;
-                    chain.metrics.request(reply.status().as_u16());
-                    chain
-                        .metrics
-                        .duration
-                        .observe(started.elapsed().as_secs_f64());
+                    let _in_flight = GaugeGuard(&metrics.in_flight);
+                    let reply = serve_chain(&chain, metrics, &self.content_types[i], req).await;
+                    metrics.request(reply.status().as_u16());
+                    metrics.duration.observe(started.elapsed().as_secs_f64());
                     reply
                 }
                 None => text(
@@ -179,6 +184,7 @@ impl Gateway {
 
 async fn serve_chain(
     chain: &ChainRuntime,
+    metrics: &ChainMetrics,
     content_type: &HeaderValue,
     req: Request<Incoming>,
 ) -> Reply {
@@ -203,7 +209,7 @@ async fn serve_chain(
     let slot = match chain.arena.alloc() {
         Ok(slot) => SlotGuard::new(Arc::clone(&chain.arena), slot),
         Err(ArenaError::Full) => {
-            chain.metrics.alloc_failures.inc();
+            metrics.alloc_failures.inc();
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(

@@ -339,13 +339,8 @@ async fn run(
             dataplane: Arc::clone(k),
             slot_base: bases[usize::from(chain.id)],
         });
-        let runtime = ChainRuntime::new(
-            chain.clone(),
-            Arc::new(arena),
-            metrics.chain(&spec.name),
-            route,
-        )
-        .with_context(|| format!("creating the statistics pages of chain {}", spec.name))?;
+        let runtime = ChainRuntime::new(chain.clone(), Arc::new(arena), route)
+            .with_context(|| format!("creating the statistics pages of chain {}", spec.name))?;
         chains.push(Arc::new(runtime));
     }
 

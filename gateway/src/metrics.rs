@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use chain_runtime::stats::{EXEC_BUCKETS, ErrorKind, Snapshot, bucket_bound};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 
-use crate::dataplane::ChainRuntime;
+use crate::dataplane::{ChainRuntime, Refusal};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -17,8 +17,6 @@ pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     duration: HistogramVec,
-    refused: IntCounterVec,
-    forwarded: IntCounterVec,
     alloc_failures: IntCounterVec,
     pub restarts: IntCounterVec,
     pub instances_up: IntGaugeVec,
@@ -35,11 +33,9 @@ const CHAIN_CODES: [u16; 9] = [200, 400, 408, 413, 500, 502, 503, 504, 508];
 pub struct ChainMetrics {
     chain: String,
     requests: IntCounterVec,
-    refused: IntCounterVec,
     /// Handles for every status a chain request can end with, so no request looks one up.
     by_code: Vec<(u16, IntCounter)>,
     pub duration: prometheus::Histogram,
-    pub forwarded: IntCounter,
     pub alloc_failures: IntCounter,
     pub in_flight: prometheus::IntGauge,
 }
@@ -53,12 +49,6 @@ impl ChainMetrics {
                 .with_label_values(&[self.chain.as_str(), &code.to_string()])
                 .inc(),
         }
-    }
-
-    pub fn refused(&self, reason: &str) {
-        self.refused
-            .with_label_values(&[self.chain.as_str(), reason])
-            .inc();
     }
 }
 
@@ -97,6 +87,38 @@ fn gauge(pairs: &[(&str, &str)], value: f64) -> proto::Metric {
     let mut m = proto::Metric::from_label(labels(pairs));
     m.set_gauge(g);
     m
+}
+
+/// What each chain's router did with descriptors (counted by the dataplane).
+fn router_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
+    let (mut refused, mut forwarded) = (Vec::new(), Vec::new());
+    for chain in chains {
+        let c = chain.plan.spec.name.as_str();
+        for reason in Refusal::ALL {
+            refused.push(counter(
+                &[("chain", c), ("reason", reason.label())],
+                chain.counters.refused(reason) as f64,
+            ));
+        }
+        forwarded.push(counter(
+            &[("chain", c)],
+            chain.counters.forwarded.load(Ordering::Relaxed) as f64,
+        ));
+    }
+    vec![
+        family(
+            "spindle_descriptors_refused_total",
+            "Descriptors refused because they were forged, stale or malformed",
+            MetricType::COUNTER,
+            refused,
+        ),
+        family(
+            "spindle_router_forwarded_total",
+            "Descriptors the userspace router forwarded from one function to the next",
+            MetricType::COUNTER,
+            forwarded,
+        ),
+    ]
 }
 
 /// Per-function invocations, errors and execution times, summed over the function's
@@ -337,28 +359,6 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        let refused = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "spindle_descriptors_refused_total",
-                    "Descriptors refused because they were forged, stale or malformed",
-                ),
-                &["chain", "reason"],
-            )
-            .expect("valid metric"),
-        );
-        let forwarded = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "spindle_router_forwarded_total",
-                    "Descriptors the userspace router forwarded from one function to the next",
-                ),
-                &["chain"],
-            )
-            .expect("valid metric"),
-        );
         let alloc_failures = register(
             &registry,
             IntCounterVec::new(
@@ -426,8 +426,6 @@ impl Metrics {
             registry,
             requests,
             duration,
-            refused,
-            forwarded,
             alloc_failures,
             restarts,
             instances_up,
@@ -447,13 +445,11 @@ impl Metrics {
         ChainMetrics {
             chain: chain.to_string(),
             requests: self.requests.clone(),
-            refused: self.refused.clone(),
             by_code: CHAIN_CODES
                 .iter()
                 .map(|&c| (c, self.requests.with_label_values(&[chain, &c.to_string()])))
                 .collect(),
             duration: self.duration.with_label_values(&[chain]),
-            forwarded: self.forwarded.with_label_values(&[chain]),
             alloc_failures: self.alloc_failures.with_label_values(&[chain]),
             in_flight: self.in_flight.with_label_values(&[chain]),
         }
@@ -476,6 +472,7 @@ impl Metrics {
     /// statistics pages and /proc.
     pub fn encode(&self, chains: &[Arc<ChainRuntime>]) -> Vec<u8> {
         let mut families = self.registry.gather();
+        families.extend(router_families(chains));
         families.extend(function_families(chains));
         families.extend(kernel_families(chains));
         families.extend(process_families(chains));
