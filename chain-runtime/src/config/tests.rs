@@ -1,3 +1,5 @@
+use super::units::parse_size;
+use super::yaml::{closest, edit_distance};
 use super::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -1,0 +1,215 @@
+//! Checking one entry of `functions:`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use saphyr::{MarkedYaml, Scalar, YamlData};
+
+use super::units::{GIB, KIB, MAX_TIMEOUT_MS, MIB};
+use super::yaml::{Pos, describe, looks_like_integer, pos, untag};
+use super::{Checker, FunctionSpec, ModuleMode, label};
+
+const WASM_PAGE: u64 = 64 * KIB;
+const DEFAULT_INSTANCES: u32 = 1;
+const MAX_INSTANCES: i64 = 64;
+const DEFAULT_MEMORY_LIMIT: u64 = 64 * MIB;
+const MIN_MEMORY_LIMIT: u64 = WASM_PAGE;
+// A 32-bit linear memory cannot address more than this.
+const MAX_MEMORY_LIMIT: u64 = 4 * GIB;
+const DEFAULT_FUNCTION_TIMEOUT_MS: i64 = 1000;
+const DEFAULT_FUEL: u64 = 1_000_000_000;
+
+const FUNCTION_KEYS: &[&str] = &[
+    "name",
+    "module",
+    "instances",
+    "memory",
+    "timeout_ms",
+    "fuel",
+    "mode",
+    "env",
+];
+
+impl Checker<'_> {
+    pub(super) fn function(
+        &mut self,
+        node: &MarkedYaml<'_>,
+        names: &mut HashMap<String, Pos>,
+    ) -> Option<FunctionSpec> {
+        let fields = self.fields(node, "a function", Some(FUNCTION_KEYS))?;
+        let name = self.name_field(&fields, "function", names);
+        let what = label("function", &name);
+
+        let module = match fields.get("module") {
+            None => {
+                self.error(
+                    fields.at,
+                    format!("{what} is missing required key `module`"),
+                );
+                PathBuf::new()
+            }
+            Some(node) => self.module(node).unwrap_or_default(),
+        };
+        let instances = fields
+            .get("instances")
+            .and_then(|n| self.int_in(n, "instances", 1, MAX_INSTANCES))
+            .map_or(DEFAULT_INSTANCES, |n| n as u32);
+        let memory_limit = fields
+            .get("memory")
+            .and_then(|n| self.memory(n))
+            .unwrap_or(DEFAULT_MEMORY_LIMIT);
+        let timeout_ms = fields
+            .get("timeout_ms")
+            .and_then(|n| self.int_in(n, "timeout_ms", 1, MAX_TIMEOUT_MS))
+            .unwrap_or(DEFAULT_FUNCTION_TIMEOUT_MS);
+        let fuel = match fields.get("fuel") {
+            None => Some(DEFAULT_FUEL),
+            Some(n) => self.fuel(n).unwrap_or(Some(DEFAULT_FUEL)),
+        };
+        let mode = fields
+            .get("mode")
+            .and_then(|n| self.mode(n))
+            .unwrap_or_default();
+        let env = fields.get("env").map(|n| self.env(n)).unwrap_or_default();
+
+        Some(FunctionSpec {
+            name,
+            module,
+            instances,
+            memory_limit,
+            timeout: Duration::from_millis(timeout_ms as u64),
+            fuel,
+            mode,
+            env,
+        })
+    }
+
+    fn module(&mut self, node: &MarkedYaml<'_>) -> Option<PathBuf> {
+        let written = self.string(node, "module")?;
+        if written.is_empty() {
+            self.error(pos(node), "`module` must not be empty");
+            return None;
+        }
+        let written = Path::new(written);
+        let resolved = if written.is_absolute() {
+            written.to_path_buf()
+        } else {
+            match self.source.parent() {
+                Some(dir) => dir.join(written),
+                None => written.to_path_buf(),
+            }
+        };
+        match std::fs::metadata(&resolved) {
+            Ok(meta) if meta.is_file() => {}
+            Ok(_) => self.error(
+                pos(node),
+                format!("module `{}` is not a file", resolved.display()),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.error(
+                pos(node),
+                format!("module file not found: `{}`", resolved.display()),
+            ),
+            Err(e) => self.error(
+                pos(node),
+                format!("cannot access module file `{}`: {e}", resolved.display()),
+            ),
+        }
+        Some(resolved)
+    }
+
+    fn memory(&mut self, node: &MarkedYaml<'_>) -> Option<u64> {
+        let bytes = self.size(node, "memory")?;
+        if !(MIN_MEMORY_LIMIT..=MAX_MEMORY_LIMIT).contains(&bytes) {
+            self.error(
+                pos(node),
+                format!("`memory` must be between 64KiB and 4GiB, got {bytes} bytes"),
+            );
+            return None;
+        }
+        if bytes % WASM_PAGE != 0 {
+            self.error(
+                pos(node),
+                format!(
+                    "`memory` must be a multiple of 64KiB (the Wasm page size), got {bytes} bytes"
+                ),
+            );
+            return None;
+        }
+        Some(bytes)
+    }
+
+    /// `Some(None)` is `fuel: none`.
+    fn fuel(&mut self, node: &MarkedYaml<'_>) -> Option<Option<u64>> {
+        if let YamlData::Value(Scalar::String(s)) = &untag(node).data
+            && s == "none"
+        {
+            return Some(None);
+        }
+        if !looks_like_integer(node) {
+            self.error(
+                pos(node),
+                format!(
+                    "`fuel` must be a positive instruction count or `none`, found {}",
+                    describe(node)
+                ),
+            );
+            return None;
+        }
+        self.int_in(node, "fuel", 1, i64::MAX)
+            .map(|n| Some(n as u64))
+    }
+
+    fn mode(&mut self, node: &MarkedYaml<'_>) -> Option<ModuleMode> {
+        match self.string(node, "mode")? {
+            "reactor" => Some(ModuleMode::Reactor),
+            "command" => Some(ModuleMode::Command),
+            other => {
+                self.error(
+                    pos(node),
+                    format!("unknown mode `{other}`: expected `reactor` or `command`"),
+                );
+                None
+            }
+        }
+    }
+
+    fn env(&mut self, node: &MarkedYaml<'_>) -> Vec<(String, String)> {
+        let Some(fields) = self.fields(node, "`env`", None) else {
+            return Vec::new();
+        };
+        let mut env = Vec::with_capacity(fields.entries.len());
+        for field in &fields.entries {
+            if field.key.is_empty() || field.key.contains(['=', '\0']) {
+                self.error(
+                    field.key_at,
+                    format!(
+                        "invalid environment variable name `{}`: it must be non-empty and contain neither `=` nor NUL",
+                        field.key
+                    ),
+                );
+                continue;
+            }
+            match &untag(field.value).data {
+                YamlData::Value(Scalar::String(value)) if value.contains('\0') => {
+                    self.error(
+                        pos(field.value),
+                        format!("environment variable `{}` contains NUL", field.key),
+                    );
+                }
+                YamlData::Value(Scalar::String(value)) => {
+                    env.push((field.key.to_string(), value.to_string()));
+                }
+                _ => self.error(
+                    pos(field.value),
+                    format!(
+                        "environment variable `{}` must be a string, found {} (quote it)",
+                        field.key,
+                        describe(field.value)
+                    ),
+                ),
+            }
+        }
+        env
+    }
+}
