@@ -2,11 +2,10 @@
 //! `entry` + `functions`, and its arena.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use saphyr::MarkedYaml;
 
-use super::units::{KIB, MAX_TIMEOUT_MS, MIB};
+use super::units::{KIB, MIB};
 use super::yaml::{Fields, Pos, closest, pos};
 use super::{ChainSpec, Checker, Routing, label};
 
@@ -62,10 +61,7 @@ impl Checker<'_> {
             Some(node) => self.route(node, routes).unwrap_or_default(),
         };
         let routing = self.routing(&fields, &what, known);
-        let timeout_ms = fields
-            .get("timeout_ms")
-            .and_then(|n| self.int_in(n, "timeout_ms", 1, MAX_TIMEOUT_MS))
-            .unwrap_or(DEFAULT_CHAIN_TIMEOUT_MS);
+        let timeout = self.timeout_ms(&fields, DEFAULT_CHAIN_TIMEOUT_MS);
         let content_type = fields
             .get("content_type")
             .and_then(|n| self.content_type(n))
@@ -78,7 +74,7 @@ impl Checker<'_> {
             name,
             route,
             routing,
-            timeout: Duration::from_millis(timeout_ms as u64),
+            timeout,
             content_type,
             slot_size,
             slots,

@@ -2,11 +2,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use saphyr::{MarkedYaml, Scalar, YamlData};
 
-use super::units::{GIB, KIB, MAX_TIMEOUT_MS, MIB};
+use super::units::{GIB, KIB, MIB};
 use super::yaml::{Pos, describe, looks_like_integer, pos, untag};
 use super::{Checker, FunctionSpec, ModuleMode, label};
 
@@ -59,10 +58,7 @@ impl Checker<'_> {
             .get("memory")
             .and_then(|n| self.memory(n))
             .unwrap_or(DEFAULT_MEMORY_LIMIT);
-        let timeout_ms = fields
-            .get("timeout_ms")
-            .and_then(|n| self.int_in(n, "timeout_ms", 1, MAX_TIMEOUT_MS))
-            .unwrap_or(DEFAULT_FUNCTION_TIMEOUT_MS);
+        let timeout = self.timeout_ms(&fields, DEFAULT_FUNCTION_TIMEOUT_MS);
         let fuel = match fields.get("fuel") {
             None => Some(DEFAULT_FUEL),
             Some(n) => self.fuel(n).unwrap_or(Some(DEFAULT_FUEL)),
@@ -78,7 +74,7 @@ impl Checker<'_> {
             module,
             instances,
             memory_limit,
-            timeout: Duration::from_millis(timeout_ms as u64),
+            timeout,
             fuel,
             mode,
             env,

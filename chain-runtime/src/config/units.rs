@@ -1,21 +1,33 @@
 //! Numbers as they are written in the file: integers with `_` separators,
-//! byte sizes with binary units, and the range messages for both.
+//! byte sizes with binary units, millisecond timeouts, and the range messages
+//! for them.
 
 use std::fmt;
+use std::time::Duration;
 
 use saphyr::{MarkedYaml, Scalar, YamlData};
 
 use super::Checker;
-use super::yaml::{describe, pos, untag};
+use super::yaml::{Fields, describe, pos, untag};
 
 pub(super) const KIB: u64 = 1024;
 pub(super) const MIB: u64 = 1024 * KIB;
 pub(super) const GIB: u64 = 1024 * MIB;
 // Far beyond any sensible deadline, yet small enough that `Instant + timeout`
 // can never overflow in the callers.
-pub(super) const MAX_TIMEOUT_MS: i64 = 24 * 60 * 60 * 1000;
+const MAX_TIMEOUT_MS: i64 = 24 * 60 * 60 * 1000;
 
 impl Checker<'_> {
+    /// Functions and chains both take their deadline as `timeout_ms`; `default_ms`
+    /// stands in when it is absent or invalid.
+    pub(super) fn timeout_ms(&mut self, fields: &Fields<'_, '_>, default_ms: i64) -> Duration {
+        let ms = fields
+            .get("timeout_ms")
+            .and_then(|n| self.int_in(n, "timeout_ms", 1, MAX_TIMEOUT_MS))
+            .unwrap_or(default_ms);
+        Duration::from_millis(ms as u64)
+    }
+
     pub(super) fn int_in(
         &mut self,
         node: &MarkedYaml<'_>,
