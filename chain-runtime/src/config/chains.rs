@@ -104,18 +104,9 @@ impl Checker<'_> {
                 format!("route `{route}` is reserved for the gateway's own endpoint"),
             );
         }
-        match routes.get(route) {
-            Some(first) => self.error(
-                at,
-                format!(
-                    "duplicate route `{route}` (first used at line {})",
-                    first.line
-                ),
-            ),
-            None => {
-                routes.insert(route.to_string(), at);
-            }
-        }
+        self.unique(routes, route, at, |first| {
+            format!("duplicate route `{route}` (first used at line {first})")
+        });
         Some(route.to_string())
     }
 

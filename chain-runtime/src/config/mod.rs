@@ -395,19 +395,28 @@ impl Checker<'_> {
                 ),
             );
         }
-        match seen.get(name) {
-            Some(first) => self.error(
-                at,
-                format!(
-                    "duplicate {kind} name `{name}` (first defined at line {})",
-                    first.line
-                ),
-            ),
+        self.unique(seen, name, at, |first| {
+            format!("duplicate {kind} name `{name}` (first defined at line {first})")
+        });
+        name.to_string()
+    }
+
+    /// Records `key` as first seen at `at`. The first use stands and every
+    /// later one is the error, reported where it is with `duplicate` given the
+    /// line of the first.
+    fn unique(
+        &mut self,
+        seen: &mut HashMap<String, Pos>,
+        key: &str,
+        at: Pos,
+        duplicate: impl FnOnce(usize) -> String,
+    ) {
+        match seen.get(key) {
+            Some(first) => self.error(at, duplicate(first.line)),
             None => {
-                seen.insert(name.to_string(), at);
+                seen.insert(key.to_string(), at);
             }
         }
-        name.to_string()
     }
 
     fn listen(&mut self, node: &MarkedYaml<'_>) -> Option<SocketAddr> {
