@@ -53,13 +53,10 @@ impl Checker<'_> {
         let name = self.name_field(&fields, "chain", names);
         let what = label("chain", &name);
 
-        let route = match fields.get("route") {
-            None => {
-                self.error(fields.at, format!("{what} is missing required key `route`"));
-                String::new()
-            }
-            Some(node) => self.route(node, routes).unwrap_or_default(),
-        };
+        let route = self
+            .required(&fields, "route", &what)
+            .and_then(|n| self.route(n, routes))
+            .unwrap_or_default();
         let routing = self.routing(&fields, &what, known);
         let timeout = self.timeout_ms(&fields, DEFAULT_CHAIN_TIMEOUT_MS);
         let content_type = fields

@@ -40,16 +40,10 @@ impl Checker<'_> {
         let name = self.name_field(&fields, "function", names);
         let what = label("function", &name);
 
-        let module = match fields.get("module") {
-            None => {
-                self.error(
-                    fields.at,
-                    format!("{what} is missing required key `module`"),
-                );
-                PathBuf::new()
-            }
-            Some(node) => self.module(node).unwrap_or_default(),
-        };
+        let module = self
+            .required(&fields, "module", &what)
+            .and_then(|n| self.module(n))
+            .unwrap_or_default();
         let instances = fields
             .get("instances")
             .and_then(|n| self.int_in(n, "instances", 1, MAX_INSTANCES))

@@ -374,8 +374,7 @@ impl Checker<'_> {
         kind: &str,
         seen: &mut HashMap<String, Pos>,
     ) -> String {
-        let Some(node) = fields.get("name") else {
-            self.error(fields.at, format!("{kind} is missing required key `name`"));
+        let Some(node) = self.required(fields, "name", kind) else {
             return String::new();
         };
         let Some(name) = self.string(node, "name") else {

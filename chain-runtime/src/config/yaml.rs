@@ -122,6 +122,21 @@ impl Checker<'_> {
         })
     }
 
+    /// The value of `key`; its absence is reported at the mapping, which `what`
+    /// names in the message.
+    pub(super) fn required<'n, 'i>(
+        &mut self,
+        fields: &Fields<'n, 'i>,
+        key: &str,
+        what: &str,
+    ) -> Option<&'n MarkedYaml<'i>> {
+        let value = fields.get(key);
+        if value.is_none() {
+            self.error(fields.at, format!("{what} is missing required key `{key}`"));
+        }
+        value
+    }
+
     /// A non-empty list; `noun` names one element in the message.
     pub(super) fn list<'n, 'i>(
         &mut self,
