@@ -1,5 +1,6 @@
 //! The eBPF sk_msg dataplane: the kernel routes function-to-function hops. Needs root (CI runs
-//! as root); elsewhere every test here says SKIPPED and returns.
+//! as root, and there a test that cannot run fails); elsewhere every test here says SKIPPED
+//! and returns.
 
 mod common;
 
@@ -14,12 +15,7 @@ use proto::Descriptor;
 use proto::worker::SOCKET_FD;
 
 fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("SKIPPED {test}: the eBPF dataplane needs root (CAP_BPF + CAP_NET_ADMIN)");
-    }
-    root
+    testkit::require_root(test, "the eBPF dataplane needs CAP_BPF + CAP_NET_ADMIN")
 }
 
 async fn start(tag: &str, yaml: &str) -> Spindle {
@@ -30,14 +26,18 @@ async fn ebpf(s: &Spindle, chain: &str, function: &str, event: &str) -> f64 {
     let series = format!(
         r#"spindle_ebpf_descriptors_total{{chain="{chain}",event="{event}",function="{function}"}}"#
     );
-    s.metric(&series).await.unwrap_or(0.0)
+    s.metric(&series)
+        .await
+        .unwrap_or_else(|| panic!("{series} missing from /metrics"))
 }
 
 async fn per_instance(s: &Spindle, chain: &str, function: &str, instance: usize) -> f64 {
     let series = format!(
         r#"spindle_ebpf_instance_descriptors_total{{chain="{chain}",function="{function}",instance="{instance}"}}"#
     );
-    s.metric(&series).await.unwrap_or(0.0)
+    s.metric(&series)
+        .await
+        .unwrap_or_else(|| panic!("{series} missing from /metrics"))
 }
 
 /// Takes a copy of a worker's socket (its end of the gateway connection), as a compromised
@@ -272,7 +272,10 @@ async fn malformed_and_cross_chain_messages_are_returned_not_delivered() {
     assert_eq!(s.post("/one", "ab").await.text(), "BA");
     let pids = s.worker_pids("uppercase");
     let Some(mut sock) = steal_worker_socket(pids[0]) else {
-        eprintln!("SKIPPED: pidfd_getfd refused");
+        testkit::cannot_run(
+            "malformed_and_cross_chain_messages_are_returned_not_delivered",
+            format!("pidfd_getfd refused: {}", std::io::Error::last_os_error()),
+        );
         return;
     };
     // Function ids: chain one = uppercase 1, reverse 2; chain two = reverse 3.

@@ -5,33 +5,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use knative_baseline::{Baseline, BaselineError, Options};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-/// Builds examples/wasm/*.wasm once per test binary (make is incremental).
-fn build_examples() {
-    static BUILD: Once = Once::new();
-    BUILD.call_once(|| {
-        let status = Command::new("make")
-            .args(["-s", "-C"])
-            .arg(repo_root().join("examples"))
-            .status()
-            .expect("running make -C examples (is make installed? run scripts/setup.sh)");
-        assert!(
-            status.success(),
-            "building the example Wasm functions failed"
-        );
-    });
-}
+use testkit::{build_examples, repo_root};
 
 /// Writes `yaml`, with `{wasm:NAME}` replaced by the absolute module path, to a temp dir.
 fn config(tag: &str, yaml: &str) -> PathBuf {
@@ -41,9 +19,7 @@ fn config(tag: &str, yaml: &str) -> PathBuf {
     let mut text = yaml.to_string();
     while let Some(start) = text.find("{wasm:") {
         let end = start + text[start..].find('}').unwrap();
-        let module = repo_root()
-            .join("examples/wasm")
-            .join(format!("{}.wasm", &text[start + 6..end]));
+        let module = testkit::wasm(&text[start + 6..end]);
         text.replace_range(start..=end, &module.display().to_string());
     }
     let path = dir.join("config.yaml");

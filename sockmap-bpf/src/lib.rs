@@ -309,9 +309,8 @@ mod tests {
     fn load_or_skip(test: &str) -> Option<KernelDataplane> {
         match KernelDataplane::load() {
             Ok(k) => Some(k),
-            // SAFETY: geteuid has no preconditions.
-            Err(e) if unsafe { libc::geteuid() } != 0 => {
-                eprintln!("SKIPPED {test}: loading eBPF needs root ({e})");
+            Err(e) if !testkit::is_root() => {
+                testkit::cannot_run(test, format!("loading eBPF needs root ({e})"));
                 None
             }
             Err(e) => panic!("loading as root failed: {e}"),

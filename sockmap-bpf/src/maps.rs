@@ -249,7 +249,7 @@ mod tests {
             .arg(&exe)
             .status()
         else {
-            eprintln!("SKIPPED matches_c_header: no C compiler (cc) on this machine");
+            testkit::cannot_run("matches_c_header", "no C compiler (cc) on this machine");
             return;
         };
         assert!(status.success(), "compiling the header failed");

@@ -5,7 +5,6 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,35 +13,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-/// Builds examples/wasm/*.wasm once per test binary (make is incremental).
-pub fn build_examples() {
-    static BUILD: Once = Once::new();
-    BUILD.call_once(|| {
-        let status = Command::new("make")
-            .args(["-s", "-C"])
-            .arg(repo_root().join("examples"))
-            .status()
-            .expect("running make -C examples (is make installed? run scripts/setup.sh)");
-        assert!(
-            status.success(),
-            "building the example Wasm functions failed (see above)"
-        );
-    });
-}
+pub use testkit::{build_examples, repo_root};
 
 pub fn wasm(name: &str) -> String {
-    repo_root()
-        .join("examples/wasm")
-        .join(format!("{name}.wasm"))
-        .display()
-        .to_string()
+    testkit::wasm(name).display().to_string()
 }
 
 fn free_port() -> u16 {
