@@ -1,13 +1,16 @@
 //! Command-line arguments of the roles, hand-parsed: the `spindle` binary forwards everything
 //! after `knative-baseline` verbatim, so this crate owns the syntax.
+//!
+//! Each role's argument type lives in its role module (the `--pods` syntax with the ingress,
+//! which consumes it and whose command line the orchestrator writes); this module depends on
+//! the roles, never the other way round.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::BaselineError;
 use crate::function::FunctionArgs;
-use crate::ingress::IngressArgs;
+use crate::ingress::{IngressArgs, PodsArg};
 use crate::orchestrator::RunArgs;
 use crate::queue_proxy::QueueProxyArgs;
 
@@ -42,49 +45,6 @@ pub enum Role {
     QueueProxy(QueueProxyArgs),
     Ingress(IngressArgs),
     Run(RunArgs),
-}
-
-/// One `--pods FUNCTION@CHAIN=ADDR[,ADDR...]`: the queue-proxies of one function of one chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodsArg {
-    pub function: String,
-    pub chain: String,
-    pub addrs: Vec<SocketAddr>,
-}
-
-impl PodsArg {
-    pub fn parse(text: &str) -> Result<PodsArg, String> {
-        let bad =
-            |why: &str| format!("--pods {text}: {why} (expected FUNCTION@CHAIN=ADDR[,ADDR...])");
-        let (name, addrs) = text.split_once('=').ok_or_else(|| bad("no `=`"))?;
-        let (function, chain) = name.split_once('@').ok_or_else(|| bad("no `@`"))?;
-        if function.is_empty() || chain.is_empty() {
-            return Err(bad("empty function or chain name"));
-        }
-        let addrs = addrs
-            .split(',')
-            .map(|a| a.trim().parse::<SocketAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(&format!("bad address: {e}")))?;
-        Ok(PodsArg {
-            function: function.to_string(),
-            chain: chain.to_string(),
-            addrs,
-        })
-    }
-}
-
-impl std::fmt::Display for PodsArg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}=", self.function, self.chain)?;
-        for (i, a) in self.addrs.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            write!(f, "{a}")?;
-        }
-        Ok(())
-    }
 }
 
 /// `--key value` / `--key=value` pairs of one role, checked against the keys it accepts.
@@ -270,29 +230,6 @@ mod tests {
 
     fn strings(args: &[&str]) -> Vec<String> {
         args.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn pods_round_trip() {
-        let p = PodsArg::parse("uppercase@hello=127.0.0.1:1,127.0.0.1:2").unwrap();
-        assert_eq!(p.function, "uppercase");
-        assert_eq!(p.chain, "hello");
-        assert_eq!(p.addrs.len(), 2);
-        assert_eq!(p.to_string(), "uppercase@hello=127.0.0.1:1,127.0.0.1:2");
-        assert_eq!(PodsArg::parse(&p.to_string()).unwrap(), p);
-    }
-
-    #[test]
-    fn pods_rejects_malformed() {
-        for bad in [
-            "uppercase=127.0.0.1:1",
-            "uppercase@hello",
-            "@hello=127.0.0.1:1",
-            "u@h=localhost:80",
-            "u@h=",
-        ] {
-            assert!(PodsArg::parse(bad).is_err(), "{bad} was accepted");
-        }
     }
 
     #[test]

@@ -84,7 +84,8 @@ mod net;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-pub use args::{PodsArg, Role, USAGE};
+pub use args::{Role, USAGE};
+pub use ingress::PodsArg;
 pub use orchestrator::{Baseline, Options, Pod};
 
 /// The subcommand under which the `spindle` binary exposes [`main_entry`]; the stand-alone

@@ -28,7 +28,7 @@ use chain_runtime::config::Config;
 use chain_runtime::plan::Plan;
 
 use crate::BaselineError;
-use crate::args::PodsArg;
+use crate::ingress::PodsArg;
 use crate::net::parse_announcement;
 
 /// Lines of each child's stderr kept for error messages.
