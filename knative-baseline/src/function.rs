@@ -28,13 +28,14 @@ use chain_runtime::config::Config;
 use chain_runtime::host::{FunctionHost, Outcome, SlotIo};
 use chain_runtime::plan::Plan;
 use http_body_util::{BodyExt, Full, Limited};
+use http_edge::{Reply, failure_code, payload_too_large, text};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use proto::Status;
 
 use crate::BaselineError;
-use crate::net::{self, Reply, text};
+use crate::net;
 
 /// The response header naming the next function of a dynamic chain.
 pub const NEXT_HEADER: &str = "x-spindle-next";
@@ -148,22 +149,11 @@ impl Server {
     }
 
     fn too_large(&self) -> Reply {
-        text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "request body exceeds chain {}'s slot size of {} bytes",
-                self.chain, self.slot_size
-            ),
-        )
+        payload_too_large(&self.chain, self.slot_size as u64)
     }
 
     async fn invoke(self: Rc<Self>, req: Request<Incoming>) -> Reply {
-        let declared = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.slot_size as u64) {
+        if http_edge::check_content_length(req.headers(), self.slot_size as u64).is_err() {
             return self.too_large();
         }
         let cloud_event: Vec<(HeaderName, HeaderValue)> = req
@@ -231,16 +221,11 @@ impl Server {
     /// The reply Spindle's gateway gives for the same failure: the worker writes
     /// "function NAME: message" (cut at the slot size) and the status picks the code.
     fn failure(&self, status: Status, message: &str) -> Reply {
-        let code = match status {
-            Status::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Status::BadRoute => StatusCode::LOOP_DETECTED,
-            Status::Undeliverable => StatusCode::BAD_GATEWAY,
-            Status::Ok | Status::GuestError | Status::Trap | Status::Refused => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-        };
         let full = format!("function {}: {message}", self.function);
         let cut = &full.as_bytes()[..full.len().min(self.slot_size)];
-        text(code, String::from_utf8_lossy(cut).into_owned())
+        text(
+            failure_code(status),
+            String::from_utf8_lossy(cut).into_owned(),
+        )
     }
 }

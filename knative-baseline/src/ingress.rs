@@ -28,15 +28,16 @@ use bytes::Bytes;
 use chain_runtime::config::Config;
 use chain_runtime::plan::Plan;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_edge::{Reply, payload_too_large, text};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::BaselineError;
 use crate::function::NEXT_HEADER;
-use crate::net::{self, Reply, text};
+use crate::net;
 
 /// How long a readiness probe of one queue-proxy may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -283,29 +284,13 @@ impl Ingress {
         if down.is_empty() {
             text(StatusCode::OK, "ready\ndataplane: knative-style baseline")
         } else {
-            text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("pods not ready: {}", down.join(", ")),
-            )
+            net::not_ready(format!("pods not ready: {}", down.join(", ")))
         }
     }
 
     async fn serve_chain(&self, chain: &ChainRoute, req: Request<Incoming>) -> Reply {
-        let too_large = || {
-            text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request body exceeds chain {}'s slot size of {} bytes",
-                    chain.name, chain.slot_size
-                ),
-            )
-        };
-        let declared = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > chain.slot_size as u64) {
+        let too_large = || payload_too_large(&chain.name, chain.slot_size as u64);
+        if http_edge::check_content_length(req.headers(), chain.slot_size as u64).is_err() {
             return too_large();
         }
         // As in Spindle, the chain's deadline covers the upload too.

@@ -1,5 +1,6 @@
 //! What every role shares: the tokio runtime, the HTTP/1.1 accept loop, the keep-alive client
-//! pool, plain-text replies and the `listening on ADDR` announcement the orchestrator waits for.
+//! pool, the readiness 503 and the `listening on ADDR` announcement the orchestrator waits for.
+//! Replies that must match Spindle's byte for byte come from [`http_edge`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -7,10 +8,8 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
+use http_edge::Reply;
 use hyper::body::{Body, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -25,8 +24,6 @@ use crate::BaselineError;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Envoy's and Go's net/http transports both keep idle upstream connections about this long.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-pub(crate) type Reply = Response<Full<Bytes>>;
 
 /// The worker count Envoy (`--concurrency`) and Go (`GOMAXPROCS`) pick by default: one per CPU.
 pub(crate) fn cpu_count() -> usize {
@@ -166,18 +163,11 @@ pub(crate) async fn until_signal(work: impl Future<Output = ()>) -> Result<(), B
     Ok(())
 }
 
-/// A plain-text reply shaped like Spindle's (message plus newline), so error bodies compare
-/// byte for byte.
-pub(crate) fn text(code: StatusCode, message: impl Into<String>) -> Reply {
-    let mut body = message.into();
-    body.push('\n');
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = code;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
+/// The 503 of a readiness check that fails (the ingress's `/readyz`, a queue-proxy's
+/// `/_queue/ready`): [`http_edge::text`]'s body and `Content-Type` but, as the baseline's
+/// readiness answers have always been, no `Retry-After` (Spindle's `/readyz` 503 has one).
+pub(crate) fn not_ready(message: impl Into<String>) -> Reply {
+    http_edge::plain_text(StatusCode::SERVICE_UNAVAILABLE, message)
 }
 
 /// Headers that describe one connection, not the message, and so must not be forwarded by a
@@ -212,6 +202,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::HeaderValue;
 
     #[test]
     fn announcement_round_trips() {

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Empty, Full};
+use http_edge::{Reply, text};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
@@ -31,7 +32,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::BaselineError;
-use crate::net::{self, text};
+use crate::net;
 
 /// How long the readiness probe waits for the container.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -150,7 +151,7 @@ impl Body for ProxyBody {
     }
 }
 
-fn local(reply: crate::net::Reply) -> Response<ProxyBody> {
+fn local(reply: Reply) -> Response<ProxyBody> {
     reply.map(ProxyBody::Local)
 }
 
@@ -229,7 +230,7 @@ impl QueueProxy {
 
     /// Ready once the container has answered its health check; like Knative's probe, the
     /// result is not re-checked after the first success.
-    async fn readiness(&self) -> crate::net::Reply {
+    async fn readiness(&self) -> Reply {
         if self.ready.load(Ordering::Acquire) {
             return text(StatusCode::OK, "ready");
         }
@@ -244,21 +245,16 @@ impl QueueProxy {
                 self.ready.store(true, Ordering::Release);
                 text(StatusCode::OK, "ready")
             }
-            Ok(Ok(resp)) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("container {} answered {}", self.upstream, resp.status()),
-            ),
-            Ok(Err(e)) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("container {} unreachable: {e}", self.upstream),
-            ),
-            Err(_) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "container {} did not answer within {PROBE_TIMEOUT:?}",
-                    self.upstream
-                ),
-            ),
+            Ok(Ok(resp)) => net::not_ready(format!(
+                "container {} answered {}",
+                self.upstream,
+                resp.status()
+            )),
+            Ok(Err(e)) => net::not_ready(format!("container {} unreachable: {e}", self.upstream)),
+            Err(_) => net::not_ready(format!(
+                "container {} did not answer within {PROBE_TIMEOUT:?}",
+                self.upstream
+            )),
         }
     }
 
