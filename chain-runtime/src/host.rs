@@ -202,8 +202,12 @@ pub struct FunctionHost {
 
 impl FunctionHost {
     /// Compiles the function's module and, for reactors, instantiates it and runs `_initialize`.
+    /// Outside this crate instances come from [`crate::instance::InstanceBuilder`].
     /// `routes` lists the functions a dynamic chain may name with `spindle.next`.
-    pub fn new(spec: &FunctionSpec, routes: Option<Vec<(String, u32)>>) -> Result<Self, HostError> {
+    pub(crate) fn new(
+        spec: &FunctionSpec,
+        routes: Option<Vec<(String, u32)>>,
+    ) -> Result<Self, HostError> {
         let bytes = std::fs::read(&spec.module).map_err(|source| HostError::Read {
             path: spec.module.display().to_string(),
             source,
@@ -213,7 +217,7 @@ impl FunctionHost {
 
     /// Like [`FunctionHost::new`], with the module's bytes already read (the worker gets them
     /// from the gateway, so every instance runs the bytes the gateway started with).
-    pub fn from_bytes(
+    pub(crate) fn from_bytes(
         spec: &FunctionSpec,
         bytes: &[u8],
         routes: Option<Vec<(String, u32)>>,

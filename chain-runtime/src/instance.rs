@@ -38,6 +38,8 @@ pub enum InstanceError {
     ConfigEncoding,
     #[error("{0}")]
     Config(#[from] ConfigErrors),
+    #[error("no chain {0} in the config")]
+    UnknownChain(String),
     #[error("no function {function} in chain {chain}")]
     UnknownStage { chain: String, function: String },
     #[error(transparent)]
@@ -186,20 +188,19 @@ impl InstanceBuilder {
     /// Resolves `function` of `chain` in `config`.
     pub fn new(config: &Config, chain: &str, function: &str) -> Result<Self, InstanceError> {
         let plan = Plan::new(config);
-        let unknown = || InstanceError::UnknownStage {
-            chain: chain.to_owned(),
-            function: function.to_owned(),
-        };
         let chain_index = plan
             .chains
             .iter()
             .position(|c| c.spec.name == chain)
-            .ok_or_else(unknown)?;
+            .ok_or_else(|| InstanceError::UnknownChain(chain.to_owned()))?;
         let stage = plan.chains[chain_index]
             .stages
             .iter()
             .position(|s| s.function.name == function)
-            .ok_or_else(unknown)?;
+            .ok_or_else(|| InstanceError::UnknownStage {
+                chain: chain.to_owned(),
+                function: function.to_owned(),
+            })?;
         Ok(InstanceBuilder {
             plan,
             chain: chain_index,
@@ -325,15 +326,10 @@ mod tests {
     fn unknown_chain_or_function_is_named() {
         let dir = temp_dir("unknown");
         let config = config(&dir);
-        for (chain, function) in [("nope", "echo"), ("c", "nope")] {
-            let err = InstanceBuilder::new(&config, chain, function)
-                .err()
-                .unwrap();
-            assert_eq!(
-                err.to_string(),
-                format!("no function {function} in chain {chain}")
-            );
-        }
+        let err = InstanceBuilder::new(&config, "nope", "echo").err().unwrap();
+        assert_eq!(err.to_string(), "no chain nope in the config");
+        let err = InstanceBuilder::new(&config, "c", "nope").err().unwrap();
+        assert_eq!(err.to_string(), "no function nope in chain c");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -25,8 +25,8 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use chain_runtime::config::Config;
-use chain_runtime::host::{FunctionHost, Outcome, SlotIo};
-use chain_runtime::plan::Plan;
+use chain_runtime::host::{Outcome, SlotIo};
+use chain_runtime::instance::{Instance, InstanceBuilder, InstanceError};
 use http_body_util::{BodyExt, Full, Limited};
 use http_edge::{Reply, failure_code, payload_too_large, text};
 use hyper::body::Incoming;
@@ -84,30 +84,28 @@ struct Server {
     /// Dynamic chains: function id (what the host reports) → name (what travels in HTTP).
     names: HashMap<u32, HeaderValue>,
     /// Only ever borrowed for one synchronous call, never across an `.await`.
-    host: RefCell<FunctionHost>,
+    instance: RefCell<Instance>,
 }
 
 pub fn run(args: FunctionArgs) -> Result<(), BaselineError> {
     let config = Config::load(&args.config)?;
-    let plan = Plan::new(&config);
-    let chain = plan
-        .chain_by_name(&args.chain)
-        .ok_or_else(|| BaselineError::UnknownChain(args.chain.clone()))?;
-    let stage = chain
-        .stage_by_name(&args.function)
-        .ok_or_else(|| BaselineError::UnknownStage {
-            chain: args.chain.clone(),
-            function: args.function.clone(),
+    // Built before listening, so a server that announces its address is ready to run the
+    // function; built the same way as Spindle's workers build theirs.
+    let instance = InstanceBuilder::new(&config, &args.chain, &args.function)
+        .and_then(InstanceBuilder::cold_from_file)
+        .map_err(|e| match e {
+            InstanceError::UnknownChain(chain) => BaselineError::UnknownChain(chain),
+            InstanceError::UnknownStage { chain, function } => {
+                BaselineError::UnknownStage { chain, function }
+            }
+            InstanceError::Host(source) => BaselineError::Host {
+                function: args.function.clone(),
+                source,
+            },
+            other => BaselineError::Instance(other),
         })?;
+    let chain = instance.chain();
     let slot_size = chain.spec.slot_size as usize;
-    // Compiled and instantiated before listening, so a server that announces its address is
-    // ready to run the function.
-    let host = FunctionHost::new(&stage.function, chain.routes()).map_err(|source| {
-        BaselineError::Host {
-            function: args.function.clone(),
-            source,
-        }
-    })?;
     let names = chain
         .stages
         .iter()
@@ -119,7 +117,7 @@ pub fn run(args: FunctionArgs) -> Result<(), BaselineError> {
         slot_size,
         dynamic: chain.is_dynamic(),
         names,
-        host: RefCell::new(host),
+        instance: RefCell::new(instance),
     });
 
     // One thread: the runtime runs on this one, which owns the host.
@@ -181,7 +179,7 @@ impl Server {
             output: Vec::new(),
             capacity: self.slot_size,
         };
-        let outcome = self.host.borrow_mut().invoke(&mut io);
+        let outcome = self.instance.borrow_mut().host_mut().invoke(&mut io);
         let output = io.output;
         if matches!(outcome, Outcome::Failed { .. }) {
             // As Spindle's worker does: rebuild a trapped instance once the reply is on its
@@ -190,7 +188,7 @@ impl Server {
             // handler); if another request gets in first, `invoke` rebuilds it itself.
             let server = Rc::clone(&self);
             tokio::task::spawn_local(async move {
-                if let Err(e) = server.host.borrow_mut().prepare() {
+                if let Err(e) = server.instance.borrow_mut().host_mut().prepare() {
                     tracing::error!(function = %server.function, "rebuilding the instance: {e}");
                 }
             });

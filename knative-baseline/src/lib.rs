@@ -111,6 +111,8 @@ pub enum BaselineError {
         function: String,
         source: chain_runtime::host::HostError,
     },
+    #[error(transparent)]
+    Instance(chain_runtime::instance::InstanceError),
     #[error("ingress: {0}")]
     Ingress(String),
     #[error("cannot listen on {addr}: {source}")]
