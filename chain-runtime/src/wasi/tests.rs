@@ -1,6 +1,11 @@
+use super::memory::le_u32;
+use super::poll::{EVENTTYPE_CLOCK, EVENTTYPE_FD_READ, EVENTTYPE_FD_WRITE};
+use super::stdio::{FILETYPE_CHARACTER_DEVICE, RIGHT_FD_READ, RIGHT_FD_WRITE};
+use super::table::known_function;
 use super::*;
 use std::path::PathBuf;
-use wasmer::{Instance, Store};
+use std::time::Instant;
+use wasmer::{Instance, Store, Type, Value};
 
 const FIXTURE: &str = include_str!("../../tests/wasi_fixtures/preview1.wat");
 

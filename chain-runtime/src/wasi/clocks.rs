@@ -1,0 +1,134 @@
+//! Clocks, randomness, scheduling and process exit: the calls answered by the host kernel
+//! rather than by an fd.
+
+use wasmer::{FunctionEnvMut, RuntimeError};
+
+use super::errno::*;
+use super::memory::with_mem;
+use super::{COPY_CHUNK, Errno, HostResult, ProcExit, WasiCtx, code};
+
+pub(super) const CLOCK_REALTIME: u32 = 0;
+pub(super) const CLOCK_MONOTONIC: u32 = 1;
+
+pub(super) fn host_clock(id: u32) -> Result<libc::clockid_t, Errno> {
+    match id {
+        0 => Ok(libc::CLOCK_REALTIME),
+        1 => Ok(libc::CLOCK_MONOTONIC),
+        2 => Ok(libc::CLOCK_PROCESS_CPUTIME_ID),
+        3 => Ok(libc::CLOCK_THREAD_CPUTIME_ID),
+        _ => Err(INVAL),
+    }
+}
+
+fn timespec_nanos(ts: &libc::timespec) -> Result<u64, Errno> {
+    let secs = u64::try_from(ts.tv_sec).map_err(|_| OVERFLOW)?;
+    let nanos = u64::try_from(ts.tv_nsec).map_err(|_| OVERFLOW)?;
+    secs.checked_mul(1_000_000_000)
+        .and_then(|n| n.checked_add(nanos))
+        .ok_or(OVERFLOW)
+}
+
+pub(super) fn clock_now(clock: libc::clockid_t) -> Result<u64, Errno> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, writable timespec on this stack frame, and clock_gettime
+    // writes only into it.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    if rc != 0 {
+        return Err(IO);
+    }
+    timespec_nanos(&ts)
+}
+
+fn clock_resolution(clock: libc::clockid_t) -> Result<u64, Errno> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: as in `clock_now`: clock_getres writes only into the timespec we own.
+    let rc = unsafe { libc::clock_getres(clock, &mut ts) };
+    if rc != 0 {
+        return Err(IO);
+    }
+    timespec_nanos(&ts)
+}
+
+pub(super) fn clock_res_get(mut env: FunctionEnvMut<'_, WasiCtx>, id: u32, res: u32) -> HostResult {
+    with_mem(&mut env, |_, mem| {
+        code(
+            host_clock(id)
+                .and_then(clock_resolution)
+                .and_then(|r| mem.write_u64(res, r)),
+        )
+    })
+}
+
+pub(super) fn clock_time_get(
+    mut env: FunctionEnvMut<'_, WasiCtx>,
+    id: u32,
+    _precision: u64,
+    time: u32,
+) -> HostResult {
+    with_mem(&mut env, |_, mem| {
+        code(
+            host_clock(id)
+                .and_then(clock_now)
+                .and_then(|t| mem.write_u64(time, t)),
+        )
+    })
+}
+
+fn fill_random(buf: &mut [u8]) -> Result<(), Errno> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is a valid, writable slice, and getrandom writes at most
+        // `rest.len()` bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(IO);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+pub(super) fn random_get(mut env: FunctionEnvMut<'_, WasiCtx>, buf: u32, len: u32) -> HostResult {
+    with_mem(&mut env, |_, mem| {
+        code((|| -> Result<(), Errno> {
+            mem.check(buf, len)?;
+            let mut chunk = vec![0u8; u64::from(len).min(COPY_CHUNK) as usize];
+            let mut done = 0u64;
+            while done < u64::from(len) {
+                let n = (u64::from(len) - done).min(COPY_CHUNK) as usize;
+                fill_random(&mut chunk[..n])?;
+                mem.write(u64::from(buf) + done, &chunk[..n])?;
+                done += n as u64;
+            }
+            Ok(())
+        })())
+    })
+}
+
+pub(super) fn sched_yield(_env: FunctionEnvMut<'_, WasiCtx>) -> i32 {
+    std::thread::yield_now();
+    i32::from(SUCCESS)
+}
+
+pub(super) fn proc_exit(
+    mut env: FunctionEnvMut<'_, WasiCtx>,
+    exit_code: u32,
+) -> Result<(), RuntimeError> {
+    env.data_mut().exit_code = Some(exit_code);
+    Err(RuntimeError::user(Box::new(ProcExit(exit_code))))
+}
+
+/// Guests have no signals to deliver and no handlers to run.
+pub(super) fn proc_raise(_env: FunctionEnvMut<'_, WasiCtx>, _sig: u32) -> i32 {
+    i32::from(NOSYS)
+}

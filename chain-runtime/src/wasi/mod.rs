@@ -1,0 +1,323 @@
+//! WASI preview 1 (`wasi_snapshot_preview1`, and the older `wasi_unstable`) for guest
+//! functions, written directly as wasmer host functions.
+//!
+//! We don't use `wasmer-wasix`. It brings a virtual filesystem, networking, threads and an
+//! async runtime, and every call goes through machinery we would then have to switch off
+//! again. A function here only needs stdio, args/env, clocks and randomness. Because these
+//! are plain typed host functions, each call is a direct call from compiled code into
+//! ordinary Rust.
+//!
+//! # Sandbox (deny by default)
+//!
+//! The guest gets exactly what this table lists and nothing more. Nothing reaches the
+//! host's filesystem, sockets, processes or signals.
+//!
+//! | Area | What the guest sees |
+//! |------|---------------------|
+//! | args / environ | Only the `args` and `env` given to [`WasiCtx::new`]. The host's own environment is never passed through. |
+//! | clocks | `REALTIME`, `MONOTONIC`, `PROCESS_CPUTIME`, `THREAD_CPUTIME` read from the host (`clock_gettime`). Any other id gives `INVAL`. |
+//! | `random_get` | Real entropy from `getrandom(2)`. |
+//! | fd 0 (stdin) | A byte buffer set by the host ([`WasiCtx::set_stdin`], empty by default). Reads hit EOF at its end. |
+//! | fd 1 / fd 2 | Output sinks. By default each complete line is logged through `tracing`, with a cap on line length. The host can capture a stream instead, up to a limit ([`WasiCtx::capture_stdout`]). |
+//! | fds 0–2 | Character devices. They can't seek (`SPIPE`) and can be closed (after that, `BADF`). Rights: stdin has `FD_READ`, stdout/stderr have `FD_WRITE`, and all three have `FD_FILESTAT_GET` and `POLL_FD_READWRITE`. |
+//! | filesystem | Nothing is preopened. `fd_prestat_get` gives `BADF` for every fd, which is how wasi-libc and Rust std learn that no directories exist. Every `path_*` call fails: `NOTCAPABLE` when given a stdio fd, `BADF` for any other fd. |
+//! | sockets | Every `sock_*` call gives `NOTCAPABLE` on stdio and `BADF` elsewhere. |
+//! | other fd operations | Calls that need rights we never grant (advise, allocate, sync, readdir, renumber, set size/times) give `NOTCAPABLE` on stdio and `BADF` elsewhere. |
+//! | `poll_oneoff` | Clock subscriptions (relative or absolute, on `REALTIME`/`MONOTONIC`) and stdio read/write readiness. A sleep blocks the worker thread and lasts at most [`MAX_POLL_SLEEP`]. A longer timeout fires early rather than keeping the worker from its deadline. |
+//! | `proc_exit` | Traps with [`ProcExit`], which the host recovers with `RuntimeError::downcast_ref`. `proc_raise` gives `NOSYS`. |
+//! | unknown imports | Any other `wasi_snapshot_preview1`/`wasi_unstable` function still links. It returns `NOSYS` if its result is a single `i32`, and traps otherwise. So any preview-1 module instantiates. |
+//!
+//! Every guest pointer and length is checked against the current memory size before it is
+//! used. A bad one gives `FAULT`; the host never panics. A call that touches several regions
+//! checks all of them before it has any side effect. So a faulting `fd_write` emits nothing,
+//! and a faulting `fd_read` consumes no input.
+//!
+//! Transfers are bounded so a guest can't make the host allocate or loop without limit. At
+//! most [`IOV_MAX`] iovecs are processed per call, and the total is kept within `u32` (a
+//! short read or write, which callers must handle anyway). Guest data is copied in bounded
+//! chunks.
+
+use std::time::Duration;
+
+use wasmer::{
+    AsStoreMut, ExternType, FunctionEnv, FunctionType, Imports, Memory, Module, RuntimeError,
+};
+
+mod args;
+mod clocks;
+mod denied;
+mod memory;
+mod poll;
+mod sink;
+mod stdio;
+mod table;
+
+pub use sink::OutputSink;
+pub use table::KNOWN_FUNCTIONS;
+
+use sink::take_captured;
+use table::{known_function, nosys_stub};
+
+/// Import namespace of WASI preview 1.
+pub const PREVIEW1: &str = "wasi_snapshot_preview1";
+/// Import namespace of the pre-snapshot ("preview 0") ABI. Same calls and errno values.
+/// Only the `filestat` and `subscription` layouts differ.
+pub const UNSTABLE: &str = "wasi_unstable";
+
+/// True for the import namespaces [`add_imports`] provides.
+pub fn is_wasi_namespace(namespace: &str) -> bool {
+    namespace == PREVIEW1 || namespace == UNSTABLE
+}
+
+/// Longest single sleep in `poll_oneoff`. A host function can't be interrupted by the
+/// worker's deadline machinery, so an unbounded guest sleep would pin the worker.
+pub const MAX_POLL_SLEEP: Duration = Duration::from_secs(10);
+/// Longest line (in bytes) a `Log` sink keeps. A guest writing without newlines would
+/// otherwise grow `pending` without bound.
+pub const LOG_LINE_MAX: usize = 4096;
+/// iovecs processed per `fd_read`/`fd_write`, as Linux does. Any beyond are left untouched,
+/// which the guest sees as a short transfer.
+pub const IOV_MAX: u32 = 1024;
+/// Guest bytes are copied through a host buffer of at most this size.
+const COPY_CHUNK: u64 = 64 * 1024;
+
+/// WASI errno values. Preview 0 and preview 1 use the same numbers.
+pub mod errno {
+    pub const SUCCESS: u16 = 0;
+    pub const BADF: u16 = 8;
+    pub const FAULT: u16 = 21;
+    pub const INVAL: u16 = 28;
+    pub const IO: u16 = 29;
+    pub const NOSYS: u16 = 52;
+    pub const NOTSUP: u16 = 58;
+    pub const OVERFLOW: u16 = 61;
+    pub const SPIPE: u16 = 70;
+    pub const NOTCAPABLE: u16 = 76;
+}
+use errno::*;
+
+type Errno = u16;
+type HostResult = Result<i32, RuntimeError>;
+
+/// The trap payload raised by `proc_exit`; the host downcasts the `RuntimeError` to find it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("proc_exit({0})")]
+pub struct ProcExit(pub u32);
+
+/// Why the WASI imports of a module could not be provided.
+#[derive(Debug, thiserror::Error)]
+pub enum WasiError {
+    #[error("WASI import `{module}.{name}` is a {kind}, but WASI only defines functions")]
+    NotAFunction {
+        module: String,
+        name: String,
+        kind: String,
+    },
+    #[error(
+        "WASI import `{module}.{name}` is declared as {declared}, but WASI defines it as {expected}"
+    )]
+    SignatureMismatch {
+        module: String,
+        name: String,
+        declared: FunctionType,
+        expected: FunctionType,
+    },
+}
+
+/// Per-instance WASI state. Lives in the instance's `FunctionEnv`.
+#[derive(Debug)]
+pub struct WasiCtx {
+    args: Vec<String>,
+    /// `KEY=VALUE`, the form `environ_get` hands out.
+    env: Vec<String>,
+    stdin: Vec<u8>,
+    stdin_pos: usize,
+    stdout: OutputSink,
+    stderr: OutputSink,
+    closed: [bool; 3],
+    memory: Option<Memory>,
+    exit_code: Option<u32>,
+}
+
+impl WasiCtx {
+    /// `args` is the guest's whole argv; by convention `args[0]` is a program name. Strings
+    /// are passed verbatim: one with an interior NUL reaches the guest cut at the NUL.
+    pub fn new(function: &str, args: Vec<String>, env: Vec<(String, String)>) -> Self {
+        WasiCtx {
+            args,
+            env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            stdin: Vec::new(),
+            stdin_pos: 0,
+            stdout: OutputSink::log(function, "stdout"),
+            stderr: OutputSink::log(function, "stderr"),
+            closed: [false; 3],
+            memory: None,
+            exit_code: None,
+        }
+    }
+
+    /// Must be called after instantiation and before the guest runs. Until then every call
+    /// that touches guest memory traps.
+    pub fn set_memory(&mut self, memory: Memory) {
+        self.memory = Some(memory);
+    }
+
+    pub fn set_stdin(&mut self, data: Vec<u8>) {
+        self.stdin = data;
+        self.stdin_pos = 0;
+    }
+
+    /// Replaces the stdout sink with a fresh capture buffer. Any partial line logged so far
+    /// is flushed first.
+    pub fn capture_stdout(&mut self, limit: usize) {
+        self.stdout.flush();
+        self.stdout = OutputSink::capture(limit);
+    }
+
+    pub fn capture_stderr(&mut self, limit: usize) {
+        self.stderr.flush();
+        self.stderr = OutputSink::capture(limit);
+    }
+
+    /// Captured stdout so far (empty for a `Log` sink). The truncation flag remains set until
+    /// the next `capture_stdout`.
+    pub fn take_stdout(&mut self) -> Vec<u8> {
+        take_captured(&mut self.stdout)
+    }
+
+    pub fn take_stderr(&mut self) -> Vec<u8> {
+        take_captured(&mut self.stderr)
+    }
+
+    pub fn stdout_truncated(&self) -> bool {
+        self.stdout.truncated()
+    }
+
+    pub fn stderr_truncated(&self) -> bool {
+        self.stderr.truncated()
+    }
+
+    /// The code passed to `proc_exit`, if the guest called it.
+    pub fn exit_code(&self) -> Option<u32> {
+        self.exit_code
+    }
+
+    /// Logs any partial line left in `Log` sinks. Call this when the guest has finished.
+    pub fn flush_logs(&mut self) {
+        self.stdout.flush();
+        self.stderr.flush();
+    }
+
+    fn open_stdio(&self, fd: u32) -> Result<u32, Errno> {
+        match fd {
+            0..=2 if !self.closed[fd as usize] => Ok(fd),
+            _ => Err(BADF),
+        }
+    }
+
+    fn output(&mut self, fd: u32) -> Result<&mut OutputSink, Errno> {
+        match self.open_stdio(fd)? {
+            1 => Ok(&mut self.stdout),
+            2 => Ok(&mut self.stderr),
+            _ => Err(BADF),
+        }
+    }
+
+    fn stdin_remaining(&self) -> &[u8] {
+        &self.stdin[self.stdin_pos.min(self.stdin.len())..]
+    }
+}
+
+impl Drop for WasiCtx {
+    /// A guest that traps mid-line still has its last words logged.
+    fn drop(&mut self) {
+        self.flush_logs();
+    }
+}
+
+/// Which ABI a namespace speaks. They differ only in a couple of struct layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    Preview1,
+    Unstable,
+}
+
+impl Flavor {
+    fn subscription_size(self) -> u64 {
+        match self {
+            Flavor::Preview1 => 48,
+            Flavor::Unstable => 56,
+        }
+    }
+
+    /// Offsets of (clock id, timeout, flags) in a clock subscription. Preview 0 has an extra
+    /// u64 `identifier` before the clock id.
+    fn clock_fields(self) -> (u64, u64, u64) {
+        match self {
+            Flavor::Preview1 => (16, 24, 40),
+            Flavor::Unstable => (24, 32, 48),
+        }
+    }
+
+    /// Preview 0 has a 32-bit `nlink`, which makes `filestat` 8 bytes shorter. `filetype`
+    /// is at offset 16 in both.
+    fn filestat_size(self) -> usize {
+        match self {
+            Flavor::Preview1 => 64,
+            Flavor::Unstable => 56,
+        }
+    }
+}
+
+fn code(result: Result<(), Errno>) -> i32 {
+    i32::from(result.err().unwrap_or(SUCCESS))
+}
+
+/// Adds a host function for every `wasi_snapshot_preview1` (and the older `wasi_unstable`,
+/// same semantics) import that `module` declares. Imports from other namespaces are left
+/// to the caller.
+///
+/// A known function declared with a different signature is an error. Such a module was
+/// not built against WASI preview 1, so it is better to say so than to fail at link time
+/// with a bare type mismatch.
+pub fn add_imports(
+    store: &mut impl AsStoreMut,
+    env: &FunctionEnv<WasiCtx>,
+    module: &Module,
+    imports: &mut Imports,
+) -> Result<(), WasiError> {
+    for import in module.imports() {
+        let flavor = match import.module() {
+            PREVIEW1 => Flavor::Preview1,
+            UNSTABLE => Flavor::Unstable,
+            _ => continue,
+        };
+        let ExternType::Function(declared) = import.ty() else {
+            return Err(WasiError::NotAFunction {
+                module: import.module().to_owned(),
+                name: import.name().to_owned(),
+                kind: format!("{:?}", import.ty()),
+            });
+        };
+        let func = match known_function(store, env, flavor, import.name()) {
+            Some(func) => {
+                let expected = func.ty(&*store);
+                if &expected != declared {
+                    return Err(WasiError::SignatureMismatch {
+                        module: import.module().to_owned(),
+                        name: import.name().to_owned(),
+                        declared: declared.clone(),
+                        expected,
+                    });
+                }
+                func
+            }
+            None => nosys_stub(store, env, import.module(), import.name(), declared),
+        };
+        imports.define(import.module(), import.name(), func);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,258 @@
+//! fds 0-2, the only fds a guest has: reads from the stdin buffer, writes to the output
+//! sinks, and the metadata calls wasi-libc and Rust std make at startup.
+
+use wasmer::FunctionEnvMut;
+
+use super::errno::*;
+use super::memory::{Mem, iovecs, with_mem};
+use super::{COPY_CHUNK, Errno, Flavor, HostResult, WasiCtx, code};
+
+pub(super) const FILETYPE_CHARACTER_DEVICE: u8 = 2;
+
+pub(super) const RIGHT_FD_READ: u64 = 1 << 1;
+pub(super) const RIGHT_FD_WRITE: u64 = 1 << 6;
+const RIGHT_FD_FILESTAT_GET: u64 = 1 << 21;
+const RIGHT_POLL_FD_READWRITE: u64 = 1 << 27;
+// No FD_SEEK/FD_TELL: with them missing on a character device, wasi-libc's isatty() is
+// true and stdout is line buffered. Logged output then shows up line by line, and
+// `fd_seek` can honestly answer SPIPE.
+const STDIN_RIGHTS: u64 = RIGHT_FD_READ | RIGHT_FD_FILESTAT_GET | RIGHT_POLL_FD_READWRITE;
+const STDOUT_RIGHTS: u64 = RIGHT_FD_WRITE | RIGHT_FD_FILESTAT_GET | RIGHT_POLL_FD_READWRITE;
+
+fn rights_of(fd: u32) -> u64 {
+    if fd == 0 { STDIN_RIGHTS } else { STDOUT_RIGHTS }
+}
+
+fn write_impl(
+    ctx: &mut WasiCtx,
+    mem: &Mem<'_>,
+    fd: u32,
+    iovs: u32,
+    iovs_len: u32,
+    nwritten: u32,
+) -> Result<(), Errno> {
+    let sink = ctx.output(fd)?;
+    let bufs = iovecs(mem, iovs, iovs_len)?;
+    mem.check(nwritten, 4u64)?;
+    let mut chunk = Vec::new();
+    let mut total = 0u32;
+    for (ptr, len) in bufs {
+        let keep = u64::from(len).min(sink.room());
+        let mut done = 0u64;
+        while done < keep {
+            let n = (keep - done).min(COPY_CHUNK) as usize;
+            chunk.resize(n, 0);
+            mem.read(u64::from(ptr) + done, &mut chunk)?;
+            sink.write(&chunk);
+            done += n as u64;
+        }
+        if keep < u64::from(len) {
+            sink.discard();
+        }
+        // `iovecs` keeps the total within u32.
+        total += len;
+    }
+    mem.write_u32(nwritten, total)
+}
+
+pub(super) fn fd_write(
+    mut env: FunctionEnvMut<'_, WasiCtx>,
+    fd: u32,
+    iovs: u32,
+    iovs_len: u32,
+    nwritten: u32,
+) -> HostResult {
+    with_mem(&mut env, |ctx, mem| {
+        code(write_impl(ctx, mem, fd, iovs, iovs_len, nwritten))
+    })
+}
+
+fn read_impl(
+    ctx: &mut WasiCtx,
+    mem: &Mem<'_>,
+    fd: u32,
+    iovs: u32,
+    iovs_len: u32,
+    nread: u32,
+) -> Result<(), Errno> {
+    if ctx.open_stdio(fd)? != 0 {
+        return Err(BADF);
+    }
+    let bufs = iovecs(mem, iovs, iovs_len)?;
+    mem.check(nread, 4u64)?;
+    let mut total = 0u32;
+    for (ptr, len) in bufs {
+        let rest = ctx.stdin_remaining();
+        if rest.is_empty() {
+            break;
+        }
+        let n = rest.len().min(len as usize);
+        mem.write(ptr, &rest[..n])?;
+        ctx.stdin_pos += n;
+        total += n as u32;
+    }
+    mem.write_u32(nread, total)
+}
+
+pub(super) fn fd_read(
+    mut env: FunctionEnvMut<'_, WasiCtx>,
+    fd: u32,
+    iovs: u32,
+    iovs_len: u32,
+    nread: u32,
+) -> HostResult {
+    with_mem(&mut env, |ctx, mem| {
+        code(read_impl(ctx, mem, fd, iovs, iovs_len, nread))
+    })
+}
+
+/// Positional I/O on a stream: POSIX says ESPIPE.
+pub(super) fn fd_pread(
+    env: FunctionEnvMut<'_, WasiCtx>,
+    fd: u32,
+    _iovs: u32,
+    _iovs_len: u32,
+    _offset: u64,
+    _nread: u32,
+) -> i32 {
+    stream_only(env.data(), fd)
+}
+
+pub(super) fn fd_pwrite(
+    env: FunctionEnvMut<'_, WasiCtx>,
+    fd: u32,
+    _iovs: u32,
+    _iovs_len: u32,
+    _offset: u64,
+    _nwritten: u32,
+) -> i32 {
+    stream_only(env.data(), fd)
+}
+
+pub(super) fn fd_seek(
+    env: FunctionEnvMut<'_, WasiCtx>,
+    fd: u32,
+    _offset: u64,
+    _whence: u32,
+    _newoffset: u32,
+) -> i32 {
+    stream_only(env.data(), fd)
+}
+
+pub(super) fn fd_tell(env: FunctionEnvMut<'_, WasiCtx>, fd: u32, _offset: u32) -> i32 {
+    stream_only(env.data(), fd)
+}
+
+fn stream_only(ctx: &WasiCtx, fd: u32) -> i32 {
+    i32::from(match ctx.open_stdio(fd) {
+        Ok(_) => SPIPE,
+        Err(e) => e,
+    })
+}
+
+pub(super) fn fd_fdstat_get(
+    mut env: FunctionEnvMut<'_, WasiCtx>,
+    fd: u32,
+    stat: u32,
+) -> HostResult {
+    with_mem(&mut env, |ctx, mem| {
+        code((|| -> Result<(), Errno> {
+            let fd = ctx.open_stdio(fd)?;
+            // fdstat: filetype u8 @0, flags u16 @2, rights_base u64 @8, rights_inheriting u64 @16.
+            let mut buf = [0u8; 24];
+            buf[0] = FILETYPE_CHARACTER_DEVICE;
+            buf[8..16].copy_from_slice(&rights_of(fd).to_le_bytes());
+            mem.write(stat, &buf)
+        })())
+    })
+}
+
+/// Stdio streams never block and hold no flags. Clearing flags is a no-op and succeeds;
+/// setting any (APPEND, NONBLOCK, SYNC...) is unsupported.
+pub(super) fn fd_fdstat_set_flags(env: FunctionEnvMut<'_, WasiCtx>, fd: u32, flags: u32) -> i32 {
+    i32::from(match env.data().open_stdio(fd) {
+        Ok(_) if flags == 0 => SUCCESS,
+        Ok(_) => NOTSUP,
+        Err(e) => e,
+    })
+}
+
+/// Rights can only shrink. Rights aren't tracked per fd, so only the no-op request succeeds.
+pub(super) fn fd_fdstat_set_rights(
+    env: FunctionEnvMut<'_, WasiCtx>,
+    fd: u32,
+    base: u64,
+    inheriting: u64,
+) -> i32 {
+    i32::from(match env.data().open_stdio(fd) {
+        Ok(fd) if base & !rights_of(fd) != 0 || inheriting != 0 => NOTCAPABLE,
+        Ok(fd) if base == rights_of(fd) => SUCCESS,
+        Ok(_) => NOTSUP,
+        Err(e) => e,
+    })
+}
+
+fn filestat_impl(
+    ctx: &WasiCtx,
+    mem: &Mem<'_>,
+    flavor: Flavor,
+    fd: u32,
+    stat: u32,
+) -> Result<(), Errno> {
+    ctx.open_stdio(fd)?;
+    let mut buf = [0u8; 64];
+    buf[16] = FILETYPE_CHARACTER_DEVICE;
+    mem.write(stat, &buf[..flavor.filestat_size()])
+}
+
+pub(super) fn fd_filestat_get(
+    mut env: FunctionEnvMut<'_, WasiCtx>,
+    fd: u32,
+    stat: u32,
+) -> HostResult {
+    with_mem(&mut env, |ctx, mem| {
+        code(filestat_impl(ctx, mem, Flavor::Preview1, fd, stat))
+    })
+}
+
+pub(super) fn fd_filestat_get_unstable(
+    mut env: FunctionEnvMut<'_, WasiCtx>,
+    fd: u32,
+    stat: u32,
+) -> HostResult {
+    with_mem(&mut env, |ctx, mem| {
+        code(filestat_impl(ctx, mem, Flavor::Unstable, fd, stat))
+    })
+}
+
+pub(super) fn fd_close(mut env: FunctionEnvMut<'_, WasiCtx>, fd: u32) -> i32 {
+    let ctx = env.data_mut();
+    i32::from(match ctx.open_stdio(fd) {
+        Ok(fd) => {
+            // Closing ends the stream, so a partial last line is complete now.
+            match fd {
+                1 => ctx.stdout.flush(),
+                2 => ctx.stderr.flush(),
+                _ => {}
+            }
+            ctx.closed[fd as usize] = true;
+            SUCCESS
+        }
+        Err(e) => e,
+    })
+}
+
+/// No preopened directories exist. BADF on fd 3 is how wasi-libc and Rust std stop
+/// scanning for them.
+pub(super) fn fd_prestat_get(_env: FunctionEnvMut<'_, WasiCtx>, _fd: u32, _prestat: u32) -> i32 {
+    i32::from(BADF)
+}
+
+pub(super) fn fd_prestat_dir_name(
+    _env: FunctionEnvMut<'_, WasiCtx>,
+    _fd: u32,
+    _path: u32,
+    _len: u32,
+) -> i32 {
+    i32::from(BADF)
+}
