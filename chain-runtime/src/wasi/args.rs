@@ -1,11 +1,9 @@
 //! `args_*` and `environ_*`: the argv and environment given to `WasiCtx::new`, nothing of
 //! the host's.
 
-use wasmer::FunctionEnvMut;
-
+use super::Errno;
 use super::errno::*;
-use super::memory::{Mem, with_mem};
-use super::{Errno, HostResult, WasiCtx, code};
+use super::memory::Mem;
 
 fn strings_sizes(
     mem: &Mem<'_>,
@@ -40,38 +38,11 @@ fn strings_get(mem: &Mem<'_>, strings: &[String], ptrs: u32, buf: u32) -> Result
     mem.write(ptrs, &table)
 }
 
-pub(super) fn args_sizes_get(
-    mut env: FunctionEnvMut<'_, WasiCtx>,
-    argc: u32,
-    buf_size: u32,
-) -> HostResult {
-    with_mem(&mut env, |ctx, mem| {
-        code(strings_sizes(mem, &ctx.args, argc, buf_size))
-    })
-}
-
-pub(super) fn args_get(mut env: FunctionEnvMut<'_, WasiCtx>, argv: u32, buf: u32) -> HostResult {
-    with_mem(&mut env, |ctx, mem| {
-        code(strings_get(mem, &ctx.args, argv, buf))
-    })
-}
-
-pub(super) fn environ_sizes_get(
-    mut env: FunctionEnvMut<'_, WasiCtx>,
-    count: u32,
-    buf_size: u32,
-) -> HostResult {
-    with_mem(&mut env, |ctx, mem| {
-        code(strings_sizes(mem, &ctx.env, count, buf_size))
-    })
-}
-
-pub(super) fn environ_get(
-    mut env: FunctionEnvMut<'_, WasiCtx>,
-    environ: u32,
-    buf: u32,
-) -> HostResult {
-    with_mem(&mut env, |ctx, mem| {
-        code(strings_get(mem, &ctx.env, environ, buf))
-    })
+host_fns! {
+    args_sizes_get(argc: u32, buf_size: u32) |ctx, mem|
+        strings_sizes(mem, &ctx.args, argc, buf_size);
+    args_get(argv: u32, buf: u32) |ctx, mem| strings_get(mem, &ctx.args, argv, buf);
+    environ_sizes_get(count: u32, buf_size: u32) |ctx, mem|
+        strings_sizes(mem, &ctx.env, count, buf_size);
+    environ_get(environ: u32, buf: u32) |ctx, mem| strings_get(mem, &ctx.env, environ, buf);
 }

@@ -4,8 +4,8 @@
 use wasmer::{FunctionEnvMut, RuntimeError};
 
 use super::errno::*;
-use super::memory::with_mem;
-use super::{COPY_CHUNK, Errno, HostResult, ProcExit, WasiCtx, code};
+use super::memory::Mem;
+use super::{COPY_CHUNK, Errno, ProcExit, WasiCtx};
 
 pub(super) const CLOCK_REALTIME: u32 = 0;
 pub(super) const CLOCK_MONOTONIC: u32 = 1;
@@ -55,31 +55,6 @@ fn clock_resolution(clock: libc::clockid_t) -> Result<u64, Errno> {
     timespec_nanos(&ts)
 }
 
-pub(super) fn clock_res_get(mut env: FunctionEnvMut<'_, WasiCtx>, id: u32, res: u32) -> HostResult {
-    with_mem(&mut env, |_, mem| {
-        code(
-            host_clock(id)
-                .and_then(clock_resolution)
-                .and_then(|r| mem.write_u64(res, r)),
-        )
-    })
-}
-
-pub(super) fn clock_time_get(
-    mut env: FunctionEnvMut<'_, WasiCtx>,
-    id: u32,
-    _precision: u64,
-    time: u32,
-) -> HostResult {
-    with_mem(&mut env, |_, mem| {
-        code(
-            host_clock(id)
-                .and_then(clock_now)
-                .and_then(|t| mem.write_u64(time, t)),
-        )
-    })
-}
-
 fn fill_random(buf: &mut [u8]) -> Result<(), Errno> {
     let mut filled = 0;
     while filled < buf.len() {
@@ -98,26 +73,31 @@ fn fill_random(buf: &mut [u8]) -> Result<(), Errno> {
     Ok(())
 }
 
-pub(super) fn random_get(mut env: FunctionEnvMut<'_, WasiCtx>, buf: u32, len: u32) -> HostResult {
-    with_mem(&mut env, |_, mem| {
-        code((|| -> Result<(), Errno> {
-            mem.check(buf, len)?;
-            let mut chunk = vec![0u8; u64::from(len).min(COPY_CHUNK) as usize];
-            let mut done = 0u64;
-            while done < u64::from(len) {
-                let n = (u64::from(len) - done).min(COPY_CHUNK) as usize;
-                fill_random(&mut chunk[..n])?;
-                mem.write(u64::from(buf) + done, &chunk[..n])?;
-                done += n as u64;
-            }
-            Ok(())
-        })())
-    })
+fn random_into(mem: &Mem<'_>, buf: u32, len: u32) -> Result<(), Errno> {
+    mem.check(buf, len)?;
+    let mut chunk = vec![0u8; u64::from(len).min(COPY_CHUNK) as usize];
+    let mut done = 0u64;
+    while done < u64::from(len) {
+        let n = (u64::from(len) - done).min(COPY_CHUNK) as usize;
+        fill_random(&mut chunk[..n])?;
+        mem.write(u64::from(buf) + done, &chunk[..n])?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
-pub(super) fn sched_yield(_env: FunctionEnvMut<'_, WasiCtx>) -> i32 {
-    std::thread::yield_now();
-    i32::from(SUCCESS)
+host_fns! {
+    clock_res_get(id: u32, res: u32) |_, mem|
+        host_clock(id).and_then(clock_resolution).and_then(|r| mem.write_u64(res, r));
+    clock_time_get(id: u32, _: u64, time: u32) |_, mem|
+        host_clock(id).and_then(clock_now).and_then(|t| mem.write_u64(time, t));
+    random_get(buf: u32, len: u32) |_, mem| random_into(mem, buf, len);
+    sched_yield() |_| {
+        std::thread::yield_now();
+        Ok(())
+    };
+    /// Guests have no signals to deliver and no handlers to run.
+    proc_raise(_: u32) |_| Err(NOSYS);
 }
 
 pub(super) fn proc_exit(
@@ -126,9 +106,4 @@ pub(super) fn proc_exit(
 ) -> Result<(), RuntimeError> {
     env.data_mut().exit_code = Some(exit_code);
     Err(RuntimeError::user(Box::new(ProcExit(exit_code))))
-}
-
-/// Guests have no signals to deliver and no handlers to run.
-pub(super) fn proc_raise(_env: FunctionEnvMut<'_, WasiCtx>, _sig: u32) -> i32 {
-    i32::from(NOSYS)
 }

@@ -43,6 +43,38 @@ use wasmer::{
     AsStoreMut, ExternType, FunctionEnv, FunctionType, Imports, Memory, Module, RuntimeError,
 };
 
+/// Defines host functions whose whole body is one errno-valued expression, one line per
+/// WASI call. The parameter list is the call's exact signature (that's what makes the import
+/// link), with `_` for what the call ignores. The expression is a `Result<(), Errno>`;
+/// `|ctx|` gives it the `WasiCtx`, and `|ctx, mem|` guest memory too, which traps if the host
+/// never attached it (see `with_mem`). Long parameter lists are allowed: the arity is WASI's.
+macro_rules! host_fns {
+    (@one $(#[$attr:meta])* $name:ident($($arg:tt: $ty:ty),*) |$ctx:tt| $body:expr) => {
+        $(#[$attr])*
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn $name(
+            mut env: ::wasmer::FunctionEnvMut<'_, $crate::wasi::WasiCtx>,
+            $($arg: $ty),*
+        ) -> i32 {
+            let $ctx = env.data_mut();
+            $crate::wasi::code($body)
+        }
+    };
+    (@one $(#[$attr:meta])* $name:ident($($arg:tt: $ty:ty),*) |$ctx:tt, $mem:tt| $body:expr) => {
+        $(#[$attr])*
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn $name(
+            mut env: ::wasmer::FunctionEnvMut<'_, $crate::wasi::WasiCtx>,
+            $($arg: $ty),*
+        ) -> $crate::wasi::HostResult {
+            $crate::wasi::memory::with_mem(&mut env, |$ctx, $mem| $crate::wasi::code($body))
+        }
+    };
+    ($($(#[$attr:meta])* $name:ident($($arg:tt: $ty:ty),*) |$($bind:tt),+| $body:expr;)*) => {
+        $(host_fns!(@one $(#[$attr])* $name($($arg: $ty),*) |$($bind),+| $body);)*
+    };
+}
+
 mod args;
 mod clocks;
 mod denied;

@@ -2,12 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use wasmer::FunctionEnvMut;
-
 use super::clocks::{CLOCK_MONOTONIC, CLOCK_REALTIME, clock_now, host_clock};
 use super::errno::*;
-use super::memory::{Mem, with_mem};
-use super::{Errno, Flavor, HostResult, MAX_POLL_SLEEP, WasiCtx, code};
+use super::memory::Mem;
+use super::{Errno, Flavor, MAX_POLL_SLEEP, WasiCtx};
 
 pub(super) const EVENTTYPE_CLOCK: u8 = 0;
 pub(super) const EVENTTYPE_FD_READ: u8 = 1;
@@ -186,42 +184,9 @@ fn poll_impl(
     mem.write_u32(nevents, count)
 }
 
-pub(super) fn poll_oneoff(
-    mut env: FunctionEnvMut<'_, WasiCtx>,
-    subs: u32,
-    events: u32,
-    nsubs: u32,
-    nevents: u32,
-) -> HostResult {
-    with_mem(&mut env, |ctx, mem| {
-        code(poll_impl(
-            ctx,
-            mem,
-            Flavor::Preview1,
-            subs,
-            events,
-            nsubs,
-            nevents,
-        ))
-    })
-}
-
-pub(super) fn poll_oneoff_unstable(
-    mut env: FunctionEnvMut<'_, WasiCtx>,
-    subs: u32,
-    events: u32,
-    nsubs: u32,
-    nevents: u32,
-) -> HostResult {
-    with_mem(&mut env, |ctx, mem| {
-        code(poll_impl(
-            ctx,
-            mem,
-            Flavor::Unstable,
-            subs,
-            events,
-            nsubs,
-            nevents,
-        ))
-    })
+host_fns! {
+    poll_oneoff(subs: u32, events: u32, nsubs: u32, nevents: u32) |ctx, mem|
+        poll_impl(ctx, mem, Flavor::Preview1, subs, events, nsubs, nevents);
+    poll_oneoff_unstable(subs: u32, events: u32, nsubs: u32, nevents: u32) |ctx, mem|
+        poll_impl(ctx, mem, Flavor::Unstable, subs, events, nsubs, nevents);
 }

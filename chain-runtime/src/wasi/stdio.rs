@@ -4,8 +4,8 @@
 use wasmer::FunctionEnvMut;
 
 use super::errno::*;
-use super::memory::{Mem, iovecs, with_mem};
-use super::{COPY_CHUNK, Errno, Flavor, HostResult, WasiCtx, code};
+use super::memory::{Mem, iovecs};
+use super::{COPY_CHUNK, Errno, Flavor, WasiCtx};
 
 pub(super) const FILETYPE_CHARACTER_DEVICE: u8 = 2;
 
@@ -55,18 +55,6 @@ fn write_impl(
     mem.write_u32(nwritten, total)
 }
 
-pub(super) fn fd_write(
-    mut env: FunctionEnvMut<'_, WasiCtx>,
-    fd: u32,
-    iovs: u32,
-    iovs_len: u32,
-    nwritten: u32,
-) -> HostResult {
-    with_mem(&mut env, |ctx, mem| {
-        code(write_impl(ctx, mem, fd, iovs, iovs_len, nwritten))
-    })
-}
-
 fn read_impl(
     ctx: &mut WasiCtx,
     mem: &Mem<'_>,
@@ -94,77 +82,52 @@ fn read_impl(
     mem.write_u32(nread, total)
 }
 
-pub(super) fn fd_read(
-    mut env: FunctionEnvMut<'_, WasiCtx>,
-    fd: u32,
-    iovs: u32,
-    iovs_len: u32,
-    nread: u32,
-) -> HostResult {
-    with_mem(&mut env, |ctx, mem| {
-        code(read_impl(ctx, mem, fd, iovs, iovs_len, nread))
-    })
+fn stream_only(ctx: &WasiCtx, fd: u32) -> Result<(), Errno> {
+    ctx.open_stdio(fd)?;
+    Err(SPIPE)
 }
 
-/// Positional I/O on a stream: POSIX says ESPIPE.
-pub(super) fn fd_pread(
-    env: FunctionEnvMut<'_, WasiCtx>,
-    fd: u32,
-    _iovs: u32,
-    _iovs_len: u32,
-    _offset: u64,
-    _nread: u32,
-) -> i32 {
-    stream_only(env.data(), fd)
+fn fdstat_impl(ctx: &WasiCtx, mem: &Mem<'_>, fd: u32, stat: u32) -> Result<(), Errno> {
+    let fd = ctx.open_stdio(fd)?;
+    // fdstat: filetype u8 @0, flags u16 @2, rights_base u64 @8, rights_inheriting u64 @16.
+    let mut buf = [0u8; 24];
+    buf[0] = FILETYPE_CHARACTER_DEVICE;
+    buf[8..16].copy_from_slice(&rights_of(fd).to_le_bytes());
+    mem.write(stat, &buf)
 }
 
-pub(super) fn fd_pwrite(
-    env: FunctionEnvMut<'_, WasiCtx>,
-    fd: u32,
-    _iovs: u32,
-    _iovs_len: u32,
-    _offset: u64,
-    _nwritten: u32,
-) -> i32 {
-    stream_only(env.data(), fd)
-}
-
-pub(super) fn fd_seek(
-    env: FunctionEnvMut<'_, WasiCtx>,
-    fd: u32,
-    _offset: u64,
-    _whence: u32,
-    _newoffset: u32,
-) -> i32 {
-    stream_only(env.data(), fd)
-}
-
-pub(super) fn fd_tell(env: FunctionEnvMut<'_, WasiCtx>, fd: u32, _offset: u32) -> i32 {
-    stream_only(env.data(), fd)
-}
-
-fn stream_only(ctx: &WasiCtx, fd: u32) -> i32 {
-    i32::from(match ctx.open_stdio(fd) {
-        Ok(_) => SPIPE,
-        Err(e) => e,
-    })
-}
-
-pub(super) fn fd_fdstat_get(
-    mut env: FunctionEnvMut<'_, WasiCtx>,
+fn filestat_impl(
+    ctx: &WasiCtx,
+    mem: &Mem<'_>,
+    flavor: Flavor,
     fd: u32,
     stat: u32,
-) -> HostResult {
-    with_mem(&mut env, |ctx, mem| {
-        code((|| -> Result<(), Errno> {
-            let fd = ctx.open_stdio(fd)?;
-            // fdstat: filetype u8 @0, flags u16 @2, rights_base u64 @8, rights_inheriting u64 @16.
-            let mut buf = [0u8; 24];
-            buf[0] = FILETYPE_CHARACTER_DEVICE;
-            buf[8..16].copy_from_slice(&rights_of(fd).to_le_bytes());
-            mem.write(stat, &buf)
-        })())
-    })
+) -> Result<(), Errno> {
+    ctx.open_stdio(fd)?;
+    let mut buf = [0u8; 64];
+    buf[16] = FILETYPE_CHARACTER_DEVICE;
+    mem.write(stat, &buf[..flavor.filestat_size()])
+}
+
+host_fns! {
+    fd_write(fd: u32, iovs: u32, iovs_len: u32, nwritten: u32) |ctx, mem|
+        write_impl(ctx, mem, fd, iovs, iovs_len, nwritten);
+    fd_read(fd: u32, iovs: u32, iovs_len: u32, nread: u32) |ctx, mem|
+        read_impl(ctx, mem, fd, iovs, iovs_len, nread);
+    /// Positional I/O on a stream: POSIX says ESPIPE.
+    fd_pread(fd: u32, _: u32, _: u32, _: u64, _: u32) |ctx| stream_only(ctx, fd);
+    fd_pwrite(fd: u32, _: u32, _: u32, _: u64, _: u32) |ctx| stream_only(ctx, fd);
+    fd_seek(fd: u32, _: u64, _: u32, _: u32) |ctx| stream_only(ctx, fd);
+    fd_tell(fd: u32, _: u32) |ctx| stream_only(ctx, fd);
+    fd_fdstat_get(fd: u32, stat: u32) |ctx, mem| fdstat_impl(ctx, mem, fd, stat);
+    fd_filestat_get(fd: u32, stat: u32) |ctx, mem|
+        filestat_impl(ctx, mem, Flavor::Preview1, fd, stat);
+    fd_filestat_get_unstable(fd: u32, stat: u32) |ctx, mem|
+        filestat_impl(ctx, mem, Flavor::Unstable, fd, stat);
+    /// No preopened directories exist. BADF on fd 3 is how wasi-libc and Rust std stop
+    /// scanning for them.
+    fd_prestat_get(_: u32, _: u32) |_| Err(BADF);
+    fd_prestat_dir_name(_: u32, _: u32, _: u32) |_| Err(BADF);
 }
 
 /// Stdio streams never block and hold no flags. Clearing flags is a no-op and succeeds;
@@ -192,39 +155,6 @@ pub(super) fn fd_fdstat_set_rights(
     })
 }
 
-fn filestat_impl(
-    ctx: &WasiCtx,
-    mem: &Mem<'_>,
-    flavor: Flavor,
-    fd: u32,
-    stat: u32,
-) -> Result<(), Errno> {
-    ctx.open_stdio(fd)?;
-    let mut buf = [0u8; 64];
-    buf[16] = FILETYPE_CHARACTER_DEVICE;
-    mem.write(stat, &buf[..flavor.filestat_size()])
-}
-
-pub(super) fn fd_filestat_get(
-    mut env: FunctionEnvMut<'_, WasiCtx>,
-    fd: u32,
-    stat: u32,
-) -> HostResult {
-    with_mem(&mut env, |ctx, mem| {
-        code(filestat_impl(ctx, mem, Flavor::Preview1, fd, stat))
-    })
-}
-
-pub(super) fn fd_filestat_get_unstable(
-    mut env: FunctionEnvMut<'_, WasiCtx>,
-    fd: u32,
-    stat: u32,
-) -> HostResult {
-    with_mem(&mut env, |ctx, mem| {
-        code(filestat_impl(ctx, mem, Flavor::Unstable, fd, stat))
-    })
-}
-
 pub(super) fn fd_close(mut env: FunctionEnvMut<'_, WasiCtx>, fd: u32) -> i32 {
     let ctx = env.data_mut();
     i32::from(match ctx.open_stdio(fd) {
@@ -240,19 +170,4 @@ pub(super) fn fd_close(mut env: FunctionEnvMut<'_, WasiCtx>, fd: u32) -> i32 {
         }
         Err(e) => e,
     })
-}
-
-/// No preopened directories exist. BADF on fd 3 is how wasi-libc and Rust std stop
-/// scanning for them.
-pub(super) fn fd_prestat_get(_env: FunctionEnvMut<'_, WasiCtx>, _fd: u32, _prestat: u32) -> i32 {
-    i32::from(BADF)
-}
-
-pub(super) fn fd_prestat_dir_name(
-    _env: FunctionEnvMut<'_, WasiCtx>,
-    _fd: u32,
-    _path: u32,
-    _len: u32,
-) -> i32 {
-    i32::from(BADF)
 }
