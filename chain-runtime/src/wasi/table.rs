@@ -6,122 +6,84 @@ use wasmer::{AsStoreMut, Function, FunctionEnv, FunctionType, RuntimeError, Type
 use super::errno::*;
 use super::{Flavor, WasiCtx, args, clocks, denied, poll, stdio};
 
-/// Every WASI function this module implements (or denies) by name, for both namespaces.
-pub const KNOWN_FUNCTIONS: &[&str] = &[
-    "args_get",
-    "args_sizes_get",
-    "environ_get",
-    "environ_sizes_get",
-    "clock_res_get",
-    "clock_time_get",
-    "fd_advise",
-    "fd_allocate",
-    "fd_close",
-    "fd_datasync",
-    "fd_fdstat_get",
-    "fd_fdstat_set_flags",
-    "fd_fdstat_set_rights",
-    "fd_filestat_get",
-    "fd_filestat_set_size",
-    "fd_filestat_set_times",
-    "fd_pread",
-    "fd_prestat_get",
-    "fd_prestat_dir_name",
-    "fd_pwrite",
-    "fd_read",
-    "fd_readdir",
-    "fd_renumber",
-    "fd_seek",
-    "fd_sync",
-    "fd_tell",
-    "fd_write",
-    "path_create_directory",
-    "path_filestat_get",
-    "path_filestat_set_times",
-    "path_link",
-    "path_open",
-    "path_readlink",
-    "path_remove_directory",
-    "path_rename",
-    "path_symlink",
-    "path_unlink_file",
-    "poll_oneoff",
-    "proc_exit",
-    "proc_raise",
-    "sched_yield",
-    "random_get",
-    "sock_accept",
-    "sock_recv",
-    "sock_send",
-    "sock_shutdown",
-];
+/// Expands one list into both [`KNOWN_FUNCTIONS`] and `known_function`, so that the two can't
+/// disagree. After `|` comes the function for `wasi_unstable`, for the calls whose layout
+/// differs there.
+macro_rules! import_table {
+    ($($module:ident::$name:ident $(| $unstable_module:ident::$unstable:ident)?,)*) => {
+        /// Every WASI function this module implements (or denies) by name, for both namespaces.
+        pub const KNOWN_FUNCTIONS: &[&str] = &[$(stringify!($name)),*];
 
-pub(super) fn known_function(
-    store: &mut impl AsStoreMut,
-    env: &FunctionEnv<WasiCtx>,
-    flavor: Flavor,
-    name: &str,
-) -> Option<Function> {
-    macro_rules! host {
-        ($f:expr) => {
-            Function::new_typed_with_env(store, env, $f)
-        };
-    }
-    Some(match name {
-        "args_get" => host!(args::args_get),
-        "args_sizes_get" => host!(args::args_sizes_get),
-        "environ_get" => host!(args::environ_get),
-        "environ_sizes_get" => host!(args::environ_sizes_get),
-        "clock_res_get" => host!(clocks::clock_res_get),
-        "clock_time_get" => host!(clocks::clock_time_get),
-        "fd_advise" => host!(denied::fd_advise),
-        "fd_allocate" => host!(denied::fd_allocate),
-        "fd_close" => host!(stdio::fd_close),
-        "fd_datasync" => host!(denied::fd_datasync),
-        "fd_fdstat_get" => host!(stdio::fd_fdstat_get),
-        "fd_fdstat_set_flags" => host!(stdio::fd_fdstat_set_flags),
-        "fd_fdstat_set_rights" => host!(stdio::fd_fdstat_set_rights),
-        "fd_filestat_get" => match flavor {
-            Flavor::Preview1 => host!(stdio::fd_filestat_get),
-            Flavor::Unstable => host!(stdio::fd_filestat_get_unstable),
-        },
-        "fd_filestat_set_size" => host!(denied::fd_filestat_set_size),
-        "fd_filestat_set_times" => host!(denied::fd_filestat_set_times),
-        "fd_pread" => host!(stdio::fd_pread),
-        "fd_prestat_get" => host!(stdio::fd_prestat_get),
-        "fd_prestat_dir_name" => host!(stdio::fd_prestat_dir_name),
-        "fd_pwrite" => host!(stdio::fd_pwrite),
-        "fd_read" => host!(stdio::fd_read),
-        "fd_readdir" => host!(denied::fd_readdir),
-        "fd_renumber" => host!(denied::fd_renumber),
-        "fd_seek" => host!(stdio::fd_seek),
-        "fd_sync" => host!(denied::fd_sync),
-        "fd_tell" => host!(stdio::fd_tell),
-        "fd_write" => host!(stdio::fd_write),
-        "path_create_directory" => host!(denied::path_create_directory),
-        "path_filestat_get" => host!(denied::path_filestat_get),
-        "path_filestat_set_times" => host!(denied::path_filestat_set_times),
-        "path_link" => host!(denied::path_link),
-        "path_open" => host!(denied::path_open),
-        "path_readlink" => host!(denied::path_readlink),
-        "path_remove_directory" => host!(denied::path_remove_directory),
-        "path_rename" => host!(denied::path_rename),
-        "path_symlink" => host!(denied::path_symlink),
-        "path_unlink_file" => host!(denied::path_unlink_file),
-        "poll_oneoff" => match flavor {
-            Flavor::Preview1 => host!(poll::poll_oneoff),
-            Flavor::Unstable => host!(poll::poll_oneoff_unstable),
-        },
-        "proc_exit" => host!(clocks::proc_exit),
-        "proc_raise" => host!(clocks::proc_raise),
-        "sched_yield" => host!(clocks::sched_yield),
-        "random_get" => host!(clocks::random_get),
-        "sock_accept" => host!(denied::sock_accept),
-        "sock_recv" => host!(denied::sock_recv),
-        "sock_send" => host!(denied::sock_send),
-        "sock_shutdown" => host!(denied::sock_shutdown),
-        _ => return None,
-    })
+        pub(super) fn known_function(
+            store: &mut impl AsStoreMut,
+            env: &FunctionEnv<WasiCtx>,
+            flavor: Flavor,
+            name: &str,
+        ) -> Option<Function> {
+            Some(match name {
+                $(stringify!($name) => {
+                    $(if flavor == Flavor::Unstable {
+                        return Some(Function::new_typed_with_env(
+                            store,
+                            env,
+                            $unstable_module::$unstable,
+                        ));
+                    })?
+                    Function::new_typed_with_env(store, env, $module::$name)
+                })*
+                _ => return None,
+            })
+        }
+    };
+}
+
+import_table! {
+    args::args_get,
+    args::args_sizes_get,
+    args::environ_get,
+    args::environ_sizes_get,
+    clocks::clock_res_get,
+    clocks::clock_time_get,
+    denied::fd_advise,
+    denied::fd_allocate,
+    stdio::fd_close,
+    denied::fd_datasync,
+    stdio::fd_fdstat_get,
+    stdio::fd_fdstat_set_flags,
+    stdio::fd_fdstat_set_rights,
+    stdio::fd_filestat_get | stdio::fd_filestat_get_unstable,
+    denied::fd_filestat_set_size,
+    denied::fd_filestat_set_times,
+    stdio::fd_pread,
+    stdio::fd_prestat_get,
+    stdio::fd_prestat_dir_name,
+    stdio::fd_pwrite,
+    stdio::fd_read,
+    denied::fd_readdir,
+    denied::fd_renumber,
+    stdio::fd_seek,
+    denied::fd_sync,
+    stdio::fd_tell,
+    stdio::fd_write,
+    denied::path_create_directory,
+    denied::path_filestat_get,
+    denied::path_filestat_set_times,
+    denied::path_link,
+    denied::path_open,
+    denied::path_readlink,
+    denied::path_remove_directory,
+    denied::path_rename,
+    denied::path_symlink,
+    denied::path_unlink_file,
+    poll::poll_oneoff | poll::poll_oneoff_unstable,
+    clocks::proc_exit,
+    clocks::proc_raise,
+    clocks::sched_yield,
+    clocks::random_get,
+    denied::sock_accept,
+    denied::sock_recv,
+    denied::sock_send,
+    denied::sock_shutdown,
 }
 
 /// For an import we don't know, perhaps from a later WASI revision or a toolchain
