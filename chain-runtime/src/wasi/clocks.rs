@@ -28,31 +28,30 @@ fn timespec_nanos(ts: &libc::timespec) -> Result<u64, Errno> {
         .ok_or(OVERFLOW)
 }
 
-pub(super) fn clock_now(clock: libc::clockid_t) -> Result<u64, Errno> {
+/// A kernel call that reports on `clock` by filling in a timespec: `clock_gettime` or
+/// `clock_getres`.
+type ClockQuery = unsafe extern "C" fn(libc::clockid_t, *mut libc::timespec) -> libc::c_int;
+
+fn clock_query(query: ClockQuery, clock: libc::clockid_t) -> Result<u64, Errno> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a live, writable timespec on this stack frame, and clock_gettime
-    // writes only into it.
-    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    // SAFETY: `ts` is a live, writable timespec on this stack frame, and `query` is
+    // clock_gettime or clock_getres, which write only into it.
+    let rc = unsafe { query(clock, &mut ts) };
     if rc != 0 {
         return Err(IO);
     }
     timespec_nanos(&ts)
 }
 
+pub(super) fn clock_now(clock: libc::clockid_t) -> Result<u64, Errno> {
+    clock_query(libc::clock_gettime, clock)
+}
+
 fn clock_resolution(clock: libc::clockid_t) -> Result<u64, Errno> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: as in `clock_now`: clock_getres writes only into the timespec we own.
-    let rc = unsafe { libc::clock_getres(clock, &mut ts) };
-    if rc != 0 {
-        return Err(IO);
-    }
-    timespec_nanos(&ts)
+    clock_query(libc::clock_getres, clock)
 }
 
 fn fill_random(buf: &mut [u8]) -> Result<(), Errno> {
