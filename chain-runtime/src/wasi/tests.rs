@@ -828,8 +828,9 @@ fn wasi_libc_program() {
             .arg(&probe),
     );
     if !probe_ok {
-        eprintln!(
-            "\n!!!!! SKIPPED wasi_libc_program: `clang --target=wasm32-wasi` with wasi-libc is not available !!!!!\n"
+        testkit::cannot_run(
+            "wasi_libc_program",
+            "`clang --target=wasm32-wasi` with wasi-libc is not available (scripts/setup.sh installs it)",
         );
         let _ = std::fs::remove_dir_all(&dir);
         return;
@@ -889,11 +890,12 @@ fn wasi_libc_program() {
 /// is written in several.
 #[test]
 fn example_rot13_command_runs() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/wasm/rot13_cmd.wasm");
+    testkit::build_examples();
+    let path = testkit::wasm("rot13_cmd");
     let Ok(bytes) = std::fs::read(&path) else {
-        eprintln!(
-            "\n!!!!! SKIPPED example_rot13_command_runs: {} not built !!!!!\n",
-            path.display()
+        testkit::cannot_run(
+            "example_rot13_command_runs",
+            format!("{} not built", path.display()),
         );
         return;
     };
@@ -914,7 +916,8 @@ fn example_rot13_command_runs() {
 /// Modules built by the examples must at least link against this layer.
 #[test]
 fn example_modules_link() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/wasm");
+    testkit::build_examples();
+    let dir = testkit::repo_root().join("examples/wasm");
     let mut found = 0;
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for entry in entries.flatten() {
@@ -933,9 +936,9 @@ fn example_modules_link() {
         }
     }
     if found == 0 {
-        eprintln!(
-            "\n!!!!! SKIPPED example_modules_link: no .wasm files in {} !!!!!\n",
-            dir.display()
+        testkit::cannot_run(
+            "example_modules_link",
+            format!("no .wasm files in {}", dir.display()),
         );
     }
 }
