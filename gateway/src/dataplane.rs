@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use chain_runtime::plan::ChainPlan;
 use chain_runtime::stats::{StatsError, StatsPage};
+use crossbeam_utils::CachePadded;
 use hyper::StatusCode;
 use proto::worker::is_control;
 use proto::{Descriptor, GATEWAY_FN, Status};
@@ -33,10 +34,12 @@ use shm::{Arena, SlotRef};
 use sockmap_bpf::{HolderRecord, KernelDataplane};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
+
+use crate::queue::{INSTANCE_QUEUE_CAPACITY, InstanceQueue, PushError};
 
 /// Descriptors written per syscall at most when several are queued for one instance.
-const WRITE_BATCH: usize = 64;
+pub const WRITE_BATCH: usize = 64;
 
 /// Releases its slot when dropped.
 pub struct SlotGuard {
@@ -91,7 +94,7 @@ struct Pending {
 /// A live instance's outbound queue (`None` while the instance is down), its current process,
 /// and its statistics page, which outlives restarts.
 pub struct InstanceLink {
-    sender: Mutex<Option<(u64, mpsc::UnboundedSender<Descriptor>)>>,
+    queue: Mutex<Option<(u64, Arc<InstanceQueue>)>>,
     /// Process id of the running incarnation, 0 while down.
     pub pid: AtomicU32,
     pub stats: StatsPage,
@@ -102,7 +105,8 @@ pub struct StageRuntime {
     pub fn_id: u32,
     pub name: String,
     pub instances: Vec<InstanceLink>,
-    round_robin: AtomicUsize,
+    /// Bumped by every pick, from any runtime thread: kept off the lines of colder fields.
+    round_robin: CachePadded<AtomicUsize>,
     /// Instances that died other than by the watchdog.
     pub crashes: AtomicU64,
     /// Instances the watchdog ended for overrunning `timeout_ms`.
@@ -166,8 +170,9 @@ impl Refusal {
 /// read when the metrics page is scraped.
 #[derive(Default)]
 pub struct RouterCounters {
-    /// Descriptors forwarded from one function to the next (userspace routing).
-    pub forwarded: AtomicU64,
+    /// Descriptors forwarded from one function to the next (userspace routing): bumped on
+    /// every hop by whichever thread read it, so it gets a cache line of its own.
+    pub forwarded: CachePadded<AtomicU64>,
     /// Descriptors refused, indexed like [`Refusal::ALL`].
     refused: [AtomicU64; Refusal::ALL.len()],
 }
@@ -183,7 +188,8 @@ impl RouterCounters {
     }
 }
 
-static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+/// Bumped by every request on every runtime thread: a cache line of its own.
+static REQUEST_IDS: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(1));
 
 impl ChainRuntime {
     pub fn new(
@@ -198,7 +204,7 @@ impl ChainRuntime {
                 let (stats, stats_fd) =
                     StatsPage::create(&format!("spindle-stats-{}-{i}", s.function.name))?;
                 instances.push(InstanceLink {
-                    sender: Mutex::new(None),
+                    queue: Mutex::new(None),
                     pid: AtomicU32::new(0),
                     stats,
                     stats_fd,
@@ -208,7 +214,7 @@ impl ChainRuntime {
                 fn_id: s.fn_id,
                 name: s.function.name.clone(),
                 instances,
-                round_robin: AtomicUsize::new(0),
+                round_robin: CachePadded::new(AtomicUsize::new(0)),
                 crashes: AtomicU64::new(0),
                 watchdog_timeouts: AtomicU64::new(0),
             });
@@ -302,59 +308,87 @@ impl ChainRuntime {
         self.pending.lock().expect("pending lock").len()
     }
 
-    /// Marks an instance incarnation up: descriptors for its stage may now go to `sender`.
+    /// Marks an instance incarnation up: descriptors for its stage may now go to `queue`.
     pub fn instance_up(
         &self,
         stage: usize,
         instance: usize,
         incarnation: u64,
-        sender: mpsc::UnboundedSender<Descriptor>,
+        queue: Arc<InstanceQueue>,
     ) {
         *self.stages[stage].instances[instance]
-            .sender
+            .queue
             .lock()
-            .expect("link lock") = Some((incarnation, sender));
+            .expect("link lock") = Some((incarnation, queue));
     }
 
+    /// Marks an instance down and stops its writer; what it still had queued is failed by
+    /// [`ChainRuntime::fail_held_by`] with the rest of what it held.
     pub fn instance_down(&self, stage: usize, instance: usize) {
-        *self.stages[stage].instances[instance]
-            .sender
+        let link = self.stages[stage].instances[instance]
+            .queue
             .lock()
-            .expect("link lock") = None;
+            .expect("link lock")
+            .take();
+        if let Some((_, queue)) = link {
+            queue.close();
+        }
     }
 
     pub fn live_instances(&self, stage: usize) -> usize {
         self.stages[stage]
             .instances
             .iter()
-            .filter(|l| l.sender.lock().expect("link lock").is_some())
+            .filter(|l| l.queue.lock().expect("link lock").is_some())
             .count()
     }
 
-    /// Picks a live instance of `stage` round-robin. The caller records the holder under the
-    /// pending lock and sends after releasing it: if the instance dies in between, its
-    /// supervisor fails the request by holder, because `fail_held_by` runs only after the
-    /// instance was marked down and so after this pick.
-    fn pick(&self, stage: usize) -> Option<(Holder, mpsc::UnboundedSender<Descriptor>)> {
+    /// Picks a live instance of `stage` with room in its queue, round-robin. Called with the
+    /// pending lock held, and every push happens under that lock too, so the room seen here
+    /// is still there when the caller pushes. If the instance dies before the push, the push
+    /// fails (`Closed`); if after, its supervisor fails the request by holder, because
+    /// `fail_held_by` runs only after the instance was marked down.
+    fn pick(&self, stage: usize) -> Result<(Holder, Arc<InstanceQueue>), PushError> {
         let st = &self.stages[stage];
         let n = st.instances.len();
         let start = st.round_robin.fetch_add(1, Ordering::Relaxed);
-        (0..n).find_map(|k| {
+        let mut any_live = false;
+        for k in 0..n {
             let instance = (start + k) % n;
-            let link = st.instances[instance].sender.lock().expect("link lock");
-            let (incarnation, sender) = link.as_ref()?;
+            let link = st.instances[instance].queue.lock().expect("link lock");
+            let Some((incarnation, queue)) = link.as_ref() else {
+                continue;
+            };
+            any_live = true;
+            if queue.is_full() {
+                continue;
+            }
             let holder = Holder {
                 stage,
                 instance,
                 incarnation: *incarnation,
             };
-            Some((holder, sender.clone()))
+            return Ok((holder, Arc::clone(queue)));
+        }
+        Err(if any_live {
+            PushError::Full
+        } else {
+            PushError::Closed
         })
     }
 
-    fn no_instance(&self, stage: usize) -> (StatusCode, String) {
+    /// The answer for a request no instance of `stage` could take.
+    fn unsendable(&self, stage: usize, why: PushError) -> (StatusCode, String) {
         let name = &self.stages[stage].name;
-        let message = format!("function {name} has no live instance (restarting); retry shortly");
+        let message = match why {
+            PushError::Closed => {
+                format!("function {name} has no live instance (restarting); retry shortly")
+            }
+            PushError::Full => format!(
+                "function {name} is overloaded: every instance has {INSTANCE_QUEUE_CAPACITY} \
+                 requests queued; retry shortly"
+            ),
+        };
         (StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
@@ -378,22 +412,22 @@ impl ChainRuntime {
             reserved: 0,
         };
         let (tx, rx) = oneshot::channel();
-        let sender = {
-            let mut pending = self.pending.lock().expect("pending lock");
-            let Some((holder, sender)) = self.pick(0) else {
-                return Err(self.no_instance(0));
-            };
-            let entry = Pending {
-                slot,
-                holder,
-                hop: 0,
-                responder: tx,
-            };
-            pending.insert(request_id, entry);
-            sender
+        let mut pending = self.pending.lock().expect("pending lock");
+        let (holder, queue) = self.pick(0).map_err(|why| self.unsendable(0, why))?;
+        let entry = Pending {
+            slot,
+            holder,
+            hop: 0,
+            responder: tx,
         };
-        // A failed send means the instance is going down; its supervisor fails the request.
-        let _ = sender.send(desc);
+        // Recorded before the push, so the answer always finds its holder.
+        pending.insert(request_id, entry);
+        if let Err(why) = queue.push(desc) {
+            let unsent = pending.remove(&request_id);
+            drop(pending);
+            drop(unsent);
+            return Err(self.unsendable(0, why));
+        }
         Ok(rx)
     }
 
@@ -488,19 +522,14 @@ impl ChainRuntime {
             return;
         }
         let stage = self.stage_index(desc.next_fn).expect("checked above");
-        let Some((holder, sender)) = self.pick(stage) else {
-            let p = pending.remove(&desc.request_id).expect("present above");
-            drop(pending);
-            drop(p.slot);
-            let (code, message) = self.no_instance(stage);
-            let _ = p.responder.send(Completion::Failed { code, message });
-            return;
+        let (holder, queue) = match self.pick(stage) {
+            Ok(picked) => picked,
+            Err(why) => return self.fail_unsent(pending, &desc, stage, why),
         };
         let p = pending.get_mut(&desc.request_id).expect("present above");
         p.holder = holder;
         p.hop = desc.hop;
         let slot = p.slot.slot().index;
-        drop(pending);
         if let Some(k) = &self.kernel {
             // The kernel's record for this request names the previous hop; the gateway routed
             // this one, so it records it before sending (held_by prefers the record).
@@ -510,8 +539,27 @@ impl ChainRuntime {
                 tracing::error!("recording a router forward in the kernel's holder table: {e}");
             }
         }
+        if let Err(why) = queue.push(desc) {
+            return self.fail_unsent(pending, &desc, stage, why);
+        }
+        drop(pending);
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-        let _ = sender.send(desc);
+    }
+
+    /// Ends a request whose next hop could not be queued: no worker holds its descriptor, so
+    /// its slot is released here.
+    fn fail_unsent(
+        &self,
+        mut pending: std::sync::MutexGuard<'_, HashMap<u64, Pending>>,
+        desc: &Descriptor,
+        stage: usize,
+        why: PushError,
+    ) {
+        let p = pending.remove(&desc.request_id).expect("present above");
+        drop(pending);
+        drop(p.slot);
+        let (code, message) = self.unsendable(stage, why);
+        let _ = p.responder.send(Completion::Failed { code, message });
     }
 
     fn refuse(&self, from: Holder, desc: &Descriptor, reason: Refusal) {
@@ -587,24 +635,89 @@ pub async fn read_worker(
     }
 }
 
-/// Writes queued descriptors to one worker connection, batching what is queued.
-pub async fn write_worker(
-    mut write: OwnedWriteHalf,
-    mut queue: mpsc::UnboundedReceiver<Descriptor>,
-) {
+/// Writes queued descriptors to one worker connection, batching what is queued, until the
+/// queue is closed.
+pub async fn write_worker(mut write: OwnedWriteHalf, queue: Arc<InstanceQueue>) {
     let mut batch = Vec::with_capacity(WRITE_BATCH * Descriptor::SIZE);
-    while let Some(first) = queue.recv().await {
+    loop {
         batch.clear();
-        batch.extend_from_slice(&first.to_bytes());
-        while batch.len() < WRITE_BATCH * Descriptor::SIZE {
-            match queue.try_recv() {
-                Ok(d) => batch.extend_from_slice(&d.to_bytes()),
-                Err(_) => break,
-            }
-        }
-        if write.write_all(&batch).await.is_err() {
-            // The worker is gone; the supervisor fails what it held.
+        if !queue.pop_batch(&mut batch, WRITE_BATCH).await {
             return;
         }
+        if write.write_all(&batch).await.is_err() {
+            // The worker is gone; its supervisor fails what it held. Later sends fail at once
+            // instead of filling a queue nobody drains.
+            queue.close();
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chain_runtime::config::Config;
+    use chain_runtime::plan::Plan;
+
+    use super::*;
+
+    /// A one-chain, one-function runtime with `instances` instances, none of them up.
+    fn runtime(tag: &str, instances: u32) -> ChainRuntime {
+        let dir = std::env::temp_dir().join(format!("dataplane-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("f.wasm"), b"").unwrap();
+        let yaml = format!(
+            "functions:\n  - {{ name: f, module: f.wasm, instances: {instances} }}\n\
+             chains:\n  - {{ name: c, route: /c, steps: [f], arena: {{ slots: 16 }} }}\n"
+        );
+        let config = Config::parse(&yaml, &dir.join("spindle.yaml")).unwrap();
+        let plan = Plan::new(&config).chains.remove(0);
+        let arena = Arena::create(&format!("dataplane-test-{tag}"), 64 * 1024, 16).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        ChainRuntime::new(plan, Arc::new(arena), None).unwrap()
+    }
+
+    fn send(chain: &ChainRuntime) -> Result<oneshot::Receiver<Completion>, (StatusCode, String)> {
+        let slot = SlotGuard::new(Arc::clone(&chain.arena), chain.arena.alloc().unwrap());
+        chain.start(slot, 0)
+    }
+
+    #[test]
+    fn a_full_instance_is_skipped_and_all_full_is_503_with_the_slot_released() {
+        let chain = runtime("full", 2);
+        let queues = [
+            Arc::new(InstanceQueue::new(1)),
+            Arc::new(InstanceQueue::new(1)),
+        ];
+        for (i, q) in queues.iter().enumerate() {
+            chain.instance_up(0, i, 1, Arc::clone(q));
+        }
+        let free = chain.arena.free_slots();
+        let _first = send(&chain).ok().expect("queued");
+        let _second = send(&chain).ok().expect("queued");
+        assert!(
+            queues.iter().all(|q| q.is_full()),
+            "one each: the full one was skipped"
+        );
+
+        let (code, message) = send(&chain).err().expect("refused");
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(message.contains("function f is overloaded"), "{message}");
+        assert_eq!(chain.in_flight(), 2, "the refused request left no entry");
+        assert_eq!(chain.arena.free_slots(), free - 2, "and no slot");
+    }
+
+    #[test]
+    fn no_live_instance_is_503_and_a_downed_queue_is_closed() {
+        let chain = runtime("down", 1);
+        let (code, message) = send(&chain).err().expect("refused");
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(message.contains("has no live instance"), "{message}");
+
+        let queue = Arc::new(InstanceQueue::new(4));
+        chain.instance_up(0, 0, 1, Arc::clone(&queue));
+        assert_eq!(chain.live_instances(0), 1);
+        chain.instance_down(0, 0);
+        assert_eq!(chain.live_instances(0), 0);
+        assert_eq!(queue.push(Descriptor::default()), Err(PushError::Closed));
     }
 }

@@ -1,8 +1,16 @@
 //! Spindle's gateway: the HTTP front ([`http`]), the userspace descriptor router and the table
-//! of requests in flight ([`dataplane`]), worker process supervision ([`supervisor`]) and
-//! Prometheus metrics ([`metrics`]). The `spindle` binary (main.rs) wires them together.
+//! of requests in flight ([`dataplane`]), each instance's bounded outbound queue ([`queue`]),
+//! worker process supervision ([`supervisor`]) and Prometheus metrics ([`metrics`]). The
+//! `spindle` binary (main.rs) wires them together.
+//!
+//! It owns every request from its HTTP arrival to its answer, and every worker process's life.
+//! It must not run guest code or build instances (that is `chain-runtime`'s), define a wire
+//! layout (`proto`'s) or touch eBPF maps except through `sockmap-bpf`. Module dependencies
+//! point one way: `http` → `dataplane`, `metrics` → `dataplane` (it reads the counters the
+//! dataplane exports), `supervisor` → `dataplane` + `queue`.
 
 pub mod dataplane;
 pub mod http;
 pub mod metrics;
+pub mod queue;
 pub mod supervisor;

@@ -21,10 +21,11 @@ use chain_runtime::instance::Handoff;
 use hyper::StatusCode;
 use proto::worker::WATCHDOG_EXIT;
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 use crate::dataplane::{ChainRuntime, Holder, read_worker, write_worker};
 use crate::metrics::Metrics;
+use crate::queue::{INSTANCE_QUEUE_CAPACITY, InstanceQueue};
 use sockmap_bpf::{ConnectionEntry, SockKey};
 
 /// How long a worker may take to compile and instantiate its module.
@@ -192,10 +193,10 @@ async fn spawn_worker(
     let (read, write) = stream.into_split();
     let (ready_tx, ready_rx) = oneshot::channel();
     let reader = tokio::spawn(read_worker(Arc::clone(chain), holder, read, ready_tx));
-    let (queue_tx, queue_rx) = mpsc::unbounded_channel();
-    tokio::spawn(write_worker(write, queue_rx));
+    let queue = Arc::new(InstanceQueue::new(INSTANCE_QUEUE_CAPACITY));
+    tokio::spawn(write_worker(write, Arc::clone(&queue)));
 
-    tokio::select! {
+    let started = tokio::select! {
         ready = tokio::time::timeout(READY_TIMEOUT, ready_rx) => match ready {
             Ok(Ok(())) => {
                 // Addressable only once ready: nothing is redirected into a worker that is still
@@ -206,7 +207,7 @@ async fn spawn_worker(
                         .map_err(|e| SpawnError::Socket(std::io::Error::other(e)))?;
                 }
                 stage.instances[holder.instance].pid.store(child.id().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
-                chain.instance_up(holder.stage, holder.instance, holder.incarnation, queue_tx);
+                chain.instance_up(holder.stage, holder.instance, holder.incarnation, Arc::clone(&queue));
                 Ok(Running { child, reader, kernel_entry })
             }
             Ok(Err(_)) => {
@@ -223,7 +224,12 @@ async fn spawn_worker(
         }
         // kill_on_drop stops the half-started worker.
         _ = stopping(shutdown) => Err(SpawnError::ShuttingDown),
+    };
+    if started.is_err() {
+        // Never made addressable: stop its writer, which nothing else would.
+        queue.close();
     }
+    started
 }
 
 /// Starts one instance and keeps it running until shutdown. Reports the first start's result
