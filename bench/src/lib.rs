@@ -1,5 +1,8 @@
 //! `spindle bench`: Spindle's load generator and side-by-side comparison report.
 //!
+//! It owns measuring and reporting; it must not know how a target works inside (it starts
+//! each as a process tree and talks HTTP to it), so every target is measured the same way.
+//!
 //! One run starts each target in turn as its own process tree on a loopback port, drives it
 //! with the same HTTP/1.1 load from this process, and writes one [`Report`] (JSON, Markdown,
 //! optionally an SVG plot). Targets: a bare hyper server (the *ceiling*: what any HTTP front

@@ -1,9 +1,12 @@
 //! Spindle's chain runtime: the YAML configuration ([`config`]), the ids derived from it
-//! ([`plan`]), the Wasm function host ([`host`], with WASI preview-1 in [`wasi`]) and the worker
+//! ([`plan`]), the Wasm function host ([`host`], with WASI preview-1 in [`wasi`]), how an
+//! instance comes to exist ([`instance`]: the only place that builds one, and both sides of
+//! the gateway → worker hand-off), per-instance statistics pages ([`stats`]) and the worker
 //! process loop ([`worker`]) that runs one function instance against a chain's arena.
 //!
 //! The gateway crate owns HTTP, supervision and routing; this crate owns everything that
-//! happens inside a function instance and the config both sides read.
+//! happens inside a function instance and the config both sides read. It must not route
+//! between instances, speak HTTP or define wire layouts (those are `proto`'s).
 
 pub mod config;
 pub mod host;

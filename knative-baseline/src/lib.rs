@@ -2,8 +2,10 @@
 //!
 //! A stand-in for Knative Serving + Eventing's data path that runs on one node without
 //! Kubernetes and serves the **same** Wasm functions with the **same** runtime as Spindle
-//! (`chain_runtime::host::FunctionHost`), so that a side-by-side benchmark measures the
-//! dataplane and not the function code.
+//! (built through `chain_runtime::instance::InstanceBuilder`, as Spindle's workers build
+//! theirs), so that a side-by-side benchmark measures the dataplane and not the function code.
+//! Its replies come from `http-edge`, as the gateway's do. It must not share anything else
+//! with Spindle's data path (no arena, no descriptors): it is what Spindle is compared with.
 //!
 //! ## Components and their Knative counterparts
 //!

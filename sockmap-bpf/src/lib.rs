@@ -7,6 +7,10 @@
 //! they vanish when the gateway exits, even by SIGKILL, and two gateways never share them.
 //!
 //! Needs CAP_BPF and CAP_NET_ADMIN (or root) and Linux 5.3+ (sk_msg on SOCKHASH, bounded loops).
+//!
+//! This crate owns the program and its maps (`src/bpf/spindle_maps.h`, mirrored in [`maps`]).
+//! The descriptor it reads is not its own: it includes `proto/include/spindle_desc.h`. It must
+//! not decide policy (which chains it routes, what a failure answers): the gateway does.
 
 mod maps;
 
