@@ -6,12 +6,17 @@
 //!   header to check that size and offsets agree.
 //! - [`worker`]: how the gateway hands a worker process its resources (the fd numbers), the
 //!   control messages on a worker's socket, and the exit codes a worker reports with.
+//! - [`image`]: the image descriptor that names a prepared (forkable) instance image across
+//!   nodes: its parent's page server, the key that gates it, the module and engine it needs;
+//!   binary and text forms.
 //!
 //! This crate owns layouts and their encoding only. It does no I/O and holds no policy: the
 //! arena that slots live in is `shm`'s, the routing maps are `sockmap-bpf`'s, and what a
 //! worker does with a descriptor is `chain-runtime`'s.
 
 pub mod descriptor;
+pub mod image;
 pub mod worker;
 
 pub use descriptor::{Descriptor, DescriptorError, GATEWAY_FN, Status};
+pub use image::{ImageDescriptor, ImageDescriptorError, RdmaInfo};
