@@ -9,7 +9,7 @@
 //! The descriptor is a credential: `key` (and, with RDMA, `rdma.rkey`) grants reading the
 //! parent instance's whole linear memory. It travels only over trusted control channels
 //! (gateway ↔ node service) and is never sent to a page server, which gets a challenge-response
-//! proof instead. `Debug` redacts the secrets so a descriptor can be
+//! proof instead (see [`crate::pages`]). `Debug` redacts the secrets so a descriptor can be
 //! logged; the text form ([`Display`](fmt::Display)) is the full credential and must not be.
 //!
 //! On the wire (all integers little-endian, no padding):
@@ -82,7 +82,8 @@ pub struct ImageDescriptor {
     /// Image handle id on the parent's page server. Not secret: guessing one gains nothing
     /// without the key.
     pub handle: u64,
-    /// Per-handle secret, 256 random bits.
+    /// Per-handle secret, 256 random bits (make one with
+    /// [`fresh_nonce::<32>`](crate::pages::fresh_nonce)).
     pub key: [u8; 32],
     /// The parent node's page server. Only address and port travel: an IPv6 flow label or
     /// scope id means nothing on another node, so they decode as 0.
@@ -470,6 +471,12 @@ impl<'a> Cursor<'a> {
         let s = self.buf.get(self.pos..end)?;
         self.pos = end;
         Some(s)
+    }
+
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
+        let s = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        s
     }
 
     pub(crate) fn array<const N: usize>(&mut self) -> Option<[u8; N]> {

@@ -9,13 +9,17 @@
 //! - [`image`]: the image descriptor that names a prepared (forkable) instance image across
 //!   nodes: its parent's page server, the key that gates it, the module and engine it needs;
 //!   binary and text forms.
+//! - [`pages`]: the page-server protocol a forked child uses to fetch its parent's memory
+//!   pages over TCP: framing, the frames, and the challenge-response proof of the key.
 //!
-//! This crate owns layouts and their encoding only. It does no I/O and holds no policy: the
-//! arena that slots live in is `shm`'s, the routing maps are `sockmap-bpf`'s, and what a
-//! worker does with a descriptor is `chain-runtime`'s.
+//! This crate owns layouts and their encoding only. It holds no policy and does no I/O of its
+//! own (the page-server frame helpers read and write a stream the caller opened): the arena
+//! that slots live in is `shm`'s, the routing maps are `sockmap-bpf`'s, and what a worker does
+//! with a descriptor is `chain-runtime`'s.
 
 pub mod descriptor;
 pub mod image;
+pub mod pages;
 pub mod worker;
 
 pub use descriptor::{Descriptor, DescriptorError, GATEWAY_FN, Status};
