@@ -9,6 +9,8 @@
 //! - [`image`]: the image descriptor that names a prepared (forkable) instance image across
 //!   nodes: its parent's page server, the key that gates it, the module and engine it needs;
 //!   binary and text forms.
+//! - [`meta`]: image metadata, what a child restores besides memory pages: module and engine
+//!   identity, memory size, which pages hold data, every global, every table's size.
 //! - [`pages`]: the page-server protocol a forked child uses to fetch its parent's memory
 //!   pages over TCP: framing, the frames, and the challenge-response proof of the key.
 //!
@@ -19,8 +21,10 @@
 
 pub mod descriptor;
 pub mod image;
+pub mod meta;
 pub mod pages;
 pub mod worker;
 
 pub use descriptor::{Descriptor, DescriptorError, GATEWAY_FN, Status};
 pub use image::{ImageDescriptor, ImageDescriptorError, RdmaInfo};
+pub use meta::{GlobalType, GlobalValue, ImageMeta, MetaError, PageBitmap};

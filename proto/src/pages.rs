@@ -10,6 +10,8 @@
 //!                                        <- Challenge { server_nonce }   (or Refused)
 //!   Proof { mac }                          ->
 //!                                        <- Welcome { memory_bytes, page_size } (or Refused)
+//!   MetaRequest                            ->      (any time after Welcome)
+//!                                        <- Meta { bytes }               (an ImageMeta)
 //!   Read { first_page, count }             ->      (any number of times)
 //!                                        <- Pages { .. }                 (or Refused)
 //!   Bye                                    ->
@@ -84,6 +86,8 @@ mod kind {
     pub const READ: u8 = 6;
     pub const PAGES: u8 = 7;
     pub const BYE: u8 = 8;
+    pub const META_REQUEST: u8 = 9;
+    pub const META: u8 = 10;
 }
 
 /// One message on a page-server connection.
@@ -123,6 +127,11 @@ pub enum Frame {
     },
     /// Client → server: done, the server may close.
     Bye,
+    /// Client → server, after `Welcome`: send the image's metadata.
+    MetaRequest,
+    /// Server → client: the image's metadata, a [`crate::meta::ImageMeta`] encoding (decoded
+    /// by the client with `ImageMeta::decode`; opaque to the framing).
+    Meta { bytes: Vec<u8> },
 }
 
 /// Why a server refused (`Refused.reason`).
@@ -222,6 +231,8 @@ impl Frame {
             Frame::Read { .. } => kind::READ,
             Frame::Pages { .. } => kind::PAGES,
             Frame::Bye => kind::BYE,
+            Frame::MetaRequest => kind::META_REQUEST,
+            Frame::Meta { .. } => kind::META,
         }
     }
 
@@ -274,7 +285,8 @@ impl Frame {
                 out.extend_from_slice(&zero_map[..zero_map_len(*count).min(ZERO_MAP_BYTES)]);
                 out.extend_from_slice(data);
             }
-            Frame::Bye => {}
+            Frame::Bye | Frame::MetaRequest => {}
+            Frame::Meta { bytes } => out.extend_from_slice(bytes),
         }
         // A length past u32 (only from a bogus Pages frame) becomes one the reader refuses
         // as oversized rather than a wrapped one that would desynchronise the stream.
@@ -387,6 +399,8 @@ impl Frame {
 impl std::fmt::Debug for Frame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Frame::MetaRequest => f.write_str("MetaRequest"),
+            Frame::Meta { bytes } => f.debug_struct("Meta").field("len", &bytes.len()).finish(),
             Frame::Hello {
                 version,
                 handle,
@@ -524,6 +538,8 @@ fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
         kind::READ => "Read",
         kind::PAGES => "Pages",
         kind::BYE => "Bye",
+        kind::META_REQUEST => "MetaRequest",
+        kind::META => "Meta",
         other => return Err(FrameError::UnknownKind(other)),
     };
     let t = |field| FrameError::Truncated { kind: name, field };
@@ -580,6 +596,10 @@ fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
             f.check()?;
             f
         }
+        kind::META_REQUEST => Frame::MetaRequest,
+        kind::META => Frame::Meta {
+            bytes: c.rest().to_vec(),
+        },
         _ => Frame::Bye,
     };
     if c.remaining() != 0 {
@@ -734,6 +754,10 @@ mod tests {
             Frame::pages_from(u32::MAX - 1, &page(9)).unwrap(),
             Frame::pages_from(0, &full).unwrap(),
             Frame::Bye,
+            Frame::MetaRequest,
+            Frame::Meta {
+                bytes: b"SPDLMETA...".to_vec(),
+            },
         ]
     }
 
@@ -918,7 +942,7 @@ mod tests {
     fn malformed_frames_refused() {
         let d = |body: &[u8]| Frame::decode(&framed(body)).map(|(f, _)| f);
         assert!(matches!(d(&[0]), Err(FrameError::UnknownKind(0))));
-        assert!(matches!(d(&[9, 1, 2]), Err(FrameError::UnknownKind(9))));
+        assert!(matches!(d(&[99, 1, 2]), Err(FrameError::UnknownKind(99))));
         assert!(matches!(
             d(&[kind::HELLO, 1, 0, 1, 2, 3]),
             Err(FrameError::Truncated {
