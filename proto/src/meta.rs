@@ -362,7 +362,9 @@ mod tests {
         ));
         let mut m = good.clone();
         m.nonzero.words[0] = 0;
-        m.nonzero.words.last_mut().map(|w| *w |= 1 << 63);
+        if let Some(w) = m.nonzero.words.last_mut() {
+            *w |= 1 << 63;
+        }
         assert_eq!(
             ImageMeta::decode(&m.encode()),
             Err(MetaError::BitmapPadding)

@@ -44,14 +44,13 @@ fn report(ci: bool, test: &str, reason: &dyn Display, log: Option<&Path>, out: &
     }
     let line = format!("SKIPPED {test}: {reason}\n");
     let _ = out.write_all(line.as_bytes());
-    if let Some(log) = log {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
+    if let Some(log) = log
+        && let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
-        {
-            let _ = f.write_all(line.as_bytes());
-        }
+    {
+        let _ = f.write_all(line.as_bytes());
     }
 }
 
