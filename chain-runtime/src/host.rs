@@ -14,28 +14,40 @@
 //! runs out, which is how an endless loop becomes a timeout) and a linear-memory cap enforced
 //! through the engine's tunables (memory.grow past it fails, as in any Wasm runtime).
 //! A trap leaves the guest in an unknown state, so the instance is rebuilt before the next call.
+//!
+//! A warm reactor can be captured between invocations ([`FunctionHost::snapshot`]) and new
+//! instances built from the image without compiling again (see [`crate::snapshot`]); the
+//! compiled module they share is a [`CompiledModule`].
 
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use proto::Status;
 use wasmer::sys::vm::{VMMemory, VMMemoryDefinition, VMTable, VMTableDefinition};
 use wasmer::sys::{BaseTunables, Cranelift, NativeEngineExt, Tunables};
 use wasmer::wasmparser::Operator;
 use wasmer::{
-    Engine, Exports, Function, FunctionEnv, FunctionEnvMut, Imports, Instance, Memory, MemoryType,
-    Module, Pages, RuntimeError, Store, TableType, TypedFunction, WASM_PAGE_SIZE,
+    Engine, Exports, Extern, Function, FunctionEnv, FunctionEnvMut, Imports, Instance, Memory,
+    MemoryType, Module, Pages, RuntimeError, Store, TableType, TypedFunction, Value,
+    WASM_PAGE_SIZE,
 };
 use wasmer::{MemoryError, MemoryStyle, TableStyle};
 use wasmer_middlewares::metering::{self, MeteringPoints};
 
 use crate::config::{FunctionSpec, ModuleMode};
+use crate::snapshot::{
+    self, CaptureContext, MemoryFill, Snapshot, SnapshotError, SnapshotMeta, TableContents,
+    WasiLayout,
+};
 use crate::wasi::{self, ProcExit, WasiCtx};
 
 /// The import module name of Spindle's own host functions.
 const SPINDLE_IMPORTS: &str = "spindle";
 /// Largest error message kept from a guest; the rest is cut so a guest cannot flood the slot.
 const MAX_ERROR_LEN: usize = 4096;
+/// Optional reactor export called in every instance built from a snapshot, before its first
+/// request, so the guest can reseed what its children must not share (PRNG state).
+pub const ON_FORK_EXPORT: &str = "spindle_on_fork";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -50,6 +62,8 @@ pub enum HostError {
     Abi { path: String, message: String },
     #[error("cannot instantiate module {path}: {message}")]
     Instantiate { path: String, message: String },
+    #[error("cannot fork module {path} from its snapshot: {source}")]
+    Fork { path: String, source: SnapshotError },
 }
 
 /// What one invocation produced.
@@ -86,6 +100,12 @@ struct GuestCtx {
     next: Option<u32>,
     /// Functions this chain may route to by name (dynamic chains); None for static chains.
     routes: Option<Arc<Vec<(String, u32)>>>,
+    /// Which stdio fds the guest closed through WASI (a snapshot must carry it: the closed
+    /// flags live in the host's `WasiCtx`, not in linear memory).
+    stdio_closed: [bool; 3],
+    /// The guest's `fd_close` import (wrapped to keep `stdio_closed`), if it has one; a
+    /// child closes the same fds through it.
+    fd_close: Option<Function>,
 }
 
 // SAFETY: the `io` pointer is only set and dereferenced on the thread that runs the guest, for
@@ -171,12 +191,115 @@ fn engine_for(spec: &FunctionSpec) -> Engine {
         compiler.push_middleware(Arc::new(metering::Metering::new(fuel, |_: &Operator| 1)));
     }
     let mut engine: Engine = compiler.into();
-    let max_pages = (spec.memory_limit / WASM_PAGE_SIZE as u64).clamp(1, 65536) as u32;
+    // Snapshot restore maps images over linear memory in place, which needs wasmer's static
+    // memory style (never moved); BaseTunables gives it to every memory of at most 4 GiB,
+    // and this cap keeps them there.
     engine.set_tunables(MemoryLimit {
         base: BaseTunables::new(),
-        max_pages: Pages(max_pages),
+        max_pages: Pages(max_pages(spec)),
     });
     engine
+}
+
+/// Largest linear memory the tunables of `spec`'s engine allow, in Wasm pages.
+fn max_pages(spec: &FunctionSpec) -> u32 {
+    (spec.memory_limit / WASM_PAGE_SIZE as u64).clamp(1, 65536) as u32
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Cranelift compiles run on this thread: tests assert that forking does none.
+    pub(crate) static COMPILES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// A function's module compiled for its engine: what every instance of the function is built
+/// from, cold or forked. Cloning shares the compiled code; nothing is compiled again.
+#[derive(Clone)]
+pub struct CompiledModule(Arc<Compiled>);
+
+struct Compiled {
+    engine: Engine,
+    module: Module,
+    sha256: [u8; 32],
+    identity: String,
+    max_pages: u32,
+    metered: bool,
+    /// Tables as instantiation leaves them (the same for every instance: code pointers come
+    /// from the shared artifact), recorded by the first instantiation.
+    pristine_tables: OnceLock<Vec<TableContents>>,
+}
+
+impl CompiledModule {
+    /// The one place a module is compiled.
+    fn compile(spec: &FunctionSpec, bytes: &[u8]) -> Result<Self, HostError> {
+        use sha2::Digest;
+        let engine = engine_for(spec);
+        #[cfg(test)]
+        COMPILES.with(|c| c.set(c.get() + 1));
+        let module = Module::new(&engine, bytes).map_err(|e| HostError::Compile {
+            path: spec.module.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let metered = spec.fuel.is_some();
+        Ok(CompiledModule(Arc::new(Compiled {
+            identity: snapshot::engine_identity(&engine, metered),
+            sha256: sha2::Sha256::digest(bytes).into(),
+            max_pages: max_pages(spec),
+            metered,
+            engine,
+            module,
+            pristine_tables: OnceLock::new(),
+        })))
+    }
+
+    /// SHA-256 of the module's bytes.
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.0.sha256
+    }
+
+    /// The engine/ABI string images of this module carry ([`snapshot::engine_identity`]).
+    pub fn engine_identity(&self) -> &str {
+        &self.0.identity
+    }
+
+    /// The compiled module (a cheap handle onto shared code).
+    pub fn module(&self) -> &Module {
+        &self.0.module
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.0.engine
+    }
+
+    /// True when both are the same compilation.
+    pub fn same(a: &Self, b: &Self) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+
+    /// Refuses a function spec whose engine would differ from the one this module was
+    /// compiled for: the engine fixes metering and the memory cap.
+    fn check_spec(&self, spec: &FunctionSpec) -> Result<(), SnapshotError> {
+        if spec.mode != ModuleMode::Reactor {
+            return Err(SnapshotError::CommandModule);
+        }
+        if spec.fuel.is_some() != self.0.metered {
+            return Err(SnapshotError::Mismatch(format!(
+                "function {} has metering {}, the compiled module {}",
+                spec.name,
+                if spec.fuel.is_some() { "on" } else { "off" },
+                if self.0.metered { "on" } else { "off" },
+            )));
+        }
+        if max_pages(spec) != self.0.max_pages {
+            return Err(SnapshotError::Mismatch(format!(
+                "function {} has a memory limit of {} pages, the compiled module's engine {}",
+                spec.name,
+                max_pages(spec),
+                self.0.max_pages
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A reactor's live instance and the exports the host calls.
@@ -194,10 +317,12 @@ pub struct FunctionHost {
     fuel: Option<u64>,
     env: Vec<(String, String)>,
     routes: Option<Arc<Vec<(String, u32)>>>,
-    engine: Engine,
-    module: Module,
+    compiled: CompiledModule,
     mode: ModuleMode,
     reactor: Option<Reactor>,
+    /// The image this host was forked from: a trapped reactor is rebuilt from it (as the
+    /// image was, not cold), so every instance of a forked child starts where the parent was.
+    origin: Option<Snapshot>,
 }
 
 impl FunctionHost {
@@ -222,29 +347,142 @@ impl FunctionHost {
         bytes: &[u8],
         routes: Option<Vec<(String, u32)>>,
     ) -> Result<Self, HostError> {
-        let module_path = spec.module.display().to_string();
-        let engine = engine_for(spec);
-        let store = Store::new(engine.clone());
-        let module = Module::new(&store, bytes).map_err(|e| HostError::Compile {
-            path: module_path.clone(),
-            message: e.to_string(),
-        })?;
-        let mut host = FunctionHost {
-            name: spec.name.clone(),
-            module_path,
-            fuel: spec.fuel,
-            env: spec.env.clone(),
-            routes: routes.map(Arc::new),
-            engine,
-            module,
-            mode: spec.mode,
-            reactor: None,
-        };
+        let compiled = CompiledModule::compile(spec, bytes)?;
+        let mut host = Self::unstarted(spec, routes, compiled);
         host.check_abi()?;
         if host.mode == ModuleMode::Reactor {
             host.reactor = Some(host.instantiate_reactor()?);
         }
         Ok(host)
+    }
+
+    fn unstarted(
+        spec: &FunctionSpec,
+        routes: Option<Vec<(String, u32)>>,
+        compiled: CompiledModule,
+    ) -> Self {
+        FunctionHost {
+            name: spec.name.clone(),
+            module_path: spec.module.display().to_string(),
+            fuel: spec.fuel,
+            env: spec.env.clone(),
+            routes: routes.map(Arc::new),
+            compiled,
+            mode: spec.mode,
+            reactor: None,
+            origin: None,
+        }
+    }
+
+    /// Builds a reactor for `spec` from an image of another instance of the same compiled
+    /// module, without compiling: instantiate, then [`snapshot::restore`] (memory filled as
+    /// `fill` says, globals written back), close the stdio fds the parent had closed, skip
+    /// `_initialize`, and call `spindle_on_fork` if exported. `origin` (the snapshot `meta`
+    /// comes from, when the caller has it) is what a trapped instance is rebuilt from.
+    pub(crate) fn fork(
+        spec: &FunctionSpec,
+        routes: Option<Vec<(String, u32)>>,
+        compiled: &CompiledModule,
+        meta: &SnapshotMeta,
+        fill: MemoryFill<'_>,
+        origin: Option<Snapshot>,
+    ) -> Result<Self, HostError> {
+        let mut host = Self::unstarted(spec, routes, compiled.clone());
+        let refuse = |source| HostError::Fork {
+            path: host_path(spec),
+            source,
+        };
+        compiled.check_spec(spec).map_err(refuse)?;
+        if meta.module_sha256 != *compiled.sha256() {
+            return Err(refuse(SnapshotError::Mismatch(
+                "image is of another module (SHA-256 differs)".into(),
+            )));
+        }
+        if meta.engine != compiled.engine_identity() {
+            return Err(refuse(SnapshotError::Mismatch(format!(
+                "image is for engine `{}`, this one is `{}`",
+                meta.engine,
+                compiled.engine_identity()
+            ))));
+        }
+        let layout = wasi_layout(&host.name, &host.env, [false; 3]);
+        if (&meta.wasi.args, &meta.wasi.env) != (&layout.args, &layout.env) {
+            return Err(refuse(SnapshotError::Mismatch(format!(
+                "image has WASI args {:?} and env {:?}, this function {:?} and {:?}",
+                meta.wasi.args, meta.wasi.env, layout.args, layout.env
+            ))));
+        }
+        host.check_abi()?;
+        host.reactor = Some(host.fork_reactor(meta, fill)?);
+        host.origin = origin;
+        Ok(host)
+    }
+
+    /// The compiled module, to build more instances of this function from (cheap clone).
+    pub fn compiled_module(&self) -> CompiledModule {
+        self.compiled.clone()
+    }
+
+    /// Captures this warm reactor: memory, globals, table sizes and WASI layout, checked to
+    /// be everything the instance holds (see [`crate::snapshot`]). Call it between
+    /// invocations (`&mut self` already rules out a call in progress on this host). The
+    /// instance keeps serving unchanged; the image is a sealed copy.
+    pub fn snapshot(&mut self) -> Result<Snapshot, SnapshotError> {
+        self.capture(self.compiled.0.max_pages)
+    }
+
+    /// [`FunctionHost::snapshot`] against another memory cap: tests reach the over-limit
+    /// refusal with it (the engine's tunables keep a real instance under its own cap).
+    #[cfg(test)]
+    pub(crate) fn snapshot_with_limit(
+        &mut self,
+        max_pages: u32,
+    ) -> Result<Snapshot, SnapshotError> {
+        self.capture(max_pages)
+    }
+
+    /// A copy of the reactor's linear memory, for tests to compare images with.
+    #[cfg(test)]
+    pub(crate) fn memory_copy(&mut self) -> Option<Vec<u8>> {
+        let reactor = self.reactor.as_mut()?;
+        let memory = reactor.guest.as_ref(&reactor.store).memory.clone()?;
+        let view = memory.view(&reactor.store);
+        let mut buf = vec![0; view.data_size() as usize];
+        view.read(0, &mut buf).ok()?;
+        Some(buf)
+    }
+
+    fn capture(&mut self, max_pages: u32) -> Result<Snapshot, SnapshotError> {
+        if self.mode != ModuleMode::Reactor {
+            return Err(SnapshotError::CommandModule);
+        }
+        let Some(reactor) = self.reactor.as_mut() else {
+            return Err(SnapshotError::NoInstance);
+        };
+        let ctx = reactor.guest.as_ref(&reactor.store);
+        if ctx.io.is_some() {
+            return Err(SnapshotError::CallInProgress);
+        }
+        let stdio_closed = ctx.stdio_closed;
+        let memory = ctx.memory.clone().ok_or(SnapshotError::NoInstance)?;
+        let pristine = self
+            .compiled
+            .0
+            .pristine_tables
+            .get()
+            .ok_or(SnapshotError::NoInstance)?;
+        let wasi = wasi_layout(&self.name, &self.env, stdio_closed);
+        snapshot::capture(
+            &mut reactor.store,
+            &memory,
+            CaptureContext {
+                module_sha256: self.compiled.0.sha256,
+                engine: self.compiled.0.identity.clone(),
+                max_pages,
+                pristine_tables: pristine,
+                wasi,
+            },
+        )
     }
 
     pub fn name(&self) -> &str {
@@ -261,8 +499,9 @@ impl FunctionHost {
     /// Checks the module's exports against the mode before any instance exists, so a wrong
     /// module fails at start with a message that says what to change.
     fn check_abi(&self) -> Result<(), HostError> {
-        let has = |name: &str| self.module.exports().any(|e| e.name() == name);
-        for import in self.module.imports() {
+        let module = self.compiled.module();
+        let has = |name: &str| module.exports().any(|e| e.name() == name);
+        for import in module.imports() {
             let ns = import.module();
             if ns != SPINDLE_IMPORTS && !wasi::is_wasi_namespace(ns) {
                 return Err(self.abi_error(format!(
@@ -311,6 +550,8 @@ impl FunctionHost {
                 error: None,
                 next: None,
                 routes: self.routes.clone(),
+                stdio_closed: [false; 3],
+                fd_close: None,
             },
         );
         let wasi_env = FunctionEnv::new(store, wasi_ctx);
@@ -329,28 +570,112 @@ impl FunctionHost {
             Function::new_typed_with_env(store, &guest, host_next),
         );
         imports.register_namespace(SPINDLE_IMPORTS, ns);
-        wasi::add_imports(store, &wasi_env, &self.module, &mut imports)
+        wasi::add_imports(store, &wasi_env, self.compiled.module(), &mut imports)
             .map_err(|e| self.abi_error(e.to_string()))?;
+        track_stdio_close(store, &guest, &mut imports);
         Ok((imports, guest, wasi_env))
     }
 
     fn wasi_ctx(&self) -> WasiCtx {
-        WasiCtx::new(&self.name, vec![self.name.clone()], self.env.clone())
+        let WasiLayout { args, env, .. } = wasi_layout(&self.name, &self.env, [false; 3]);
+        WasiCtx::new(&self.name, args, env)
     }
 
-    fn instantiate_reactor(&self) -> Result<Reactor, HostError> {
-        let mut store = Store::new(self.engine.clone());
-        let (imports, guest, wasi_env) = self.link(&mut store, self.wasi_ctx())?;
-        let inst_err = |e: String| HostError::Instantiate {
+    fn inst_err(&self, message: String) -> HostError {
+        HostError::Instantiate {
             path: self.module_path.clone(),
-            message: e,
-        };
-        let instance = Instance::new(&mut store, &self.module, &imports)
-            .map_err(|e| inst_err(e.to_string()))?;
+            message,
+        }
+    }
+
+    /// A warm reactor built cold: instantiate and run `_initialize`, or, for a host forked
+    /// from an image, rebuilt from that image.
+    fn instantiate_reactor(&self) -> Result<Reactor, HostError> {
+        if let Some(origin) = &self.origin {
+            return self.fork_reactor(origin.meta(), MemoryFill::Map(origin.image()));
+        }
+        let mut reactor = self.instantiate()?;
+        if let Ok(init) = reactor
+            .instance
+            .exports
+            .get_typed_function::<(), ()>(&reactor.store, "_initialize")
+        {
+            self.refuel(&mut reactor.store, &reactor.instance);
+            init.call(&mut reactor.store)
+                .map_err(|e| self.inst_err(format!("_initialize failed: {e}")))?;
+        }
+        Ok(reactor)
+    }
+
+    /// A reactor from an image: see [`FunctionHost::fork`].
+    fn fork_reactor(
+        &self,
+        meta: &SnapshotMeta,
+        fill: MemoryFill<'_>,
+    ) -> Result<Reactor, HostError> {
+        let mut reactor = self.instantiate()?;
+        let memory = reactor
+            .guest
+            .as_ref(&reactor.store)
+            .memory
+            .clone()
+            .ok_or_else(|| self.inst_err("no memory attached".into()))?;
+        snapshot::restore(&mut reactor.store, &memory, meta, fill).map_err(|source| {
+            HostError::Fork {
+                path: self.module_path.clone(),
+                source,
+            }
+        })?;
+        if meta.wasi.stdio_closed.contains(&true) {
+            let Some(fd_close) = reactor.guest.as_ref(&reactor.store).fd_close.clone() else {
+                return Err(HostError::Fork {
+                    path: self.module_path.clone(),
+                    source: SnapshotError::Mismatch(
+                        "image closed stdio, but the module imports no fd_close".into(),
+                    ),
+                });
+            };
+            for fd in (0..3).filter(|&fd| meta.wasi.stdio_closed[fd as usize]) {
+                fd_close
+                    .call(&mut reactor.store, &[Value::I32(fd)])
+                    .map_err(|e| self.inst_err(format!("closing stdio fd {fd}: {e}")))?;
+            }
+        }
+        if reactor
+            .instance
+            .exports
+            .get_function(ON_FORK_EXPORT)
+            .is_ok()
+        {
+            let on_fork = reactor
+                .instance
+                .exports
+                .get_typed_function::<(), ()>(&reactor.store, ON_FORK_EXPORT)
+                .map_err(|e| self.abi_error(format!("{ON_FORK_EXPORT} must be () -> (): {e}")))?;
+            self.refuel(&mut reactor.store, &reactor.instance);
+            on_fork
+                .call(&mut reactor.store)
+                .map_err(|e| self.inst_err(format!("{ON_FORK_EXPORT} failed: {e}")))?;
+        }
+        Ok(reactor)
+    }
+
+    /// Instantiates the module and binds the reactor exports; runs no guest code but a
+    /// `start` function.
+    fn instantiate(&self) -> Result<Reactor, HostError> {
+        let mut store = Store::new(self.compiled.engine().clone());
+        let (imports, guest, wasi_env) = self.link(&mut store, self.wasi_ctx())?;
+        let instance = Instance::new(&mut store, self.compiled.module(), &imports)
+            .map_err(|e| self.inst_err(e.to_string()))?;
+        // Recorded before any export runs, so it is what every instantiation produces.
+        self.compiled
+            .0
+            .pristine_tables
+            .get_or_init(|| snapshot::table_contents(&mut store));
         let memory = instance
             .exports
             .get_memory("memory")
-            .map_err(|e| inst_err(e.to_string()))?;
+            .map_err(|e| self.inst_err(e.to_string()))?;
         guest.as_mut(&mut store).memory = Some(memory.clone());
         wasi_env.as_mut(&mut store).set_memory(memory.clone());
         let alloc = instance
@@ -363,14 +688,6 @@ impl FunctionHost {
             .map_err(|e| {
                 self.abi_error(format!("spindle_handle must be (i32, i32) -> i32: {e}"))
             })?;
-        if let Ok(init) = instance
-            .exports
-            .get_typed_function::<(), ()>(&store, "_initialize")
-        {
-            self.refuel(&mut store, &instance);
-            init.call(&mut store)
-                .map_err(|e| inst_err(format!("_initialize failed: {e}")))?;
-        }
         Ok(Reactor {
             store,
             instance,
@@ -433,12 +750,12 @@ impl FunctionHost {
         wasi_ctx.capture_stdout(io.capacity());
         wasi_ctx.capture_stderr(MAX_ERROR_LEN);
         // A fresh store per request: stores keep every instance alive until dropped.
-        let mut store = Store::new(self.engine.clone());
+        let mut store = Store::new(self.compiled.engine().clone());
         let (imports, guest, wasi_env) = match self.link(&mut store, wasi_ctx) {
             Ok(linked) => linked,
             Err(e) => return failed(Status::Trap, e.to_string()),
         };
-        let instance = match Instance::new(&mut store, &self.module, &imports) {
+        let instance = match Instance::new(&mut store, self.compiled.module(), &imports) {
             Ok(i) => i,
             Err(e) => return failed(Status::Trap, format!("cannot instantiate: {e}")),
         };
@@ -490,6 +807,49 @@ impl FunctionHost {
             output_len: stdout.len(),
             next: None,
         }
+    }
+}
+
+fn host_path(spec: &FunctionSpec) -> String {
+    spec.module.display().to_string()
+}
+
+/// The guest's args and environment: one definition for the `WasiCtx` an instance gets and
+/// the layout a snapshot records, so a child is checked against what it will really see.
+fn wasi_layout(name: &str, env: &[(String, String)], stdio_closed: [bool; 3]) -> WasiLayout {
+    WasiLayout {
+        args: vec![name.to_owned()],
+        env: env.to_vec(),
+        stdio_closed,
+    }
+}
+
+/// Wraps the guest's WASI `fd_close` import (either namespace) so the host learns which
+/// stdio fds the guest closed: that state lives in `WasiCtx`, and a snapshot must carry it.
+fn track_stdio_close(store: &mut Store, guest: &FunctionEnv<GuestCtx>, imports: &mut Imports) {
+    for ns in [wasi::PREVIEW1, wasi::UNSTABLE] {
+        let Some(Extern::Function(inner)) = imports.get_export(ns, "fd_close") else {
+            continue;
+        };
+        let wrapper = Function::new_typed_with_env(
+            store,
+            guest,
+            move |mut env: FunctionEnvMut<GuestCtx>, fd: i32| -> Result<i32, RuntimeError> {
+                let result = inner.call(&mut env, &[Value::I32(fd)])?;
+                let errno = match *result {
+                    [Value::I32(errno)] => errno,
+                    _ => return Err(RuntimeError::new("wasi fd_close returned no errno")),
+                };
+                if errno == 0
+                    && let Ok(fd @ 0..=2) = usize::try_from(fd)
+                {
+                    env.data_mut().stdio_closed[fd] = true;
+                }
+                Ok(errno)
+            },
+        );
+        guest.as_mut(store).fd_close = Some(wrapper.clone());
+        imports.define(ns, "fd_close", wrapper);
     }
 }
 

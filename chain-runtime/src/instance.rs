@@ -246,6 +246,50 @@ impl InstanceBuilder {
             host,
         }
     }
+
+    /// Local fork: an instance of this function built from `snapshot` of a warm instance of
+    /// the same module, reusing `module` (the parent's, from
+    /// [`FunctionHost::compiled_module`]): nothing is compiled and `_initialize` does not
+    /// run. Linear memory is the image mapped copy-on-write, so the child starts with the
+    /// parent's state and its writes stay its own; `spindle_on_fork` runs if exported.
+    /// Refused when the image, the module and this function's config do not match (module
+    /// hash, engine, metering, memory limit, WASI args/env).
+    pub fn from_snapshot(
+        self,
+        snapshot: &crate::snapshot::Snapshot,
+        module: &crate::host::CompiledModule,
+    ) -> Result<Instance, InstanceError> {
+        let host = FunctionHost::fork(
+            &self.stage().function,
+            self.chain().routes(),
+            module,
+            snapshot.meta(),
+            crate::snapshot::MemoryFill::Map(snapshot.image()),
+            Some(snapshot.clone()),
+        )?;
+        Ok(self.finish(host))
+    }
+
+    /// Like [`InstanceBuilder::from_snapshot`] with the memory contents left to the caller
+    /// (`fill`): the remote/lazy path, where pages arrive from elsewhere (e.g. userfaultfd
+    /// on [`MemoryFill::Caller`](crate::snapshot::MemoryFill::Caller)'s region). Without the whole snapshot to rebuild from, a
+    /// trapped instance of this host is rebuilt cold.
+    pub fn from_snapshot_parts(
+        self,
+        meta: &crate::snapshot::SnapshotMeta,
+        module: &crate::host::CompiledModule,
+        fill: crate::snapshot::MemoryFill<'_>,
+    ) -> Result<Instance, InstanceError> {
+        let host = FunctionHost::fork(
+            &self.stage().function,
+            self.chain().routes(),
+            module,
+            meta,
+            fill,
+            None,
+        )?;
+        Ok(self.finish(host))
+    }
 }
 
 /// A built function instance: its place in the plan and its live Wasm host.

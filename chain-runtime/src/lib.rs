@@ -1,7 +1,8 @@
 //! Spindle's chain runtime: the YAML configuration ([`config`]), the ids derived from it
 //! ([`plan`]), the Wasm function host ([`host`], with WASI preview-1 in [`wasi`]), how an
 //! instance comes to exist ([`instance`]: the only place that builds one, and both sides of
-//! the gateway → worker hand-off), per-instance statistics pages ([`stats`]) and the worker
+//! the gateway → worker hand-off), per-instance statistics pages ([`stats`]), images of warm
+//! instances that new instances fork from without compiling ([`snapshot`]) and the worker
 //! process loop ([`worker`]) that runs one function instance against a chain's arena.
 //!
 //! The gateway crate owns HTTP, supervision and routing; this crate owns everything that
@@ -12,6 +13,7 @@ pub mod config;
 pub mod host;
 pub mod instance;
 pub mod plan;
+pub mod snapshot;
 pub mod stats;
 pub mod wasi;
 pub mod worker;
