@@ -12,6 +12,7 @@ packages=(
   clang lld wasi-libc libclang-rt-14-dev-wasm32   # example functions -> wasm32-wasi
   make gcc pkg-config libelf-dev zlib1g-dev       # C parts and -sys crates
   wrk curl                                        # load generator and probe for bench/
+  python3                                         # examples/tools/check_abi.py
 )
 
 missing=()

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --with-prometheus
-make -s -C examples all native-test
+make -s -C examples all check native-test
 
 skip_log=$(mktemp)
 trap 'rm -f "$skip_log"' EXIT

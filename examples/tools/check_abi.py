@@ -3,7 +3,7 @@
 """Checks that built modules import and export exactly what Spindle's guest ABI allows.
 
 Reactors must export memory, _initialize, spindle_alloc and spindle_handle with the ABI's
-signatures, and may import only spindle.{output,error,next} and wasi_snapshot_preview1.*.
+signatures, may export spindle_on_fork (the snapshot hook), and may import only spindle.{output,error,next} and wasi_snapshot_preview1.*.
 Commands must export memory and _start and import only wasi_snapshot_preview1.*.
 
 Reads the binary format directly so the check needs nothing but python3.
@@ -26,6 +26,10 @@ REACTOR_EXPORTS = {
     "_initialize": ("func", ((), ())),
     "spindle_alloc": ("func", ((I32,), (I32,))),
     "spindle_handle": ("func", ((I32, I32), (I32,))),
+}
+# Exports a reactor may have: the snapshot hook, called in each child after a fork.
+OPTIONAL_REACTOR_EXPORTS = {
+    "spindle_on_fork": ("func", ((), ())),
 }
 COMMAND_EXPORTS = {
     "memory": ("memory", None),
@@ -116,7 +120,8 @@ def parse(path):
     return imports, exports
 
 
-def check(path, want_exports, spindle_allowed):
+def check(path, want_exports, spindle_allowed, optional_exports=None):
+    optional_exports = optional_exports or {}
     problems = []
     imports, exports = parse(path)
     for module, name, kind, sig in imports:
@@ -133,8 +138,11 @@ def check(path, want_exports, spindle_allowed):
             problems.append(f"missing export {name}")
         elif got[name][0] != kind or (sig is not None and got[name][1] != sig):
             problems.append(f"export {name} is {got[name]}, want {(kind, sig)}")
+    for name, (kind, sig) in optional_exports.items():
+        if name in got and (got[name][0] != kind or got[name][1] != sig):
+            problems.append(f"export {name} is {got[name]}, want {(kind, sig)}")
     for name in got:
-        if name not in want_exports:
+        if name not in want_exports and name not in optional_exports:
             problems.append(f"unexpected export {name}")
     summary = ", ".join(f"{m}.{n}" if m != WASI else n for m, n, _, _ in imports)
     return problems, summary
@@ -150,7 +158,10 @@ def main(argv):
             sys.exit(__doc__)
         reactor = mode == "--reactor"
         try:
-            problems, summary = check(arg, REACTOR_EXPORTS if reactor else COMMAND_EXPORTS, reactor)
+            if reactor:
+                problems, summary = check(arg, REACTOR_EXPORTS, True, OPTIONAL_REACTOR_EXPORTS)
+            else:
+                problems, summary = check(arg, COMMAND_EXPORTS, False)
         except (OSError, ValueError, IndexError) as e:
             problems, summary = [str(e)], ""
         status = "ok" if not problems else "FAIL"
