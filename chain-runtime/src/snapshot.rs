@@ -451,6 +451,19 @@ fn capture_globals(store: &mut Store) -> Result<Vec<GlobalImage>, SnapshotError>
         .enumerate()
         .map(|(index, (ty, value))| {
             if ty.ty.is_num() {
+                // The definition is 16 bytes whatever the type; bytes past the type's width
+                // are not part of the value (they may hold anything), so they are dropped
+                // and the image is canonical.
+                let width = match ty.ty {
+                    Type::I32 | Type::F32 => 32,
+                    Type::I64 | Type::F64 => 64,
+                    _ => 128,
+                };
+                let value = if width == 128 {
+                    value
+                } else {
+                    value & ((1u128 << width) - 1)
+                };
                 return Ok(GlobalImage {
                     ty: ty.ty,
                     mutability: ty.mutability,
@@ -737,6 +750,141 @@ unsafe fn map_fixed(
         ));
     }
     Ok(())
+}
+
+impl WasiLayout {
+    /// SHA-256 over the args and the environment, each length-prefixed: what a remote child
+    /// compares with its own layout instead of receiving the contents (the environment may
+    /// hold secrets, and the child rebuilds the layout from its own config anyway).
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut put = |s: &str| {
+            h.update((s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        };
+        put("args");
+        for a in &self.args {
+            put(a);
+        }
+        put("env");
+        for (k, v) in &self.env {
+            put(k);
+            put(v);
+        }
+        h.finalize().into()
+    }
+}
+
+impl SnapshotMeta {
+    /// The wire form a page server hands to remote children.
+    pub fn to_image_meta(&self) -> proto::ImageMeta {
+        use proto::{GlobalType, GlobalValue};
+        let globals = self
+            .globals
+            .iter()
+            .map(|g| {
+                let ty = match g.ty {
+                    Type::I32 => GlobalType::I32,
+                    Type::I64 => GlobalType::I64,
+                    Type::F32 => GlobalType::F32,
+                    Type::F64 => GlobalType::F64,
+                    Type::V128 => GlobalType::V128,
+                    // Capture refuses every other reference global; an immutable funcref's
+                    // value is a pointer into the parent that instantiation recreates.
+                    _ => GlobalType::FuncRef,
+                };
+                let bits = if ty == GlobalType::FuncRef {
+                    0
+                } else {
+                    g.value
+                };
+                GlobalValue {
+                    ty,
+                    mutable: g.mutability == Mutability::Var,
+                    bits,
+                }
+            })
+            .collect();
+        let mut nonzero = proto::PageBitmap::new(self.memory.nonzero.pages());
+        for page in self.memory.nonzero.iter_nonzero() {
+            nonzero.set(page);
+        }
+        let stdio_closed = self
+            .wasi
+            .stdio_closed
+            .iter()
+            .enumerate()
+            .fold(0u8, |bits, (fd, &closed)| bits | (u8::from(closed) << fd));
+        proto::ImageMeta {
+            module_hash: self.module_sha256,
+            engine: self.engine.clone(),
+            memory_bytes: self.memory.bytes,
+            nonzero,
+            globals,
+            tables: self.tables.iter().map(|t| t.size).collect(),
+            wasi_digest: self.wasi.digest(),
+            stdio_closed,
+        }
+    }
+
+    /// Rebuilds what a remote parent sent, with this node's own WASI layout for `wasi`
+    /// (args and environment from its config), which must hash to the parent's.
+    pub fn from_image_meta(
+        meta: &proto::ImageMeta,
+        wasi: WasiLayout,
+    ) -> Result<SnapshotMeta, SnapshotError> {
+        use proto::GlobalType;
+        if wasi.digest() != meta.wasi_digest {
+            return Err(SnapshotError::Mismatch(
+                "the parent ran with other args or environment than this node's config gives \
+                 the function"
+                    .into(),
+            ));
+        }
+        let stdio_closed = [0, 1, 2].map(|fd| meta.stdio_closed & (1 << fd) != 0);
+        let globals = meta
+            .globals
+            .iter()
+            .map(|g| GlobalImage {
+                ty: match g.ty {
+                    GlobalType::I32 => Type::I32,
+                    GlobalType::I64 => Type::I64,
+                    GlobalType::F32 => Type::F32,
+                    GlobalType::F64 => Type::F64,
+                    GlobalType::V128 => Type::V128,
+                    GlobalType::FuncRef => Type::FuncRef,
+                },
+                mutability: if g.mutable {
+                    Mutability::Var
+                } else {
+                    Mutability::Const
+                },
+                value: g.bits,
+            })
+            .collect();
+        Ok(SnapshotMeta {
+            module_sha256: meta.module_hash,
+            engine: meta.engine.clone(),
+            memory: MemoryLayout {
+                bytes: meta.memory_bytes,
+                nonzero: PageMap::from_words(meta.nonzero.pages(), meta.nonzero.words().to_vec())?,
+            },
+            globals,
+            tables: meta
+                .tables
+                .iter()
+                .map(|&size| TableImage {
+                    element: Type::FuncRef,
+                    size,
+                })
+                .collect(),
+            wasi: WasiLayout {
+                stdio_closed,
+                ..wasi
+            },
+        })
+    }
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ pub const MAGIC: [u8; 8] = *b"SPDLIMG\0";
 pub const PAGE_SIZE: u32 = 4096;
 
 /// Longest engine identity string, in bytes.
-pub const MAX_ENGINE: usize = 64;
+pub const MAX_ENGINE: usize = 128;
 
 /// A Wasm linear memory grows in 64 KiB pages.
 pub const WASM_PAGE: u64 = 65536;

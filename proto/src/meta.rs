@@ -1,6 +1,9 @@
 //! Image metadata: everything a child needs besides the memory pages to continue a parent
 //! instance — which module and engine, how big the memory is, which pages hold data, the value
-//! of every global (exported or not), and the size of every table.
+//! of every global (exported or not), the size of every (funcref) table, and which WASI
+//! layout the parent ran with. The layout travels as a digest, not as its contents: the
+//! environment may hold secrets, and the child rebuilds the layout from its own config and
+//! only has to prove it is the same.
 //!
 //! It crosses two boundaries: a worker hands it to its node service with the image memfd
 //! after `fork_prepare`, and a page server hands it to a remote child ([`crate::pages`]'s
@@ -11,7 +14,8 @@
 //! On the wire (little-endian): magic `b"SPDLMETA"`, version u16, module hash 32, engine
 //! (u8 length + ASCII), memory bytes u64, non-zero page bitmap (u32 word count + u64 words:
 //! exactly `ceil(pages / 64)` words, no bit set past the last page), globals (u32 count, then
-//! per global: type u8, mutability u8, value u128), tables (u32 count, then u32 sizes).
+//! per global: type u8, mutability u8, value u128), tables (u32 count, then u32 sizes), WASI
+//! layout digest 32, closed-stdio bits u8 (bit i: fd i closed).
 
 use thiserror::Error;
 
@@ -34,6 +38,9 @@ pub enum GlobalType {
     F32 = 3,
     F64 = 4,
     V128 = 5,
+    /// An immutable funcref global: instantiation recreates its value, so none is carried
+    /// (its bits are zero on the wire). A mutable one cannot be captured.
+    FuncRef = 6,
 }
 
 impl TryFrom<u8> for GlobalType {
@@ -46,6 +53,7 @@ impl TryFrom<u8> for GlobalType {
             3 => GlobalType::F32,
             4 => GlobalType::F64,
             5 => GlobalType::V128,
+            6 => GlobalType::FuncRef,
             other => return Err(MetaError::BadGlobalType(other)),
         })
     }
@@ -58,6 +66,7 @@ impl GlobalType {
             GlobalType::I32 | GlobalType::F32 => 32,
             GlobalType::I64 | GlobalType::F64 => 64,
             GlobalType::V128 => 128,
+            GlobalType::FuncRef => 0,
         }
     }
 }
@@ -125,8 +134,13 @@ pub struct ImageMeta {
     pub nonzero: PageBitmap,
     /// Every global of the instance, in the instance's creation order.
     pub globals: Vec<GlobalValue>,
-    /// The size of every table, in index order.
+    /// The size of every table, in index order (tables are funcref; their contents are
+    /// what instantiation produces).
     pub tables: Vec<u32>,
+    /// SHA-256 of the WASI layout (args and environment) the parent ran with.
+    pub wasi_digest: [u8; 32],
+    /// Bit i set: the guest closed stdio fd i (0, 1, 2).
+    pub stdio_closed: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -159,6 +173,10 @@ pub enum MetaError {
     BadMutability(u8),
     #[error("global {index} of type {ty:?} has bits set beyond its width")]
     GlobalValueWidth { index: usize, ty: GlobalType },
+    #[error("global {0} is a mutable funcref, which no image can carry")]
+    MutableFuncRef(usize),
+    #[error("closed-stdio bits {0:#x} name fds other than 0, 1 and 2")]
+    BadStdio(u8),
 }
 
 impl ImageMeta {
@@ -194,6 +212,8 @@ impl ImageMeta {
         for t in &self.tables {
             out.extend_from_slice(&t.to_le_bytes());
         }
+        out.extend_from_slice(&self.wasi_digest);
+        out.push(self.stdio_closed);
         out
     }
 
@@ -247,6 +267,9 @@ impl ImageMeta {
                 other => return Err(MetaError::BadMutability(other)),
             };
             let bits = u128::from_le_bytes(c.array::<16>().ok_or(t("global value"))?);
+            if ty == GlobalType::FuncRef && mutable {
+                return Err(MetaError::MutableFuncRef(index));
+            }
             if ty.bits() < 128 && bits >> ty.bits() != 0 {
                 return Err(MetaError::GlobalValueWidth { index, ty });
             }
@@ -256,6 +279,11 @@ impl ImageMeta {
         let mut tables = Vec::with_capacity(count);
         for _ in 0..count {
             tables.push(c.u32().ok_or(t("table size"))?);
+        }
+        let wasi_digest = c.array::<32>().ok_or(t("WASI digest"))?;
+        let stdio_closed = c.u8().ok_or(t("closed stdio"))?;
+        if stdio_closed & !0b111 != 0 {
+            return Err(MetaError::BadStdio(stdio_closed));
         }
         if c.remaining() != 0 {
             return Err(MetaError::TrailingBytes(c.remaining()));
@@ -267,6 +295,8 @@ impl ImageMeta {
             nonzero,
             globals,
             tables,
+            wasi_digest,
+            stdio_closed,
         })
     }
 }
@@ -314,8 +344,15 @@ mod tests {
                     mutable: true,
                     bits: u128::MAX,
                 },
+                GlobalValue {
+                    ty: GlobalType::FuncRef,
+                    mutable: false,
+                    bits: 0,
+                },
             ],
             tables: vec![3, 0],
+            wasi_digest: [9; 32],
+            stdio_closed: 0b010,
         }
     }
 
@@ -381,6 +418,21 @@ mod tests {
         let mut m = good.clone();
         m.engine = String::new();
         assert_eq!(ImageMeta::decode(&m.encode()), Err(MetaError::BadEngine));
+        let mut m = good.clone();
+        m.globals[3].mutable = true;
+        assert_eq!(
+            ImageMeta::decode(&m.encode()),
+            Err(MetaError::MutableFuncRef(3))
+        );
+        let mut m = good.clone();
+        m.globals[3].bits = 1;
+        assert!(matches!(
+            ImageMeta::decode(&m.encode()),
+            Err(MetaError::GlobalValueWidth { index: 3, .. })
+        ));
+        let mut m = good.clone();
+        m.stdio_closed = 0b1000;
+        assert_eq!(ImageMeta::decode(&m.encode()), Err(MetaError::BadStdio(8)));
 
         let bytes = good.encode();
         let engine_at = 8 + 2 + 32 + 1;

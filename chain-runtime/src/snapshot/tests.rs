@@ -878,3 +878,44 @@ fn fork_timing() {
     );
     drop(children);
 }
+
+/// What a remote child gets: the metadata through its wire form (and the node's own WASI
+/// layout), the memory from elsewhere.
+#[test]
+fn metadata_survives_the_wire_and_a_child_built_from_it_continues_the_parent() {
+    let (spec, mut parent) = warm_counter("wire");
+    let snap = parent.snapshot().unwrap();
+    let bytes = snap.meta().to_image_meta().encode();
+    let wire = proto::ImageMeta::decode(&bytes).unwrap();
+    assert_eq!(
+        wire.nonzero.count(),
+        snap.meta().memory.nonzero.count_nonzero()
+    );
+    let meta = SnapshotMeta::from_image_meta(&wire, snap.meta().wasi.clone()).unwrap();
+    assert_eq!(&meta, snap.meta(), "nothing lost on the way");
+
+    let image = read_all(snap.image());
+    let mut fill = |region: MemoryRegion| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        // SAFETY: the region is the child's linear memory, valid and unaliased during the
+        // callback (the contract of MemoryFill::Caller).
+        let memory =
+            unsafe { std::slice::from_raw_parts_mut(region.base().as_ptr(), region.len()) };
+        memory.copy_from_slice(&image);
+        Ok(())
+    };
+    let mut child = FunctionHost::fork(
+        &spec,
+        None,
+        &parent.compiled_module(),
+        &meta,
+        MemoryFill::Caller(&mut fill),
+        None,
+    )
+    .unwrap();
+    assert_eq!(counter(&call(&mut child, b"k")), (4, 1, 7));
+
+    let mut other = snap.meta().wasi.clone();
+    other.env.push(("SECRET".into(), "differs".into()));
+    let err = SnapshotMeta::from_image_meta(&wire, other).unwrap_err();
+    assert!(matches!(err, SnapshotError::Mismatch(_)), "{err}");
+}
