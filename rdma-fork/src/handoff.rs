@@ -1,0 +1,209 @@
+//! Handing a userfaultfd to the handler process (Firecracker's model): the sandboxed child
+//! registers its linear memory and sends the uffd with `SCM_RIGHTS` over a Unix socket, so
+//! the pages are fetched and installed by the node service, outside the sandbox.
+//!
+//! One message: 24 bytes `magic "SPDLUFFD" | base u64 | len u64` (little endian) carrying
+//! exactly one descriptor. The receiver checks the descriptor really is a userfaultfd, so a
+//! confused peer cannot make the handler poll and ioctl some other file. std's ancillary-data
+//! API on `UnixStream` is still unstable, so this uses nix's `sendmsg`/`recvmsg`.
+
+use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::errno::Errno;
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use userfaultfd::Uffd;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"SPDLUFFD");
+const MESSAGE: usize = 24;
+
+/// Why a uffd could not be handed over.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("{op}: {source}")]
+    Sys {
+        op: &'static str,
+        #[source]
+        source: Errno,
+    },
+    #[error("reading the handoff message: {0}")]
+    Io(#[from] io::Error),
+    #[error("the peer closed the socket before the handoff")]
+    Closed,
+    #[error("the handoff message does not start with the magic")]
+    BadMagic,
+    #[error("the handoff carried {0} descriptors, expected one")]
+    FdCount(usize),
+    #[error("the handoff's control data was truncated")]
+    Truncated,
+    #[error("the descriptor received is {0:?}, not a userfaultfd")]
+    NotUserfaultfd(String),
+}
+
+/// A userfaultfd received from another process, and the region it is registered over (an
+/// address range in the sender's address space).
+#[derive(Debug)]
+pub struct Handoff {
+    pub uffd: Uffd,
+    pub base: usize,
+    pub len: usize,
+}
+
+/// Sends `uffd`, registered over `[base, base + len)` of this process, to the handler at the
+/// other end of `stream`.
+///
+/// Keep `uffd` open for as long as the region is in use. Were every descriptor of it closed,
+/// the region would silently turn into ordinary zero-filled memory; with this copy open a
+/// dead handler leaves touches waiting (the process is still killable) instead.
+pub fn send_uffd(
+    stream: &UnixStream,
+    uffd: &Uffd,
+    base: usize,
+    len: usize,
+) -> Result<(), HandoffError> {
+    let mut msg = [0u8; MESSAGE];
+    msg[..8].copy_from_slice(&MAGIC.to_le_bytes());
+    msg[8..16].copy_from_slice(&(base as u64).to_le_bytes());
+    msg[16..].copy_from_slice(&(len as u64).to_le_bytes());
+    let fds = [uffd.as_raw_fd()];
+    let mut sent = 0;
+    while sent < MESSAGE {
+        let iov = [IoSlice::new(&msg[sent..])];
+        // The descriptor rides on the first byte; a short write sends the rest without it.
+        let cmsgs: &[ControlMessage] = if sent == 0 {
+            &[ControlMessage::ScmRights(&fds)]
+        } else {
+            &[]
+        };
+        match sendmsg::<()>(
+            stream.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(n) => sent += n,
+            Err(Errno::EINTR) => {}
+            Err(source) => {
+                return Err(HandoffError::Sys {
+                    op: "sendmsg",
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Receives a uffd sent with [`send_uffd`].
+pub fn recv_uffd(stream: &UnixStream) -> Result<Handoff, HandoffError> {
+    let mut msg = [0u8; MESSAGE];
+    // Room for a few descriptors, so extra ones are received (and closed) rather than lost
+    // to truncation.
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let (got, fds, truncated) = loop {
+        let mut iov = [IoSliceMut::new(&mut msg)];
+        match recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(r) => {
+                let mut fds = Vec::new();
+                for cmsg in r.cmsgs().map_err(|source| HandoffError::Sys {
+                    op: "reading control messages",
+                    source,
+                })? {
+                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                        // SAFETY: SCM_RIGHTS just installed these descriptors in this
+                        // process; nothing else refers to them yet.
+                        fds.extend(
+                            raw.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
+                }
+                break (r.bytes, fds, r.flags.contains(MsgFlags::MSG_CTRUNC));
+            }
+            Err(Errno::EINTR) => {}
+            Err(source) => {
+                return Err(HandoffError::Sys {
+                    op: "recvmsg",
+                    source,
+                });
+            }
+        }
+    };
+    if got == 0 {
+        return Err(HandoffError::Closed);
+    }
+    if truncated {
+        return Err(HandoffError::Truncated);
+    }
+    if got < MESSAGE {
+        (&*stream).read_exact(&mut msg[got..])?;
+    }
+    if u64::from_le_bytes(msg[..8].try_into().unwrap_or_default()) != MAGIC {
+        return Err(HandoffError::BadMagic);
+    }
+    let word = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&msg[at..at + 8]);
+        u64::from_le_bytes(b) as usize
+    };
+    let (base, len) = (word(8), word(16));
+    let mut fds = fds;
+    if fds.len() != 1 {
+        return Err(HandoffError::FdCount(fds.len()));
+    }
+    let fd = fds.pop().ok_or(HandoffError::FdCount(0))?;
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    let target = target.to_string_lossy().into_owned();
+    if target != "anon_inode:[userfaultfd]" {
+        return Err(HandoffError::NotUserfaultfd(target));
+    }
+    // SAFETY: the descriptor is a userfaultfd we own; Uffd takes over closing it.
+    let uffd = unsafe { Uffd::from_raw_fd(fd.into_raw_fd()) };
+    Ok(Handoff { uffd, base, len })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_uffd_descriptor_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let mut msg = [0u8; MESSAGE];
+        msg[..8].copy_from_slice(&MAGIC.to_le_bytes());
+        let fds = [file.as_raw_fd()];
+        sendmsg::<()>(
+            a.as_raw_fd(),
+            &[IoSlice::new(&msg)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        match recv_uffd(&b) {
+            Err(HandoffError::NotUserfaultfd(t)) => assert_eq!(t, "/dev/null"),
+            other => panic!("expected NotUserfaultfd, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_message_without_descriptor_or_magic_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut msg = [0u8; MESSAGE];
+        msg[..8].copy_from_slice(&MAGIC.to_le_bytes());
+        std::io::Write::write_all(&mut &a, &msg).unwrap();
+        assert!(matches!(recv_uffd(&b), Err(HandoffError::FdCount(0))));
+        std::io::Write::write_all(&mut &a, &[0u8; MESSAGE]).unwrap();
+        assert!(matches!(recv_uffd(&b), Err(HandoffError::BadMagic)));
+        drop(a);
+        assert!(matches!(recv_uffd(&b), Err(HandoffError::Closed)));
+    }
+}

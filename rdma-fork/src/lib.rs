@@ -1,0 +1,84 @@
+//! Remote fork of warm Wasm instances, MITOSIS-style: a child instance on another node starts
+//! with an empty linear memory whose pages are fetched from the parent's image on first touch.
+//!
+//! This crate owns the memory side of a remote fork:
+//!
+//! - **Page sources** ([`PageSource`]): where a child's pages come from. [`MemfdSource`] reads
+//!   a sealed memfd image on this node; the TCP page client (later) fetches from the parent
+//!   node and implements the same trait.
+//! - **Lazy pages** ([`lazy`]): a userfaultfd registered over the child's linear memory and a
+//!   handler thread that answers each missing-page fault with `UFFDIO_COPY` (data, with
+//!   readahead) or `UFFDIO_ZEROPAGE` (pages the image knows are zero), either inside the
+//!   child ([`LazyRegion`]) or, Firecracker-style, in the node service on a userfaultfd the
+//!   sandboxed child handed over a Unix socket ([`handoff`], [`serve_faults`]).
+//! - Later: the page server that exports a parent's image and the transports between nodes.
+//!
+//! It must not build Wasm instances or capture their state (`chain-runtime` does: it hands
+//! this crate a memory region and an image) and must not route requests (the gateway does).
+//!
+//! Two kernel facts shape the design (see `lazy`): the userfaultfd is never user-mode-only
+//! (WASI host calls read guest memory from the kernel and must be served, not get `EFAULT`)
+//! and never in SIGBUS mode (wasmer's trap handler would take the SIGBUS for a guest trap).
+
+pub mod handoff;
+pub mod lazy;
+pub mod measure;
+pub mod source;
+
+pub use handoff::{Handoff, HandoffError, recv_uffd, send_uffd};
+pub use lazy::{
+    AnonRegion, FaultServer, LazyError, LazyRegion, PidFd, ServeOptions, Served, Stats,
+    StatsSnapshot, StopReason, create_uffd, discard, register_region, serve_faults,
+};
+pub use measure::resident_pages;
+pub use source::{MemfdSource, PageBitmap, SourceError};
+
+/// The page size everything here works in: the kernel's base page on x86-64 and most arm64
+/// configurations. [`lazy`] checks it against the running system.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Where a lazily forked child's pages come from. Implementations must be cheap to call from
+/// the fault-handler thread and must never panic on what they read: a failure is a
+/// [`FetchError`], which the handler turns into its fault-error policy (see [`lazy`]).
+pub trait PageSource: Send + Sync {
+    /// Bytes per page; must equal [`PAGE_SIZE`].
+    fn page_size(&self) -> usize {
+        PAGE_SIZE
+    }
+
+    /// Length of the image in bytes, a multiple of [`page_size`](Self::page_size).
+    fn len(&self) -> u64;
+
+    /// True when the image is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True when `page` is known to be all zero. Such pages are answered with
+    /// `UFFDIO_ZEROPAGE` and never fetched. Pages out of range are not zero.
+    fn is_zero(&self, page: u64) -> bool;
+
+    /// Fills `dst` (exactly `count * page_size()` bytes) with pages
+    /// `first_page .. first_page + count`.
+    fn fetch(&self, first_page: u64, count: u32, dst: &mut [u8]) -> Result<(), FetchError>;
+}
+
+/// Why a [`PageSource`] could not deliver pages.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    #[error("pages {first_page}..+{count} are outside the image of {pages} pages")]
+    OutOfRange {
+        first_page: u64,
+        count: u32,
+        pages: u64,
+    },
+    #[error("destination holds {got} bytes, {count} pages need {need}")]
+    BadBuffer { count: u32, need: u64, got: usize },
+    #[error("the image ends early, at byte {offset}")]
+    ShortRead { offset: u64 },
+    #[error("reading the image: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("page source unavailable: {0}")]
+    Unavailable(String),
+}
