@@ -4,14 +4,17 @@
 //! This crate owns the memory side of a remote fork:
 //!
 //! - **Page sources** ([`PageSource`]): where a child's pages come from. [`MemfdSource`] reads
-//!   a sealed memfd image on this node; the TCP page client (later) fetches from the parent
-//!   node and implements the same trait.
+//!   a sealed memfd image on this node; the page client ([`client`]) fetches from the parent
+//!   node.
 //! - **Lazy pages** ([`lazy`]): a userfaultfd registered over the child's linear memory and a
 //!   handler thread that answers each missing-page fault with `UFFDIO_COPY` (data, with
 //!   readahead) or `UFFDIO_ZEROPAGE` (pages the image knows are zero), either inside the
 //!   child ([`LazyRegion`]) or, Firecracker-style, in the node service on a userfaultfd the
 //!   sandboxed child handed over a Unix socket ([`handoff`], [`serve_faults`]).
-//! - Later: the page server that exports a parent's image and the transports between nodes.
+//! - **The page server** ([`registry`], [`server`]): the images a node publishes, under random
+//!   handle ids and per-handle keys with leases, and the TCP server that serves their pages
+//!   to authenticated children ([`proto::pages`]); and the client ([`client`]) a child's node
+//!   fetches them with.
 //!
 //! It must not build Wasm instances or capture their state (`chain-runtime` does: it hands
 //! this crate a memory region and an image) and must not route requests (the gateway does).
@@ -20,10 +23,14 @@
 //! (WASI host calls read guest memory from the kernel and must be served, not get `EFAULT`)
 //! and never in SIGBUS mode (wasmer's trap handler would take the SIGBUS for a guest trap).
 
+pub mod client;
 pub mod handoff;
 pub mod lazy;
 pub mod measure;
+pub mod registry;
+pub mod server;
 pub mod source;
+mod wire;
 
 pub use handoff::{Handoff, HandoffError, recv_uffd, send_uffd};
 pub use lazy::{
