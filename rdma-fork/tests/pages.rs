@@ -226,6 +226,7 @@ fn pages_round_trip_and_zero_pages_are_never_read() {
             memory_bytes: (PAGES * PAGE) as u64,
             nonzero,
             lease: Duration::from_secs(60),
+            meta: Vec::new(),
         })
         .unwrap();
     let server = PageServer::bind("127.0.0.1:0", registry.clone())
@@ -1229,4 +1230,45 @@ fn frame_error_and_client_error_messages_say_what_happened() {
         violation: Violation::Malformed(FrameError::UnknownKind(77)),
     };
     assert!(e.to_string().contains("unknown frame kind 77"));
+}
+
+#[test]
+fn metadata_is_served_after_the_handshake_and_refused_when_absent() {
+    let registry = Arc::new(ImageRegistry::new());
+    let memory = pattern(16);
+    let meta = b"SPDLMETA: opaque to the server".to_vec();
+    let with = registry
+        .publish(PublishedImage {
+            meta: meta.clone(),
+            ..PublishedImage::from_memory("meta", &memory, Duration::from_secs(60)).unwrap()
+        })
+        .unwrap();
+    let without = registry
+        .publish(PublishedImage::from_memory("bare", &memory, Duration::from_secs(60)).unwrap())
+        .unwrap();
+    let server = PageServer::bind("127.0.0.1:0", registry.clone())
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let mut c = PageClient::connect(&descriptor_for(&with, server.local_addr()), TIMEOUT).unwrap();
+    assert_eq!(c.meta().unwrap(), meta);
+    assert_eq!(
+        read(&mut c, 1, 2).unwrap(),
+        memory[PAGE..3 * PAGE],
+        "pages still flow"
+    );
+    assert_eq!(c.meta().unwrap(), meta, "asked again");
+
+    let mut c =
+        PageClient::connect(&descriptor_for(&without, server.local_addr()), TIMEOUT).unwrap();
+    match c.meta() {
+        Err(ClientError::Refused {
+            reason, message, ..
+        }) => {
+            assert_eq!(reason, RefuseReason::BadRequest);
+            assert!(message.contains("without metadata"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(registry.stats().refusals.bad_request, 1);
 }
