@@ -231,7 +231,7 @@ struct Compiled {
 
 impl CompiledModule {
     /// The one place a module is compiled.
-    fn compile(spec: &FunctionSpec, bytes: &[u8]) -> Result<Self, HostError> {
+    pub(crate) fn compile(spec: &FunctionSpec, bytes: &[u8]) -> Result<Self, HostError> {
         use sha2::Digest;
         let engine = engine_for(spec);
         #[cfg(test)]
@@ -816,7 +816,11 @@ fn host_path(spec: &FunctionSpec) -> String {
 
 /// The guest's args and environment: one definition for the `WasiCtx` an instance gets and
 /// the layout a snapshot records, so a child is checked against what it will really see.
-fn wasi_layout(name: &str, env: &[(String, String)], stdio_closed: [bool; 3]) -> WasiLayout {
+pub(crate) fn wasi_layout(
+    name: &str,
+    env: &[(String, String)],
+    stdio_closed: [bool; 3],
+) -> WasiLayout {
     WasiLayout {
         args: vec![name.to_owned()],
         env: env.to_vec(),

@@ -270,6 +270,22 @@ impl InstanceBuilder {
         Ok(self.finish(host))
     }
 
+    /// Compiles the function's module from its bytes: what a node does once per module, so
+    /// that every child it forks ([`InstanceBuilder::from_snapshot_parts`]) shares the code.
+    pub fn compile(&self, module: &[u8]) -> Result<crate::host::CompiledModule, InstanceError> {
+        Ok(crate::host::CompiledModule::compile(
+            &self.stage().function,
+            module,
+        )?)
+    }
+
+    /// The WASI layout (args, environment) this node's config gives the function: what a
+    /// remote image's layout digest must match.
+    pub fn wasi_layout(&self) -> crate::snapshot::WasiLayout {
+        let f = &self.stage().function;
+        crate::host::wasi_layout(&f.name, &f.env, [false; 3])
+    }
+
     /// Like [`InstanceBuilder::from_snapshot`] with the memory contents left to the caller
     /// (`fill`): the remote/lazy path, where pages arrive from elsewhere (e.g. userfaultfd
     /// on [`MemoryFill::Caller`](crate::snapshot::MemoryFill::Caller)'s region). Without the whole snapshot to rebuild from, a

@@ -23,6 +23,8 @@ use shm::Arena;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
+mod fork_cli;
+
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// How long a client may take to send request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,6 +113,10 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Remote fork of a warm instance: `fork serve` prepares an image of it and serves its
+    /// pages; `fork resume` starts a child from the image on any node, fetching pages lazily.
+    #[command(subcommand)]
+    Fork(ForkCommand),
     /// Run one function instance (started by `spindle run`, not by hand).
     #[command(hide = true)]
     Worker {
@@ -122,6 +128,50 @@ enum Command {
         function: String,
         #[arg(long)]
         instance: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum ForkCommand {
+    /// Build FUNCTION of CHAIN cold, warm it with the --warm requests, capture its image
+    /// (fork_prepare) and serve the image's pages on --listen. Prints the image descriptor
+    /// (a credential: pass it only over trusted channels) as one line on stdout; on
+    /// SIGINT/SIGTERM stops and prints the page server's counters as one JSON line.
+    Serve {
+        config: PathBuf,
+        #[arg(long)]
+        chain: String,
+        #[arg(long)]
+        function: String,
+        /// Where the page server listens (port 0: any; the descriptor names the port).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// A request body to run before capturing (repeatable, in order).
+        #[arg(long)]
+        warm: Vec<String>,
+        /// How long the image stays open to new children (renewed by each child).
+        #[arg(long, value_parser = spindle_bench::parse_duration, default_value = "10m")]
+        lease: Duration,
+    },
+    /// Start a child of the image DESCRIPTOR (the text `fork serve` printed, or @FILE) as
+    /// FUNCTION of CHAIN in CONFIG, answer one request with --body, and print the answer and
+    /// where the time went as one JSON line (fork_resume).
+    Resume {
+        descriptor: String,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        chain: String,
+        #[arg(long)]
+        function: String,
+        #[arg(long, default_value = "")]
+        body: String,
+        /// Fetch every page before running (for comparison with lazy).
+        #[arg(long)]
+        eager: bool,
+        /// Pages fetched along with each faulting page (0: only what is touched).
+        #[arg(long, default_value_t = 0)]
+        readahead: u32,
     },
 }
 
@@ -181,6 +231,38 @@ fn main() -> std::process::ExitCode {
                     .with_context(|| format!("ceiling server on {listen}"))
             }),
         Command::KnativeBaseline { args } => knative_baseline::main_entry(args).map_err(Into::into),
+        Command::Fork(ForkCommand::Serve {
+            config,
+            chain,
+            function,
+            listen,
+            warm,
+            lease,
+        }) => fork_cli::serve(fork_cli::ServeArgs {
+            config,
+            chain,
+            function,
+            listen,
+            warm,
+            lease,
+        }),
+        Command::Fork(ForkCommand::Resume {
+            descriptor,
+            config,
+            chain,
+            function,
+            body,
+            eager,
+            readahead,
+        }) => fork_cli::resume(fork_cli::ResumeArgs {
+            descriptor,
+            config,
+            chain,
+            function,
+            body,
+            eager,
+            readahead,
+        }),
         Command::Worker {
             config,
             chain,

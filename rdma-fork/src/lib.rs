@@ -28,6 +28,7 @@ pub mod handoff;
 pub mod lazy;
 pub mod measure;
 pub mod registry;
+pub mod remote;
 pub mod server;
 pub mod source;
 mod wire;
@@ -38,6 +39,7 @@ pub use lazy::{
     StatsSnapshot, StopReason, create_uffd, discard, register_region, serve_faults,
 };
 pub use measure::resident_pages;
+pub use remote::RemoteSource;
 pub use source::{MemfdSource, PageBitmap, SourceError};
 
 /// The page size everything here works in: the kernel's base page on x86-64 and most arm64

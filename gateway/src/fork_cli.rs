@@ -1,0 +1,296 @@
+//! `spindle fork serve|resume`: prepare an image of a warm instance and serve its pages, and
+//! resume a child from such an image on any node, its memory filled lazily over the network.
+//!
+//! `serve` is the parent side: it builds the function's instance cold, warms it with the
+//! given requests, captures an image at that quiescent point (`fork_prepare`), publishes it
+//! in a page server and prints the image descriptor (the credential a child needs) as one
+//! line on stdout. It serves until SIGINT/SIGTERM, then prints the page server's counters as
+//! one JSON line.
+//!
+//! `resume` is the child side (`fork_resume`): it compiles the module from its own config
+//! (a node compiles each module once; nothing compiled is ever received from another node),
+//! fetches the image's metadata from the parent, checks module, engine and WASI layout
+//! against its own, builds the instance from the metadata with its linear memory registered
+//! with userfaultfd, and answers one request; pages arrive from the parent on first touch
+//! (`--eager`: all of them first). It prints the answer and where the time went as one JSON
+//! line.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chain_runtime::config::Config;
+use chain_runtime::host::{Outcome, SlotIo};
+use chain_runtime::instance::InstanceBuilder;
+use chain_runtime::snapshot::{MemoryFill, MemoryRegion, SnapshotMeta};
+use nix::sys::signal::{SigSet, Signal};
+use proto::ImageDescriptor;
+use rdma_fork::client::PageClient;
+use rdma_fork::lazy::{FaultServer, ServeOptions};
+use rdma_fork::registry::{ImageRegistry, PublishedImage};
+use rdma_fork::server::PageServer;
+use rdma_fork::{PageBitmap, RemoteSource};
+
+/// How long a child may take to connect, authenticate and get each answer from the parent.
+const PARENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One request's input and output, as plain buffers.
+struct Buffers {
+    input: Vec<u8>,
+    output: Vec<u8>,
+    capacity: usize,
+}
+
+impl SlotIo for Buffers {
+    fn input_len(&self) -> usize {
+        self.input.len()
+    }
+
+    fn read_input(&self, dst: &mut [u8]) {
+        dst.copy_from_slice(&self.input[..dst.len()]);
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn write_output(&mut self, src: &[u8]) {
+        self.output = src.to_vec();
+    }
+}
+
+fn invoke(
+    host: &mut chain_runtime::host::FunctionHost,
+    input: &[u8],
+    capacity: usize,
+) -> anyhow::Result<Vec<u8>> {
+    let mut io = Buffers {
+        input: input.to_vec(),
+        output: Vec::new(),
+        capacity,
+    };
+    match host.invoke(&mut io) {
+        Outcome::Done { output_len, .. } => {
+            io.output.truncate(output_len);
+            Ok(io.output)
+        }
+        Outcome::Failed { status, message } => bail!("{status:?}: {message}"),
+    }
+}
+
+fn builder(config: &Path, chain: &str, function: &str) -> anyhow::Result<InstanceBuilder> {
+    let config = Config::load(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(InstanceBuilder::new(&config, chain, function)?)
+}
+
+pub struct ServeArgs {
+    pub config: PathBuf,
+    pub chain: String,
+    pub function: String,
+    pub listen: SocketAddr,
+    pub warm: Vec<String>,
+    pub lease: Duration,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Blocked before any thread starts, so every thread inherits the mask and sigwait below
+    // is the only place these signals land.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("blocking SIGINT/SIGTERM")?;
+
+    let builder = builder(&args.config, &args.chain, &args.function)?;
+    let capacity = builder.chain().spec.slot_size as usize;
+    let mut instance = builder.cold_from_file()?;
+    for body in &args.warm {
+        let out = invoke(instance.host_mut(), body.as_bytes(), capacity)
+            .context("a warm-up request failed")?;
+        eprintln!("warm-up: {}", String::from_utf8_lossy(&out));
+    }
+    let prepared = Instant::now();
+    let snapshot = instance
+        .host_mut()
+        .snapshot()
+        .context("capturing the image")?;
+    let meta = snapshot.meta();
+    let image = PublishedImage {
+        memfd: snapshot
+            .image()
+            .try_clone_to_owned()
+            .context("duplicating the image memfd")?,
+        memory_bytes: meta.memory.bytes,
+        nonzero: meta.memory.nonzero.words().to_vec(),
+        lease: args.lease,
+        meta: meta.to_image_meta().encode(),
+    };
+    let registry = Arc::new(ImageRegistry::new());
+    let handle = registry.publish(image).context("publishing the image")?;
+    let prepare_us = prepared.elapsed().as_micros();
+    let server = PageServer::bind(args.listen, Arc::clone(&registry))
+        .with_context(|| format!("page server on {}", args.listen))?
+        .spawn()
+        .context("starting the page server")?;
+    let descriptor =
+        handle.descriptor(server.local_addr(), meta.module_sha256, meta.engine.clone());
+    eprintln!(
+        "image of {}/{}: {} of {} pages hold data, prepared in {prepare_us} µs; serving pages on {}",
+        args.chain,
+        args.function,
+        meta.memory.nonzero.count_nonzero(),
+        meta.memory.nonzero.pages(),
+        server.local_addr()
+    );
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{descriptor}")?;
+    out.flush()?;
+
+    signals.wait().context("waiting for SIGINT/SIGTERM")?;
+    server.shutdown().context("stopping the page server")?;
+    let s = registry.stats();
+    let r = &s.refusals;
+    writeln!(
+        out,
+        "{}",
+        serde_json::json!({
+            "handshakes_ok": s.handshakes_ok,
+            "reads": s.reads,
+            "pages_served": s.pages_served,
+            "zero_pages_served": s.zero_pages_served,
+            "bytes_served": s.bytes_served,
+            "memfd_bytes_read": s.memfd_bytes_read,
+            "timeouts": s.timeouts,
+            "refusals": {
+                "unknown_handle": r.unknown_handle,
+                "bad_proof": r.bad_proof,
+                "expired": r.expired,
+                "revoked": r.revoked,
+                "bad_request": r.bad_request,
+                "malformed": r.malformed,
+                "busy": r.busy,
+                "internal": r.internal,
+            },
+        })
+    )?;
+    Ok(())
+}
+
+pub struct ResumeArgs {
+    pub descriptor: String,
+    pub config: PathBuf,
+    pub chain: String,
+    pub function: String,
+    pub body: String,
+    pub eager: bool,
+    pub readahead: u32,
+}
+
+pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
+    let text = match args.descriptor.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the image descriptor from {path}"))?,
+        None => args.descriptor.clone(),
+    };
+    let descriptor: ImageDescriptor = text.trim_end().parse().context("image descriptor")?;
+
+    // Once per node and module, not per fork: reported apart from the fork itself.
+    let compile_started = Instant::now();
+    let builder = builder(&args.config, &args.chain, &args.function)?;
+    let capacity = builder.chain().spec.slot_size as usize;
+    let module_path = builder.stage().function.module.clone();
+    let bytes = std::fs::read(&module_path)
+        .with_context(|| format!("reading module {}", module_path.display()))?;
+    if proto::image::module_hash(&bytes) != descriptor.module_hash {
+        bail!(
+            "the image is of another module than {} (its SHA-256 differs)",
+            module_path.display()
+        );
+    }
+    let compiled = builder.compile(&bytes)?;
+    let compile_us = compile_started.elapsed().as_micros();
+
+    let started = Instant::now();
+    let mut client =
+        PageClient::connect(&descriptor, PARENT_TIMEOUT).context("connecting to the parent")?;
+    let connected_us = started.elapsed().as_micros();
+    let wire = client.meta().context("fetching the image metadata")?;
+    let wire = proto::ImageMeta::decode(&wire).context("the parent's image metadata")?;
+    let meta = SnapshotMeta::from_image_meta(&wire, builder.wasi_layout())?;
+    let nonzero = PageBitmap::from_words(wire.nonzero.pages(), wire.nonzero.words().to_vec())
+        .context("the image's page map")?;
+    let meta_us = started.elapsed().as_micros();
+    let source = Arc::new(RemoteSource::from_client(client, nonzero));
+
+    let mut region: Option<(usize, usize)> = None;
+    let mut faults: Option<FaultServer> = None;
+    let mut fill = |r: MemoryRegion| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let uffd = rdma_fork::create_uffd()?;
+        // SAFETY: the region is the child's linear memory, freshly mapped and untouched, and
+        // stays mapped for the instance's life (the contract of MemoryFill::Caller); the
+        // fault server below answers every fault in it.
+        unsafe { rdma_fork::register_region(&uffd, r.base(), r.len())? };
+        let base = r.base().as_ptr() as usize;
+        let options = ServeOptions {
+            readahead: args.readahead,
+            eager: args.eager,
+            peer: None,
+        };
+        let source: Arc<dyn rdma_fork::PageSource> = source.clone();
+        faults = Some(rdma_fork::serve_faults(
+            uffd,
+            base,
+            r.len(),
+            source,
+            options,
+        )?);
+        region = Some((base, r.len()));
+        Ok(())
+    };
+    let mut instance = builder
+        .from_snapshot_parts(&meta, &compiled, MemoryFill::Caller(&mut fill))
+        .context("resuming the instance")?;
+    let restored_us = started.elapsed().as_micros();
+    let output = invoke(instance.host_mut(), args.body.as_bytes(), capacity);
+    let first_response_us = started.elapsed().as_micros();
+    let faults = faults.context("the instance never handed over its memory")?;
+    if faults.failed() {
+        bail!(
+            "fetching pages from the parent failed: {}",
+            faults.failure().unwrap_or_default()
+        );
+    }
+    let output = output?;
+    let (base, len) = region.context("no memory region")?;
+    let resident = rdma_fork::resident_pages(base as *const u8, len)?;
+    let f = faults.stats();
+    let c = source.stats();
+    let report = serde_json::json!({
+        "output": String::from_utf8_lossy(&output),
+        "mode": if args.eager { "eager" } else { "lazy" },
+        "readahead": args.readahead,
+        "memory_pages": len / rdma_fork::PAGE_SIZE,
+        "image_nonzero_pages": wire.nonzero.count(),
+        "resident_pages": resident,
+        "faults": f.faults,
+        "pages_copied": f.pages_copied,
+        "zero_pages": f.zero_pages,
+        "prefetched": f.prefetched,
+        "bytes_fetched": f.bytes_fetched,
+        "wire_bytes_received": c.bytes_received,
+        "round_trips": c.round_trips,
+        "compile_us_once_per_node": compile_us,
+        "timings_us": {
+            "connect_and_authenticate": connected_us,
+            "metadata": meta_us,
+            "restored": restored_us,
+            "first_response": first_response_us,
+        },
+    });
+    println!("{report}");
+    drop(instance);
+    faults.join().context("stopping the fault handler")?;
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! A parent node's image as a [`PageSource`]: what a lazily resumed child's fault handler
+//! reads from. Demand faults and prefetch share no connection: each [`RemoteSource`] holds
+//! one authenticated [`PageClient`], and a handler that wants prefetch on a separate
+//! connection opens a second source.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use proto::ImageDescriptor;
+use proto::pages::MAX_READ_PAGES;
+
+use crate::client::{ClientError, ClientStats, PageClient};
+use crate::{FetchError, PAGE_SIZE, PageBitmap, PageSource};
+
+/// Pages of a remote image, fetched over one page-server connection.
+pub struct RemoteSource {
+    // The handler calls `fetch` through `&self`; one connection carries one request at a time.
+    client: Mutex<PageClient>,
+    nonzero: PageBitmap,
+    len: u64,
+}
+
+impl RemoteSource {
+    /// Connects to the descriptor's parent and authenticates. `nonzero` is the image's page
+    /// map (from its metadata): pages it marks zero are never asked for.
+    pub fn connect(
+        descriptor: &ImageDescriptor,
+        nonzero: PageBitmap,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let client = PageClient::connect(descriptor, timeout)?;
+        Ok(Self::from_client(client, nonzero))
+    }
+
+    /// Wraps a client that is already connected (e.g. the one that fetched the metadata).
+    pub fn from_client(client: PageClient, nonzero: PageBitmap) -> Self {
+        let len = client.page_count() * PAGE_SIZE as u64;
+        RemoteSource {
+            client: Mutex::new(client),
+            nonzero,
+            len,
+        }
+    }
+
+    /// What this source's connection has carried so far.
+    pub fn stats(&self) -> ClientStats {
+        self.client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stats()
+    }
+}
+
+impl PageSource for RemoteSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn is_zero(&self, page: u64) -> bool {
+        page < self.nonzero.pages() && !self.nonzero.get(page)
+    }
+
+    fn fetch(&self, first_page: u64, count: u32, dst: &mut [u8]) -> Result<(), FetchError> {
+        let pages = self.len / PAGE_SIZE as u64;
+        if first_page + u64::from(count) > pages {
+            return Err(FetchError::OutOfRange {
+                first_page,
+                count,
+                pages,
+            });
+        }
+        let need = u64::from(count) * PAGE_SIZE as u64;
+        if dst.len() as u64 != need {
+            return Err(FetchError::BadBuffer {
+                count,
+                need,
+                got: dst.len(),
+            });
+        }
+        let mut client = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        // A read answers at most MAX_READ_PAGES pages; a larger fetch (eager mode) is split.
+        for (i, chunk) in dst
+            .chunks_mut(MAX_READ_PAGES as usize * PAGE_SIZE)
+            .enumerate()
+        {
+            let first = first_page + i as u64 * u64::from(MAX_READ_PAGES);
+            let n = (chunk.len() / PAGE_SIZE) as u32;
+            // `first` is below the page count, which fits the protocol's u32 (4 GiB memory).
+            client
+                .read(first as u32, n, chunk)
+                .map_err(|e| FetchError::Unavailable(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
