@@ -38,11 +38,15 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
 use memmap2::{MmapOptions, MmapRaw};
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::unistd::{SysconfVar, ftruncate, sysconf};
 
 use proto::Descriptor;
 
@@ -106,9 +110,11 @@ fn next_generation(g: u32) -> u32 {
 }
 
 fn page_size() -> usize {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(p).unwrap_or(4096)
+    sysconf(SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|p| usize::try_from(p).ok())
+        .unwrap_or(4096)
 }
 
 /// A slot handed out by [`Arena::alloc`]: its index and the generation it was allocated at.
@@ -163,10 +169,10 @@ pub enum ArenaError {
     },
 }
 
-fn os_err(op: &'static str) -> ArenaError {
-    ArenaError::Io {
+fn os_err(op: &'static str) -> impl FnOnce(Errno) -> ArenaError {
+    move |errno| ArenaError::Io {
         op,
-        source: io::Error::last_os_error(),
+        source: io::Error::from(errno),
     }
 }
 
@@ -272,26 +278,15 @@ impl Arena {
 
     /// memfd of `len` bytes, sealed against resizing, mapped shared.
     fn map_new(name: &CString, len: usize, huge: bool) -> Result<(OwnedFd, MmapRaw), ArenaError> {
-        let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+        let mut flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
         if huge {
-            flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+            flags |= MFdFlags::MFD_HUGETLB | MFdFlags::MFD_HUGE_2MB;
         }
-        // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-        if raw < 0 {
-            return Err(os_err("memfd_create"));
-        }
-        // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ftruncate on a descriptor we own; `len` <= MAX_ARENA_BYTES fits off_t.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
-            return Err(os_err("ftruncate"));
-        }
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        // SAFETY: fcntl on a descriptor we own; F_ADD_SEALS takes an int argument.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-            return Err(os_err("fcntl(F_ADD_SEALS)"));
-        }
+        let fd = memfd_create(name.as_c_str(), flags).map_err(os_err("memfd_create"))?;
+        // `len` <= MAX_ARENA_BYTES, so it fits off_t.
+        ftruncate(&fd, len as nix::libc::off_t).map_err(os_err("ftruncate"))?;
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).map_err(os_err("fcntl(F_ADD_SEALS)"))?;
         let map = MmapOptions::new()
             .len(len)
             .map_raw(&fd)
@@ -338,9 +333,9 @@ impl Arena {
         {
             return bad(format!("file size {file_len} cannot hold an arena"));
         }
-        // SAFETY: fcntl on a descriptor we own; F_GET_SEALS takes no argument.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        let shrink_sealed = fcntl(&file, FcntlArg::F_GET_SEALS)
+            .is_ok_and(|seals| SealFlag::from_bits_retain(seals).contains(SealFlag::F_SEAL_SHRINK));
+        if !shrink_sealed {
             return bad("fd is not a memfd sealed against shrinking".into());
         }
         let map = MmapOptions::new()
@@ -618,6 +613,8 @@ impl Arena {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::fcntl::FdFlag;
+    use std::os::fd::FromRawFd;
     use std::os::unix::process::CommandExt;
     use std::process::Command;
     use std::sync::Arc;
@@ -983,14 +980,15 @@ mod tests {
                 let mut cmd = Command::new(std::env::current_exe().unwrap());
                 cmd.args(["--exact", &name, "--nocapture", "--test-threads=1"])
                     .env(CHILD_FD_ENV, fd.to_string());
-                // SAFETY: runs between fork and exec; fcntl is async-signal-safe and only
+                // SAFETY: runs between fork and exec; nix's fcntl is one fcntl(2) call and an
+                // errno read, so it is async-signal-safe and allocates nothing, and it only
                 // touches the child's copy of the descriptor table, so the arena fd stays
-                // close-on-exec in the parent and in any other process it spawns.
+                // close-on-exec in the parent and in any other process it spawns. `fd` is open
+                // in that copy: the parent holds the arena until the children are spawned.
                 unsafe {
                     cmd.pre_exec(move || {
-                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                            return Err(io::Error::last_os_error());
-                        }
+                        let fd = BorrowedFd::borrow_raw(fd);
+                        fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
                         Ok(())
                     });
                 }
@@ -1061,11 +1059,7 @@ mod tests {
         let mut copy = vec![0u8; a.map.len()];
         // SAFETY: reading our own mapping, which is map.len() bytes long.
         unsafe { ptr::copy_nonoverlapping(a.map.as_ptr(), copy.as_mut_ptr(), copy.len()) };
-        // SAFETY: plain memfd_create with a static name.
-        let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0);
-        // SAFETY: fresh descriptor from memfd_create.
-        let mut f = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        let mut f = File::from(memfd_create(c"unsealed", MFdFlags::MFD_CLOEXEC).unwrap());
         std::io::Write::write_all(&mut f, &copy).unwrap();
         let err = Arena::from_fd(f.into()).unwrap_err();
         assert!(err.to_string().contains("sealed"), "{err}");
