@@ -15,6 +15,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::stat::{SFlag, fstat};
 use proto::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD};
 
 use crate::config::{Config, ConfigErrors};
@@ -82,13 +85,9 @@ impl Handoff<BorrowedFd<'_>> {
     /// `dup2` calls cannot clobber each other, and pairs each copy with its place.
     pub fn exec_plan(&self) -> std::io::Result<ExecPlan> {
         let high = |fd: BorrowedFd<'_>| -> std::io::Result<OwnedFd> {
-            // SAFETY: F_DUPFD_CLOEXEC on a valid borrowed fd returns a new fd or -1; no memory
-            // is passed. (std's try_clone_to_owned cannot choose the lowest number.)
-            let new =
-                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, EXEC_PLAN_MIN_FD) };
-            if new < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            // std's try_clone_to_owned cannot choose the lowest number.
+            let new = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(EXEC_PLAN_MIN_FD))
+                .map_err(std::io::Error::from)?;
             // SAFETY: `new` is a fresh fd that nothing else owns.
             Ok(unsafe { OwnedFd::from_raw_fd(new) })
         };
@@ -113,11 +112,11 @@ impl Handoff<OwnedFd> {
     /// the kind expected. Call it once per process.
     pub fn inherited() -> Result<Self, InstanceError> {
         Ok(Handoff {
-            config: take_fd(CONFIG_FD, libc::S_IFREG, "the config memfd")?,
-            module: take_fd(MODULE_FD, libc::S_IFREG, "the module memfd")?,
-            stats: take_fd(STATS_FD, libc::S_IFREG, "the stats memfd")?,
-            arena: take_fd(ARENA_FD, libc::S_IFREG, "the arena memfd")?,
-            socket: take_fd(SOCKET_FD, libc::S_IFSOCK, "a socket")?,
+            config: take_fd(CONFIG_FD, SFlag::S_IFREG, "the config memfd")?,
+            module: take_fd(MODULE_FD, SFlag::S_IFREG, "the module memfd")?,
+            stats: take_fd(STATS_FD, SFlag::S_IFREG, "the stats memfd")?,
+            arena: take_fd(ARENA_FD, SFlag::S_IFREG, "the arena memfd")?,
+            socket: take_fd(SOCKET_FD, SFlag::S_IFSOCK, "a socket")?,
         })
     }
 
@@ -131,10 +130,15 @@ impl Handoff<OwnedFd> {
 }
 
 /// Adopts an fd the gateway left open for us, after checking it is what we expect.
-fn take_fd(fd: RawFd, kind: libc::mode_t, what: &'static str) -> Result<OwnedFd, InstanceError> {
-    // SAFETY: fstat only writes into the zeroed struct we own; an invalid fd returns -1.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != kind {
+fn take_fd(fd: RawFd, kind: SFlag, what: &'static str) -> Result<OwnedFd, InstanceError> {
+    // SAFETY: `fd` is one of proto::worker's fixed numbers (never -1), borrowed only for this
+    // fstat. The worker adopts the hand-off before it opens any descriptor of its own, so the
+    // number is either the gateway's fd or not open at all, and then fstat fails with EBADF
+    // and we return BadFd.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let is_kind = fstat(borrowed)
+        .is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == kind);
+    if !is_kind {
         return Err(InstanceError::BadFd { fd, what });
     }
     // SAFETY: the fd is open (fstat succeeded) and nothing else in this process owns it: the
@@ -160,20 +164,18 @@ fn read_memfd(fd: BorrowedFd<'_>, what: &'static str) -> Result<Vec<u8>, Instanc
 /// builds from cannot change under it, even if the file it came from is edited.
 pub fn sealed_memfd(name: &str, data: &[u8]) -> std::io::Result<OwnedFd> {
     let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
-    // SAFETY: memfd_create with a valid C string; returns a new fd we own, or -1.
-    let fd =
-        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let fd = memfd_create(
+        cname.as_c_str(),
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .map_err(std::io::Error::from)?;
+    let file = File::from(fd);
     file.write_all_at(data, 0)?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on an fd we own.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let seals = SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_WRITE
+        | SealFlag::F_SEAL_SEAL;
+    fcntl(&file, FcntlArg::F_ADD_SEALS(seals)).map_err(std::io::Error::from)?;
     Ok(file.into())
 }
 

@@ -4,11 +4,12 @@
 //! worker restarts, as Prometheus counters must.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use memmap2::{MmapOptions, MmapRaw};
+use nix::sys::memfd::{MFdFlags, memfd_create};
 
 /// Upper bounds of the execution-time histogram: 1 µs · 2^k, k = 0..=24 (1 µs .. ~16.8 s).
 pub const EXEC_BUCKETS: usize = 25;
@@ -106,13 +107,9 @@ impl StatsPage {
     /// Creates a zeroed page in a new memfd; the fd goes to each incarnation of the worker.
     pub fn create(name: &str) -> Result<(StatsPage, OwnedFd), StatsError> {
         let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
-        // SAFETY: memfd_create with a valid C string; returns a new fd we own, or -1.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        // SAFETY: `fd` was just created and is owned by nobody else.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let fd =
+            memfd_create(cname.as_c_str(), MFdFlags::MFD_CLOEXEC).map_err(std::io::Error::from)?;
+        let file = File::from(fd);
         file.set_len(size_of::<Block>() as u64)?;
         let page = StatsPage::map(&file)?;
         page.block().magic.store(MAGIC, Relaxed);

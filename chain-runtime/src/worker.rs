@@ -127,7 +127,7 @@ impl Worker {
                         tracing::error!(function = %name, timeout_ms = timeout.as_millis() as u64,
                             "call exceeded its timeout; exiting so the gateway restarts this instance");
                         // SAFETY: _exit ends the process without running destructors that could
-                        // race with the stuck guest thread.
+                        // race with the stuck guest thread. Raw libc because nix has no _exit.
                         unsafe { libc::_exit(WATCHDOG_EXIT) };
                     }
                 }

@@ -1,6 +1,8 @@
 //! Clocks, randomness, scheduling and process exit: the calls answered by the host kernel
 //! rather than by an fd.
 
+use nix::sys::time::TimeSpec;
+use nix::time::{ClockId, clock_getres, clock_gettime};
 use wasmer::{FunctionEnvMut, RuntimeError};
 
 use super::errno::*;
@@ -10,48 +12,38 @@ use super::{COPY_CHUNK, Errno, ProcExit, WasiCtx};
 pub(super) const CLOCK_REALTIME: u32 = 0;
 pub(super) const CLOCK_MONOTONIC: u32 = 1;
 
-pub(super) fn host_clock(id: u32) -> Result<libc::clockid_t, Errno> {
+pub(super) fn host_clock(id: u32) -> Result<ClockId, Errno> {
     match id {
-        0 => Ok(libc::CLOCK_REALTIME),
-        1 => Ok(libc::CLOCK_MONOTONIC),
-        2 => Ok(libc::CLOCK_PROCESS_CPUTIME_ID),
-        3 => Ok(libc::CLOCK_THREAD_CPUTIME_ID),
+        0 => Ok(ClockId::CLOCK_REALTIME),
+        1 => Ok(ClockId::CLOCK_MONOTONIC),
+        2 => Ok(ClockId::CLOCK_PROCESS_CPUTIME_ID),
+        3 => Ok(ClockId::CLOCK_THREAD_CPUTIME_ID),
         _ => Err(INVAL),
     }
 }
 
-fn timespec_nanos(ts: &libc::timespec) -> Result<u64, Errno> {
-    let secs = u64::try_from(ts.tv_sec).map_err(|_| OVERFLOW)?;
-    let nanos = u64::try_from(ts.tv_nsec).map_err(|_| OVERFLOW)?;
+fn timespec_nanos(ts: &TimeSpec) -> Result<u64, Errno> {
+    let secs = u64::try_from(ts.tv_sec()).map_err(|_| OVERFLOW)?;
+    let nanos = u64::try_from(ts.tv_nsec()).map_err(|_| OVERFLOW)?;
     secs.checked_mul(1_000_000_000)
         .and_then(|n| n.checked_add(nanos))
         .ok_or(OVERFLOW)
 }
 
-/// A kernel call that reports on `clock` by filling in a timespec: `clock_gettime` or
-/// `clock_getres`.
-type ClockQuery = unsafe extern "C" fn(libc::clockid_t, *mut libc::timespec) -> libc::c_int;
+/// A kernel call that reports on `clock` as a timespec: `clock_gettime` or `clock_getres`.
+type ClockQuery = fn(ClockId) -> nix::Result<TimeSpec>;
 
-fn clock_query(query: ClockQuery, clock: libc::clockid_t) -> Result<u64, Errno> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a live, writable timespec on this stack frame, and `query` is
-    // clock_gettime or clock_getres, which write only into it.
-    let rc = unsafe { query(clock, &mut ts) };
-    if rc != 0 {
-        return Err(IO);
-    }
+fn clock_query(query: ClockQuery, clock: ClockId) -> Result<u64, Errno> {
+    let ts = query(clock).map_err(|_| IO)?;
     timespec_nanos(&ts)
 }
 
-pub(super) fn clock_now(clock: libc::clockid_t) -> Result<u64, Errno> {
-    clock_query(libc::clock_gettime, clock)
+pub(super) fn clock_now(clock: ClockId) -> Result<u64, Errno> {
+    clock_query(clock_gettime, clock)
 }
 
-fn clock_resolution(clock: libc::clockid_t) -> Result<u64, Errno> {
-    clock_query(libc::clock_getres, clock)
+fn clock_resolution(clock: ClockId) -> Result<u64, Errno> {
+    clock_query(clock_getres, clock)
 }
 
 fn fill_random(buf: &mut [u8]) -> Result<(), Errno> {
@@ -59,7 +51,7 @@ fn fill_random(buf: &mut [u8]) -> Result<(), Errno> {
     while filled < buf.len() {
         let rest = &mut buf[filled..];
         // SAFETY: `rest` is a valid, writable slice, and getrandom writes at most
-        // `rest.len()` bytes into it.
+        // `rest.len()` bytes into it. Raw libc because nix has no getrandom binding.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
         if n < 0 {
             if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {

@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use nix::time::ClockId;
+
 use super::clocks::{CLOCK_MONOTONIC, CLOCK_REALTIME, clock_now, host_clock};
 use super::errno::*;
 use super::memory::Mem;
@@ -129,8 +131,8 @@ fn poll_impl(
     // One reading of each clock, so both passes compute the same deadlines.
     let started = Instant::now();
     let start = PollStart {
-        realtime: clock_now(libc::CLOCK_REALTIME)?,
-        monotonic: clock_now(libc::CLOCK_MONOTONIC)?,
+        realtime: clock_now(ClockId::CLOCK_REALTIME)?,
+        monotonic: clock_now(ClockId::CLOCK_MONOTONIC)?,
     };
     let sub_at = |i: u32| u64::from(subs) + u64::from(i) * sub_size;
 
