@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use chain_runtime::stats::{EXEC_BUCKETS, ErrorKind, Snapshot, bucket_bound};
+use nix::unistd::{SysconfVar, sysconf};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 
 use crate::dataplane::{ChainRuntime, Refusal};
@@ -204,13 +205,8 @@ fn process_usage(pid: &str) -> Option<(f64, f64)> {
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: f64 = statm.split(' ').nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let (hz, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_CLK_TCK),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
+    let hz = sysconf(SysconfVar::CLK_TCK).ok().flatten()?;
+    let page = sysconf(SysconfVar::PAGE_SIZE).ok().flatten()?;
     Some((ticks / hz as f64, pages * page as f64))
 }
 

@@ -160,9 +160,12 @@ async fn spawn_worker(
         .stdin(Stdio::null())
         .kill_on_drop(true);
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe, non-allocating calls (dup2, prctl, getppid). The exec plan's sources
+    // async-signal-safe, non-allocating calls: dup2, and nix's set_pdeathsig and getppid,
+    // each one system call (and an errno read) that takes no lock. The exec plan's sources
     // sit above every fixed number, so placing them cannot overwrite one with another; dup2
-    // clears close-on-exec on the copies, which is how they survive exec.
+    // clears close-on-exec on the copies, which is how they survive exec. dup2 stays raw
+    // libc: nix's dup2 takes the target as an OwnedFd, which these bare numbers are not, and
+    // its dup2_raw does not check dup2's result.
     unsafe {
         command.pre_exec(move || {
             for (from, to) in placements {
@@ -173,11 +176,10 @@ async fn spawn_worker(
             // A worker must not outlive its gateway, even one killed with SIGKILL. The signal
             // fires when the forking *thread* exits: tokio's worker threads live as long as the
             // runtime, so spawns must not move to spawn_blocking threads.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)?;
             // The gateway died between fork and prctl: the signal would never come.
-            if libc::getppid() != gateway_pid {
+            if nix::unistd::getppid().as_raw() != gateway_pid {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
@@ -381,8 +383,9 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) ->
 
 async fn stop_child(child: &mut Child) {
     if let Some(pid) = child.id() {
-        // SAFETY: kill(2) on our own child's pid, which is not yet reaped (id() is Some).
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        // Our own child, not yet reaped (id() is Some): the pid cannot name another process.
+        let pid = nix::unistd::Pid::from_raw(pid as libc::pid_t);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     }
     if tokio::time::timeout(STOP_GRACE, child.wait())
         .await
