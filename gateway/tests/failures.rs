@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Spindle;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 const FAULTY: &str = r#"
 functions:
@@ -198,8 +200,7 @@ async fn killed_worker_fails_its_requests_with_502_and_is_restarted() {
     // Editing the config after start must not break restarts: workers get the text the
     // gateway started with.
     std::fs::write(spindle.dir.join("spindle.yaml"), "not: [valid").unwrap();
-    // SAFETY: signalling a process of our own test.
-    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    let _ = kill(Pid::from_raw(pids[0]), Signal::SIGKILL);
 
     let held = held.await.unwrap();
     assert_eq!(held.status, 502, "{}", held.text());
@@ -301,8 +302,7 @@ async fn sigterm_lets_requests_in_flight_finish_then_stops_workers() {
         tokio::spawn(async move { s.post("/faulty", "sleep 700").await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(spindle.child.id() as i32, libc::SIGTERM) };
+    let _ = kill(Pid::from_raw(spindle.child.id() as i32), Signal::SIGTERM);
     let r = in_flight.await.unwrap();
     assert_eq!((r.status, r.text()), (200, "SLEEP 700".to_string()));
     let mut spindle = Arc::into_inner(spindle).expect("only owner");

@@ -4,7 +4,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -12,6 +12,7 @@ use std::time::Duration;
 use chain_runtime::instance::sealed_memfd;
 use chain_runtime::stats::StatsPage;
 use common::Spindle;
+use nix::fcntl::{FcntlArg, fcntl};
 use proto::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD};
 use proto::{Descriptor, GATEWAY_FN, Status};
 use shm::Arena;
@@ -53,19 +54,21 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
     let worker_end = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (mut sock, _) = listener.accept().unwrap();
     let arena_fd: OwnedFd = arena.fd().try_clone_to_owned().unwrap();
-    // SAFETY: F_DUPFD_CLOEXEC returns a fresh fd (>= 10) that we own.
-    let high =
-        |fd: i32| unsafe { OwnedFd::from_raw_fd(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10)) };
+    let high = |fd: BorrowedFd<'_>| {
+        let new = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap();
+        // SAFETY: F_DUPFD_CLOEXEC returned a fresh fd (>= 10) that we own.
+        unsafe { OwnedFd::from_raw_fd(new) }
+    };
     let config_fd = sealed_memfd("config", text.as_bytes()).unwrap();
     let (stats, stats_fd) = StatsPage::create("forged-stats").unwrap();
     let module_fd =
         sealed_memfd("module", &std::fs::read(common::wasm("uppercase")).unwrap()).unwrap();
     let fds = [
-        high(arena_fd.as_raw_fd()),
-        high(worker_end.as_raw_fd()),
-        high(config_fd.as_raw_fd()),
-        high(module_fd.as_raw_fd()),
-        high(stats_fd.as_raw_fd()),
+        high(arena_fd.as_fd()),
+        high(worker_end.as_fd()),
+        high(config_fd.as_fd()),
+        high(module_fd.as_fd()),
+        high(stats_fd.as_fd()),
     ];
     let placements: Vec<(i32, i32)> = fds
         .iter()
@@ -85,6 +88,7 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
         ])
         .stdin(Stdio::null());
     // SAFETY: only dup2 between fork and exec; sources are >= 10 so they cannot collide.
+    // Raw libc: nix's dup2 takes the target as an OwnedFd, which these bare numbers are not.
     unsafe {
         cmd.pre_exec(move || {
             for &(from, to) in &placements {
@@ -184,7 +188,8 @@ async fn router_refuses_forged_descriptors_from_a_worker_socket() {
     let spindle = Spindle::start("forged-router", CONFIG).await;
     assert_eq!(spindle.post("/up", "before").await.text(), "BEFORE");
     let pid = spindle.worker_pids("uppercase")[0];
-    // SAFETY: plain syscalls on a pid of our own test; results are checked.
+    // SAFETY: plain syscalls on a pid of our own test; results are checked. Raw libc: nix
+    // has neither pidfd_open nor pidfd_getfd.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     assert!(
         pidfd >= 0,

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Spindle;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use proto::Descriptor;
 use proto::worker::SOCKET_FD;
 
@@ -43,7 +45,8 @@ async fn per_instance(s: &Spindle, chain: &str, function: &str, instance: usize)
 /// Takes a copy of a worker's socket (its end of the gateway connection), as a compromised
 /// worker would use it.
 fn steal_worker_socket(pid: i32) -> Option<TcpStream> {
-    // SAFETY: plain syscalls on a pid of our own test; results are checked.
+    // SAFETY: plain syscalls on a pid of our own test; results are checked. Raw libc: nix
+    // has neither pidfd_open nor pidfd_getfd.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, SOCKET_FD, 0) } as i32;
     // SAFETY: pidfd_open returned a new fd we own (or -1, not closed).
@@ -178,8 +181,7 @@ async fn instances_share_load_and_a_killed_one_loses_only_its_requests() {
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let victim = victim_pid(&s, 1);
-    // SAFETY: signalling a process of our own test.
-    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let _ = kill(Pid::from_raw(victim), Signal::SIGKILL);
     let mut lost = 0;
     for t in sleepers {
         let r = t.await.unwrap();

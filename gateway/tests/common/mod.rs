@@ -12,6 +12,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 pub use testkit::{build_examples, repo_root};
 
@@ -224,8 +226,7 @@ impl Spindle {
 
     /// SIGTERM and wait: the gateway must stop its workers and exit cleanly.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let began = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
