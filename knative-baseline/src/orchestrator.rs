@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 
 use chain_runtime::config::Config;
 use chain_runtime::plan::Plan;
+use nix::errno::Errno;
+use nix::sys::prctl::set_pdeathsig;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, getpid, getppid};
 
 use crate::BaselineError;
 use crate::ingress::PodsArg;
@@ -448,25 +452,22 @@ impl Baseline {
             // Own process group: a terminal's Ctrl-C reaches only the orchestrator, which then
             // stops the children itself.
             .process_group(0);
-        let parent = std::process::id() as libc::pid_t;
+        let parent = getpid();
         // SAFETY: the closure runs in the child between fork and exec, where a copy of a
         // multi-threaded parent may only do async-signal-safe work. It makes two system calls
-        // through libc's thin wrappers (prctl, getppid), which take no locks; it reads only the
-        // `parent` it owns, and allocates nothing (an `io::Error` made from an OS error code is
-        // not boxed). glibc's `prctl(int option, ...)` reads four `unsigned long` variadic
-        // arguments whatever the option, so all four are passed with that type: the signal
-        // number, then zeros, which PR_SET_PDEATHSIG ignores.
+        // through nix's thin wrappers (set_pdeathsig, getppid: one libc call and an errno read
+        // each), which take no locks; it reads only the `parent` it owns, and allocates nothing
+        // (an `io::Error` made from an OS error code is not boxed). set_pdeathsig passes the
+        // signal to glibc's variadic `prctl` as an int, as C callers do, where glibc reads an
+        // `unsigned long`: a misread could only make the kernel reject it (EINVAL), which
+        // fails the spawn rather than leaving the child without its parent-death signal.
         unsafe {
             cmd.pre_exec(move || {
                 // Die with the orchestrator, even one killed by SIGKILL.
-                const UNUSED: libc::c_ulong = 0;
-                let signal = libc::SIGKILL as libc::c_ulong;
-                if libc::prctl(libc::PR_SET_PDEATHSIG, signal, UNUSED, UNUSED, UNUSED) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
                 // The orchestrator died between fork and prctl: the signal would never come.
-                if libc::getppid() != parent {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                if getppid() != parent {
+                    return Err(Errno::ESRCH.into());
                 }
                 Ok(())
             });
@@ -521,10 +522,10 @@ impl Baseline {
         // process for longer than it takes to signal the next one.
         for p in self.procs.iter_mut().rev() {
             if let Ok(None) = p.child.try_wait() {
-                let pid = p.child.id() as libc::pid_t;
-                // SAFETY: plain kill(2). The pid is our unreaped child (try_wait just saw it
-                // running and only we reap it), so it cannot name another process.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
+                let pid = Pid::from_raw(p.child.id() as i32);
+                // The pid is our unreaped child (try_wait just saw it running and only we reap
+                // it), so it cannot name another process.
+                let _ = kill(pid, Signal::SIGTERM);
             }
         }
         let deadline = Instant::now() + STOP_GRACE;

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use knative_baseline::{Baseline, BaselineError, Options};
+use nix::unistd::{SysconfVar, sysconf};
 
 use testkit::{build_examples, repo_root};
 
@@ -600,8 +601,7 @@ fn cpu_time(pid: u32) -> Duration {
         .collect();
     // After the command: state is field 3, utime field 14, stime field 15.
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let hz = sysconf(SysconfVar::CLK_TCK).unwrap().unwrap() as u64;
     Duration::from_micros(ticks * 1_000_000 / hz)
 }
 
