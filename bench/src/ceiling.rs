@@ -11,6 +11,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use nix::errno::Errno;
 use tokio::net::TcpListener;
 
 async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -51,5 +52,8 @@ pub async fn serve_ceiling_on(listener: TcpListener) -> std::io::Result<()> {
 fn is_transient_accept_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted)
-        || matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+        || matches!(
+            e.raw_os_error().map(Errno::from_raw),
+            Some(Errno::EMFILE | Errno::ENFILE)
+        )
 }

@@ -6,6 +6,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use nix::unistd::{SysconfVar, sysconf};
+
 use crate::report::ProcessCpu;
 
 /// One line of `/proc/PID/stat`, reduced to what accounting needs.
@@ -136,9 +138,10 @@ fn read_cmdline(pid: i32) -> Option<String> {
 }
 
 pub(crate) fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if tck > 0 { tck as f64 } else { 100.0 }
+    match sysconf(SysconfVar::CLK_TCK) {
+        Ok(Some(tck)) if tck > 0 => tck as f64,
+        _ => 100.0,
+    }
 }
 
 /// CPU seconds this process has used so far (all threads, including the load generator's).
@@ -215,6 +218,8 @@ pub(crate) fn is_alive(key: ProcKey) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
 
@@ -275,7 +280,7 @@ mod tests {
         // Kill the still-burning loop and the shell before asserting, so a failure leaks nothing.
         let live: Vec<_> = after.procs.keys().copied().collect();
         for (pid, _) in &live {
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }
         let _ = shell.wait();
         assert!(

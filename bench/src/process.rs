@@ -10,6 +10,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::prctl::set_pdeathsig;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, getpid, getppid};
+
 use crate::cpu;
 
 /// How long a target gets to shut down (drain, stop its workers) after SIGTERM.
@@ -35,19 +40,17 @@ impl TargetProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log.try_clone()?));
-        // SAFETY: getpid has no preconditions.
-        let parent = unsafe { libc::getpid() };
+        let parent = getpid();
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-        // calls (prctl, getppid) and builds an io::Error without allocating.
+        // calls (nix's set_pdeathsig and getppid: one system call and an errno read each, no
+        // lock, no allocation) and builds an io::Error without allocating.
         unsafe {
             command.pre_exec(move || {
                 // SIGKILL, not SIGTERM: if we are gone nobody will wait for a graceful stop.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
                 // We may have died between fork and prctl; then the signal never comes.
-                if libc::getppid() != parent {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                if getppid() != parent {
+                    return Err(Errno::ESRCH.into());
                 }
                 Ok(())
             });
@@ -105,8 +108,8 @@ impl TargetProcess {
             .into_keys()
             .filter(|(pid, _)| *pid != self.pid())
             .collect();
-        // SAFETY: kill(2) on our own unreaped child: the pid cannot have been reused.
-        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        // Our own unreaped child: the pid cannot have been reused.
+        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGTERM);
         let deadline = Instant::now() + STOP_GRACE;
         while self.exited().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -120,9 +123,9 @@ impl TargetProcess {
             .filter(|&key| cpu::is_alive(key))
             .collect();
         for key in &stragglers {
-            // SAFETY: plain kill(2); is_alive matched the start time, so this is still the
-            // process we saw in the tree (the pid-reuse window is microseconds).
-            unsafe { libc::kill(key.0, libc::SIGKILL) };
+            // is_alive matched the start time, so this is still the process we saw in the tree
+            // (the pid-reuse window is microseconds).
+            let _ = kill(Pid::from_raw(key.0), Signal::SIGKILL);
         }
         // SIGKILL takes effect when the process is next scheduled; a straggler still burning
         // CPU while the next target is measured would skew it, so wait (briefly) to see it go.

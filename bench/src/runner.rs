@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::Method;
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, raise, sigaction, signal};
 
 use crate::client::{self, Endpoint};
 use crate::load::{self, LoadResult, LoadSpec, Window};
@@ -532,16 +533,19 @@ fn emit(report: &Report, opts: &BenchOptions) -> Result<(), BenchError> {
 struct Interrupt;
 
 static FIRED: AtomicBool = AtomicBool::new(false);
-static INSTALLED: Mutex<(usize, Vec<(libc::c_int, libc::sigaction)>)> = Mutex::new((0, Vec::new()));
+static INSTALLED: Mutex<(usize, Vec<(Signal, SigAction)>)> = Mutex::new((0, Vec::new()));
 
-extern "C" fn on_signal(sig: libc::c_int) {
+extern "C" fn on_signal(sig: std::ffi::c_int) {
     if FIRED.swap(true, Ordering::SeqCst) {
         // The second Ctrl-C: stop waiting for a graceful end. Dying by the signal's default
         // action still takes the targets along (parent-death signal).
-        // SAFETY: signal and raise are async-signal-safe.
-        unsafe {
-            libc::signal(sig, libc::SIG_DFL);
-            libc::raise(sig);
+        // Only SIGINT and SIGTERM are routed here, so the conversion cannot fail.
+        if let Ok(sig) = Signal::try_from(sig) {
+            // SAFETY: the handler it replaces is on_signal, so the previous handler nix hands
+            // back is a valid function; signal and raise are one libc call each here,
+            // async-signal-safe and allocation-free.
+            let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+            let _ = raise(sig);
         }
     }
 }
@@ -551,19 +555,15 @@ impl Interrupt {
         let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
         if installed.0 == 0 {
             FIRED.store(false, Ordering::SeqCst);
-            for sig in [libc::SIGINT, libc::SIGTERM] {
-                // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the
-                // handler only touches an atomic and async-signal-safe calls.
-                unsafe {
-                    let mut action: libc::sigaction = std::mem::zeroed();
-                    action.sa_sigaction =
-                        on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-                    action.sa_flags = libc::SA_RESTART;
-                    libc::sigemptyset(&mut action.sa_mask);
-                    let mut old: libc::sigaction = std::mem::zeroed();
-                    if libc::sigaction(sig, &action, &mut old) == 0 {
-                        installed.1.push((sig, old));
-                    }
+            let action = SigAction::new(
+                SigHandler::Handler(on_signal),
+                SaFlags::SA_RESTART,
+                SigSet::empty(),
+            );
+            for sig in [Signal::SIGINT, Signal::SIGTERM] {
+                // SAFETY: the handler only touches an atomic and makes async-signal-safe calls.
+                if let Ok(old) = unsafe { sigaction(sig, &action) } {
+                    installed.1.push((sig, old));
                 }
             }
         }
@@ -591,7 +591,7 @@ impl Drop for Interrupt {
         if installed.0 == 0 {
             for (sig, old) in installed.1.drain(..) {
                 // SAFETY: restores the action sigaction returned when we installed ours.
-                unsafe { libc::sigaction(sig, &old, std::ptr::null_mut()) };
+                let _ = unsafe { sigaction(sig, &old) };
             }
         }
     }

@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::getpid;
 use spindle_bench::{BenchError, BenchOptions, Target, run};
 
 #[test]
@@ -20,8 +22,8 @@ fn sigint_stops_the_run_and_its_targets() {
     };
     std::thread::spawn(|| {
         std::thread::sleep(Duration::from_millis(1500));
-        // SAFETY: kill(2) to our own pid.
-        unsafe { libc::kill(libc::getpid(), libc::SIGINT) };
+        // To the process, as a Ctrl-C is, not to this thread (raise).
+        let _ = kill(getpid(), Signal::SIGINT);
     });
     let began = Instant::now();
     let err = run(&opts, Path::new(env!("CARGO_BIN_EXE_hyper-hello"))).unwrap_err();
