@@ -56,8 +56,7 @@ fn report(ci: bool, test: &str, reason: &dyn Display, log: Option<&Path>, out: &
 
 /// True when this process runs as root.
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// True when running as root; otherwise declares that `test` cannot run ([`cannot_run`])
