@@ -30,11 +30,16 @@
 //! parent's.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::num::NonZeroUsize;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, mmap_anonymous};
+use nix::sys::stat::fstat;
 use wasmer::sys::vm::{LinearMemory, StoreObject, TableElement, VMMemory, VMTable};
 use wasmer::{AsStoreMut, Engine, Memory, MemoryStyle, Mutability, Store, TableType, Type};
 
@@ -51,7 +56,7 @@ const WASM_PAGE: u64 = wasmer::WASM_PAGE_SIZE as u64;
 /// The seals an image memfd must carry before a child maps it: without SHRINK a later
 /// truncation would turn the child's accesses into SIGBUS (which wasmer's handler would take
 /// for a guest trap); without WRITE the image would not be immutable.
-const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_WRITE;
+const REQUIRED_SEALS: SealFlag = SealFlag::F_SEAL_SHRINK.union(SealFlag::F_SEAL_WRITE);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -492,20 +497,12 @@ fn image_err(what: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError
 /// Writes the non-zero pages of `data` at their offsets into a new memfd as long as `data`
 /// (so zero pages stay holes and cost nothing), then seals it.
 fn write_image(data: &[u8]) -> Result<(PageMap, OwnedFd), SnapshotError> {
-    // SAFETY: memfd_create with a NUL-terminated name; returns a new fd we own, or -1.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"spindle-snapshot".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if fd < 0 {
-        return Err(image_err("create the image memfd")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `fd` was just created and nothing else owns it.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let fd = memfd_create(
+        "spindle-snapshot",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| image_err("create the image memfd")(e.into()))?;
+    let file = File::from(fd);
     file.set_len(data.len() as u64)
         .map_err(image_err("size the image memfd"))?;
 
@@ -533,13 +530,12 @@ fn write_image(data: &[u8]) -> Result<(PageMap, OwnedFd), SnapshotError> {
         flush(from, map.pages() as usize)?;
     }
 
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on an fd we own; no memory is passed.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(image_err("seal the image memfd")(
-            std::io::Error::last_os_error(),
-        ));
-    }
+    let seals = SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_WRITE
+        | SealFlag::F_SEAL_SEAL;
+    fcntl(&file, FcntlArg::F_ADD_SEALS(seals))
+        .map_err(|e| image_err("seal the image memfd")(e.into()))?;
     Ok((map, file.into()))
 }
 
@@ -668,12 +664,12 @@ pub(crate) fn restore(
                 // linear memory is alive: the guest has not run since instantiation and we
                 // hold the store mutably on this thread. The fd is a sealed memfd of exactly
                 // len bytes (checked above), so no access can fault past its end.
-                unsafe { map_fixed(base, len, fd.as_raw_fd(), libc::MAP_PRIVATE) }?;
+                unsafe { map_fixed(base, len, Some(fd)) }?;
             }
             MemoryFill::Caller(callback) => {
                 // SAFETY: as for the image mapping above; anonymous pages replace the data
                 // segments instantiation wrote, so the caller starts from untouched memory.
-                unsafe { map_fixed(base, len, -1, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) }?;
+                unsafe { map_fixed(base, len, None) }?;
                 let base = NonNull::new(base).ok_or_else(|| {
                     SnapshotError::Mismatch("linear memory has a null base".into())
                 })?;
@@ -695,20 +691,16 @@ pub(crate) fn restore(
 
 /// Refuses an image fd that is not a sealed memfd of exactly `bytes` bytes.
 fn check_image_fd(fd: BorrowedFd<'_>, bytes: u64) -> Result<(), SnapshotError> {
-    // SAFETY: fstat writes only into the zeroed struct we own; a bad fd returns -1.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(image_err("stat the image")(std::io::Error::last_os_error()));
-    }
+    let st = fstat(fd).map_err(|e| image_err("stat the image")(e.into()))?;
     if st.st_size as u64 != bytes {
         return Err(SnapshotError::Mismatch(format!(
             "image file is {} bytes, memory {bytes}",
             st.st_size
         )));
     }
-    // SAFETY: fcntl on a borrowed, open fd; no memory is passed.
-    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    if seals < 0 || seals & REQUIRED_SEALS != REQUIRED_SEALS {
+    let sealed = fcntl(fd, FcntlArg::F_GET_SEALS)
+        .is_ok_and(|seals| SealFlag::from_bits_retain(seals).contains(REQUIRED_SEALS));
+    if !sealed {
         return Err(SnapshotError::Mismatch(
             "image is not a memfd sealed against writes and shrinking".into(),
         ));
@@ -716,7 +708,8 @@ fn check_image_fd(fd: BorrowedFd<'_>, bytes: u64) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// `mmap(base, len, PROT_READ | PROT_WRITE, MAP_FIXED | flags, fd, 0)`, checked.
+/// Maps `fd` (`None`: fresh anonymous memory) privately and read-write over
+/// `[base, base + len)`, checked.
 ///
 /// # Safety
 /// `[base, base + len)` must be memory this process owns and nothing references: its old
@@ -724,26 +717,25 @@ fn check_image_fd(fd: BorrowedFd<'_>, bytes: u64) -> Result<(), SnapshotError> {
 unsafe fn map_fixed(
     base: *mut u8,
     len: usize,
-    fd: libc::c_int,
-    flags: libc::c_int,
+    fd: Option<BorrowedFd<'_>>,
 ) -> Result<(), SnapshotError> {
-    // SAFETY: the caller's contract.
-    let got = unsafe {
-        libc::mmap(
-            base.cast(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_FIXED | flags,
-            fd,
-            0,
-        )
-    };
-    if got == libc::MAP_FAILED {
-        return Err(image_err("map the image over linear memory")(
-            std::io::Error::last_os_error(),
+    let (Some(addr), Some(length)) = (NonZeroUsize::new(base as usize), NonZeroUsize::new(len))
+    else {
+        return Err(SnapshotError::Mismatch(
+            "linear memory has a null base or no length".into(),
         ));
+    };
+    let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+    let flags = MapFlags::MAP_FIXED | MapFlags::MAP_PRIVATE;
+    // SAFETY: the caller's contract; MAP_FIXED replaces exactly that range.
+    let got = unsafe {
+        match fd {
+            Some(fd) => mmap(Some(addr), length, prot, flags, fd, 0),
+            None => mmap_anonymous(Some(addr), length, prot, flags),
+        }
     }
-    if got.cast::<u8>() != base {
+    .map_err(|e| image_err("map the image over linear memory")(e.into()))?;
+    if got.as_ptr().cast::<u8>() != base {
         // MAP_FIXED never places elsewhere; anything else is a kernel contract broken.
         return Err(SnapshotError::Mismatch(
             "mmap placed the image away from linear memory".into(),

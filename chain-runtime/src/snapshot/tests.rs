@@ -1,6 +1,14 @@
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use std::num::NonZeroUsize;
+
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap};
+use nix::sys::stat::fstat;
+use nix::unistd::{Whence, lseek};
 
 use super::*;
 use crate::config::{Config, FunctionSpec, ModuleMode};
@@ -196,43 +204,45 @@ fn image_holds_only_the_nonzero_pages_and_is_sealed() {
     assert_eq!(read_all(fd), memory);
     let mut data_pages = Vec::new();
     let mut at = 0i64;
-    loop {
-        // SAFETY: lseek on a borrowed open fd.
-        let start = unsafe { libc::lseek(fd.as_raw_fd(), at, libc::SEEK_DATA) };
-        if start < 0 {
-            break; // ENXIO: no data past `at`
-        }
-        let end = unsafe { libc::lseek(fd.as_raw_fd(), start, libc::SEEK_HOLE) };
+    // SEEK_DATA fails with ENXIO once no data lies past `at`.
+    while let Ok(start) = lseek(fd, at, Whence::SeekData) {
+        let end = lseek(fd, start, Whence::SeekHole).unwrap();
         assert!(end > start);
         data_pages.extend((start as u64 / IMAGE_PAGE)..(end as u64).div_ceil(IMAGE_PAGE));
         at = end;
     }
     assert_eq!(data_pages, expected, "SEEK_DATA ranges");
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+    let st = fstat(fd).unwrap();
     assert_eq!(
         st.st_blocks as u64 * 512,
         expected.len() as u64 * IMAGE_PAGE
     );
 
     // Sealed: no writes, no resizing, no writable shared mapping, no more seals removed.
-    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-    let all = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
-    assert_eq!(seals & all, all);
+    let seals = SealFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GET_SEALS).unwrap());
+    let all = SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_WRITE
+        | SealFlag::F_SEAL_SEAL;
+    assert!(seals.contains(all), "{seals:?}");
     let file = File::from(fd.try_clone_to_owned().unwrap());
     assert!(file.write_at(b"x", 0).is_err());
     assert!(file.set_len(0).is_err());
+    // SAFETY: a new mapping chosen by the kernel; never touched (the call must fail).
     let shared = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
+        mmap(
+            None,
+            NonZeroUsize::new(4096).unwrap(),
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            fd,
             0,
         )
     };
-    assert_eq!(shared, libc::MAP_FAILED);
+    assert!(
+        shared.is_err(),
+        "a writable shared mapping of a sealed image"
+    );
 }
 
 #[test]
@@ -794,9 +804,7 @@ fn a_child_that_does_not_match_the_image_is_refused() {
     assert!(fork_err(&spec, &module, &meta, snap.image()).contains("page map"));
     let (_, empty) = write_image(&[]).unwrap();
     let plain = {
-        let fd = unsafe { libc::memfd_create(c"plain".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let file = File::from(memfd_create("plain", MFdFlags::MFD_CLOEXEC).unwrap());
         file.set_len(snap.meta().memory.bytes).unwrap();
         OwnedFd::from(file)
     };
