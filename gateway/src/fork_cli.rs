@@ -291,6 +291,8 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
     });
     println!("{report}");
     drop(instance);
+    // The handler runs until told: the region it serves is gone with the instance.
+    faults.stop();
     faults.join().context("stopping the fault handler")?;
     Ok(())
 }

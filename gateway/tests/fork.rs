@@ -1,0 +1,332 @@
+//! Remote fork between two "nodes": network namespaces joined by a veth pair, each running
+//! its own `spindle` process. `spindle fork serve` prepares an image of a warm instance in
+//! one; `spindle fork resume` starts a child from its descriptor in the other, fetching pages
+//! over the veth on first touch. Needs root for the namespaces and userfaultfd (CI is root).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use proto::ImageDescriptor;
+use serde_json::Value;
+
+/// Two namespaces and the veth between them; deleted on drop, even when the test fails.
+struct Nodes {
+    parent: String,
+    child: String,
+    parent_ip: String,
+}
+
+static NEXT_SUBNET: AtomicU32 = AtomicU32::new(1);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip (iproute2; scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Nodes {
+    fn create(test: &str) -> Option<Nodes> {
+        if !testkit::require_root(test, "network namespaces and userfaultfd") {
+            return None;
+        }
+        // Each test of this binary gets its own /30 on addresses only these namespaces have.
+        let n = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}-{n}", std::process::id());
+        let nodes = Nodes {
+            parent: format!("spf-p-{tag}"),
+            child: format!("spf-c-{tag}"),
+            parent_ip: format!("10.250.{n}.1"),
+        };
+        ip(&["netns", "add", &nodes.parent]);
+        ip(&["netns", "add", &nodes.child]);
+        let (vp, vc) = (format!("spp{tag}"), format!("spc{tag}"));
+        // Interface names are at most 15 bytes.
+        let (vp, vc) = (&vp[..vp.len().min(15)], &vc[..vc.len().min(15)]);
+        ip(&["link", "add", vp, "type", "veth", "peer", "name", vc]);
+        ip(&["link", "set", vp, "netns", &nodes.parent]);
+        ip(&["link", "set", vc, "netns", &nodes.child]);
+        let child_ip = format!("10.250.{n}.2/30");
+        for (ns, dev, addr) in [
+            (&nodes.parent, vp, format!("{}/30", nodes.parent_ip)),
+            (&nodes.child, vc, child_ip),
+        ] {
+            ip(&["-n", ns, "addr", "add", &addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        Some(nodes)
+    }
+
+    fn command(&self, ns: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_spindle")]);
+        c
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for ns in [&self.parent, &self.child] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A config with the forkrand example, whose answer shows state from earlier requests
+/// (`served`), whether it was forked (`forks`) and a random number reseeded on fork.
+fn config(tag: &str) -> PathBuf {
+    testkit::build_examples();
+    let dir = common::temp_dir(tag);
+    let path = dir.join("fork.yaml");
+    let yaml = format!(
+        "functions:\n  - {{ name: forkrand, module: \"{}\" }}\n  - {{ name: upper, module: \"{}\" }}\n\
+         chains:\n  - {{ name: rand, route: /rand, steps: [forkrand] }}\n  - {{ name: up, route: /up, steps: [upper] }}\n",
+        common::wasm("forkrand"),
+        common::wasm("uppercase"),
+    );
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// `spindle fork serve` in the parent node, after three warm-up requests; its descriptor.
+struct Parent {
+    process: Child,
+    stdout: BufReader<std::process::ChildStdout>,
+    descriptor: String,
+}
+
+impl Parent {
+    fn start(nodes: &Nodes, config: &Path) -> Parent {
+        let mut process = nodes
+            .command(&nodes.parent)
+            .args(["fork", "serve"])
+            .arg(config)
+            .args(["--chain", "rand", "--function", "forkrand"])
+            .args(["--listen", &format!("{}:0", nodes.parent_ip)])
+            .args(["--warm", "a", "--warm", "b", "--warm", "c"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(process.stdout.take().unwrap());
+        let mut descriptor = String::new();
+        stdout.read_line(&mut descriptor).unwrap();
+        assert!(
+            descriptor.starts_with("spindle-image:"),
+            "fork serve printed {descriptor:?}"
+        );
+        Parent {
+            process,
+            stdout,
+            descriptor: descriptor.trim_end().to_owned(),
+        }
+    }
+
+    /// Stops the page server and returns the counters it printed.
+    fn stop(mut self) -> Value {
+        kill(Pid::from_raw(self.process.id() as i32), Signal::SIGTERM).unwrap();
+        let mut line = String::new();
+        // The server answers SIGTERM within its accept tick; a stuck one is killed by Drop
+        // when the read below fails the test.
+        self.stdout.read_line(&mut line).unwrap();
+        assert!(self.process.wait().unwrap().success());
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+}
+
+impl Drop for Parent {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Runs a command to completion, killing it (and failing the test) if it outlives `limit`:
+/// a child that hangs must show up as a failure, not as a stuck test run.
+fn finish_within(mut cmd: Command, limit: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = kill(pid, Signal::SIGKILL);
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+    }
+}
+
+const RESUME_LIMIT: Duration = Duration::from_secs(60);
+
+fn resume_as(
+    nodes: &Nodes,
+    config: &Path,
+    descriptor: &str,
+    chain_function: (&str, &str),
+    extra: &[&str],
+) -> Output {
+    let mut cmd = nodes.command(&nodes.child);
+    cmd.args(["fork", "resume", descriptor, "--config"])
+        .arg(config)
+        .args(["--chain", chain_function.0, "--function", chain_function.1])
+        .args(["--body", "x"])
+        .args(extra);
+    finish_within(cmd, RESUME_LIMIT)
+}
+
+fn resume(nodes: &Nodes, config: &Path, descriptor: &str, extra: &[&str]) -> Output {
+    resume_as(nodes, config, descriptor, ("rand", "forkrand"), extra)
+}
+
+fn report(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "fork resume failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn answer(report: &Value) -> Value {
+    serde_json::from_str(report["output"].as_str().unwrap()).unwrap()
+}
+
+#[test]
+fn remote_children_continue_the_parent_and_fetch_only_what_they_touch() {
+    let Some(nodes) = Nodes::create("remote_children_continue_the_parent") else {
+        return;
+    };
+    let config = config("fork-remote");
+    let parent = Parent::start(&nodes, &config);
+
+    let first = report(&resume(&nodes, &config, &parent.descriptor, &[]));
+    let second = report(&resume(&nodes, &config, &parent.descriptor, &[]));
+    for r in [&first, &second] {
+        let a = answer(r);
+        assert_eq!(
+            a["served"], 4,
+            "the parent served three requests first: {a}"
+        );
+        assert_eq!(a["forks"], 1, "spindle_on_fork ran once: {a}");
+        // Readahead off: every copied page is one the guest touched, fetched once.
+        assert_eq!(r["faults"], r["pages_copied"], "{r}");
+        let copied = r["pages_copied"].as_u64().unwrap();
+        assert_eq!(r["bytes_fetched"].as_u64().unwrap(), copied * 4096, "{r}");
+        // Resident: what was copied plus the zero pages installed for touches of them.
+        let installed = copied + r["zero_pages"].as_u64().unwrap();
+        assert_eq!(r["resident_pages"].as_u64().unwrap(), installed, "{r}");
+        assert!(copied >= 1 && copied <= r["image_nonzero_pages"].as_u64().unwrap());
+        assert!(
+            installed < r["memory_pages"].as_u64().unwrap(),
+            "not all of memory: {r}"
+        );
+    }
+    assert_ne!(
+        answer(&first)["random"],
+        answer(&second)["random"],
+        "each child reseeded its PRNG after the fork"
+    );
+
+    let eager = report(&resume(&nodes, &config, &parent.descriptor, &["--eager"]));
+    assert_eq!(answer(&eager)["served"], 4);
+    assert_eq!(
+        eager["faults"], 0,
+        "everything was in place before the call: {eager}"
+    );
+    assert_eq!(eager["pages_copied"], eager["image_nonzero_pages"]);
+
+    let stats = parent.stop();
+    assert_eq!(stats["handshakes_ok"], 3, "{stats}");
+    let lazy_pages =
+        first["pages_copied"].as_u64().unwrap() + second["pages_copied"].as_u64().unwrap();
+    let served = stats["pages_served"].as_u64().unwrap();
+    assert!(
+        served >= lazy_pages + eager["pages_copied"].as_u64().unwrap(),
+        "{stats}"
+    );
+    assert_eq!(stats["refusals"]["bad_proof"], 0);
+}
+
+#[test]
+fn wrong_key_unknown_handle_and_foreign_modules_are_refused() {
+    let Some(nodes) = Nodes::create("wrong_key_unknown_handle_and_foreign_modules") else {
+        return;
+    };
+    let config = config("fork-refused");
+    let parent = Parent::start(&nodes, &config);
+    let good: ImageDescriptor = parent.descriptor.parse().unwrap();
+
+    let mut wrong_key = good.clone();
+    wrong_key.key[0] ^= 1;
+    let out = resume(&nodes, &config, &wrong_key.to_string(), &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("BadProof") || err.contains("proof"), "{err}");
+
+    let mut unknown = good.clone();
+    unknown.handle ^= 0x5a5a;
+    let out = resume(&nodes, &config, &unknown.to_string(), &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("UnknownHandle") || err.contains("unknown"),
+        "{err}"
+    );
+
+    let out = resume(&nodes, &config, "spindle-image:00ff", &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("image descriptor"));
+
+    // The same descriptor resumed as another function: its module is not the image's.
+    let out = resume_as(&nodes, &config, &parent.descriptor, ("up", "upper"), &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another module"), "{err}");
+
+    // After all that, a good child still gets its pages.
+    assert_eq!(
+        answer(&report(&resume(&nodes, &config, &parent.descriptor, &[])))["served"],
+        4
+    );
+    let stats = parent.stop();
+    assert_eq!(stats["refusals"]["bad_proof"], 1, "{stats}");
+    assert_eq!(stats["refusals"]["unknown_handle"], 1, "{stats}");
+    assert_eq!(stats["handshakes_ok"], 1, "{stats}");
+}
+
+#[test]
+fn a_dead_parent_fails_the_child_cleanly() {
+    let Some(nodes) = Nodes::create("a_dead_parent_fails_the_child_cleanly") else {
+        return;
+    };
+    let config = config("fork-dead");
+    let mut parent = Parent::start(&nodes, &config);
+    parent.process.kill().unwrap();
+    parent.process.wait().unwrap();
+    // finish_within fails the test if the child hangs instead of failing.
+    let out = resume(&nodes, &config, &parent.descriptor, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("connecting to the parent"), "{err}");
+}
