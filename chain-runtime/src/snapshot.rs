@@ -36,6 +36,8 @@ use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+pub use proto::PageBitmap;
+
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, mmap_anonymous};
@@ -170,66 +172,18 @@ pub struct MemoryLayout {
     /// Size of linear memory in bytes (a whole number of Wasm pages).
     pub bytes: u64,
     /// Which [`IMAGE_PAGE`]s hold a non-zero byte (the rest are holes in the image).
-    pub nonzero: PageMap,
+    pub nonzero: PageBitmap,
 }
 
-/// One bit per [`IMAGE_PAGE`] of linear memory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PageMap {
-    pages: u64,
-    words: Vec<u64>,
-}
-
-impl PageMap {
-    fn empty(pages: u64) -> Self {
-        PageMap {
-            pages,
-            words: vec![0; pages.div_ceil(64) as usize],
-        }
-    }
-
-    /// Rebuilds a map from its words (e.g. received from a parent), refusing bits set past
-    /// `pages`.
-    pub fn from_words(pages: u64, words: Vec<u64>) -> Result<Self, SnapshotError> {
-        let map = PageMap { pages, words };
-        let tail_ok = match pages % 64 {
-            0 => true,
-            used => map.words.last().is_none_or(|w| w >> used == 0),
-        };
-        if map.words.len() as u64 != pages.div_ceil(64) || !tail_ok {
-            return Err(SnapshotError::Malformed(format!(
-                "page map of {} words does not describe {pages} pages",
-                map.words.len()
-            )));
-        }
-        Ok(map)
-    }
-
-    fn set(&mut self, page: u64) {
-        self.words[(page / 64) as usize] |= 1 << (page % 64);
-    }
-
-    /// Number of pages the map describes.
-    pub fn pages(&self) -> u64 {
-        self.pages
-    }
-
-    pub fn words(&self) -> &[u64] {
-        &self.words
-    }
-
-    pub fn is_nonzero(&self, page: u64) -> bool {
-        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
-    }
-
-    pub fn count_nonzero(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
-
-    /// Indices of the non-zero pages, ascending.
-    pub fn iter_nonzero(&self) -> impl Iterator<Item = u64> + '_ {
-        (0..self.pages).filter(|&p| self.is_nonzero(p))
-    }
+/// Rebuilds a page map received from elsewhere, refusing one that does not describe exactly
+/// `pages` pages.
+pub fn page_map(pages: u64, words: Vec<u64>) -> Result<PageBitmap, SnapshotError> {
+    let len = words.len();
+    PageBitmap::from_words(pages, words).ok_or_else(|| {
+        SnapshotError::Malformed(format!(
+            "page map of {len} words does not describe {pages} pages"
+        ))
+    })
 }
 
 /// One global's type and raw value (`VMGlobalDefinition`'s 16 bytes, as wasmer-wasix keeps
@@ -496,7 +450,7 @@ fn image_err(what: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError
 
 /// Writes the non-zero pages of `data` at their offsets into a new memfd as long as `data`
 /// (so zero pages stay holes and cost nothing), then seals it.
-fn write_image(data: &[u8]) -> Result<(PageMap, OwnedFd), SnapshotError> {
+fn write_image(data: &[u8]) -> Result<(PageBitmap, OwnedFd), SnapshotError> {
     let fd = memfd_create(
         "spindle-snapshot",
         MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
@@ -507,7 +461,7 @@ fn write_image(data: &[u8]) -> Result<(PageMap, OwnedFd), SnapshotError> {
         .map_err(image_err("size the image memfd"))?;
 
     let page = IMAGE_PAGE as usize;
-    let mut map = PageMap::empty(data.len().div_ceil(page) as u64);
+    let mut map = PageBitmap::new(data.len().div_ceil(page) as u64);
     let mut run: Option<usize> = None; // first page of the current run of non-zero pages
     let flush = |from: usize, to: usize| {
         file.write_all_at(
@@ -798,10 +752,6 @@ impl SnapshotMeta {
                 }
             })
             .collect();
-        let mut nonzero = proto::PageBitmap::new(self.memory.nonzero.pages());
-        for page in self.memory.nonzero.iter_nonzero() {
-            nonzero.set(page);
-        }
         let stdio_closed = self
             .wasi
             .stdio_closed
@@ -812,7 +762,7 @@ impl SnapshotMeta {
             module_hash: self.module_sha256,
             engine: self.engine.clone(),
             memory_bytes: self.memory.bytes,
-            nonzero,
+            nonzero: self.memory.nonzero.clone(),
             globals,
             tables: self.tables.iter().map(|t| t.size).collect(),
             wasi_digest: self.wasi.digest(),
@@ -860,7 +810,7 @@ impl SnapshotMeta {
             engine: meta.engine.clone(),
             memory: MemoryLayout {
                 bytes: meta.memory_bytes,
-                nonzero: PageMap::from_words(meta.nonzero.pages(), meta.nonzero.words().to_vec())?,
+                nonzero: meta.nonzero.clone(),
             },
             globals,
             tables: meta

@@ -692,8 +692,8 @@ mod tests {
             chain.instance_up(0, i, 1, Arc::clone(q));
         }
         let free = chain.arena.free_slots();
-        let _first = send(&chain).ok().expect("queued");
-        let _second = send(&chain).ok().expect("queued");
+        let _first = send(&chain).expect("queued");
+        let _second = send(&chain).expect("queued");
         assert!(
             queues.iter().all(|q| q.is_full()),
             "one each: the full one was skipped"

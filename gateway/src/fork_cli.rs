@@ -12,7 +12,8 @@
 //! fetches the image's metadata from the parent, checks module, engine and WASI layout
 //! against its own, builds the instance from the metadata with its linear memory registered
 //! with userfaultfd, and answers one request; pages arrive from the parent on first touch
-//! (`--eager`: all of them first). It prints the answer and where the time went as one JSON
+//! (`--eager`: every page that holds data is fetched first, without userfaultfd, the baseline
+//! lazy fork is measured against). It prints the answer and where the time went as one JSON
 //! line.
 
 use std::io::Write;
@@ -28,11 +29,12 @@ use chain_runtime::instance::InstanceBuilder;
 use chain_runtime::snapshot::{MemoryFill, MemoryRegion, SnapshotMeta};
 use nix::sys::signal::{SigSet, Signal};
 use proto::ImageDescriptor;
+use proto::pages::MAX_READ_PAGES;
 use rdma_fork::client::PageClient;
 use rdma_fork::lazy::{FaultServer, ServeOptions};
 use rdma_fork::registry::{ImageRegistry, PublishedImage};
 use rdma_fork::server::PageServer;
-use rdma_fork::{PageBitmap, RemoteSource};
+use rdma_fork::{PageBitmap, PageSource, RemoteSource};
 
 /// How long a child may take to connect, authenticate and get each answer from the parent.
 const PARENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -140,7 +142,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "image of {}/{}: {} of {} pages hold data, prepared in {prepare_us} µs; serving pages on {}",
         args.chain,
         args.function,
-        meta.memory.nonzero.count_nonzero(),
+        meta.memory.nonzero.count(),
         meta.memory.nonzero.pages(),
         server.local_addr()
     );
@@ -226,16 +228,46 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
 
     let mut region: Option<(usize, usize)> = None;
     let mut faults: Option<FaultServer> = None;
+    let mut eager_pages = 0u64;
     let mut fill = |r: MemoryRegion| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let base = r.base().as_ptr() as usize;
+        region = Some((base, r.len()));
+        if args.eager {
+            // Everything first, no userfaultfd: the baseline lazy fork is compared with.
+            // SAFETY: the region is the child's linear memory, freshly mapped, writable and
+            // unaliased during the callback (the contract of MemoryFill::Caller).
+            let memory = unsafe { std::slice::from_raw_parts_mut(r.base().as_ptr(), r.len()) };
+            let page = rdma_fork::PAGE_SIZE;
+            for (first, chunk) in memory
+                .chunks_mut(MAX_READ_PAGES as usize * page)
+                .enumerate()
+            {
+                let first = (first * MAX_READ_PAGES as usize) as u64;
+                let n = (chunk.len() / page) as u64;
+                // Runs of pages that hold data, fetched in one read each.
+                let mut p = 0;
+                while p < n {
+                    if source.is_zero(first + p) {
+                        p += 1;
+                        continue;
+                    }
+                    let run = (p..n).take_while(|&q| !source.is_zero(first + q)).count() as u64;
+                    let bytes = &mut chunk[(p as usize) * page..((p + run) as usize) * page];
+                    source.fetch(first + p, run as u32, bytes)?;
+                    eager_pages += run;
+                    p += run;
+                }
+            }
+            return Ok(());
+        }
         let uffd = rdma_fork::create_uffd()?;
         // SAFETY: the region is the child's linear memory, freshly mapped and untouched, and
         // stays mapped for the instance's life (the contract of MemoryFill::Caller); the
         // fault server below answers every fault in it.
         unsafe { rdma_fork::register_region(&uffd, r.base(), r.len())? };
-        let base = r.base().as_ptr() as usize;
         let options = ServeOptions {
             readahead: args.readahead,
-            eager: args.eager,
+            eager: false,
             peer: None,
         };
         let source: Arc<dyn rdma_fork::PageSource> = source.clone();
@@ -246,7 +278,6 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
             source,
             options,
         )?);
-        region = Some((base, r.len()));
         Ok(())
     };
     let mut instance = builder
@@ -255,18 +286,33 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
     let restored_us = started.elapsed().as_micros();
     let output = invoke(instance.host_mut(), args.body.as_bytes(), capacity);
     let first_response_us = started.elapsed().as_micros();
-    let faults = faults.context("the instance never handed over its memory")?;
-    if faults.failed() {
-        bail!(
-            "fetching pages from the parent failed: {}",
-            faults.failure().unwrap_or_default()
-        );
-    }
+    // Final counters: the handler counts a readahead window just before installing it, so
+    // only a stopped handler's numbers are complete.
+    let lazy = match faults {
+        Some(faults) => {
+            faults.stop();
+            let served = faults.join().context("stopping the fault handler")?;
+            if let Some(failure) = served.failure {
+                bail!("fetching pages from the parent failed: {failure}");
+            }
+            Some(served.stats)
+        }
+        None => None,
+    };
     let output = output?;
-    let (base, len) = region.context("no memory region")?;
+    let (base, len) = region.context("the instance never handed over its memory")?;
     let resident = rdma_fork::resident_pages(base as *const u8, len)?;
-    let f = faults.stats();
     let c = source.stats();
+    let (faults, pages_copied, zero_pages, prefetched, bytes_fetched) = match &lazy {
+        Some(f) => (
+            f.faults,
+            f.pages_copied,
+            f.zero_pages,
+            f.prefetched,
+            f.bytes_fetched,
+        ),
+        None => (0, eager_pages, 0, 0, c.pages * rdma_fork::PAGE_SIZE as u64),
+    };
     let report = serde_json::json!({
         "output": String::from_utf8_lossy(&output),
         "mode": if args.eager { "eager" } else { "lazy" },
@@ -274,11 +320,11 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
         "memory_pages": len / rdma_fork::PAGE_SIZE,
         "image_nonzero_pages": wire.nonzero.count(),
         "resident_pages": resident,
-        "faults": f.faults,
-        "pages_copied": f.pages_copied,
-        "zero_pages": f.zero_pages,
-        "prefetched": f.prefetched,
-        "bytes_fetched": f.bytes_fetched,
+        "faults": faults,
+        "pages_copied": pages_copied,
+        "zero_pages": zero_pages,
+        "prefetched": prefetched,
+        "bytes_fetched": bytes_fetched,
         "wire_bytes_received": c.bytes_received,
         "round_trips": c.round_trips,
         "compile_us_once_per_node": compile_us,
@@ -290,9 +336,5 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
         },
     });
     println!("{report}");
-    drop(instance);
-    // The handler runs until told: the region it serves is gone with the instance.
-    faults.stop();
-    faults.join().context("stopping the fault handler")?;
     Ok(())
 }

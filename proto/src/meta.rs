@@ -79,7 +79,9 @@ pub struct GlobalValue {
     pub bits: u128,
 }
 
-/// Which pages of the image hold data; the rest read as zero and are never sent.
+/// One bit per 4 KiB page: which pages of an image hold data (the rest read as zero and are
+/// never sent), or which pages of a region are already in place. The one page map of the
+/// workspace: the wire form ([`words`](Self::words)) is what images carry.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PageBitmap {
     pages: u64,
@@ -87,7 +89,7 @@ pub struct PageBitmap {
 }
 
 impl PageBitmap {
-    /// All pages zero.
+    /// All pages clear.
     pub fn new(pages: u64) -> Self {
         PageBitmap {
             pages,
@@ -95,26 +97,55 @@ impl PageBitmap {
         }
     }
 
+    /// The pages of `image` that hold a non-zero byte (a partial last page counts as one).
+    pub fn nonzero_pages(image: &[u8]) -> Self {
+        let page = PAGE_SIZE as usize;
+        let mut map = PageBitmap::new(image.len().div_ceil(page) as u64);
+        for (i, chunk) in image.chunks(page).enumerate() {
+            if chunk.iter().any(|&b| b != 0) {
+                map.set(i as u64);
+            }
+        }
+        map
+    }
+
+    /// Rebuilds a bitmap from its words; `None` when the word count does not fit `pages` or
+    /// a bit past the last page is set.
+    pub fn from_words(pages: u64, words: Vec<u64>) -> Option<Self> {
+        if words.len() as u64 != pages.div_ceil(64) {
+            return None;
+        }
+        let tail = pages % 64;
+        if tail != 0 && words.last().is_some_and(|w| w >> tail != 0) {
+            return None;
+        }
+        Some(PageBitmap { pages, words })
+    }
+
     pub fn pages(&self) -> u64 {
         self.pages
     }
 
+    /// Sets the bit of `page`; a page past the end does not exist and is ignored.
     pub fn set(&mut self, page: u64) {
-        assert!(
-            page < self.pages,
-            "page {page} outside a {}-page bitmap",
-            self.pages
-        );
-        self.words[(page / 64) as usize] |= 1 << (page % 64);
+        if page < self.pages {
+            self.words[(page / 64) as usize] |= 1 << (page % 64);
+        }
     }
 
-    /// True when `page` holds data (false past the end: such a page does not exist).
+    /// The bit of `page` (false past the end: such a page does not exist).
     pub fn is_set(&self, page: u64) -> bool {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
 
+    /// Pages whose bit is set.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// The pages whose bit is set, ascending.
+    pub fn iter_set(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.pages).filter(|&p| self.is_set(p))
     }
 
     pub fn words(&self) -> &[u64] {
@@ -249,14 +280,11 @@ impl ImageMeta {
                 got: words,
             });
         }
-        let mut nonzero = PageBitmap::new(pages);
-        for w in nonzero.words.iter_mut() {
+        let mut words = vec![0u64; words as usize];
+        for w in words.iter_mut() {
             *w = c.u64().ok_or(t("bitmap"))?;
         }
-        let tail = pages % 64;
-        if tail != 0 && nonzero.words.last().is_some_and(|w| w >> tail != 0) {
-            return Err(MetaError::BitmapPadding);
-        }
+        let nonzero = PageBitmap::from_words(pages, words).ok_or(MetaError::BitmapPadding)?;
         let count = bounded(c.u32().ok_or(t("global count"))?, "globals", MAX_GLOBALS)?;
         let mut globals = Vec::with_capacity(count);
         for index in 0..count {
@@ -354,6 +382,32 @@ mod tests {
             wasi_digest: [9; 32],
             stdio_closed: 0b010,
         }
+    }
+
+    #[test]
+    fn bitmap_scans_round_trips_and_refuses_padding() {
+        let mut image = vec![0u8; 5 * 4096 + 10];
+        image[4096] = 1;
+        image[5 * 4096 + 3] = 7;
+        let map = PageBitmap::nonzero_pages(&image);
+        assert_eq!(map.pages(), 6);
+        assert_eq!(map.iter_set().collect::<Vec<_>>(), [1, 5]);
+        assert_eq!(
+            PageBitmap::from_words(6, map.words().to_vec()),
+            Some(map.clone())
+        );
+        assert_eq!(
+            PageBitmap::from_words(6, vec![1 << 6]),
+            None,
+            "bit past the end"
+        );
+        assert_eq!(PageBitmap::from_words(65, vec![0]), None, "too few words");
+        let mut m = map;
+        m.set(1000);
+        assert!(
+            !m.is_set(1000) && m.count() == 2,
+            "pages past the end do not exist"
+        );
     }
 
     #[test]

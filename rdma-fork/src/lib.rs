@@ -72,6 +72,30 @@ pub trait PageSource: Send + Sync {
     fn fetch(&self, first_page: u64, count: u32, dst: &mut [u8]) -> Result<(), FetchError>;
 }
 
+/// The request checks every [`PageSource::fetch`] makes first: the pages exist in an image
+/// of `pages` pages and `dst` holds exactly `count` of them.
+pub fn check_fetch(pages: u64, first_page: u64, count: u32, dst: &[u8]) -> Result<(), FetchError> {
+    if first_page
+        .checked_add(u64::from(count))
+        .is_none_or(|end| end > pages)
+    {
+        return Err(FetchError::OutOfRange {
+            first_page,
+            count,
+            pages,
+        });
+    }
+    let need = u64::from(count) * PAGE_SIZE as u64;
+    if dst.len() as u64 != need {
+        return Err(FetchError::BadBuffer {
+            count,
+            need,
+            got: dst.len(),
+        });
+    }
+    Ok(())
+}
+
 /// Why a [`PageSource`] could not deliver pages.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -57,26 +57,11 @@ impl PageSource for RemoteSource {
     }
 
     fn is_zero(&self, page: u64) -> bool {
-        page < self.nonzero.pages() && !self.nonzero.get(page)
+        page < self.nonzero.pages() && !self.nonzero.is_set(page)
     }
 
     fn fetch(&self, first_page: u64, count: u32, dst: &mut [u8]) -> Result<(), FetchError> {
-        let pages = self.len / PAGE_SIZE as u64;
-        if first_page + u64::from(count) > pages {
-            return Err(FetchError::OutOfRange {
-                first_page,
-                count,
-                pages,
-            });
-        }
-        let need = u64::from(count) * PAGE_SIZE as u64;
-        if dst.len() as u64 != need {
-            return Err(FetchError::BadBuffer {
-                count,
-                need,
-                got: dst.len(),
-            });
-        }
+        crate::check_fetch(self.len / PAGE_SIZE as u64, first_page, count, dst)?;
         let mut client = self.client.lock().unwrap_or_else(|e| e.into_inner());
         // A read answers at most MAX_READ_PAGES pages; a larger fetch (eager mode) is split.
         for (i, chunk) in dst

@@ -15,74 +15,7 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 
 use crate::{FetchError, PAGE_SIZE, PageSource};
 
-/// One bit per page. As the non-zero map of an image it is part of what a parent sends with
-/// a fork, so it has a plain word encoding ([`words`](Self::words),
-/// [`from_words`](Self::from_words)).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PageBitmap {
-    pages: u64,
-    words: Vec<u64>,
-}
-
-impl PageBitmap {
-    /// An all-clear bitmap of `pages` pages.
-    pub fn new(pages: u64) -> Self {
-        PageBitmap {
-            pages,
-            words: vec![0; pages.div_ceil(64) as usize],
-        }
-    }
-
-    /// The bitmap of the pages of `image` that hold a non-zero byte (a partial last page
-    /// counts as a page).
-    pub fn nonzero_pages(image: &[u8]) -> Self {
-        let mut map = PageBitmap::new(image.len().div_ceil(PAGE_SIZE) as u64);
-        for (page, chunk) in image.chunks(PAGE_SIZE).enumerate() {
-            if chunk.iter().any(|&b| b != 0) {
-                map.set(page as u64);
-            }
-        }
-        map
-    }
-
-    /// Rebuilds a bitmap from its words; `None` when the word count does not fit `pages` or a
-    /// bit past the end is set.
-    pub fn from_words(pages: u64, words: Vec<u64>) -> Option<Self> {
-        if words.len() as u64 != pages.div_ceil(64) {
-            return None;
-        }
-        let tail = pages % 64;
-        if tail != 0 && words.last().is_some_and(|w| w >> tail != 0) {
-            return None;
-        }
-        Some(PageBitmap { pages, words })
-    }
-
-    pub fn words(&self) -> &[u64] {
-        &self.words
-    }
-
-    pub fn pages(&self) -> u64 {
-        self.pages
-    }
-
-    /// The bit of `page`; false out of range.
-    pub fn get(&self, page: u64) -> bool {
-        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
-    }
-
-    /// Sets the bit of `page`; ignored out of range.
-    pub fn set(&mut self, page: u64) {
-        if page < self.pages {
-            self.words[(page / 64) as usize] |= 1 << (page % 64);
-        }
-    }
-
-    /// Number of set bits.
-    pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
-}
+pub use proto::PageBitmap;
 
 /// Why a [`MemfdSource`] could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -194,29 +127,11 @@ impl PageSource for MemfdSource {
     }
 
     fn is_zero(&self, page: u64) -> bool {
-        page < self.nonzero.pages() && !self.nonzero.get(page)
+        page < self.nonzero.pages() && !self.nonzero.is_set(page)
     }
 
     fn fetch(&self, first_page: u64, count: u32, dst: &mut [u8]) -> Result<(), FetchError> {
-        let pages = self.nonzero.pages();
-        if first_page
-            .checked_add(u64::from(count))
-            .is_none_or(|end| end > pages)
-        {
-            return Err(FetchError::OutOfRange {
-                first_page,
-                count,
-                pages,
-            });
-        }
-        let need = u64::from(count) * PAGE_SIZE as u64;
-        if dst.len() as u64 != need {
-            return Err(FetchError::BadBuffer {
-                count,
-                need,
-                got: dst.len(),
-            });
-        }
+        crate::check_fetch(self.nonzero.pages(), first_page, count, dst)?;
         let start = first_page * PAGE_SIZE as u64;
         let mut done = 0;
         while done < dst.len() {
@@ -251,7 +166,7 @@ mod tests {
     fn bitmap_marks_nonzero_pages_and_round_trips() {
         let map = PageBitmap::nonzero_pages(&image());
         assert_eq!(map.pages(), 6);
-        let set: Vec<u64> = (0..8).filter(|&p| map.get(p)).collect();
+        let set: Vec<u64> = (0..8).filter(|&p| map.is_set(p)).collect();
         assert_eq!(set, [1, 3, 5]);
         assert_eq!(map.count(), 3);
         let back = PageBitmap::from_words(6, map.words().to_vec()).unwrap();

@@ -194,10 +194,7 @@ fn image_holds_only_the_nonzero_pages_and_is_sealed() {
         })
         .collect();
     assert_eq!(expected, [0, 9]);
-    assert_eq!(
-        meta.memory.nonzero.iter_nonzero().collect::<Vec<_>>(),
-        expected
-    );
+    assert_eq!(meta.memory.nonzero.iter_set().collect::<Vec<_>>(), expected);
 
     // The memfd has the parent's bytes, data only where the map says, holes elsewhere.
     let fd = snap.image();
@@ -737,7 +734,7 @@ fn memory_beyond_the_limit_is_refused_at_capture_and_at_restore() {
     let snap = host.snapshot().unwrap();
     let mut meta = snap.meta().clone();
     meta.memory.bytes = 32 * 65536;
-    meta.memory.nonzero = PageMap::from_words(32 * 16, vec![0; 8]).unwrap();
+    meta.memory.nonzero = page_map(32 * 16, vec![0; 8]).unwrap();
     let err = FunctionHost::fork(
         &spec,
         None,
@@ -800,7 +797,7 @@ fn a_child_that_does_not_match_the_image_is_refused() {
 
     // A malformed page map, and an image fd that is not sealed.
     let mut meta = snap.meta().clone();
-    meta.memory.nonzero = PageMap::from_words(3, vec![0]).unwrap();
+    meta.memory.nonzero = page_map(3, vec![0]).unwrap();
     assert!(fork_err(&spec, &module, &meta, snap.image()).contains("page map"));
     let (_, empty) = write_image(&[]).unwrap();
     let plain = {
@@ -816,16 +813,13 @@ fn a_child_that_does_not_match_the_image_is_refused() {
 
 #[test]
 fn page_map_words_are_checked() {
-    assert!(PageMap::from_words(64, vec![u64::MAX]).is_ok());
-    assert!(PageMap::from_words(65, vec![0]).is_err(), "too few words");
-    assert!(
-        PageMap::from_words(3, vec![0b1000]).is_err(),
-        "bit past the end"
-    );
-    let map = PageMap::from_words(70, vec![1, 0b10]).unwrap();
-    assert_eq!(map.iter_nonzero().collect::<Vec<_>>(), [0, 65]);
-    assert_eq!(map.count_nonzero(), 2);
-    assert!(!map.is_nonzero(1000));
+    assert!(page_map(64, vec![u64::MAX]).is_ok());
+    assert!(page_map(65, vec![0]).is_err(), "too few words");
+    assert!(page_map(3, vec![0b1000]).is_err(), "bit past the end");
+    let map = page_map(70, vec![1, 0b10]).unwrap();
+    assert_eq!(map.iter_set().collect::<Vec<_>>(), [0, 65]);
+    assert_eq!(map.count(), 2);
+    assert!(!map.is_set(1000));
 }
 
 /// Informal timing (run with --ignored --nocapture): cold start vs fork of forkrand and of
@@ -851,7 +845,7 @@ fn fork_timing() {
     let per_fork = t.elapsed() / n;
     println!(
         "forkrand: cold {cold:?}, capture {capture:?} ({} of {} pages), fork {per_fork:?}",
-        snap.meta().memory.nonzero.count_nonzero(),
+        snap.meta().memory.nonzero.count(),
         snap.meta().memory.nonzero.pages()
     );
     drop(children);
@@ -881,7 +875,7 @@ fn fork_timing() {
     let per_fork = t.elapsed() / n;
     println!(
         "16 MiB heap: capture {capture:?} ({} of {} pages non-zero), fork {per_fork:?}",
-        snap.meta().memory.nonzero.count_nonzero(),
+        snap.meta().memory.nonzero.count(),
         snap.meta().memory.nonzero.pages()
     );
     drop(children);
@@ -895,10 +889,7 @@ fn metadata_survives_the_wire_and_a_child_built_from_it_continues_the_parent() {
     let snap = parent.snapshot().unwrap();
     let bytes = snap.meta().to_image_meta().encode();
     let wire = proto::ImageMeta::decode(&bytes).unwrap();
-    assert_eq!(
-        wire.nonzero.count(),
-        snap.meta().memory.nonzero.count_nonzero()
-    );
+    assert_eq!(wire.nonzero.count(), snap.meta().memory.nonzero.count());
     let meta = SnapshotMeta::from_image_meta(&wire, snap.meta().wasi.clone()).unwrap();
     assert_eq!(&meta, snap.meta(), "nothing lost on the way");
 
