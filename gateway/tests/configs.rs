@@ -84,6 +84,7 @@ fn shipped_configs_validate() {
         "configs/hello.yaml",
         "configs/pipeline.yaml",
         "configs/boutique.yaml",
+        "configs/fork.yaml",
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_spindle"))
             .arg("validate")
