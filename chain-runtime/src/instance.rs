@@ -47,6 +47,8 @@ pub enum InstanceError {
     UnknownStage { chain: String, function: String },
     #[error(transparent)]
     Host(#[from] HostError),
+    #[error(transparent)]
+    Resume(#[from] crate::resume::ResumeError),
 }
 
 /// The resources a worker process gets from the gateway, one field per fixed fd number.

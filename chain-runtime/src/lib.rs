@@ -13,6 +13,7 @@ pub mod config;
 pub mod host;
 pub mod instance;
 pub mod plan;
+pub mod resume;
 pub mod snapshot;
 pub mod stats;
 pub mod wasi;

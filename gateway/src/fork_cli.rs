@@ -26,15 +26,11 @@ use anyhow::{Context, bail};
 use chain_runtime::config::Config;
 use chain_runtime::host::{Outcome, SlotIo};
 use chain_runtime::instance::InstanceBuilder;
-use chain_runtime::snapshot::{MemoryFill, MemoryRegion, SnapshotMeta};
+use chain_runtime::resume::RemoteImage;
 use nix::sys::signal::{SigSet, Signal};
 use proto::ImageDescriptor;
-use proto::pages::MAX_READ_PAGES;
-use rdma_fork::client::PageClient;
-use rdma_fork::lazy::{FaultServer, ServeOptions};
 use rdma_fork::registry::{ImageRegistry, PublishedImage};
 use rdma_fork::server::PageServer;
-use rdma_fork::{PageBitmap, PageSource, RemoteSource};
 
 /// How long a child may take to connect, authenticate and get each answer from the parent.
 const PARENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -198,143 +194,54 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
     };
     let descriptor: ImageDescriptor = text.trim_end().parse().context("image descriptor")?;
 
-    // Once per node and module, not per fork: reported apart from the fork itself.
-    let compile_started = Instant::now();
     let builder = builder(&args.config, &args.chain, &args.function)?;
     let capacity = builder.chain().spec.slot_size as usize;
     let module_path = builder.stage().function.module.clone();
     let bytes = std::fs::read(&module_path)
         .with_context(|| format!("reading module {}", module_path.display()))?;
-    if proto::image::module_hash(&bytes) != descriptor.module_hash {
-        bail!(
-            "the image is of another module than {} (its SHA-256 differs)",
-            module_path.display()
-        );
-    }
-    let compiled = builder.compile(&bytes)?;
-    let compile_us = compile_started.elapsed().as_micros();
-
+    let image = RemoteImage {
+        descriptor,
+        eager: args.eager,
+        readahead: args.readahead,
+        timeout: PARENT_TIMEOUT,
+    };
+    // The node's one-time compile is inside resume_remote but not in its timings.
     let started = Instant::now();
-    let mut client =
-        PageClient::connect(&descriptor, PARENT_TIMEOUT).context("connecting to the parent")?;
-    let connected_us = started.elapsed().as_micros();
-    let wire = client.meta().context("fetching the image metadata")?;
-    let wire = proto::ImageMeta::decode(&wire).context("the parent's image metadata")?;
-    let meta = SnapshotMeta::from_image_meta(&wire, builder.wasi_layout())?;
-    let nonzero = PageBitmap::from_words(wire.nonzero.pages(), wire.nonzero.words().to_vec())
-        .context("the image's page map")?;
-    let meta_us = started.elapsed().as_micros();
-    let source = Arc::new(RemoteSource::from_client(client, nonzero));
-
-    let mut region: Option<(usize, usize)> = None;
-    let mut faults: Option<FaultServer> = None;
-    let mut eager_pages = 0u64;
-    let mut fill = |r: MemoryRegion| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let base = r.base().as_ptr() as usize;
-        region = Some((base, r.len()));
-        if args.eager {
-            // Everything first, no userfaultfd: the baseline lazy fork is compared with.
-            // SAFETY: the region is the child's linear memory, freshly mapped, writable and
-            // unaliased during the callback (the contract of MemoryFill::Caller).
-            let memory = unsafe { std::slice::from_raw_parts_mut(r.base().as_ptr(), r.len()) };
-            let page = rdma_fork::PAGE_SIZE;
-            for (first, chunk) in memory
-                .chunks_mut(MAX_READ_PAGES as usize * page)
-                .enumerate()
-            {
-                let first = (first * MAX_READ_PAGES as usize) as u64;
-                let n = (chunk.len() / page) as u64;
-                // Runs of pages that hold data, fetched in one read each.
-                let mut p = 0;
-                while p < n {
-                    if source.is_zero(first + p) {
-                        p += 1;
-                        continue;
-                    }
-                    let run = (p..n).take_while(|&q| !source.is_zero(first + q)).count() as u64;
-                    let bytes = &mut chunk[(p as usize) * page..((p + run) as usize) * page];
-                    source.fetch(first + p, run as u32, bytes)?;
-                    eager_pages += run;
-                    p += run;
-                }
-            }
-            return Ok(());
-        }
-        let uffd = rdma_fork::create_uffd()?;
-        // SAFETY: the region is the child's linear memory, freshly mapped and untouched, and
-        // stays mapped for the instance's life (the contract of MemoryFill::Caller); the
-        // fault server below answers every fault in it.
-        unsafe { rdma_fork::register_region(&uffd, r.base(), r.len())? };
-        let options = ServeOptions {
-            readahead: args.readahead,
-            eager: false,
-            peer: None,
-        };
-        let source: Arc<dyn rdma_fork::PageSource> = source.clone();
-        faults = Some(rdma_fork::serve_faults(
-            uffd,
-            base,
-            r.len(),
-            source,
-            options,
-        )?);
-        Ok(())
-    };
-    let mut instance = builder
-        .from_snapshot_parts(&meta, &compiled, MemoryFill::Caller(&mut fill))
-        .context("resuming the instance")?;
-    let restored_us = started.elapsed().as_micros();
+    let (mut instance, memory) = builder.resume_remote(&bytes, &image)?;
+    let compile_and_restore_us = started.elapsed().as_micros() as u64;
+    let t = memory.timings;
+    let call = Instant::now();
     let output = invoke(instance.host_mut(), args.body.as_bytes(), capacity);
-    let first_response_us = started.elapsed().as_micros();
-    // Final counters: the handler counts a readahead window just before installing it, so
-    // only a stopped handler's numbers are complete.
-    let lazy = match faults {
-        Some(faults) => {
-            faults.stop();
-            let served = faults.join().context("stopping the fault handler")?;
-            if let Some(failure) = served.failure {
-                bail!("fetching pages from the parent failed: {failure}");
-            }
-            Some(served.stats)
-        }
-        None => None,
-    };
+    let call_us = call.elapsed().as_micros() as u64;
+    if let Some(failure) = memory.failure() {
+        bail!("fetching pages from the parent failed: {failure}");
+    }
     let output = output?;
-    let (base, len) = region.context("the instance never handed over its memory")?;
-    let resident = rdma_fork::resident_pages(base as *const u8, len)?;
-    let c = source.stats();
-    let (faults, pages_copied, zero_pages, prefetched, bytes_fetched) = match &lazy {
-        Some(f) => (
-            f.faults,
-            f.pages_copied,
-            f.zero_pages,
-            f.prefetched,
-            f.bytes_fetched,
-        ),
-        None => (0, eager_pages, 0, 0, c.pages * rdma_fork::PAGE_SIZE as u64),
-    };
+    let resident = memory.resident_pages()?;
+    let s = memory.finish().context("stopping the fault handler")?;
     let report = serde_json::json!({
         "output": String::from_utf8_lossy(&output),
         "mode": if args.eager { "eager" } else { "lazy" },
         "readahead": args.readahead,
-        "memory_pages": len / rdma_fork::PAGE_SIZE,
-        "image_nonzero_pages": wire.nonzero.count(),
+        "memory_pages": s.memory_pages,
+        "image_nonzero_pages": s.image_nonzero_pages,
         "resident_pages": resident,
-        "faults": faults,
-        "pages_copied": pages_copied,
-        "zero_pages": zero_pages,
-        "prefetched": prefetched,
-        "bytes_fetched": bytes_fetched,
-        "wire_bytes_received": c.bytes_received,
-        "round_trips": c.round_trips,
-        "compile_us_once_per_node": compile_us,
+        "faults": s.faults,
+        "pages_copied": s.pages_copied,
+        "zero_pages": s.zero_pages,
+        "prefetched": s.prefetched,
+        "bytes_fetched": s.bytes_fetched,
+        "wire_bytes_received": s.wire_bytes_received,
+        "round_trips": s.round_trips,
+        "compile_us_once_per_node": compile_and_restore_us.saturating_sub(t.restored_us),
         "timings_us": {
-            "connect_and_authenticate": connected_us,
-            "metadata": meta_us,
-            "restored": restored_us,
-            "first_response": first_response_us,
+            "connect_and_authenticate": t.connect_and_authenticate_us,
+            "metadata": t.metadata_us,
+            "restored": t.restored_us,
+            "first_response": t.restored_us + call_us,
         },
     });
     println!("{report}");
+    drop(instance);
     Ok(())
 }

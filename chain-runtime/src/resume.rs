@@ -1,0 +1,246 @@
+//! Resuming an instance from a remote image (`fork_resume`): the module is compiled on this
+//! node (never received: an image names its module by SHA-256), the image's metadata comes
+//! from the parent's page server, and linear memory is filled from it — lazily on first
+//! touch through userfaultfd, or eagerly before the first call.
+//!
+//! The fault handler runs on a thread of this process. A fetch that fails answers the fault
+//! with zeros and marks the memory failed ([`ResumedMemory::failure`]): whoever runs the
+//! instance must check it before letting an answer out, and stop using the instance.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::ImageDescriptor;
+use proto::pages::MAX_READ_PAGES;
+use rdma_fork::client::{ClientError, PageClient};
+use rdma_fork::lazy::{FaultServer, ServeOptions};
+use rdma_fork::{PageSource, RemoteSource};
+
+use crate::instance::{Instance, InstanceBuilder, InstanceError};
+use crate::snapshot::{MemoryFill, MemoryRegion, SnapshotError, SnapshotMeta};
+
+/// How to resume from a remote image.
+#[derive(Debug, Clone)]
+pub struct RemoteImage {
+    pub descriptor: ImageDescriptor,
+    /// Fetch every page that holds data before the first call, without userfaultfd.
+    pub eager: bool,
+    /// Pages fetched along with each faulting page (lazy only; 0: only what is touched).
+    pub readahead: u32,
+    /// For connecting, authenticating and each answer of the parent.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("the image is of another module than {module} (its SHA-256 differs)")]
+    ForeignModule { module: String },
+    #[error("connecting to the parent: {0}")]
+    Connect(ClientError),
+    #[error("fetching the image metadata: {0}")]
+    Meta(ClientError),
+    #[error("the parent's image metadata: {0}")]
+    BadMeta(#[from] proto::MetaError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// Microseconds from the start of the resume (the module compile is not part of it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResumeTimings {
+    pub connect_and_authenticate_us: u64,
+    pub metadata_us: u64,
+    pub restored_us: u64,
+}
+
+/// What a resumed instance's memory came from and how it is being filled.
+pub struct ResumedMemory {
+    base: usize,
+    len: usize,
+    image_nonzero_pages: u64,
+    source: Arc<RemoteSource>,
+    faults: Option<FaultServer>,
+    eager_pages: u64,
+    pub timings: ResumeTimings,
+}
+
+/// Counters of one resumed memory, final once the handler stopped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResumeStats {
+    pub memory_pages: u64,
+    pub image_nonzero_pages: u64,
+    pub faults: u64,
+    pub pages_copied: u64,
+    pub zero_pages: u64,
+    pub prefetched: u64,
+    pub bytes_fetched: u64,
+    pub wire_bytes_received: u64,
+    pub round_trips: u64,
+}
+
+impl ResumedMemory {
+    /// Why fetching pages failed, once it has: the instance's memory holds zeros where the
+    /// parent's data should be, so nothing it computes may be used.
+    pub fn failure(&self) -> Option<String> {
+        let f = self.faults.as_ref()?;
+        if f.failed() {
+            Some(f.failure().unwrap_or_default().to_owned())
+        } else {
+            None
+        }
+    }
+
+    /// Pages of the memory in place now (installed zero pages included).
+    pub fn resident_pages(&self) -> std::io::Result<usize> {
+        rdma_fork::resident_pages(self.base as *const u8, self.len)
+    }
+
+    fn counters(&self, lazy: Option<rdma_fork::StatsSnapshot>) -> ResumeStats {
+        let c = self.source.stats();
+        let mut s = ResumeStats {
+            memory_pages: (self.len / rdma_fork::PAGE_SIZE) as u64,
+            image_nonzero_pages: self.image_nonzero_pages,
+            wire_bytes_received: c.bytes_received,
+            round_trips: c.round_trips,
+            ..ResumeStats::default()
+        };
+        match lazy {
+            Some(f) => {
+                s.faults = f.faults;
+                s.pages_copied = f.pages_copied;
+                s.zero_pages = f.zero_pages;
+                s.prefetched = f.prefetched;
+                s.bytes_fetched = f.bytes_fetched;
+            }
+            None => {
+                s.pages_copied = self.eager_pages;
+                s.bytes_fetched = self.eager_pages * rdma_fork::PAGE_SIZE as u64;
+            }
+        }
+        s
+    }
+
+    /// Counters so far (a readahead window being installed may not be counted yet).
+    pub fn stats(&self) -> ResumeStats {
+        self.counters(self.faults.as_ref().map(|f| f.stats()))
+    }
+
+    /// Stops the fault handler (call once the instance makes no more calls) and returns the
+    /// final counters.
+    pub fn finish(mut self) -> Result<ResumeStats, rdma_fork::LazyError> {
+        let lazy = match self.faults.take() {
+            Some(f) => {
+                f.stop();
+                Some(f.join()?.stats)
+            }
+            None => None,
+        };
+        Ok(self.counters(lazy))
+    }
+}
+
+impl InstanceBuilder {
+    /// Resumes this function from a remote image, compiling `module` (its bytes as this
+    /// node's config names them) here. Returns the instance and its memory's state, which
+    /// must outlive every call into the instance.
+    pub fn resume_remote(
+        self,
+        module: &[u8],
+        image: &RemoteImage,
+    ) -> Result<(Instance, ResumedMemory), InstanceError> {
+        if proto::image::module_hash(module) != image.descriptor.module_hash {
+            return Err(ResumeError::ForeignModule {
+                module: self.stage().function.module.display().to_string(),
+            }
+            .into());
+        }
+        let compiled = self.compile(module)?;
+
+        let started = Instant::now();
+        let us = |t: Instant| t.elapsed().as_micros() as u64;
+        let mut client =
+            PageClient::connect(&image.descriptor, image.timeout).map_err(ResumeError::Connect)?;
+        let mut timings = ResumeTimings {
+            connect_and_authenticate_us: us(started),
+            ..ResumeTimings::default()
+        };
+        let wire = client.meta().map_err(ResumeError::Meta)?;
+        let wire = proto::ImageMeta::decode(&wire).map_err(ResumeError::BadMeta)?;
+        let meta = SnapshotMeta::from_image_meta(&wire, self.wasi_layout())
+            .map_err(ResumeError::Snapshot)?;
+        timings.metadata_us = us(started);
+        let source = Arc::new(RemoteSource::from_client(client, wire.nonzero.clone()));
+
+        let mut region = None;
+        let mut faults = None;
+        let mut eager_pages = 0u64;
+        let mut fill = |r: MemoryRegion| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            region = Some((r.base().as_ptr() as usize, r.len()));
+            if image.eager {
+                // SAFETY: the region is the child's linear memory, freshly mapped, writable
+                // and unaliased during the callback (the contract of MemoryFill::Caller).
+                let memory = unsafe { std::slice::from_raw_parts_mut(r.base().as_ptr(), r.len()) };
+                eager_pages = fetch_all(&*source, memory)?;
+                return Ok(());
+            }
+            let uffd = rdma_fork::create_uffd()?;
+            // SAFETY: the region is the child's linear memory, freshly mapped and untouched,
+            // and stays mapped for the instance's life; the fault server below answers
+            // every fault in it.
+            unsafe { rdma_fork::register_region(&uffd, r.base(), r.len())? };
+            let options = ServeOptions {
+                readahead: image.readahead,
+                eager: false,
+                peer: None,
+            };
+            let source: Arc<dyn PageSource> = source.clone();
+            faults = Some(rdma_fork::serve_faults(
+                uffd,
+                r.base().as_ptr() as usize,
+                r.len(),
+                source,
+                options,
+            )?);
+            Ok(())
+        };
+        let instance = self.from_snapshot_parts(&meta, &compiled, MemoryFill::Caller(&mut fill))?;
+        timings.restored_us = us(started);
+        let (base, len) = region.unwrap_or_default();
+        Ok((
+            instance,
+            ResumedMemory {
+                base,
+                len,
+                image_nonzero_pages: wire.nonzero.count(),
+                source,
+                faults,
+                eager_pages,
+                timings,
+            },
+        ))
+    }
+}
+
+/// Fills `memory` with every page of `source` that holds data, one read per run of them;
+/// returns how many pages were fetched.
+fn fetch_all(source: &RemoteSource, memory: &mut [u8]) -> Result<u64, rdma_fork::FetchError> {
+    let page = rdma_fork::PAGE_SIZE;
+    let pages = (memory.len() / page) as u64;
+    let mut fetched = 0;
+    let mut p = 0;
+    while p < pages {
+        if source.is_zero(p) {
+            p += 1;
+            continue;
+        }
+        let run = (p..pages)
+            .take(MAX_READ_PAGES as usize)
+            .take_while(|&q| !source.is_zero(q))
+            .count() as u64;
+        let bytes = &mut memory[p as usize * page..(p + run) as usize * page];
+        source.fetch(p, run as u32, bytes)?;
+        fetched += run;
+        p += run;
+    }
+    Ok(fetched)
+}
