@@ -18,7 +18,7 @@ use std::path::Path;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::stat::{SFlag, fstat};
-use proto::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD};
+use proto::worker::{ARENA_FD, CONFIG_FD, IMAGE_FD, MODULE_FD, SOCKET_FD, STATS_FD};
 
 use crate::config::{Config, ConfigErrors};
 use crate::host::{FunctionHost, HostError};
@@ -64,21 +64,25 @@ pub struct Handoff<Fd> {
     pub module: Fd,
     /// The instance's statistics page.
     pub stats: Fd,
+    /// Sealed memfd with the image descriptor to resume from, for an instance started from a
+    /// remote image instead of cold (the worker's `--from-image`).
+    pub image: Option<Fd>,
 }
 
 /// The gateway's copies of a [`Handoff`], ready to be placed in a child between fork and exec.
 pub struct ExecPlan {
     /// Kept open until the child has been spawned; dropping the plan closes them.
-    _copies: [OwnedFd; 5],
-    placements: [(RawFd, RawFd); 5],
+    _copies: Vec<OwnedFd>,
+    placements: [(RawFd, RawFd); 6],
+    count: usize,
 }
 
 impl ExecPlan {
     /// `(source fd, fd number in the worker)` pairs, for `dup2` in a `pre_exec` closure: plain
-    /// integers, so using them there needs no allocation. `dup2` clears close-on-exec on the
-    /// copy, which is how the fds survive exec.
-    pub fn placements(&self) -> [(RawFd, RawFd); 5] {
-        self.placements
+    /// integers in a fixed array, so using them there needs no allocation. `dup2` clears
+    /// close-on-exec on the copy, which is how the fds survive exec.
+    pub fn placements(&self) -> &[(RawFd, RawFd)] {
+        &self.placements[..self.count]
     }
 }
 
@@ -93,16 +97,23 @@ impl Handoff<BorrowedFd<'_>> {
             // SAFETY: `new` is a fresh fd that nothing else owns.
             Ok(unsafe { OwnedFd::from_raw_fd(new) })
         };
-        let copies = [
-            high(self.arena)?,
-            high(self.socket)?,
-            high(self.config)?,
-            high(self.module)?,
-            high(self.stats)?,
+        let mut fds = vec![
+            (self.arena, ARENA_FD),
+            (self.socket, SOCKET_FD),
+            (self.config, CONFIG_FD),
+            (self.module, MODULE_FD),
+            (self.stats, STATS_FD),
         ];
-        let targets = [ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD];
-        let placements = std::array::from_fn(|i| (copies[i].as_raw_fd(), targets[i]));
+        fds.extend(self.image.map(|fd| (fd, IMAGE_FD)));
+        let mut copies = Vec::with_capacity(fds.len());
+        let mut placements = [(-1, -1); 6];
+        for (i, (fd, target)) in fds.into_iter().enumerate() {
+            let copy = high(fd)?;
+            placements[i] = (copy.as_raw_fd(), target);
+            copies.push(copy);
+        }
         Ok(ExecPlan {
+            count: copies.len(),
             _copies: copies,
             placements,
         })
@@ -112,14 +123,34 @@ impl Handoff<BorrowedFd<'_>> {
 impl Handoff<OwnedFd> {
     /// Adopts the fds the gateway left open for this process, after checking that each is of
     /// the kind expected. Call it once per process.
-    pub fn inherited() -> Result<Self, InstanceError> {
+    pub fn inherited(from_image: bool) -> Result<Self, InstanceError> {
+        let image = if from_image {
+            Some(take_fd(
+                IMAGE_FD,
+                SFlag::S_IFREG,
+                "the image descriptor memfd",
+            )?)
+        } else {
+            None
+        };
         Ok(Handoff {
+            image,
             config: take_fd(CONFIG_FD, SFlag::S_IFREG, "the config memfd")?,
             module: take_fd(MODULE_FD, SFlag::S_IFREG, "the module memfd")?,
             stats: take_fd(STATS_FD, SFlag::S_IFREG, "the stats memfd")?,
             arena: take_fd(ARENA_FD, SFlag::S_IFREG, "the arena memfd")?,
             socket: take_fd(SOCKET_FD, SFlag::S_IFSOCK, "a socket")?,
         })
+    }
+
+    /// The image descriptor's text, for an instance started from an image.
+    pub fn read_image(&self) -> Result<Option<String>, InstanceError> {
+        let Some(fd) = &self.image else {
+            return Ok(None);
+        };
+        String::from_utf8(read_memfd(fd.as_fd(), "image descriptor")?)
+            .map(Some)
+            .map_err(|_| InstanceError::ConfigEncoding)
     }
 
     /// Reads the config text and the module bytes out of their memfds.
@@ -432,6 +463,7 @@ mod tests {
             config: fds[2].as_fd(),
             module: fds[3].as_fd(),
             stats: fds[4].as_fd(),
+            image: None,
         };
         let plan = handoff.exec_plan().unwrap();
         let placements = plan.placements();

@@ -22,6 +22,7 @@ use shm::{Arena, SlotRef};
 
 use crate::host::{Outcome, SlotIo};
 use crate::instance::{Handoff, Instance, InstanceBuilder, InstanceError};
+use crate::resume::{RemoteImage, ResumedMemory};
 use crate::stats::{ErrorKind, StatsError, StatsPage};
 
 /// Descriptors read per syscall at most when several are queued.
@@ -37,6 +38,8 @@ pub enum WorkerError {
     Arena(#[from] shm::ArenaError),
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    #[error("image: {0}")]
+    Image(String),
 }
 
 /// What identifies a worker; the gateway passes it on the command line.
@@ -47,15 +50,38 @@ pub struct WorkerArgs {
     pub chain: String,
     pub function: String,
     pub instance: u32,
+    /// Resume from the image descriptor the gateway passed (`proto::worker::IMAGE_FD`)
+    /// instead of building cold.
+    pub from_image: bool,
 }
+
+/// How long a resuming worker gives its image's parent to connect and to answer each fetch.
+const PARENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the worker until the gateway closes the socket. Takes over fds 3 to 7.
 pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
-    let handoff = Handoff::inherited()?;
+    let handoff = Handoff::inherited(args.from_image)?;
     let (text, module) = handoff.read_inputs()?;
-    let instance =
-        InstanceBuilder::from_config_text(&text, &args.config, &args.chain, &args.function)?
-            .cold(&module)?;
+    let builder =
+        InstanceBuilder::from_config_text(&text, &args.config, &args.chain, &args.function)?;
+    let (instance, resumed) = match handoff.read_image()? {
+        None => (builder.cold(&module)?, None),
+        Some(descriptor) => {
+            let image = RemoteImage {
+                descriptor: descriptor
+                    .trim_end()
+                    .parse()
+                    .map_err(|e| WorkerError::Image(format!("{e}")))?,
+                eager: false,
+                readahead: 0,
+                timeout: PARENT_TIMEOUT,
+            };
+            let (instance, memory) = builder.resume_remote(&module, &image)?;
+            tracing::info!(function = %args.function, parent = %image.descriptor.parent,
+                restored_us = memory.timings.restored_us, "resumed from a remote image");
+            (instance, Some(memory))
+        }
+    };
     drop(module);
     let Handoff {
         arena,
@@ -71,6 +97,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
     let (chain_id, fn_id) = (instance.chain().id, instance.stage().fn_id);
     let mut worker = Worker {
         instance,
+        resumed,
         arena,
         refused: 0,
         stats,
@@ -91,6 +118,8 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
 
 struct Worker {
     instance: Instance,
+    /// How the memory of an instance resumed from a remote image is being filled.
+    resumed: Option<ResumedMemory>,
     arena: Arena,
     refused: u64,
     stats: StatsPage,
@@ -149,6 +178,13 @@ impl Worker {
                 Err(e) => return Err(e.into()),
             }
             let reply = self.handle(Descriptor::from_bytes(&buf));
+            if let Some(failure) = self.resumed.as_ref().and_then(ResumedMemory::failure) {
+                // Pages that never arrived read as zeros: nothing computed from them may
+                // leave. Exiting lets the gateway fail what this instance held (502).
+                return Err(WorkerError::Image(format!(
+                    "fetching pages from the image's parent failed: {failure}"
+                )));
+            }
             // A 32-byte reply always fits the buffer, so a failed call consumed none of it
             // and retrying cannot duplicate bytes.
             retry_redirect(|| writer.write_all(&reply.to_bytes()))?;

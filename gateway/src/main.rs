@@ -56,6 +56,10 @@ enum Command {
         /// [default: `dataplane` from the config, else auto].
         #[arg(long)]
         dataplane: Option<DataplaneMode>,
+        /// Start FUNCTION's instances from a remote image instead of cold: FUNCTION=DESCRIPTOR,
+        /// the descriptor as `spindle fork serve` printed it, or FUNCTION=@FILE (repeatable).
+        #[arg(long, value_name = "FUNCTION=DESCRIPTOR")]
+        resume: Vec<String>,
     },
     /// Check CONFIG and print every problem as file:line:col: message. Exit status 1 if any.
     Validate { config: PathBuf },
@@ -128,6 +132,9 @@ enum Command {
         function: String,
         #[arg(long)]
         instance: u32,
+        /// Resume from the image descriptor at fd 8 instead of building cold.
+        #[arg(long)]
+        from_image: bool,
     },
 }
 
@@ -268,12 +275,14 @@ fn main() -> std::process::ExitCode {
             chain,
             function,
             instance,
+            from_image,
         } => {
             let args = WorkerArgs {
                 config,
                 chain,
                 function,
                 instance,
+                from_image,
             };
             worker::run(&args).with_context(|| {
                 format!(
@@ -286,11 +295,12 @@ fn main() -> std::process::ExitCode {
             config,
             listen,
             dataplane,
+            resume,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("starting the async runtime")
-            .and_then(|rt| rt.block_on(run(&config, listen, dataplane))),
+            .and_then(|rt| rt.block_on(run(&config, listen, dataplane, &resume))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -299,6 +309,38 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `--resume FUNCTION=DESCRIPTOR|@FILE` arguments, checked (a defined function, a descriptor
+/// that parses), each descriptor pinned in a sealed memfd for the function's workers.
+fn resume_images(
+    config: &Config,
+    args: &[String],
+) -> anyhow::Result<std::collections::HashMap<String, Arc<std::os::fd::OwnedFd>>> {
+    let mut images = std::collections::HashMap::new();
+    for arg in args {
+        let Some((function, value)) = arg.split_once('=') else {
+            bail!("--resume {arg}: expected FUNCTION=DESCRIPTOR or FUNCTION=@FILE");
+        };
+        if config.function(function).is_none() {
+            bail!("--resume {arg}: no function {function} in the config");
+        }
+        let text = match value.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("--resume {function}: reading {path}"))?,
+            None => value.to_owned(),
+        };
+        let descriptor: proto::ImageDescriptor = text
+            .trim_end()
+            .parse()
+            .with_context(|| format!("--resume {function}: the image descriptor"))?;
+        let fd = sealed_memfd("spindle-image", descriptor.to_string().as_bytes())
+            .context("pinning the image descriptor")?;
+        if images.insert(function.to_owned(), Arc::new(fd)).is_some() {
+            bail!("--resume {function} given twice");
+        }
+    }
+    Ok(images)
 }
 
 fn validate(path: &Path) -> anyhow::Result<()> {
@@ -368,6 +410,7 @@ async fn run(
     config_path: &Path,
     listen: Option<SocketAddr>,
     dataplane: Option<DataplaneMode>,
+    resume: &[String],
 ) -> anyhow::Result<()> {
     let config_path = config_path
         .canonicalize()
@@ -432,6 +475,7 @@ async fn run(
         config_text: Arc::new(
             sealed_memfd("spindle-config", text.as_bytes()).context("pinning the config")?,
         ),
+        images: resume_images(&config, resume)?,
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut starting = Vec::new();

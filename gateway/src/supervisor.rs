@@ -56,6 +56,9 @@ pub struct WorkerCommand {
     pub config: PathBuf,
     /// Sealed memfd with the config text the gateway started with.
     pub config_text: Arc<OwnedFd>,
+    /// Functions whose instances resume from a remote image instead of building cold:
+    /// function name → sealed memfd with the image descriptor.
+    pub images: std::collections::HashMap<String, Arc<OwnedFd>>,
 }
 
 /// A connected pair of loopback TCP sockets: (gateway end, worker end).
@@ -133,17 +136,20 @@ async fn spawn_worker(
         }
         None => None,
     };
+    let image = cmd.images.get(&stage.name);
     let exec_plan = Handoff {
         arena: chain.arena.fd(),
         socket: worker_end.as_fd(),
         config: cmd.config_text.as_fd(),
         module: module.as_fd(),
         stats: stage.instances[holder.instance].stats_fd.as_fd(),
+        image: image.map(|fd| fd.as_fd()),
     }
     .exec_plan()
     .map_err(SpawnError::Socket)?;
     drop(worker_end);
-    let placements = exec_plan.placements();
+    // Owned before the fork: the closure below only iterates it.
+    let placements = exec_plan.placements().to_vec();
     let gateway_pid = std::process::id() as libc::pid_t;
 
     let mut command = Command::new(&cmd.exe);
@@ -157,6 +163,7 @@ async fn spawn_worker(
         .arg(&stage.name)
         .arg("--instance")
         .arg(holder.instance.to_string())
+        .args(image.map(|_| "--from-image"))
         .stdin(Stdio::null())
         .kill_on_drop(true);
     // SAFETY: the closure runs in the forked child before exec and only makes
@@ -168,7 +175,7 @@ async fn spawn_worker(
     // its dup2_raw does not check dup2's result.
     unsafe {
         command.pre_exec(move || {
-            for (from, to) in placements {
+            for &(from, to) in &placements {
                 if libc::dup2(from, to) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }

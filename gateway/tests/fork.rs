@@ -86,6 +86,67 @@ impl Drop for Nodes {
     }
 }
 
+/// `spindle run` in the child node with `function` resumed from `descriptor`, serving HTTP
+/// on the child's loopback.
+struct ChildGateway {
+    process: Child,
+    port: u16,
+    ns: String,
+}
+
+impl ChildGateway {
+    fn start(nodes: &Nodes, config: &Path, function: &str, descriptor: &str, port: u16) -> Self {
+        let process = nodes
+            .command(&nodes.child)
+            .arg("run")
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--dataplane", "userspace"])
+            .args(["--resume", &format!("{function}={descriptor}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let gw = ChildGateway {
+            process,
+            port,
+            ns: nodes.child.clone(),
+        };
+        let started = std::time::Instant::now();
+        while gw.curl(&["/readyz"]).0 != 200 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the child node's gateway never got ready"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gw
+    }
+
+    /// (status, body) of an HTTP request made inside the child node.
+    fn curl(&self, args: &[&str]) -> (u16, String) {
+        let (path, data) = (args[0], args.get(1));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "curl", "-s", "-m", "30"])
+            .args(["-o", "-", "-w", "\n%{http_code}"]);
+        if let Some(d) = data {
+            cmd.args(["-d", d]);
+        }
+        cmd.arg(format!("http://127.0.0.1:{}{path}", self.port));
+        let out = finish_within(cmd, RESUME_LIMIT);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.process.id() as i32), Signal::SIGTERM);
+        let _ = self.process.wait();
+    }
+}
+
 /// A config with the forkrand example, whose answer shows state from earlier requests
 /// (`served`), whether it was forked (`forks`) and a random number reseeded on fork.
 fn config(tag: &str) -> PathBuf {
@@ -94,9 +155,12 @@ fn config(tag: &str) -> PathBuf {
     let path = dir.join("fork.yaml");
     let yaml = format!(
         "functions:\n  - {{ name: forkrand, module: \"{}\" }}\n  - {{ name: upper, module: \"{}\" }}\n\
-         chains:\n  - {{ name: rand, route: /rand, steps: [forkrand] }}\n  - {{ name: up, route: /up, steps: [upper] }}\n",
+         \x20 - {{ name: table1m, module: \"{}\" }}\n\
+         chains:\n  - {{ name: rand, route: /rand, steps: [forkrand] }}\n  - {{ name: up, route: /up, steps: [upper] }}\n\
+         \x20 - {{ name: table, route: /table, steps: [table1m] }}\n",
         common::wasm("forkrand"),
         common::wasm("uppercase"),
+        common::wasm("table1m"),
     );
     std::fs::write(&path, yaml).unwrap();
     path
@@ -111,11 +175,15 @@ struct Parent {
 
 impl Parent {
     fn start(nodes: &Nodes, config: &Path) -> Parent {
+        Parent::start_of(nodes, config, ("rand", "forkrand"))
+    }
+
+    fn start_of(nodes: &Nodes, config: &Path, (chain, function): (&str, &str)) -> Parent {
         let mut process = nodes
             .command(&nodes.parent)
             .args(["fork", "serve"])
             .arg(config)
-            .args(["--chain", "rand", "--function", "forkrand"])
+            .args(["--chain", chain, "--function", function])
             .args(["--listen", &format!("{}:0", nodes.parent_ip)])
             .args(["--warm", "a", "--warm", "b", "--warm", "c"])
             .stdout(Stdio::piped())
@@ -329,4 +397,40 @@ fn a_dead_parent_fails_the_child_cleanly() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("connecting to the parent"), "{err}");
+}
+
+#[test]
+fn a_gateway_serves_a_chain_with_an_instance_resumed_from_another_node() {
+    let Some(nodes) = Nodes::create("a_gateway_serves_a_chain_with_a_resumed_instance") else {
+        return;
+    };
+    let config = config("fork-gateway");
+    let parent = Parent::start(&nodes, &config);
+    let gw = ChildGateway::start(&nodes, &config, "forkrand", &parent.descriptor, 18301);
+    for served in [4, 5] {
+        let (code, body) = gw.curl(&["/rand", "x"]);
+        assert_eq!(code, 200, "{body}");
+        let a: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(a["served"], served, "continues the parent's count: {a}");
+        assert_eq!(a["forks"], 1, "{a}");
+    }
+    // The other function of the config was built cold, next to the resumed one.
+    assert_eq!(gw.curl(&["/up", "ab"]), (200, "AB".to_owned()));
+}
+
+#[test]
+fn a_parent_gone_before_its_pages_were_fetched_fails_the_request_not_the_node() {
+    let Some(nodes) = Nodes::create("a_parent_gone_before_its_pages_were_fetched") else {
+        return;
+    };
+    let config = config("fork-gone");
+    let mut parent = Parent::start_of(&nodes, &config, ("table", "table1m"));
+    let gw = ChildGateway::start(&nodes, &config, "table1m", &parent.descriptor, 18302);
+    // Resumed, but the 1 MiB table is still on the parent: every request reads all of it.
+    parent.process.kill().unwrap();
+    parent.process.wait().unwrap();
+    let (code, body) = gw.curl(&["/table", "x"]);
+    assert_eq!(code, 502, "the instance could not fetch its memory: {body}");
+    assert_eq!(gw.curl(&["/healthz"]).0, 200, "the node itself is fine");
+    assert_eq!(gw.curl(&["/up", "ab"]), (200, "AB".to_owned()));
 }

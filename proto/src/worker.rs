@@ -19,6 +19,10 @@ pub const CONFIG_FD: RawFd = 5;
 pub const MODULE_FD: RawFd = 6;
 /// This instance's statistics page (a memfd).
 pub const STATS_FD: RawFd = 7;
+/// The image descriptor to resume from (a sealed memfd); only for a worker started with
+/// `--from-image`. A descriptor is a credential: an fd, unlike argv, is not visible to other
+/// processes.
+pub const IMAGE_FD: RawFd = 8;
 
 /// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
 pub const WATCHDOG_EXIT: i32 = 124;
@@ -47,7 +51,9 @@ mod tests {
 
     #[test]
     fn fd_numbers_are_distinct_and_above_stdio() {
-        let fds = [ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD];
+        let fds = [
+            ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, IMAGE_FD,
+        ];
         for (i, a) in fds.iter().enumerate() {
             assert!(*a > 2, "fd {a} would clobber stdio");
             assert!(!fds[i + 1..].contains(a), "fd {a} assigned twice");
