@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Remote fork, measured: time from "a new instance is needed" to its first response for a
 # child resumed on another node (a network namespace joined by a veth pair), lazy (pages on
-# first touch, userfaultfd) against eager (every page that holds data fetched first), for a
+# first touch, userfaultfd; with and without 15 pages of readahead) against eager (every page that holds data fetched first), for a
 # guest with 1 MiB of warm state that each request reads (table1m) and one that touches a
 # few pages (forkrand). Rounds are interleaved; medians and the worst round are printed,
 # beside the floors measured in the same run: one veth round trip (ping) and the node's
@@ -47,10 +47,15 @@ rtt=$(ip netns exec "$b" ping -c 50 -i 0.01 -q 10.251.0.1 | awk -F/ '/rtt/ {prin
 for round in $(seq "$rounds"); do
   for f in table1m:table forkrand:rand; do
     fn=${f%%:*} chain=${f##*:}
-    for mode in lazy eager; do
-      extra=(); [ "$mode" = eager ] && extra=(--eager)
+    for mode in lazy lazy-ra15 eager; do
+      case $mode in
+        lazy) extra=() ;;
+        lazy-ra15) extra=(--readahead 15) ;;
+        eager) extra=(--eager) ;;
+      esac
       ip netns exec "$b" "$bin" fork resume "@$out/$fn.desc" --config configs/fork.yaml \
-        --chain "$chain" --function "$fn" --body x "${extra[@]}" >>"$out/$fn-$mode.jsonl"
+        --chain "$chain" --function "$fn" --body x "${extra[@]}" >>"$out/$fn-$mode.jsonl" \
+        2>>"$out/resume.log"
     done
   done
 done
@@ -60,13 +65,13 @@ import json, statistics, sys
 out, rtt = sys.argv[1], float(sys.argv[2])
 print(f"veth round trip (ping, avg of 50): {rtt * 1000:.0f} µs")
 for fn in ["table1m", "forkrand"]:
-    for mode in ["lazy", "eager"]:
+    for mode in ["lazy", "lazy-ra15", "eager"]:
         rows = [json.loads(l) for l in open(f"{out}/{fn}-{mode}.jsonl")]
         first = [r["timings_us"]["first_response"] for r in rows]
         restored = [r["timings_us"]["restored"] for r in rows]
         connect = [r["timings_us"]["connect_and_authenticate"] for r in rows]
         r0 = rows[0]
-        print(f"{fn:8} {mode:5}: first response p50 {statistics.median(first):6.0f} µs, worst {max(first):6.0f} µs"
+        print(f"{fn:8} {mode:9}: first response p50 {statistics.median(first):6.0f} µs, worst {max(first):6.0f} µs"
               f" | connect+auth p50 {statistics.median(connect):5.0f} µs, restored p50 {statistics.median(restored):6.0f} µs"
               f" | faults {r0['faults']}, pages {r0['pages_copied']} ({r0['bytes_fetched']} B) of {r0['memory_pages']},"
               f" resident {r0['resident_pages']} | module compile (once per node) p50"

@@ -13,7 +13,7 @@ packages=(
   make gcc pkg-config libelf-dev zlib1g-dev       # C parts and -sys crates
   wrk curl                                        # load generator and probe for bench/
   python3                                         # examples/tools/check_abi.py
-  iproute2                                        # network namespaces for the fork tests
+  iproute2 iputils-ping                           # network namespaces for the fork tests, bench/fork.sh
 )
 
 missing=()
