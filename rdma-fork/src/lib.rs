@@ -15,6 +15,7 @@
 //!   handle ids and per-handle keys with leases, and the TCP server that serves their pages
 //!   to authenticated children ([`proto::pages`]); and the client ([`client`]) a child's node
 //!   fetches them with.
+//! - **RDMA** (`rdma`, behind the `rdma` feature): one-sided RDMA READ of the parent's registered image, chosen by [`transport::choose`] with TCP as the fallback.
 //!
 //! It must not build Wasm instances or capture their state (`chain-runtime` does: it hands
 //! this crate a memory region and an image) and must not route requests (the gateway does).
@@ -27,11 +28,123 @@ pub mod client;
 pub mod handoff;
 pub mod lazy;
 pub mod measure;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod registry;
 pub mod remote;
 pub mod server;
 pub mod source;
 mod wire;
+
+/// Which page transport a child's node uses, decided once at start-up so that the decision
+/// and, above all, the reason for falling back to TCP can be logged and shown (`/readyz`,
+/// `/metrics`). Not feature-gated: a build without `rdma` still answers, with its reason.
+pub mod transport {
+    use std::fmt;
+
+    /// What the operator asked for.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum TransportPref {
+        /// Pages over the TCP page server only.
+        Tcp,
+        /// One-sided RDMA READ when a usable device is present, TCP otherwise.
+        Rdma,
+    }
+
+    /// The transport in force.
+    #[derive(Debug)]
+    pub enum Transport {
+        Tcp,
+        /// An opened RDMA device with an active port.
+        #[cfg(feature = "rdma")]
+        Rdma(crate::rdma::RdmaDevice),
+    }
+
+    impl Transport {
+        /// A short label for logs and metrics: `tcp` or `rdma`.
+        pub fn label(&self) -> &'static str {
+            match self {
+                Transport::Tcp => "tcp",
+                #[cfg(feature = "rdma")]
+                Transport::Rdma(_) => "rdma",
+            }
+        }
+    }
+
+    /// An errno shown with its text: `95 (Operation not supported)`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Errno(pub i32);
+
+    impl fmt::Display for Errno {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            let text = std::io::Error::from_raw_os_error(self.0).to_string();
+            // io::Error appends " (os error N)"; show the number once.
+            let text = text.split(" (os error").next().unwrap_or("");
+            write!(f, "{} ({text})", self.0)
+        }
+    }
+
+    /// Why no RDMA device can be used on this node, in the words an operator needs.
+    #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum NoRdma {
+        #[error(
+            "no RDMA device: /sys/class/infiniband does not exist (no RDMA driver or soft-RoCE loaded)"
+        )]
+        NoSysfs,
+        #[error("no RDMA device: listing devices failed with errno {errno}")]
+        DeviceList { errno: Errno },
+        #[error("no RDMA device: the device list is empty")]
+        NoDevice,
+        #[error("RDMA device {device}: {what} failed: {detail}")]
+        Device {
+            device: String,
+            what: &'static str,
+            detail: String,
+        },
+        #[error("no RDMA device has an active port (checked: {checked})")]
+        NoActivePort { checked: String },
+    }
+
+    /// Why [`choose`] fell back to TCP.
+    #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum Fallback {
+        #[error("built without the rdma feature")]
+        NotBuilt,
+        #[error(transparent)]
+        Unavailable(#[from] NoRdma),
+    }
+
+    /// The transport for `requested`, and why it is TCP when RDMA was asked for. Asking for
+    /// TCP gives TCP and no reason.
+    pub fn choose(requested: TransportPref) -> (Transport, Option<Fallback>) {
+        match requested {
+            TransportPref::Tcp => (Transport::Tcp, None),
+            TransportPref::Rdma => rdma_or_fallback(),
+        }
+    }
+
+    #[cfg(feature = "rdma")]
+    fn rdma_or_fallback() -> (Transport, Option<Fallback>) {
+        match crate::rdma::probe() {
+            Ok(dev) => {
+                tracing::info!(device = dev.name(), port = dev.port(), "pages over RDMA");
+                (Transport::Rdma(dev), None)
+            }
+            Err(why) => {
+                tracing::warn!("RDMA requested, falling back to TCP: {why}");
+                (Transport::Tcp, Some(Fallback::Unavailable(why)))
+            }
+        }
+    }
+
+    #[cfg(not(feature = "rdma"))]
+    fn rdma_or_fallback() -> (Transport, Option<Fallback>) {
+        tracing::warn!("RDMA requested, falling back to TCP: built without the rdma feature");
+        (Transport::Tcp, Some(Fallback::NotBuilt))
+    }
+}
 
 pub use handoff::{Handoff, HandoffError, recv_uffd, send_uffd};
 pub use lazy::{
