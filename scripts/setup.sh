@@ -14,6 +14,7 @@ packages=(
   wrk curl                                        # load generator and probe for bench/
   python3                                         # examples/tools/check_abi.py
   iproute2 iputils-ping                           # network namespaces for the fork tests, bench/fork.sh
+  cmake                                           # rdma-fork --features rdma: sideway's verbs shim (with clang)
 )
 
 missing=()

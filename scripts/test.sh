@@ -15,6 +15,7 @@ trap 'rm -f "$skip_log"' EXIT
 export SPINDLE_SKIP_LOG="$skip_log"
 
 cargo test --workspace --locked "$@"
+cargo test -p rdma-fork --features rdma --locked "$@"
 if [ "$(id -u)" -eq 0 ]; then
   echo "== gateway integration tests again, kernel (sockmap) dataplane"
   SPINDLE_TEST_DATAPLANE=sockmap cargo test --locked -p gateway --tests "$@"
