@@ -172,7 +172,7 @@ impl RdmaDevice {
 }
 
 /// Asks the verbs library for a device with an active port, without the sysfs check of
-/// [`probe`](super::probe) (which is what callers want; this is for tests and diagnostics).
+/// [`probe`] (which is what callers want; this is for tests and diagnostics).
 pub fn probe_verbs() -> Result<RdmaDevice, NoRdma> {
     let list = DeviceList::new().map_err(|e| NoRdma::DeviceList {
         errno: Errno(match &e.0 {
