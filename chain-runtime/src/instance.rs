@@ -474,9 +474,16 @@ mod tests {
         );
         for (from, _) in placements {
             assert!(
-                from >= EXEC_PLAN_MIN_FD,
+                *from >= EXEC_PLAN_MIN_FD,
                 "copy at {from} could be clobbered"
             );
         }
+        let with_image = Handoff {
+            image: Some(fds[0].as_fd()),
+            ..handoff
+        };
+        let plan = with_image.exec_plan().unwrap();
+        assert_eq!(plan.placements().len(), 6);
+        assert_eq!(plan.placements()[5].1, IMAGE_FD);
     }
 }
