@@ -138,6 +138,12 @@ impl PageBitmap {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
 
+    /// True for a page that exists and whose bit is clear: in an image's page map, a page
+    /// known to be all zero.
+    pub fn is_clear(&self, page: u64) -> bool {
+        page < self.pages && !self.is_set(page)
+    }
+
     /// Pages whose bit is set.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()

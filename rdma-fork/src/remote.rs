@@ -57,7 +57,7 @@ impl PageSource for RemoteSource {
     }
 
     fn is_zero(&self, page: u64) -> bool {
-        page < self.nonzero.pages() && !self.nonzero.is_set(page)
+        self.nonzero.is_clear(page)
     }
 
     fn fetch(&self, first_page: u64, count: u32, dst: &mut [u8]) -> Result<(), FetchError> {
