@@ -33,6 +33,9 @@ pub struct Gateway {
 pub struct DataplaneStatus {
     pub mode: &'static str,
     pub fallback_reason: Option<String>,
+    /// How instances resumed from remote images fetch their pages, and why not over RDMA;
+    /// `None` when no function resumes from an image.
+    pub fork_pages: Option<(&'static str, String)>,
 }
 
 impl DataplaneStatus {
@@ -40,6 +43,7 @@ impl DataplaneStatus {
         DataplaneStatus {
             mode: "sockmap",
             fallback_reason: None,
+            fork_pages: None,
         }
     }
 
@@ -47,6 +51,7 @@ impl DataplaneStatus {
         DataplaneStatus {
             mode: "userspace",
             fallback_reason,
+            fork_pages: None,
         }
     }
 }
@@ -67,6 +72,9 @@ impl Gateway {
         dataplane: DataplaneStatus,
     ) -> Self {
         metrics.set_dataplane(dataplane.mode, dataplane.fallback_reason.as_deref());
+        if let Some((transport, why)) = &dataplane.fork_pages {
+            metrics.set_fork_transport(transport, why);
+        }
         let routes = chains
             .iter()
             .enumerate()
@@ -137,6 +145,9 @@ impl Gateway {
             let mut body = format!("ready\ndataplane: {}", self.dataplane.mode);
             if let Some(reason) = &self.dataplane.fallback_reason {
                 body.push_str(&format!(" (eBPF unavailable: {reason})"));
+            }
+            if let Some((transport, why)) = &self.dataplane.fork_pages {
+                body.push_str(&format!("\nfork pages: {transport} ({why})"));
             }
             text(StatusCode::OK, body)
         } else {

@@ -311,6 +311,24 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// How resumed instances fetch pages, with the reason it is not RDMA. Resuming fetches over
+/// TCP today whatever the probe finds, and says so rather than claim RDMA.
+fn fork_pages_transport() -> (&'static str, String) {
+    use rdma_fork::transport::{Transport, TransportPref, choose};
+    match choose(TransportPref::Rdma) {
+        (_, Some(fallback)) => ("tcp", fallback.to_string()),
+        (Transport::Tcp, None) => ("tcp", "TCP chosen".to_owned()),
+        #[allow(unreachable_patterns)]
+        (t, None) => (
+            "tcp",
+            format!(
+                "an RDMA device is present ({}), but resuming does not fetch over RDMA yet",
+                t.label()
+            ),
+        ),
+    }
+}
+
 /// `--resume FUNCTION=DESCRIPTOR|@FILE` arguments, checked (a defined function, a descriptor
 /// that parses), each descriptor pinned in a sealed memfd for the function's workers.
 fn resume_images(
@@ -444,6 +462,10 @@ async fn run(
         },
     };
     tracing::info!("dataplane: {}", status.mode);
+    let mut status = status;
+    if !resume.is_empty() {
+        status.fork_pages = Some(fork_pages_transport());
+    }
 
     let metrics = Arc::new(Metrics::new());
     let bases = slot_bases(&plan);

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub instances_up: IntGaugeVec,
     arena_slots: IntGaugeVec,
     dataplane: IntGaugeVec,
+    fork_transport: IntGaugeVec,
     in_flight: IntGaugeVec,
 }
 
@@ -418,8 +419,21 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let fork_transport = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "spindle_fork_transport_info",
+                    "How instances resumed from remote images fetch pages (1), and why not over \
+                     RDMA; present only when a function resumes from an image",
+                ),
+                &["transport", "fallback_reason"],
+            )
+            .expect("valid metric"),
+        );
         Metrics {
             registry,
+            fork_transport,
             requests,
             duration,
             alloc_failures,
@@ -434,6 +448,12 @@ impl Metrics {
     pub fn set_dataplane(&self, mode: &str, fallback_reason: Option<&str>) {
         self.dataplane
             .with_label_values(&[mode, fallback_reason.unwrap_or("")])
+            .set(1);
+    }
+
+    pub fn set_fork_transport(&self, transport: &str, fallback_reason: &str) {
+        self.fork_transport
+            .with_label_values(&[transport, fallback_reason])
             .set(1);
     }
 

@@ -416,6 +416,17 @@ fn a_gateway_serves_a_chain_with_an_instance_resumed_from_another_node() {
     }
     // The other function of the config was built cold, next to the resumed one.
     assert_eq!(gw.curl(&["/up", "ab"]), (200, "AB".to_owned()));
+    // No machine here has an RDMA device: pages came over TCP, and the node says why.
+    let (_, ready) = gw.curl(&["/readyz"]);
+    assert!(ready.contains("fork pages: tcp ("), "{ready}");
+    let (_, metrics) = gw.curl(&["/metrics"]);
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with(r#"spindle_fork_transport_info{fallback_reason=""#)
+                && l.contains(r#"transport="tcp"} 1"#)
+        ),
+        "{metrics}"
+    );
 }
 
 #[test]
