@@ -186,13 +186,20 @@ pub struct ResumeArgs {
     pub readahead: u32,
 }
 
-pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
-    let text = match args.descriptor.strip_prefix('@') {
+/// An image descriptor given as its text, or as `@FILE` whose first line is the text (what
+/// `fork serve` prints first; its counters follow when it stops).
+pub fn read_descriptor(value: &str) -> anyhow::Result<ImageDescriptor> {
+    let text = match value.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("reading the image descriptor from {path}"))?,
-        None => args.descriptor.clone(),
+        None => value.to_owned(),
     };
-    let descriptor: ImageDescriptor = text.trim_end().parse().context("image descriptor")?;
+    let first = text.lines().next().unwrap_or_default();
+    first.parse().context("image descriptor")
+}
+
+pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
+    let descriptor = read_descriptor(&args.descriptor)?;
 
     let builder = builder(&args.config, &args.chain, &args.function)?;
     let capacity = builder.chain().spec.slot_size as usize;

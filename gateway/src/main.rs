@@ -343,15 +343,8 @@ fn resume_images(
         if config.function(function).is_none() {
             bail!("--resume {arg}: no function {function} in the config");
         }
-        let text = match value.strip_prefix('@') {
-            Some(path) => std::fs::read_to_string(path)
-                .with_context(|| format!("--resume {function}: reading {path}"))?,
-            None => value.to_owned(),
-        };
-        let descriptor: proto::ImageDescriptor = text
-            .trim_end()
-            .parse()
-            .with_context(|| format!("--resume {function}: the image descriptor"))?;
+        let descriptor =
+            fork_cli::read_descriptor(value).with_context(|| format!("--resume {function}"))?;
         let fd = sealed_memfd("spindle-image", descriptor.to_string().as_bytes())
             .context("pinning the image descriptor")?;
         if images.insert(function.to_owned(), Arc::new(fd)).is_some() {
