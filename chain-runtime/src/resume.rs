@@ -169,7 +169,10 @@ impl InstanceBuilder {
         let meta = SnapshotMeta::from_image_meta(&wire, self.wasi_layout())
             .map_err(ResumeError::Snapshot)?;
         timings.metadata_us = us(started);
-        let source = Arc::new(RemoteSource::from_client(client, wire.nonzero.clone()));
+        let source = Arc::new(
+            RemoteSource::from_client(client, wire.nonzero.clone())
+                .reconnecting(image.descriptor.clone(), image.timeout),
+        );
 
         let mut region = None;
         let mut faults = None;

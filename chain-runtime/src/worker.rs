@@ -77,6 +77,12 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
                 timeout: PARENT_TIMEOUT,
             };
             let (instance, memory) = builder.resume_remote(&module, &image)?;
+            if let Some(failure) = memory.failure() {
+                // Pages touched while resuming (spindle_on_fork) never arrived: not ready.
+                return Err(WorkerError::Image(format!(
+                    "fetching pages from the image's parent failed: {failure}"
+                )));
+            }
             tracing::info!(function = %args.function, parent = %image.descriptor.parent,
                 restored_us = memory.timings.restored_us, "resumed from a remote image");
             (instance, Some(memory))

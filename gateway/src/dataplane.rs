@@ -356,7 +356,8 @@ impl ChainRuntime {
         for k in 0..n {
             let instance = (start + k) % n;
             let link = st.instances[instance].queue.lock().expect("link lock");
-            let Some((incarnation, queue)) = link.as_ref() else {
+            // A closed queue's writer is gone even if its supervisor has not noticed yet.
+            let Some((incarnation, queue)) = link.as_ref().filter(|(_, q)| !q.is_closed()) else {
                 continue;
             };
             any_live = true;
@@ -704,6 +705,37 @@ mod tests {
         assert!(message.contains("function f is overloaded"), "{message}");
         assert_eq!(chain.in_flight(), 2, "the refused request left no entry");
         assert_eq!(chain.arena.free_slots(), free - 2, "and no slot");
+    }
+
+    #[test]
+    fn an_instance_whose_writer_failed_is_skipped_before_its_supervisor_notices() {
+        let chain = runtime("closed", 2);
+        let queues = [
+            Arc::new(InstanceQueue::new(4)),
+            Arc::new(InstanceQueue::new(4)),
+        ];
+        for (i, q) in queues.iter().enumerate() {
+            chain.instance_up(0, i, 1, Arc::clone(q));
+        }
+        queues[0].close(); // what write_worker does when its socket write fails
+        for _ in 0..3 {
+            let _sent = send(&chain).expect("queued on the other instance");
+        }
+        let mut out = Vec::new();
+        assert!(pop_queued(&queues[1], &mut out));
+        assert_eq!(
+            out.len(),
+            3 * Descriptor::SIZE,
+            "all three went to instance 1"
+        );
+    }
+
+    /// Pops what is queued (it has items, so the batch returns at once).
+    fn pop_queued(q: &InstanceQueue, out: &mut Vec<u8>) -> bool {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(q.pop_batch(out, 64))
     }
 
     #[test]

@@ -417,12 +417,31 @@ fn slot_bases(plan: &Plan) -> Vec<u32> {
         .collect()
 }
 
+/// Fills every free fd number up to the highest one a worker is handed with /dev/null, for
+/// the gateway's whole life. Spawning a worker dup2s its fds onto those fixed numbers in the
+/// child; had std's spawn machinery (its close-on-exec error pipe, /dev/null for stdin) got
+/// one of those numbers, the dup2 would replace it and a failed exec would write its error
+/// into the worker's arena instead of reporting it.
+fn reserve_worker_fd_numbers() -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    loop {
+        // std opens with O_CLOEXEC: no worker inherits these.
+        let null = std::fs::File::open("/dev/null")?;
+        if null.as_raw_fd() > proto::worker::IMAGE_FD {
+            return Ok(());
+        }
+        // Deliberately never closed.
+        let _ = null.into_raw_fd();
+    }
+}
+
 async fn run(
     config_path: &Path,
     listen: Option<SocketAddr>,
     dataplane: Option<DataplaneMode>,
     resume: &[String],
 ) -> anyhow::Result<()> {
+    reserve_worker_fd_numbers().context("reserving the fd numbers workers are handed")?;
     let config_path = config_path
         .canonicalize()
         .with_context(|| format!("cannot open config {}", config_path.display()))?;

@@ -60,6 +60,11 @@ impl InstanceQueue {
         self.items.is_full()
     }
 
+    /// True once the queue was closed (its instance went down or its writer failed).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// Stops the writer once it has taken what is queued; later pushes fail with `Closed`.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);

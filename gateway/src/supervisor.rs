@@ -210,14 +210,19 @@ async fn spawn_worker(
             Ok(Ok(())) => {
                 // Addressable only once ready: nothing is redirected into a worker that is still
                 // compiling, or that fails to start and takes its queue with it.
-                if let (Some(k), Some(e)) = (&chain.kernel, &kernel_entry) {
-                    k.dataplane
+                let addressable = match (&chain.kernel, &kernel_entry) {
+                    (Some(k), Some(e)) => k
+                        .dataplane
                         .set_ready(e.entry.worker(), true)
-                        .map_err(|e| SpawnError::Socket(std::io::Error::other(e)))?;
-                }
-                stage.instances[holder.instance].pid.store(child.id().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
-                chain.instance_up(holder.stage, holder.instance, holder.incarnation, Arc::clone(&queue));
-                Ok(Running { child, reader, kernel_entry })
+                        .map_err(|e| SpawnError::Socket(std::io::Error::other(e))),
+                    _ => Ok(()),
+                };
+                // An error goes through the common exit below, which closes the queue.
+                addressable.map(|()| {
+                    stage.instances[holder.instance].pid.store(child.id().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+                    chain.instance_up(holder.stage, holder.instance, holder.incarnation, Arc::clone(&queue));
+                    Running { child, reader, kernel_entry }
+                })
             }
             Ok(Err(_)) => {
                 // The socket closed or carried garbage before the ready message.

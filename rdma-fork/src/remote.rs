@@ -18,6 +18,9 @@ pub struct RemoteSource {
     client: Mutex<PageClient>,
     nonzero: PageBitmap,
     len: u64,
+    /// Where to connect again when the connection is gone (the server closes idle ones): a
+    /// lazily filled instance may touch a new page long after it was resumed.
+    reconnect: Option<(ImageDescriptor, Duration)>,
 }
 
 impl RemoteSource {
@@ -29,7 +32,13 @@ impl RemoteSource {
         timeout: Duration,
     ) -> Result<Self, ClientError> {
         let client = PageClient::connect(descriptor, timeout)?;
-        Ok(Self::from_client(client, nonzero))
+        Ok(Self::from_client(client, nonzero).reconnecting(descriptor.clone(), timeout))
+    }
+
+    /// Connects again (once per fetch) when the connection was lost, timed out or closed.
+    pub fn reconnecting(mut self, descriptor: ImageDescriptor, timeout: Duration) -> Self {
+        self.reconnect = Some((descriptor, timeout));
+        self
     }
 
     /// Wraps a client that is already connected (e.g. the one that fetched the metadata).
@@ -39,6 +48,7 @@ impl RemoteSource {
             client: Mutex::new(client),
             nonzero,
             len,
+            reconnect: None,
         }
     }
 
@@ -71,9 +81,25 @@ impl PageSource for RemoteSource {
             let first = first_page + i as u64 * u64::from(MAX_READ_PAGES);
             let n = (chunk.len() / PAGE_SIZE) as u32;
             // `first` is below the page count, which fits the protocol's u32 (4 GiB memory).
-            client
-                .read(first as u32, n, chunk)
-                .map_err(|e| FetchError::Unavailable(e.to_string()))?;
+            let mut result = client.read(first as u32, n, chunk);
+            if let (Err(e), Some((descriptor, timeout))) = (&result, &self.reconnect)
+                && matches!(
+                    e,
+                    ClientError::ConnectionLost { .. }
+                        | ClientError::Timeout { .. }
+                        | ClientError::Unusable
+                )
+            {
+                tracing::info!("page connection gone ({e}); connecting to the parent again");
+                match PageClient::connect(descriptor, *timeout) {
+                    Ok(fresh) => {
+                        *client = fresh;
+                        result = client.read(first as u32, n, chunk);
+                    }
+                    Err(again) => result = Err(again),
+                }
+            }
+            result.map_err(|e| FetchError::Unavailable(e.to_string()))?;
         }
         Ok(())
     }

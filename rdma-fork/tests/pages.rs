@@ -1272,3 +1272,30 @@ fn metadata_is_served_after_the_handshake_and_refused_when_absent() {
     }
     assert_eq!(registry.stats().refusals.bad_request, 1);
 }
+
+#[test]
+fn a_remote_source_connects_again_after_the_server_closed_its_idle_connection() {
+    use rdma_fork::{PageBitmap, PageSource, RemoteSource};
+    let config = ServerConfig {
+        idle_timeout: Duration::from_millis(200),
+        ..ServerConfig::default()
+    };
+    let f = Fixture::with(config, Duration::from_secs(60));
+    let d = descriptor_for(&f.handle, f.server.as_ref().unwrap().local_addr());
+    let nonzero = PageBitmap::nonzero_pages(&f.memory);
+    let source = RemoteSource::connect(&d, nonzero, TIMEOUT).unwrap();
+    let mut page = vec![0u8; PAGE];
+    source.fetch(1, 1, &mut page).unwrap();
+    assert_eq!(page, f.memory[PAGE..2 * PAGE]);
+    // Idle past the server's deadline: it closes the session.
+    wait_until("the idle connection was closed", || {
+        f.registry.stats().connections_open == 0
+    });
+    source.fetch(2, 1, &mut page).unwrap();
+    assert_eq!(
+        page,
+        f.memory[2 * PAGE..3 * PAGE],
+        "served over a new connection"
+    );
+    assert_eq!(f.registry.stats().handshakes_ok, 2);
+}
