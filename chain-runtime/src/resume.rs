@@ -183,7 +183,7 @@ impl InstanceBuilder {
                 // SAFETY: the region is the child's linear memory, freshly mapped, writable
                 // and unaliased during the callback (the contract of MemoryFill::Caller).
                 let memory = unsafe { std::slice::from_raw_parts_mut(r.base().as_ptr(), r.len()) };
-                eager_pages = fetch_all(&*source, memory)?;
+                eager_pages = fetch_all(&source, memory)?;
                 return Ok(());
             }
             let uffd = rdma_fork::create_uffd()?;
