@@ -90,6 +90,43 @@ pub trait SlotIo {
     fn write_output(&mut self, src: &[u8]);
 }
 
+/// A request's input and output as plain buffers: [`SlotIo`] for running a host outside a
+/// worker (the fork CLI, tests). `output` holds what the guest wrote.
+pub struct BufferIo {
+    pub input: Vec<u8>,
+    pub output: Vec<u8>,
+    pub capacity: usize,
+}
+
+impl BufferIo {
+    /// `input` as the request, room for `capacity` bytes of output.
+    pub fn new(capacity: usize, input: &[u8]) -> Self {
+        BufferIo {
+            input: input.to_vec(),
+            output: Vec::new(),
+            capacity,
+        }
+    }
+}
+
+impl SlotIo for BufferIo {
+    fn input_len(&self) -> usize {
+        self.input.len()
+    }
+
+    fn read_input(&self, dst: &mut [u8]) {
+        dst.copy_from_slice(&self.input[..dst.len()]);
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn write_output(&mut self, src: &[u8]) {
+        self.output = src.to_vec();
+    }
+}
+
 /// Per-call state the `spindle.*` host functions see.
 struct GuestCtx {
     memory: Option<Memory>,
@@ -1096,37 +1133,6 @@ mod tests {
         }
     }
 
-    struct VecIo {
-        input: Vec<u8>,
-        output: Vec<u8>,
-        capacity: usize,
-    }
-
-    impl VecIo {
-        fn new(input: &[u8]) -> Self {
-            VecIo {
-                input: input.to_vec(),
-                output: Vec::new(),
-                capacity: 64,
-            }
-        }
-    }
-
-    impl SlotIo for VecIo {
-        fn input_len(&self) -> usize {
-            self.input.len()
-        }
-        fn read_input(&self, dst: &mut [u8]) {
-            dst.copy_from_slice(&self.input);
-        }
-        fn capacity(&self) -> usize {
-            self.capacity
-        }
-        fn write_output(&mut self, src: &[u8]) {
-            self.output = src.to_vec();
-        }
-    }
-
     const ECHO: &str = "(call $output (local.get $p) (local.get $n)) (i32.const 0)";
 
     #[test]
@@ -1134,7 +1140,7 @@ mod tests {
         let mut host =
             FunctionHost::new(&spec("echo", &reactor(ECHO), ModuleMode::Reactor), None).unwrap();
         for input in [&b"hello"[..], b"", b"again"] {
-            let mut io = VecIo::new(input);
+            let mut io = BufferIo::new(64, input);
             assert_eq!(
                 host.invoke(&mut io),
                 Outcome::Done {
@@ -1151,12 +1157,12 @@ mod tests {
         let body = "(if (i32.eq (local.get $n) (i32.const 4)) (then (loop $l (br $l)))) (call $output (local.get $p) (local.get $n)) (i32.const 0)";
         let mut host =
             FunctionHost::new(&spec("fuel", &reactor(body), ModuleMode::Reactor), None).unwrap();
-        let outcome = host.invoke(&mut VecIo::new(b"loop"));
+        let outcome = host.invoke(&mut BufferIo::new(64, b"loop"));
         assert!(
             matches!(&outcome, Outcome::Failed { status: Status::Timeout, message } if message.contains("fuel")),
             "{outcome:?}"
         );
-        let mut io = VecIo::new(b"fine!");
+        let mut io = BufferIo::new(64, b"fine!");
         assert_eq!(
             host.invoke(&mut io),
             Outcome::Done {
@@ -1171,12 +1177,12 @@ mod tests {
         let body = "(if (i32.eq (local.get $n) (i32.const 1)) (then unreachable)) (call $error (i32.const 16) (i32.const 9)) (i32.const 1)";
         let mut host =
             FunctionHost::new(&spec("trap", &reactor(body), ModuleMode::Reactor), None).unwrap();
-        let trap = host.invoke(&mut VecIo::new(b"x"));
+        let trap = host.invoke(&mut BufferIo::new(64, b"x"));
         assert!(
             matches!(&trap, Outcome::Failed { status: Status::Trap, message } if message.contains("unreachable")),
             "{trap:?}"
         );
-        let error = host.invoke(&mut VecIo::new(b"xy"));
+        let error = host.invoke(&mut BufferIo::new(64, b"xy"));
         assert_eq!(
             error,
             Outcome::Failed {
@@ -1191,12 +1197,12 @@ mod tests {
         let body = "(if (i32.eq (local.get $n) (i32.const 1)) (then (return (i32.const 7)))) (call $output (i32.const 0) (i32.const 65)) (i32.const 0)";
         let mut host =
             FunctionHost::new(&spec("big", &reactor(body), ModuleMode::Reactor), None).unwrap();
-        let code = host.invoke(&mut VecIo::new(b"x"));
+        let code = host.invoke(&mut BufferIo::new(64, b"x"));
         assert!(
             matches!(&code, Outcome::Failed { status: Status::GuestError, message } if message.contains("returned 7")),
             "{code:?}"
         );
-        let big = host.invoke(&mut VecIo::new(b"xy"));
+        let big = host.invoke(&mut BufferIo::new(64, b"xy"));
         assert!(
             matches!(&big, Outcome::Failed { status: Status::GuestError, message } if message.contains("slot size")),
             "{big:?}"
@@ -1208,7 +1214,7 @@ mod tests {
         let body = "(call $output (i32.const 65530) (i32.const 100)) (i32.const 0)";
         let mut host =
             FunctionHost::new(&spec("oob", &reactor(body), ModuleMode::Reactor), None).unwrap();
-        let outcome = host.invoke(&mut VecIo::new(b"x"));
+        let outcome = host.invoke(&mut BufferIo::new(64, b"x"));
         assert!(
             matches!(&outcome, Outcome::Failed { status: Status::Trap, message } if message.contains("outside linear memory")),
             "{outcome:?}"
@@ -1231,7 +1237,7 @@ mod tests {
             Some(routes),
         )
         .unwrap();
-        let mut io = VecIo::new(b"x");
+        let mut io = BufferIo::new(64, b"x");
         assert_eq!(
             host.invoke(&mut io),
             Outcome::Done {
@@ -1240,7 +1246,7 @@ mod tests {
             }
         );
         assert_eq!(io.output, [0]);
-        let mut io = VecIo::new(b"xy");
+        let mut io = BufferIo::new(64, b"xy");
         assert_eq!(
             host.invoke(&mut io),
             Outcome::Done {
@@ -1257,7 +1263,7 @@ mod tests {
         let body = "(i32.store (i32.const 0) (memory.grow (i32.const 20))) (call $output (i32.const 0) (i32.const 4)) (i32.const 0)";
         let mut host =
             FunctionHost::new(&spec("grow", &reactor(body), ModuleMode::Reactor), None).unwrap();
-        let mut io = VecIo::new(b"x");
+        let mut io = BufferIo::new(64, b"x");
         assert_eq!(
             host.invoke(&mut io),
             Outcome::Done {
@@ -1299,7 +1305,7 @@ mod tests {
             (func (export "_start") (call $output (i32.const 0) (i32.const 4))))"#;
         let mut host =
             FunctionHost::new(&spec("cmd-spindle", wat, ModuleMode::Command), None).unwrap();
-        let outcome = host.invoke(&mut VecIo::new(b"x"));
+        let outcome = host.invoke(&mut BufferIo::new(64, b"x"));
         assert!(
             matches!(&outcome, Outcome::Failed { status: Status::Trap, message } if message.contains("outside spindle_handle")),
             "{outcome:?}"
@@ -1322,7 +1328,7 @@ mod tests {
                 (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 12)))
                 (if (i32.eq (i32.load8_u (i32.const 256)) (i32.const 33)) (then (call $exit (i32.const 3))))))"#;
         let mut host = FunctionHost::new(&spec("cmd", wat, ModuleMode::Command), None).unwrap();
-        let mut io = VecIo::new(b"from stdin");
+        let mut io = BufferIo::new(64, b"from stdin");
         assert_eq!(
             host.invoke(&mut io),
             Outcome::Done {
@@ -1331,7 +1337,7 @@ mod tests {
             }
         );
         assert_eq!(io.output, b"from stdin");
-        let failed = host.invoke(&mut VecIo::new(b"!exit"));
+        let failed = host.invoke(&mut BufferIo::new(64, b"!exit"));
         assert!(
             matches!(&failed, Outcome::Failed { status: Status::GuestError, message } if message.contains("status 3")),
             "{failed:?}"

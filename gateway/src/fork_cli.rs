@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use chain_runtime::config::Config;
-use chain_runtime::host::{Outcome, SlotIo};
+use chain_runtime::host::{BufferIo, Outcome};
 use chain_runtime::instance::InstanceBuilder;
 use chain_runtime::resume::RemoteImage;
 use nix::sys::signal::{SigSet, Signal};
@@ -35,41 +35,12 @@ use rdma_fork::server::PageServer;
 /// How long a child may take to connect, authenticate and get each answer from the parent.
 const PARENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One request's input and output, as plain buffers.
-struct Buffers {
-    input: Vec<u8>,
-    output: Vec<u8>,
-    capacity: usize,
-}
-
-impl SlotIo for Buffers {
-    fn input_len(&self) -> usize {
-        self.input.len()
-    }
-
-    fn read_input(&self, dst: &mut [u8]) {
-        dst.copy_from_slice(&self.input[..dst.len()]);
-    }
-
-    fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    fn write_output(&mut self, src: &[u8]) {
-        self.output = src.to_vec();
-    }
-}
-
 fn invoke(
     host: &mut chain_runtime::host::FunctionHost,
     input: &[u8],
     capacity: usize,
 ) -> anyhow::Result<Vec<u8>> {
-    let mut io = Buffers {
-        input: input.to_vec(),
-        output: Vec::new(),
-        capacity,
-    };
+    let mut io = BufferIo::new(capacity, input);
     match host.invoke(&mut io) {
         Outcome::Done { output_len, .. } => {
             io.output.truncate(output_len);

@@ -12,35 +12,12 @@ use nix::unistd::{Whence, lseek};
 
 use super::*;
 use crate::config::{Config, FunctionSpec, ModuleMode};
-use crate::host::{COMPILES, CompiledModule, FunctionHost, HostError, Outcome, SlotIo};
+use crate::host::{BufferIo, COMPILES, CompiledModule, FunctionHost, HostError, Outcome};
 use crate::instance::InstanceBuilder;
-
-struct VecIo {
-    input: Vec<u8>,
-    output: Vec<u8>,
-}
-
-impl SlotIo for VecIo {
-    fn input_len(&self) -> usize {
-        self.input.len()
-    }
-    fn read_input(&self, dst: &mut [u8]) {
-        dst.copy_from_slice(&self.input);
-    }
-    fn capacity(&self) -> usize {
-        256
-    }
-    fn write_output(&mut self, src: &[u8]) {
-        self.output = src.to_vec();
-    }
-}
 
 /// Runs one request; panics unless it succeeds.
 fn call(host: &mut FunctionHost, input: &[u8]) -> Vec<u8> {
-    let mut io = VecIo {
-        input: input.to_vec(),
-        output: Vec::new(),
-    };
+    let mut io = BufferIo::new(256, input);
     match host.invoke(&mut io) {
         Outcome::Done { .. } => io.output,
         failed => panic!("request {input:?} failed: {failed:?}"),
@@ -265,10 +242,7 @@ fn forking_compiles_nothing_and_shares_the_parents_module() {
     }
     // A trapped child is rebuilt from the image, still without compiling.
     let child = &mut children[0];
-    let mut io = VecIo {
-        input: b"trap".to_vec(),
-        output: Vec::new(),
-    };
+    let mut io = BufferIo::new(256, b"trap");
     assert!(matches!(child.invoke(&mut io), Outcome::Failed { .. }));
     assert_eq!(
         counter(&call(child, b"q")),
@@ -475,20 +449,14 @@ fn every_example_reactor_forks_and_answers_like_its_parent() {
             "faulty" => (b"print", b"hello"),
             _ => (b"hello world\n", b"more words here\n"),
         };
-        let mut io = VecIo {
-            input: warm.to_vec(),
-            output: Vec::new(),
-        };
+        let mut io = BufferIo::new(256, warm);
         parent.invoke(&mut io);
         let snap = parent
             .snapshot()
             .unwrap_or_else(|e| panic!("{name}: capture refused: {e}"));
         let mut child = fork(&parent, &snap, &spec).unwrap_or_else(|e| panic!("{name}: {e}"));
         let answer = |host: &mut FunctionHost| {
-            let mut io = VecIo {
-                input: probe.to_vec(),
-                output: Vec::new(),
-            };
+            let mut io = BufferIo::new(256, probe);
             (host.invoke(&mut io), io.output)
         };
         let from_child = answer(&mut child);
@@ -585,10 +553,7 @@ fn command_modules_are_refused() {
 #[test]
 fn a_trapped_reactor_has_nothing_to_capture_until_rebuilt() {
     let mut host = FunctionHost::new(&spec("trapped", &reactor("", "unreachable")), None).unwrap();
-    let mut io = VecIo {
-        input: b"x".to_vec(),
-        output: Vec::new(),
-    };
+    let mut io = BufferIo::new(256, b"x");
     assert!(matches!(host.invoke(&mut io), Outcome::Failed { .. }));
     assert!(matches!(host.snapshot(), Err(SnapshotError::NoInstance)));
     host.prepare().unwrap();
