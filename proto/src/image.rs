@@ -845,18 +845,7 @@ mod tests {
         assert!(msg.contains("'z'") && msg.contains("byte 14"), "{msg}");
     }
 
-    struct XorShift(u64);
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
+    use crate::test_rng::XorShift;
 
     /// Whatever arrives, decode answers: random buffers (mostly behind a valid magic and
     /// version, or they would all stop there) and random mutations of valid encodings. Every

@@ -23,6 +23,8 @@ pub mod descriptor;
 pub mod image;
 pub mod meta;
 pub mod pages;
+#[cfg(test)]
+mod test_rng;
 pub mod worker;
 
 pub use descriptor::{Descriptor, DescriptorError, GATEWAY_FN, Status};

@@ -529,13 +529,8 @@ mod tests {
     #[test]
     fn random_mutations_never_panic() {
         let bytes = sample().encode();
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = crate::test_rng::XorShift(0x9e37_79b9_7f4a_7c15);
+        let mut next = || rng.next();
         for _ in 0..20_000 {
             let mut b = bytes.clone();
             for _ in 0..(next() % 4 + 1) {

@@ -1243,18 +1243,7 @@ mod tests {
         assert!(verify_proof(&key, handle, &server_nonce, &cn, &mac));
     }
 
-    struct XorShift(u64);
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
+    use crate::test_rng::XorShift;
 
     /// Whatever arrives, decode answers: random bodies behind a plausible header (a random
     /// header alone is nearly always oversized), random raw buffers, and mutations of valid
