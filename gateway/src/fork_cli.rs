@@ -55,13 +55,22 @@ fn builder(config: &Path, chain: &str, function: &str) -> anyhow::Result<Instanc
     Ok(InstanceBuilder::new(&config, chain, function)?)
 }
 
+#[derive(clap::Args)]
 pub struct ServeArgs {
-    pub config: PathBuf,
-    pub chain: String,
-    pub function: String,
-    pub listen: SocketAddr,
-    pub warm: Vec<String>,
-    pub lease: Duration,
+    config: PathBuf,
+    #[arg(long)]
+    chain: String,
+    #[arg(long)]
+    function: String,
+    /// Where the page server listens (port 0: any; the descriptor names the port).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// A request body to run before capturing (repeatable, in order).
+    #[arg(long)]
+    warm: Vec<String>,
+    /// How long the image stays open to new children (renewed by each child).
+    #[arg(long, value_parser = spindle_bench::parse_duration, default_value = "10m")]
+    lease: Duration,
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -147,14 +156,23 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args)]
 pub struct ResumeArgs {
-    pub descriptor: String,
-    pub config: PathBuf,
-    pub chain: String,
-    pub function: String,
-    pub body: String,
-    pub eager: bool,
-    pub readahead: u32,
+    descriptor: String,
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long)]
+    chain: String,
+    #[arg(long)]
+    function: String,
+    #[arg(long, default_value = "")]
+    body: String,
+    /// Fetch every page before running (for comparison with lazy).
+    #[arg(long)]
+    eager: bool,
+    /// Pages fetched along with each faulting page (0: only what is touched).
+    #[arg(long, default_value_t = 0)]
+    readahead: u32,
 }
 
 /// An image descriptor given as its text, or as `@FILE` whose first line is the text (what

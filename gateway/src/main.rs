@@ -144,42 +144,11 @@ enum ForkCommand {
     /// (fork_prepare) and serve the image's pages on --listen. Prints the image descriptor
     /// (a credential: pass it only over trusted channels) as one line on stdout; on
     /// SIGINT/SIGTERM stops and prints the page server's counters as one JSON line.
-    Serve {
-        config: PathBuf,
-        #[arg(long)]
-        chain: String,
-        #[arg(long)]
-        function: String,
-        /// Where the page server listens (port 0: any; the descriptor names the port).
-        #[arg(long)]
-        listen: SocketAddr,
-        /// A request body to run before capturing (repeatable, in order).
-        #[arg(long)]
-        warm: Vec<String>,
-        /// How long the image stays open to new children (renewed by each child).
-        #[arg(long, value_parser = spindle_bench::parse_duration, default_value = "10m")]
-        lease: Duration,
-    },
+    Serve(fork_cli::ServeArgs),
     /// Start a child of the image DESCRIPTOR (the text `fork serve` printed, or @FILE) as
     /// FUNCTION of CHAIN in CONFIG, answer one request with --body, and print the answer and
     /// where the time went as one JSON line (fork_resume).
-    Resume {
-        descriptor: String,
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        chain: String,
-        #[arg(long)]
-        function: String,
-        #[arg(long, default_value = "")]
-        body: String,
-        /// Fetch every page before running (for comparison with lazy).
-        #[arg(long)]
-        eager: bool,
-        /// Pages fetched along with each faulting page (0: only what is touched).
-        #[arg(long, default_value_t = 0)]
-        readahead: u32,
-    },
+    Resume(fork_cli::ResumeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -238,38 +207,8 @@ fn main() -> std::process::ExitCode {
                     .with_context(|| format!("ceiling server on {listen}"))
             }),
         Command::KnativeBaseline { args } => knative_baseline::main_entry(args).map_err(Into::into),
-        Command::Fork(ForkCommand::Serve {
-            config,
-            chain,
-            function,
-            listen,
-            warm,
-            lease,
-        }) => fork_cli::serve(fork_cli::ServeArgs {
-            config,
-            chain,
-            function,
-            listen,
-            warm,
-            lease,
-        }),
-        Command::Fork(ForkCommand::Resume {
-            descriptor,
-            config,
-            chain,
-            function,
-            body,
-            eager,
-            readahead,
-        }) => fork_cli::resume(fork_cli::ResumeArgs {
-            descriptor,
-            config,
-            chain,
-            function,
-            body,
-            eager,
-            readahead,
-        }),
+        Command::Fork(ForkCommand::Serve(args)) => fork_cli::serve(args),
+        Command::Fork(ForkCommand::Resume(args)) => fork_cli::resume(args),
         Command::Worker {
             config,
             chain,
