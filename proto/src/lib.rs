@@ -6,6 +6,8 @@
 //!   header to check that size and offsets agree.
 //! - [`worker`]: how the gateway hands a worker process its resources (the fd numbers), the
 //!   control messages on a worker's socket, and the exit codes a worker reports with.
+//! - [`control`]: the control messages on a worker's control socket (prepare an image of the
+//!   running instance; the answer, whose image memfd travels as `SCM_RIGHTS`).
 //! - [`image`]: the image descriptor that names a prepared (forkable) instance image across
 //!   nodes: its parent's page server, the key that gates it, the module and engine it needs;
 //!   binary and text forms.
@@ -19,6 +21,7 @@
 //! that slots live in is `shm`'s, the routing maps are `sockmap-bpf`'s, and what a worker does
 //! with a descriptor is `chain-runtime`'s.
 
+pub mod control;
 pub mod descriptor;
 pub mod image;
 pub mod meta;

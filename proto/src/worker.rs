@@ -3,7 +3,8 @@
 //! A worker is started with its resources already open at fixed fd numbers, so it needs no
 //! path, port or name to find them and a restart gets exactly what the first start got. On
 //! its socket, descriptors with request id 0 are control messages; the only one today is the
-//! ready message a worker sends once its instance can serve.
+//! ready message a worker sends once its instance can serve. Requests to a running worker
+//! (prepare an image) go on its separate control socket, [`CONTROL_FD`]: see [`crate::control`].
 
 use std::os::fd::RawFd;
 
@@ -23,6 +24,10 @@ pub const STATS_FD: RawFd = 7;
 /// `--from-image`. A descriptor is a credential: an fd, unlike argv, is not visible to other
 /// processes.
 pub const IMAGE_FD: RawFd = 8;
+/// This instance's end of a Unix stream socket pair with the gateway, for
+/// [`crate::control`] messages (prepare an image of the running instance). Kept apart from
+/// [`SOCKET_FD`], which carries only descriptors and may be redirected by the kernel.
+pub const CONTROL_FD: RawFd = 9;
 
 /// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
 pub const WATCHDOG_EXIT: i32 = 124;
@@ -52,7 +57,7 @@ mod tests {
     #[test]
     fn fd_numbers_are_distinct_and_above_stdio() {
         let fds = [
-            ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, IMAGE_FD,
+            ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, IMAGE_FD, CONTROL_FD,
         ];
         for (i, a) in fds.iter().enumerate() {
             assert!(*a > 2, "fd {a} would clobber stdio");
