@@ -216,6 +216,9 @@ pub struct Entry {
     meta: Vec<u8>,
     revoked: AtomicBool,
     counters: Arc<Counters>,
+    /// This image's share of the registry's `pages_served` and `bytes_served`.
+    pages_served: AtomicU64,
+    bytes_served: AtomicU64,
 }
 
 impl Entry {
@@ -248,6 +251,18 @@ impl Entry {
 
     pub(crate) fn key(&self) -> &[u8; 32] {
         &self.key
+    }
+
+    /// Counts one `Pages` answer of `pages` pages in `bytes` frame bytes, for this image and
+    /// the registry.
+    pub(crate) fn count_served(&self, pages: u64, zero_pages: u64, bytes: u64) {
+        let c = &self.counters;
+        c.reads.fetch_add(1, Relaxed);
+        c.pages_served.fetch_add(pages, Relaxed);
+        c.zero_pages_served.fetch_add(zero_pages, Relaxed);
+        c.bytes_served.fetch_add(bytes, Relaxed);
+        self.pages_served.fetch_add(pages, Relaxed);
+        self.bytes_served.fetch_add(bytes, Relaxed);
     }
 
     /// Fills `dst` (whole pages) with the pages from `first_page` on: non-zero pages read
@@ -412,6 +427,10 @@ pub struct ImageStatus {
     pub connections: usize,
     /// Lease left; zero once it lapsed, `None` for a lease too long to represent.
     pub lease_left: Option<Duration>,
+    /// Pages served from this image to its children so far (zero pages included).
+    pub pages_served: u64,
+    /// Bytes of `Pages` frames sent for this image, headers included.
+    pub bytes_served: u64,
 }
 
 enum Slot {
@@ -508,6 +527,8 @@ impl ImageRegistry {
             meta,
             revoked: AtomicBool::new(false),
             counters: self.counters.clone(),
+            pages_served: AtomicU64::new(0),
+            bytes_served: AtomicU64::new(0),
         };
         let now = Instant::now();
         let mut slots = self.slots();
@@ -669,6 +690,8 @@ impl ImageRegistry {
             Some(Slot::Live(l)) => Ok(ImageStatus {
                 connections: l.connections,
                 lease_left: l.expires.map(|e| e.saturating_duration_since(now)),
+                pages_served: l.entry.pages_served.load(Relaxed),
+                bytes_served: l.entry.bytes_served.load(Relaxed),
             }),
         }
     }
@@ -898,9 +921,15 @@ mod tests {
             reg.status(h.id).unwrap(),
             ImageStatus {
                 connections: 1,
-                lease_left: Some(Duration::ZERO)
+                lease_left: Some(Duration::ZERO),
+                pages_served: 0,
+                bytes_served: 0,
             }
         );
+        att.entry().count_served(2, 1, 4200);
+        let status = reg.status(h.id).unwrap();
+        assert_eq!((status.pages_served, status.bytes_served), (2, 4200));
+        assert_eq!(reg.stats().pages_served, 2);
         let mut page = vec![0u8; PAGE as usize];
         att.entry().read_pages(1, &mut page).unwrap();
         // The last child leaving reaps it on the spot.

@@ -330,6 +330,12 @@ impl RunningServer {
         self.handle.clone()
     }
 
+    /// False once the accept loop ended (shut down, or failed: the error comes from
+    /// [`shutdown`](Self::shutdown)).
+    pub fn is_accepting(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Stops accepting, closes every connection and joins all threads; returns the accept
     /// loop's error, if it failed before.
     pub fn shutdown(mut self) -> io::Result<()> {
@@ -625,11 +631,7 @@ impl Connection<'_> {
         self.out.clear();
         frame.encode(&mut self.out);
         // Counted before the write, so a child that has its pages sees them counted.
-        let c = self.registry.counters();
-        c.reads.fetch_add(1, Relaxed);
-        c.pages_served.fetch_add(u64::from(count), Relaxed);
-        c.zero_pages_served.fetch_add(u64::from(zeros), Relaxed);
-        c.bytes_served.fetch_add(self.out.len() as u64, Relaxed);
+        entry.count_served(u64::from(count), u64::from(zeros), self.out.len() as u64);
         let sent = self.write_out("session");
         // A child holds its connection for as long as it lives, mostly idle: keep buffers
         // for the common small reads (a fault plus readahead), not a megabyte per child.
