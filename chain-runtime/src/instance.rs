@@ -18,7 +18,7 @@ use std::path::Path;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::stat::{SFlag, fstat};
-use proto::worker::{ARENA_FD, CONFIG_FD, IMAGE_FD, MODULE_FD, SOCKET_FD, STATS_FD};
+use proto::worker::{ARENA_FD, CONFIG_FD, CONTROL_FD, IMAGE_FD, MODULE_FD, SOCKET_FD, STATS_FD};
 
 use crate::config::{Config, ConfigErrors};
 use crate::host::{FunctionHost, HostError};
@@ -64,6 +64,9 @@ pub struct Handoff<Fd> {
     pub module: Fd,
     /// The instance's statistics page.
     pub stats: Fd,
+    /// The worker's end of its Unix control socket pair with the gateway
+    /// ([`crate::control`]: prepare an image of the running instance).
+    pub control: Fd,
     /// Sealed memfd with the image descriptor to resume from, for an instance started from a
     /// remote image instead of cold (the worker's `--from-image`).
     pub image: Option<Fd>,
@@ -73,7 +76,7 @@ pub struct Handoff<Fd> {
 pub struct ExecPlan {
     /// Kept open until the child has been spawned; dropping the plan closes them.
     _copies: Vec<OwnedFd>,
-    placements: [(RawFd, RawFd); 6],
+    placements: [(RawFd, RawFd); 7],
     count: usize,
 }
 
@@ -103,10 +106,11 @@ impl Handoff<BorrowedFd<'_>> {
             (self.config, CONFIG_FD),
             (self.module, MODULE_FD),
             (self.stats, STATS_FD),
+            (self.control, CONTROL_FD),
         ];
         fds.extend(self.image.map(|fd| (fd, IMAGE_FD)));
         let mut copies = Vec::with_capacity(fds.len());
-        let mut placements = [(-1, -1); 6];
+        let mut placements = [(-1, -1); 7];
         for (i, (fd, target)) in fds.into_iter().enumerate() {
             let copy = high(fd)?;
             placements[i] = (copy.as_raw_fd(), target);
@@ -140,6 +144,7 @@ impl Handoff<OwnedFd> {
             stats: take_fd(STATS_FD, SFlag::S_IFREG, "the stats memfd")?,
             arena: take_fd(ARENA_FD, SFlag::S_IFREG, "the arena memfd")?,
             socket: take_fd(SOCKET_FD, SFlag::S_IFSOCK, "a socket")?,
+            control: take_fd(CONTROL_FD, SFlag::S_IFSOCK, "the control socket")?,
         })
     }
 
@@ -454,7 +459,7 @@ mod tests {
 
     #[test]
     fn exec_plan_places_copies_above_the_fixed_numbers() {
-        let fds: Vec<OwnedFd> = (0..5)
+        let fds: Vec<OwnedFd> = (0..6)
             .map(|i| sealed_memfd(&format!("f{i}"), b"x").unwrap())
             .collect();
         let handoff = Handoff {
@@ -463,6 +468,7 @@ mod tests {
             config: fds[2].as_fd(),
             module: fds[3].as_fd(),
             stats: fds[4].as_fd(),
+            control: fds[5].as_fd(),
             image: None,
         };
         let plan = handoff.exec_plan().unwrap();
@@ -470,7 +476,9 @@ mod tests {
         let targets: Vec<RawFd> = placements.iter().map(|p| p.1).collect();
         assert_eq!(
             targets,
-            [ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD]
+            [
+                ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, CONTROL_FD
+            ]
         );
         for (from, _) in placements {
             assert!(
@@ -483,7 +491,7 @@ mod tests {
             ..handoff
         };
         let plan = with_image.exec_plan().unwrap();
-        assert_eq!(plan.placements().len(), 6);
-        assert_eq!(plan.placements()[5].1, IMAGE_FD);
+        assert_eq!(plan.placements().len(), 7);
+        assert_eq!(plan.placements()[6].1, IMAGE_FD);
     }
 }

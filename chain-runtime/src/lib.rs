@@ -3,13 +3,15 @@
 //! instance comes to exist ([`instance`]: the only place that builds one, and both sides of
 //! the gateway → worker hand-off), per-instance statistics pages ([`stats`]), images of warm
 //! instances that new instances fork from without compiling ([`snapshot`]) and the worker
-//! process loop ([`worker`]) that runs one function instance against a chain's arena.
+//! process loop ([`worker`]) that runs one function instance against a chain's arena, with
+//! its control channel to the gateway ([`control`]: prepare an image of the running instance).
 //!
 //! The gateway crate owns HTTP, supervision and routing; this crate owns everything that
 //! happens inside a function instance and the config both sides read. It must not route
 //! between instances, speak HTTP or define wire layouts (those are `proto`'s).
 
 pub mod config;
+pub mod control;
 pub mod host;
 pub mod instance;
 pub mod plan;

@@ -1,25 +1,42 @@
 //! The worker process: one instance of one function of one chain.
 //!
-//! The gateway starts it with five descriptors already open (the hand-off, see
+//! The gateway starts it with six descriptors already open (the hand-off, see
 //! [`crate::instance::Handoff`] and `proto::worker`): the chain's arena, this instance's end of
 //! a connected loopback TCP socket, the config text and the module bytes as the gateway read
 //! them at start (sealed memfds, so a restart runs exactly what the gateway started with even
-//! if the files changed), and this instance's statistics page (see [`crate::stats`]). The
+//! if the files changed), this instance's statistics page (see [`crate::stats`]) and its end
+//! of a Unix control socket. The
 //! worker builds its instance once ([`crate::instance::InstanceBuilder`]), announces itself
 //! with a ready message, then loops: read a descriptor, check it against the arena, run the guest on the slot, write the
 //! output back into the slot, and send the descriptor on (to the next function or back to the
 //! gateway). Every descriptor gets exactly one answer, so the gateway never waits on a lost one.
+//!
+//! A control thread answers the gateway's requests on the control socket ([`crate::control`]).
+//! A prepare must capture the instance on the serving thread (wasmer's `Store` is not `Send`)
+//! and between two invocations: the control thread rings a doorbell (an eventfd) and waits;
+//! the serving loop, whenever it has no descriptor left to handle and would block, waits on
+//! the data socket and the doorbell together, and on the doorbell captures the image
+//! ([`FunctionHost::snapshot`]) and hands it back. The instance keeps serving afterwards; the
+//! image is a sealed copy.
+//!
+//! [`FunctionHost::snapshot`]: crate::host::FunctionHost::snapshot
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use proto::worker::{WATCHDOG_EXIT, ready_message};
 use proto::{Descriptor, GATEWAY_FN, Status};
 use shm::{Arena, SlotRef};
 
+use crate::control::{self, Prepared};
 use crate::host::{Outcome, SlotIo};
 use crate::instance::{Handoff, Instance, InstanceBuilder, InstanceError};
 use crate::resume::{RemoteImage, ResumedMemory};
@@ -58,7 +75,7 @@ pub struct WorkerArgs {
 /// How long a resuming worker gives its image's parent to connect and to answer each fetch.
 const PARENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs the worker until the gateway closes the socket. Takes over fds 3 to 7.
+/// Runs the worker until the gateway closes the socket. Takes over fds 3 to 9.
 pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
     let handoff = Handoff::inherited(args.from_image)?;
     let (text, module) = handoff.read_inputs()?;
@@ -93,6 +110,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
         arena,
         socket,
         stats,
+        control,
         ..
     } = handoff;
     let stats = StatsPage::from_fd(stats)?;
@@ -109,6 +127,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
         stats,
         busy_since: Arc::new(AtomicU64::new(0)),
         epoch: Instant::now(),
+        doorbell: start_control(UnixStream::from(control), &args.function)?,
     };
     worker.start_watchdog();
     let mut writer = BufWriter::with_capacity(READ_BATCH * Descriptor::SIZE, socket.try_clone()?);
@@ -122,6 +141,57 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
     )
 }
 
+/// A prepare the control thread asked for: when it asked, and where the answer goes.
+type PrepareRequest = (Instant, Sender<Result<Prepared, String>>);
+
+/// How the control thread reaches the serving loop.
+struct Doorbell {
+    /// Readable while prepares are waiting.
+    ring: Arc<EventFd>,
+    requests: Receiver<PrepareRequest>,
+}
+
+/// Starts the thread that answers the gateway's control requests on `socket` until the
+/// gateway closes it. Each prepare is queued for the serving loop and the doorbell rung.
+fn start_control(socket: UnixStream, function: &str) -> Result<Doorbell, WorkerError> {
+    // Non-blocking: the serving loop drains it without ever blocking on it.
+    let ring = Arc::new(
+        EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(std::io::Error::from)?,
+    );
+    let (tx, requests) = channel::<PrepareRequest>();
+    let bell = Arc::clone(&ring);
+    let name = function.to_owned();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let mut refused = 0;
+            let prepare = || {
+                let (answer_tx, answer) = channel();
+                tx.send((Instant::now(), answer_tx))
+                    .map_err(|_| "the worker is stopping".to_owned())?;
+                bell.write(1)
+                    .map_err(|e| format!("ringing the serving loop: {e}"))?;
+                // The serving loop answers once it is between two invocations.
+                answer
+                    .recv()
+                    .unwrap_or_else(|_| Err("the worker is stopping".to_owned()))
+            };
+            match control::serve(&socket, prepare, &mut refused) {
+                Ok(()) => tracing::debug!(function = %name, "control socket closed"),
+                Err(e) => tracing::warn!(function = %name, refused_total = refused,
+                    "control channel ended: {e}"),
+            }
+        })?;
+    Ok(Doorbell { ring, requests })
+}
+
+/// What woke a serving loop waiting for work.
+enum Wake {
+    Descriptor,
+    Prepare,
+}
+
 struct Worker {
     instance: Instance,
     /// How the memory of an instance resumed from a remote image is being filled.
@@ -132,6 +202,7 @@ struct Worker {
     /// Milliseconds since `epoch` when the current call started, 0 when idle.
     busy_since: Arc<AtomicU64>,
     epoch: Instant,
+    doorbell: Doorbell,
 }
 
 impl Worker {
@@ -177,6 +248,12 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         let mut buf = [0u8; Descriptor::SIZE];
         loop {
+            // Nothing buffered: this is where the loop would block, so a prepare runs here.
+            if reader.buffer().is_empty() {
+                while let Wake::Prepare = self.wait(reader.get_ref())? {
+                    self.answer_prepares();
+                }
+            }
             match reader.read_exact(&mut buf) {
                 Ok(()) => {}
                 // The gateway closed our socket: it is shutting down or replaced us.
@@ -202,6 +279,65 @@ impl Worker {
                     tracing::error!(function = %self.function_name(), "rebuilding the instance: {e}");
                 }
             }
+        }
+    }
+
+    /// Blocks until a descriptor can be read from `socket` or a prepare is waiting.
+    fn wait(&self, socket: &TcpStream) -> std::io::Result<Wake> {
+        loop {
+            let mut fds = [
+                PollFd::new(self.doorbell.ring.as_fd(), PollFlags::POLLIN),
+                PollFd::new(socket.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+            if ready(&fds[0]) {
+                return Ok(Wake::Prepare);
+            }
+            // Readable, or closed or failed: the read that follows reports which.
+            if ready(&fds[1]) {
+                return Ok(Wake::Descriptor);
+            }
+        }
+    }
+
+    /// Captures an image for every prepare waiting: no invocation is in progress here.
+    fn answer_prepares(&mut self) {
+        // Reset before draining: a request queued after the drain rings again.
+        let _ = self.doorbell.ring.read();
+        while let Ok((asked, answer)) = self.doorbell.requests.try_recv() {
+            let waited = asked.elapsed();
+            let started = Instant::now();
+            let snapshot = self.instance.host_mut().snapshot();
+            let captured = started.elapsed();
+            let prepared = snapshot
+                .map_err(|e| {
+                    tracing::warn!(function = %self.function_name(), "prepare refused: {e}");
+                    e.to_string()
+                })
+                .and_then(|snapshot| {
+                    let memfd = snapshot
+                        .image()
+                        .try_clone_to_owned()
+                        .map_err(|e| format!("duplicating the image memfd: {e}"))?;
+                    let meta = snapshot.meta();
+                    tracing::info!(function = %self.function_name(),
+                        pages_with_data = meta.memory.nonzero.count(),
+                        waited_us = waited.as_micros() as u64,
+                        capture_us = captured.as_micros() as u64, "image prepared");
+                    Ok(Prepared {
+                        memfd,
+                        waited_us: waited.as_micros() as u64,
+                        capture_us: captured.as_micros() as u64,
+                        meta: meta.to_image_meta().encode(),
+                    })
+                });
+            // The control thread gone means the gateway closed the channel: nobody to tell.
+            let _ = answer.send(prepared);
         }
     }
 

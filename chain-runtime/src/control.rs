@@ -1,0 +1,388 @@
+//! Both ends of a worker's control socket ([`proto::worker::CONTROL_FD`]): framed
+//! [`proto::control`] messages over a Unix stream socket, the image memfd of a `Prepared`
+//! answer riding on its first byte as `SCM_RIGHTS`.
+//!
+//! The worker's side ([`serve`]) runs on its own thread: it blocks on the control socket
+//! while the serving loop blocks on the data socket, and each prepare runs when the serving
+//! loop is between invocations (the caller's `prepare` closure takes the lock the serving
+//! loop holds per invocation). The gateway's side is [`request_prepare`].
+//!
+//! std's ancillary-data API on `UnixStream` is still unstable, so this uses nix's
+//! `sendmsg`/`recvmsg`.
+
+use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{ControlMessage as Cmsg, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use proto::control::{ControlError, ControlMessage, HEADER_LEN, Header};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("{op}: {source}")]
+    Sys {
+        op: &'static str,
+        #[source]
+        source: Errno,
+    },
+    #[error("control socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("the peer closed the control socket")]
+    Closed,
+    #[error("no answer on the control socket within {0:?}")]
+    TimedOut(Duration),
+    #[error("malformed control message: {0}")]
+    Malformed(#[from] ControlError),
+    #[error("malformed control message: {0}")]
+    BadFds(&'static str),
+}
+
+impl ChannelError {
+    /// True when the peer sent bytes that do not follow the protocol (as opposed to the
+    /// socket failing or closing).
+    pub fn is_malformed(&self) -> bool {
+        matches!(self, ChannelError::Malformed(_) | ChannelError::BadFds(_))
+    }
+}
+
+/// Sends `message`, with `fd` attached when given.
+pub fn send(
+    stream: &UnixStream,
+    message: &ControlMessage,
+    fd: Option<BorrowedFd<'_>>,
+) -> Result<(), ChannelError> {
+    let frame = message.encode();
+    let fds: Vec<RawFd> = fd.iter().map(AsRawFd::as_raw_fd).collect();
+    let mut sent = 0;
+    while sent < frame.len() {
+        let iov = [IoSlice::new(&frame[sent..])];
+        // The descriptor rides on the first byte; a short write sends the rest without it.
+        let with_fd = [Cmsg::ScmRights(&fds)];
+        let cmsgs: &[Cmsg] = if sent == 0 && !fds.is_empty() {
+            &with_fd
+        } else {
+            &[]
+        };
+        match sendmsg::<()>(
+            stream.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(n) => sent += n,
+            Err(Errno::EINTR) => {}
+            Err(source) => {
+                return Err(ChannelError::Sys {
+                    op: "sendmsg",
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Receives one message and the fd it carries. `Ok(None)`: the peer closed the socket
+/// between messages. A frame that breaks the protocol is an error, after which the stream is
+/// out of step: the caller must close it.
+pub fn recv(
+    stream: &UnixStream,
+) -> Result<Option<(ControlMessage, Option<OwnedFd>)>, ChannelError> {
+    let mut header = [0u8; HEADER_LEN];
+    // Room for a few descriptors, so extra ones are received (and closed) rather than lost
+    // to truncation.
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let (got, mut fds, truncated) = loop {
+        let mut iov = [IoSliceMut::new(&mut header)];
+        match recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(r) => {
+                let mut fds = Vec::new();
+                for cmsg in r.cmsgs().map_err(|source| ChannelError::Sys {
+                    op: "reading control messages",
+                    source,
+                })? {
+                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                        // SAFETY: SCM_RIGHTS just installed these descriptors in this
+                        // process; nothing else refers to them yet.
+                        fds.extend(
+                            raw.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
+                }
+                break (r.bytes, fds, r.flags.contains(MsgFlags::MSG_CTRUNC));
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => {
+                let timeout = stream.read_timeout()?.unwrap_or_default();
+                return Err(ChannelError::TimedOut(timeout));
+            }
+            Err(source) => {
+                return Err(ChannelError::Sys {
+                    op: "recvmsg",
+                    source,
+                });
+            }
+        }
+    };
+    if got == 0 {
+        return Ok(None);
+    }
+    if truncated {
+        return Err(ChannelError::BadFds(
+            "more descriptors than any message carries",
+        ));
+    }
+    read_rest(stream, &mut header[got..])?;
+    let header = Header::decode(&header)?;
+    let mut payload = vec![0u8; header.payload_len];
+    read_rest(stream, &mut payload)?;
+    let message = ControlMessage::decode(header, &payload)?;
+    let fd = match (header.carries_fd(), fds.len()) {
+        (true, 1) => fds.pop(),
+        (false, 0) => None,
+        (true, _) => {
+            return Err(ChannelError::BadFds(
+                "an image answer without exactly one fd",
+            ));
+        }
+        (false, _) => {
+            return Err(ChannelError::BadFds(
+                "a descriptor on a message that carries none",
+            ));
+        }
+    };
+    Ok(Some((message, fd)))
+}
+
+fn read_rest(mut stream: &UnixStream, buf: &mut [u8]) -> Result<(), ChannelError> {
+    stream.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => ChannelError::Closed,
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            ChannelError::TimedOut(stream.read_timeout().ok().flatten().unwrap_or_default())
+        }
+        _ => ChannelError::Io(e),
+    })
+}
+
+/// What a worker's `prepare` produced: the image memfd and the answer to send with it.
+pub struct Prepared {
+    pub memfd: OwnedFd,
+    pub waited_us: u64,
+    pub capture_us: u64,
+    pub meta: Vec<u8>,
+}
+
+/// The worker's side: answers control requests on `stream` until the gateway closes it.
+/// `prepare` captures an image at a quiescent point or says why it cannot. A request that
+/// breaks the protocol is answered with a failure, counted in `refused`, and ends the
+/// channel (the stream is out of step); the worker itself keeps serving.
+pub fn serve(
+    stream: &UnixStream,
+    mut prepare: impl FnMut() -> Result<Prepared, String>,
+    refused: &mut u64,
+) -> Result<(), ChannelError> {
+    loop {
+        let request = match recv(stream) {
+            Ok(None) => return Ok(()),
+            Ok(Some(request)) => request,
+            Err(e) => {
+                if e.is_malformed() {
+                    *refused += 1;
+                    let answer = ControlMessage::PrepareFailed {
+                        message: format!("the worker refused a control request: {e}"),
+                    };
+                    // Best effort: the channel ends either way.
+                    let _ = send(stream, &answer, None);
+                }
+                return Err(e);
+            }
+        };
+        match request {
+            (ControlMessage::Prepare, None) => match prepare() {
+                Ok(p) => {
+                    let answer = ControlMessage::Prepared {
+                        waited_us: p.waited_us,
+                        capture_us: p.capture_us,
+                        meta: p.meta,
+                    };
+                    use std::os::fd::AsFd;
+                    send(stream, &answer, Some(p.memfd.as_fd()))?;
+                }
+                Err(message) => send(stream, &ControlMessage::PrepareFailed { message }, None)?,
+            },
+            (other, _) => {
+                *refused += 1;
+                let answer = ControlMessage::PrepareFailed {
+                    message: format!("a worker does not accept {other:?}"),
+                };
+                send(stream, &answer, None)?;
+                return Err(ChannelError::BadFds("an answer sent to the worker"));
+            }
+        }
+    }
+}
+
+/// What a worker answered to [`request_prepare`].
+pub enum PrepareAnswer {
+    Prepared(Prepared),
+    /// The worker could not capture (e.g. uncapturable state: a `SnapshotError`'s message).
+    Failed(String),
+}
+
+/// The gateway's side: asks the worker at the other end of `stream` to prepare an image, and
+/// waits at most `timeout` for the answer.
+pub fn request_prepare(
+    stream: &UnixStream,
+    timeout: Duration,
+) -> Result<PrepareAnswer, ChannelError> {
+    stream.set_read_timeout(Some(timeout))?;
+    send(stream, &ControlMessage::Prepare, None)?;
+    match recv(stream)? {
+        None => Err(ChannelError::Closed),
+        Some((
+            ControlMessage::Prepared {
+                waited_us,
+                capture_us,
+                meta,
+            },
+            Some(memfd),
+        )) => Ok(PrepareAnswer::Prepared(Prepared {
+            memfd,
+            waited_us,
+            capture_us,
+            meta,
+        })),
+        Some((ControlMessage::PrepareFailed { message }, None)) => {
+            Ok(PrepareAnswer::Failed(message))
+        }
+        Some(_) => Err(ChannelError::BadFds("a request sent to the gateway")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn memfd(data: &[u8]) -> OwnedFd {
+        crate::instance::sealed_memfd("control-test", data).unwrap()
+    }
+
+    fn fd_contents(fd: &OwnedFd) -> Vec<u8> {
+        let mut s = String::new();
+        let mut f = std::fs::File::from(fd.try_clone().unwrap());
+        f.read_to_string(&mut s).unwrap();
+        s.into_bytes()
+    }
+
+    #[test]
+    fn a_prepare_gets_the_image_memfd_and_its_metadata() {
+        let (gateway, worker) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut refused = 0;
+            let mut n = 0;
+            let r = serve(
+                &worker,
+                || {
+                    n += 1;
+                    if n == 2 {
+                        return Err("table 0 grew at run time".into());
+                    }
+                    Ok(Prepared {
+                        memfd: memfd(b"pages"),
+                        waited_us: 3,
+                        capture_us: 4,
+                        meta: b"meta".to_vec(),
+                    })
+                },
+                &mut refused,
+            );
+            (r.is_ok(), refused)
+        });
+        let t = Duration::from_secs(5);
+        let PrepareAnswer::Prepared(p) = request_prepare(&gateway, t).unwrap() else {
+            panic!("expected an image");
+        };
+        assert_eq!(
+            (p.waited_us, p.capture_us, &p.meta[..]),
+            (3, 4, &b"meta"[..])
+        );
+        assert_eq!(fd_contents(&p.memfd), b"pages");
+        let PrepareAnswer::Failed(why) = request_prepare(&gateway, t).unwrap() else {
+            panic!("expected a failure");
+        };
+        assert_eq!(why, "table 0 grew at run time");
+        drop(gateway);
+        assert_eq!(
+            server.join().unwrap(),
+            (true, 0),
+            "EOF ends the channel cleanly"
+        );
+    }
+
+    #[test]
+    fn a_malformed_request_is_refused_counted_and_ends_the_channel() {
+        let (mut gateway, worker) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut refused = 0;
+            let r = serve(&worker, || Err("never called".into()), &mut refused);
+            (r.map_err(|e| e.is_malformed()), refused)
+        });
+        gateway.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let answer = recv(&gateway).unwrap().unwrap();
+        let (ControlMessage::PrepareFailed { message }, None) = answer else {
+            panic!("{answer:?}")
+        };
+        assert!(message.contains("bad magic"), "{message}");
+        assert_eq!(server.join().unwrap(), (Err(true), 1));
+        // Closed with our unread bytes still queued: a reset rather than an orderly EOF.
+        let after = recv(&gateway);
+        assert!(
+            matches!(after, Ok(None) | Err(ChannelError::Sys { source: Errno::ECONNRESET, .. })),
+            "the worker closed the channel: {after:?}"
+        );
+    }
+
+    #[test]
+    fn an_fd_on_a_message_that_carries_none_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let fd = memfd(b"x");
+        use std::os::fd::AsFd;
+        send(&a, &ControlMessage::Prepare, Some(fd.as_fd())).unwrap();
+        let err = recv(&b).unwrap_err();
+        assert!(err.is_malformed(), "{err}");
+    }
+
+    #[test]
+    fn an_answer_without_its_memfd_is_refused() {
+        let (gateway, worker) = UnixStream::pair().unwrap();
+        let answer = ControlMessage::Prepared {
+            waited_us: 0,
+            capture_us: 0,
+            meta: vec![1],
+        };
+        send(&worker, &answer, None).unwrap();
+        let err = request_prepare(&gateway, Duration::from_secs(5))
+            .err()
+            .unwrap();
+        assert!(err.is_malformed(), "{err}");
+    }
+
+    #[test]
+    fn a_silent_worker_times_out() {
+        let (gateway, _worker) = UnixStream::pair().unwrap();
+        let err = request_prepare(&gateway, Duration::from_millis(50))
+            .err()
+            .unwrap();
+        assert!(matches!(err, ChannelError::TimedOut(_)), "{err}");
+    }
+}
