@@ -17,6 +17,7 @@ use shm::ArenaError;
 
 use crate::dataplane::{ChainRuntime, Completion, SlotGuard};
 use crate::metrics::{ChainMetrics, Metrics};
+use crate::node::NodeService;
 
 pub struct Gateway {
     pub chains: Vec<Arc<ChainRuntime>>,
@@ -26,6 +27,8 @@ pub struct Gateway {
     chain_metrics: Vec<ChainMetrics>,
     pub metrics: Arc<Metrics>,
     pub dataplane: DataplaneStatus,
+    /// The node service (images of running instances), when this gateway runs one.
+    pub node: Option<Arc<NodeService>>,
 }
 
 /// Which dataplane runs, and why not the kernel one when `auto` fell back.
@@ -99,7 +102,14 @@ impl Gateway {
             chain_metrics,
             metrics,
             dataplane,
+            node: None,
         }
+    }
+
+    /// Reports the node service's state in /readyz and its metrics in /metrics.
+    pub fn with_node(mut self, node: Arc<NodeService>) -> Self {
+        self.node = Some(node);
+        self
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Reply, Infallible> {
@@ -141,6 +151,10 @@ impl Gateway {
                     .collect::<Vec<_>>()
             })
             .collect();
+        let images = self.node.as_ref().and_then(|n| n.readiness());
+        if let Some(Err(why)) = images {
+            return text(StatusCode::SERVICE_UNAVAILABLE, why);
+        }
         if down.is_empty() {
             let mut body = format!("ready\ndataplane: {}", self.dataplane.mode);
             if let Some(reason) = &self.dataplane.fallback_reason {
@@ -148,6 +162,10 @@ impl Gateway {
             }
             if let Some((transport, why)) = &self.dataplane.fork_pages {
                 body.push_str(&format!("\nfork pages: {transport} ({why})"));
+            }
+            if let Some(Ok(line)) = images {
+                body.push('\n');
+                body.push_str(&line);
             }
             text(StatusCode::OK, body)
         } else {
@@ -166,7 +184,10 @@ impl Gateway {
                 c.arena.free_slots(),
             );
         }
-        let mut resp = Response::new(Full::new(Bytes::from(self.metrics.encode(&self.chains))));
+        let mut resp = Response::new(Full::new(Bytes::from(self.metrics.encode(
+            &self.chains,
+            self.node.as_ref().map(|n| n.families()).unwrap_or_default(),
+        ))));
         resp.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),

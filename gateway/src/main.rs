@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use gateway::dataplane::{ChainRuntime, KernelRoute};
 use gateway::http::{DataplaneStatus, Gateway};
 use gateway::metrics::Metrics;
+use gateway::node::{AdminListener, ControlBoard, NodeService};
 use gateway::supervisor::{WorkerCommand, supervise};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -57,9 +58,21 @@ enum Command {
         #[arg(long)]
         dataplane: Option<DataplaneMode>,
         /// Start FUNCTION's instances from a remote image instead of cold: FUNCTION=DESCRIPTOR,
-        /// the descriptor as `spindle fork serve` printed it, or FUNCTION=@FILE (repeatable).
+        /// the descriptor as `spindle fork serve` or an admin prepare (POST /images) printed
+        /// it, or FUNCTION=@FILE (repeatable).
         #[arg(long, value_name = "FUNCTION=DESCRIPTOR")]
         resume: Vec<String>,
+        /// Serve the pages of images prepared from this gateway's running instances on ADDR
+        /// (a specific address of this node that children can reach; port 0: any). Prepare
+        /// through the --admin socket.
+        #[arg(long, value_name = "ADDR", requires = "admin")]
+        serve_images: Option<SocketAddr>,
+        /// The node service's admin API: HTTP/1.1 on a Unix socket created at PATH with mode
+        /// 0600. POST /images?chain=C&function=F[&instance=N][&lease=10m] prepares an image of
+        /// that running instance and answers its descriptor (a credential); GET /images lists
+        /// images; DELETE /images/HANDLE revokes one.
+        #[arg(long, value_name = "PATH")]
+        admin: Option<PathBuf>,
     },
     /// Check CONFIG and print every problem as file:line:col: message. Exit status 1 if any.
     Validate { config: PathBuf },
@@ -235,11 +248,19 @@ fn main() -> std::process::ExitCode {
             listen,
             dataplane,
             resume,
+            serve_images,
+            admin,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("starting the async runtime")
-            .and_then(|rt| rt.block_on(run(&config, listen, dataplane, &resume))),
+            .and_then(|rt| {
+                let node = NodeArgs {
+                    serve_images,
+                    admin,
+                };
+                rt.block_on(run(&config, listen, dataplane, &resume, node))
+            }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -366,7 +387,7 @@ fn reserve_worker_fd_numbers() -> std::io::Result<()> {
     loop {
         // std opens with O_CLOEXEC: no worker inherits these.
         let null = std::fs::File::open("/dev/null")?;
-        if null.as_raw_fd() > proto::worker::IMAGE_FD {
+        if null.as_raw_fd() > proto::worker::CONTROL_FD {
             return Ok(());
         }
         // Deliberately never closed.
@@ -374,11 +395,18 @@ fn reserve_worker_fd_numbers() -> std::io::Result<()> {
     }
 }
 
+/// `spindle run`'s node service options.
+struct NodeArgs {
+    serve_images: Option<SocketAddr>,
+    admin: Option<PathBuf>,
+}
+
 async fn run(
     config_path: &Path,
     listen: Option<SocketAddr>,
     dataplane: Option<DataplaneMode>,
     resume: &[String],
+    node_args: NodeArgs,
 ) -> anyhow::Result<()> {
     reserve_worker_fd_numbers().context("reserving the fd numbers workers are handed")?;
     let config_path = config_path
@@ -395,6 +423,12 @@ async fn run(
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    // Before any worker starts: binding sets the process-wide umask for a moment.
+    let admin = node_args
+        .admin
+        .as_deref()
+        .map(AdminListener::bind)
+        .transpose()?;
 
     let (kernel, status) = match dataplane.unwrap_or(config.dataplane) {
         DataplaneMode::Userspace => (None, DataplaneStatus::userspace(None)),
@@ -449,6 +483,26 @@ async fn run(
             sealed_memfd("spindle-config", text.as_bytes()).context("pinning the config")?,
         ),
         images: resume_images(&config, resume)?,
+        controls: Arc::new(ControlBoard::default()),
+    };
+    // Up before any worker, so a page server that cannot bind stops the start-up early.
+    let node = match &admin {
+        None => None,
+        Some(_) => {
+            let node = NodeService::start(
+                chains.clone(),
+                Arc::clone(&cmd.controls),
+                node_args.serve_images,
+            )?;
+            match node.page_server_addr() {
+                Some(addr) => tracing::info!("serving image pages on {addr}"),
+                None => tracing::info!("not serving images (no --serve-images)"),
+            }
+            if let Some(path) = &node_args.admin {
+                tracing::info!("admin API on unix:{}", path.display());
+            }
+            Some(Arc::new(node))
+        }
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut starting = Vec::new();
@@ -498,7 +552,13 @@ async fn run(
         }
     }
 
-    let gateway = Arc::new(Gateway::new(chains, Arc::clone(&metrics), status));
+    let mut gateway = Gateway::new(chains, Arc::clone(&metrics), status);
+    let mut admin_task = None;
+    if let (Some(node), Some(admin)) = (node, admin) {
+        admin_task = Some(tokio::spawn(Arc::clone(&node).serve_admin(admin)));
+        gateway = gateway.with_node(node);
+    }
+    let gateway = Arc::new(gateway);
     tracing::info!(
         "spindle serving {} chain(s) on http://{}",
         gateway.chains.len(),
@@ -543,6 +603,11 @@ async fn run(
 
     // Stop accepting, let requests in flight finish (workers still up), then stop workers.
     drop(listener);
+    if let Some(task) = admin_task {
+        // Dropping the task's future drops the listener, which removes the socket file.
+        task.abort();
+        let _ = task.await;
+    }
     tracing::info!("shutting down: draining requests in flight");
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
         .await

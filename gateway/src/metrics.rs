@@ -66,7 +66,12 @@ fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
         .collect()
 }
 
-fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<proto::Metric>) -> MetricFamily {
+pub(crate) fn family(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    metrics: Vec<proto::Metric>,
+) -> MetricFamily {
     let mut f = MetricFamily::default();
     f.set_name(name.to_string());
     f.set_help(help.to_string());
@@ -75,7 +80,7 @@ fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<proto::Metric>)
     f
 }
 
-fn counter(pairs: &[(&str, &str)], value: f64) -> proto::Metric {
+pub(crate) fn counter(pairs: &[(&str, &str)], value: f64) -> proto::Metric {
     let mut c = proto::Counter::default();
     c.set_value(value);
     let mut m = proto::Metric::from_label(labels(pairs));
@@ -83,7 +88,7 @@ fn counter(pairs: &[(&str, &str)], value: f64) -> proto::Metric {
     m
 }
 
-fn gauge(pairs: &[(&str, &str)], value: f64) -> proto::Metric {
+pub(crate) fn gauge(pairs: &[(&str, &str)], value: f64) -> proto::Metric {
     let mut g = proto::Gauge::default();
     g.set_value(value);
     let mut m = proto::Metric::from_label(labels(pairs));
@@ -485,9 +490,10 @@ impl Metrics {
     }
 
     /// The whole scrape: the registry plus what is read at scrape time from the workers'
-    /// statistics pages and /proc.
-    pub fn encode(&self, chains: &[Arc<ChainRuntime>]) -> Vec<u8> {
+    /// statistics pages and /proc, and `extra` (the node service's families).
+    pub fn encode(&self, chains: &[Arc<ChainRuntime>], extra: Vec<MetricFamily>) -> Vec<u8> {
         let mut families = self.registry.gather();
+        families.extend(extra);
         families.extend(router_families(chains));
         families.extend(function_families(chains));
         families.extend(kernel_families(chains));

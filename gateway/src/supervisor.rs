@@ -5,12 +5,15 @@
 //! fds (`chain_runtime::instance::Handoff`): the chain's arena, its end of a connected loopback
 //! TCP socket (the gateway keeps the other end), sealed memfds with the config text and its
 //! module's bytes as the gateway read them at start (so restarts are immune to later edits of
-//! either file), and its statistics page. The gateway makes the connection itself (listen on an
+//! either file), its statistics page, and its end of a Unix control socket pair (the gateway's
+//! end goes on the node service's [`ControlBoard`] while the worker is ready, see
+//! [`crate::node`]). The gateway makes the connection itself (listen on an
 //! ephemeral loopback port, connect, accept, close the listener), so no port stays open for
 //! other processes to use.
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -25,6 +28,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::dataplane::{ChainRuntime, Holder, read_worker, write_worker};
 use crate::metrics::Metrics;
+use crate::node::{ControlBoard, ControlLease, InstanceKey};
 use crate::queue::{INSTANCE_QUEUE_CAPACITY, InstanceQueue};
 use sockmap_bpf::{ConnectionEntry, SockKey};
 
@@ -59,6 +63,8 @@ pub struct WorkerCommand {
     /// Functions whose instances resume from a remote image instead of building cold:
     /// function name → sealed memfd with the image descriptor.
     pub images: std::collections::HashMap<String, Arc<OwnedFd>>,
+    /// Where each ready worker's control socket is put, for the node service to reach it.
+    pub controls: Arc<ControlBoard>,
 }
 
 /// A connected pair of loopback TCP sockets: (gateway end, worker end).
@@ -83,6 +89,8 @@ struct Running {
     reader: tokio::task::JoinHandle<()>,
     /// The worker socket's entry in the kernel dataplane, if it routes this chain.
     kernel_entry: Option<KernelEntry>,
+    /// The worker's control socket on the board, while it runs.
+    control: Option<ControlLease>,
 }
 
 /// A worker connection registered with the kernel dataplane. Dropping it removes the
@@ -137,17 +145,20 @@ async fn spawn_worker(
         None => None,
     };
     let image = cmd.images.get(&stage.name);
+    let (control, worker_control) = UnixStream::pair().map_err(SpawnError::Socket)?;
     let exec_plan = Handoff {
         arena: chain.arena.fd(),
         socket: worker_end.as_fd(),
         config: cmd.config_text.as_fd(),
         module: module.as_fd(),
         stats: stage.instances[holder.instance].stats_fd.as_fd(),
+        control: worker_control.as_fd(),
         image: image.map(|fd| fd.as_fd()),
     }
     .exec_plan()
     .map_err(SpawnError::Socket)?;
     drop(worker_end);
+    drop(worker_control);
     // Owned before the fork: the closure below only iterates it.
     let placements = exec_plan.placements().to_vec();
     let gateway_pid = std::process::id() as libc::pid_t;
@@ -221,7 +232,13 @@ async fn spawn_worker(
                 addressable.map(|()| {
                     stage.instances[holder.instance].pid.store(child.id().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
                     chain.instance_up(holder.stage, holder.instance, holder.incarnation, Arc::clone(&queue));
-                    Running { child, reader, kernel_entry }
+                    let key = InstanceKey {
+                        chain: chain.plan.spec.name.clone(),
+                        function: stage.name.clone(),
+                        instance: holder.instance,
+                    };
+                    let control = Some(cmd.controls.attach(key, control));
+                    Running { child, reader, kernel_entry, control }
                 })
             }
             Ok(Err(_)) => {
@@ -308,6 +325,7 @@ pub async fn supervise(
             _ = stopping(&mut shutdown) => None,
         };
         chain.instance_down(stage, instance);
+        drop(running.control.take());
         chain.stages[stage].instances[instance]
             .pid
             .store(0, std::sync::atomic::Ordering::Relaxed);
