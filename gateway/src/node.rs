@@ -589,7 +589,8 @@ impl NodeService {
             )),
         };
         let reply = match result {
-            Ok(body) => text(StatusCode::OK, body),
+            // `text` ends the body with the newline.
+            Ok(body) => text(StatusCode::OK, body.trim_end()),
             Err(AdminError(code, message)) => text(code, message),
         };
         self.admin_requests

@@ -34,6 +34,8 @@ use sockmap_bpf::{ConnectionEntry, SockKey};
 
 /// How long a worker may take to compile and instantiate its module.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a worker that closed its socket before it was ready gets to exit by itself.
+const EXIT_GRACE: Duration = Duration::from_millis(500);
 /// How long a stopping worker gets after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long descriptors a dead worker wrote may take to drain from its socket.
@@ -242,8 +244,12 @@ async fn spawn_worker(
                 })
             }
             Ok(Err(_)) => {
-                // The socket closed or carried garbage before the ready message.
-                let _ = child.start_kill();
+                // The socket closed or carried garbage before the ready message. A worker
+                // that failed closes its socket before it prints why: give it a moment to
+                // exit by itself, so its reason reaches the log.
+                if tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_err() {
+                    let _ = child.start_kill();
+                }
                 let status = child.wait().await.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string());
                 Err(SpawnError::ExitedEarly(status))
             }

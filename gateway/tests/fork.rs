@@ -445,3 +445,247 @@ fn a_parent_gone_before_its_pages_were_fetched_fails_the_request_not_the_node() 
     assert_eq!(gw.curl(&["/healthz"]).0, 200, "the node itself is fine");
     assert_eq!(gw.curl(&["/up", "ab"]), (200, "AB".to_owned()));
 }
+
+/// `spindle run` in the parent node with the node service: pages served on the parent's veth
+/// address, the admin API on a Unix socket; HTTP on the parent's loopback.
+struct ParentGateway {
+    process: Child,
+    port: u16,
+    ns: String,
+    admin: PathBuf,
+}
+
+impl ParentGateway {
+    fn start(nodes: &Nodes, config: &Path, port: u16) -> Self {
+        let admin = config.with_file_name("admin.sock");
+        // The suite runs once per dataplane: control traffic must not depend on which.
+        let dataplane =
+            std::env::var("SPINDLE_TEST_DATAPLANE").unwrap_or_else(|_| "userspace".into());
+        let process = nodes
+            .command(&nodes.parent)
+            .arg("run")
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--dataplane", &dataplane])
+            .args(["--serve-images", &format!("{}:0", nodes.parent_ip)])
+            .arg("--admin")
+            .arg(&admin)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let gw = ParentGateway {
+            process,
+            port,
+            ns: nodes.parent.clone(),
+            admin,
+        };
+        let started = std::time::Instant::now();
+        while curl_in(&gw.ns, gw.port, &["/readyz"]).0 != 200 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the parent node's gateway never got ready"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gw
+    }
+
+    fn curl(&self, args: &[&str]) -> (u16, String) {
+        curl_in(&self.ns, self.port, args)
+    }
+
+    /// (status, body) of a request to the admin API (a Unix socket: no namespace needed).
+    fn admin(&self, method: &str, path: &str) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-m", "30", "--unix-socket"])
+            .arg(&self.admin)
+            .args(["-X", method, "-o", "-", "-w", "\n%{http_code}"])
+            .arg(format!("http://spindle{path}"));
+        let out = finish_within(cmd, RESUME_LIMIT);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        let (_, page) = self.curl(&["/metrics"]);
+        page.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in:\n{page}"))
+    }
+}
+
+impl Drop for ParentGateway {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.process.id() as i32), Signal::SIGTERM);
+        let _ = self.process.wait();
+    }
+}
+
+/// (status, body) of an HTTP request made inside namespace `ns`.
+fn curl_in(ns: &str, port: u16, args: &[&str]) -> (u16, String) {
+    let (path, data) = (args[0], args.get(1));
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "curl", "-s", "-m", "30"])
+        .args(["-o", "-", "-w", "\n%{http_code}"]);
+    if let Some(d) = data {
+        cmd.args(["-d", d]);
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}{path}"));
+    let out = finish_within(cmd, RESUME_LIMIT);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// One request of the load on the parent: when it was sent and answered, and what it said.
+struct Served {
+    sent: std::time::Instant,
+    answered: std::time::Instant,
+    code: u16,
+    served: u64,
+}
+
+#[test]
+fn a_running_gateway_prepares_under_load_and_another_node_continues_its_instance() {
+    let Some(nodes) = Nodes::create("a_running_gateway_prepares_under_load") else {
+        return;
+    };
+    let config = config("fork-node-service");
+    let parent = ParentGateway::start(&nodes, &config, 18303);
+    for served in 1..=3 {
+        let (code, body) = parent.curl(&["/rand", "w"]);
+        assert_eq!(code, 200, "{body}");
+        let a: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(a["served"], served, "{a}");
+    }
+
+    // Load on the parent while it prepares: two clients, one request after another.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(AtomicU32::new(0));
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let (ns, port) = (parent.ns.clone(), parent.port);
+            let (stop, done) = (stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut log = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = std::time::Instant::now();
+                    let (code, body) = curl_in(&ns, port, &["/rand", "x"]);
+                    let served = serde_json::from_str::<Value>(&body)
+                        .ok()
+                        .and_then(|a| a["served"].as_u64())
+                        .unwrap_or(0);
+                    log.push(Served {
+                        sent,
+                        answered: std::time::Instant::now(),
+                        code,
+                        served,
+                    });
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                log
+            })
+        })
+        .collect();
+    let wait_for = |n: u32| {
+        let began = std::time::Instant::now();
+        while done.load(Ordering::Relaxed) < n {
+            assert!(began.elapsed() < Duration::from_secs(60), "the load stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for(6);
+    let asked = std::time::Instant::now();
+    let (code, answer) = parent.admin("POST", "/images?chain=rand&function=forkrand&lease=5m");
+    let answered = std::time::Instant::now();
+    let after = done.load(Ordering::Relaxed);
+    wait_for(after + 6);
+    stop.store(true, Ordering::Relaxed);
+    let log: Vec<Served> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert_eq!(code, 200, "{answer}");
+
+    // The parent kept serving: no request failed, none was lost or counted twice, and its
+    // count carried on through the prepare.
+    assert!(log.iter().all(|r| r.code == 200), "a request failed during the prepare");
+    let mut counts: Vec<u64> = log.iter().map(|r| r.served).collect();
+    counts.sort_unstable();
+    let expected: Vec<u64> = (4..4 + log.len() as u64).collect();
+    assert_eq!(counts, expected, "one instance counted every request once");
+
+    // The image holds the count between what was answered before the prepare was asked
+    // and what was sent after it was answered.
+    let at_least = log
+        .iter()
+        .filter(|r| r.answered < asked)
+        .map(|r| r.served)
+        .max()
+        .unwrap();
+    let below = log
+        .iter()
+        .filter(|r| r.sent > answered)
+        .map(|r| r.served)
+        .min()
+        .unwrap();
+    let descriptor = answer.lines().next().unwrap();
+    assert!(descriptor.starts_with("spindle-image:"), "{answer}");
+    let parsed: ImageDescriptor = descriptor.parse().unwrap();
+    assert_eq!(parsed.parent.ip().to_string(), nodes.parent_ip, "{answer}");
+    assert!(answer.contains("pages_with_data: "), "{answer}");
+
+    // Another node resumes the image and continues from the captured count.
+    let child = ChildGateway::start(&nodes, &config, "forkrand", descriptor, 18304);
+    let (code, body) = child.curl(&["/rand", "x"]);
+    assert_eq!(code, 200, "{body}");
+    let a: Value = serde_json::from_str(&body).unwrap();
+    let captured = a["served"].as_u64().unwrap() - 1;
+    assert!(
+        (at_least..below).contains(&captured),
+        "the image holds the count at the prepare: {captured} not in {at_least}..{below}"
+    );
+    assert_eq!(a["forks"], 1, "{a}");
+    let (_, body) = child.curl(&["/rand", "x"]);
+    let b: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(b["served"].as_u64(), Some(captured + 2), "{b}");
+
+    // The parent lists the image with the child attached and the pages it fetched.
+    let handle = format!("{:#018x}", parsed.handle);
+    let (_, listed) = parent.admin("GET", "/images");
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(&handle))
+        .unwrap_or_else(|| panic!("{handle} not in {listed}"));
+    assert!(line.contains("rand/forkrand 0 live"), "{line}");
+    assert!(line.contains("children=1"), "{line}");
+    assert!(!line.contains("pages_served=0 "), "{line}");
+    drop(child);
+
+    // Revoked: a new child is refused, and the parent counts the refusal.
+    let (code, body) = parent.admin("DELETE", &format!("/images/{handle}"));
+    assert_eq!(code, 200, "{body}");
+    let mut cmd = nodes.command(&nodes.child);
+    cmd.arg("run")
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:18305", "--dataplane", "userspace"])
+        .args(["--resume", &format!("forkrand={descriptor}")]);
+    let out = finish_within(cmd, RESUME_LIMIT);
+    assert!(!out.status.success(), "a revoked image still resumed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("revoked"), "{err}");
+    assert_eq!(
+        parent.metric(r#"spindle_fork_refusals_total{reason="revoked"}"#),
+        1.0
+    );
+    assert_eq!(parent.metric("spindle_fork_revocations_total"), 1.0);
+    assert_eq!(parent.metric(r#"spindle_fork_prepares_total{result="ok"}"#), 1.0);
+    assert_eq!(parent.metric("spindle_fork_handshakes_total"), 1.0);
+    assert_eq!(parent.metric("spindle_fork_images_live"), 0.0);
+    // And the parent itself still serves, its count intact.
+    let (_, body) = parent.curl(&["/rand", "x"]);
+    let p: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(p["served"].as_u64(), Some(4 + log.len() as u64), "{p}");
+}
