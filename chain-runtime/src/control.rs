@@ -347,7 +347,14 @@ mod tests {
         // Closed with our unread bytes still queued: a reset rather than an orderly EOF.
         let after = recv(&gateway);
         assert!(
-            matches!(after, Ok(None) | Err(ChannelError::Sys { source: Errno::ECONNRESET, .. })),
+            matches!(
+                after,
+                Ok(None)
+                    | Err(ChannelError::Sys {
+                        source: Errno::ECONNRESET,
+                        ..
+                    })
+            ),
             "the worker closed the channel: {after:?}"
         );
     }

@@ -51,16 +51,49 @@ async fn the_admin_api_says_what_it_cannot_prepare_and_counts_it() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600, "owner only");
 
     let ready = s.get("/readyz").await.text();
-    assert!(ready.contains("images: serving pages on 127.0.0.1:"), "{ready}");
+    assert!(
+        ready.contains("images: serving pages on 127.0.0.1:"),
+        "{ready}"
+    );
 
     for (method, path, code, says) in [
-        ("POST", "/images?chain=nope&function=forkrand", 404, "no chain nope"),
-        ("POST", "/images?chain=rand&function=nope", 404, "no function nope in chain rand"),
-        ("POST", "/images?chain=rand&function=forkrand&instance=1", 404, "no instance 1"),
+        (
+            "POST",
+            "/images?chain=nope&function=forkrand",
+            404,
+            "no chain nope",
+        ),
+        (
+            "POST",
+            "/images?chain=rand&function=nope",
+            404,
+            "no function nope in chain rand",
+        ),
+        (
+            "POST",
+            "/images?chain=rand&function=forkrand&instance=1",
+            404,
+            "no instance 1",
+        ),
         ("POST", "/images?chain=rand", 400, "needs function"),
-        ("POST", "/images?chain=rand&function=forkrand&lease=soon", 400, "lease=soon"),
-        ("POST", "/images?chain=rot&function=rot13", 409, "a command module has no instance"),
-        ("DELETE", "/images/0x1234", 404, "no image 0x0000000000001234"),
+        (
+            "POST",
+            "/images?chain=rand&function=forkrand&lease=soon",
+            400,
+            "lease=soon",
+        ),
+        (
+            "POST",
+            "/images?chain=rot&function=rot13",
+            409,
+            "a command module has no instance",
+        ),
+        (
+            "DELETE",
+            "/images/0x1234",
+            404,
+            "no image 0x0000000000001234",
+        ),
         ("DELETE", "/images/zz", 400, "not an image handle"),
         ("PUT", "/images", 405, "GET (list) or POST (prepare)"),
         ("GET", "/other", 404, "no admin resource"),
@@ -78,7 +111,10 @@ async fn the_admin_api_says_what_it_cannot_prepare_and_counts_it() {
         let s = &s;
         async move { s.metric(series).await.unwrap_or(-1.0) }
     };
-    assert_eq!(m(r#"spindle_fork_prepares_total{result="uncapturable"}"#).await, 1.0);
+    assert_eq!(
+        m(r#"spindle_fork_prepares_total{result="uncapturable"}"#).await,
+        1.0
+    );
     assert_eq!(m(r#"spindle_fork_prepares_total{result="ok"}"#).await, 0.0);
     assert_eq!(m(r#"spindle_admin_requests_total{code="404"}"#).await, 5.0);
     assert_eq!(m(r#"spindle_admin_requests_total{code="400"}"#).await, 3.0);
@@ -86,25 +122,45 @@ async fn the_admin_api_says_what_it_cannot_prepare_and_counts_it() {
     assert_eq!(m("spindle_fork_images_published_total").await, 0.0);
 
     // A prepare that works answers the descriptor first, then what it captured.
-    let (code, body) = admin(&socket, "POST", "/images?chain=rand&function=forkrand&lease=1m");
+    let (code, body) = admin(
+        &socket,
+        "POST",
+        "/images?chain=rand&function=forkrand&lease=1m",
+    );
     assert_eq!(code, 200, "{body}");
     let mut lines = body.lines();
     let descriptor: proto::ImageDescriptor = lines.next().unwrap().parse().unwrap();
     assert!(descriptor.parent.ip().is_loopback(), "{descriptor:?}");
-    assert!(body.contains("instance: rand/forkrand instance 0"), "{body}");
+    assert!(
+        body.contains("instance: rand/forkrand instance 0"),
+        "{body}"
+    );
     assert!(body.contains("lease_s: 60"), "{body}");
     let listed = admin(&socket, "GET", "/images").1;
     let handle = format!("{:#018x}", descriptor.handle);
-    assert!(listed.starts_with(&format!("{handle} rand/forkrand 0 live")), "{listed}");
-    assert_eq!(admin(&socket, "DELETE", &format!("/images/{handle}")).0, 200);
+    assert!(
+        listed.starts_with(&format!("{handle} rand/forkrand 0 live")),
+        "{listed}"
+    );
+    assert_eq!(
+        admin(&socket, "DELETE", &format!("/images/{handle}")).0,
+        200
+    );
     let (code, body) = admin(&socket, "DELETE", &format!("/images/{handle}"));
     assert_eq!(code, 409, "{body}");
-    assert!(admin(&socket, "GET", "/images").1.contains(&format!("{handle} rand/forkrand 0 revoked")));
+    assert!(
+        admin(&socket, "GET", "/images")
+            .1
+            .contains(&format!("{handle} rand/forkrand 0 revoked"))
+    );
     assert_eq!(m("spindle_fork_revocations_total").await, 1.0);
     assert_eq!(m("spindle_fork_images_live").await, 0.0);
     let mut s = s;
     assert!(s.stop().success());
-    assert!(!socket.exists(), "the gateway removes its admin socket when it stops");
+    assert!(
+        !socket.exists(),
+        "the gateway removes its admin socket when it stops"
+    );
 }
 
 #[tokio::test]

@@ -592,7 +592,10 @@ fn a_running_gateway_prepares_under_load_and_another_node_continues_its_instance
     let wait_for = |n: u32| {
         let began = std::time::Instant::now();
         while done.load(Ordering::Relaxed) < n {
-            assert!(began.elapsed() < Duration::from_secs(60), "the load stalled");
+            assert!(
+                began.elapsed() < Duration::from_secs(60),
+                "the load stalled"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     };
@@ -611,7 +614,10 @@ fn a_running_gateway_prepares_under_load_and_another_node_continues_its_instance
 
     // The parent kept serving: no request failed, none was lost or counted twice, and its
     // count carried on through the prepare.
-    assert!(log.iter().all(|r| r.code == 200), "a request failed during the prepare");
+    assert!(
+        log.iter().all(|r| r.code == 200),
+        "a request failed during the prepare"
+    );
     let mut counts: Vec<u64> = log.iter().map(|r| r.served).collect();
     counts.sort_unstable();
     let expected: Vec<u64> = (4..4 + log.len() as u64).collect();
@@ -681,7 +687,10 @@ fn a_running_gateway_prepares_under_load_and_another_node_continues_its_instance
         1.0
     );
     assert_eq!(parent.metric("spindle_fork_revocations_total"), 1.0);
-    assert_eq!(parent.metric(r#"spindle_fork_prepares_total{result="ok"}"#), 1.0);
+    assert_eq!(
+        parent.metric(r#"spindle_fork_prepares_total{result="ok"}"#),
+        1.0
+    );
     assert_eq!(parent.metric("spindle_fork_handshakes_total"), 1.0);
     assert_eq!(parent.metric("spindle_fork_images_live"), 0.0);
     // And the parent itself still serves, its count intact.
