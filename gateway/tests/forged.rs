@@ -13,7 +13,7 @@ use chain_runtime::instance::sealed_memfd;
 use chain_runtime::stats::StatsPage;
 use common::Spindle;
 use nix::fcntl::{FcntlArg, fcntl};
-use proto::worker::{ARENA_FD, CONFIG_FD, MODULE_FD, SOCKET_FD, STATS_FD};
+use proto::worker::{ARENA_FD, CONFIG_FD, CONTROL_FD, MODULE_FD, SOCKET_FD, STATS_FD};
 use proto::{Descriptor, GATEWAY_FN, Status};
 use shm::Arena;
 
@@ -63,17 +63,20 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
     let (stats, stats_fd) = StatsPage::create("forged-stats").unwrap();
     let module_fd =
         sealed_memfd("module", &std::fs::read(common::wasm("uppercase")).unwrap()).unwrap();
+    // Held for the worker's life; nothing is sent on it here.
+    let (_control, worker_control) = std::os::unix::net::UnixStream::pair().unwrap();
     let fds = [
         high(arena_fd.as_fd()),
         high(worker_end.as_fd()),
         high(config_fd.as_fd()),
         high(module_fd.as_fd()),
         high(stats_fd.as_fd()),
+        high(worker_control.as_fd()),
     ];
     let placements: Vec<(i32, i32)> = fds
         .iter()
         .map(|fd| fd.as_raw_fd())
-        .zip([ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD])
+        .zip([ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, CONTROL_FD])
         .collect();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_spindle"));
     cmd.args(["worker", "--config"])
@@ -100,7 +103,7 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
         });
     }
     let mut child = cmd.spawn().unwrap();
-    drop((fds, worker_end));
+    drop((fds, worker_end, worker_control));
     sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
 
