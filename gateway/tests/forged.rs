@@ -76,7 +76,9 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
     let placements: Vec<(i32, i32)> = fds
         .iter()
         .map(|fd| fd.as_raw_fd())
-        .zip([ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, CONTROL_FD])
+        .zip([
+            ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, CONTROL_FD,
+        ])
         .collect();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_spindle"));
     cmd.args(["worker", "--config"])
