@@ -3,7 +3,8 @@
 //! A worker is started with its resources already open at fixed fd numbers, so it needs no
 //! path, port or name to find them and a restart gets exactly what the first start got. On
 //! its socket, descriptors with request id 0 are control messages; the only one today is the
-//! ready message a worker sends once its instance can serve.
+//! ready message a worker sends once its instance can serve. A worker forked from a zygote
+//! (see [`crate::zygote`]) gets the same numbers from the zygote instead of from exec.
 
 use std::os::fd::RawFd;
 
@@ -23,6 +24,9 @@ pub const STATS_FD: RawFd = 7;
 /// `--from-image`. A descriptor is a credential: an fd, unlike argv, is not visible to other
 /// processes.
 pub const IMAGE_FD: RawFd = 8;
+/// A zygote's end of its Unix seqpacket socket to the gateway (see [`crate::zygote`]); only
+/// for a process started with `--zygote`. Fds 9 and 11 are taken by other hand-offs.
+pub const ZYGOTE_FD: RawFd = 10;
 
 /// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
 pub const WATCHDOG_EXIT: i32 = 124;
@@ -52,7 +56,7 @@ mod tests {
     #[test]
     fn fd_numbers_are_distinct_and_above_stdio() {
         let fds = [
-            ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, IMAGE_FD,
+            ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, IMAGE_FD, ZYGOTE_FD,
         ];
         for (i, a) in fds.iter().enumerate() {
             assert!(*a > 2, "fd {a} would clobber stdio");
