@@ -77,6 +77,10 @@ impl SpawnRequest {
 
     pub fn from_bytes(b: &[u8]) -> Result<Self, ZygoteWireError> {
         let what = "a spawn request";
+        if b.len() >= 6 {
+            // Foreign bytes are named as such before their length is.
+            check_header(b, REQUEST_MAGIC)?;
+        }
         if b.len() < Self::SIZE {
             return Err(ZygoteWireError::Truncated {
                 what,
@@ -91,7 +95,6 @@ impl SpawnRequest {
                 need: Self::SIZE,
             });
         }
-        check_header(b, REQUEST_MAGIC)?;
         let kind = u16_at(b, 6);
         if kind != KIND_SPAWN {
             return Err(ZygoteWireError::UnknownKind(kind));
