@@ -9,12 +9,15 @@ use anyhow::{Context, bail};
 use chain_runtime::config::{Config, DataplaneMode};
 use chain_runtime::instance::sealed_memfd;
 use chain_runtime::plan::Plan;
+use chain_runtime::config::StartMode;
 use chain_runtime::worker::{self, WorkerArgs};
+use chain_runtime::zygote::ZygoteArgs;
 use clap::{Parser, Subcommand};
 use gateway::dataplane::{ChainRuntime, KernelRoute};
 use gateway::http::{DataplaneStatus, Gateway};
 use gateway::metrics::Metrics;
 use gateway::supervisor::{WorkerCommand, supervise};
+use gateway::zygote::Zygote;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -130,11 +133,15 @@ enum Command {
         chain: String,
         #[arg(long)]
         function: String,
-        #[arg(long)]
-        instance: u32,
+        #[arg(long, required_unless_present = "zygote")]
+        instance: Option<u32>,
         /// Resume from the image descriptor at fd 8 instead of building cold.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "zygote")]
         from_image: bool,
+        /// Be the function's zygote: build one warm instance, capture it and fork instances
+        /// from it when the gateway asks on fd 10 (see chain_runtime::zygote).
+        #[arg(long, conflicts_with = "instance")]
+        zygote: bool,
     },
 }
 
@@ -213,14 +220,32 @@ fn main() -> std::process::ExitCode {
             config,
             chain,
             function,
+            zygote: true,
+            ..
+        } => {
+            let args = ZygoteArgs {
+                config,
+                chain,
+                function,
+            };
+            // /proc's name for it: tests and operators tell it from the workers it forks.
+            let _ = nix::sys::prctl::set_name(c"spindle-zygote");
+            chain_runtime::zygote::run(&args)
+                .with_context(|| format!("zygote of {}/{}", args.chain, args.function))
+        }
+        Command::Worker {
+            config,
+            chain,
+            function,
             instance,
             from_image,
+            zygote: false,
         } => {
             let args = WorkerArgs {
                 config,
                 chain,
                 function,
-                instance,
+                instance: instance.expect("clap requires --instance without --zygote"),
                 from_image,
             };
             worker::run(&args).with_context(|| {
@@ -366,7 +391,7 @@ fn reserve_worker_fd_numbers() -> std::io::Result<()> {
     loop {
         // std opens with O_CLOEXEC: no worker inherits these.
         let null = std::fs::File::open("/dev/null")?;
-        if null.as_raw_fd() > proto::worker::IMAGE_FD {
+        if null.as_raw_fd() > proto::worker::ZYGOTE_FD {
             return Ok(());
         }
         // Deliberately never closed.
@@ -459,6 +484,21 @@ async fn run(
             let bytes = std::fs::read(path)
                 .with_context(|| format!("reading module {}", path.display()))?;
             let module = Arc::new(sealed_memfd(&st.name, &bytes).context("pinning the module")?);
+            // Instances resumed from a remote image keep starting by exec for now.
+            let forks = chain.plan.stages[stage].function.start == StartMode::Fork
+                && !cmd.images.contains_key(&st.name);
+            let zygote = forks.then(Zygote::new);
+            if let Some(zygote) = &zygote {
+                supervisors.push(tokio::spawn(gateway::zygote::supervise(
+                    Arc::clone(zygote),
+                    cmd.clone(),
+                    Arc::clone(chain),
+                    Arc::clone(&metrics),
+                    Arc::clone(&module),
+                    stage,
+                    shutdown_rx.clone(),
+                )));
+            }
             for instance in 0..st.instances.len() {
                 let (tx, rx) = oneshot::channel();
                 supervisors.push(tokio::spawn(supervise(
@@ -466,6 +506,7 @@ async fn run(
                     Arc::clone(chain),
                     Arc::clone(&metrics),
                     Arc::clone(&module),
+                    zygote.clone(),
                     stage,
                     instance,
                     tx,
