@@ -116,12 +116,14 @@ pub fn run(args: &ZygoteArgs) -> Result<(), ZygoteError> {
     drop(module);
     wait_single_threaded(THREADS_SETTLE)?;
     let build_ns = began.elapsed().as_nanos() as u64;
+    // The config and module memfds stay open at their numbers, as in an exec'd worker: a
+    // forked child's fd table matches one.
     let ZygoteHandoff { arena, zygote, .. } = handoff;
     let mut state = Zygote {
         builder,
         snapshot,
         compiled,
-        arena,
+        arena: Some(arena),
         socket: Some(zygote),
         reserved,
         gateway,
@@ -140,7 +142,8 @@ struct Zygote {
     builder: InstanceBuilder,
     snapshot: Snapshot,
     compiled: CompiledModule,
-    arena: OwnedFd,
+    /// `None` only in a child, which took it (at `ARENA_FD`, like an exec'd worker's).
+    arena: Option<OwnedFd>,
     /// `None` only in a child, which closed it.
     socket: Option<OwnedFd>,
     reserved: Vec<OwnedFd>,
@@ -265,7 +268,7 @@ impl Zygote {
             placed.next().expect("two placed"),
             placed.next().expect("two placed"),
         );
-        let arena = self.arena.try_clone()?;
+        let arena = self.arena.take().expect("taken once, by the child");
         let began = Instant::now();
         let instance = self
             .builder
