@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 mod fork_cli;
+mod local_bench;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// How long a client may take to send request headers.
@@ -156,6 +157,11 @@ enum ForkCommand {
     /// FUNCTION of CHAIN in CONFIG, answer one request with --body, and print the answer and
     /// where the time went as one JSON line (fork_resume).
     Resume(fork_cli::ResumeArgs),
+    /// Measure local fork against cold exec on this node: "a new instance is needed" to its
+    /// first response, with breakdown, floors, forks per second from one zygote and the
+    /// memory of a forked worker against a cold one. One JSON line per result.
+    #[command(name = "local-bench")]
+    LocalBench(local_bench::LocalBenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -216,6 +222,7 @@ fn main() -> std::process::ExitCode {
         Command::KnativeBaseline { args } => knative_baseline::main_entry(args).map_err(Into::into),
         Command::Fork(ForkCommand::Serve(args)) => fork_cli::serve(args),
         Command::Fork(ForkCommand::Resume(args)) => fork_cli::resume(args),
+        Command::Fork(ForkCommand::LocalBench(args)) => local_bench::run(args),
         Command::Worker {
             config,
             chain,

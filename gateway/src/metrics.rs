@@ -283,9 +283,10 @@ fn kernel_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
     ]
 }
 
-/// CPU time and memory of the gateway and of every running worker.
+/// CPU time and memory of the gateway, of every running worker and zygote, and each
+/// instance's pid.
 fn process_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
-    let (mut cpu, mut rss) = (Vec::new(), Vec::new());
+    let (mut cpu, mut rss, mut pids) = (Vec::new(), Vec::new(), Vec::new());
     if let Some((c, r)) = process_usage("self") {
         let l = [("process", "gateway")];
         cpu.push(counter(&l, c));
@@ -310,8 +311,16 @@ fn process_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
                 if pid == 0 {
                     continue;
                 }
+                let i = i.to_string();
+                pids.push(gauge(
+                    &[
+                        ("chain", chain.plan.spec.name.as_str()),
+                        ("function", stage.name.as_str()),
+                        ("instance", i.as_str()),
+                    ],
+                    f64::from(pid),
+                ));
                 if let Some((c, r)) = process_usage(&pid.to_string()) {
-                    let i = i.to_string();
                     let l = [
                         ("chain", chain.plan.spec.name.as_str()),
                         ("function", stage.name.as_str()),
@@ -331,6 +340,12 @@ fn process_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
              (a restarted worker starts again from 0) and of each function's zygote",
             MetricType::COUNTER,
             cpu,
+        ),
+        family(
+            "spindle_instance_pid",
+            "Process id of each running function instance (exec'd or forked)",
+            MetricType::GAUGE,
+            pids,
         ),
         family(
             "spindle_process_resident_memory_bytes",

@@ -74,7 +74,7 @@ pub struct WorkerCommand {
 }
 
 /// A connected pair of loopback TCP sockets: (gateway end, worker end).
-fn socket_pair() -> std::io::Result<(TcpStream, TcpStream)> {
+pub fn socket_pair() -> std::io::Result<(TcpStream, TcpStream)> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let worker_end = TcpStream::connect(listener.local_addr()?)?;
     let expected_peer = worker_end.local_addr()?;
@@ -124,7 +124,7 @@ pub(crate) fn describe_exit(status: &ExitStatus) -> String {
 
 /// Execs this binary with `args`, the hand-off's fds placed at their fixed numbers
 /// (`placements`, from an exec plan), stdin on /dev/null and a parent-death signal.
-pub(crate) fn exec_worker_process(
+pub fn exec_worker_process(
     cmd: &WorkerCommand,
     args: &[String],
     placements: &[(RawFd, RawFd)],
