@@ -161,31 +161,31 @@ async fn bench(args: LocalBenchArgs) -> anyhow::Result<()> {
     for round in 0..args.rounds {
         let mut round_forks = Vec::new();
         for i in 0..args.samples {
-            let (start, pid, mut child) = bench.start(true).await?;
+            let (start, pid, mut child, _socket) = bench.start(true).await?;
             if round == 0 && i == 0 {
-                fork_mem = Some(memory(pid)?);
+                fork_mem = Some(memory(pid).context("forked worker's memory")?);
             }
-            child.signal(Signal::SIGKILL)?;
-            child.wait().await?;
+            child.signal(Signal::SIGKILL).context("killing a forked worker")?;
+            child.wait().await.context("reaping a forked worker")?;
             round_forks.push(start);
         }
         let mut round_colds = Vec::new();
         for i in 0..cold_samples {
-            let (start, pid, mut child) = bench.start(false).await?;
+            let (start, pid, mut child, _socket) = bench.start(false).await?;
             if round == 0 && i == 0 {
-                cold_mem = Some(memory(pid)?);
+                cold_mem = Some(memory(pid).context("cold worker's memory")?);
             }
-            child.signal(Signal::SIGKILL)?;
-            child.wait().await?;
+            child.signal(Signal::SIGKILL).context("killing a cold worker")?;
+            child.wait().await.context("reaping a cold worker")?;
             round_colds.push(start);
         }
         let mut bare = Vec::new();
         let mut exec = Vec::new();
         for _ in 0..args.samples {
-            bare.push(bare_fork_us()?);
+            bare.push(bare_fork_us().context("bare fork floor")?);
         }
         for _ in 0..cold_samples {
-            exec.push(exec_true_us()?);
+            exec.push(exec_true_us().context("fork+exec floor")?);
         }
         fork_floor.push(bare);
         exec_floor.push(exec);
@@ -247,10 +247,14 @@ async fn bench(args: LocalBenchArgs) -> anyhow::Result<()> {
 
 impl Bench {
     /// Starts one instance (forked or cold), sends it one request and returns the timings,
-    /// its pid and the process (still running).
-    async fn start(&mut self, fork: bool) -> anyhow::Result<(Start, u32, WorkerProcess)> {
+    /// its pid and the process, still running while the returned socket is open (a worker
+    /// exits when its socket closes).
+    async fn start(
+        &mut self,
+        fork: bool,
+    ) -> anyhow::Result<(Start, u32, WorkerProcess, tokio::net::TcpStream)> {
         let stats = &self.chain.stages[self.stage].instances[0].stats_fd;
-        let (gateway_end, worker_end) = socket_pair()?;
+        let (gateway_end, worker_end) = socket_pair().context("worker socket")?;
         let t0 = Instant::now();
         let mut start = Start::default();
         let child = if fork {
@@ -286,7 +290,8 @@ impl Bench {
                 "0",
             ]
             .map(str::to_owned);
-            let child = exec_worker_process(&self.cmd, &args, plan.placements())?;
+            let child = exec_worker_process(&self.cmd, &args, plan.placements())
+                .context("exec'ing a cold worker")?;
             start.syscall_us = t0.elapsed().as_secs_f64() * 1e6;
             child
         };
@@ -318,7 +323,7 @@ impl Bench {
         if reply.status != Status::Ok as u8 {
             bail!("the first request failed with status {}", reply.status);
         }
-        Ok((start, pid, child))
+        Ok((start, pid, child, socket))
     }
 
     /// Forks `n` children back to back from one zygote: forks per second (zygote replies)
@@ -354,10 +359,10 @@ impl Bench {
         }
         let ready = began.elapsed();
         for child in &mut children {
-            child.signal(Signal::SIGKILL)?;
+            child.signal(Signal::SIGKILL).context("killing the burst")?;
         }
         for child in &mut children {
-            child.wait().await?;
+            child.wait().await.context("reaping the burst")?;
         }
         fork_us.sort_by(f64::total_cmp);
         Ok(json!({
