@@ -211,8 +211,8 @@ fn read_inputs(
     config: BorrowedFd<'_>,
     module: BorrowedFd<'_>,
 ) -> Result<(String, Vec<u8>), InstanceError> {
-    let text =
-        String::from_utf8(read_memfd(config, "config")?).map_err(|_| InstanceError::ConfigEncoding)?;
+    let text = String::from_utf8(read_memfd(config, "config")?)
+        .map_err(|_| InstanceError::ConfigEncoding)?;
     Ok((text, read_memfd(module, "module")?))
 }
 

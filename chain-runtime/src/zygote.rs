@@ -51,9 +51,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg,
-};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use nix::sys::stat::{SFlag, fstat};
 use proto::worker::{SOCKET_FD, STATS_FD};
 use proto::zygote::{MAX_PACKET, Reply, SPAWN_FDS, SpawnRequest, ZygoteWireError};
@@ -185,7 +183,10 @@ impl Zygote {
             let reply = match check_request(packet) {
                 Err(reason) => {
                     self.refused += 1;
-                    tracing::warn!(refused_total = self.refused, "refused spawn request: {reason}");
+                    tracing::warn!(
+                        refused_total = self.refused,
+                        "refused spawn request: {reason}"
+                    );
                     Reply::Refused(reason)
                 }
                 Ok((request, [socket, stats])) => self.spawn(request, socket, stats),
@@ -220,16 +221,18 @@ impl Zygote {
         match pid {
             0 => self.become_worker(request, socket, stats),
             pid if pid > 0 => {
-                tracing::debug!(instance = request.instance, pid, fork_us = fork_ns / 1000, "forked");
+                tracing::debug!(
+                    instance = request.instance,
+                    pid,
+                    fork_us = fork_ns / 1000,
+                    "forked"
+                );
                 Reply::Spawned {
                     pid: pid as u32,
                     fork_ns,
                 }
             }
-            _ => Reply::Failed(format!(
-                "clone failed: {}",
-                std::io::Error::last_os_error()
-            )),
+            _ => Reply::Failed(format!("clone failed: {}", std::io::Error::last_os_error())),
         }
     }
 
@@ -266,8 +269,8 @@ impl Zygote {
         drop(self.socket.take());
         // Free the fixed numbers, then put the worker's fds at theirs.
         self.reserved.clear();
-        let mut placed = place_fds(&[(socket.as_fd(), SOCKET_FD), (stats.as_fd(), STATS_FD)])?
-            .into_iter();
+        let mut placed =
+            place_fds(&[(socket.as_fd(), SOCKET_FD), (stats.as_fd(), STATS_FD)])?.into_iter();
         drop((socket, stats));
         let (socket, stats) = (
             placed.next().expect("two placed"),
@@ -279,8 +282,12 @@ impl Zygote {
             .builder
             .clone()
             .from_snapshot(&self.snapshot, &self.compiled)?;
-        tracing::debug!(instance = request.instance, incarnation = request.incarnation,
-            restore_us = began.elapsed().as_micros() as u64, "restored from the zygote's image");
+        tracing::debug!(
+            instance = request.instance,
+            incarnation = request.incarnation,
+            restore_us = began.elapsed().as_micros() as u64,
+            "restored from the zygote's image"
+        );
         serve_instance(
             instance,
             None,
@@ -310,8 +317,8 @@ fn check_request(packet: Received) -> Result<(SpawnRequest, [OwnedFd; SPAWN_FDS]
         (&fds[0], SFlag::S_IFSOCK, "the worker's socket"),
         (&fds[1], SFlag::S_IFREG, "the statistics memfd"),
     ] {
-        let is_kind = fstat(fd)
-            .is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == kind);
+        let is_kind =
+            fstat(fd).is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == kind);
         if !is_kind {
             return Err(format!("fd {} is not {what}", fd.as_raw_fd()));
         }
@@ -457,7 +464,10 @@ pub fn receive(socket: BorrowedFd<'_>) -> std::io::Result<Option<Received>> {
             for cmsg in msg.cmsgs().map_err(std::io::Error::from)? {
                 if let ControlMessageOwned::ScmRights(raw) = cmsg {
                     // SAFETY: the kernel just installed these fds in this process for us alone.
-                    fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                    fds.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
                 }
             }
         }
@@ -477,7 +487,10 @@ pub fn receive(socket: BorrowedFd<'_>) -> std::io::Result<Option<Received>> {
 /// Receives the zygote's next reply; a closed socket is `UnexpectedEof`.
 pub fn receive_reply(zygote: BorrowedFd<'_>) -> std::io::Result<Reply> {
     let packet = receive(zygote)?.ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the zygote closed its socket")
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the zygote closed its socket",
+        )
     })?;
     if packet.truncated {
         return Err(std::io::Error::other(ZygoteWireError::TooLong {
@@ -525,10 +538,7 @@ mod tests {
         assert_eq!(r, request());
         // Fresh fds of the same files, not the sender's numbers.
         assert_ne!(s.as_raw_fd(), socket.as_raw_fd());
-        assert_eq!(
-            fstat(&m).unwrap().st_ino,
-            fstat(&stats).unwrap().st_ino
-        );
+        assert_eq!(fstat(&m).unwrap().st_ino, fstat(&stats).unwrap().st_ino);
     }
 
     #[test]
@@ -536,9 +546,15 @@ mod tests {
         let (socket, stats) = (tcp_socket(), sealed_memfd("stats", b"x").unwrap());
         let good = request().to_bytes();
         let err = sent(&good[..7], &[socket.as_fd(), stats.as_fd()]).unwrap_err();
-        assert!(err.contains("truncated") && err.contains("7 bytes"), "{err}");
+        assert!(
+            err.contains("truncated") && err.contains("7 bytes"),
+            "{err}"
+        );
         let err = sent(&good, &[socket.as_fd()]).unwrap_err();
-        assert!(err.contains("carries 2 fds") && err.contains("got 1"), "{err}");
+        assert!(
+            err.contains("carries 2 fds") && err.contains("got 1"),
+            "{err}"
+        );
         let err = sent(&good, &[]).unwrap_err();
         assert!(err.contains("got 0"), "{err}");
         let err = sent(&good, &[stats.as_fd(), socket.as_fd()]).unwrap_err();
@@ -566,7 +582,10 @@ mod tests {
         let second = receive(zygote.as_fd()).unwrap().unwrap();
         assert_eq!(check_request(second).unwrap().0, request());
         drop(gateway);
-        assert!(receive(zygote.as_fd()).unwrap().is_none(), "EOF once closed");
+        assert!(
+            receive(zygote.as_fd()).unwrap().is_none(),
+            "EOF once closed"
+        );
     }
 
     #[test]

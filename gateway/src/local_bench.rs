@@ -114,11 +114,16 @@ async fn bench(args: LocalBenchArgs) -> anyhow::Result<()> {
         .expect("the builder found it");
     let spec = &chain_plan.spec;
     let arena = Arena::create("spindle-bench", spec.slot_size, spec.slots)?;
-    let chain = Arc::new(ChainRuntime::new(chain_plan.clone(), Arc::new(arena), None)?);
+    let chain = Arc::new(ChainRuntime::new(
+        chain_plan.clone(),
+        Arc::new(arena),
+        None,
+    )?);
     let module_path = &chain_plan.stages[stage].function.module;
     let module = Arc::new(sealed_memfd(
         &args.function,
-        &std::fs::read(module_path).with_context(|| format!("reading {}", module_path.display()))?,
+        &std::fs::read(module_path)
+            .with_context(|| format!("reading {}", module_path.display()))?,
     )?);
     let cmd = WorkerCommand {
         exe: std::env::current_exe()?,
@@ -165,7 +170,9 @@ async fn bench(args: LocalBenchArgs) -> anyhow::Result<()> {
             if round == 0 && i == 0 {
                 fork_mem = Some(memory(pid).context("forked worker's memory")?);
             }
-            child.signal(Signal::SIGKILL).context("killing a forked worker")?;
+            child
+                .signal(Signal::SIGKILL)
+                .context("killing a forked worker")?;
             child.wait().await.context("reaping a forked worker")?;
             round_forks.push(start);
         }
@@ -175,7 +182,9 @@ async fn bench(args: LocalBenchArgs) -> anyhow::Result<()> {
             if round == 0 && i == 0 {
                 cold_mem = Some(memory(pid).context("cold worker's memory")?);
             }
-            child.signal(Signal::SIGKILL).context("killing a cold worker")?;
+            child
+                .signal(Signal::SIGKILL)
+                .context("killing a cold worker")?;
             child.wait().await.context("reaping a cold worker")?;
             round_colds.push(start);
         }
@@ -199,10 +208,8 @@ async fn bench(args: LocalBenchArgs) -> anyhow::Result<()> {
 
     let report = |name: &str, rounds: &[Vec<Start>]| {
         let field = |f: fn(&Start) -> f64| -> (f64, f64) {
-            let per_round: Vec<Vec<f64>> = rounds
-                .iter()
-                .map(|r| r.iter().map(f).collect())
-                .collect();
+            let per_round: Vec<Vec<f64>> =
+                rounds.iter().map(|r| r.iter().map(f).collect()).collect();
             medians_of(&per_round)
         };
         let (syscall, launched, ready, first) = (

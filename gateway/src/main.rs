@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use chain_runtime::config::StartMode;
 use chain_runtime::config::{Config, DataplaneMode};
 use chain_runtime::instance::sealed_memfd;
 use chain_runtime::plan::Plan;
-use chain_runtime::config::StartMode;
 use chain_runtime::worker::{self, WorkerArgs};
 use chain_runtime::zygote::ZygoteArgs;
 use clap::{Parser, Subcommand};

@@ -42,11 +42,10 @@ impl WorkerProcess {
             WorkerProcess::Exec(c) => match c.id() {
                 // Our own child, not yet reaped (id() is Some): the pid cannot name another
                 // process.
-                Some(pid) => nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as libc::pid_t),
-                    signal,
-                )
-                .map_err(Into::into),
+                Some(pid) => {
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as libc::pid_t), signal)
+                        .map_err(Into::into)
+                }
                 None => Ok(()),
             },
             WorkerProcess::Forked(c) => c.signal(signal),
@@ -247,9 +246,6 @@ mod tests {
 
         let mut stopped = spawn("exec sleep 30");
         stopped.stop(Duration::from_secs(2)).await;
-        assert_eq!(
-            stopped.wait().await.unwrap().signal(),
-            Some(libc::SIGTERM)
-        );
+        assert_eq!(stopped.wait().await.unwrap().signal(), Some(libc::SIGTERM));
     }
 }

@@ -336,8 +336,15 @@ pub async fn supervise(
             incarnation,
         };
         let began = Instant::now();
-        let spawned =
-            spawn_worker(&cmd, &chain, &module, zygote.as_deref(), holder, &mut shutdown).await;
+        let spawned = spawn_worker(
+            &cmd,
+            &chain,
+            &module,
+            zygote.as_deref(),
+            holder,
+            &mut shutdown,
+        )
+        .await;
         let mut running = match spawned {
             Ok(r) => r,
             Err(SpawnError::ShuttingDown) => return,

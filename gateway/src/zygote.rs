@@ -20,8 +20,8 @@ use crate::dataplane::ChainRuntime;
 use crate::metrics::Metrics;
 use crate::process::{ForkedChild, WorkerProcess, watch_fd};
 use crate::supervisor::{
-    READY_TIMEOUT, STOP_GRACE, WorkerCommand, describe_exit, exec_worker_process, sleep_or_shutdown,
-    stopping,
+    READY_TIMEOUT, STOP_GRACE, WorkerCommand, describe_exit, exec_worker_process,
+    sleep_or_shutdown, stopping,
 };
 
 /// How long the zygote may take to answer one spawn request.
@@ -89,7 +89,8 @@ impl Zygote {
         let reply = tokio::time::timeout(REPLY_TIMEOUT, async {
             loop {
                 let mut ready = zygote.readable().await?;
-                match ready.try_io(|fd| chain_runtime::zygote::receive_reply(fd.get_ref().as_fd())) {
+                match ready.try_io(|fd| chain_runtime::zygote::receive_reply(fd.get_ref().as_fd()))
+                {
                     Ok(reply) => return reply,
                     Err(_would_block) => continue,
                 }
@@ -98,10 +99,9 @@ impl Zygote {
         .await
         .map_err(|_| ForkError::Timeout(REPLY_TIMEOUT))??;
         match reply {
-            Reply::Spawned { pid, fork_ns } => Ok((
-                ForkedChild::adopt(pid)?,
-                Duration::from_nanos(fork_ns),
-            )),
+            Reply::Spawned { pid, fork_ns } => {
+                Ok((ForkedChild::adopt(pid)?, Duration::from_nanos(fork_ns)))
+            }
             Reply::Refused(reason) => Err(ForkError::Refused(reason)),
             Reply::Failed(reason) => Err(ForkError::Failed(reason)),
             other => Err(ForkError::Unexpected(other)),

@@ -241,10 +241,14 @@ async fn futures_counts(s: &Spindle) -> Vec<f64> {
 /// The pid of faulty's instance `instance`, as the gateway exports it (a forked worker's
 /// command line is its zygote's, so it does not name the instance).
 async fn victim_pid(s: &Spindle, instance: u32) -> i32 {
-    let series =
-        format!(r#"spindle_instance_pid{{chain="spread",function="faulty",instance="{instance}"}}"#);
+    let series = format!(
+        r#"spindle_instance_pid{{chain="spread",function="faulty",instance="{instance}"}}"#
+    );
     let pid = s.metric(&series).await.expect("instance pid exported") as i32;
-    assert!(s.worker_pids("faulty").contains(&pid), "pid {pid} is a faulty worker");
+    assert!(
+        s.worker_pids("faulty").contains(&pid),
+        "pid {pid} is a faulty worker"
+    );
     pid
 }
 

@@ -29,7 +29,9 @@ chains:
 "#;
 
 fn starts(function: &str, chain: &str, mode: &str) -> String {
-    format!(r#"spindle_instance_starts_total{{chain="{chain}",function="{function}",mode="{mode}"}}"#)
+    format!(
+        r#"spindle_instance_starts_total{{chain="{chain}",function="{function}",mode="{mode}"}}"#
+    )
 }
 
 /// Waits up to 10 s for `probe` to hold.
@@ -59,20 +61,41 @@ async fn instances_start_by_fork_with_their_fds_in_place_and_serve() {
     let r = spindle.post("/hello", "hello spindle").await;
     assert_eq!(r.text(), r#"{"result":"ELDNIPS OLLEH","bytes":13}"#);
     for f in ["uppercase", "reverse", "frame"] {
-        assert_eq!(spindle.metric(&starts(f, "hello", "fork")).await, Some(1.0), "{f}");
-        assert_eq!(spindle.metric(&starts(f, "hello", "exec")).await, None, "{f}");
+        assert_eq!(
+            spindle.metric(&starts(f, "hello", "fork")).await,
+            Some(1.0),
+            "{f}"
+        );
+        assert_eq!(
+            spindle.metric(&starts(f, "hello", "exec")).await,
+            None,
+            "{f}"
+        );
         assert_eq!(spindle.zygote_pids(f).len(), 1, "one zygote of {f}");
         // worker_pids only lists children of the gateway: the fork made it the gateway's.
         let workers = spindle.worker_pids(f);
         assert_eq!(workers.len(), 1, "one forked worker of {f}");
         let fds = fixed_fds(workers[0]);
         let at = |n: i32| fds.iter().find(|(fd, _)| *fd == n).map(|(_, l)| l.as_str());
-        assert!(at(3).is_some_and(|l| l.contains("memfd:spindle-hello")), "arena: {fds:?}");
-        assert!(at(4).is_some_and(|l| l.starts_with("socket:")), "socket: {fds:?}");
-        assert!(at(6).is_some_and(|l| l.contains(&format!("memfd:{f}"))), "module: {fds:?}");
+        assert!(
+            at(3).is_some_and(|l| l.contains("memfd:spindle-hello")),
+            "arena: {fds:?}"
+        );
+        assert!(
+            at(4).is_some_and(|l| l.starts_with("socket:")),
+            "socket: {fds:?}"
+        );
+        assert!(
+            at(6).is_some_and(|l| l.contains(&format!("memfd:{f}"))),
+            "module: {fds:?}"
+        );
         // Not the zygote's socket, nor its fd-number reservations.
         for n in [8, 9, 10, 11] {
-            assert_eq!(at(n), None, "fd {n} left open in the forked worker: {fds:?}");
+            assert_eq!(
+                at(n),
+                None,
+                "fd {n} left open in the forked worker: {fds:?}"
+            );
         }
     }
     let page = spindle.get("/metrics").await.text();
@@ -80,7 +103,9 @@ async fn instances_start_by_fork_with_their_fds_in_place_and_serve() {
         page.contains(r#"spindle_process_resident_memory_bytes{chain="hello",function="frame",process="zygote"}"#),
         "zygote memory exported"
     );
-    assert!(page.contains(r#"spindle_instance_start_seconds_count{chain="hello",function="frame",mode="fork"} 1"#));
+    assert!(page.contains(
+        r#"spindle_instance_start_seconds_count{chain="hello",function="frame",mode="fork"} 1"#
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,7 +120,10 @@ async fn forked_children_run_spindle_on_fork_and_draw_their_own_numbers() {
         randoms.insert(v["random"].as_u64().unwrap());
     }
     assert_eq!(randoms.len(), 8, "every answer draws a fresh number");
-    assert_eq!(spindle.metric(&starts("forkrand", "rand", "fork")).await, Some(2.0));
+    assert_eq!(
+        spindle.metric(&starts("forkrand", "rand", "fork")).await,
+        Some(2.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,7 +161,10 @@ async fn killed_forked_worker_is_replaced_by_a_fork_under_load() {
     })
     .await;
     assert_eq!(spindle.post("/up", "back").await.text(), "BACK");
-    assert_eq!(spindle.metric(&starts("upper", "up", "fork")).await, Some(2.0));
+    assert_eq!(
+        spindle.metric(&starts("upper", "up", "fork")).await,
+        Some(2.0)
+    );
     assert_eq!(spindle.metric(&starts("upper", "up", "exec")).await, None);
     assert_eq!(
         spindle
@@ -152,7 +183,10 @@ async fn instances_outlive_a_killed_zygote_and_a_new_one_comes_back() {
     let _ = kill(Pid::from_raw(zygote[0]), Signal::SIGKILL);
     // The forked worker is the gateway's child, not the zygote's: it keeps serving.
     for i in 0..20 {
-        assert_eq!(spindle.post("/up", format!("x{i}")).await.text(), format!("X{i}"));
+        assert_eq!(
+            spindle.post("/up", format!("x{i}")).await.text(),
+            format!("X{i}")
+        );
     }
     assert_eq!(spindle.worker_pids("upper"), worker, "same worker process");
     eventually("a new zygote", async || {
@@ -196,7 +230,10 @@ async fn start_exec_runs_no_zygote_and_restarts_by_exec() {
         "module: {wasm:uppercase}\n    start: exec",
     );
     let spindle = Spindle::start("zygote-exec", &yaml).await;
-    assert!(spindle.zygote_pids("upper").is_empty(), "no zygote for start: exec");
+    assert!(
+        spindle.zygote_pids("upper").is_empty(),
+        "no zygote for start: exec"
+    );
     assert_eq!(spindle.zygote_pids("forkrand").len(), 1);
     // A forked worker's hand-off numbers (3 to 8) hold what an exec'd worker's do. (Above,
     // an exec'd worker's own first open fds land on free numbers.)
@@ -204,15 +241,33 @@ async fn start_exec_runs_no_zygote_and_restarts_by_exec() {
         fixed_fds(pid)
             .into_iter()
             .filter(|(fd, _)| *fd <= 8)
-            .map(|(fd, link)| (fd, if link.starts_with("socket:") { "socket" } else if link.contains("memfd:") { "memfd" } else { "other" }))
+            .map(|(fd, link)| {
+                (
+                    fd,
+                    if link.starts_with("socket:") {
+                        "socket"
+                    } else if link.contains("memfd:") {
+                        "memfd"
+                    } else {
+                        "other"
+                    },
+                )
+            })
             .collect()
     };
     let exec = kinds(spindle.worker_pids("upper")[0]);
     for forked in spindle.worker_pids("forkrand") {
-        assert_eq!(kinds(forked), exec, "fd layout of a forked worker vs an exec'd one");
+        assert_eq!(
+            kinds(forked),
+            exec,
+            "fd layout of a forked worker vs an exec'd one"
+        );
     }
     assert_eq!(spindle.post("/up", "exec").await.text(), "EXEC");
-    assert_eq!(spindle.metric(&starts("upper", "up", "exec")).await, Some(1.0));
+    assert_eq!(
+        spindle.metric(&starts("upper", "up", "exec")).await,
+        Some(1.0)
+    );
     let worker = spindle.worker_pids("upper");
     let _ = kill(Pid::from_raw(worker[0]), Signal::SIGKILL);
     eventually("the worker restarted by exec", async || {

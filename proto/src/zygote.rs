@@ -350,9 +350,9 @@ mod tests {
         for _ in 0..20_000 {
             let len = rng.below(64);
             let mut b: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-            if len >= 8 && rng.next() % 2 == 0 {
+            if len >= 8 && rng.next().is_multiple_of(2) {
                 // Get past the magic and version checks often enough to reach the rest.
-                let magic = if rng.next() % 2 == 0 {
+                let magic = if rng.next().is_multiple_of(2) {
                     REQUEST_MAGIC
                 } else {
                     REPLY_MAGIC
