@@ -620,6 +620,64 @@ mod tests {
     }
 
     #[test]
+    fn the_loop_refuses_bad_requests_counts_them_and_keeps_serving() {
+        let dir = std::env::temp_dir().join(format!("zygote-loop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("echo.wat"),
+            r#"(module
+                (import "spindle" "output" (func $out (param i32 i32)))
+                (memory (export "memory") 1)
+                (func (export "spindle_alloc") (param i32) (result i32) (i32.const 1024))
+                (func (export "spindle_handle") (param i32 i32) (result i32)
+                  (call $out (local.get 0) (local.get 1)) (i32.const 0)))"#,
+        )
+        .unwrap();
+        let yaml = "functions:\n  - name: echo\n    module: echo.wat\n\
+                    chains:\n  - name: c\n    route: /c\n    steps: [echo]\n";
+        std::fs::write(dir.join("spindle.yaml"), yaml).unwrap();
+        let config = crate::config::Config::load(&dir.join("spindle.yaml")).unwrap();
+        let builder = InstanceBuilder::new(&config, "c", "echo").unwrap();
+        let mut warm = builder.clone().cold_from_file().unwrap();
+        let (gateway, zygote) = socket_pair().unwrap();
+        let mut state = Zygote {
+            snapshot: warm.host_mut().snapshot().unwrap(),
+            compiled: warm.host_mut().compiled_module(),
+            builder,
+            arena: Some(sealed_memfd("arena", b"x").unwrap()),
+            socket: Some(zygote),
+            reserved: Vec::new(),
+            gateway: nix::unistd::getppid(),
+            refused: 0,
+        };
+        let (socket, stats) = (tcp_socket(), sealed_memfd("stats", b"x").unwrap());
+        send_packet(gateway.as_fd(), &request().to_bytes()[..9], &[]).unwrap();
+        send_packet(gateway.as_fd(), &request().to_bytes(), &[stats.as_fd()]).unwrap();
+        // Well formed: answered (here, in a multithreaded test process, with the refusal to
+        // fork), not dropped.
+        send_spawn(gateway.as_fd(), &request(), socket.as_fd(), stats.as_fd()).unwrap();
+        nix::sys::socket::shutdown(gateway.as_raw_fd(), nix::sys::socket::Shutdown::Write).unwrap();
+        state.serve().unwrap();
+        assert_eq!(state.refused, 2);
+        let replies: Vec<Reply> = (0..3)
+            .map(|_| receive_reply(gateway.as_fd()).unwrap())
+            .collect();
+        assert!(
+            matches!(&replies[0], Reply::Refused(r) if r.contains("truncated")),
+            "{replies:?}"
+        );
+        assert!(
+            matches!(&replies[1], Reply::Refused(r) if r.contains("got 1")),
+            "{replies:?}"
+        );
+        assert!(
+            matches!(&replies[2], Reply::Failed(r) if r.contains("threads")),
+            "{replies:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn forking_is_refused_while_another_thread_runs() {
         // The test harness runs this on a thread of its own: the process is multithreaded,
         // exactly the state in which the zygote must not call clone.

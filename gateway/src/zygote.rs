@@ -126,15 +126,25 @@ pub async fn supervise(
         .zygote_restarts
         .with_label_values(&[chain_name.as_str(), fn_name.as_str()]);
     let mut backoff = Duration::from_millis(50);
+    let mut ever_up = false;
     loop {
         let began = Instant::now();
         let started = start(&cmd, &chain, &module, stage, &mut shutdown).await;
         let (mut process, socket) = match started {
             Ok(up) => up,
             Err(None) => return,
+            Err(Some(e)) if !ever_up => {
+                // What stops a first start (a module whose warm instance cannot be captured,
+                // say) stops every later one: recompiling every few seconds would only burn
+                // CPU.
+                tracing::error!(chain = %chain_name, function = %fn_name,
+                    "zygote failed to start ({e}); this function's instances start by exec");
+                zygote.state.send_replace(State::Down);
+                return;
+            }
             Err(Some(e)) => {
                 tracing::error!(chain = %chain_name, function = %fn_name,
-                    "zygote failed to start ({e}); instances start by exec until it does");
+                    "zygote failed to restart ({e}); instances start by exec until it does");
                 zygote.state.send_replace(State::Down);
                 restarts.inc();
                 if sleep_or_shutdown(backoff, &mut shutdown).await {
@@ -149,6 +159,7 @@ pub async fn supervise(
             .store(process.id().unwrap_or(0), Ordering::Relaxed);
         *zygote.socket.lock().await = Some(socket);
         zygote.state.send_replace(State::Up);
+        ever_up = true;
         tracing::info!(chain = %chain_name, function = %fn_name,
             took_ms = began.elapsed().as_millis() as u64, "zygote up");
 

@@ -277,3 +277,41 @@ async fn start_exec_runs_no_zygote_and_restarts_by_exec() {
     assert_eq!(spindle.post("/up", "again").await.text(), "AGAIN");
     assert_eq!(spindle.metric(&starts("upper", "up", "fork")).await, None);
 }
+
+/// An echo reactor holding an externref table: it runs, but its warm instance cannot be
+/// captured (externrefs are host state), so its zygote cannot start.
+const UNCAPTURABLE: &str = r#"(module
+  (import "spindle" "output" (func $out (param i32 i32)))
+  (memory (export "memory") 1)
+  (table 1 externref)
+  (func (export "spindle_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "spindle_handle") (param i32 i32) (result i32)
+    (call $out (local.get 0) (local.get 1)) (i32.const 0)))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_whose_zygote_cannot_start_falls_back_to_exec() {
+    let dir = common::temp_dir("zygote-wat");
+    let wat = dir.join("echo.wat");
+    std::fs::write(&wat, UNCAPTURABLE).unwrap();
+    let yaml = format!(
+        "functions:\n  - {{ name: echo, module: \"{}\" }}\n\
+         chains:\n  - {{ name: e, route: /e, steps: [echo] }}\n",
+        wat.display()
+    );
+    let spindle = Spindle::start("zygote-fallback", &yaml).await;
+    assert_eq!(
+        spindle.post("/e", "still served").await.text(),
+        "still served"
+    );
+    assert_eq!(
+        spindle.metric(&starts("echo", "e", "exec")).await,
+        Some(1.0)
+    );
+    assert_eq!(spindle.metric(&starts("echo", "e", "fork")).await, None);
+    assert!(spindle.zygote_pids("echo").is_empty());
+    let log = spindle.log();
+    assert!(
+        log.contains("zygote failed to start") && log.contains("externref"),
+        "the reason is logged:\n{log}"
+    );
+}
