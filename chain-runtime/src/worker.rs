@@ -9,6 +9,9 @@
 //! with a ready message, then loops: read a descriptor, check it against the arena, run the guest on the slot, write the
 //! output back into the slot, and send the descriptor on (to the next function or back to the
 //! gateway). Every descriptor gets exactly one answer, so the gateway never waits on a lost one.
+//! A worker forked from its function's zygote ([`crate::zygote`]) gets the same fds at the
+//! same numbers and runs the same serving loop ([`serve_instance`]) on an instance restored
+//! from the zygote's image.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;

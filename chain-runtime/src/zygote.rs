@@ -75,9 +75,10 @@ const MAX_RECEIVED_FDS: usize = 253;
 pub enum ZygoteError {
     #[error(transparent)]
     Instance(#[from] InstanceError),
-    #[error("capturing the warm instance: {0}")]
+    // The sources print after these (anyhow's chain at the binary's edge).
+    #[error("capturing the warm instance")]
     Snapshot(#[from] SnapshotError),
-    #[error("zygote socket: {0}")]
+    #[error("zygote socket")]
     Io(#[from] std::io::Error),
     #[error("cannot keep the zygote single-threaded: {0}")]
     Threads(String),

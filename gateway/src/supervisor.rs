@@ -322,11 +322,14 @@ pub async fn supervise(
         .restarts
         .with_label_values(&[chain_name.as_str(), fn_name.as_str()]);
     let mut first_start = Some(first_start);
-    if let Some(zygote) = &zygote
-        && !zygote.first_start().await
+    let mut zygote = zygote;
+    if let Some(z) = &zygote
+        && !z.first_start().await
     {
+        // A zygote whose first start failed is not retried (see zygote::supervise).
         tracing::warn!(chain = %chain_name, function = %fn_name, instance,
-            "the function's zygote did not start; starting this instance by exec");
+            "the function's zygote did not start; this instance starts by exec");
+        zygote = None;
     }
     let mut backoff = Duration::from_millis(50);
     for incarnation in 1u64.. {

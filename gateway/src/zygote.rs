@@ -254,8 +254,16 @@ async fn start(
     match outcome {
         Ok(()) => Ok((process, socket)),
         Err(e) => {
+            // A zygote that closed its socket is exiting: its status says more than EOF.
+            let exit = tokio::time::timeout(STOP_GRACE, process.wait()).await;
             process.stop(STOP_GRACE).await;
-            Err(e)
+            match (e, exit) {
+                (Some(_), Ok(Ok(status))) => Err(Some(format!(
+                    "exited before it was ready ({}); its log is above",
+                    describe_exit(&status)
+                ))),
+                (e, _) => Err(e),
+            }
         }
     }
 }
