@@ -82,7 +82,7 @@ impl Zygote {
         socket: BorrowedFd<'_>,
         stats: BorrowedFd<'_>,
     ) -> Result<(ForkedChild, Duration), ForkError> {
-        let guard = self.socket.lock().await;
+        let mut guard = self.socket.lock().await;
         let zygote = guard.as_ref().ok_or(ForkError::Down)?;
         // An empty seqpacket socket always takes one small packet: this does not block.
         chain_runtime::zygote::send_spawn(zygote.get_ref().as_fd(), &request, socket, stats)?;
@@ -96,8 +96,20 @@ impl Zygote {
                 }
             }
         })
-        .await
-        .map_err(|_| ForkError::Timeout(REPLY_TIMEOUT))??;
+        .await;
+        let reply = match reply {
+            Ok(Ok(reply)) => reply,
+            failed => {
+                // Replies carry no request id: after a lost or late one they could pair with
+                // the wrong request. Closing our end makes the zygote exit, and its supervisor
+                // starts a fresh one.
+                *guard = None;
+                return Err(match failed {
+                    Ok(Err(e)) => ForkError::Io(e),
+                    _ => ForkError::Timeout(REPLY_TIMEOUT),
+                });
+            }
+        };
         match reply {
             Reply::Spawned { pid, fork_ns } => {
                 Ok((ForkedChild::adopt(pid)?, Duration::from_nanos(fork_ns)))
