@@ -7,6 +7,10 @@
 # beside the floors measured in the same run: one veth round trip (ping) and the node's
 # one-time module compile (the cold start's dominant part, which a child never pays).
 #
+# Then local fork on this node (`spindle fork local-bench`): a child forked from the
+# function's zygote against a cold exec'd worker, with the floors of a bare fork and of
+# fork + exec of /bin/true, forks per second from one zygote and each one's memory.
+#
 #   bench/fork.sh [ROUNDS]     (default 7; needs root for the namespaces and userfaultfd)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +19,7 @@ rounds=${1:-7}
 scripts/setup.sh >/dev/null
 make -s -C examples
 cargo build --release --locked -p gateway
-bin=$PWD/target/release/spindle
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release/spindle
 
 a=spf-bench-a-$$ b=spf-bench-b-$$
 out=$(mktemp -d)
@@ -78,3 +82,28 @@ for fn in ["table1m", "forkrand"]:
               f" {statistics.median(r['compile_us_once_per_node'] for r in rows) / 1000:.1f} ms")
     print(f"{fn:8} answer: {rows[0]['output']}")
 PY
+
+echo
+echo "local fork (spindle fork local-bench, $rounds interleaved rounds):"
+for f in table1m:table forkrand:rand; do
+  fn=${f%%:*} chain=${f##*:}
+  "$bin" fork local-bench configs/fork.yaml --chain "$chain" --function "$fn" --rounds "$rounds" \
+    >"$out/local-$fn.jsonl" 2>"$out/local-$fn.log" || { cat "$out/local-$fn.log"; exit 1; }
+  python3 - "$out/local-$fn.jsonl" "$fn" <<'PY'
+import json, sys
+rows = {r["result"]: r for r in map(json.loads, open(sys.argv[1]))}
+f, c = rows["local_fork"], rows["cold_exec"]
+fmt = lambda d: f"p50 {d['p50']:7.0f} µs, p99 {d['p99']:7.0f} µs"
+print(f"{sys.argv[2]}: zygote up in {rows['zygote']['up_ms']:.0f} ms")
+print(f"  local fork first response {fmt(f['first_response_us'])} | clone {fmt(f['syscall_us'])}"
+      f" | pid reply {fmt(f['launched_us'])} | ready {fmt(f['ready_us'])}")
+print(f"  cold exec  first response {fmt(c['first_response_us'])} | ready {fmt(c['ready_us'])}"
+      f" ({c['first_response_us']['p50'] / f['first_response_us']['p50']:.0f}x the fork)")
+print(f"  floors: bare fork {fmt(rows['floor_bare_fork']['us'])}; fork+exec /bin/true {fmt(rows['floor_fork_exec_true']['us'])}")
+b = rows["burst"]
+print(f"  burst of {b['children']}: {b['forks_per_s']:.0f} forks/s, {b['ready_per_s']:.0f} ready/s")
+m = rows["memory_kib"]
+print(f"  memory KiB (Rss/Pss/Private_Dirty): forked {m['forked']['rss']}/{m['forked']['pss']}/{m['forked']['private_dirty']},"
+      f" cold {m['cold']['rss']}/{m['cold']['pss']}/{m['cold']['private_dirty']}")
+PY
+done

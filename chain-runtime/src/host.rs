@@ -1130,6 +1130,7 @@ mod tests {
             fuel: Some(5_000_000),
             mode,
             env: vec![],
+            start: crate::config::StartMode::Exec,
         }
     }
 

@@ -18,15 +18,18 @@ use std::path::Path;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::stat::{SFlag, fstat};
-use proto::worker::{ARENA_FD, CONFIG_FD, CONTROL_FD, IMAGE_FD, MODULE_FD, SOCKET_FD, STATS_FD};
+use proto::worker::{
+    ARENA_FD, CONFIG_FD, CONTROL_FD, IMAGE_FD, MODULE_FD, SOCKET_FD, STATS_FD, ZYGOTE_FD,
+};
 
 use crate::config::{Config, ConfigErrors};
 use crate::host::{FunctionHost, HostError};
 use crate::plan::{ChainPlan, Plan, Stage};
 
 /// Lowest fd number [`Handoff::exec_plan`] duplicates to: above stdio and every fixed
-/// number, so placing the copies cannot overwrite one with another.
-const EXEC_PLAN_MIN_FD: RawFd = 10;
+/// number (up to 11, counting the numbers other hand-offs reserve), so placing the copies
+/// cannot overwrite one with another.
+pub const EXEC_PLAN_MIN_FD: RawFd = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -72,15 +75,43 @@ pub struct Handoff<Fd> {
     pub image: Option<Fd>,
 }
 
+/// What a zygote process is handed: a [`Handoff`] without the per-instance socket and
+/// statistics page (those come with each spawn request), plus its socket to the gateway.
+#[derive(Debug)]
+pub struct ZygoteHandoff<Fd> {
+    pub arena: Fd,
+    pub config: Fd,
+    pub module: Fd,
+    /// The zygote's end of its Unix seqpacket socket to the gateway.
+    pub zygote: Fd,
+}
+
 /// The gateway's copies of a [`Handoff`], ready to be placed in a child between fork and exec.
 pub struct ExecPlan {
     /// Kept open until the child has been spawned; dropping the plan closes them.
     _copies: Vec<OwnedFd>,
-    placements: [(RawFd, RawFd); 7],
+    placements: [(RawFd, RawFd); 8],
     count: usize,
 }
 
 impl ExecPlan {
+    /// Duplicates every fd to a close-on-exec number above the fixed ones, so the child's
+    /// `dup2` calls cannot clobber each other, and pairs each copy with its place.
+    fn new(fds: &[(BorrowedFd<'_>, RawFd)]) -> std::io::Result<ExecPlan> {
+        let mut copies = Vec::with_capacity(fds.len());
+        let mut placements = [(-1, -1); 8];
+        for (i, (fd, target)) in fds.iter().enumerate() {
+            let copy = dup_at_least(*fd, EXEC_PLAN_MIN_FD)?;
+            placements[i] = (copy.as_raw_fd(), *target);
+            copies.push(copy);
+        }
+        Ok(ExecPlan {
+            count: copies.len(),
+            _copies: copies,
+            placements,
+        })
+    }
+
     /// `(source fd, fd number in the worker)` pairs, for `dup2` in a `pre_exec` closure: plain
     /// integers in a fixed array, so using them there needs no allocation. `dup2` clears
     /// close-on-exec on the copy, which is how the fds survive exec.
@@ -90,16 +121,8 @@ impl ExecPlan {
 }
 
 impl Handoff<BorrowedFd<'_>> {
-    /// Duplicates every fd to a close-on-exec number above the fixed ones, so the child's
-    /// `dup2` calls cannot clobber each other, and pairs each copy with its place.
+    /// The copies to place in the worker, see [`ExecPlan`].
     pub fn exec_plan(&self) -> std::io::Result<ExecPlan> {
-        let high = |fd: BorrowedFd<'_>| -> std::io::Result<OwnedFd> {
-            // std's try_clone_to_owned cannot choose the lowest number.
-            let new = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(EXEC_PLAN_MIN_FD))
-                .map_err(std::io::Error::from)?;
-            // SAFETY: `new` is a fresh fd that nothing else owns.
-            Ok(unsafe { OwnedFd::from_raw_fd(new) })
-        };
         let mut fds = vec![
             (self.arena, ARENA_FD),
             (self.socket, SOCKET_FD),
@@ -109,19 +132,46 @@ impl Handoff<BorrowedFd<'_>> {
             (self.control, CONTROL_FD),
         ];
         fds.extend(self.image.map(|fd| (fd, IMAGE_FD)));
-        let mut copies = Vec::with_capacity(fds.len());
-        let mut placements = [(-1, -1); 7];
-        for (i, (fd, target)) in fds.into_iter().enumerate() {
-            let copy = high(fd)?;
-            placements[i] = (copy.as_raw_fd(), target);
-            copies.push(copy);
-        }
-        Ok(ExecPlan {
-            count: copies.len(),
-            _copies: copies,
-            placements,
+        ExecPlan::new(&fds)
+    }
+}
+
+impl ZygoteHandoff<BorrowedFd<'_>> {
+    /// The copies to place in the zygote, see [`ExecPlan`].
+    pub fn exec_plan(&self) -> std::io::Result<ExecPlan> {
+        ExecPlan::new(&[
+            (self.arena, ARENA_FD),
+            (self.config, CONFIG_FD),
+            (self.module, MODULE_FD),
+            (self.zygote, ZYGOTE_FD),
+        ])
+    }
+}
+
+impl ZygoteHandoff<OwnedFd> {
+    /// Adopts the fds the gateway left open for this zygote, after checking each one's kind.
+    /// Call it once per process.
+    pub fn inherited() -> Result<Self, InstanceError> {
+        Ok(ZygoteHandoff {
+            arena: take_fd(ARENA_FD, SFlag::S_IFREG, "the arena memfd")?,
+            config: take_fd(CONFIG_FD, SFlag::S_IFREG, "the config memfd")?,
+            module: take_fd(MODULE_FD, SFlag::S_IFREG, "the module memfd")?,
+            zygote: take_fd(ZYGOTE_FD, SFlag::S_IFSOCK, "the zygote socket")?,
         })
     }
+
+    /// Reads the config text and the module bytes out of their memfds.
+    pub fn read_inputs(&self) -> Result<(String, Vec<u8>), InstanceError> {
+        read_inputs(self.config.as_fd(), self.module.as_fd())
+    }
+}
+
+/// A close-on-exec duplicate of `fd` numbered `min` or above (std's try_clone_to_owned
+/// cannot choose the number).
+pub(crate) fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> std::io::Result<OwnedFd> {
+    let new = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(min)).map_err(std::io::Error::from)?;
+    // SAFETY: `new` is a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 impl Handoff<OwnedFd> {
@@ -160,11 +210,17 @@ impl Handoff<OwnedFd> {
 
     /// Reads the config text and the module bytes out of their memfds.
     pub fn read_inputs(&self) -> Result<(String, Vec<u8>), InstanceError> {
-        let text = String::from_utf8(read_memfd(self.config.as_fd(), "config")?)
-            .map_err(|_| InstanceError::ConfigEncoding)?;
-        let module = read_memfd(self.module.as_fd(), "module")?;
-        Ok((text, module))
+        read_inputs(self.config.as_fd(), self.module.as_fd())
     }
+}
+
+fn read_inputs(
+    config: BorrowedFd<'_>,
+    module: BorrowedFd<'_>,
+) -> Result<(String, Vec<u8>), InstanceError> {
+    let text = String::from_utf8(read_memfd(config, "config")?)
+        .map_err(|_| InstanceError::ConfigEncoding)?;
+    Ok((text, read_memfd(module, "module")?))
 }
 
 /// Adopts an fd the gateway left open for us, after checking it is what we expect.
@@ -218,6 +274,7 @@ pub fn sealed_memfd(name: &str, data: &[u8]) -> std::io::Result<OwnedFd> {
 }
 
 /// One function of one chain, resolved in the plan, about to be built.
+#[derive(Clone)]
 pub struct InstanceBuilder {
     plan: Plan,
     chain: usize,

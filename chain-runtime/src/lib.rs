@@ -4,7 +4,8 @@
 //! the gateway → worker hand-off), per-instance statistics pages ([`stats`]), images of warm
 //! instances that new instances fork from without compiling ([`snapshot`]) and the worker
 //! process loop ([`worker`]) that runs one function instance against a chain's arena, with
-//! its control channel to the gateway ([`control`]: prepare an image of the running instance).
+//! its control channel to the gateway ([`control`]: prepare an image of the running instance),
+//! and the zygote ([`zygote`]) that forks warm instances of one function (local fork).
 //!
 //! The gateway crate owns HTTP, supervision and routing; this crate owns everything that
 //! happens inside a function instance and the config both sides read. It must not route
@@ -20,3 +21,4 @@ pub mod snapshot;
 pub mod stats;
 pub mod wasi;
 pub mod worker;
+pub mod zygote;

@@ -20,10 +20,14 @@
 //! image is a sealed copy.
 //!
 //! [`FunctionHost::snapshot`]: crate::host::FunctionHost::snapshot
+//!
+//! A worker forked from its function's zygote ([`crate::zygote`]) gets the same fds at the
+//! same numbers and runs the same serving loop ([`serve_instance`]) on an instance restored
+//! from the zygote's image.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -113,12 +117,46 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
         control,
         ..
     } = handoff;
-    let stats = StatsPage::from_fd(stats)?;
-    let arena = Arena::from_fd(arena)?;
-    let socket = TcpStream::from(socket);
+    serve_instance(
+        instance,
+        resumed,
+        ServingFds {
+            arena,
+            socket,
+            stats,
+            control,
+        },
+        args.instance,
+    )
+}
+
+/// What an instance serves with, however its process was started.
+pub(crate) struct ServingFds {
+    /// The chain's arena memfd.
+    pub arena: OwnedFd,
+    /// The instance's end of its connected socket to the gateway.
+    pub socket: OwnedFd,
+    /// The instance's statistics page.
+    pub stats: OwnedFd,
+    /// The instance's end of its control socket pair with the gateway.
+    pub control: OwnedFd,
+}
+
+/// The serving life of a built instance, shared by exec'd workers and those forked from a
+/// zygote: announce readiness, then answer descriptors until the gateway closes the socket.
+pub(crate) fn serve_instance(
+    instance: Instance,
+    resumed: Option<ResumedMemory>,
+    fds: ServingFds,
+    number: u32,
+) -> Result<(), WorkerError> {
+    let stats = StatsPage::from_fd(fds.stats)?;
+    let arena = Arena::from_fd(fds.arena)?;
+    let socket = TcpStream::from(fds.socket);
     socket.set_nodelay(true)?;
 
     let (chain_id, fn_id) = (instance.chain().id, instance.stage().fn_id);
+    let function = instance.stage().function.name.clone();
     let mut worker = Worker {
         instance,
         resumed,
@@ -127,14 +165,14 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
         stats,
         busy_since: Arc::new(AtomicU64::new(0)),
         epoch: Instant::now(),
-        doorbell: start_control(UnixStream::from(control), &args.function)?,
+        doorbell: start_control(UnixStream::from(fds.control), &function)?,
     };
     worker.start_watchdog();
     let mut writer = BufWriter::with_capacity(READ_BATCH * Descriptor::SIZE, socket.try_clone()?);
-    writer.write_all(&ready_message(chain_id, fn_id, args.instance).to_bytes())?;
+    writer.write_all(&ready_message(chain_id, fn_id, number).to_bytes())?;
     writer.flush()?;
     tracing::info!(chain = %worker.instance.chain().spec.name, function = %worker.function_name(),
-        instance = args.instance, "worker ready");
+        instance = number, "worker ready");
     worker.serve(
         BufReader::with_capacity(READ_BATCH * Descriptor::SIZE, socket),
         writer,

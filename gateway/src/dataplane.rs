@@ -111,6 +111,9 @@ pub struct StageRuntime {
     pub crashes: AtomicU64,
     /// Instances the watchdog ended for overrunning `timeout_ms`.
     pub watchdog_timeouts: AtomicU64,
+    /// Process id of the function's zygote while it runs, 0 otherwise (and for functions
+    /// started by exec).
+    pub zygote_pid: AtomicU32,
 }
 
 pub struct ChainRuntime {
@@ -217,6 +220,7 @@ impl ChainRuntime {
                 round_robin: CachePadded::new(AtomicUsize::new(0)),
                 crashes: AtomicU64::new(0),
                 watchdog_timeouts: AtomicU64::new(0),
+                zygote_pid: AtomicU32::new(0),
             });
         }
         Ok(ChainRuntime {

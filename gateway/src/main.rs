@@ -6,16 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use chain_runtime::config::StartMode;
 use chain_runtime::config::{Config, DataplaneMode};
 use chain_runtime::instance::sealed_memfd;
 use chain_runtime::plan::Plan;
 use chain_runtime::worker::{self, WorkerArgs};
+use chain_runtime::zygote::ZygoteArgs;
 use clap::{Parser, Subcommand};
 use gateway::dataplane::{ChainRuntime, KernelRoute};
 use gateway::http::{DataplaneStatus, Gateway};
 use gateway::metrics::Metrics;
 use gateway::node::{AdminListener, ControlBoard, NodeService};
 use gateway::supervisor::{WorkerCommand, supervise};
+use gateway::zygote::Zygote;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -25,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 mod fork_cli;
+mod local_bench;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// How long a client may take to send request headers.
@@ -143,11 +147,15 @@ enum Command {
         chain: String,
         #[arg(long)]
         function: String,
-        #[arg(long)]
-        instance: u32,
+        #[arg(long, required_unless_present = "zygote")]
+        instance: Option<u32>,
         /// Resume from the image descriptor at fd 8 instead of building cold.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "zygote")]
         from_image: bool,
+        /// Be the function's zygote: build one warm instance, capture it and fork instances
+        /// from it when the gateway asks on fd 10 (see chain_runtime::zygote).
+        #[arg(long, conflicts_with = "instance")]
+        zygote: bool,
     },
 }
 
@@ -162,6 +170,11 @@ enum ForkCommand {
     /// FUNCTION of CHAIN in CONFIG, answer one request with --body, and print the answer and
     /// where the time went as one JSON line (fork_resume).
     Resume(fork_cli::ResumeArgs),
+    /// Measure local fork against cold exec on this node: "a new instance is needed" to its
+    /// first response, with breakdown, floors, forks per second from one zygote and the
+    /// memory of a forked worker against a cold one. One JSON line per result.
+    #[command(name = "local-bench")]
+    LocalBench(local_bench::LocalBenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -222,18 +235,37 @@ fn main() -> std::process::ExitCode {
         Command::KnativeBaseline { args } => knative_baseline::main_entry(args).map_err(Into::into),
         Command::Fork(ForkCommand::Serve(args)) => fork_cli::serve(args),
         Command::Fork(ForkCommand::Resume(args)) => fork_cli::resume(args),
+        Command::Fork(ForkCommand::LocalBench(args)) => local_bench::run(args),
+        Command::Worker {
+            config,
+            chain,
+            function,
+            zygote: true,
+            ..
+        } => {
+            let args = ZygoteArgs {
+                config,
+                chain,
+                function,
+            };
+            // /proc's name for it: tests and operators tell it from the workers it forks.
+            let _ = nix::sys::prctl::set_name(c"spindle-zygote");
+            chain_runtime::zygote::run(&args)
+                .with_context(|| format!("zygote of {}/{}", args.chain, args.function))
+        }
         Command::Worker {
             config,
             chain,
             function,
             instance,
             from_image,
+            zygote: false,
         } => {
             let args = WorkerArgs {
                 config,
                 chain,
                 function,
-                instance,
+                instance: instance.expect("clap requires --instance without --zygote"),
                 from_image,
             };
             worker::run(&args).with_context(|| {
@@ -387,7 +419,7 @@ fn reserve_worker_fd_numbers() -> std::io::Result<()> {
     loop {
         // std opens with O_CLOEXEC: no worker inherits these.
         let null = std::fs::File::open("/dev/null")?;
-        if null.as_raw_fd() > proto::worker::CONTROL_FD {
+        if null.as_raw_fd() > proto::worker::CONTROL_FD.max(proto::worker::ZYGOTE_FD) {
             return Ok(());
         }
         // Deliberately never closed.
@@ -513,6 +545,21 @@ async fn run(
             let bytes = std::fs::read(path)
                 .with_context(|| format!("reading module {}", path.display()))?;
             let module = Arc::new(sealed_memfd(&st.name, &bytes).context("pinning the module")?);
+            // Instances resumed from a remote image keep starting by exec for now.
+            let forks = chain.plan.stages[stage].function.start == StartMode::Fork
+                && !cmd.images.contains_key(&st.name);
+            let zygote = forks.then(Zygote::new);
+            if let Some(zygote) = &zygote {
+                supervisors.push(tokio::spawn(gateway::zygote::supervise(
+                    Arc::clone(zygote),
+                    cmd.clone(),
+                    Arc::clone(chain),
+                    Arc::clone(&metrics),
+                    Arc::clone(&module),
+                    stage,
+                    shutdown_rx.clone(),
+                )));
+            }
             for instance in 0..st.instances.len() {
                 let (tx, rx) = oneshot::channel();
                 supervisors.push(tokio::spawn(supervise(
@@ -520,6 +567,7 @@ async fn run(
                     Arc::clone(chain),
                     Arc::clone(&metrics),
                     Arc::clone(&module),
+                    zygote.clone(),
                     stage,
                     instance,
                     tx,

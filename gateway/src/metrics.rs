@@ -3,6 +3,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chain_runtime::config::StartMode;
 
 use chain_runtime::stats::{EXEC_BUCKETS, ErrorKind, Snapshot, bucket_bound};
 use nix::unistd::{SysconfVar, sysconf};
@@ -20,6 +23,9 @@ pub struct Metrics {
     duration: HistogramVec,
     alloc_failures: IntCounterVec,
     pub restarts: IntCounterVec,
+    pub zygote_restarts: IntCounterVec,
+    instance_starts: IntCounterVec,
+    instance_start_seconds: HistogramVec,
     pub instances_up: IntGaugeVec,
     arena_slots: IntGaugeVec,
     dataplane: IntGaugeVec,
@@ -282,9 +288,10 @@ fn kernel_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
     ]
 }
 
-/// CPU time and memory of the gateway and of every running worker.
+/// CPU time and memory of the gateway, of every running worker and zygote, and each
+/// instance's pid.
 fn process_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
-    let (mut cpu, mut rss) = (Vec::new(), Vec::new());
+    let (mut cpu, mut rss, mut pids) = (Vec::new(), Vec::new(), Vec::new());
     if let Some((c, r)) = process_usage("self") {
         let l = [("process", "gateway")];
         cpu.push(counter(&l, c));
@@ -292,13 +299,33 @@ fn process_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
     }
     for chain in chains {
         for stage in &chain.stages {
+            let zygote = stage.zygote_pid.load(Ordering::Relaxed);
+            if zygote != 0
+                && let Some((c, r)) = process_usage(&zygote.to_string())
+            {
+                let l = [
+                    ("chain", chain.plan.spec.name.as_str()),
+                    ("function", stage.name.as_str()),
+                    ("process", "zygote"),
+                ];
+                cpu.push(counter(&l, c));
+                rss.push(gauge(&l, r));
+            }
             for (i, instance) in stage.instances.iter().enumerate() {
                 let pid = instance.pid.load(Ordering::Relaxed);
                 if pid == 0 {
                     continue;
                 }
+                let i = i.to_string();
+                pids.push(gauge(
+                    &[
+                        ("chain", chain.plan.spec.name.as_str()),
+                        ("function", stage.name.as_str()),
+                        ("instance", i.as_str()),
+                    ],
+                    f64::from(pid),
+                ));
                 if let Some((c, r)) = process_usage(&pid.to_string()) {
-                    let i = i.to_string();
                     let l = [
                         ("chain", chain.plan.spec.name.as_str()),
                         ("function", stage.name.as_str()),
@@ -314,14 +341,21 @@ fn process_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
     vec![
         family(
             "spindle_process_cpu_seconds_total",
-            "User and system CPU time of the gateway and of each running worker process \
-             (a restarted worker starts again from 0)",
+            "User and system CPU time of the gateway, of each running worker process \
+             (a restarted worker starts again from 0) and of each function's zygote",
             MetricType::COUNTER,
             cpu,
         ),
         family(
+            "spindle_instance_pid",
+            "Process id of each running function instance (exec'd or forked)",
+            MetricType::GAUGE,
+            pids,
+        ),
+        family(
             "spindle_process_resident_memory_bytes",
-            "Resident memory of the gateway and of each running worker process",
+            "Resident memory of the gateway, of each running worker process and of each \
+             function's zygote (a forked worker counts pages it shares with its zygote)",
             MetricType::GAUGE,
             rss,
         ),
@@ -380,6 +414,42 @@ impl Metrics {
                     "Function instances restarted after exiting",
                 ),
                 &["chain", "function"],
+            )
+            .expect("valid metric"),
+        );
+        let zygote_restarts = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_zygote_restarts_total",
+                    "Zygotes (the per-function processes instances are forked from) restarted \
+                     after exiting or failing to start",
+                ),
+                &["chain", "function"],
+            )
+            .expect("valid metric"),
+        );
+        let instance_starts = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_instance_starts_total",
+                    "Function instances started (first starts and restarts), by how: fork \
+                     (from the function's zygote) or exec (a fresh process compiling the module)",
+                ),
+                &["chain", "function", "mode"],
+            )
+            .expect("valid metric"),
+        );
+        let instance_start_seconds = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "spindle_instance_start_seconds",
+                    "Time from deciding to start an instance to its ready message, by mode",
+                )
+                .buckets(prometheus::exponential_buckets(50e-6, 2.0, 18).expect("valid buckets")),
+                &["chain", "function", "mode"],
             )
             .expect("valid metric"),
         );
@@ -443,11 +513,23 @@ impl Metrics {
             duration,
             alloc_failures,
             restarts,
+            zygote_restarts,
+            instance_starts,
+            instance_start_seconds,
             instances_up,
             arena_slots,
             dataplane,
             in_flight,
         }
+    }
+
+    /// Counts one instance start and how long it took to become ready.
+    pub fn instance_started(&self, chain: &str, function: &str, mode: StartMode, took: Duration) {
+        let labels = [chain, function, mode.label()];
+        self.instance_starts.with_label_values(&labels).inc();
+        self.instance_start_seconds
+            .with_label_values(&labels)
+            .observe(took.as_secs_f64());
     }
 
     pub fn set_dataplane(&self, mode: &str, fallback_reason: Option<&str>) {

@@ -10,9 +10,14 @@
 //! [`crate::node`]). The gateway makes the connection itself (listen on an
 //! ephemeral loopback port, connect, accept, close the listener), so no port stays open for
 //! other processes to use.
+//!
+//! A function whose start mode is fork has a zygote ([`crate::zygote`]): every start and
+//! restart of its instances asks the zygote to fork one, handing it the same socket end and
+//! statistics page an exec'd worker would get; while the zygote is down they start by exec.
+//! Either way the instance is a child of the gateway ([`WorkerProcess`]) and supervised alike.
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -20,24 +25,31 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chain_runtime::config::StartMode;
 use chain_runtime::instance::Handoff;
 use hyper::StatusCode;
 use proto::worker::WATCHDOG_EXIT;
-use tokio::process::{Child, Command};
+use proto::zygote::SpawnRequest;
+use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
 
 use crate::dataplane::{ChainRuntime, Holder, read_worker, write_worker};
 use crate::metrics::Metrics;
 use crate::node::{ControlBoard, ControlLease, InstanceKey};
+use crate::process::WorkerProcess;
 use crate::queue::{INSTANCE_QUEUE_CAPACITY, InstanceQueue};
+use crate::zygote::Zygote;
 use sockmap_bpf::{ConnectionEntry, SockKey};
 
 /// How long a worker may take to compile and instantiate its module.
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a worker that closed its socket before it was ready gets to exit by itself.
 const EXIT_GRACE: Duration = Duration::from_millis(500);
 /// How long a stopping worker gets after SIGTERM before SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(2);
+/// An instance that served at least this long before it died is restarted at once; one that
+/// died sooner is crash-looping and backs off.
+const HEALTHY_RUN: Duration = Duration::from_secs(1);
 /// How long descriptors a dead worker wrote may take to drain from its socket.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -70,7 +82,7 @@ pub struct WorkerCommand {
 }
 
 /// A connected pair of loopback TCP sockets: (gateway end, worker end).
-fn socket_pair() -> std::io::Result<(TcpStream, TcpStream)> {
+pub fn socket_pair() -> std::io::Result<(TcpStream, TcpStream)> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let worker_end = TcpStream::connect(listener.local_addr()?)?;
     let expected_peer = worker_end.local_addr()?;
@@ -87,7 +99,9 @@ fn socket_pair() -> std::io::Result<(TcpStream, TcpStream)> {
 
 /// One running worker process and its gateway-side socket tasks.
 struct Running {
-    child: Child,
+    child: WorkerProcess,
+    /// How it was started (fork falls back to exec while the zygote is down).
+    mode: StartMode,
     reader: tokio::task::JoinHandle<()>,
     /// The worker socket's entry in the kernel dataplane, if it routes this chain.
     kernel_entry: Option<KernelEntry>,
@@ -110,7 +124,7 @@ impl Drop for KernelEntry {
     }
 }
 
-fn describe_exit(status: &ExitStatus) -> String {
+pub(crate) fn describe_exit(status: &ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
         (None, Some(sig)) => format!("killed by signal {sig}"),
@@ -118,67 +132,18 @@ fn describe_exit(status: &ExitStatus) -> String {
     }
 }
 
-async fn spawn_worker(
+/// Execs this binary with `args`, the hand-off's fds placed at their fixed numbers
+/// (`placements`, from an exec plan), stdin on /dev/null and a parent-death signal.
+pub fn exec_worker_process(
     cmd: &WorkerCommand,
-    chain: &Arc<ChainRuntime>,
-    module: &OwnedFd,
-    holder: Holder,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<Running, SpawnError> {
-    let stage = &chain.stages[holder.stage];
-    let (gateway_end, worker_end) = socket_pair().map_err(SpawnError::Socket)?;
-    // Registered before the worker runs: a socket added while its owner is already blocked
-    // in read() would not see redirected data. The program sends it nothing until ready.
-    let kernel_entry = match &chain.kernel {
-        Some(k) => {
-            let key = SockKey {
-                fn_id: stage.fn_id,
-                instance: holder.instance as u32,
-            };
-            let entry = k
-                .dataplane
-                .insert_connection(key, chain.plan.id, worker_end.as_fd(), gateway_end.as_fd())
-                .map_err(|e| SpawnError::Socket(std::io::Error::other(e)))?;
-            Some(KernelEntry {
-                chain: Arc::clone(chain),
-                entry,
-            })
-        }
-        None => None,
-    };
-    let image = cmd.images.get(&stage.name);
-    let (control, worker_control) = UnixStream::pair().map_err(SpawnError::Socket)?;
-    let exec_plan = Handoff {
-        arena: chain.arena.fd(),
-        socket: worker_end.as_fd(),
-        config: cmd.config_text.as_fd(),
-        module: module.as_fd(),
-        stats: stage.instances[holder.instance].stats_fd.as_fd(),
-        control: worker_control.as_fd(),
-        image: image.map(|fd| fd.as_fd()),
-    }
-    .exec_plan()
-    .map_err(SpawnError::Socket)?;
-    drop(worker_end);
-    drop(worker_control);
+    args: &[String],
+    placements: &[(RawFd, RawFd)],
+) -> std::io::Result<WorkerProcess> {
     // Owned before the fork: the closure below only iterates it.
-    let placements = exec_plan.placements().to_vec();
+    let placements = placements.to_vec();
     let gateway_pid = std::process::id() as libc::pid_t;
-
     let mut command = Command::new(&cmd.exe);
-    command
-        .arg("worker")
-        .arg("--config")
-        .arg(&cmd.config)
-        .arg("--chain")
-        .arg(&chain.plan.spec.name)
-        .arg("--function")
-        .arg(&stage.name)
-        .arg("--instance")
-        .arg(holder.instance.to_string())
-        .args(image.map(|_| "--from-image"))
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe, non-allocating calls: dup2, and nix's set_pdeathsig and getppid,
     // each one system call (and an errno read) that takes no lock. The exec plan's sources
@@ -205,8 +170,103 @@ async fn spawn_worker(
             Ok(())
         });
     }
-    let mut child = command.spawn().map_err(SpawnError::Spawn)?;
-    drop(exec_plan);
+    command.spawn().map(WorkerProcess::Exec)
+}
+
+async fn spawn_worker(
+    cmd: &WorkerCommand,
+    chain: &Arc<ChainRuntime>,
+    module: &OwnedFd,
+    zygote: Option<&Zygote>,
+    holder: Holder,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Running, SpawnError> {
+    let stage = &chain.stages[holder.stage];
+    let (gateway_end, worker_end) = socket_pair().map_err(SpawnError::Socket)?;
+    // Registered before the worker runs: a socket added while its owner is already blocked
+    // in read() would not see redirected data. The program sends it nothing until ready.
+    let kernel_entry = match &chain.kernel {
+        Some(k) => {
+            let key = SockKey {
+                fn_id: stage.fn_id,
+                instance: holder.instance as u32,
+            };
+            let entry = k
+                .dataplane
+                .insert_connection(key, chain.plan.id, worker_end.as_fd(), gateway_end.as_fd())
+                .map_err(|e| SpawnError::Socket(std::io::Error::other(e)))?;
+            Some(KernelEntry {
+                chain: Arc::clone(chain),
+                entry,
+            })
+        }
+        None => None,
+    };
+    let stats_fd = stage.instances[holder.instance].stats_fd.as_fd();
+    let (control, worker_control) = UnixStream::pair().map_err(SpawnError::Socket)?;
+    let forked = match zygote {
+        Some(zygote) => {
+            let request = SpawnRequest {
+                instance: holder.instance as u32,
+                incarnation: holder.incarnation,
+            };
+            match zygote
+                .fork(
+                    request,
+                    worker_end.as_fd(),
+                    stats_fd,
+                    worker_control.as_fd(),
+                )
+                .await
+            {
+                Ok((child, fork_took)) => {
+                    tracing::debug!(function = %stage.name, instance = holder.instance,
+                        fork_us = fork_took.as_micros() as u64, "forked by the zygote");
+                    Some(WorkerProcess::Forked(child))
+                }
+                Err(e) => {
+                    tracing::warn!(function = %stage.name, instance = holder.instance,
+                        "cannot fork from the zygote ({e}); starting this instance by exec");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let (mut child, mode) = match forked {
+        Some(child) => (child, StartMode::Fork),
+        None => {
+            let image = cmd.images.get(&stage.name);
+            let exec_plan = Handoff {
+                arena: chain.arena.fd(),
+                socket: worker_end.as_fd(),
+                config: cmd.config_text.as_fd(),
+                module: module.as_fd(),
+                stats: stats_fd,
+                control: worker_control.as_fd(),
+                image: image.map(|fd| fd.as_fd()),
+            }
+            .exec_plan()
+            .map_err(SpawnError::Socket)?;
+            let mut args = vec![
+                "worker".to_string(),
+                "--config".into(),
+                cmd.config.display().to_string(),
+                "--chain".into(),
+                chain.plan.spec.name.clone(),
+                "--function".into(),
+                stage.name.clone(),
+                "--instance".into(),
+                holder.instance.to_string(),
+            ];
+            args.extend(image.map(|_| "--from-image".to_string()));
+            let child = exec_worker_process(cmd, &args, exec_plan.placements())
+                .map_err(SpawnError::Spawn)?;
+            (child, StartMode::Exec)
+        }
+    };
+    drop(worker_end);
+    drop(worker_control);
 
     gateway_end
         .set_nonblocking(true)
@@ -240,7 +300,7 @@ async fn spawn_worker(
                         instance: holder.instance,
                     };
                     let control = Some(cmd.controls.attach(key, control));
-                    Running { child, reader, kernel_entry, control }
+                    Running { child, mode, reader, kernel_entry, control }
                 })
             }
             Ok(Err(_)) => {
@@ -248,7 +308,7 @@ async fn spawn_worker(
                 // that failed closes its socket before it prints why: give it a moment to
                 // exit by itself, so its reason reaches the log.
                 if tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_err() {
-                    let _ = child.start_kill();
+                    let _ = child.signal(nix::sys::signal::Signal::SIGKILL);
                 }
                 let status = child.wait().await.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string());
                 Err(SpawnError::ExitedEarly(status))
@@ -259,7 +319,7 @@ async fn spawn_worker(
             let status = status.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string());
             Err(SpawnError::ExitedEarly(status))
         }
-        // kill_on_drop stops the half-started worker.
+        // Dropping the process handle stops the half-started worker.
         _ = stopping(shutdown) => Err(SpawnError::ShuttingDown),
     };
     if started.is_err() {
@@ -277,6 +337,7 @@ pub async fn supervise(
     chain: Arc<ChainRuntime>,
     metrics: Arc<Metrics>,
     module: Arc<OwnedFd>,
+    zygote: Option<Arc<Zygote>>,
     stage: usize,
     instance: usize,
     first_start: oneshot::Sender<Result<Duration, SpawnError>>,
@@ -292,6 +353,15 @@ pub async fn supervise(
         .restarts
         .with_label_values(&[chain_name.as_str(), fn_name.as_str()]);
     let mut first_start = Some(first_start);
+    let mut zygote = zygote;
+    if let Some(z) = &zygote
+        && !z.first_start().await
+    {
+        // A zygote whose first start failed is not retried (see zygote::supervise).
+        tracing::warn!(chain = %chain_name, function = %fn_name, instance,
+            "the function's zygote did not start; this instance starts by exec");
+        zygote = None;
+    }
     let mut backoff = Duration::from_millis(50);
     for incarnation in 1u64.. {
         let holder = Holder {
@@ -300,7 +370,16 @@ pub async fn supervise(
             incarnation,
         };
         let began = Instant::now();
-        let mut running = match spawn_worker(&cmd, &chain, &module, holder, &mut shutdown).await {
+        let spawned = spawn_worker(
+            &cmd,
+            &chain,
+            &module,
+            zygote.as_deref(),
+            holder,
+            &mut shutdown,
+        )
+        .await;
+        let mut running = match spawned {
             Ok(r) => r,
             Err(SpawnError::ShuttingDown) => return,
             Err(e) => {
@@ -317,6 +396,8 @@ pub async fn supervise(
             }
         };
         up.inc();
+        metrics.instance_started(&chain_name, &fn_name, running.mode, began.elapsed());
+        let ready_at = Instant::now();
         match first_start.take() {
             Some(tx) => {
                 let _ = tx.send(Ok(began.elapsed()));
@@ -337,7 +418,7 @@ pub async fn supervise(
             .store(0, std::sync::atomic::Ordering::Relaxed);
         up.dec();
         let Some(status) = status else {
-            stop_child(&mut running.child).await;
+            running.child.stop(STOP_GRACE).await;
             drain(&mut running.reader).await;
             chain.fail_held_by(
                 holder,
@@ -346,7 +427,6 @@ pub async fn supervise(
             );
             return;
         };
-        // Descriptors the worker wrote before dying are still in the socket: route them first.
         // Descriptors the worker wrote before dying are still in the socket: route them first.
         drain(&mut running.reader).await;
         // Out of the kernel map before anything else can take this instance's key.
@@ -380,9 +460,11 @@ pub async fn supervise(
         let failed = chain.fail_held_by(holder, code, &message);
         tracing::warn!(chain = %chain_name, function = %fn_name, instance, failed_requests = failed, "{message}");
         restarts.inc();
-        // A worker that crashes right after starting should not spin the CPU.
-        if began.elapsed() > Duration::from_secs(10) {
+        // An instance that served a while is replaced at once (its requests are failing
+        // meanwhile); one that crashes right after starting should not spin the CPU.
+        if ready_at.elapsed() >= HEALTHY_RUN {
             backoff = Duration::from_millis(50);
+            continue;
         }
         if sleep_or_shutdown(backoff, &mut shutdown).await {
             return;
@@ -404,29 +486,15 @@ async fn drain(reader: &mut tokio::task::JoinHandle<()>) {
 }
 
 /// Resolves once shutdown began. (Wraps `wait_for` so no watch guard lives across an await.)
-async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Sleeps, returning true early if shutdown began.
-async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+pub(crate) async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
     let stopped = tokio::select! {
         _ = tokio::time::sleep(d) => None,
         _ = stopping(shutdown) => Some(true),
     };
     stopped.unwrap_or_else(|| *shutdown.borrow())
-}
-
-async fn stop_child(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        // Our own child, not yet reaped (id() is Some): the pid cannot name another process.
-        let pid = nix::unistd::Pid::from_raw(pid as libc::pid_t);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    }
-    if tokio::time::timeout(STOP_GRACE, child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.kill().await;
-    }
 }

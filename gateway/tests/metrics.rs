@@ -114,14 +114,18 @@ async fn metrics_match_known_traffic() {
         Some(0.0)
     );
     let page = s.get("/metrics").await.text();
-    let cpu_rows = page
-        .lines()
-        .filter(|l| l.starts_with("spindle_process_cpu_seconds_total{"))
-        .count();
+    let cpu_rows = |process: &str| {
+        page.lines()
+            .filter(|l| {
+                l.starts_with("spindle_process_cpu_seconds_total{")
+                    && l.contains(&format!(r#"process="{process}""#))
+            })
+            .count()
+    };
     assert_eq!(
-        cpu_rows,
-        1 + 5,
-        "the gateway and each of the 5 workers:\n{page}"
+        (cpu_rows("gateway"), cpu_rows("worker"), cpu_rows("zygote")),
+        (1, 5, 4),
+        "the gateway, each of the 5 workers and the 4 functions' zygotes:\n{page}"
     );
     let gateway_rss = page
         .lines()

@@ -180,7 +180,7 @@ async fn instances_share_load_and_a_killed_one_loses_only_its_requests() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let victim = victim_pid(&s, 1);
+    let victim = victim_pid(&s, 1).await;
     let _ = kill(Pid::from_raw(victim), Signal::SIGKILL);
     let mut lost = 0;
     for t in sleepers {
@@ -238,18 +238,18 @@ async fn futures_counts(s: &Spindle) -> Vec<f64> {
     v
 }
 
-fn victim_pid(s: &Spindle, instance: u32) -> i32 {
-    for pid in s.worker_pids("faulty") {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args
-            .windows(2)
-            .any(|w| w[0] == b"--instance" && w[1] == instance.to_string().as_bytes())
-        {
-            return pid;
-        }
-    }
-    panic!("no faulty instance {instance}");
+/// The pid of faulty's instance `instance`, as the gateway exports it (a forked worker's
+/// command line is its zygote's, so it does not name the instance).
+async fn victim_pid(s: &Spindle, instance: u32) -> i32 {
+    let series = format!(
+        r#"spindle_instance_pid{{chain="spread",function="faulty",instance="{instance}"}}"#
+    );
+    let pid = s.metric(&series).await.expect("instance pid exported") as i32;
+    assert!(
+        s.worker_pids("faulty").contains(&pid),
+        "pid {pid} is a faulty worker"
+    );
+    pid
 }
 
 const TWO_CHAINS: &str = r#"

@@ -15,6 +15,8 @@
 //!   identity, memory size, which pages hold data, every global, every table's size.
 //! - [`pages`]: the page-server protocol a forked child uses to fetch its parent's memory
 //!   pages over TCP: framing, the frames, and the challenge-response proof of the key.
+//! - [`zygote`]: the messages between the gateway and a function's zygote, the process that
+//!   forks warm instances of it (local fork).
 //!
 //! This crate owns layouts and their encoding only. It holds no policy and does no I/O of its
 //! own (the page-server frame helpers read and write a stream the caller opened): the arena
@@ -29,6 +31,7 @@ pub mod pages;
 #[cfg(test)]
 mod test_rng;
 pub mod worker;
+pub mod zygote;
 
 pub use descriptor::{Descriptor, DescriptorError, GATEWAY_FN, Status};
 pub use image::{ImageDescriptor, ImageDescriptorError, RdmaInfo};

@@ -5,6 +5,8 @@
 //! its socket, descriptors with request id 0 are control messages; the only one today is the
 //! ready message a worker sends once its instance can serve. Requests to a running worker
 //! (prepare an image) go on its separate control socket, [`CONTROL_FD`]: see [`crate::control`].
+//! A worker forked from a zygote (see [`crate::zygote`]) gets the same numbers from the zygote
+//! instead of from exec.
 
 use std::os::fd::RawFd;
 
@@ -28,6 +30,9 @@ pub const IMAGE_FD: RawFd = 8;
 /// [`crate::control`] messages (prepare an image of the running instance). Kept apart from
 /// [`SOCKET_FD`], which carries only descriptors and may be redirected by the kernel.
 pub const CONTROL_FD: RawFd = 9;
+/// A zygote's end of its Unix seqpacket socket to the gateway (see [`crate::zygote`]); only
+/// for a process started with `--zygote`. Fd 11 is reserved for the node page cache.
+pub const ZYGOTE_FD: RawFd = 10;
 
 /// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
 pub const WATCHDOG_EXIT: i32 = 124;
@@ -57,7 +62,7 @@ mod tests {
     #[test]
     fn fd_numbers_are_distinct_and_above_stdio() {
         let fds = [
-            ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, IMAGE_FD, CONTROL_FD,
+            ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, IMAGE_FD, CONTROL_FD, ZYGOTE_FD,
         ];
         for (i, a) in fds.iter().enumerate() {
             assert!(*a > 2, "fd {a} would clobber stdio");

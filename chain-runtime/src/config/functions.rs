@@ -7,7 +7,7 @@ use saphyr::{MarkedYaml, Scalar, YamlData};
 
 use super::units::{GIB, KIB, MIB};
 use super::yaml::{Pos, describe, looks_like_integer, pos, untag};
-use super::{Checker, FunctionSpec, ModuleMode, label};
+use super::{Checker, FunctionSpec, ModuleMode, StartMode, label};
 
 const WASM_PAGE: u64 = 64 * KIB;
 const DEFAULT_INSTANCES: u32 = 1;
@@ -28,6 +28,7 @@ const FUNCTION_KEYS: &[&str] = &[
     "fuel",
     "mode",
     "env",
+    "start",
 ];
 
 impl Checker<'_> {
@@ -62,6 +63,7 @@ impl Checker<'_> {
             .and_then(|n| self.mode(n))
             .unwrap_or_default();
         let env = fields.get("env").map(|n| self.env(n)).unwrap_or_default();
+        let start = self.start(fields.get("start"), mode);
 
         Some(FunctionSpec {
             name,
@@ -72,7 +74,37 @@ impl Checker<'_> {
             fuel,
             mode,
             env,
+            start,
         })
+    }
+
+    fn start(&mut self, node: Option<&MarkedYaml<'_>>, mode: ModuleMode) -> StartMode {
+        let default = match mode {
+            ModuleMode::Reactor => StartMode::Fork,
+            ModuleMode::Command => StartMode::Exec,
+        };
+        let Some(node) = node else {
+            return default;
+        };
+        match self.string(node, "start") {
+            Some("exec") => StartMode::Exec,
+            Some("fork") if mode == ModuleMode::Command => {
+                self.error(
+                    pos(node),
+                    "`start: fork` needs `mode: reactor`: a command module has no warm \
+                     instance to fork (use `start: exec`)"
+                        .to_string(),
+                );
+                default
+            }
+            Some("fork") => StartMode::Fork,
+            Some(other) => {
+                let message = format!("unknown start `{other}`: expected `fork` or `exec`");
+                self.error(pos(node), message);
+                default
+            }
+            None => default,
+        }
     }
 
     fn module(&mut self, node: &MarkedYaml<'_>) -> Option<PathBuf> {

@@ -28,6 +28,11 @@
 //!                                   # command: WASI `_start` in a fresh instance per
 //!                                   #   request, request on stdin, response on stdout
 //!     env: { GREETING: hello }      # optional; values must be strings (quote numbers)
+//!     start: fork                   # fork (default for reactors): workers are forked from
+//!                                   #   the function's zygote, which compiled the module once
+//!                                   #   and holds a warm instance's image;
+//!                                   # exec (default and only choice for commands): every
+//!                                   #   worker compiles and instantiates the module itself
 //!   - name: reverse
 //!     module: ../examples/wasm/reverse.wasm
 //!   - name: frame
@@ -111,6 +116,26 @@ pub struct FunctionSpec {
     pub mode: ModuleMode,
     /// In file order.
     pub env: Vec<(String, String)>,
+    pub start: StartMode,
+}
+
+/// How a function's worker processes are started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// Forked from the function's zygote, which compiled the module once and holds the image
+    /// of a warm instance: the default for reactors (command modules have no warm instance).
+    Fork,
+    /// Each worker is a fresh process that compiles and instantiates the module itself.
+    Exec,
+}
+
+impl StartMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            StartMode::Fork => "fork",
+            StartMode::Exec => "exec",
+        }
+    }
 }
 
 /// How descriptors move between a chain's functions.

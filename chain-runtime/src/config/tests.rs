@@ -174,6 +174,7 @@ fn full_config_round_trip() {
                     ("GREETING".into(), "hello".into()),
                     ("LEVEL".into(), "3".into())
                 ],
+                start: StartMode::Exec,
             },
             FunctionSpec {
                 name: "plain-2".into(),
@@ -184,6 +185,7 @@ fn full_config_round_trip() {
                 fuel: Some(1_000_000_000),
                 mode: ModuleMode::Reactor,
                 env: vec![],
+                start: StartMode::Fork,
             },
             FunctionSpec {
                 name: "no_fuel".into(),
@@ -194,6 +196,7 @@ fn full_config_round_trip() {
                 fuel: None,
                 mode: ModuleMode::Reactor,
                 env: vec![],
+                start: StartMode::Fork,
             },
         ]
     );
@@ -1130,4 +1133,43 @@ fn typo_suggestions_stay_plausible() {
     assert_eq!(closest("B", ["a", "b"].into_iter()), Some("b"));
     assert_eq!(edit_distance("kitten", "sitting"), 3);
     assert_eq!(edit_distance("", "abc"), 3);
+}
+
+#[test]
+fn start_mode_defaults_to_fork_for_reactors_and_is_checked() {
+    let s = Scratch::new();
+    let chain = ["chains:", "  - name: c", "    route: /c", "    steps: [a]"];
+    let with = |extra: &[&'static str]| {
+        let mut lines = vec!["functions:", "  - name: a", "    module: ../mods/a.wasm"];
+        lines.extend_from_slice(extra);
+        lines.extend_from_slice(&chain);
+        lines
+    };
+    assert_eq!(s.ok(&with(&[])).functions[0].start, StartMode::Fork);
+    assert_eq!(
+        s.ok(&with(&["    start: exec"])).functions[0].start,
+        StartMode::Exec
+    );
+    assert_eq!(
+        s.ok(&with(&["    mode: command"])).functions[0].start,
+        StartMode::Exec
+    );
+    s.one_error(
+        &with(&["    start: clone"]),
+        4,
+        12,
+        "unknown start `clone`: expected `fork` or `exec`",
+    );
+    s.one_error(
+        &with(&["    mode: command", "    start: fork"]),
+        5,
+        12,
+        "`start: fork` needs `mode: reactor`",
+    );
+    s.one_error(
+        &with(&["    start: 1"]),
+        4,
+        12,
+        "`start` must be a string, found integer `1`",
+    );
 }

@@ -40,6 +40,7 @@ fn spec_for(tag: &str, module: PathBuf) -> FunctionSpec {
         fuel: Some(5_000_000),
         mode: ModuleMode::Reactor,
         env: vec![("GREETING".into(), "hi".into())],
+        start: crate::config::StartMode::Fork,
     }
 }
 

@@ -192,8 +192,17 @@ impl Spindle {
         })
     }
 
-    /// PIDs of the worker processes running `function`.
+    /// PIDs of the worker processes running `function` (exec'd or forked by its zygote).
     pub fn worker_pids(&self, function: &str) -> Vec<i32> {
+        self.children_of(function, false)
+    }
+
+    /// PIDs of `function`'s zygote (one, or none while it restarts or when it starts by exec).
+    pub fn zygote_pids(&self, function: &str) -> Vec<i32> {
+        self.children_of(function, true)
+    }
+
+    fn children_of(&self, function: &str, zygotes: bool) -> Vec<i32> {
         let gateway = self.child.id() as i32;
         let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -203,6 +212,11 @@ impl Spindle {
             let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
                 continue;
             };
+            // A forked worker shares its zygote's command line, not its name.
+            let is_zygote = stat.contains("(spindle-zygote)");
+            if is_zygote != zygotes {
+                continue;
+            }
             let after_comm = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
             let ppid: i32 = after_comm
                 .split(' ')

@@ -1,0 +1,289 @@
+//! The gateway's side of a function's zygote (see `chain_runtime::zygote`): start it by exec
+//! like a worker, restart it when it dies, and ask it for forked instances.
+//!
+//! While the zygote is down (starting, crashed, restarting) [`Zygote::fork`] says so at once
+//! and the supervisor starts the instance by exec instead: a dead zygote never stops
+//! instances from starting, and the instances it forked keep running without it (they are the
+//! gateway's children).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chain_runtime::instance::ZygoteHandoff;
+use proto::zygote::{Reply, SpawnRequest};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Mutex, watch};
+
+use crate::dataplane::ChainRuntime;
+use crate::metrics::Metrics;
+use crate::process::{ForkedChild, WorkerProcess, watch_fd};
+use crate::supervisor::{
+    READY_TIMEOUT, STOP_GRACE, WorkerCommand, describe_exit, exec_worker_process,
+    sleep_or_shutdown, stopping,
+};
+
+/// How long the zygote may take to answer one spawn request.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForkError {
+    #[error("the zygote is not running")]
+    Down,
+    #[error("talking to the zygote: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the zygote did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the zygote refused the request: {0}")]
+    Refused(String),
+    #[error("the zygote could not fork: {0}")]
+    Failed(String),
+    #[error("the zygote answered out of turn: {0:?}")]
+    Unexpected(Reply),
+}
+
+/// Where the zygote's start stands; instances wait for the first start to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Starting,
+    Up,
+    Down,
+}
+
+/// One function's zygote, shared by the supervisors of the function's instances.
+pub struct Zygote {
+    /// The gateway's end of the socket while the zygote is up; the lock keeps one request
+    /// and its reply on the socket at a time.
+    socket: Mutex<Option<AsyncFd<OwnedFd>>>,
+    state: watch::Sender<State>,
+}
+
+impl Zygote {
+    pub fn new() -> Arc<Zygote> {
+        Arc::new(Zygote {
+            socket: Mutex::new(None),
+            state: watch::Sender::new(State::Starting),
+        })
+    }
+
+    /// Waits until the zygote's first start succeeded (true) or failed (false).
+    pub async fn first_start(&self) -> bool {
+        let mut state = self.state.subscribe();
+        let settled = state.wait_for(|s| *s != State::Starting).await;
+        settled.is_ok_and(|s| *s == State::Up)
+    }
+
+    /// Forks instance `request.instance` with its socket end, statistics page and control socket
+    /// end, and
+    /// returns the child (already the gateway's) and how long the fork system call took.
+    pub async fn fork(
+        &self,
+        request: SpawnRequest,
+        socket: BorrowedFd<'_>,
+        stats: BorrowedFd<'_>,
+        control: BorrowedFd<'_>,
+    ) -> Result<(ForkedChild, Duration), ForkError> {
+        let mut guard = self.socket.lock().await;
+        let zygote = guard.as_ref().ok_or(ForkError::Down)?;
+        // An empty seqpacket socket always takes one small packet: this does not block.
+        chain_runtime::zygote::send_spawn(
+            zygote.get_ref().as_fd(),
+            &request,
+            socket,
+            stats,
+            control,
+        )?;
+        let reply = tokio::time::timeout(REPLY_TIMEOUT, async {
+            loop {
+                let mut ready = zygote.readable().await?;
+                match ready.try_io(|fd| chain_runtime::zygote::receive_reply(fd.get_ref().as_fd()))
+                {
+                    Ok(reply) => return reply,
+                    Err(_would_block) => continue,
+                }
+            }
+        })
+        .await;
+        let reply = match reply {
+            Ok(Ok(reply)) => reply,
+            failed => {
+                // Replies carry no request id: after a lost or late one they could pair with
+                // the wrong request. Closing our end makes the zygote exit, and its supervisor
+                // starts a fresh one.
+                *guard = None;
+                return Err(match failed {
+                    Ok(Err(e)) => ForkError::Io(e),
+                    _ => ForkError::Timeout(REPLY_TIMEOUT),
+                });
+            }
+        };
+        match reply {
+            Reply::Spawned { pid, fork_ns } => {
+                Ok((ForkedChild::adopt(pid)?, Duration::from_nanos(fork_ns)))
+            }
+            Reply::Refused(reason) => Err(ForkError::Refused(reason)),
+            Reply::Failed(reason) => Err(ForkError::Failed(reason)),
+            other => Err(ForkError::Unexpected(other)),
+        }
+    }
+}
+
+/// Starts the zygote of stage `stage` of `chain` and restarts it whenever it exits, until
+/// shutdown.
+pub async fn supervise(
+    zygote: Arc<Zygote>,
+    cmd: WorkerCommand,
+    chain: Arc<ChainRuntime>,
+    metrics: Arc<Metrics>,
+    module: Arc<OwnedFd>,
+    stage: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let chain_name = chain.plan.spec.name.clone();
+    let fn_name = chain.stages[stage].name.clone();
+    let restarts = metrics
+        .zygote_restarts
+        .with_label_values(&[chain_name.as_str(), fn_name.as_str()]);
+    let mut backoff = Duration::from_millis(50);
+    let mut ever_up = false;
+    loop {
+        let began = Instant::now();
+        let started = start(&cmd, &chain, &module, stage, &mut shutdown).await;
+        let (mut process, socket) = match started {
+            Ok(up) => up,
+            Err(None) => return,
+            Err(Some(e)) if !ever_up => {
+                // What stops a first start (a module whose warm instance cannot be captured,
+                // say) stops every later one: recompiling every few seconds would only burn
+                // CPU.
+                tracing::error!(chain = %chain_name, function = %fn_name,
+                    "zygote failed to start ({e}); this function's instances start by exec");
+                zygote.state.send_replace(State::Down);
+                return;
+            }
+            Err(Some(e)) => {
+                tracing::error!(chain = %chain_name, function = %fn_name,
+                    "zygote failed to restart ({e}); instances start by exec until it does");
+                zygote.state.send_replace(State::Down);
+                restarts.inc();
+                if sleep_or_shutdown(backoff, &mut shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        chain.stages[stage]
+            .zygote_pid
+            .store(process.id().unwrap_or(0), Ordering::Relaxed);
+        *zygote.socket.lock().await = Some(socket);
+        zygote.state.send_replace(State::Up);
+        ever_up = true;
+        tracing::info!(chain = %chain_name, function = %fn_name,
+            took_ms = began.elapsed().as_millis() as u64, "zygote up");
+
+        let status = tokio::select! {
+            status = process.wait() => Some(status),
+            _ = stopping(&mut shutdown) => None,
+        };
+        // Closing our end is what tells a live zygote to exit.
+        *zygote.socket.lock().await = None;
+        chain.stages[stage].zygote_pid.store(0, Ordering::Relaxed);
+        zygote.state.send_replace(State::Down);
+        let Some(status) = status else {
+            process.stop(STOP_GRACE).await;
+            return;
+        };
+        let how = status
+            .map(|s| describe_exit(&s))
+            .unwrap_or_else(|e| e.to_string());
+        tracing::warn!(chain = %chain_name, function = %fn_name,
+            "zygote exited ({how}); restarting it, instances start by exec meanwhile");
+        restarts.inc();
+        if began.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(50);
+        }
+        if sleep_or_shutdown(backoff, &mut shutdown).await {
+            return;
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One start: exec the zygote and wait for its ready message. `Err(None)`: shutting down.
+async fn start(
+    cmd: &WorkerCommand,
+    chain: &Arc<ChainRuntime>,
+    module: &OwnedFd,
+    stage: usize,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(WorkerProcess, AsyncFd<OwnedFd>), Option<String>> {
+    let (gateway_end, zygote_end) =
+        chain_runtime::zygote::socket_pair().map_err(|e| Some(format!("socket: {e}")))?;
+    let plan = ZygoteHandoff {
+        arena: chain.arena.fd(),
+        config: cmd.config_text.as_fd(),
+        module: module.as_fd(),
+        zygote: zygote_end.as_fd(),
+    }
+    .exec_plan()
+    .map_err(|e| Some(format!("placing its fds: {e}")))?;
+    let args = [
+        "worker".to_string(),
+        "--zygote".into(),
+        "--config".into(),
+        cmd.config.display().to_string(),
+        "--chain".into(),
+        chain.plan.spec.name.clone(),
+        "--function".into(),
+        chain.stages[stage].name.clone(),
+    ];
+    let mut process = exec_worker_process(cmd, &args, plan.placements())
+        .map_err(|e| Some(format!("exec: {e}")))?;
+    drop(plan);
+    drop(zygote_end);
+    nix::fcntl::fcntl(
+        &gateway_end,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| Some(format!("socket: {e}")))?;
+    let socket = watch_fd(gateway_end).map_err(|e| Some(format!("socket: {e}")))?;
+    let ready = async {
+        loop {
+            let mut ready = socket.readable().await?;
+            match ready.try_io(|fd| chain_runtime::zygote::receive_reply(fd.get_ref().as_fd())) {
+                Ok(reply) => return reply,
+                Err(_would_block) => continue,
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        reply = tokio::time::timeout(READY_TIMEOUT, ready) => match reply {
+            Ok(Ok(Reply::Ready { .. })) => Ok(()),
+            Ok(Ok(other)) => Err(Some(format!("answered {other:?} instead of its ready message"))),
+            Ok(Err(e)) => Err(Some(format!("before its ready message: {e}"))),
+            Err(_) => Err(Some(format!("not ready within {READY_TIMEOUT:?}"))),
+        },
+        status = process.wait() => Err(Some(format!(
+            "exited before it was ready ({}); its log is above",
+            status.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string())
+        ))),
+        _ = stopping(shutdown) => Err(None),
+    };
+    match outcome {
+        Ok(()) => Ok((process, socket)),
+        Err(e) => {
+            // A zygote that closed its socket is exiting: its status says more than EOF.
+            let exit = tokio::time::timeout(STOP_GRACE, process.wait()).await;
+            process.stop(STOP_GRACE).await;
+            match (e, exit) {
+                (Some(_), Ok(Ok(status))) => Err(Some(format!(
+                    "exited before it was ready ({}); its log is above",
+                    describe_exit(&status)
+                ))),
+                (e, _) => Err(e),
+            }
+        }
+    }
+}
