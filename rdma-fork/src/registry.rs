@@ -37,6 +37,8 @@ use proto::ImageDescriptor;
 use proto::image::{MAX_MEMORY, WASM_PAGE};
 use proto::pages::{PAGE_SIZE, RandomnessError, RefuseReason, fresh_nonce};
 
+use crate::lifecycle::{self, Resource};
+
 const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Seals an image memfd must carry: without them the parent could change or shorten the
@@ -216,6 +218,7 @@ pub struct Entry {
     meta: Vec<u8>,
     revoked: AtomicBool,
     counters: Arc<Counters>,
+    _live: lifecycle::Live,
 }
 
 impl Entry {
@@ -508,6 +511,7 @@ impl ImageRegistry {
             meta,
             revoked: AtomicBool::new(false),
             counters: self.counters.clone(),
+            _live: lifecycle::Live::new(Resource::Memfd),
         };
         let now = Instant::now();
         let mut slots = self.slots();

@@ -99,7 +99,12 @@ impl PageSource for RemoteSource {
                     Err(again) => result = Err(again),
                 }
             }
-            result.map_err(|e| FetchError::Unavailable(e.to_string()))?;
+            result.map_err(|e| match e {
+                ClientError::Refused {
+                    reason, message, ..
+                } => FetchError::Refused { reason, message },
+                other => FetchError::Unavailable(other.to_string()),
+            })?;
         }
         Ok(())
     }
