@@ -144,6 +144,7 @@ async fn spawn_worker(
         module: module.as_fd(),
         stats: stage.instances[holder.instance].stats_fd.as_fd(),
         image: image.map(|fd| fd.as_fd()),
+        cache: None,
     }
     .exec_plan()
     .map_err(SpawnError::Socket)?;

@@ -23,6 +23,10 @@ pub const STATS_FD: RawFd = 7;
 /// `--from-image`. A descriptor is a credential: an fd, unlike argv, is not visible to other
 /// processes.
 pub const IMAGE_FD: RawFd = 8;
+/// The node page cache of the image to resume from (a sealed memfd laid out as
+/// `rdma_fork::cache` describes), shared by every child of that image on this node.
+/// Optional, and only beside `IMAGE_FD`; a worker that cannot use it resumes without it.
+pub const CACHE_FD: RawFd = 11;
 
 /// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
 pub const WATCHDOG_EXIT: i32 = 124;
@@ -52,7 +56,7 @@ mod tests {
     #[test]
     fn fd_numbers_are_distinct_and_above_stdio() {
         let fds = [
-            ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, IMAGE_FD,
+            ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, IMAGE_FD, CACHE_FD,
         ];
         for (i, a) in fds.iter().enumerate() {
             assert!(*a > 2, "fd {a} would clobber stdio");
