@@ -325,9 +325,9 @@ impl InstanceBuilder {
     }
 }
 
-/// The fault-order prefetch of `image`: the cache's order log, read over a second connection
-/// (through the cache, so hits stay local and what it fetches is cached). None when there
-/// is no cache or nothing logged yet.
+/// The fault-order prefetch of `image`: the cache's order log, read through the cache (hits
+/// stay local, what it fetches is cached) over a second connection, opened at the first
+/// miss. None when there is no cache or nothing logged yet.
 fn prefetch(
     image: &RemoteImage,
     nonzero: &proto::PageBitmap,
@@ -348,8 +348,7 @@ fn prefetch(
     Some(Prefetch {
         order,
         source: Box::new(move || {
-            let remote =
-                Arc::new(RemoteSource::connect(&d, nonzero, timeout).map_err(|e| e.to_string())?);
+            let remote = Arc::new(RemoteSource::connect_on_first_fetch(&d, nonzero, timeout));
             let _ = stash.set(remote.clone());
             let cached = CachedSource::new(cache, remote).map_err(|e| e.to_string())?;
             let cached = if fill { cached } else { cached.without_fill() };
