@@ -89,6 +89,9 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
                 .map_err(|e| WorkerError::Image(format!("{e}")))?;
             let mut image = RemoteImage::new(descriptor, PARENT_TIMEOUT);
             image.cache = open_cache(&handoff, &image.descriptor);
+            // bench/fork.sh: from a warm cache, order prefetch cut table1m's first response
+            // from ~3.0 ms (cache hits on demand) to ~1.2 ms; without a cache there is no
+            // order log to prefetch from.
             image.prefetch = image.cache.is_some();
             let (instance, memory) = builder.resume_remote(&module, &image)?;
             if let Some(failure) = memory.failure() {

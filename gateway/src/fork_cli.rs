@@ -14,7 +14,10 @@
 //! with userfaultfd, and answers one request; pages arrive from the parent on first touch
 //! (`--eager`: every page that holds data is fetched first, without userfaultfd, the baseline
 //! lazy fork is measured against). It prints the answer and where the time went as one JSON
-//! line.
+//! line. `--cache FILE` shares a node page cache between the children resumed with it (each
+//! reads what earlier ones fetched), `--prefetch order` installs the pages earlier children
+//! faulted ahead of faults, and `--transport rdma` asks for RDMA (the report says why it is
+//! TCP).
 
 use std::io::Write;
 use std::net::SocketAddr;

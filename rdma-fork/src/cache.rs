@@ -249,8 +249,11 @@ impl NodeCache {
     /// (magic, version, page size), for this image (handle, size), laid out as this build
     /// lays it out, sealed against shrinking, and not revoked.
     pub fn open(fd: OwnedFd, descriptor: &ImageDescriptor) -> Result<Self, CacheError> {
-        let seals = fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(nix_err("F_GET_SEALS"))?;
+        let seals = fcntl(&fd, FcntlArg::F_GET_SEALS)
+            .map_err(nix_err("F_GET_SEALS"))
+            .inspect_err(|_| crate::lifecycle::cache_refused())?;
         if !SealFlag::from_bits_retain(seals).contains(SealFlag::F_SEAL_SHRINK) {
+            crate::lifecycle::cache_refused();
             return Err(CacheError::NotSealed { seals });
         }
         Self::adopt(File::from(fd), descriptor)
@@ -291,6 +294,10 @@ impl NodeCache {
     }
 
     fn adopt(file: File, descriptor: &ImageDescriptor) -> Result<Self, CacheError> {
+        Self::check_and_map(file, descriptor).inspect_err(|_| crate::lifecycle::cache_refused())
+    }
+
+    fn check_and_map(file: File, descriptor: &ImageDescriptor) -> Result<Self, CacheError> {
         let len = file.metadata().map_err(io_err("fstat on the cache"))?.len();
         if len < PAGE {
             return Err(CacheError::TooSmall { len });

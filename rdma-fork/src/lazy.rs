@@ -14,7 +14,10 @@
 //! pages with one `UFFDIO_ZEROPAGE`, so zero pages are never fetched. A bitmap of installed
 //! pages keeps anything from being fetched or copied twice; an `EEXIST` from a copy that
 //! raced another installer is counted, not fatal. Eager mode installs the whole region up
-//! front (the baseline to compare lazy forks against).
+//! front (the baseline to compare lazy forks against). Fault-order prefetch
+//! ([`ServeOptions::prefetch`]) installs a given list of pages from a thread and a source of
+//! its own, racing demand faults through the same bitmap; [`ServeOptions::fault_log`] hears
+//! of each demand fault, to build such a list for later children.
 //!
 //! The uffd is created with `UFFD_FEATURE_EVENT_REMOVE`, so when the child discards pages
 //! (`MADV_DONTNEED`) the handler clears their bits and serves them again on the next touch,

@@ -60,6 +60,19 @@ impl Snapshot {
     }
 }
 
+static CACHES_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts a node page cache that [`NodeCache::open`](crate::cache::NodeCache::open) (or
+/// `open_file`) refused: malformed, for another image, or revoked.
+pub(crate) fn cache_refused() {
+    CACHES_REFUSED.fetch_add(1, Relaxed);
+}
+
+/// Node page caches refused since the process started (a counter, unlike the gauges).
+pub fn caches_refused() -> u64 {
+    CACHES_REFUSED.load(Relaxed)
+}
+
 /// The gauges now.
 pub fn snapshot() -> Snapshot {
     Snapshot {

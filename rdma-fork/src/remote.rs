@@ -94,7 +94,7 @@ impl PageSource for RemoteSource {
         if guard.is_none()
             && let Some((descriptor, timeout)) = &self.reconnect
         {
-            *guard = Some(PageClient::connect(descriptor, *timeout).map_err(|e| fetch_error(e))?);
+            *guard = Some(PageClient::connect(descriptor, *timeout).map_err(fetch_error)?);
         }
         let Some(client) = guard.as_mut() else {
             return Err(FetchError::Unavailable("not connected".into()));

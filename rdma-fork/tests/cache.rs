@@ -366,6 +366,7 @@ fn malformed_cache_fds_are_refused_with_a_clear_error() {
         fcntl(&file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK)).unwrap();
         file.into()
     };
+    let refused = rdma_fork::lifecycle::caches_refused();
     let good = NodeCache::create(d).unwrap();
     let good_len = std::fs::File::from(good.try_clone().unwrap())
         .metadata()
@@ -419,6 +420,8 @@ fn malformed_cache_fds_are_refused_with_a_clear_error() {
     };
     let err = NodeCache::open(good, &bigger).unwrap_err();
     assert!(matches!(err, CacheError::MemorySize { .. }), "{err}");
+    // Other tests of this binary may refuse caches meanwhile: at least these eight.
+    assert!(rdma_fork::lifecycle::caches_refused() >= refused + 8);
 }
 
 #[test]
