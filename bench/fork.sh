@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Remote fork, measured: time from "a new instance is needed" to its first response for a
 # child resumed on another node (a network namespace joined by a veth pair), lazy (pages on
-# first touch, userfaultfd; with and without 15 pages of readahead) against eager (every page that holds data fetched first), for a
+# first touch, userfaultfd; with and without 15 pages of readahead; with fault-order prefetch
+# on a second connection, `lazy-order`: the order an earlier child faulted, kept in a node
+# cache file that holds no pages; and from a warm node page cache, `lazy-cached`: every page
+# an earlier child on the node fetched is read locally, `lazy-cached-order` with fault-order
+# prefetch from it too) against eager (every page that holds data fetched first), for a
 # guest with 1 MiB of warm state that each request reads (table1m) and one that touches a
 # few pages (forkrand). Rounds are interleaved; medians and the worst round are printed,
 # beside the floors measured in the same run: one veth round trip (ping) and the node's
@@ -47,19 +51,33 @@ serve() { # function chain port -> descriptor file
 serve table1m table 7071
 serve forkrand rand 7072
 
+resume() { # function chain extra... -> one JSON line
+  local fn=$1 chain=$2; shift 2
+  ip netns exec "$b" "$bin" fork resume "@$out/$fn.desc" --config configs/fork.yaml \
+    --chain "$chain" --function "$fn" --body x "$@" 2>>"$out/resume.log"
+}
+# One earlier child per function on the child node: it logs its fault order (no pages kept)
+# for lazy-order, and fills the page cache lazy-cached reads.
+for f in table1m:table forkrand:rand; do
+  fn=${f%%:*} chain=${f##*:}
+  resume "$fn" "$chain" --cache "$out/$fn.order" --no-cache-fill >/dev/null
+  resume "$fn" "$chain" --cache "$out/$fn.cache" >/dev/null
+done
+
 rtt=$(ip netns exec "$b" ping -c 50 -i 0.01 -q 10.251.0.1 | awk -F/ '/rtt/ {print $5}')
 for round in $(seq "$rounds"); do
   for f in table1m:table forkrand:rand; do
     fn=${f%%:*} chain=${f##*:}
-    for mode in lazy lazy-ra15 eager; do
+    for mode in lazy lazy-ra15 lazy-order lazy-cached lazy-cached-order eager; do
       case $mode in
         lazy) extra=() ;;
         lazy-ra15) extra=(--readahead 15) ;;
+        lazy-order) extra=(--cache "$out/$fn.order" --no-cache-fill --prefetch order) ;;
+        lazy-cached) extra=(--cache "$out/$fn.cache") ;;
+        lazy-cached-order) extra=(--cache "$out/$fn.cache" --prefetch order) ;;
         eager) extra=(--eager) ;;
       esac
-      ip netns exec "$b" "$bin" fork resume "@$out/$fn.desc" --config configs/fork.yaml \
-        --chain "$chain" --function "$fn" --body x "${extra[@]}" >>"$out/$fn-$mode.jsonl" \
-        2>>"$out/resume.log"
+      resume "$fn" "$chain" "${extra[@]}" >>"$out/$fn-$mode.jsonl"
     done
   done
 done
@@ -69,16 +87,17 @@ import json, statistics, sys
 out, rtt = sys.argv[1], float(sys.argv[2])
 print(f"veth round trip (ping, avg of 50): {rtt * 1000:.0f} µs")
 for fn in ["table1m", "forkrand"]:
-    for mode in ["lazy", "lazy-ra15", "eager"]:
+    for mode in ["lazy", "lazy-ra15", "lazy-order", "lazy-cached", "lazy-cached-order", "eager"]:
         rows = [json.loads(l) for l in open(f"{out}/{fn}-{mode}.jsonl")]
         first = [r["timings_us"]["first_response"] for r in rows]
         restored = [r["timings_us"]["restored"] for r in rows]
         connect = [r["timings_us"]["connect_and_authenticate"] for r in rows]
         r0 = rows[0]
-        print(f"{fn:8} {mode:9}: first response p50 {statistics.median(first):6.0f} µs, worst {max(first):6.0f} µs"
+        print(f"{fn:8} {mode:17}: first response p50 {statistics.median(first):6.0f} µs, worst {max(first):6.0f} µs"
               f" | connect+auth p50 {statistics.median(connect):5.0f} µs, restored p50 {statistics.median(restored):6.0f} µs"
               f" | faults {r0['faults']}, pages {r0['pages_copied']} ({r0['bytes_fetched']} B) of {r0['memory_pages']},"
-              f" resident {r0['resident_pages']} | module compile (once per node) p50"
+              f" resident {r0['resident_pages']}, prefetched {r0['order_prefetched']}, cache hits {r0['cache_hits']}"
+              f" | module compile (once per node) p50"
               f" {statistics.median(r['compile_us_once_per_node'] for r in rows) / 1000:.1f} ms")
     print(f"{fn:8} answer: {rows[0]['output']}")
 PY

@@ -19,7 +19,7 @@ use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::stat::{SFlag, fstat};
 use proto::worker::{
-    ARENA_FD, CONFIG_FD, CONTROL_FD, IMAGE_FD, MODULE_FD, SOCKET_FD, STATS_FD, ZYGOTE_FD,
+    ARENA_FD, CACHE_FD, CONFIG_FD, CONTROL_FD, IMAGE_FD, MODULE_FD, SOCKET_FD, STATS_FD, ZYGOTE_FD,
 };
 
 use crate::config::{Config, ConfigErrors};
@@ -27,9 +27,8 @@ use crate::host::{FunctionHost, HostError};
 use crate::plan::{ChainPlan, Plan, Stage};
 
 /// Lowest fd number [`Handoff::exec_plan`] duplicates to: above stdio and every fixed
-/// number (up to 11, counting the numbers other hand-offs reserve), so placing the copies
-/// cannot overwrite one with another.
-pub const EXEC_PLAN_MIN_FD: RawFd = 12;
+/// number, so placing the copies cannot overwrite one with another.
+pub const EXEC_PLAN_MIN_FD: RawFd = CACHE_FD + 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -73,6 +72,9 @@ pub struct Handoff<Fd> {
     /// Sealed memfd with the image descriptor to resume from, for an instance started from a
     /// remote image instead of cold (the worker's `--from-image`).
     pub image: Option<Fd>,
+    /// The node page cache of that image (`rdma_fork::cache::NodeCache`), when the node
+    /// keeps one; only beside `image`.
+    pub cache: Option<Fd>,
 }
 
 /// What a zygote process is handed: a [`Handoff`] without the per-instance socket and
@@ -132,6 +134,7 @@ impl Handoff<BorrowedFd<'_>> {
             (self.control, CONTROL_FD),
         ];
         fds.extend(self.image.map(|fd| (fd, IMAGE_FD)));
+        fds.extend(self.cache.map(|fd| (fd, CACHE_FD)));
         ExecPlan::new(&fds)
     }
 }
@@ -178,17 +181,19 @@ impl Handoff<OwnedFd> {
     /// Adopts the fds the gateway left open for this process, after checking that each is of
     /// the kind expected. Call it once per process.
     pub fn inherited(from_image: bool) -> Result<Self, InstanceError> {
-        let image = if from_image {
-            Some(take_fd(
-                IMAGE_FD,
-                SFlag::S_IFREG,
-                "the image descriptor memfd",
-            )?)
+        let (image, cache) = if from_image {
+            let image = take_fd(IMAGE_FD, SFlag::S_IFREG, "the image descriptor memfd")?;
+            // Optional: a worker resumes without a cache when the gateway passed none.
+            let cache = take_fd(CACHE_FD, SFlag::S_IFREG, "the node page cache memfd")
+                .inspect_err(|e| tracing::debug!("no node page cache: {e}"))
+                .ok();
+            (Some(image), cache)
         } else {
-            None
+            (None, None)
         };
         Ok(Handoff {
             image,
+            cache,
             config: take_fd(CONFIG_FD, SFlag::S_IFREG, "the config memfd")?,
             module: take_fd(MODULE_FD, SFlag::S_IFREG, "the module memfd")?,
             stats: take_fd(STATS_FD, SFlag::S_IFREG, "the stats memfd")?,
@@ -527,6 +532,7 @@ mod tests {
             stats: fds[4].as_fd(),
             control: fds[5].as_fd(),
             image: None,
+            cache: None,
         };
         let plan = handoff.exec_plan().unwrap();
         let placements = plan.placements();
@@ -550,5 +556,13 @@ mod tests {
         let plan = with_image.exec_plan().unwrap();
         assert_eq!(plan.placements().len(), 7);
         assert_eq!(plan.placements()[6].1, IMAGE_FD);
+        let with_cache = Handoff {
+            cache: Some(fds[1].as_fd()),
+            ..with_image
+        };
+        let plan = with_cache.exec_plan().unwrap();
+        assert_eq!(plan.placements().len(), 8);
+        assert_eq!(plan.placements()[7].1, CACHE_FD);
+        assert!(plan.placements().iter().all(|(from, _)| *from > CACHE_FD));
     }
 }

@@ -6,14 +6,22 @@
 //! The fault handler runs on a thread of this process. A fetch that fails answers the fault
 //! with zeros and marks the memory failed ([`ResumedMemory::failure`]): whoever runs the
 //! instance must check it before letting an answer out, and stop using the instance.
+//!
+//! With the node's page cache for the image ([`RemoteImage::cache`]) the child still
+//! authenticates with the parent first (which renews the lease; a revoked or expired image
+//! purges the cache and fails the resume), then reads the pages other children fetched from
+//! the cache, puts the ones it fetches there, and logs its faults in the cache's order log,
+//! from which later children prefetch ([`RemoteImage::prefetch`]) on a second connection.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use proto::ImageDescriptor;
 use proto::pages::MAX_READ_PAGES;
-use rdma_fork::client::{ClientError, PageClient};
-use rdma_fork::lazy::{FaultServer, ServeOptions};
+use rdma_fork::cache::{CachedSource, NodeCache, connect_checked};
+use rdma_fork::client::ClientError;
+use rdma_fork::lazy::{FaultLog, FaultServer, Prefetch, ServeOptions};
+use rdma_fork::transport::{TransportPref, rdma_pages};
 use rdma_fork::{PageSource, RemoteSource};
 
 use crate::instance::{Instance, InstanceBuilder, InstanceError};
@@ -29,6 +37,33 @@ pub struct RemoteImage {
     pub readahead: u32,
     /// For connecting, authenticating and each answer of the parent.
     pub timeout: Duration,
+    /// This node's page cache for the image, when the node keeps one.
+    pub cache: Option<Arc<NodeCache>>,
+    /// Put the pages this child fetches into `cache` for later children (off: read its
+    /// hits and log faults only).
+    pub fill_cache: bool,
+    /// Lazy only, with `cache`: install the pages earlier children faulted, in their order,
+    /// ahead of this child's faults, over a second connection to the parent.
+    pub prefetch: bool,
+    /// Pages by RDMA READ when asked for and possible, otherwise TCP
+    /// ([`ResumedMemory::transport_fallback`] says why).
+    pub transport: TransportPref,
+}
+
+impl RemoteImage {
+    /// Lazy, no readahead, no cache, TCP.
+    pub fn new(descriptor: ImageDescriptor, timeout: Duration) -> Self {
+        RemoteImage {
+            descriptor,
+            eager: false,
+            readahead: 0,
+            timeout,
+            cache: None,
+            fill_cache: true,
+            prefetch: false,
+            transport: TransportPref::Tcp,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +78,8 @@ pub enum ResumeError {
     BadMeta(#[from] proto::MetaError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error("the node page cache: {0}")]
+    Cache(#[from] rdma_fork::CacheError),
 }
 
 /// Microseconds from the start of the resume (the module compile is not part of it).
@@ -58,10 +95,17 @@ pub struct ResumedMemory {
     base: usize,
     len: usize,
     image_nonzero_pages: u64,
+    /// The authenticated TCP connection (metadata, and pages unless over RDMA).
     source: Arc<RemoteSource>,
+    cached: Option<Arc<CachedSource>>,
+    prefetch_source: Arc<OnceLock<Arc<RemoteSource>>>,
     faults: Option<FaultServer>,
     eager_pages: u64,
     pub timings: ResumeTimings,
+    /// `tcp` or `rdma`: how demand pages travel.
+    pub transport: &'static str,
+    /// Why pages travel over TCP although RDMA was asked for.
+    pub transport_fallback: Option<String>,
 }
 
 /// Counters of one resumed memory, final once the handler stopped.
@@ -76,6 +120,18 @@ pub struct ResumeStats {
     pub bytes_fetched: u64,
     pub wire_bytes_received: u64,
     pub round_trips: u64,
+    /// Pages read from the node page cache.
+    pub cache_hits: u64,
+    /// Data pages the cache did not have (fetched from the parent).
+    pub cache_misses: u64,
+    /// Pages this child put into the cache.
+    pub cache_filled: u64,
+    /// Pages installed by fault-order prefetch.
+    pub order_prefetched: u64,
+    /// Installs that found their page present already (prefetch and faults racing).
+    pub copy_races: u64,
+    /// Bytes the prefetch connection received.
+    pub prefetch_wire_bytes_received: u64,
 }
 
 impl ResumedMemory {
@@ -104,6 +160,13 @@ impl ResumedMemory {
             round_trips: c.round_trips,
             ..ResumeStats::default()
         };
+        if let Some(cached) = &self.cached {
+            let k = cached.stats();
+            (s.cache_hits, s.cache_misses, s.cache_filled) = (k.hits, k.misses, k.pages_filled);
+        }
+        if let Some(p) = self.prefetch_source.get() {
+            s.prefetch_wire_bytes_received = p.stats().bytes_received;
+        }
         match lazy {
             Some(f) => {
                 s.faults = f.faults;
@@ -111,6 +174,8 @@ impl ResumedMemory {
                 s.zero_pages = f.zero_pages;
                 s.prefetched = f.prefetched;
                 s.bytes_fetched = f.bytes_fetched;
+                s.order_prefetched = f.order_prefetched;
+                s.copy_races = f.copy_races;
             }
             None => {
                 s.pages_copied = self.eager_pages;
@@ -158,8 +223,9 @@ impl InstanceBuilder {
 
         let started = Instant::now();
         let us = |t: Instant| t.elapsed().as_micros() as u64;
-        let mut client =
-            PageClient::connect(&image.descriptor, image.timeout).map_err(ResumeError::Connect)?;
+        let d = &image.descriptor;
+        let cache = image.cache.as_deref();
+        let mut client = connect_checked(d, image.timeout, cache).map_err(ResumeError::Connect)?;
         let mut timings = ResumeTimings {
             connect_and_authenticate_us: us(started),
             ..ResumeTimings::default()
@@ -171,8 +237,36 @@ impl InstanceBuilder {
         timings.metadata_us = us(started);
         let source = Arc::new(
             RemoteSource::from_client(client, wire.nonzero.clone())
-                .reconnecting(image.descriptor.clone(), image.timeout),
+                .reconnecting(d.clone(), image.timeout),
         );
+        let (pages, transport, transport_fallback): (Arc<dyn PageSource>, _, _) =
+            match rdma_pages(image.transport, d, &wire.nonzero, image.timeout) {
+                Ok(rdma) => (rdma, "rdma", None),
+                Err(why) => {
+                    let why = why.map(|w| w.to_string());
+                    if let Some(why) = &why {
+                        tracing::warn!(parent = %d.parent, "pages over TCP: {why}");
+                    }
+                    (source.clone(), "tcp", why)
+                }
+            };
+        let cached = match &image.cache {
+            Some(cache) => {
+                let c =
+                    CachedSource::new(cache.clone(), pages.clone()).map_err(ResumeError::Cache)?;
+                Some(Arc::new(if image.fill_cache {
+                    c
+                } else {
+                    c.without_fill()
+                }))
+            }
+            None => None,
+        };
+        let pages: Arc<dyn PageSource> = match &cached {
+            Some(c) => c.clone(),
+            None => pages,
+        };
+        let prefetch_source = Arc::new(OnceLock::new());
 
         let mut region = None;
         let mut faults = None;
@@ -183,7 +277,7 @@ impl InstanceBuilder {
                 // SAFETY: the region is the child's linear memory, freshly mapped, writable
                 // and unaliased during the callback (the contract of MemoryFill::Caller).
                 let memory = unsafe { std::slice::from_raw_parts_mut(r.base().as_ptr(), r.len()) };
-                eager_pages = fetch_all(&source, memory)?;
+                eager_pages = fetch_all(pages.as_ref(), memory)?;
                 return Ok(());
             }
             let uffd = rdma_fork::create_uffd()?;
@@ -193,15 +287,18 @@ impl InstanceBuilder {
             unsafe { rdma_fork::register_region(&uffd, r.base(), r.len())? };
             let options = ServeOptions {
                 readahead: image.readahead,
-                eager: false,
-                peer: None,
+                fault_log: image.cache.clone().map(|c| c as Arc<dyn FaultLog>),
+                prefetch: image
+                    .prefetch
+                    .then(|| prefetch(image, &wire.nonzero, &prefetch_source))
+                    .flatten(),
+                ..ServeOptions::default()
             };
-            let source: Arc<dyn PageSource> = source.clone();
             faults = Some(rdma_fork::serve_faults(
                 uffd,
                 r.base().as_ptr() as usize,
                 r.len(),
-                source,
+                pages.clone(),
                 options,
             )?);
             Ok(())
@@ -216,17 +313,53 @@ impl InstanceBuilder {
                 len,
                 image_nonzero_pages: wire.nonzero.count(),
                 source,
+                cached,
+                prefetch_source,
                 faults,
                 eager_pages,
                 timings,
+                transport,
+                transport_fallback,
             },
         ))
     }
 }
 
+/// The fault-order prefetch of `image`: the cache's order log, read through the cache (hits
+/// stay local, what it fetches is cached) over a second connection, opened at the first
+/// miss. None when there is no cache or nothing logged yet.
+fn prefetch(
+    image: &RemoteImage,
+    nonzero: &proto::PageBitmap,
+    stash: &Arc<OnceLock<Arc<RemoteSource>>>,
+) -> Option<Prefetch> {
+    let cache = image.cache.clone()?;
+    let order = cache.fault_order();
+    if order.is_empty() {
+        return None;
+    }
+    let (d, timeout, nonzero, stash) = (
+        image.descriptor.clone(),
+        image.timeout,
+        nonzero.clone(),
+        stash.clone(),
+    );
+    let fill = image.fill_cache;
+    Some(Prefetch {
+        order,
+        source: Box::new(move || {
+            let remote = Arc::new(RemoteSource::connect_on_first_fetch(&d, nonzero, timeout));
+            let _ = stash.set(remote.clone());
+            let cached = CachedSource::new(cache, remote).map_err(|e| e.to_string())?;
+            let cached = if fill { cached } else { cached.without_fill() };
+            Ok(Arc::new(cached) as Arc<dyn PageSource>)
+        }),
+    })
+}
+
 /// Fills `memory` with every page of `source` that holds data, one read per run of them;
 /// returns how many pages were fetched.
-fn fetch_all(source: &RemoteSource, memory: &mut [u8]) -> Result<u64, rdma_fork::FetchError> {
+fn fetch_all(source: &dyn PageSource, memory: &mut [u8]) -> Result<u64, rdma_fork::FetchError> {
     let page = rdma_fork::PAGE_SIZE;
     let pages = (memory.len() / page) as u64;
     let mut fetched = 0;

@@ -14,7 +14,10 @@
 //! with userfaultfd, and answers one request; pages arrive from the parent on first touch
 //! (`--eager`: every page that holds data is fetched first, without userfaultfd, the baseline
 //! lazy fork is measured against). It prints the answer and where the time went as one JSON
-//! line.
+//! line. `--cache FILE` shares a node page cache between the children resumed with it (each
+//! reads what earlier ones fetched), `--prefetch order` installs the pages earlier children
+//! faulted ahead of faults, and `--transport rdma` asks for RDMA (the report says why it is
+//! TCP).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -29,8 +32,10 @@ use chain_runtime::instance::InstanceBuilder;
 use chain_runtime::resume::RemoteImage;
 use nix::sys::signal::{SigSet, Signal};
 use proto::ImageDescriptor;
+use rdma_fork::NodeCache;
 use rdma_fork::registry::{ImageRegistry, PublishedImage};
 use rdma_fork::server::PageServer;
+use rdma_fork::transport::TransportPref;
 
 /// How long a child may take to connect, authenticate and get each answer from the parent.
 const PARENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -173,6 +178,33 @@ pub struct ResumeArgs {
     /// Pages fetched along with each faulting page (0: only what is touched).
     #[arg(long, default_value_t = 0)]
     readahead: u32,
+    /// This node's page cache for the image: a file (on tmpfs, e.g. /dev/shm), created when
+    /// absent, shared by every child resumed with the same path.
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Read the cache's hits and log faults, but put no fetched page into it.
+    #[arg(long, requires = "cache")]
+    no_cache_fill: bool,
+    /// `order`: install the pages earlier children faulted (the cache's log), in their
+    /// order, over a second connection ahead of faults.
+    #[arg(long, value_enum, default_value_t = PrefetchArg::Off, requires = "cache")]
+    prefetch: PrefetchArg,
+    /// `rdma`: pages by one-sided RDMA READ when built in and a device is usable (the
+    /// report says why not otherwise).
+    #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
+    transport: TransportArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PrefetchArg {
+    Off,
+    Order,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TransportArg {
+    Tcp,
+    Rdma,
 }
 
 /// An image descriptor given as its text, or as `@FILE` whose first line is the text (what
@@ -195,11 +227,24 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
     let module_path = builder.stage().function.module.clone();
     let bytes = std::fs::read(&module_path)
         .with_context(|| format!("reading module {}", module_path.display()))?;
+    let cache = match &args.cache {
+        Some(path) => Some(Arc::new(
+            NodeCache::open_file(path, &descriptor)
+                .with_context(|| format!("the node page cache {}", path.display()))?,
+        )),
+        None => None,
+    };
     let image = RemoteImage {
-        descriptor,
         eager: args.eager,
         readahead: args.readahead,
-        timeout: PARENT_TIMEOUT,
+        cache,
+        fill_cache: !args.no_cache_fill,
+        prefetch: args.prefetch == PrefetchArg::Order,
+        transport: match args.transport {
+            TransportArg::Tcp => TransportPref::Tcp,
+            TransportArg::Rdma => TransportPref::Rdma,
+        },
+        ..RemoteImage::new(descriptor, PARENT_TIMEOUT)
     };
     // The node's one-time compile is inside resume_remote but not in its timings.
     let started = Instant::now();
@@ -214,6 +259,7 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
     }
     let output = output?;
     let resident = memory.resident_pages()?;
+    let (transport, transport_fallback) = (memory.transport, memory.transport_fallback.clone());
     let s = memory.finish().context("stopping the fault handler")?;
     let report = serde_json::json!({
         "output": String::from_utf8_lossy(&output),
@@ -229,6 +275,15 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
         "bytes_fetched": s.bytes_fetched,
         "wire_bytes_received": s.wire_bytes_received,
         "round_trips": s.round_trips,
+        "prefetch": if image.prefetch { "order" } else { "off" },
+        "order_prefetched": s.order_prefetched,
+        "copy_races": s.copy_races,
+        "prefetch_wire_bytes_received": s.prefetch_wire_bytes_received,
+        "cache_hits": s.cache_hits,
+        "cache_misses": s.cache_misses,
+        "cache_filled": s.cache_filled,
+        "transport": transport,
+        "transport_fallback": transport_fallback,
         "compile_us_once_per_node": compile_and_restore_us.saturating_sub(t.restored_us),
         "timings_us": {
             "connect_and_authenticate": t.connect_and_authenticate_us,

@@ -293,6 +293,7 @@ impl Bench {
                 stats: stats.as_fd(),
                 control: worker_control.as_fd(),
                 image: None,
+                cache: None,
             }
             .exec_plan()?;
             let args = [

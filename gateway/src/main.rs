@@ -326,7 +326,7 @@ fn fork_pages_transport() -> (&'static str, String) {
 fn resume_images(
     config: &Config,
     args: &[String],
-) -> anyhow::Result<std::collections::HashMap<String, Arc<std::os::fd::OwnedFd>>> {
+) -> anyhow::Result<std::collections::HashMap<String, Arc<gateway::supervisor::ResumeFds>>> {
     let mut images = std::collections::HashMap::new();
     for arg in args {
         let Some((function, value)) = arg.split_once('=') else {
@@ -337,9 +337,15 @@ fn resume_images(
         }
         let descriptor =
             fork_cli::read_descriptor(value).with_context(|| format!("--resume {function}"))?;
-        let fd = sealed_memfd("spindle-image", descriptor.to_string().as_bytes())
+        let pinned = sealed_memfd("spindle-image", descriptor.to_string().as_bytes())
             .context("pinning the image descriptor")?;
-        if images.insert(function.to_owned(), Arc::new(fd)).is_some() {
+        let cache = rdma_fork::NodeCache::create(&descriptor)
+            .with_context(|| format!("--resume {function}: creating the node page cache"))?;
+        let fds = gateway::supervisor::ResumeFds {
+            descriptor: pinned,
+            cache,
+        };
+        if images.insert(function.to_owned(), Arc::new(fds)).is_some() {
             bail!("--resume {function} given twice");
         }
     }

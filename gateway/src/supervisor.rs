@@ -74,11 +74,20 @@ pub struct WorkerCommand {
     pub config: PathBuf,
     /// Sealed memfd with the config text the gateway started with.
     pub config_text: Arc<OwnedFd>,
-    /// Functions whose instances resume from a remote image instead of building cold:
-    /// function name → sealed memfd with the image descriptor.
-    pub images: std::collections::HashMap<String, Arc<OwnedFd>>,
+    /// Functions whose instances resume from a remote image instead of building cold.
+    pub images: std::collections::HashMap<String, Arc<ResumeFds>>,
     /// Where each ready worker's control socket is put, for the node service to reach it.
     pub controls: Arc<ControlBoard>,
+}
+
+/// What every instance of a function resumed from a remote image gets, besides the usual.
+pub struct ResumeFds {
+    /// Sealed memfd with the image descriptor (`proto::worker::IMAGE_FD`).
+    pub descriptor: OwnedFd,
+    /// The node page cache of that image (`rdma_fork::NodeCache`, at
+    /// `proto::worker::CACHE_FD`), shared by all of them: pages one instance fetched from
+    /// the parent, the next one reads locally.
+    pub cache: OwnedFd,
 }
 
 /// A connected pair of loopback TCP sockets: (gateway end, worker end).
@@ -244,7 +253,8 @@ async fn spawn_worker(
                 module: module.as_fd(),
                 stats: stats_fd,
                 control: worker_control.as_fd(),
-                image: image.map(|fd| fd.as_fd()),
+                image: image.map(|i| i.descriptor.as_fd()),
+                cache: image.map(|i| i.cache.as_fd()),
             }
             .exec_plan()
             .map_err(SpawnError::Socket)?;

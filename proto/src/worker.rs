@@ -31,8 +31,12 @@ pub const IMAGE_FD: RawFd = 8;
 /// [`SOCKET_FD`], which carries only descriptors and may be redirected by the kernel.
 pub const CONTROL_FD: RawFd = 9;
 /// A zygote's end of its Unix seqpacket socket to the gateway (see [`crate::zygote`]); only
-/// for a process started with `--zygote`. Fd 11 is reserved for the node page cache.
+/// for a process started with `--zygote`.
 pub const ZYGOTE_FD: RawFd = 10;
+/// The node page cache of the image to resume from (a sealed memfd laid out as
+/// `rdma_fork::cache` describes), shared by every child of that image on this node.
+/// Optional, and only beside `IMAGE_FD`; a worker that cannot use it resumes without it.
+pub const CACHE_FD: RawFd = 11;
 
 /// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
 pub const WATCHDOG_EXIT: i32 = 124;
@@ -63,6 +67,7 @@ mod tests {
     fn fd_numbers_are_distinct_and_above_stdio() {
         let fds = [
             ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, IMAGE_FD, CONTROL_FD, ZYGOTE_FD,
+            CACHE_FD,
         ];
         for (i, a) in fds.iter().enumerate() {
             assert!(*a > 2, "fd {a} would clobber stdio");

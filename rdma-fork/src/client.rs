@@ -18,6 +18,7 @@ use proto::pages::{
     fresh_nonce, proof, read_frame, write_frame,
 };
 
+use crate::lifecycle::{Live, Resource};
 use crate::server::frame_name;
 use crate::wire::{Timed, is_timeout};
 
@@ -135,6 +136,7 @@ pub struct PageClient {
     timeout: Duration,
     stats: ClientStats,
     broken: bool,
+    _live: Live,
 }
 
 impl PageClient {
@@ -165,6 +167,7 @@ impl PageClient {
             timeout,
             stats: ClientStats::default(),
             broken: false,
+            _live: Live::new(Resource::ClientConnection),
         };
         client.handshake(descriptor)?;
         Ok(client)

@@ -14,7 +14,10 @@
 //! pages with one `UFFDIO_ZEROPAGE`, so zero pages are never fetched. A bitmap of installed
 //! pages keeps anything from being fetched or copied twice; an `EEXIST` from a copy that
 //! raced another installer is counted, not fatal. Eager mode installs the whole region up
-//! front (the baseline to compare lazy forks against).
+//! front (the baseline to compare lazy forks against). Fault-order prefetch
+//! ([`ServeOptions::prefetch`]) installs a given list of pages from a thread and a source of
+//! its own, racing demand faults through the same bitmap; [`ServeOptions::fault_log`] hears
+//! of each demand fault, to build such a list for later children.
 //!
 //! The uffd is created with `UFFD_FEATURE_EVENT_REMOVE`, so when the child discards pages
 //! (`MADV_DONTNEED`) the handler clears their bits and serves them again on the next touch,
@@ -67,6 +70,7 @@ use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap_anonymous, m
 use tracing::{debug, error, info, trace, warn};
 use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, Uffd, UffdBuilder};
 
+use crate::lifecycle::{Live, Resource};
 use crate::{PAGE_SIZE, PageSource, measure};
 
 /// Upper bound on [`ServeOptions::readahead`]: 4 MiB per fault is far past any useful value.
@@ -135,7 +139,43 @@ pub struct ServeOptions {
     /// The process owning the region, when it is not this one: the handler ends when it
     /// exits and SIGKILLs it on a fetch error (see the module docs).
     pub peer: Option<PidFd>,
+    /// Told each page a demand fault asks for, in fault order (e.g. a node page cache's
+    /// order log, from which later children prefetch).
+    pub fault_log: Option<Arc<dyn FaultLog>>,
+    /// Pages to install ahead of faults, on a thread and a source of their own.
+    pub prefetch: Option<Prefetch>,
 }
+
+/// Where the handler reports demand faults (see [`ServeOptions::fault_log`]).
+pub trait FaultLog: Send + Sync + fmt::Debug {
+    /// `page` faulted (it was missing and is about to be installed).
+    fn record(&self, page: u64);
+}
+
+/// Fault-order prefetch: a thread installs `order`'s pages with `UFFDIO_COPY` (runs of
+/// consecutive pages with one fetch and one copy) while demand faults keep the handler's
+/// own source. A page a demand fault installed first is skipped, or its copy finds it
+/// present (`EEXIST`, counted in [`StatsSnapshot::copy_races`]). A failed prefetch counts a
+/// fetch error and ends the prefetch; it never fails the region (nobody waits on those
+/// pages).
+pub struct Prefetch {
+    /// Pages in the order to install them; out-of-range entries are ignored.
+    pub order: Vec<u64>,
+    /// Opens the prefetch thread's source on that thread (a second page-server connection,
+    /// so demand faults never queue behind a prefetch), off the resume's critical path.
+    pub source: Box<dyn FnOnce() -> Result<Arc<dyn PageSource>, String> + Send>,
+}
+
+impl fmt::Debug for Prefetch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Prefetch")
+            .field("pages", &self.order.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Most pages one prefetch fetch carries (64 KiB: one round trip's worth on this path).
+const PREFETCH_RUN: u64 = 16;
 
 /// Counters of one served region, updated by the handler and readable at any time.
 ///
@@ -155,6 +195,7 @@ pub struct Stats {
     failed_pages: AtomicU64,
     copy_races: AtomicU64,
     removed_pages: AtomicU64,
+    order_prefetched: AtomicU64,
     failed: AtomicBool,
     failure: OnceLock<String>,
 }
@@ -182,6 +223,8 @@ pub struct StatsSnapshot {
     pub copy_races: u64,
     /// Installed pages the child discarded (`MADV_DONTNEED`), to be served again.
     pub removed_pages: u64,
+    /// Pages installed by fault-order prefetch ([`ServeOptions::prefetch`]), data or zero.
+    pub order_prefetched: u64,
     /// The region failed (see the module docs); its content is not to be trusted.
     pub failed: bool,
 }
@@ -199,6 +242,7 @@ impl Stats {
             failed_pages: self.failed_pages.load(Relaxed),
             copy_races: self.copy_races.load(Relaxed),
             removed_pages: self.removed_pages.load(Relaxed),
+            order_prefetched: self.order_prefetched.load(Relaxed),
             failed: self.failed(),
         }
     }
@@ -445,6 +489,10 @@ struct Core {
     readahead: u32,
     peer: Option<PidFd>,
     killed: AtomicBool,
+    fault_log: Option<Arc<dyn FaultLog>>,
+    /// Set by [`FaultServer::stop`]: the prefetch thread ends at its next run.
+    stopping: AtomicBool,
+    _live: Live,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -692,6 +740,9 @@ impl Core {
             return Ok(());
         }
         add(&self.stats.faults, 1);
+        if let Some(log) = &self.fault_log {
+            log.record(page);
+        }
         if self.stats.failed() {
             return self.answer_failed(page);
         }
@@ -731,6 +782,91 @@ impl Core {
             at += n;
         }
         Ok(())
+    }
+
+    /// The prefetch thread: installs `prefetch.order`'s missing pages ahead of faults.
+    fn prefetch(&self, prefetch: Prefetch) {
+        let source = match (prefetch.source)() {
+            Ok(s) if s.len() == self.pages * PAGE_SIZE as u64 => s,
+            Ok(s) => {
+                warn!(
+                    len = s.len(),
+                    "prefetch source is of another image; no prefetch"
+                );
+                return;
+            }
+            Err(e) => {
+                add(&self.stats.fetch_errors, 1);
+                warn!("no prefetch: {e}");
+                return;
+            }
+        };
+        let mut buf = vec![0u8; PREFETCH_RUN as usize * PAGE_SIZE];
+        let order = &prefetch.order;
+        let mut i = 0;
+        while i < order.len() {
+            if self.stopping.load(Relaxed) || self.stats.failed() {
+                return;
+            }
+            let page = order[i];
+            i += 1;
+            if page >= self.pages || self.installed.get(page) {
+                continue;
+            }
+            let kind = if source.is_zero(page) {
+                Kind::Zero
+            } else {
+                Kind::Data
+            };
+            // A run: the next entries of the order that are the next pages, of one kind.
+            let mut n = 1;
+            while n < PREFETCH_RUN
+                && order.get(i).is_some_and(|&p| p == page + n)
+                && page + n < self.pages
+                && !self.installed.get(page + n)
+                && source.is_zero(page + n) == (kind == Kind::Zero)
+            {
+                n += 1;
+                i += 1;
+            }
+            let result = match kind {
+                Kind::Zero => self
+                    .install_zero(page, n, &self.stats.order_prefetched)
+                    .map_err(|e| match e {
+                        InstallError::Gone => FetchFailed::Gone,
+                        InstallError::Failed(e) => FetchFailed::Fetch(e),
+                    }),
+                Kind::Data => {
+                    let bytes = &mut buf[..n as usize * PAGE_SIZE];
+                    match source.fetch(page, n as u32, bytes) {
+                        Err(e) => {
+                            add(&self.stats.fetch_errors, 1);
+                            Err(FetchFailed::Fetch(format!("prefetching {page}..+{n}: {e}")))
+                        }
+                        Ok(()) => {
+                            add(&self.stats.bytes_fetched, bytes.len() as u64);
+                            add(&self.stats.order_prefetched, n);
+                            let r = self.install_copy(page, bytes);
+                            let got = r.as_ref().map_or(0, |k| *k);
+                            sub(&self.stats.order_prefetched, n - got.min(n));
+                            r.map_err(|e| match e {
+                                InstallError::Gone => FetchFailed::Gone,
+                                InstallError::Failed(e) => FetchFailed::Fetch(e),
+                            })
+                        }
+                    }
+                }
+            };
+            match result {
+                Ok(_) => {}
+                Err(FetchFailed::Gone) => return,
+                Err(FetchFailed::Fetch(why)) => {
+                    debug!("prefetch stopped: {why}");
+                    return;
+                }
+            }
+        }
+        debug!(pages = order.len(), "prefetch done");
     }
 
     fn on_remove(&self, start: usize, end: usize) {
@@ -818,6 +954,7 @@ pub struct FaultServer {
     core: Arc<Core>,
     stop: Arc<EventFd>,
     thread: Option<JoinHandle<Result<StopReason, LazyError>>>,
+    prefetcher: Option<JoinHandle<()>>,
 }
 
 impl fmt::Debug for FaultServer {
@@ -894,6 +1031,9 @@ fn start(
         readahead: options.readahead,
         peer: options.peer,
         killed: AtomicBool::new(false),
+        fault_log: options.fault_log,
+        stopping: AtomicBool::new(false),
+        _live: Live::new(Resource::UffdRegistration),
     });
     let thread = std::thread::Builder::new()
         .name("uffd-handler".into())
@@ -906,12 +1046,30 @@ fn start(
             op: "spawning the fault handler",
             source,
         })?;
-    info!(base, len, readahead = core.readahead, "serving lazy region");
-    Ok(FaultServer {
+    let mut server = FaultServer {
         core,
         stop,
         thread: Some(thread),
-    })
+        prefetcher: None,
+    };
+    if let Some(prefetch) = options.prefetch {
+        let core = server.core.clone();
+        let spawned = std::thread::Builder::new()
+            .name("uffd-prefetch".into())
+            .spawn(move || core.prefetch(prefetch));
+        match spawned {
+            Ok(t) => server.prefetcher = Some(t),
+            // Prefetch is an optimisation: the region is served without it.
+            Err(e) => warn!("cannot spawn the prefetch thread: {e}"),
+        }
+    }
+    info!(
+        base,
+        len,
+        readahead = server.core.readahead,
+        "serving lazy region"
+    );
+    Ok(server)
 }
 
 fn handler(core: &Core, stop: &EventFd, eager: bool) -> Result<StopReason, LazyError> {
@@ -1005,6 +1163,7 @@ impl FaultServer {
 
     /// Asks the handler to end after the events it holds.
     pub fn stop(&self) {
+        self.core.stopping.store(true, Relaxed);
         if let Err(e) = self.stop.write(1) {
             warn!("signalling the fault handler: {e}");
         }
@@ -1031,6 +1190,14 @@ impl FaultServer {
             return Ok(StopReason::Stopped);
         };
         let reason = thread.join().map_err(|_| LazyError::HandlerPanicked)??;
+        // The handler is gone, so nothing serves demand faults any more: end the prefetch
+        // too (its next run, or its next ioctl's ESRCH when the peer died).
+        self.core.stopping.store(true, Relaxed);
+        if let Some(prefetcher) = self.prefetcher.take()
+            && prefetcher.join().is_err()
+        {
+            error!("the prefetch thread panicked");
+        }
         info!(base = self.core.base, ?reason, stats = ?self.stats(), "lazy region served");
         Ok(reason)
     }

@@ -24,9 +24,11 @@
 //! (WASI host calls read guest memory from the kernel and must be served, not get `EFAULT`)
 //! and never in SIGBUS mode (wasmer's trap handler would take the SIGBUS for a guest trap).
 
+pub mod cache;
 pub mod client;
 pub mod handoff;
 pub mod lazy;
+pub mod lifecycle;
 pub mod measure;
 #[cfg(feature = "rdma")]
 pub mod rdma;
@@ -106,7 +108,7 @@ pub mod transport {
         NoActivePort { checked: String },
     }
 
-    /// Why [`choose`] fell back to TCP.
+    /// Why [`choose`] (or [`rdma_pages`]) fell back to TCP.
     #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
     #[non_exhaustive]
     pub enum Fallback {
@@ -114,6 +116,44 @@ pub mod transport {
         NotBuilt,
         #[error(transparent)]
         Unavailable(#[from] NoRdma),
+        #[error(
+            "the image descriptor carries no RDMA region (the parent did not register its image)"
+        )]
+        NoRegion,
+        #[error("setting up RDMA with the parent failed: {0}")]
+        Setup(String),
+    }
+
+    /// A page source reading `descriptor`'s image by one-sided RDMA READ, when RDMA is
+    /// `requested`, built in, a device is usable and the descriptor names a registered
+    /// region; otherwise why not, for the caller to log and use TCP. The queue pairs are
+    /// wired over a control connection to the descriptor's parent (the exchange in
+    /// `rdma::exchange`); `nonzero` is the image's page map (zero pages are never read).
+    pub fn rdma_pages(
+        requested: TransportPref,
+        descriptor: &proto::ImageDescriptor,
+        nonzero: &proto::PageBitmap,
+        timeout: std::time::Duration,
+    ) -> Result<std::sync::Arc<dyn crate::PageSource>, Option<Fallback>> {
+        if requested == TransportPref::Tcp {
+            return Err(None);
+        }
+        if descriptor.rdma.is_none() {
+            return Err(Some(Fallback::NoRegion));
+        }
+        // Without the feature only the TCP arm exists and these go unused.
+        let _ = (nonzero, timeout);
+        match choose(requested) {
+            (Transport::Tcp, why) => Err(why),
+            #[cfg(feature = "rdma")]
+            (Transport::Rdma(dev), _) => {
+                let stream = std::net::TcpStream::connect_timeout(&descriptor.parent, timeout)
+                    .map_err(|e| Some(Fallback::Setup(format!("control connection: {e}"))))?;
+                crate::rdma::RdmaSource::connect_on(&dev, stream, nonzero.clone())
+                    .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn crate::PageSource>)
+                    .map_err(|e| Some(Fallback::Setup(e.to_string())))
+            }
+        }
     }
 
     /// The transport for `requested`, and why it is TCP when RDMA was asked for. Asking for
@@ -146,10 +186,11 @@ pub mod transport {
     }
 }
 
+pub use cache::{CacheError, CacheStats, CachedSource, NodeCache, PurgeReason};
 pub use handoff::{Handoff, HandoffError, recv_uffd, send_uffd};
 pub use lazy::{
-    AnonRegion, FaultServer, LazyError, LazyRegion, PidFd, ServeOptions, Served, Stats,
-    StatsSnapshot, StopReason, create_uffd, discard, register_region, serve_faults,
+    AnonRegion, FaultLog, FaultServer, LazyError, LazyRegion, PidFd, Prefetch, ServeOptions,
+    Served, Stats, StatsSnapshot, StopReason, create_uffd, discard, register_region, serve_faults,
 };
 pub use measure::resident_pages;
 pub use remote::RemoteSource;
@@ -227,4 +268,10 @@ pub enum FetchError {
     Io(#[from] std::io::Error),
     #[error("page source unavailable: {0}")]
     Unavailable(String),
+    /// The parent refused the pages (the image was revoked, expired, ...).
+    #[error("the parent refused ({reason:?}): {message}")]
+    Refused {
+        reason: proto::pages::RefuseReason,
+        message: String,
+    },
 }

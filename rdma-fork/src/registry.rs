@@ -37,6 +37,8 @@ use proto::ImageDescriptor;
 use proto::image::{MAX_MEMORY, WASM_PAGE};
 use proto::pages::{PAGE_SIZE, RandomnessError, RefuseReason, fresh_nonce};
 
+use crate::lifecycle::{self, Resource};
+
 const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Seals an image memfd must carry: without them the parent could change or shorten the
@@ -219,6 +221,7 @@ pub struct Entry {
     /// This image's share of the registry's `pages_served` and `bytes_served`.
     pages_served: AtomicU64,
     bytes_served: AtomicU64,
+    _live: lifecycle::Live,
 }
 
 impl Entry {
@@ -529,6 +532,7 @@ impl ImageRegistry {
             counters: self.counters.clone(),
             pages_served: AtomicU64::new(0),
             bytes_served: AtomicU64::new(0),
+            _live: lifecycle::Live::new(Resource::Memfd),
         };
         let now = Instant::now();
         let mut slots = self.slots();

@@ -15,7 +15,8 @@ use crate::{FetchError, PAGE_SIZE, PageBitmap, PageSource};
 /// Pages of a remote image, fetched over one page-server connection.
 pub struct RemoteSource {
     // The handler calls `fetch` through `&self`; one connection carries one request at a time.
-    client: Mutex<PageClient>,
+    // None until the first fetch for a source made with `connect_on_first_fetch`.
+    client: Mutex<Option<PageClient>>,
     nonzero: PageBitmap,
     len: u64,
     /// Where to connect again when the connection is gone (the server closes idle ones): a
@@ -35,6 +36,21 @@ impl RemoteSource {
         Ok(Self::from_client(client, nonzero).reconnecting(descriptor.clone(), timeout))
     }
 
+    /// A source that connects (and authenticates) at its first fetch, so a prefetch that
+    /// finds every page in the node cache never opens a connection to the parent.
+    pub fn connect_on_first_fetch(
+        descriptor: &ImageDescriptor,
+        nonzero: PageBitmap,
+        timeout: Duration,
+    ) -> Self {
+        RemoteSource {
+            client: Mutex::new(None),
+            nonzero,
+            len: descriptor.page_count() * PAGE_SIZE as u64,
+            reconnect: Some((descriptor.clone(), timeout)),
+        }
+    }
+
     /// Connects again (once per fetch) when the connection was lost, timed out or closed.
     pub fn reconnecting(mut self, descriptor: ImageDescriptor, timeout: Duration) -> Self {
         self.reconnect = Some((descriptor, timeout));
@@ -45,7 +61,7 @@ impl RemoteSource {
     pub fn from_client(client: PageClient, nonzero: PageBitmap) -> Self {
         let len = client.page_count() * PAGE_SIZE as u64;
         RemoteSource {
-            client: Mutex::new(client),
+            client: Mutex::new(Some(client)),
             nonzero,
             len,
             reconnect: None,
@@ -57,7 +73,9 @@ impl RemoteSource {
         self.client
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .stats()
+            .as_ref()
+            .map(PageClient::stats)
+            .unwrap_or_default()
     }
 }
 
@@ -72,7 +90,15 @@ impl PageSource for RemoteSource {
 
     fn fetch(&self, first_page: u64, count: u32, dst: &mut [u8]) -> Result<(), FetchError> {
         crate::check_fetch(self.len / PAGE_SIZE as u64, first_page, count, dst)?;
-        let mut client = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none()
+            && let Some((descriptor, timeout)) = &self.reconnect
+        {
+            *guard = Some(PageClient::connect(descriptor, *timeout).map_err(fetch_error)?);
+        }
+        let Some(client) = guard.as_mut() else {
+            return Err(FetchError::Unavailable("not connected".into()));
+        };
         // A read answers at most MAX_READ_PAGES pages; a larger fetch (eager mode) is split.
         for (i, chunk) in dst
             .chunks_mut(MAX_READ_PAGES as usize * PAGE_SIZE)
@@ -99,8 +125,17 @@ impl PageSource for RemoteSource {
                     Err(again) => result = Err(again),
                 }
             }
-            result.map_err(|e| FetchError::Unavailable(e.to_string()))?;
+            result.map_err(fetch_error)?;
         }
         Ok(())
+    }
+}
+
+fn fetch_error(e: ClientError) -> FetchError {
+    match e {
+        ClientError::Refused {
+            reason, message, ..
+        } => FetchError::Refused { reason, message },
+        other => FetchError::Unavailable(other.to_string()),
     }
 }

@@ -28,6 +28,7 @@ use proto::pages::{
     verify_proof,
 };
 
+use crate::lifecycle::{Live, Resource};
 use crate::registry::{Attachment, Bucket, Entry, ImageRegistry};
 use crate::wire::{Timed, deadline_after, is_timeout};
 
@@ -256,6 +257,7 @@ impl PageServer {
         let spawned = thread::Builder::new()
             .name("pagesrv-conn".into())
             .spawn(move || {
+                let _live = Live::new(Resource::ServerConnection);
                 let _done = ConnDone {
                     id,
                     shared: &shared,

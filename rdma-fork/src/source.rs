@@ -13,6 +13,7 @@ use std::os::unix::fs::FileExt;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 
+use crate::lifecycle::{Live, Resource};
 use crate::{FetchError, PAGE_SIZE, PageSource};
 
 pub use proto::PageBitmap;
@@ -46,6 +47,7 @@ pub struct MemfdSource {
     file: File,
     len: u64,
     nonzero: PageBitmap,
+    _live: Live,
 }
 
 impl MemfdSource {
@@ -67,6 +69,7 @@ impl MemfdSource {
             file,
             len,
             nonzero: PageBitmap::nonzero_pages(image),
+            _live: Live::new(Resource::Memfd),
         })
     }
 
@@ -94,7 +97,12 @@ impl MemfdSource {
             Some(map) => map,
             None => scan(&file, pages).map_err(io_err("scanning the image"))?,
         };
-        Ok(MemfdSource { file, len, nonzero })
+        Ok(MemfdSource {
+            file,
+            len,
+            nonzero,
+            _live: Live::new(Resource::Memfd),
+        })
     }
 
     /// The pages of the image that hold data.

@@ -118,8 +118,8 @@ fn serve_child(scenario: &str, source: Arc<dyn PageSource>, readahead: u32) -> O
         source,
         ServeOptions {
             readahead,
-            eager: false,
             peer: Some(peer),
+            ..ServeOptions::default()
         },
     )
     .unwrap();

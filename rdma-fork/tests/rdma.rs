@@ -15,6 +15,58 @@ fn without_the_feature_rdma_falls_back_to_tcp() {
     assert!(matches!(choose(TransportPref::Tcp), (Transport::Tcp, None)));
 }
 
+/// A descriptor of a 1-page image at a parent that is not there, with or without an RDMA
+/// region.
+fn descriptor(rdma: bool) -> proto::ImageDescriptor {
+    proto::ImageDescriptor {
+        handle: 9,
+        key: [3; 32],
+        parent: "127.0.0.1:9".parse().unwrap(),
+        module_hash: [1; 32],
+        engine: "test".into(),
+        memory_bytes: 65536,
+        page_size: 4096,
+        rdma: rdma.then_some(proto::image::RdmaInfo {
+            gid: [0xfe; 16],
+            lid: 1,
+            qp_num: 17,
+            rkey: 0x1234,
+            remote_addr: 0x7f00_0000_0000,
+            len: 65536,
+        }),
+    }
+}
+
+/// Why resuming reads pages over TCP here, as `resume_remote` gets it.
+fn rdma_pages_reason(rdma_region: bool) -> Option<Fallback> {
+    let nonzero = proto::PageBitmap::new(16);
+    let timeout = std::time::Duration::from_secs(1);
+    let d = descriptor(rdma_region);
+    match rdma_fork::transport::rdma_pages(TransportPref::Rdma, &d, &nonzero, timeout) {
+        Ok(_) => panic!("an RDMA source was set up on a machine without RDMA"),
+        Err(why) => why,
+    }
+}
+
+#[test]
+fn page_source_selection_falls_back_to_tcp_with_its_reason() {
+    let nonzero = proto::PageBitmap::new(16);
+    let timeout = std::time::Duration::from_secs(1);
+    let asked_tcp =
+        rdma_fork::transport::rdma_pages(TransportPref::Tcp, &descriptor(true), &nonzero, timeout);
+    assert!(matches!(asked_tcp, Err(None)), "TCP asked for: no reason");
+    let why = rdma_pages_reason(false).unwrap();
+    assert_eq!(why, Fallback::NoRegion);
+    assert!(why.to_string().contains("carries no RDMA region"), "{why}");
+    let why = rdma_pages_reason(true).unwrap();
+    if cfg!(feature = "rdma") {
+        // This machine has no RDMA device; the probe says why (see the tests below).
+        assert!(matches!(why, Fallback::Unavailable(_)), "{why}");
+    } else {
+        assert_eq!(why, Fallback::NotBuilt);
+    }
+}
+
 #[cfg(feature = "rdma")]
 mod with_feature {
     use std::io::{Read, Write};
