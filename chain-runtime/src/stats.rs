@@ -56,6 +56,92 @@ struct Block {
     exec_buckets: [AtomicU64; EXEC_BUCKETS],
     /// Calls slower than the last bound: they appear only in `+Inf` and the count.
     exec_overflow: AtomicU64,
+    /// How the memory of incarnations resumed from a remote image was filled, summed over
+    /// incarnations ([`ForkCounters`] order).
+    fork: [AtomicU64; FORK_COUNTERS],
+    /// The running incarnation's open remote-fork resources ([`LIVE_RESOURCES`] order),
+    /// overwritten after each call: gauges, meaningful only while the worker runs.
+    live: [AtomicU64; 4],
+}
+
+/// The `resource` label of each live-resource gauge, in stats-page order (the order of
+/// `rdma_fork::lifecycle::Snapshot`'s fields).
+pub const LIVE_RESOURCES: [&str; 4] = [
+    "memfd",
+    "uffd_registration",
+    "page_server_connection",
+    "page_client_connection",
+];
+
+const FORK_COUNTERS: usize = 8;
+
+/// Page counters of instances resumed from a remote image, summed over the incarnations of
+/// one instance (each one adds what its own memory saw). All zero for an instance that never
+/// resumed from an image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkCounters {
+    /// Incarnations that resumed from an image.
+    pub resumes: u64,
+    /// Missing-page faults the handler answered.
+    pub faults: u64,
+    /// Data pages installed (fetched from the parent or read from the node cache).
+    pub pages_copied: u64,
+    /// Pages the image marks zero, installed without fetching.
+    pub zero_pages: u64,
+    /// Pages installed ahead of a fault (readahead and fault-order prefetch).
+    pub prefetched: u64,
+    /// Bytes received from the parent's page server (frames included; demand and prefetch
+    /// connections).
+    pub bytes_fetched: u64,
+    /// Pages read from the node page cache instead of the parent.
+    pub cache_hits: u64,
+    /// Data pages the node cache did not have.
+    pub cache_misses: u64,
+}
+
+impl ForkCounters {
+    fn to_array(self) -> [u64; FORK_COUNTERS] {
+        [
+            self.resumes,
+            self.faults,
+            self.pages_copied,
+            self.zero_pages,
+            self.prefetched,
+            self.bytes_fetched,
+            self.cache_hits,
+            self.cache_misses,
+        ]
+    }
+
+    fn from_array(a: [u64; FORK_COUNTERS]) -> Self {
+        let [
+            resumes,
+            faults,
+            pages_copied,
+            zero_pages,
+            prefetched,
+            bytes_fetched,
+            cache_hits,
+            cache_misses,
+        ] = a;
+        ForkCounters {
+            resumes,
+            faults,
+            pages_copied,
+            zero_pages,
+            prefetched,
+            bytes_fetched,
+            cache_hits,
+            cache_misses,
+        }
+    }
+
+    /// What grew from `earlier` to `self`, field by field (a counter never shrinks; a smaller
+    /// value counts as no growth).
+    pub fn since(self, earlier: ForkCounters) -> ForkCounters {
+        let (now, then) = (self.to_array(), earlier.to_array());
+        ForkCounters::from_array(std::array::from_fn(|i| now[i].saturating_sub(then[i])))
+    }
 }
 
 /// A consistent-enough copy of one page (each field is read atomically).
@@ -66,6 +152,9 @@ pub struct Snapshot {
     pub exec_sum_seconds: f64,
     pub exec_buckets: [u64; EXEC_BUCKETS],
     pub exec_overflow: u64,
+    pub fork: ForkCounters,
+    /// Open remote-fork resources of the running incarnation, see [`LIVE_RESOURCES`].
+    pub live: [u64; 4],
 }
 
 impl Snapshot {
@@ -79,6 +168,11 @@ impl Snapshot {
             *a += b;
         }
         self.exec_overflow += other.exec_overflow;
+        let (a, b) = (self.fork.to_array(), other.fork.to_array());
+        self.fork = ForkCounters::from_array(std::array::from_fn(|i| a[i] + b[i]));
+        for (a, b) in self.live.iter_mut().zip(other.live) {
+            *a += b;
+        }
     }
 }
 
@@ -166,6 +260,23 @@ impl StatsPage {
         };
     }
 
+    /// Adds `delta` to the resumed-memory counters (the worker adds what grew since it last
+    /// published, after each call).
+    pub fn add_fork(&self, delta: ForkCounters) {
+        for (dst, v) in self.block().fork.iter().zip(delta.to_array()) {
+            if v > 0 {
+                dst.fetch_add(v, Relaxed);
+            }
+        }
+    }
+
+    /// Sets the live-resource gauges ([`LIVE_RESOURCES`] order).
+    pub fn set_live(&self, live: [u64; 4]) {
+        for (dst, v) in self.block().live.iter().zip(live) {
+            dst.store(v, Relaxed);
+        }
+    }
+
     /// Counts a descriptor refused before any guest ran.
     pub fn record_refused(&self) {
         self.block().errors[ErrorKind::Refused as usize].fetch_add(1, Relaxed);
@@ -185,6 +296,8 @@ impl StatsPage {
             *dst = src.load(Relaxed);
         }
         s.exec_overflow = b.exec_overflow.load(Relaxed);
+        s.fork = ForkCounters::from_array(std::array::from_fn(|i| b.fork[i].load(Relaxed)));
+        s.live = std::array::from_fn(|i| b.live[i].load(Relaxed));
         s
     }
 }
@@ -215,6 +328,60 @@ mod tests {
         );
         assert!((s.exec_sum_seconds - 100.005003001).abs() < 1e-6);
         assert!(bucket_bound(13) >= 0.005 && bucket_bound(12) < 0.005);
+        assert_eq!(s.fork, ForkCounters::default());
+    }
+
+    #[test]
+    fn fork_counters_add_up_across_incarnations_and_mappings() {
+        let (page, fd) = StatsPage::create("stats-fork").unwrap();
+        let worker = StatsPage::from_fd(fd).unwrap();
+        let first = ForkCounters {
+            resumes: 1,
+            faults: 10,
+            pages_copied: 8,
+            zero_pages: 2,
+            bytes_fetched: 8 * 4096,
+            ..ForkCounters::default()
+        };
+        worker.add_fork(first);
+        let later = ForkCounters {
+            faults: 12,
+            pages_copied: 9,
+            ..first
+        };
+        worker.add_fork(later.since(first));
+        // A second incarnation, all of its pages from the node cache.
+        worker.add_fork(ForkCounters {
+            resumes: 1,
+            faults: 3,
+            pages_copied: 3,
+            cache_hits: 3,
+            ..ForkCounters::default()
+        });
+        let s = page.snapshot().fork;
+        assert_eq!(
+            (
+                s.resumes,
+                s.faults,
+                s.pages_copied,
+                s.zero_pages,
+                s.cache_hits
+            ),
+            (2, 15, 12, 2, 3)
+        );
+        assert_eq!(s.bytes_fetched, 8 * 4096);
+        assert_eq!(
+            first.since(later),
+            ForkCounters::default(),
+            "never negative"
+        );
+        worker.set_live([1, 1, 0, 2]);
+        assert_eq!(page.snapshot().live, [1, 1, 0, 2]);
+        worker.set_live([1, 0, 0, 0]);
+        assert_eq!(page.snapshot().live, [1, 0, 0, 0], "gauges are overwritten");
+        let mut sum = page.snapshot();
+        sum.add(&page.snapshot());
+        assert_eq!(sum.fork.faults, 30);
     }
 
     #[test]

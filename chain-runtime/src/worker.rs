@@ -44,7 +44,7 @@ use crate::control::{self, Prepared};
 use crate::host::{Outcome, SlotIo};
 use crate::instance::{Handoff, Instance, InstanceBuilder, InstanceError};
 use crate::resume::{RemoteImage, ResumedMemory};
-use crate::stats::{ErrorKind, StatsError, StatsPage};
+use crate::stats::{ErrorKind, ForkCounters, StatsError, StatsPage};
 
 /// Descriptors read per syscall at most when several are queued.
 const READ_BATCH: usize = 64;
@@ -184,7 +184,10 @@ pub(crate) fn serve_instance(
         busy_since: Arc::new(AtomicU64::new(0)),
         epoch: Instant::now(),
         doorbell: start_control(UnixStream::from(fds.control), &function)?,
+        fork_published: ForkCounters::default(),
     };
+    // Pages the resume itself touched (spindle_on_fork, WASI set-up) count too.
+    worker.publish_fork_counters();
     worker.start_watchdog();
     let mut writer = BufWriter::with_capacity(READ_BATCH * Descriptor::SIZE, socket.try_clone()?);
     writer.write_all(&ready_message(chain_id, fn_id, number).to_bytes())?;
@@ -259,6 +262,8 @@ struct Worker {
     busy_since: Arc<AtomicU64>,
     epoch: Instant,
     doorbell: Doorbell,
+    /// The resumed-memory counters as last added to the statistics page.
+    fork_published: ForkCounters,
 }
 
 impl Worker {
@@ -317,6 +322,7 @@ impl Worker {
                 Err(e) => return Err(e.into()),
             }
             let reply = self.handle(Descriptor::from_bytes(&buf));
+            self.publish_fork_counters();
             if let Some(failure) = self.resumed.as_ref().and_then(ResumedMemory::failure) {
                 // Pages that never arrived read as zeros: nothing computed from them may
                 // leave. Exiting lets the gateway fail what this instance held (502).
@@ -395,6 +401,38 @@ impl Worker {
             // The control thread gone means the gateway closed the channel: nobody to tell.
             let _ = answer.send(prepared);
         }
+    }
+
+    /// Adds what this incarnation's resumed memory counted since the last call to the
+    /// statistics page, so /metrics shows faults, fetched pages and cache hits as they
+    /// happen. Nothing for an instance that did not resume from an image.
+    fn publish_fork_counters(&mut self) {
+        let Some(memory) = &self.resumed else {
+            return;
+        };
+        let s = memory.stats();
+        let now = ForkCounters {
+            resumes: 1,
+            faults: s.faults,
+            pages_copied: s.pages_copied,
+            zero_pages: s.zero_pages,
+            prefetched: s.prefetched + s.order_prefetched,
+            bytes_fetched: s.wire_bytes_received + s.prefetch_wire_bytes_received,
+            cache_hits: s.cache_hits,
+            cache_misses: s.cache_misses,
+        };
+        self.stats.add_fork(now.since(self.fork_published));
+        self.fork_published = now;
+        let l = rdma_fork::lifecycle::snapshot();
+        self.stats.set_live(
+            [
+                l.memfds,
+                l.uffd_registrations,
+                l.server_connections,
+                l.client_connections,
+            ]
+            .map(|v| v.max(0) as u64),
+        );
     }
 
     /// Turns one received descriptor into the one to send on.

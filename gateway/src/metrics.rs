@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chain_runtime::config::StartMode;
 
-use chain_runtime::stats::{EXEC_BUCKETS, ErrorKind, Snapshot, bucket_bound};
+use chain_runtime::stats::{EXEC_BUCKETS, ErrorKind, LIVE_RESOURCES, Snapshot, bucket_bound};
 use nix::unistd::{SysconfVar, sysconf};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 
@@ -136,6 +136,115 @@ fn router_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
 
 /// Per-function invocations, errors and execution times, summed over the function's
 /// instances' statistics pages (written by the workers).
+/// How the memory of instances resumed from remote images was filled (per instance, summed
+/// over its incarnations), and the remote-fork resources open in the gateway and in each
+/// running resumed instance. Instances that never resumed have no rows.
+fn fork_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
+    let (mut resumes, mut faults, mut pages, mut cache, mut bytes) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut open = Vec::new();
+    let gateway = rdma_fork::lifecycle::snapshot();
+    let gateway_live = [
+        gateway.memfds,
+        gateway.uffd_registrations,
+        gateway.server_connections,
+        gateway.client_connections,
+    ];
+    for (resource, n) in LIVE_RESOURCES.iter().zip(gateway_live) {
+        open.push(gauge(
+            &[("process", "gateway"), ("resource", resource)],
+            n as f64,
+        ));
+    }
+    for chain in chains {
+        let c = chain.plan.spec.name.as_str();
+        for stage in &chain.stages {
+            let f = stage.name.as_str();
+            for (i, instance) in stage.instances.iter().enumerate() {
+                let s = instance.stats.snapshot();
+                if s.fork.resumes == 0 {
+                    continue;
+                }
+                let i = i.to_string();
+                let l = [("chain", c), ("function", f), ("instance", i.as_str())];
+                let with = |k: &'static str, v: &'static str| {
+                    [
+                        ("chain", c),
+                        ("function", f),
+                        ("instance", i.as_str()),
+                        (k, v),
+                    ]
+                };
+                let k = s.fork;
+                resumes.push(counter(&l, k.resumes as f64));
+                faults.push(counter(&l, k.faults as f64));
+                pages.push(counter(&with("kind", "copied"), k.pages_copied as f64));
+                pages.push(counter(&with("kind", "zero"), k.zero_pages as f64));
+                pages.push(counter(&with("kind", "prefetched"), k.prefetched as f64));
+                cache.push(counter(&with("result", "hit"), k.cache_hits as f64));
+                cache.push(counter(&with("result", "miss"), k.cache_misses as f64));
+                bytes.push(counter(&l, k.bytes_fetched as f64));
+                // Gauges of a worker that is gone would be stale: its kernel freed them.
+                if instance.pid.load(Ordering::Relaxed) != 0 {
+                    for (resource, n) in LIVE_RESOURCES.iter().zip(s.live) {
+                        let mut l = with("resource", resource).to_vec();
+                        l.push(("process", "worker"));
+                        open.push(gauge(&l, n as f64));
+                    }
+                }
+            }
+        }
+    }
+    vec![
+        family(
+            "spindle_fork_child_resumes_total",
+            "Incarnations of an instance that resumed from a remote image",
+            MetricType::COUNTER,
+            resumes,
+        ),
+        family(
+            "spindle_fork_child_faults_total",
+            "Missing-page faults of resumed instances' memory answered by their handler",
+            MetricType::COUNTER,
+            faults,
+        ),
+        family(
+            "spindle_fork_child_pages_total",
+            "Pages installed in resumed instances' memory: copied (data, from the parent or \
+             the node cache), zero (marked zero in the image, never fetched), prefetched \
+             (ahead of a fault)",
+            MetricType::COUNTER,
+            pages,
+        ),
+        family(
+            "spindle_fork_child_cache_pages_total",
+            "Data pages resumed instances looked up in the node page cache: hit (read \
+             locally), miss (fetched from the parent)",
+            MetricType::COUNTER,
+            cache,
+        ),
+        family(
+            "spindle_fork_child_bytes_fetched_total",
+            "Bytes resumed instances received from their parent's page server",
+            MetricType::COUNTER,
+            bytes,
+        ),
+        family(
+            "spindle_fork_resources_open",
+            "Remote-fork resources open now, in the gateway and in each running resumed \
+             instance: memfd, uffd_registration, page_server_connection, page_client_connection",
+            MetricType::GAUGE,
+            open,
+        ),
+        family(
+            "spindle_fork_node_caches_refused_total",
+            "Node page caches the gateway refused to open (malformed, another image's, revoked)",
+            MetricType::COUNTER,
+            vec![counter(&[], rdma_fork::lifecycle::caches_refused() as f64)],
+        ),
+    ]
+}
+
 fn function_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
     let (mut invocations, mut errors, mut exec) = (Vec::new(), Vec::new(), Vec::new());
     for chain in chains {
@@ -578,6 +687,7 @@ impl Metrics {
         families.extend(extra);
         families.extend(router_families(chains));
         families.extend(function_families(chains));
+        families.extend(fork_families(chains));
         families.extend(kernel_families(chains));
         families.extend(process_families(chains));
         let mut out = Vec::new();

@@ -762,3 +762,101 @@ fn a_running_gateway_prepares_under_load_and_another_node_continues_its_instance
     let p: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(p["served"].as_u64(), Some(4 + log.len() as u64), "{p}");
 }
+
+/// The value of the /metrics sample whose line starts with `series` (name and labels).
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+}
+
+#[test]
+fn the_instances_of_a_resumed_function_share_the_node_page_cache() {
+    let Some(nodes) = Nodes::create("the_instances_of_a_resumed_function_share") else {
+        return;
+    };
+    testkit::build_examples();
+    let dir = common::temp_dir("fork-node-cache");
+    let config = dir.join("fork.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "functions:\n  - {{ name: table1m, module: \"{}\", instances: 2 }}\n\
+             chains:\n  - {{ name: table, route: /table, steps: [table1m] }}\n",
+            common::wasm("table1m")
+        ),
+    )
+    .unwrap();
+    let parent = Parent::start_of(&nodes, &config, ("table", "table1m"));
+    let gw = ChildGateway::start(&nodes, &config, "table1m", &parent.descriptor, 18306);
+    // Round-robin: consecutive requests alternate between the two instances, and each
+    // request reads the whole 1 MiB table.
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let (code, body) = gw.curl(&["/table", "x"]);
+        assert_eq!(code, 200, "{body}");
+        answers.push(serde_json::from_str::<Value>(&body).unwrap());
+    }
+    let sum = &answers[0]["sum"];
+    assert!(answers.iter().all(|a| &a["sum"] == sum), "{answers:?}");
+    let mut served: Vec<u64> = answers
+        .iter()
+        .map(|a| a["served"].as_u64().unwrap())
+        .collect();
+    served.sort_unstable();
+    assert_eq!(
+        served,
+        [4, 4, 5, 5],
+        "both instances continue the parent's count"
+    );
+
+    let (_, metrics) = gw.curl(&["/metrics"]);
+    let row = |name: &str, instance: u32, extra: &str| {
+        sample(
+            &metrics,
+            &format!(r#"{name}{{chain="table",function="table1m",instance="{instance}"{extra}}}"#),
+        )
+    };
+    let mut hits = 0.0;
+    let mut fetched = 0.0;
+    for i in 0..2 {
+        assert_eq!(row("spindle_fork_child_resumes_total", i, ""), 1.0);
+        assert!(row("spindle_fork_child_faults_total", i, "") > 0.0);
+        assert!(
+            row("spindle_fork_child_pages_total", i, r#",kind="copied""#) >= 256.0,
+            "instance {i} installed the whole table"
+        );
+        hits += row(
+            "spindle_fork_child_cache_pages_total",
+            i,
+            r#",result="hit""#,
+        );
+        fetched += row("spindle_fork_child_bytes_fetched_total", i, "");
+        // A resumed worker keeps its userfaultfd registration while it runs.
+        assert_eq!(
+            row(
+                "spindle_fork_resources_open",
+                i,
+                r#",resource="uffd_registration",process="worker""#
+            ),
+            1.0
+        );
+    }
+    assert!(
+        hits >= 256.0,
+        "the second instance read the table from the cache: {hits}"
+    );
+    drop(gw);
+    let stats = parent.stop();
+    let image_pages = 260.0; // table1m's pages that hold data (the table and a few more)
+    let served_pages = stats["pages_served"].as_f64().unwrap();
+    assert!(
+        served_pages <= image_pages + 8.0,
+        "the parent served one child's worth of pages, not two: {stats}"
+    );
+    assert!(
+        fetched < 1.5 * 1024.0 * 1024.0,
+        "the node fetched about 1 MiB once, not twice: {fetched} bytes"
+    );
+}
