@@ -151,6 +151,15 @@ impl ResumedMemory {
         rdma_fork::resident_pages(self.base as *const u8, self.len)
     }
 
+    /// Pages of the memory that `/proc/self/smaps` charges as `Rss` (data pages installed;
+    /// zero pages share the kernel's zero page and are not counted).
+    pub fn smaps_rss_pages(&self) -> std::io::Result<u64> {
+        Ok(
+            rdma_fork::smaps_rss_kib(self.base as *const u8, self.len)? * 1024
+                / rdma_fork::PAGE_SIZE as u64,
+        )
+    }
+
     fn counters(&self, lazy: Option<rdma_fork::StatsSnapshot>) -> ResumeStats {
         let c = self.source.stats();
         let mut s = ResumeStats {

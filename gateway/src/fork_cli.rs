@@ -259,6 +259,7 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
     }
     let output = output?;
     let resident = memory.resident_pages()?;
+    let smaps_rss_pages = memory.smaps_rss_pages()?;
     let (transport, transport_fallback) = (memory.transport, memory.transport_fallback.clone());
     let s = memory.finish().context("stopping the fault handler")?;
     let report = serde_json::json!({
@@ -268,6 +269,7 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
         "memory_pages": s.memory_pages,
         "image_nonzero_pages": s.image_nonzero_pages,
         "resident_pages": resident,
+        "smaps_rss_pages": smaps_rss_pages,
         "faults": s.faults,
         "pages_copied": s.pages_copied,
         "zero_pages": s.zero_pages,

@@ -690,6 +690,9 @@ impl Metrics {
         families.extend(fork_families(chains));
         families.extend(kernel_families(chains));
         families.extend(process_families(chains));
+        // The text encoder refuses a family without samples (e.g. the child-side fork
+        // families on a node that resumed nothing): leave such families out.
+        families.retain(|f| !f.get_metric().is_empty());
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&families, &mut out)

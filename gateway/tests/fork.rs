@@ -304,6 +304,9 @@ fn remote_children_continue_the_parent_and_fetch_only_what_they_touch() {
         // Resident: what was copied plus the zero pages installed for touches of them.
         let installed = copied + r["zero_pages"].as_u64().unwrap();
         assert_eq!(r["resident_pages"].as_u64().unwrap(), installed, "{r}");
+        // What /proc/self/smaps charges for the linear memory: the data pages copied in
+        // (zero pages map the kernel's shared zero page). Allowance: none.
+        assert_eq!(r["smaps_rss_pages"].as_u64().unwrap(), copied, "{r}");
         assert!(copied >= 1 && copied <= r["image_nonzero_pages"].as_u64().unwrap());
         assert!(
             installed < r["memory_pages"].as_u64().unwrap(),

@@ -192,7 +192,7 @@ pub use lazy::{
     AnonRegion, FaultLog, FaultServer, LazyError, LazyRegion, PidFd, Prefetch, ServeOptions,
     Served, Stats, StatsSnapshot, StopReason, create_uffd, discard, register_region, serve_faults,
 };
-pub use measure::resident_pages;
+pub use measure::{resident_pages, smaps_rss_kib};
 pub use remote::RemoteSource;
 pub use source::{MemfdSource, PageBitmap, SourceError};
 

@@ -25,6 +25,31 @@ pub fn resident_pages(base: *const u8, len: usize) -> io::Result<usize> {
     Ok(vec.iter().filter(|&&b| b & 1 != 0).count())
 }
 
+/// Kibibytes of `Rss` that `/proc/self/smaps` reports for the mappings overlapping
+/// `[base, base + len)`: what the kernel charges this process for the range. Unlike
+/// [`resident_pages`] it leaves out pages mapped to the shared zero page (`UFFDIO_ZEROPAGE`),
+/// so for a lazily resumed memory it counts the data pages installed. A mapping that extends
+/// beyond the range counts whole (a linear memory's reservation around it is never touched).
+pub fn smaps_rss_kib(base: *const u8, len: usize) -> io::Result<u64> {
+    let (start, end) = (base as usize, base as usize + len);
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut overlapping = false;
+    let mut rss = 0;
+    for line in smaps.lines() {
+        // A mapping's header: "lo-hi perms offset dev inode [path]".
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((lo, hi)) = range.split_once('-')
+            && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        {
+            overlapping = lo < end && start < hi;
+        } else if overlapping && let Some(kib) = line.strip_prefix("Rss:") {
+            let kib = kib.trim().trim_end_matches("kB").trim();
+            rss += kib.parse::<u64>().map_err(io::Error::other)?;
+        }
+    }
+    Ok(rss)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,5 +68,17 @@ mod tests {
         unsafe { crate::discard(region.base(), region.len()).unwrap() };
         assert_eq!(resident_pages(region.as_ptr(), region.len()).unwrap(), 0);
         assert!(resident_pages(region.as_ptr().wrapping_add(1), 1).is_err());
+    }
+
+    #[test]
+    fn smaps_rss_counts_written_pages_of_the_range() {
+        let region = AnonRegion::new(64 * PAGE_SIZE).unwrap();
+        assert_eq!(smaps_rss_kib(region.as_ptr(), region.len()).unwrap(), 0);
+        for page in 0..10 {
+            // SAFETY: inside the mapping, which nothing else uses.
+            unsafe { region.as_ptr().add(page * PAGE_SIZE).write_volatile(1) };
+        }
+        let kib = smaps_rss_kib(region.as_ptr(), region.len()).unwrap();
+        assert_eq!(kib, 10 * PAGE_SIZE as u64 / 1024);
     }
 }
