@@ -4,8 +4,8 @@
 //!
 //! The worker's side ([`serve`]) runs on its own thread: it blocks on the control socket
 //! while the serving loop blocks on the data socket, and each prepare runs when the serving
-//! loop is between invocations (the caller's `prepare` closure takes the lock the serving
-//! loop holds per invocation). The gateway's side is [`request_prepare`].
+//! loop is between invocations (the caller's `prepare` closure queues the request for the
+//! serving thread, rings its doorbell and waits for the answer). The gateway's side is [`request_prepare`].
 //!
 //! std's ancillary-data API on `UnixStream` is still unstable, so this uses nix's
 //! `sendmsg`/`recvmsg`.

@@ -98,7 +98,8 @@ pub struct ResumedMemory {
     /// The authenticated TCP connection (metadata, and pages unless over RDMA).
     source: Arc<RemoteSource>,
     cached: Option<Arc<CachedSource>>,
-    prefetch_source: Arc<OnceLock<Arc<RemoteSource>>>,
+    /// The prefetch thread's sources, once it opened them: counted with the demand ones.
+    prefetch_source: Arc<OnceLock<PrefetchSources>>,
     faults: Option<FaultServer>,
     eager_pages: u64,
     pub timings: ResumeTimings,
@@ -174,7 +175,11 @@ impl ResumedMemory {
             (s.cache_hits, s.cache_misses, s.cache_filled) = (k.hits, k.misses, k.pages_filled);
         }
         if let Some(p) = self.prefetch_source.get() {
-            s.prefetch_wire_bytes_received = p.stats().bytes_received;
+            s.prefetch_wire_bytes_received = p.remote.stats().bytes_received;
+            let k = p.cached.stats();
+            s.cache_hits += k.hits;
+            s.cache_misses += k.misses;
+            s.cache_filled += k.pages_filled;
         }
         match lazy {
             Some(f) => {
@@ -340,7 +345,7 @@ impl InstanceBuilder {
 fn prefetch(
     image: &RemoteImage,
     nonzero: &proto::PageBitmap,
-    stash: &Arc<OnceLock<Arc<RemoteSource>>>,
+    stash: &Arc<OnceLock<PrefetchSources>>,
 ) -> Option<Prefetch> {
     let cache = image.cache.clone()?;
     let order = cache.fault_order();
@@ -358,12 +363,21 @@ fn prefetch(
         order,
         source: Box::new(move || {
             let remote = Arc::new(RemoteSource::connect_on_first_fetch(&d, nonzero, timeout));
-            let _ = stash.set(remote.clone());
-            let cached = CachedSource::new(cache, remote).map_err(|e| e.to_string())?;
-            let cached = if fill { cached } else { cached.without_fill() };
-            Ok(Arc::new(cached) as Arc<dyn PageSource>)
+            let cached = CachedSource::new(cache, remote.clone()).map_err(|e| e.to_string())?;
+            let cached = Arc::new(if fill { cached } else { cached.without_fill() });
+            let _ = stash.set(PrefetchSources {
+                remote,
+                cached: cached.clone(),
+            });
+            Ok(cached as Arc<dyn PageSource>)
         }),
     })
+}
+
+/// What the fault-order prefetch reads through: its own parent connection, behind the cache.
+struct PrefetchSources {
+    remote: Arc<RemoteSource>,
+    cached: Arc<CachedSource>,
 }
 
 /// Fills `memory` with every page of `source` that holds data, one read per run of them;

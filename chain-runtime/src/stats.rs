@@ -73,7 +73,7 @@ pub const LIVE_RESOURCES: [&str; 4] = [
     "page_client_connection",
 ];
 
-const FORK_COUNTERS: usize = 8;
+const FORK_COUNTERS: usize = 9;
 
 /// Page counters of instances resumed from a remote image, summed over the incarnations of
 /// one instance (each one adds what its own memory saw). All zero for an instance that never
@@ -97,6 +97,8 @@ pub struct ForkCounters {
     pub cache_hits: u64,
     /// Data pages the node cache did not have.
     pub cache_misses: u64,
+    /// Node page caches the worker could not use (malformed, another image's, revoked).
+    pub caches_refused: u64,
 }
 
 impl ForkCounters {
@@ -110,6 +112,7 @@ impl ForkCounters {
             self.bytes_fetched,
             self.cache_hits,
             self.cache_misses,
+            self.caches_refused,
         ]
     }
 
@@ -123,6 +126,7 @@ impl ForkCounters {
             bytes_fetched,
             cache_hits,
             cache_misses,
+            caches_refused,
         ] = a;
         ForkCounters {
             resumes,
@@ -133,6 +137,7 @@ impl ForkCounters {
             bytes_fetched,
             cache_hits,
             cache_misses,
+            caches_refused,
         }
     }
 

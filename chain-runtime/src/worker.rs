@@ -16,7 +16,8 @@
 //! and between two invocations: the control thread rings a doorbell (an eventfd) and waits;
 //! the serving loop, whenever it has no descriptor left to handle and would block, waits on
 //! the data socket and the doorbell together, and on the doorbell captures the image
-//! ([`FunctionHost::snapshot`]) and hands it back. The instance keeps serving afterwards; the
+//! ([`FunctionHost::snapshot`]) and hands it back; after each invocation it also takes any
+//! prepare already queued, so under load one waits for a single invocation. The instance keeps serving afterwards; the
 //! image is a sealed copy.
 //!
 //! [`FunctionHost::snapshot`]: crate::host::FunctionHost::snapshot
@@ -312,7 +313,9 @@ impl Worker {
             // Nothing buffered: this is where the loop would block, so a prepare runs here.
             if reader.buffer().is_empty() {
                 while let Wake::Prepare = self.wait(reader.get_ref())? {
-                    self.answer_prepares();
+                    // Reset before draining: a request queued after the drain rings again.
+                    let _ = self.doorbell.ring.read();
+                    self.answer_prepares()?;
                 }
             }
             match reader.read_exact(&mut buf) {
@@ -323,6 +326,10 @@ impl Worker {
             }
             let reply = self.handle(Descriptor::from_bytes(&buf));
             self.publish_fork_counters();
+            // Under load the loop may not come to block for a while: a prepare queued meanwhile
+            // is answered between these two invocations, not after the whole read batch.
+            // (Its doorbell stays rung: the next wait wakes once and finds nothing.)
+            self.answer_prepares()?;
             if let Some(failure) = self.resumed.as_ref().and_then(ResumedMemory::failure) {
                 // Pages that never arrived read as zeros: nothing computed from them may
                 // leave. Exiting lets the gateway fail what this instance held (502).
@@ -368,14 +375,22 @@ impl Worker {
     }
 
     /// Captures an image for every prepare waiting: no invocation is in progress here.
-    fn answer_prepares(&mut self) {
-        // Reset before draining: a request queued after the drain rings again.
-        let _ = self.doorbell.ring.read();
+    /// Answers the prepares queued now (none: one atomic load). Fails, after telling the
+    /// gateway, when capturing made a resumed memory fetch pages that never arrived: such an
+    /// image holds zeros where the parent's data should be, and so does this instance.
+    fn answer_prepares(&mut self) -> Result<(), WorkerError> {
         while let Ok((asked, answer)) = self.doorbell.requests.try_recv() {
             let waited = asked.elapsed();
             let started = Instant::now();
             let snapshot = self.instance.host_mut().snapshot();
             let captured = started.elapsed();
+            // Capturing reads every page: for a resumed instance that fetches what it had not
+            // touched yet, and a fetch may fail.
+            if let Some(failure) = self.resumed.as_ref().and_then(ResumedMemory::failure) {
+                let why = format!("fetching pages from the image's parent failed: {failure}");
+                let _ = answer.send(Err(why.clone()));
+                return Err(WorkerError::Image(why));
+            }
             let prepared = snapshot
                 .map_err(|e| {
                     tracing::warn!(function = %self.function_name(), "prepare refused: {e}");
@@ -401,6 +416,7 @@ impl Worker {
             // The control thread gone means the gateway closed the channel: nobody to tell.
             let _ = answer.send(prepared);
         }
+        Ok(())
     }
 
     /// Adds what this incarnation's resumed memory counted since the last call to the
@@ -420,6 +436,8 @@ impl Worker {
             bytes_fetched: s.wire_bytes_received + s.prefetch_wire_bytes_received,
             cache_hits: s.cache_hits,
             cache_misses: s.cache_misses,
+            // This process's own count: each incarnation is a new process.
+            caches_refused: rdma_fork::lifecycle::caches_refused(),
         };
         self.stats.add_fork(now.since(self.fork_published));
         self.fork_published = now;

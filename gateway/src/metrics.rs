@@ -134,8 +134,6 @@ fn router_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
     ]
 }
 
-/// Per-function invocations, errors and execution times, summed over the function's
-/// instances' statistics pages (written by the workers).
 /// How the memory of instances resumed from remote images was filled (per instance, summed
 /// over its incarnations), and the remote-fork resources open in the gateway and in each
 /// running resumed instance. Instances that never resumed have no rows.
@@ -143,6 +141,7 @@ fn fork_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
     let (mut resumes, mut faults, mut pages, mut cache, mut bytes) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut open = Vec::new();
+    let mut caches_refused = rdma_fork::lifecycle::caches_refused();
     let gateway = rdma_fork::lifecycle::snapshot();
     let gateway_live = [
         gateway.memfds,
@@ -176,6 +175,7 @@ fn fork_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
                     ]
                 };
                 let k = s.fork;
+                caches_refused += k.caches_refused;
                 resumes.push(counter(&l, k.resumes as f64));
                 faults.push(counter(&l, k.faults as f64));
                 pages.push(counter(&with("kind", "copied"), k.pages_copied as f64));
@@ -238,13 +238,16 @@ fn fork_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
         ),
         family(
             "spindle_fork_node_caches_refused_total",
-            "Node page caches the gateway refused to open (malformed, another image's, revoked)",
+            "Node page caches this node's resumed instances (and the gateway) refused to open \
+             (malformed, another image's, revoked); they resumed without one",
             MetricType::COUNTER,
-            vec![counter(&[], rdma_fork::lifecycle::caches_refused() as f64)],
+            vec![counter(&[], caches_refused as f64)],
         ),
     ]
 }
 
+/// Per-function invocations, errors and execution times, summed over the function's
+/// instances' statistics pages (written by the workers).
 fn function_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
     let (mut invocations, mut errors, mut exec) = (Vec::new(), Vec::new(), Vec::new());
     for chain in chains {

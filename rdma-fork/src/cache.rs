@@ -41,8 +41,9 @@
 //! after a `SeqCst` fence, again after each `pread`, and drop what they read when a purge
 //! began meanwhile; writers check them after publishing and punch their own page out when a
 //! purge overtook them. After a plain purge children still work (every page is a miss and
-//! nothing is filled); after a revoke they fail. The node service makes a new cache for new
-//! children of a still valid image.
+//! nothing is filled); after a revoke they fail. A purged cache stays purged: `spindle run` creates one
+//! cache per `--resume` image at start, so after a plain purge its children of that image run
+//! without a cache (a revoked image has no new children anyway).
 //!
 //! # Validity
 //!
@@ -277,7 +278,9 @@ impl NodeCache {
     }
 
     /// Opens the cache file at `path`, creating it when there is none (see
-    /// [`create_file`](Self::create_file)).
+    /// [`create_file`](Self::create_file)). The file cannot be sealed: the caller must make
+    /// sure no other process truncates it while it is open (a truncated file makes the
+    /// next access to the cache fault with SIGBUS).
     pub fn open_file(path: &Path, descriptor: &ImageDescriptor) -> Result<Self, CacheError> {
         match Self::create_file(path, descriptor) {
             Ok(()) => {}
@@ -341,8 +344,12 @@ impl NodeCache {
         let map_len =
             NonZeroUsize::new(layout.data as usize).ok_or(CacheError::TooSmall { len })?;
         // SAFETY: a new shared mapping of the file's metadata at an address of the kernel's
-        // choosing; the file is at least that long (checked above) and, as a memfd, sealed
-        // against shrinking (checked by `open`).
+        // choosing; the file is at least that long (checked above). A memfd from `open` is
+        // sealed against shrinking (checked there), so it stays that long. A plain file from
+        // `open_file` cannot be sealed: its callers (`spindle fork resume --cache`, a
+        // benchmark tool) must own it exclusively, as `open_file`'s doc says; one that
+        // another process truncates makes the next access here fault (SIGBUS), not read
+        // stale memory.
         let meta = unsafe {
             mmap(
                 None,

@@ -734,10 +734,22 @@ impl Core {
             return Ok(());
         };
         if self.installed.get(page) {
-            // A second thread's fault on a page installed since: the copy woke it already.
-            add(&self.stats.stale_faults, 1);
-            self.wake(page);
-            return Ok(());
+            // Usually a second thread's fault on a page installed since: the copy woke it.
+            // But the prefetch thread sets a page's bit after its install returns, so a
+            // `MADV_DONTNEED` (REMOVE event) between the two can leave the bit set on a page
+            // that is gone: trusting the bit then would re-fault forever. The page tables
+            // say which it is.
+            let present = crate::resident_pages(
+                (self.base + page as usize * PAGE_SIZE) as *const u8,
+                PAGE_SIZE,
+            )
+            .is_ok_and(|n| n == 1);
+            if present {
+                add(&self.stats.stale_faults, 1);
+                self.wake(page);
+                return Ok(());
+            }
+            self.installed.clear(page);
         }
         add(&self.stats.faults, 1);
         if let Some(log) = &self.fault_log {
