@@ -117,8 +117,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("page server on {}", args.listen))?
         .spawn()
         .context("starting the page server")?;
-    let descriptor =
-        handle.descriptor(server.local_addr(), meta.module_sha256, meta.engine.clone());
+    let descriptor = server.descriptor(&handle, meta.module_sha256, meta.engine.clone());
     eprintln!(
         "image of {}/{}: {} of {} pages hold data, prepared in {prepare_us} µs; serving pages on {}",
         args.chain,

@@ -459,7 +459,11 @@ impl NodeService {
             memory_bytes: meta.memory_bytes,
             ended: None,
         });
-        let descriptor = handle.descriptor(server_addr, meta.module_hash, meta.engine.clone());
+        let mut descriptor = handle.descriptor(server_addr, meta.module_hash, meta.engine.clone());
+        descriptor.rdma = self
+            .server
+            .as_ref()
+            .and_then(|s| s.rdma().advert(handle.memory_bytes));
         tracing::info!(instance = %key, handle = %format_args!("{:#018x}", handle.id),
             pages_with_data, prepare_us = took.as_micros() as u64, "image published");
         Ok(format!(

@@ -102,7 +102,14 @@ pub struct ImageDescriptor {
     pub rdma: Option<RdmaInfo>,
 }
 
-/// The parent's registered memory region and queue pair, for one-sided RDMA READ.
+/// The parent's RDMA device, and possibly its registered region and queue pair, for one-sided
+/// RDMA READ.
+///
+/// A Spindle page server fills in only its device (`gid`, `lid`) and `len` (the memory's
+/// size), with `qp_num`, `rkey` and `remote_addr` 0: every child gets its own queue pair, and
+/// the region (registered at the first child's request) and its rkey go only to a child that
+/// proved the key, in [`RdmaAccept`](crate::pages::Frame::RdmaAccept). Its presence says the
+/// parent can serve RDMA READ, so a child asks for it (`RdmaConnect`) instead of using TCP.
 ///
 /// `rkey` is a capability like the descriptor's key (the NIC checks nothing else), so `Debug`
 /// redacts it.

@@ -14,8 +14,20 @@
 //!                                        <- Meta { bytes }               (an ImageMeta)
 //!   Read { first_page, count }             ->      (any number of times)
 //!                                        <- Pages { .. }                 (or Refused)
+//!   RdmaConnect { version, qp }            ->      (optional, after Welcome)
+//!                                        <- RdmaAccept { qp, region }    (or RdmaUnavailable)
 //!   Bye                                    ->
 //! ```
+//!
+//! `RdmaConnect` asks for one-sided RDMA READ of the image: the child sends its
+//! reliable-connection queue pair ([`QpInfo`]); a server with a device registers the image
+//! and answers with its own queue pair, already ready to answer READs, and the region
+//! ([`RegionInfo`]: address, rkey, length). The connection then stays open as the queue
+//! pair's control channel: closing it tears the parent's queue pair down. A server without
+//! RDMA answers `RdmaUnavailable` with its reason and keeps serving `Read`s, so the child
+//! falls back to TCP on the same connection. The rkey only ever travels in `RdmaAccept`, to a
+//! child that proved the key; `RdmaConnect` before `Welcome` is refused like any frame out of
+//! order.
 //!
 //! `Refused` is always the server's last frame on a connection; it closes after sending it.
 //! The child checks that `Welcome` agrees with its descriptor before trusting any page.
@@ -70,12 +82,17 @@ pub const HEADER_LEN: usize = 4;
 /// Longest `Refused` message, in bytes.
 pub const MAX_MESSAGE: usize = 1024;
 
+/// Version of the queue-pair exchange a child sends in `RdmaConnect`. Decoding accepts any
+/// version so the server can answer an unknown one with `RdmaUnavailable` and its reason.
+pub const RDMA_VERSION: u8 = 1;
+
 /// Domain-separation label at the front of every proof's MAC input.
 const PROOF_LABEL: &[u8] = b"spindle-pages-v1";
 
 const _: () =
     assert!(1 + 8 + ZERO_MAP_BYTES + MAX_READ_PAGES as usize * PAGE <= MAX_FRAME as usize);
 const _: () = assert!(1 + 1 + 2 + MAX_MESSAGE <= MAX_FRAME as usize);
+const _: () = assert!(1 + 2 + MAX_MESSAGE <= MAX_FRAME as usize);
 
 mod kind {
     pub const HELLO: u8 = 1;
@@ -88,6 +105,127 @@ mod kind {
     pub const BYE: u8 = 8;
     pub const META_REQUEST: u8 = 9;
     pub const META: u8 = 10;
+    pub const RDMA_CONNECT: u8 = 11;
+    pub const RDMA_ACCEPT: u8 = 12;
+    pub const RDMA_UNAVAILABLE: u8 = 13;
+}
+
+/// QP numbers and PSNs are 24-bit on the wire of InfiniBand and RoCE.
+const MAX_24: u32 = 0x00ff_ffff;
+
+/// One side's reliable-connection queue pair, as its peer needs it to move its own to
+/// RTR/RTS. The one wire layout of it (also used by `rdma_fork::rdma::exchange`): gid 16,
+/// lid 2, qp_num 4, psn 4, mtu 1, little-endian, [`QpInfo::WIRE_LEN`] bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QpInfo {
+    pub gid: [u8; 16],
+    pub lid: u16,
+    /// 24-bit queue-pair number.
+    pub qp_num: u32,
+    /// 24-bit first packet sequence number this side sends with.
+    pub psn: u32,
+    /// Active path MTU as `ibv_mtu` (1 = 256 B .. 5 = 4096 B); the pair uses the smaller.
+    pub mtu: u8,
+}
+
+impl QpInfo {
+    pub const WIRE_LEN: usize = 16 + 2 + 4 + 4 + 1;
+
+    /// Appends the wire layout; does not check (see [`QpInfo::check`]).
+    pub fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.gid);
+        out.extend_from_slice(&self.lid.to_le_bytes());
+        out.extend_from_slice(&self.qp_num.to_le_bytes());
+        out.extend_from_slice(&self.psn.to_le_bytes());
+        out.push(self.mtu);
+    }
+
+    /// Reads the wire layout and checks the fields.
+    pub fn from_wire(b: &[u8; Self::WIRE_LEN]) -> Result<Self, &'static str> {
+        let mut c = Cursor::new(b);
+        // Infallible: the array is exactly WIRE_LEN bytes.
+        let qp = QpInfo {
+            gid: c.array().unwrap_or_default(),
+            lid: c.u16().unwrap_or_default(),
+            qp_num: c.u32().unwrap_or_default(),
+            psn: c.u32().unwrap_or_default(),
+            mtu: c.u8().unwrap_or_default(),
+        };
+        qp.check()?;
+        Ok(qp)
+    }
+
+    /// The field checks: 24-bit QP number and PSN, an MTU `ibv_mtu` knows.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.qp_num > MAX_24 {
+            return Err("QP number wider than 24 bits");
+        }
+        if self.psn > MAX_24 {
+            return Err("PSN wider than 24 bits");
+        }
+        if !(1..=5).contains(&self.mtu) {
+            return Err("path MTU is not 256..4096 (ibv_mtu 1..5)");
+        }
+        Ok(())
+    }
+}
+
+/// The parent's registered image mapping: the READ target. Wire layout: remote_addr 8,
+/// rkey 4, len 8, little-endian, [`RegionInfo::WIRE_LEN`] bytes.
+///
+/// `rkey` is a capability (the NIC checks nothing else), so `Debug` redacts it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// Address of the image's first byte in the parent's registered region.
+    pub remote_addr: u64,
+    pub rkey: u32,
+    /// Bytes registered: a whole number of pages.
+    pub len: u64,
+}
+
+impl RegionInfo {
+    pub const WIRE_LEN: usize = 8 + 4 + 8;
+
+    /// Appends the wire layout; does not check (see [`RegionInfo::check`]).
+    pub fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.remote_addr.to_le_bytes());
+        out.extend_from_slice(&self.rkey.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+    }
+
+    /// Reads the wire layout and checks the fields.
+    pub fn from_wire(b: &[u8; Self::WIRE_LEN]) -> Result<Self, &'static str> {
+        let mut c = Cursor::new(b);
+        // Infallible: the array is exactly WIRE_LEN bytes.
+        let r = RegionInfo {
+            remote_addr: c.u64().unwrap_or_default(),
+            rkey: c.u32().unwrap_or_default(),
+            len: c.u64().unwrap_or_default(),
+        };
+        r.check()?;
+        Ok(r)
+    }
+
+    /// The field checks: whole pages, not empty, no address wrap.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.len == 0 || !self.len.is_multiple_of(u64::from(PAGE_SIZE)) {
+            return Err("region length is not a whole, non-zero number of pages");
+        }
+        if self.remote_addr.checked_add(self.len).is_none() {
+            return Err("region wraps the address space");
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for RegionInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionInfo")
+            .field("remote_addr", &format_args!("{:#x}", self.remote_addr))
+            .field("rkey", &"<redacted>")
+            .field("len", &self.len)
+            .finish()
+    }
 }
 
 /// One message on a page-server connection.
@@ -132,6 +270,14 @@ pub enum Frame {
     /// Server → client: the image's metadata, a [`crate::meta::ImageMeta`] encoding (decoded
     /// by the client with `ImageMeta::decode`; opaque to the framing).
     Meta { bytes: Vec<u8> },
+    /// Client → server, after `Welcome`: read the image by RDMA READ; `qp` is the child's
+    /// queue pair, `version` [`RDMA_VERSION`].
+    RdmaConnect { version: u8, qp: QpInfo },
+    /// Server → client: the parent's queue pair (in RTS: READs may start) and the region.
+    RdmaAccept { qp: QpInfo, region: RegionInfo },
+    /// Server → client: no RDMA on this connection, and why; the connection keeps serving
+    /// `Read`s. `encode` cuts `reason` to [`MAX_MESSAGE`] bytes at a character boundary.
+    RdmaUnavailable { reason: String },
 }
 
 /// Why a server refused (`Refused.reason`).
@@ -213,6 +359,15 @@ pub enum FrameError {
     MessageTooLong { len: usize },
     #[error("Refused message is not UTF-8")]
     MessageNotUtf8,
+    #[error("{kind} frame: {what}")]
+    BadRdmaField {
+        kind: &'static str,
+        what: &'static str,
+    },
+    #[error("RdmaUnavailable reason is {len} bytes, longer than {MAX_MESSAGE}")]
+    ReasonTooLong { len: usize },
+    #[error("RdmaUnavailable reason is not UTF-8")]
+    ReasonNotUtf8,
     /// The peer closed the connection cleanly between two frames.
     #[error("connection closed")]
     Closed,
@@ -233,6 +388,9 @@ impl Frame {
             Frame::Bye => kind::BYE,
             Frame::MetaRequest => kind::META_REQUEST,
             Frame::Meta { .. } => kind::META,
+            Frame::RdmaConnect { .. } => kind::RDMA_CONNECT,
+            Frame::RdmaAccept { .. } => kind::RDMA_ACCEPT,
+            Frame::RdmaUnavailable { .. } => kind::RDMA_UNAVAILABLE,
         }
     }
 
@@ -262,13 +420,8 @@ impl Frame {
                 out.extend_from_slice(&page_size.to_le_bytes());
             }
             Frame::Refused { reason, message } => {
-                let mut end = message.len().min(MAX_MESSAGE);
-                while !message.is_char_boundary(end) {
-                    end -= 1;
-                }
                 out.push(u8::from(*reason));
-                out.extend_from_slice(&(end as u16).to_le_bytes());
-                out.extend_from_slice(&message.as_bytes()[..end]);
+                put_text(out, message);
             }
             Frame::Read { first_page, count } => {
                 out.extend_from_slice(&first_page.to_le_bytes());
@@ -287,6 +440,15 @@ impl Frame {
             }
             Frame::Bye | Frame::MetaRequest => {}
             Frame::Meta { bytes } => out.extend_from_slice(bytes),
+            Frame::RdmaConnect { version, qp } => {
+                out.push(*version);
+                qp.put(out);
+            }
+            Frame::RdmaAccept { qp, region } => {
+                qp.put(out);
+                region.put(out);
+            }
+            Frame::RdmaUnavailable { reason } => put_text(out, reason),
         }
         // A length past u32 (only from a bogus Pages frame) becomes one the reader refuses
         // as oversized rather than a wrapped one that would desynchronise the stream.
@@ -341,6 +503,18 @@ impl Frame {
                     });
                 }
                 Ok(())
+            }
+            Frame::RdmaConnect { qp, .. } => qp.check().map_err(|what| FrameError::BadRdmaField {
+                kind: "RdmaConnect",
+                what,
+            }),
+            Frame::RdmaAccept { qp, region } => {
+                qp.check()
+                    .and_then(|()| region.check())
+                    .map_err(|what| FrameError::BadRdmaField {
+                        kind: "RdmaAccept",
+                        what,
+                    })
             }
             _ => Ok(()),
         }
@@ -450,6 +624,20 @@ impl std::fmt::Debug for Frame {
                 .field("data_len", &data.len())
                 .finish(),
             Frame::Bye => f.write_str("Bye"),
+            Frame::RdmaConnect { version, qp } => f
+                .debug_struct("RdmaConnect")
+                .field("version", version)
+                .field("qp", qp)
+                .finish(),
+            Frame::RdmaAccept { qp, region } => f
+                .debug_struct("RdmaAccept")
+                .field("qp", qp)
+                .field("region", region)
+                .finish(),
+            Frame::RdmaUnavailable { reason } => f
+                .debug_struct("RdmaUnavailable")
+                .field("reason", reason)
+                .finish(),
         }
     }
 }
@@ -482,6 +670,16 @@ impl<'a> Iterator for PageIter<'a> {
         self.data = rest;
         Some((page, Some(head)))
     }
+}
+
+/// `u16 LE length | UTF-8`, cut to [`MAX_MESSAGE`] bytes at a character boundary.
+fn put_text(out: &mut Vec<u8>, text: &str) {
+    let mut end = text.len().min(MAX_MESSAGE);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u16).to_le_bytes());
+    out.extend_from_slice(&text.as_bytes()[..end]);
 }
 
 fn zero_map_len(count: u32) -> usize {
@@ -540,6 +738,9 @@ fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
         kind::BYE => "Bye",
         kind::META_REQUEST => "MetaRequest",
         kind::META => "Meta",
+        kind::RDMA_CONNECT => "RdmaConnect",
+        kind::RDMA_ACCEPT => "RdmaAccept",
+        kind::RDMA_UNAVAILABLE => "RdmaUnavailable",
         other => return Err(FrameError::UnknownKind(other)),
     };
     let t = |field| FrameError::Truncated { kind: name, field };
@@ -600,6 +801,35 @@ fn decode_body(body: &[u8]) -> Result<Frame, FrameError> {
         kind::META => Frame::Meta {
             bytes: c.rest().to_vec(),
         },
+        kind::RDMA_CONNECT => {
+            let version = c.u8().ok_or(t("version"))?;
+            let qp = c.array().ok_or(t("qp"))?;
+            Frame::RdmaConnect {
+                version,
+                qp: QpInfo::from_wire(&qp)
+                    .map_err(|what| FrameError::BadRdmaField { kind: name, what })?,
+            }
+        }
+        kind::RDMA_ACCEPT => {
+            let qp = c.array().ok_or(t("qp"))?;
+            let region = c.array().ok_or(t("region"))?;
+            let bad = |what| FrameError::BadRdmaField { kind: name, what };
+            Frame::RdmaAccept {
+                qp: QpInfo::from_wire(&qp).map_err(bad)?,
+                region: RegionInfo::from_wire(&region).map_err(bad)?,
+            }
+        }
+        kind::RDMA_UNAVAILABLE => {
+            let len = usize::from(c.u16().ok_or(t("reason length"))?);
+            if len > MAX_MESSAGE {
+                return Err(FrameError::ReasonTooLong { len });
+            }
+            let bytes = c.take(len).ok_or(t("reason"))?;
+            let reason = std::str::from_utf8(bytes)
+                .map_err(|_| FrameError::ReasonNotUtf8)?
+                .to_owned();
+            Frame::RdmaUnavailable { reason }
+        }
         _ => Frame::Bye,
     };
     if c.remaining() != 0 {
@@ -758,7 +988,191 @@ mod tests {
             Frame::Meta {
                 bytes: b"SPDLMETA...".to_vec(),
             },
+            Frame::RdmaConnect {
+                version: RDMA_VERSION,
+                qp: QP,
+            },
+            Frame::RdmaAccept {
+                qp: QpInfo {
+                    qp_num: 0xff_ffff,
+                    psn: 0,
+                    mtu: 1,
+                    ..QP
+                },
+                region: REGION,
+            },
+            Frame::RdmaUnavailable {
+                reason: "no RDMA device: /sys/class/infiniband does not exist".to_owned(),
+            },
+            Frame::RdmaUnavailable {
+                reason: String::new(),
+            },
         ]
+    }
+
+    const QP: QpInfo = QpInfo {
+        gid: [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+        lid: 0x0102,
+        qp_num: 0x00ab_cdef,
+        psn: 0x0012_3456,
+        mtu: 5,
+    };
+
+    const REGION: RegionInfo = RegionInfo {
+        remote_addr: 0x7f12_3456_0000,
+        rkey: 0x1234_5678,
+        len: 64 * 4096,
+    };
+
+    /// The layout of the RDMA frames, byte by byte: LE fields in the documented order.
+    #[test]
+    fn rdma_frames_layout() {
+        let b = encoded(&Frame::RdmaConnect { version: 1, qp: QP });
+        assert_eq!(b.len(), HEADER_LEN + 1 + 1 + QpInfo::WIRE_LEN);
+        assert_eq!(&b[..4], &(2 + QpInfo::WIRE_LEN as u32).to_le_bytes());
+        assert_eq!(b[4], kind::RDMA_CONNECT);
+        assert_eq!(b[5], 1);
+        assert_eq!(&b[6..22], &QP.gid);
+        assert_eq!(&b[22..24], &[0x02, 0x01]);
+        assert_eq!(&b[24..28], &[0xef, 0xcd, 0xab, 0]);
+        assert_eq!(&b[28..32], &[0x56, 0x34, 0x12, 0]);
+        assert_eq!(b[32], 5);
+        let b = encoded(&Frame::RdmaAccept {
+            qp: QP,
+            region: REGION,
+        });
+        assert_eq!(
+            b.len(),
+            HEADER_LEN + 1 + QpInfo::WIRE_LEN + RegionInfo::WIRE_LEN
+        );
+        let r = &b[HEADER_LEN + 1 + QpInfo::WIRE_LEN..];
+        assert_eq!(&r[..8], &REGION.remote_addr.to_le_bytes());
+        assert_eq!(&r[8..12], &REGION.rkey.to_le_bytes());
+        assert_eq!(&r[12..20], &REGION.len.to_le_bytes());
+        // A client request fits the server's request limit (rdma_fork::server::MAX_REQUEST).
+        const { assert!(2 + QpInfo::WIRE_LEN <= 64) };
+        // The rkey is a capability: never in logs.
+        let shown = format!(
+            "{:?}",
+            Frame::RdmaAccept {
+                qp: QP,
+                region: REGION
+            }
+        );
+        assert!(
+            !shown.contains("305419896") && !shown.contains("12345678"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn bad_rdma_frames_refused() {
+        let d = |b: Vec<u8>| Frame::decode(&b).map(|(f, _)| f);
+        let connect = encoded(&Frame::RdmaConnect { version: 1, qp: QP });
+        // Every truncation, through the length field and through a short stream.
+        for n in 1..connect.len() - HEADER_LEN {
+            let mut body = connect[HEADER_LEN..HEADER_LEN + n].to_vec();
+            let got = d(framed(&body));
+            assert!(
+                matches!(
+                    got,
+                    Err(FrameError::Truncated {
+                        kind: "RdmaConnect",
+                        ..
+                    })
+                ),
+                "{n}: {got:?}"
+            );
+            body.push(0);
+            let _ = d(framed(&body));
+        }
+        let mut long = connect[HEADER_LEN..].to_vec();
+        long.push(0);
+        assert!(matches!(
+            d(framed(&long)),
+            Err(FrameError::TrailingBytes {
+                kind: "RdmaConnect",
+                extra: 1
+            })
+        ));
+        // Out-of-range fields: QP number and PSN past 24 bits (top bytes), MTU 0 and 6.
+        let patch = |frame: &[u8], at: usize, v: u8| {
+            let mut b = frame.to_vec();
+            b[at] = v;
+            d(b)
+        };
+        for (at, v) in [(27, 1), (31, 1), (32, 0), (32, 6)] {
+            assert!(
+                matches!(
+                    patch(&connect, at, v),
+                    Err(FrameError::BadRdmaField {
+                        kind: "RdmaConnect",
+                        ..
+                    })
+                ),
+                "byte {at} = {v}"
+            );
+        }
+        let accept = encoded(&Frame::RdmaAccept {
+            qp: QP,
+            region: REGION,
+        });
+        let region_at = HEADER_LEN + 1 + QpInfo::WIRE_LEN;
+        for (addr, len) in [(u64::MAX - 4095, 8192), (0, 0), (0, 4095)] {
+            let mut b = accept.clone();
+            b[region_at..region_at + 8].copy_from_slice(&u64::to_le_bytes(addr));
+            b[region_at + 12..region_at + 20].copy_from_slice(&u64::to_le_bytes(len));
+            assert!(
+                matches!(
+                    d(b),
+                    Err(FrameError::BadRdmaField {
+                        kind: "RdmaAccept",
+                        ..
+                    })
+                ),
+                "{addr:#x} {len}"
+            );
+        }
+        // Nor does write_frame send such fields.
+        let bad = Frame::RdmaConnect {
+            version: 1,
+            qp: QpInfo { psn: 1 << 24, ..QP },
+        };
+        let mut out = Vec::new();
+        assert!(matches!(
+            write_frame(&mut out, &bad),
+            Err(FrameError::BadRdmaField { .. })
+        ));
+        assert!(out.is_empty());
+        // Reasons: bounded, UTF-8, length matching.
+        let mut b = vec![kind::RDMA_UNAVAILABLE];
+        b.extend_from_slice(&(MAX_MESSAGE as u16 + 1).to_le_bytes());
+        b.extend_from_slice(&[b'a'; MAX_MESSAGE + 1]);
+        assert!(matches!(
+            d(framed(&b)),
+            Err(FrameError::ReasonTooLong { len: 1025 })
+        ));
+        assert!(matches!(
+            d(framed(&[kind::RDMA_UNAVAILABLE, 2, 0, 0xff, 0xfe])),
+            Err(FrameError::ReasonNotUtf8)
+        ));
+        assert!(matches!(
+            d(framed(&[kind::RDMA_UNAVAILABLE, 3, 0, b'a'])),
+            Err(FrameError::Truncated {
+                kind: "RdmaUnavailable",
+                field: "reason"
+            })
+        ));
+        let reason = "é".repeat(MAX_MESSAGE);
+        let (back, _) = Frame::decode(&encoded(&Frame::RdmaUnavailable {
+            reason: reason.clone(),
+        }))
+        .unwrap();
+        let Frame::RdmaUnavailable { reason: got } = back else {
+            unreachable!()
+        };
+        assert_eq!(got.len(), MAX_MESSAGE);
+        assert!(reason.starts_with(&got));
     }
 
     fn encoded(f: &Frame) -> Vec<u8> {
@@ -1263,7 +1677,7 @@ mod tests {
                     let len = rng.below(80);
                     let mut body: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
                     if let Some(k) = body.first_mut() {
-                        *k = 1 + (*k % 9);
+                        *k = 1 + (*k % 13);
                     }
                     framed(&body)
                 }

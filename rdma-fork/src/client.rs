@@ -14,8 +14,8 @@ use std::time::Duration;
 use proto::ImageDescriptor;
 use proto::image::ImageDescriptorError;
 use proto::pages::{
-    Frame, FrameError, MAX_READ_PAGES, PAGE_SIZE, PROTOCOL_VERSION, RandomnessError, RefuseReason,
-    fresh_nonce, proof, read_frame, write_frame,
+    Frame, FrameError, MAX_READ_PAGES, PAGE_SIZE, PROTOCOL_VERSION, QpInfo, RDMA_VERSION,
+    RandomnessError, RefuseReason, RegionInfo, fresh_nonce, proof, read_frame, write_frame,
 };
 
 use crate::lifecycle::{Live, Resource};
@@ -30,6 +30,8 @@ pub enum Step {
     Connect,
     Handshake,
     Read,
+    /// `RdmaConnect` and its answer.
+    RdmaSetup,
 }
 
 impl std::fmt::Display for Step {
@@ -38,6 +40,7 @@ impl std::fmt::Display for Step {
             Step::Connect => "connect",
             Step::Handshake => "handshake",
             Step::Read => "read",
+            Step::RdmaSetup => "RDMA set-up",
         })
     }
 }
@@ -111,6 +114,17 @@ pub enum Violation {
     },
     #[error("malformed frame: {0}")]
     Malformed(FrameError),
+}
+
+/// The page server's answer to [`PageClient::rdma_connect`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RdmaAnswer {
+    /// The parent's queue pair, ready to answer READs, and the image's registered region.
+    /// The connection is now that queue pair's control channel: keep the client open while
+    /// reading, and drop it to disconnect.
+    Accept { qp: QpInfo, region: RegionInfo },
+    /// The parent serves no RDMA, and why; the connection still serves `read`s.
+    Unavailable(String),
 }
 
 /// A client's traffic so far.
@@ -276,6 +290,45 @@ impl PageClient {
             Ok(other) => {
                 self.broken = true;
                 Err(unexpected(step, "Meta", other))
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Asks the parent for RDMA READ of the image, offering the child's queue pair `qp`
+    /// (in INIT; the child moves it to RTR/RTS towards the answer's). One round trip. An
+    /// `Unavailable` answer leaves the connection serving reads; any error leaves it unusable.
+    pub fn rdma_connect(&mut self, qp: QpInfo) -> Result<RdmaAnswer, ClientError> {
+        if self.broken {
+            return Err(ClientError::Unusable);
+        }
+        let step = Step::RdmaSetup;
+        let mut t = Timed::within(&self.stream, self.timeout);
+        let res = send(
+            &mut t,
+            &Frame::RdmaConnect {
+                version: RDMA_VERSION,
+                qp,
+            },
+            step,
+            self.timeout,
+        )
+        .and_then(|()| recv(&mut t, step, self.timeout));
+        self.stats.bytes_received += t.read;
+        self.stats.bytes_sent += t.written;
+        let answer = match res {
+            Ok(Frame::RdmaAccept { qp, region }) => Ok(RdmaAnswer::Accept { qp, region }),
+            Ok(Frame::RdmaUnavailable { reason }) => Ok(RdmaAnswer::Unavailable(reason)),
+            Ok(other) => Err(unexpected(step, "RdmaAccept or RdmaUnavailable", other)),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(a) => {
+                self.stats.round_trips += 1;
+                Ok(a)
             }
             Err(e) => {
                 self.broken = true;

@@ -15,7 +15,10 @@
 //!   handle ids and per-handle keys with leases, and the TCP server that serves their pages
 //!   to authenticated children ([`proto::pages`]); and the client ([`client`]) a child's node
 //!   fetches them with.
-//! - **RDMA** (`rdma`, behind the `rdma` feature): one-sided RDMA READ of the parent's registered image, chosen by [`transport::choose`] with TCP as the fallback.
+//! - **RDMA** (`rdma`, behind the `rdma` feature): one-sided RDMA READ of the parent's
+//!   registered image, chosen by [`transport::rdma_pages`] with TCP as the fallback; the
+//!   page server registers images and connects children's queue pairs on an authenticated
+//!   connection's `RdmaConnect` ([`server::ServerRdma`]).
 //!
 //! It must not build Wasm instances or capture their state (`chain-runtime` does: it hands
 //! this crate a memory region and an image) and must not route requests (the gateway does).
@@ -120,15 +123,21 @@ pub mod transport {
             "the image descriptor carries no RDMA region (the parent did not register its image)"
         )]
         NoRegion,
+        /// The parent's page server answered `RdmaUnavailable`: its reason.
+        #[error("parent: {0}")]
+        ParentHasNoRdma(String),
         #[error("setting up RDMA with the parent failed: {0}")]
         Setup(String),
     }
 
     /// A page source reading `descriptor`'s image by one-sided RDMA READ, when RDMA is
-    /// `requested`, built in, a device is usable and the descriptor names a registered
-    /// region; otherwise why not, for the caller to log and use TCP. The queue pairs are
-    /// wired over a control connection to the descriptor's parent (the exchange in
-    /// `rdma::exchange`); `nonzero` is the image's page map (zero pages are never read).
+    /// `requested`, built in, the descriptor says the parent has RDMA, a device is usable
+    /// here and the parent accepts; otherwise why not, for the caller to log and use TCP.
+    /// The checks run in that order: local ones first (no connection is opened for a child
+    /// that could not use RDMA anyway), then the parent's answer. The queue pairs are wired
+    /// over an authenticated page-server connection (`RdmaConnect`, see [`proto::pages`]),
+    /// which then lives as long as the source; `nonzero` is the image's page map (zero
+    /// pages are never read).
     pub fn rdma_pages(
         requested: TransportPref,
         descriptor: &proto::ImageDescriptor,
@@ -147,12 +156,24 @@ pub mod transport {
             (Transport::Tcp, why) => Err(why),
             #[cfg(feature = "rdma")]
             (Transport::Rdma(dev), _) => {
-                let stream = std::net::TcpStream::connect_timeout(&descriptor.parent, timeout)
-                    .map_err(|e| Some(Fallback::Setup(format!("control connection: {e}"))))?;
-                crate::rdma::RdmaSource::connect_on(&dev, stream, nonzero.clone())
+                crate::rdma::RdmaSource::connect_parent(&dev, descriptor, nonzero.clone(), timeout)
                     .map(|s| std::sync::Arc::new(s) as std::sync::Arc<dyn crate::PageSource>)
-                    .map_err(|e| Some(Fallback::Setup(e.to_string())))
+                    .map_err(|e| {
+                        let why = setup_fallback(e);
+                        tracing::warn!(parent = %descriptor.parent, "RDMA set-up: {why}");
+                        Some(why)
+                    })
             }
+        }
+    }
+
+    /// The fallback for an RDMA set-up with the parent that failed: the parent's own reason
+    /// when it has no RDMA, else what went wrong.
+    #[cfg(feature = "rdma")]
+    pub fn setup_fallback(e: crate::rdma::RdmaError) -> Fallback {
+        match e {
+            crate::rdma::RdmaError::ParentHasNoRdma(reason) => Fallback::ParentHasNoRdma(reason),
+            e => Fallback::Setup(e.to_string()),
         }
     }
 

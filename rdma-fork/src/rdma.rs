@@ -2,12 +2,16 @@
 //! the NIC once, and a child's node reads the pages it needs straight out of the parent's
 //! memory, with no CPU on the parent side in the data path.
 //!
-//! The TCP page server stays the control channel and the fallback: the reliable-connection
-//! queue pairs are wired up by a small versioned exchange over a TCP stream ([`exchange`]),
-//! and [`transport::choose`](crate::transport::choose) falls back to TCP with a reason
-//! whenever [`probe`] finds no usable device.
+//! The TCP page server stays the control channel and the fallback: a child authenticates
+//! with the page server as for TCP reads, then sends its queue pair in `RdmaConnect`
+//! (`proto::pages`); the server ([`crate::server::ServerRdma`]) registers the image
+//! ([`RdmaExport`]), connects a queue pair ([`RdmaExport::accept_qp`]) and answers with it and
+//! the region, or says why it cannot. [`transport::rdma_pages`](crate::transport::rdma_pages)
+//! falls back to TCP with a reason whenever [`probe`] finds no usable device here or the
+//! parent has none. [`exchange`] is the same set-up over a bare TCP stream.
 //!
-//! - [`exchange`]: the connection metadata frames (pure Rust, tested over real TCP).
+//! - [`exchange`]: the connection metadata frames for a bare control stream (pure Rust,
+//!   tested over real TCP; the queue-pair and region layout is `proto::pages`').
 //! - [`plan`]: which READ work requests serve a page request (pure arithmetic, tested
 //!   exhaustively): zero pages are never read, contiguous pages are coalesced.
 //! - [`verbs`]: the device, protection domain, queue pairs and memory regions (sideway),

@@ -156,7 +156,9 @@ pub struct ImageHandle {
 
 impl ImageHandle {
     /// The descriptor children fork from: this image, served at `parent`, made from the
-    /// module with `module_hash` on `engine`. No RDMA region.
+    /// module with `module_hash` on `engine`. No RDMA region: the page server's
+    /// [`descriptor`](crate::server::RunningServer::descriptor) adds its device when it has
+    /// one.
     pub fn descriptor(
         &self,
         parent: SocketAddr,
@@ -221,6 +223,9 @@ pub struct Entry {
     /// This image's share of the registry's `pages_served` and `bytes_served`.
     pages_served: AtomicU64,
     bytes_served: AtomicU64,
+    /// The image registered for RDMA READ, made at the first child's `RdmaConnect`.
+    #[cfg(feature = "rdma")]
+    rdma: Mutex<Option<Arc<crate::rdma::RdmaExport>>>,
     _live: lifecycle::Live,
 }
 
@@ -254,6 +259,27 @@ impl Entry {
 
     pub(crate) fn key(&self) -> &[u8; 32] {
         &self.key
+    }
+
+    /// The image's memfd registered on `dev` for remote READ: made on the first call (one
+    /// registration per image, shared by every child's queue pair), retried after a failure.
+    #[cfg(feature = "rdma")]
+    pub(crate) fn rdma_export(
+        &self,
+        dev: &crate::rdma::RdmaDevice,
+    ) -> Result<Arc<crate::rdma::RdmaExport>, crate::rdma::RdmaError> {
+        use std::os::fd::AsFd;
+        let mut slot = self.rdma.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(export) = &*slot {
+            return Ok(export.clone());
+        }
+        let export = Arc::new(crate::rdma::RdmaExport::open_on(
+            dev,
+            self.file.as_fd(),
+            self.memory_bytes,
+        )?);
+        *slot = Some(export.clone());
+        Ok(export)
     }
 
     /// Counts one `Pages` answer of `pages` pages in `bytes` frame bytes, for this image and
@@ -360,6 +386,8 @@ pub(crate) struct Counters {
     pub(crate) bytes_served: AtomicU64,
     pub(crate) memfd_bytes_read: AtomicU64,
     pub(crate) timeouts: AtomicU64,
+    pub(crate) rdma_connects_ok: AtomicU64,
+    pub(crate) rdma_unavailable: AtomicU64,
     refused: [AtomicU64; BUCKETS],
 }
 
@@ -392,6 +420,11 @@ pub struct Stats {
     pub memfd_bytes_read: u64,
     /// Connections closed because the peer went silent past a deadline.
     pub timeouts: u64,
+    /// `RdmaConnect`s answered with `RdmaAccept`: a child's queue pair connected.
+    pub rdma_connects_ok: u64,
+    /// `RdmaConnect`s answered with `RdmaUnavailable` (no device here, an unknown exchange
+    /// version, or the set-up failed); those children read over TCP.
+    pub rdma_unavailable: u64,
     pub refusals: RefusalCounts,
 }
 
@@ -532,6 +565,8 @@ impl ImageRegistry {
             counters: self.counters.clone(),
             pages_served: AtomicU64::new(0),
             bytes_served: AtomicU64::new(0),
+            #[cfg(feature = "rdma")]
+            rdma: Mutex::new(None),
             _live: lifecycle::Live::new(Resource::Memfd),
         };
         let now = Instant::now();
@@ -715,6 +750,8 @@ impl ImageRegistry {
             bytes_served: c.bytes_served.load(Relaxed),
             memfd_bytes_read: c.memfd_bytes_read.load(Relaxed),
             timeouts: c.timeouts.load(Relaxed),
+            rdma_connects_ok: c.rdma_connects_ok.load(Relaxed),
+            rdma_unavailable: c.rdma_unavailable.load(Relaxed),
             refusals: RefusalCounts {
                 unknown_handle: r(Bucket::UnknownHandle),
                 bad_proof: r(Bucket::BadProof),

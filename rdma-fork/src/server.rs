@@ -12,6 +12,16 @@
 //! the registry's [`Stats`](crate::registry::Stats); other connections carry on. Client
 //! frames are at most [`MAX_REQUEST`] bytes long, so a hostile length header costs neither
 //! memory nor time.
+//!
+//! **RDMA.** A server probes for an RDMA device when it binds ([`ServerRdma`]). An
+//! authenticated child's `RdmaConnect` is answered, with a device, by registering the image
+//! for remote READ (once per image, at the first request), connecting a reliable-connection
+//! queue pair to the child's and sending `RdmaAccept` (queue pair and region, rkey included);
+//! the connection then stays open as that queue pair's lifetime: it waits for the child's
+//! next frame without an idle deadline, checks for revocation every 100 ms, and destroys the
+//! queue pair when it ends. Without a device (or without the `rdma` feature) the answer is
+//! `RdmaUnavailable` with the reason, and the connection keeps serving `Read`s. Both are
+//! counted (`rdma_connects_ok`, `rdma_unavailable`).
 
 use std::collections::HashMap;
 use std::io::{self, Read};
@@ -23,13 +33,17 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, poll};
+#[cfg(feature = "rdma")]
+use proto::pages::RDMA_VERSION;
 use proto::pages::{
-    Frame, FrameError, HEADER_LEN, PAGE_SIZE, PROTOCOL_VERSION, RefuseReason, fresh_nonce,
-    verify_proof,
+    Frame, FrameError, HEADER_LEN, PAGE_SIZE, PROTOCOL_VERSION, QpInfo, RefuseReason, RegionInfo,
+    fresh_nonce, verify_proof,
 };
+use proto::{ImageDescriptor, RdmaInfo};
 
 use crate::lifecycle::{Live, Resource};
-use crate::registry::{Attachment, Bucket, Entry, ImageRegistry};
+use crate::registry::{Attachment, Bucket, Entry, ImageHandle, ImageRegistry};
+use crate::transport::Fallback;
 use crate::wire::{Timed, deadline_after, is_timeout};
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -72,6 +86,119 @@ impl Default for ServerConfig {
     }
 }
 
+/// A page server's RDMA side, decided when it binds: the device it registers images on, or
+/// why it has none.
+pub struct ServerRdma(RdmaState);
+
+enum RdmaState {
+    #[cfg(feature = "rdma")]
+    Device(crate::rdma::RdmaDevice),
+    None(Fallback),
+}
+
+impl ServerRdma {
+    /// Probes for a usable device (never with a build without the `rdma` feature).
+    pub fn probe() -> Self {
+        #[cfg(feature = "rdma")]
+        let state = match crate::rdma::probe() {
+            Ok(dev) => {
+                tracing::info!(
+                    device = dev.name(),
+                    port = dev.port(),
+                    "page server: images served by RDMA READ too"
+                );
+                RdmaState::Device(dev)
+            }
+            Err(why) => {
+                tracing::info!("page server: no RDMA ({why}); pages over TCP only");
+                RdmaState::None(Fallback::Unavailable(why))
+            }
+        };
+        #[cfg(not(feature = "rdma"))]
+        let state = RdmaState::None(Fallback::NotBuilt);
+        ServerRdma(state)
+    }
+
+    /// Why this server answers `RdmaConnect` with `RdmaUnavailable`; `None` when it has a
+    /// device.
+    pub fn unavailable(&self) -> Option<&Fallback> {
+        match &self.0 {
+            RdmaState::None(why) => Some(why),
+            #[cfg(feature = "rdma")]
+            RdmaState::Device(_) => None,
+        }
+    }
+
+    /// What a descriptor of an image of `memory_bytes` says about this server's RDMA: its
+    /// device (gid, lid) and the image's length, when it has one. The region and its rkey go
+    /// only to authenticated children, in `RdmaAccept`, so they are 0 here, as is the queue
+    /// pair (one per child).
+    pub fn advert(&self, memory_bytes: u64) -> Option<RdmaInfo> {
+        match &self.0 {
+            RdmaState::None(_) => {
+                let _ = memory_bytes;
+                None
+            }
+            #[cfg(feature = "rdma")]
+            RdmaState::Device(dev) => Some(RdmaInfo {
+                gid: dev.gid(),
+                lid: dev.lid(),
+                qp_num: 0,
+                rkey: 0,
+                remote_addr: 0,
+                len: memory_bytes,
+            }),
+        }
+    }
+
+    /// Connects a queue pair to an authenticated child's `qp` for `entry`: ours and the
+    /// region, or the reason for `RdmaUnavailable`.
+    fn accept(
+        &self,
+        entry: &Entry,
+        version: u8,
+        child: &QpInfo,
+    ) -> Result<(QpLink, QpInfo, RegionInfo), String> {
+        let _ = (entry, version, child);
+        match &self.0 {
+            RdmaState::None(why) => Err(why.to_string()),
+            #[cfg(feature = "rdma")]
+            RdmaState::Device(dev) => {
+                if version != RDMA_VERSION {
+                    return Err(format!(
+                        "RDMA exchange version {version} is not supported (this server speaks {RDMA_VERSION})"
+                    ));
+                }
+                let export = entry
+                    .rdma_export(dev)
+                    .map_err(|e| format!("registering the image: {e}"))?;
+                let (conn, local) = export
+                    .accept_qp(child)
+                    .map_err(|e| format!("connecting a queue pair: {e}"))?;
+                let region = export.region();
+                Ok((
+                    QpLink {
+                        _conn: conn,
+                        _export: export,
+                    },
+                    local,
+                    region,
+                ))
+            }
+        }
+    }
+}
+
+/// One child's queue pair on this server, owned by the connection that asked for it.
+/// Field order is drop order: the queue pair goes before the registration it reads from.
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+struct QpLink {
+    #[cfg(feature = "rdma")]
+    _conn: crate::rdma::ParentConn,
+    #[cfg(feature = "rdma")]
+    _export: Arc<crate::rdma::RdmaExport>,
+}
+
 /// A bound page server that is not accepting yet: [`spawn`](Self::spawn) or
 /// [`run`](Self::run) it.
 pub struct PageServer {
@@ -80,6 +207,7 @@ pub struct PageServer {
     registry: Arc<ImageRegistry>,
     config: ServerConfig,
     shared: Arc<Shared>,
+    rdma: Arc<ServerRdma>,
 }
 
 struct Shared {
@@ -132,6 +260,7 @@ impl PageServer {
             addr,
             registry,
             config,
+            rdma: Arc::new(ServerRdma::probe()),
             shared: Arc::new(Shared {
                 stop: AtomicBool::new(false),
                 next_id: AtomicU64::new(0),
@@ -150,16 +279,34 @@ impl PageServer {
         ShutdownHandle(self.shared.clone())
     }
 
+    /// Whether (and why not) this server serves RDMA READ.
+    pub fn rdma(&self) -> &ServerRdma {
+        &self.rdma
+    }
+
+    /// The descriptor of `handle` served here: [`ImageHandle::descriptor`] at this server's
+    /// address, with the server's [`ServerRdma::advert`].
+    pub fn descriptor(
+        &self,
+        handle: &ImageHandle,
+        module_hash: [u8; 32],
+        engine: impl Into<String>,
+    ) -> ImageDescriptor {
+        descriptor_at(self.addr, &self.rdma, handle, module_hash, engine)
+    }
+
     /// Accepts on a new thread; the returned server shuts down when dropped.
     pub fn spawn(self) -> io::Result<RunningServer> {
         let addr = self.addr;
         let handle = self.shutdown_handle();
+        let rdma = self.rdma.clone();
         let thread = thread::Builder::new()
             .name("pagesrv-accept".into())
             .spawn(move || self.run())?;
         Ok(RunningServer {
             addr,
             handle,
+            rdma,
             thread: Some(thread),
         })
     }
@@ -252,6 +399,7 @@ impl PageServer {
         let registry = self.registry.clone();
         let shared = self.shared.clone();
         let config = self.config.clone();
+        let rdma = self.rdma.clone();
         counters.connections_open.fetch_add(1, Relaxed);
         // Spawned under the lock: the thread's own removal from the map waits for its insertion.
         let spawned = thread::Builder::new()
@@ -263,7 +411,7 @@ impl PageServer {
                     shared: &shared,
                     registry: &registry,
                 };
-                serve(stream, peer, &registry, &config);
+                serve(stream, peer, &registry, &config, &rdma);
             });
         match spawned {
             Ok(thread) => {
@@ -320,6 +468,7 @@ impl Drop for ConnDone<'_> {
 pub struct RunningServer {
     addr: SocketAddr,
     handle: ShutdownHandle,
+    rdma: Arc<ServerRdma>,
     thread: Option<JoinHandle<io::Result<()>>>,
 }
 
@@ -330,6 +479,21 @@ impl RunningServer {
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.handle.clone()
+    }
+
+    /// Whether (and why not) this server serves RDMA READ.
+    pub fn rdma(&self) -> &ServerRdma {
+        &self.rdma
+    }
+
+    /// See [`PageServer::descriptor`].
+    pub fn descriptor(
+        &self,
+        handle: &ImageHandle,
+        module_hash: [u8; 32],
+        engine: impl Into<String>,
+    ) -> ImageDescriptor {
+        descriptor_at(self.addr, &self.rdma, handle, module_hash, engine)
     }
 
     /// False once the accept loop ended (shut down, or failed: the error comes from
@@ -360,6 +524,18 @@ impl Drop for RunningServer {
             tracing::warn!(error = %e, "page server ended with an error");
         }
     }
+}
+
+fn descriptor_at(
+    addr: SocketAddr,
+    rdma: &ServerRdma,
+    handle: &ImageHandle,
+    module_hash: [u8; 32],
+    engine: impl Into<String>,
+) -> ImageDescriptor {
+    let mut d = handle.descriptor(addr, module_hash, engine);
+    d.rdma = rdma.advert(handle.memory_bytes);
+    d
 }
 
 /// How a connection ended.
@@ -416,6 +592,9 @@ pub(crate) fn frame_name(f: &Frame) -> &'static str {
         Frame::Bye => "Bye",
         Frame::MetaRequest => "MetaRequest",
         Frame::Meta { .. } => "Meta",
+        Frame::RdmaConnect { .. } => "RdmaConnect",
+        Frame::RdmaAccept { .. } => "RdmaAccept",
+        Frame::RdmaUnavailable { .. } => "RdmaUnavailable",
     }
 }
 
@@ -424,11 +603,13 @@ fn serve(
     peer: SocketAddr,
     registry: &Arc<ImageRegistry>,
     config: &ServerConfig,
+    rdma: &ServerRdma,
 ) {
     let mut conn = Connection {
         stream: &stream,
         registry,
         config,
+        rdma,
         out: Vec::new(),
         pages: Vec::new(),
     };
@@ -472,6 +653,7 @@ struct Connection<'a> {
     stream: &'a TcpStream,
     registry: &'a Arc<ImageRegistry>,
     config: &'a ServerConfig,
+    rdma: &'a ServerRdma,
     /// Reused buffers: the encoded reply and the pages read for it.
     out: Vec<u8>,
     pages: Vec<u8>,
@@ -567,7 +749,14 @@ impl Connection<'_> {
     }
 
     fn session(&mut self, entry: &Entry) -> End {
+        // The child's RDMA queue pair, once connected: it lives as long as this connection.
+        let mut qp: Option<QpLink> = None;
         loop {
+            if qp.is_some()
+                && let Err(end) = self.await_frame(entry)
+            {
+                return end;
+            }
             let deadline = deadline_after(self.config.idle_timeout);
             let (first_page, count) = match self.recv(deadline, "session") {
                 Ok(Frame::Read { first_page, count }) => (first_page, count),
@@ -586,19 +775,32 @@ impl Connection<'_> {
                     }
                     continue;
                 }
+                Ok(Frame::RdmaConnect { version, qp: child }) => {
+                    if qp.is_some() {
+                        return End::bad_request(
+                            "RdmaConnect: this connection already carries a queue pair",
+                        );
+                    }
+                    if entry.is_revoked() {
+                        return revoked(entry);
+                    }
+                    match self.rdma_connect(entry, version, &child) {
+                        Ok(link) => qp = link,
+                        Err(end) => return end,
+                    }
+                    continue;
+                }
                 Ok(Frame::Bye) => return End::Done,
-                Ok(other) => return End::unexpected("expecting Read, MetaRequest or Bye", &other),
+                Ok(other) => {
+                    return End::unexpected(
+                        "expecting Read, MetaRequest, RdmaConnect or Bye",
+                        &other,
+                    );
+                }
                 Err(end) => return end,
             };
             if entry.is_revoked() {
-                return End::refuse(
-                    Bucket::Revoked,
-                    RefuseReason::Revoked,
-                    format!(
-                        "handle {:#018x}: the parent revoked the image",
-                        entry.handle()
-                    ),
-                );
+                return revoked(entry);
             }
             // `decode` already checked 1..=MAX_READ_PAGES and u32 overflow.
             let end = u64::from(first_page) + u64::from(count);
@@ -610,6 +812,51 @@ impl Connection<'_> {
             }
             if let Err(end) = self.answer(entry, first_page, count) {
                 return end;
+            }
+        }
+    }
+
+    /// Answers `RdmaConnect`: `RdmaAccept` and the queue pair to keep, or `RdmaUnavailable`
+    /// and none (the connection goes on serving reads).
+    fn rdma_connect(
+        &mut self,
+        entry: &Entry,
+        version: u8,
+        child: &QpInfo,
+    ) -> Result<Option<QpLink>, End> {
+        let counters = self.registry.counters();
+        let handle = format_args!("{:#018x}", entry.handle()).to_string();
+        match self.rdma.accept(entry, version, child) {
+            Ok((link, qp, region)) => {
+                counters.rdma_connects_ok.fetch_add(1, Relaxed);
+                tracing::debug!(%handle, child_qp = child.qp_num, "RDMA queue pair connected");
+                // On a failed write the link drops here, destroying the queue pair.
+                self.send(&Frame::RdmaAccept { qp, region }, "RDMA set-up")?;
+                Ok(Some(link))
+            }
+            Err(reason) => {
+                counters.rdma_unavailable.fetch_add(1, Relaxed);
+                tracing::debug!(%handle, %reason, "RDMA unavailable; the child reads over TCP");
+                self.send(&Frame::RdmaUnavailable { reason }, "RDMA set-up")?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// With a queue pair connected the child may stay silent for as long as it lives: waits
+    /// for its next frame (or the end of the connection) without a deadline, ending the
+    /// connection, and with it the queue pair, when the image is revoked.
+    fn await_frame(&self, entry: &Entry) -> Result<(), End> {
+        loop {
+            if entry.is_revoked() {
+                return Err(revoked(entry));
+            }
+            let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, TICK.as_millis() as u16) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => {}
+                // Readable, closed or failed: the read that follows says which.
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(End::Lost(io::Error::from(e))),
             }
         }
     }
@@ -645,6 +892,17 @@ impl Connection<'_> {
         }
         sent
     }
+}
+
+fn revoked(entry: &Entry) -> End {
+    End::refuse(
+        Bucket::Revoked,
+        RefuseReason::Revoked,
+        format!(
+            "handle {:#018x}: the parent revoked the image",
+            entry.handle()
+        ),
+    )
 }
 
 /// Reads one client frame: the length is checked against [`MAX_REQUEST`] before the body is

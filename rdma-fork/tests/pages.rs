@@ -1299,3 +1299,219 @@ fn a_remote_source_connects_again_after_the_server_closed_its_idle_connection() 
     );
     assert_eq!(f.registry.stats().handshakes_ok, 2);
 }
+
+// ---- RDMA set-up on the page-server connection (no RDMA device on this machine) ----
+
+use proto::pages::{QpInfo, RDMA_VERSION};
+use rdma_fork::client::RdmaAnswer;
+
+/// A child's queue pair as a NIC would describe it: only the frames carry it here.
+const CHILD_QP: QpInfo = QpInfo {
+    gid: [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+    lid: 3,
+    qp_num: 0x00_1234,
+    psn: 0x00_5678,
+    mtu: 3,
+};
+
+/// Why this build's page server has no RDMA, or `None` on a machine with a device.
+fn server_reason(f: &Fixture) -> Option<String> {
+    let why = f.server.as_ref().unwrap().rdma().unavailable()?.to_string();
+    if cfg!(feature = "rdma") {
+        if !std::path::Path::new("/sys/class/infiniband").exists() {
+            assert!(
+                why.contains("/sys/class/infiniband does not exist"),
+                "{why}"
+            );
+        }
+    } else {
+        assert_eq!(why, "built without the rdma feature");
+    }
+    Some(why)
+}
+
+#[test]
+fn rdma_connect_gets_the_servers_reason_and_the_connection_serves_reads() {
+    let f = Fixture::new();
+    let Some(why) = server_reason(&f) else {
+        eprintln!("this machine has an RDMA device: nothing to check about the fallback");
+        return;
+    };
+    // Without a device the descriptor says nothing about RDMA.
+    let d = f
+        .server
+        .as_ref()
+        .unwrap()
+        .descriptor(&f.handle, [1; 32], "test");
+    assert_eq!(d.rdma, None);
+    assert_eq!(d.parent, f.addr());
+
+    let mut c = f.connect();
+    // Some reads before, the RDMA request, reads after, on the one connection.
+    assert_eq!(read(&mut c, 0, 8).unwrap(), f.pages(0, 8));
+    assert_eq!(
+        c.rdma_connect(CHILD_QP).unwrap(),
+        RdmaAnswer::Unavailable(why.clone())
+    );
+    assert!(c.is_usable());
+    assert_eq!(read(&mut c, 8, 200).unwrap(), f.pages(8, 200));
+    // Asking again gets the same answer; the connection still serves.
+    assert_eq!(
+        c.rdma_connect(CHILD_QP).unwrap(),
+        RdmaAnswer::Unavailable(why)
+    );
+    assert_eq!(
+        read(&mut c, PAGES as u32 - 1, 1).unwrap(),
+        f.pages(PAGES - 1, 1)
+    );
+    c.close().unwrap();
+    let s = f.stats();
+    assert_eq!((s.rdma_unavailable, s.rdma_connects_ok), (2, 0));
+    assert_eq!(s.refusals.total(), 0, "{s:?}");
+    assert_eq!(s.reads, 3);
+}
+
+#[test]
+fn rdma_connect_before_the_handshake_is_refused_and_counted() {
+    let f = Fixture::new();
+    let connect = Frame::RdmaConnect {
+        version: RDMA_VERSION,
+        qp: CHILD_QP,
+    };
+    // As the first frame.
+    let mut s = raw(f.addr());
+    write_frame(&mut s, &connect).unwrap();
+    let m = expect_refusal(&mut s, RefuseReason::BadRequest);
+    assert!(m.contains("unexpected RdmaConnect"), "{m}");
+    // After Hello, in place of the Proof: still unauthenticated.
+    let mut s = raw(f.addr());
+    write_frame(&mut s, &hello(f.handle.id, [1; 16])).unwrap();
+    assert!(matches!(
+        read_frame(&mut s).unwrap(),
+        Frame::Challenge { .. }
+    ));
+    write_frame(&mut s, &connect).unwrap();
+    let m = expect_refusal(&mut s, RefuseReason::BadRequest);
+    assert!(m.contains("expecting Proof"), "{m}");
+    // With a wrong proof, the RdmaConnect behind it is never answered.
+    let mut s = raw(f.addr());
+    write_frame(&mut s, &hello(f.handle.id, [2; 16])).unwrap();
+    assert!(matches!(
+        read_frame(&mut s).unwrap(),
+        Frame::Challenge { .. }
+    ));
+    let mut both = encode(&Frame::Proof { mac: [0; 32] });
+    both.extend_from_slice(&encode(&connect));
+    s.write_all(&both).unwrap();
+    expect_refusal(&mut s, RefuseReason::BadProof);
+
+    let st = f.stats();
+    assert_eq!(st.refusals.bad_request, 2, "{st:?}");
+    assert_eq!(st.refusals.bad_proof, 1, "{st:?}");
+    assert_eq!((st.rdma_unavailable, st.rdma_connects_ok), (0, 0));
+    assert_eq!(st.handshakes_ok, 0);
+    // The server keeps serving.
+    let mut c = f.connect();
+    assert_eq!(read(&mut c, 1, 3).unwrap(), f.pages(1, 3));
+}
+
+#[test]
+fn malformed_rdma_connect_frames_are_refused_and_counted() {
+    let f = Fixture::new();
+    let good = encode(&Frame::RdmaConnect {
+        version: RDMA_VERSION,
+        qp: CHILD_QP,
+    });
+    let with_len = |body: &[u8]| {
+        let mut b = (body.len() as u32).to_le_bytes().to_vec();
+        b.extend_from_slice(body);
+        b
+    };
+    let body = &good[4..];
+    let mut oversized = body.to_vec();
+    oversized.resize(65, 0);
+    let mut trailing = body.to_vec();
+    trailing.push(0);
+    let mut mtu0 = body.to_vec();
+    mtu0[2 + 26] = 0; // kind, version, then the queue pair: mtu is its last byte
+    let mut wide_qp = body.to_vec();
+    wide_qp[2 + 16 + 2 + 3] = 1; // the top byte of qp_num (LE)
+    // (bytes, close the write side after them, what the refusal says)
+    let cases: Vec<(Vec<u8>, bool, &str)> = vec![
+        (with_len(&body[..10]), false, "truncated"),
+        (with_len(&oversized), false, "65"),
+        (with_len(&trailing), false, "trailing"),
+        (with_len(&mtu0), false, "MTU"),
+        (with_len(&wide_qp), false, "24 bits"),
+        // The header promises the whole frame; the stream ends after ten bytes.
+        (good[..10].to_vec(), true, "truncated"),
+    ];
+    let n = cases.len() as u64;
+    for (bytes, close, says) in cases {
+        let mut s = raw(f.addr());
+        raw_handshake(&mut s, &f.handle, [7; 16]);
+        s.write_all(&bytes).unwrap();
+        if close {
+            s.shutdown(Shutdown::Write).unwrap();
+        }
+        let m = expect_refusal(&mut s, RefuseReason::BadRequest);
+        assert!(m.contains(says), "{says}: {m}");
+    }
+    // A server's frame from a child is out of order, not malformed.
+    let mut s = raw(f.addr());
+    raw_handshake(&mut s, &f.handle, [8; 16]);
+    write_frame(&mut s, &Frame::RdmaUnavailable { reason: "x".into() }).unwrap();
+    let m = expect_refusal(&mut s, RefuseReason::BadRequest);
+    assert!(m.contains("unexpected RdmaUnavailable"), "{m}");
+
+    let st = f.stats();
+    assert_eq!(st.refusals.malformed, n, "{st:?}");
+    assert_eq!(st.refusals.bad_request, 1, "{st:?}");
+    assert_eq!((st.rdma_unavailable, st.rdma_connects_ok), (0, 0));
+    // The server keeps serving, RDMA answers included.
+    let mut c = f.connect();
+    assert!(matches!(
+        c.rdma_connect(CHILD_QP),
+        Ok(RdmaAnswer::Unavailable(_) | RdmaAnswer::Accept { .. })
+    ));
+    assert_eq!(read(&mut c, 5, 1).unwrap(), f.pages(5, 1));
+}
+
+/// An RdmaConnect of a version this server does not speak: refused only on a server with a
+/// device (one without says why it has none, whatever the version).
+#[test]
+fn unknown_rdma_version_still_gets_an_answer() {
+    let f = Fixture::new();
+    let Some(why) = server_reason(&f) else { return };
+    let mut s = raw(f.addr());
+    raw_handshake(&mut s, &f.handle, [9; 16]);
+    write_frame(
+        &mut s,
+        &Frame::RdmaConnect {
+            version: RDMA_VERSION + 1,
+            qp: CHILD_QP,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        read_frame(&mut s).unwrap(),
+        Frame::RdmaUnavailable { reason: why }
+    );
+    write_frame(
+        &mut s,
+        &Frame::Read {
+            first_page: 2,
+            count: 1,
+        },
+    )
+    .unwrap();
+    let Frame::Pages {
+        first_page: 2,
+        count: 1,
+        ..
+    } = read_frame(&mut s).unwrap()
+    else {
+        panic!("no pages after RdmaUnavailable")
+    };
+    assert_eq!(f.stats().rdma_unavailable, 1);
+}

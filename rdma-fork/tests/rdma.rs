@@ -67,6 +67,58 @@ fn page_source_selection_falls_back_to_tcp_with_its_reason() {
     }
 }
 
+/// `rdma_pages` against a real page server on 127.0.0.1, with a descriptor that says the
+/// parent has RDMA (injected: the server has no device): the child's own checks come first,
+/// so it falls back with the local reason and never contacts the parent. The parent's own
+/// answer (`RdmaUnavailable`) over an authenticated connection is checked in
+/// `tests/pages.rs` and below.
+#[test]
+fn rdma_pages_against_a_real_parent_checks_locally_first() {
+    use rdma_fork::registry::{ImageRegistry, PublishedImage};
+    use rdma_fork::server::PageServer;
+    use std::sync::Arc;
+    let registry = Arc::new(ImageRegistry::new());
+    let memory: Vec<u8> = (0..16 * 4096).map(|i| (i % 251) as u8).collect();
+    let handle = registry
+        .publish(
+            PublishedImage::from_memory("rdma-pages", &memory, std::time::Duration::from_secs(60))
+                .unwrap(),
+        )
+        .unwrap();
+    let server = PageServer::bind("127.0.0.1:0", registry.clone())
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let Some(server_why) = server.rdma().unavailable().cloned() else {
+        eprintln!("this machine has an RDMA device: nothing to check about the fallback");
+        return;
+    };
+    let mut d = server.descriptor(&handle, [1; 32], "test");
+    assert_eq!(d.rdma, None, "a server without a device advertises none");
+    d.rdma = descriptor(true).rdma;
+    let nonzero = proto::PageBitmap::new(16);
+    let why = match rdma_fork::transport::rdma_pages(
+        TransportPref::Rdma,
+        &d,
+        &nonzero,
+        std::time::Duration::from_secs(2),
+    ) {
+        Ok(_) => panic!("an RDMA source was set up on a machine without RDMA"),
+        Err(why) => why.expect("RDMA was asked for: a reason"),
+    };
+    // The same reason the server has: this machine's.
+    assert_eq!(why, server_why);
+    if cfg!(feature = "rdma") {
+        assert!(matches!(why, Fallback::Unavailable(_)), "{why}");
+    } else {
+        assert_eq!(why, Fallback::NotBuilt);
+    }
+    let s = registry.stats();
+    assert_eq!(s.handshakes_ok, 0, "the parent was contacted: {s:?}");
+    assert_eq!(s.connections_open, 0);
+    assert_eq!((s.rdma_unavailable, s.rdma_connects_ok), (0, 0));
+}
+
 #[cfg(feature = "rdma")]
 mod with_feature {
     use std::io::{Read, Write};
@@ -224,6 +276,52 @@ mod with_feature {
         );
     }
 
+    /// What a child with a device would get from this parent: the page server's reason,
+    /// through an authenticated connection, mapped to the fallback `rdma_pages` reports.
+    #[test]
+    fn a_parent_without_rdma_gives_its_reason_as_the_fallback() {
+        use rdma_fork::client::{PageClient, RdmaAnswer};
+        use rdma_fork::registry::{ImageRegistry, PublishedImage};
+        use rdma_fork::server::PageServer;
+        use rdma_fork::transport::setup_fallback;
+        use std::sync::Arc;
+        let registry = Arc::new(ImageRegistry::new());
+        let handle = registry
+            .publish(
+                PublishedImage::from_memory("parent", &vec![1u8; 65536], Duration::from_secs(60))
+                    .unwrap(),
+            )
+            .unwrap();
+        let server = PageServer::bind("127.0.0.1:0", registry.clone())
+            .unwrap()
+            .spawn()
+            .unwrap();
+        let Some(server_why) = server.rdma().unavailable().map(|w| w.to_string()) else {
+            return;
+        };
+        let d = server.descriptor(&handle, [1; 32], "test");
+        let mut client = PageClient::connect(&d, Duration::from_secs(2)).unwrap();
+        let RdmaAnswer::Unavailable(reason) = client.rdma_connect(qp(1)).unwrap() else {
+            panic!("a parent without a device accepted a queue pair")
+        };
+        assert_eq!(reason, server_why);
+        let why = setup_fallback(RdmaError::ParentHasNoRdma(reason.clone()));
+        assert_eq!(why, Fallback::ParentHasNoRdma(reason.clone()));
+        assert_eq!(why.to_string(), format!("parent: {reason}"));
+        if !Path::new(SYSFS_CLASS).exists() {
+            assert!(
+                why.to_string()
+                    .starts_with("parent: no RDMA device: /sys/class/infiniband does not exist")
+            );
+        }
+        // Any other set-up failure is reported as such.
+        assert!(matches!(
+            setup_fallback(RdmaError::Broken),
+            Fallback::Setup(_)
+        ));
+        assert_eq!(registry.stats().rdma_unavailable, 1);
+    }
+
     #[test]
     fn exchange_round_trip_over_tcp() {
         let (mut child, mut parent) = pair();
@@ -314,18 +412,18 @@ mod with_feature {
         };
         // Body offsets: gid 8..24, lid 24..26, qp 26..30, psn 30..34, mtu 34, region 35..55.
         let invalid = |e: ExchangeError| matches!(e, ExchangeError::Invalid(_));
-        assert!(invalid(patch(&|b| b[26] = 1))); // QP number > 24 bits
-        assert!(invalid(patch(&|b| b[30] = 1))); // PSN > 24 bits
+        assert!(invalid(patch(&|b| b[29] = 1))); // QP number > 24 bits (LE: top byte)
+        assert!(invalid(patch(&|b| b[33] = 1))); // PSN > 24 bits
         assert!(invalid(patch(&|b| b[34] = 0))); // MTU 0
         assert!(invalid(patch(&|b| b[34] = 6))); // MTU past 4096
         assert!(invalid(patch(
-            &|b| b[35..43].copy_from_slice(&u64::MAX.to_be_bytes())
+            &|b| b[35..43].copy_from_slice(&u64::MAX.to_le_bytes())
         )));
         assert!(invalid(patch(
-            &|b| b[47..55].copy_from_slice(&0u64.to_be_bytes())
+            &|b| b[47..55].copy_from_slice(&0u64.to_le_bytes())
         )));
         assert!(invalid(patch(
-            &|b| b[47..55].copy_from_slice(&4095u64.to_be_bytes())
+            &|b| b[47..55].copy_from_slice(&4095u64.to_le_bytes())
         )));
         // Nor does this side send such fields.
         let (mut child, _parent) = pair();

@@ -2,6 +2,11 @@
 //! each side's queue-pair address (GID, LID, QP number, starting PSN, path MTU) and, from the
 //! parent, the registered region (address, rkey, length).
 //!
+//! The page server carries the same information in its `RdmaConnect`/`RdmaAccept` frames
+//! ([`proto::pages`]), which is how a child and a Spindle parent connect; this exchange is
+//! for a bare control stream. Both use the one wire layout of [`QpInfo`] and [`RegionInfo`]
+//! defined in `proto::pages`.
+//!
 //! A frame is `"SPRD" | version u8 | kind u8 | body length u16 BE | body`. Everything read is
 //! peer input: lengths are checked before any allocation, every field is range-checked, and a
 //! stalled or vanished peer ends in an error within the handshake timeout, never a hang.
@@ -9,12 +14,11 @@
 //! Order: the child sends [`Frame::ChildHello`], the parent answers [`Frame::ParentHello`];
 //! once its queue pair can answer READs the parent sends [`Frame::Ready`].
 
-use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use crate::PAGE_SIZE;
+pub use proto::pages::{QpInfo, RegionInfo};
 
 pub const MAGIC: [u8; 4] = *b"SPRD";
 /// The version this build speaks; a peer with another is refused.
@@ -28,55 +32,8 @@ const HEADER: usize = 8;
 const KIND_CHILD_HELLO: u8 = 1;
 const KIND_PARENT_HELLO: u8 = 2;
 const KIND_READY: u8 = 3;
-const QP_INFO_LEN: usize = 16 + 2 + 4 + 4 + 1;
-const REGION_INFO_LEN: usize = 8 + 4 + 8;
-/// QP numbers and PSNs are 24-bit on the wire of InfiniBand and RoCE.
-const MAX_24: u32 = 0x00ff_ffff;
-
-/// One side's reliable-connection queue pair, as its peer needs it for RTR/RTS.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct QpInfo {
-    pub gid: [u8; 16],
-    pub lid: u16,
-    /// 24-bit queue-pair number.
-    pub qp_num: u32,
-    /// 24-bit first packet sequence number this side sends with.
-    pub psn: u32,
-    /// Active path MTU as `ibv_mtu` (1 = 256 B .. 5 = 4096 B); the pair uses the smaller.
-    pub mtu: u8,
-}
-
-/// The parent's registered image mapping: the READ target.
-///
-/// `rkey` is a capability (the NIC checks nothing else), so `Debug` redacts it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct RegionInfo {
-    /// Address of the image's first byte in the parent's registered region.
-    pub remote_addr: u64,
-    pub rkey: u32,
-    /// Bytes registered: a whole number of pages.
-    pub len: u64,
-}
-
-impl fmt::Debug for RegionInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RegionInfo")
-            .field("remote_addr", &format_args!("{:#x}", self.remote_addr))
-            .field("rkey", &"<redacted>")
-            .field("len", &self.len)
-            .finish()
-    }
-}
-
-impl From<&proto::image::RdmaInfo> for RegionInfo {
-    fn from(info: &proto::image::RdmaInfo) -> Self {
-        RegionInfo {
-            remote_addr: info.remote_addr,
-            rkey: info.rkey,
-            len: info.len,
-        }
-    }
-}
+const QP_INFO_LEN: usize = QpInfo::WIRE_LEN;
+const REGION_INFO_LEN: usize = RegionInfo::WIRE_LEN;
 
 /// A metadata frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,12 +57,10 @@ impl Frame {
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(QP_INFO_LEN + REGION_INFO_LEN);
         match self {
-            Frame::ChildHello(qp) => put_qp(&mut body, qp),
+            Frame::ChildHello(qp) => qp.put(&mut body),
             Frame::ParentHello(qp, region) => {
-                put_qp(&mut body, qp);
-                body.extend_from_slice(&region.remote_addr.to_be_bytes());
-                body.extend_from_slice(&region.rkey.to_be_bytes());
-                body.extend_from_slice(&region.len.to_be_bytes());
+                qp.put(&mut body);
+                region.put(&mut body);
             }
             Frame::Ready => {}
         }
@@ -140,13 +95,8 @@ impl Frame {
             KIND_PARENT_HELLO => {
                 expect(QP_INFO_LEN + REGION_INFO_LEN)?;
                 let qp = get_qp(&body[..QP_INFO_LEN])?;
-                let r = &body[QP_INFO_LEN..];
-                let region = RegionInfo {
-                    remote_addr: u64::from_be_bytes(arr(&r[0..8])),
-                    rkey: u32::from_be_bytes(arr(&r[8..12])),
-                    len: u64::from_be_bytes(arr(&r[12..20])),
-                };
-                check_region(&region)?;
+                let region = RegionInfo::from_wire(&arr(&body[QP_INFO_LEN..]))
+                    .map_err(ExchangeError::Invalid)?;
                 Ok(Frame::ParentHello(qp, region))
             }
             KIND_READY => {
@@ -158,14 +108,6 @@ impl Frame {
     }
 }
 
-fn put_qp(body: &mut Vec<u8>, qp: &QpInfo) {
-    body.extend_from_slice(&qp.gid);
-    body.extend_from_slice(&qp.lid.to_be_bytes());
-    body.extend_from_slice(&qp.qp_num.to_be_bytes());
-    body.extend_from_slice(&qp.psn.to_be_bytes());
-    body.push(qp.mtu);
-}
-
 /// `N` bytes of a slice whose length the caller has checked.
 fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
     let mut out = [0; N];
@@ -174,44 +116,17 @@ fn arr<const N: usize>(b: &[u8]) -> [u8; N] {
 }
 
 fn get_qp(b: &[u8]) -> Result<QpInfo, ExchangeError> {
-    let qp = QpInfo {
-        gid: arr(&b[0..16]),
-        lid: u16::from_be_bytes(arr(&b[16..18])),
-        qp_num: u32::from_be_bytes(arr(&b[18..22])),
-        psn: u32::from_be_bytes(arr(&b[22..26])),
-        mtu: b[26],
-    };
-    check_qp(&qp)?;
-    Ok(qp)
+    QpInfo::from_wire(&arr(b)).map_err(ExchangeError::Invalid)
 }
 
 /// The field checks a frame's queue-pair info must pass (also applied before sending).
 pub fn check_qp(qp: &QpInfo) -> Result<(), ExchangeError> {
-    if qp.qp_num > MAX_24 {
-        return Err(ExchangeError::Invalid("QP number wider than 24 bits"));
-    }
-    if qp.psn > MAX_24 {
-        return Err(ExchangeError::Invalid("PSN wider than 24 bits"));
-    }
-    if !(1..=5).contains(&qp.mtu) {
-        return Err(ExchangeError::Invalid(
-            "path MTU is not 256..4096 (ibv_mtu 1..5)",
-        ));
-    }
-    Ok(())
+    qp.check().map_err(ExchangeError::Invalid)
 }
 
 /// The field checks a frame's region must pass: whole pages, not empty, no address wrap.
 pub fn check_region(r: &RegionInfo) -> Result<(), ExchangeError> {
-    if r.len == 0 || !r.len.is_multiple_of(PAGE_SIZE as u64) {
-        return Err(ExchangeError::Invalid(
-            "region length is not a whole, non-zero number of pages",
-        ));
-    }
-    if r.remote_addr.checked_add(r.len).is_none() {
-        return Err(ExchangeError::Invalid("region wraps the address space"));
-    }
-    Ok(())
+    r.check().map_err(ExchangeError::Invalid)
 }
 
 /// Why a metadata exchange failed.

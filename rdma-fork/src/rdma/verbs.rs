@@ -49,6 +49,7 @@ use super::exchange::{
 };
 use super::plan::{MAX_READ_BYTES, plan_reads};
 use super::probe;
+use crate::client::{PageClient, RdmaAnswer};
 use crate::transport::{Errno, NoRdma};
 use crate::{FetchError, PAGE_SIZE, PageSource};
 
@@ -92,6 +93,12 @@ pub enum RdmaError {
     CompletionTimeout(Duration),
     #[error("the RDMA connection failed earlier and is not used again")]
     Broken,
+    /// The parent's page server answered `RdmaUnavailable`, with its reason.
+    #[error("parent: {0}")]
+    ParentHasNoRdma(String),
+    /// Reaching or authenticating with the parent's page server, or its answer, failed.
+    #[error("parent: {0}")]
+    Parent(#[from] crate::client::ClientError),
 }
 
 /// An error and its sources, one line.
@@ -474,18 +481,43 @@ impl RdmaExport {
         }
     }
 
-    /// Wires one child's queue pair over its control `stream` (the child runs
+    /// Wires one child's queue pair over a bare control `stream` (the child runs
     /// [`RdmaSource::connect_on`]); the connection lives as long as the returned value.
     pub fn accept(&self, stream: &mut TcpStream) -> Result<ParentConn, RdmaError> {
         let (cq, mut qp) = new_qp(&self.dev, &self.pd, 1, AccessFlags::RemoteRead)?;
         let psn = fresh_psn();
         let local = self.dev.qp_info(&qp, psn);
         let remote = exchange_as_parent(stream, local, self.region())?;
-        // The parent issues nothing; it answers up to the device's responder limit.
-        connect_qp(&mut qp, &self.dev, psn, &remote, 1, self.dev.rd_atom.1)?;
+        self.connect_child(&mut qp, psn, &remote)?;
         send_ready(stream, HANDSHAKE_TIMEOUT)?;
-        debug!(child_qp = remote.qp_num, "child queue pair connected");
         Ok(ParentConn { qp, _cq: cq })
+    }
+
+    /// Wires one child's queue pair `remote` (from its `RdmaConnect` on the page server) and
+    /// returns ours, already in RTS: the child may READ as soon as it has the answer. The
+    /// page-server connection that asked must own the returned value for as long as it
+    /// lives (dropping it destroys the queue pair).
+    pub fn accept_qp(&self, remote: &QpInfo) -> Result<(ParentConn, QpInfo), RdmaError> {
+        remote
+            .check()
+            .map_err(|what| RdmaError::Exchange(ExchangeError::Invalid(what)))?;
+        let (cq, mut qp) = new_qp(&self.dev, &self.pd, 1, AccessFlags::RemoteRead)?;
+        let psn = fresh_psn();
+        let local = self.dev.qp_info(&qp, psn);
+        self.connect_child(&mut qp, psn, remote)?;
+        Ok((ParentConn { qp, _cq: cq }, local))
+    }
+
+    fn connect_child(
+        &self,
+        qp: &mut BasicQueuePair,
+        psn: u32,
+        remote: &QpInfo,
+    ) -> Result<(), RdmaError> {
+        // The parent issues nothing; it answers up to the device's responder limit.
+        connect_qp(qp, &self.dev, psn, remote, 1, self.dev.rd_atom.1)?;
+        debug!(child_qp = remote.qp_num, "child queue pair connected");
+        Ok(())
     }
 }
 
@@ -511,8 +543,15 @@ struct ChildConn {
     _pd: Arc<ProtectionDomain>,
     staging: Mapping,
     /// The control connection: the parent tears our queue pair down when it closes.
-    _control: TcpStream,
+    _control: Control,
     broken: bool,
+}
+
+/// What keeps the parent's queue pair alive: the bare stream of [`RdmaSource::connect_on`] or
+/// the authenticated page-server connection of [`RdmaSource::connect_parent`].
+enum Control {
+    Stream(#[allow(dead_code)] TcpStream),
+    Pages(#[allow(dead_code)] PageClient),
 }
 
 /// Pages of a remote image, read by one-sided RDMA READ from the parent's registered region.
@@ -537,6 +576,50 @@ impl RdmaSource {
         mut stream: TcpStream,
         nonzero: PageBitmap,
     ) -> Result<Self, RdmaError> {
+        let local = ChildSide::new(dev, &nonzero)?;
+        let (remote, region) = exchange_as_child(&mut stream, local.info(dev))?;
+        // The parent's queue pair answers READs once it says so.
+        wait_ready(&mut stream, HANDSHAKE_TIMEOUT)?;
+        local.finish(dev, &remote, region, nonzero, Control::Stream(stream))
+    }
+
+    /// Connects to the page server of `descriptor.parent` on `dev`: authenticates with the
+    /// descriptor's key, sends our queue pair in `RdmaConnect` and, on `RdmaAccept`, READs
+    /// from the region it names. The authenticated connection is the queue pairs' control
+    /// channel and lives as long as the source. A parent without RDMA gives
+    /// [`RdmaError::ParentHasNoRdma`] with its reason. `timeout` bounds the connect and each
+    /// round trip.
+    pub fn connect_parent(
+        dev: &RdmaDevice,
+        descriptor: &proto::ImageDescriptor,
+        nonzero: PageBitmap,
+        timeout: Duration,
+    ) -> Result<Self, RdmaError> {
+        let local = ChildSide::new(dev, &nonzero)?;
+        let mut client = PageClient::connect(descriptor, timeout)?;
+        match client.rdma_connect(local.info(dev))? {
+            RdmaAnswer::Unavailable(reason) => Err(RdmaError::ParentHasNoRdma(reason)),
+            // The parent's queue pair is in RTS before it answers: no Ready step.
+            RdmaAnswer::Accept { qp, region } => {
+                local.finish(dev, &qp, region, nonzero, Control::Pages(client))
+            }
+        }
+    }
+}
+
+/// A child's resources before the exchange: its queue pair in INIT and the staging buffer.
+struct ChildSide {
+    qp: BasicQueuePair,
+    cq: Arc<BasicCompletionQueue>,
+    staging_mr: Arc<MemoryRegion>,
+    pd: Arc<ProtectionDomain>,
+    staging: Mapping,
+    psn: u32,
+    len: u64,
+}
+
+impl ChildSide {
+    fn new(dev: &RdmaDevice, nonzero: &PageBitmap) -> Result<Self, RdmaError> {
         let len = nonzero
             .pages()
             .checked_mul(PAGE_SIZE as u64)
@@ -553,9 +636,43 @@ impl RdmaSource {
             )
         }
         .map_err(verbs("register the staging buffer"))?;
-        let (cq, mut qp) = new_qp(dev, &pd, QUEUE_DEPTH, AccessFlags::LocalWrite)?;
-        let psn = fresh_psn();
-        let (remote, region) = exchange_as_child(&mut stream, dev.qp_info(&qp, psn))?;
+        let (cq, qp) = new_qp(dev, &pd, QUEUE_DEPTH, AccessFlags::LocalWrite)?;
+        Ok(ChildSide {
+            qp,
+            cq,
+            staging_mr,
+            pd,
+            staging,
+            psn: fresh_psn(),
+            len,
+        })
+    }
+
+    fn info(&self, dev: &RdmaDevice) -> QpInfo {
+        dev.qp_info(&self.qp, self.psn)
+    }
+
+    /// Checks the parent's answer and moves our queue pair to RTR/RTS towards it.
+    fn finish(
+        self,
+        dev: &RdmaDevice,
+        remote: &QpInfo,
+        region: RegionInfo,
+        nonzero: PageBitmap,
+        control: Control,
+    ) -> Result<RdmaSource, RdmaError> {
+        let ChildSide {
+            mut qp,
+            cq,
+            staging_mr,
+            pd,
+            staging,
+            psn,
+            len,
+        } = self;
+        region
+            .check()
+            .map_err(|what| RdmaError::Exchange(ExchangeError::Invalid(what)))?;
         if region.len < len {
             return Err(RdmaError::RegionTooSmall {
                 region: region.len,
@@ -563,8 +680,7 @@ impl RdmaSource {
             });
         }
         // The child issues READs and answers none.
-        connect_qp(&mut qp, dev, psn, &remote, dev.rd_atom.0, 0)?;
-        wait_ready(&mut stream, HANDSHAKE_TIMEOUT)?;
+        connect_qp(&mut qp, dev, psn, remote, dev.rd_atom.0, 0)?;
         info!(
             parent_qp = remote.qp_num,
             bytes = len,
@@ -577,7 +693,7 @@ impl RdmaSource {
                 staging_mr,
                 _pd: pd,
                 staging,
-                _control: stream,
+                _control: control,
                 broken: false,
             }),
             nonzero,
