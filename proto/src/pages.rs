@@ -114,8 +114,8 @@ mod kind {
 const MAX_24: u32 = 0x00ff_ffff;
 
 /// One side's reliable-connection queue pair, as its peer needs it to move its own to
-/// RTR/RTS. The one wire layout of it (also used by `rdma_fork::rdma::exchange`): gid 16,
-/// lid 2, qp_num 4, psn 4, mtu 1, little-endian, [`QpInfo::WIRE_LEN`] bytes.
+/// RTR/RTS, as carried in [`Frame::RdmaConnect`] and [`Frame::RdmaAccept`]: gid 16, lid 2,
+/// qp_num 4, psn 4, mtu 1, little-endian, [`QpInfo::WIRE_LEN`] bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QpInfo {
     pub gid: [u8; 16],

@@ -1515,3 +1515,119 @@ fn unknown_rdma_version_still_gets_an_answer() {
     };
     assert_eq!(f.stats().rdma_unavailable, 1);
 }
+
+/// The accept side of the exchange, which a server without a device never sends: a fake
+/// parent handshakes, checks the child's `RdmaConnect` as it arrived over TCP and answers
+/// `answer` (raw bytes, so out-of-range fields can be sent). Hands `check` what the child
+/// got and its client, then closes the client and waits for the fake parent.
+fn rdma_connect_against(
+    answer: Vec<u8>,
+    check: impl FnOnce(Result<RdmaAnswer, ClientError>, &mut PageClient),
+) {
+    let handle = ImageHandle {
+        id: 43,
+        key: [4; 32],
+        memory_bytes: (PAGES * PAGE) as u64,
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let memory_bytes = handle.memory_bytes;
+    let parent = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        assert!(matches!(read_frame(&mut s).unwrap(), Frame::Hello { .. }));
+        let server_nonce = fresh_nonce::<32>().unwrap();
+        write_frame(&mut s, &Frame::Challenge { server_nonce }).unwrap();
+        assert!(matches!(read_frame(&mut s).unwrap(), Frame::Proof { .. }));
+        write_frame(
+            &mut s,
+            &Frame::Welcome {
+                memory_bytes,
+                page_size: PAGE_SIZE,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            read_frame(&mut s).unwrap(),
+            Frame::RdmaConnect {
+                version: RDMA_VERSION,
+                qp: CHILD_QP,
+            }
+        );
+        s.write_all(&answer).unwrap();
+        // Hold the connection until the child closes it.
+        let _ = s.read_to_end(&mut Vec::new());
+    });
+    let mut c = PageClient::connect(&descriptor_for(&handle, addr), TIMEOUT).unwrap();
+    let got = c.rdma_connect(CHILD_QP);
+    check(got, &mut c);
+    drop(c);
+    parent.join().unwrap();
+}
+
+#[test]
+fn rdma_accept_reaches_the_child_field_for_field_and_bad_regions_are_refused() {
+    use proto::pages::RegionInfo;
+    let parent_qp = QpInfo {
+        gid: [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x42,
+        ],
+        lid: 0xbeef,
+        qp_num: 0x00ff_fffe,
+        psn: 0x00ab_cdef,
+        mtu: 5,
+    };
+    let region = RegionInfo {
+        remote_addr: 0x7f12_3456_0000,
+        rkey: 0x8765_4321,
+        len: (PAGES * PAGE) as u64,
+    };
+    let accept = encode(&Frame::RdmaAccept {
+        qp: parent_qp,
+        region,
+    });
+    rdma_connect_against(accept.clone(), |got, c| {
+        assert_eq!(
+            got.unwrap(),
+            RdmaAnswer::Accept {
+                qp: parent_qp,
+                region
+            }
+        );
+        // The connection stays the queue pair's control channel.
+        assert!(c.is_usable());
+        assert_eq!(c.stats().round_trips, 1);
+    });
+
+    // A region the child must not READ from: the answer is refused and the connection is
+    // not used again (its offsets: header 4, kind 1, queue pair, then addr 8, rkey 4, len 8).
+    let at = 4 + 1 + QpInfo::WIRE_LEN;
+    for (addr, len) in [(u64::MAX - 4095, 8192), (0x1000, 0), (0x1000, 4095)] {
+        let mut bad = accept.clone();
+        bad[at..at + 8].copy_from_slice(&addr.to_le_bytes());
+        bad[at + 12..at + 20].copy_from_slice(&u64::to_le_bytes(len));
+        rdma_connect_against(bad, |got, c| {
+            let e = got.unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ClientError::Protocol {
+                        during: Step::RdmaSetup,
+                        violation: Violation::Malformed(FrameError::BadRdmaField {
+                            kind: "RdmaAccept",
+                            ..
+                        })
+                    }
+                ),
+                "{addr:#x} {len}: {e}"
+            );
+            assert!(!c.is_usable());
+            assert!(matches!(
+                c.rdma_connect(CHILD_QP),
+                Err(ClientError::Unusable)
+            ));
+            // The rkey is a capability: not in the error either.
+            assert!(!e.to_string().contains("8765") && !e.to_string().contains("2271560481"));
+        });
+    }
+}

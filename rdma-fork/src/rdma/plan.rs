@@ -8,7 +8,7 @@
 
 use proto::PageBitmap;
 
-use super::exchange::RegionInfo;
+use super::RegionInfo;
 use crate::PAGE_SIZE;
 
 /// The default largest single READ: large enough to reach line rate, small enough that one

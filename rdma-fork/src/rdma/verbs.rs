@@ -19,7 +19,6 @@ use std::ffi::c_void;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
-use std::net::TcpStream;
 use std::num::NonZeroUsize;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
@@ -43,12 +42,8 @@ use sideway::ibverbs::queue_pair::{
 };
 use tracing::{debug, info, warn};
 
-use super::exchange::{
-    ExchangeError, HANDSHAKE_TIMEOUT, QpInfo, RegionInfo, exchange_as_child, exchange_as_parent,
-    send_ready, wait_ready,
-};
 use super::plan::{MAX_READ_BYTES, plan_reads};
-use super::probe;
+use super::{QpInfo, RegionInfo, check_qp, check_region, probe};
 use crate::client::{PageClient, RdmaAnswer};
 use crate::transport::{Errno, NoRdma};
 use crate::{FetchError, PAGE_SIZE, PageSource};
@@ -68,8 +63,9 @@ const MAX_RD_ATOMIC: i32 = 16;
 pub enum RdmaError {
     #[error(transparent)]
     NoRdma(#[from] NoRdma),
-    #[error("RDMA metadata exchange: {0}")]
-    Exchange(#[from] ExchangeError),
+    /// The peer's queue pair or region failed [`check_qp`] / [`check_region`].
+    #[error("invalid RDMA connection field: {0}")]
+    Invalid(&'static str),
     /// A verbs call failed; `detail` is the library's error chain.
     #[error("{op}: {detail}")]
     Verbs { op: &'static str, detail: String },
@@ -481,43 +477,19 @@ impl RdmaExport {
         }
     }
 
-    /// Wires one child's queue pair over a bare control `stream` (the child runs
-    /// [`RdmaSource::connect_on`]); the connection lives as long as the returned value.
-    pub fn accept(&self, stream: &mut TcpStream) -> Result<ParentConn, RdmaError> {
-        let (cq, mut qp) = new_qp(&self.dev, &self.pd, 1, AccessFlags::RemoteRead)?;
-        let psn = fresh_psn();
-        let local = self.dev.qp_info(&qp, psn);
-        let remote = exchange_as_parent(stream, local, self.region())?;
-        self.connect_child(&mut qp, psn, &remote)?;
-        send_ready(stream, HANDSHAKE_TIMEOUT)?;
-        Ok(ParentConn { qp, _cq: cq })
-    }
-
     /// Wires one child's queue pair `remote` (from its `RdmaConnect` on the page server) and
     /// returns ours, already in RTS: the child may READ as soon as it has the answer. The
     /// page-server connection that asked must own the returned value for as long as it
     /// lives (dropping it destroys the queue pair).
     pub fn accept_qp(&self, remote: &QpInfo) -> Result<(ParentConn, QpInfo), RdmaError> {
-        remote
-            .check()
-            .map_err(|what| RdmaError::Exchange(ExchangeError::Invalid(what)))?;
+        check_qp(remote)?;
         let (cq, mut qp) = new_qp(&self.dev, &self.pd, 1, AccessFlags::RemoteRead)?;
         let psn = fresh_psn();
         let local = self.dev.qp_info(&qp, psn);
-        self.connect_child(&mut qp, psn, remote)?;
-        Ok((ParentConn { qp, _cq: cq }, local))
-    }
-
-    fn connect_child(
-        &self,
-        qp: &mut BasicQueuePair,
-        psn: u32,
-        remote: &QpInfo,
-    ) -> Result<(), RdmaError> {
         // The parent issues nothing; it answers up to the device's responder limit.
-        connect_qp(qp, &self.dev, psn, remote, 1, self.dev.rd_atom.1)?;
+        connect_qp(&mut qp, &self.dev, psn, remote, 1, self.dev.rd_atom.1)?;
         debug!(child_qp = remote.qp_num, "child queue pair connected");
-        Ok(())
+        Ok((ParentConn { qp, _cq: cq }, local))
     }
 }
 
@@ -542,16 +514,10 @@ struct ChildConn {
     staging_mr: Arc<MemoryRegion>,
     _pd: Arc<ProtectionDomain>,
     staging: Mapping,
-    /// The control connection: the parent tears our queue pair down when it closes.
-    _control: Control,
+    /// The authenticated page-server connection the queue pairs were set up on: the parent
+    /// tears its queue pair down when it closes.
+    _control: PageClient,
     broken: bool,
-}
-
-/// What keeps the parent's queue pair alive: the bare stream of [`RdmaSource::connect_on`] or
-/// the authenticated page-server connection of [`RdmaSource::connect_parent`].
-enum Control {
-    Stream(#[allow(dead_code)] TcpStream),
-    Pages(#[allow(dead_code)] PageClient),
 }
 
 /// Pages of a remote image, read by one-sided RDMA READ from the parent's registered region.
@@ -563,32 +529,12 @@ pub struct RdmaSource {
 }
 
 impl RdmaSource {
-    /// Probes for a device and connects over the control `stream` to a parent running
-    /// [`RdmaExport::accept`]. `nonzero` is the image's page map: zero pages are never read.
-    pub fn connect(stream: TcpStream, nonzero: PageBitmap) -> Result<Self, RdmaError> {
-        let dev = probe()?;
-        Self::connect_on(&dev, stream, nonzero)
-    }
-
-    /// [`connect`](Self::connect) on a device already probed.
-    pub fn connect_on(
-        dev: &RdmaDevice,
-        mut stream: TcpStream,
-        nonzero: PageBitmap,
-    ) -> Result<Self, RdmaError> {
-        let local = ChildSide::new(dev, &nonzero)?;
-        let (remote, region) = exchange_as_child(&mut stream, local.info(dev))?;
-        // The parent's queue pair answers READs once it says so.
-        wait_ready(&mut stream, HANDSHAKE_TIMEOUT)?;
-        local.finish(dev, &remote, region, nonzero, Control::Stream(stream))
-    }
-
     /// Connects to the page server of `descriptor.parent` on `dev`: authenticates with the
     /// descriptor's key, sends our queue pair in `RdmaConnect` and, on `RdmaAccept`, READs
     /// from the region it names. The authenticated connection is the queue pairs' control
     /// channel and lives as long as the source. A parent without RDMA gives
     /// [`RdmaError::ParentHasNoRdma`] with its reason. `timeout` bounds the connect and each
-    /// round trip.
+    /// round trip. `nonzero` is the image's page map: zero pages are never read.
     pub fn connect_parent(
         dev: &RdmaDevice,
         descriptor: &proto::ImageDescriptor,
@@ -600,9 +546,7 @@ impl RdmaSource {
         match client.rdma_connect(local.info(dev))? {
             RdmaAnswer::Unavailable(reason) => Err(RdmaError::ParentHasNoRdma(reason)),
             // The parent's queue pair is in RTS before it answers: no Ready step.
-            RdmaAnswer::Accept { qp, region } => {
-                local.finish(dev, &qp, region, nonzero, Control::Pages(client))
-            }
+            RdmaAnswer::Accept { qp, region } => local.finish(dev, &qp, region, nonzero, client),
         }
     }
 }
@@ -659,7 +603,7 @@ impl ChildSide {
         remote: &QpInfo,
         region: RegionInfo,
         nonzero: PageBitmap,
-        control: Control,
+        control: PageClient,
     ) -> Result<RdmaSource, RdmaError> {
         let ChildSide {
             mut qp,
@@ -670,9 +614,9 @@ impl ChildSide {
             psn,
             len,
         } = self;
-        region
-            .check()
-            .map_err(|what| RdmaError::Exchange(ExchangeError::Invalid(what)))?;
+        // Decoding the answer checked both already; again here, where they are used.
+        check_qp(remote)?;
+        check_region(&region)?;
         if region.len < len {
             return Err(RdmaError::RegionTooSmall {
                 region: region.len,
