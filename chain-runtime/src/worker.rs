@@ -62,6 +62,11 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
     #[error("image: {0}")]
     Image(String),
+    #[error(
+        "thread id {0} is also the id glibc still holds for this forked child's main thread \
+         (its zygote's, since reused): recursive locks could not tell the two apart"
+    )]
+    StaleThreadId(libc::pid_t),
 }
 
 /// What identifies a worker; the gateway passes it on the command line.
@@ -140,6 +145,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
         instance,
         resumed,
         ServingFds {
+            stale_tid: None,
             arena,
             socket,
             stats,
@@ -151,6 +157,9 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
 
 /// What an instance serves with, however its process was started.
 pub(crate) struct ServingFds {
+    /// In a child forked by a zygote: the thread id glibc still caches for the main thread
+    /// (the zygote's, see `crate::zygote`), which no other thread of this process may have.
+    pub stale_tid: Option<libc::pid_t>,
     /// The chain's arena memfd.
     pub arena: OwnedFd,
     /// The instance's end of its connected socket to the gateway.
@@ -190,6 +199,10 @@ pub(crate) fn serve_instance(
     // Pages the resume itself touched (spindle_on_fork, WASI set-up) count too.
     worker.publish_fork_counters();
     worker.start_watchdog();
+    if let Some(stale) = fds.stale_tid {
+        // The serving loop starts no threads after these two (control, watchdog).
+        crate::zygote::check_no_thread_has(stale)?;
+    }
     let mut writer = BufWriter::with_capacity(READ_BATCH * Descriptor::SIZE, socket.try_clone()?);
     writer.write_all(&ready_message(chain_id, fn_id, number).to_bytes())?;
     writer.flush()?;

@@ -26,22 +26,41 @@
 //!   zygote leaves its children running. One fork per instance.
 //!
 //! `CLONE_PARENT` exists only as the raw `clone` system call, which skips what glibc's
-//! `fork()` does around it: the atfork handlers that take and reset malloc's and stdio's
-//! locks, and updating the thread id cached in the thread's control block. Both matter only
-//! if *another* thread could hold a lock at the moment of the call, or if the child relies on
-//! the cached id. So the zygote is kept single-threaded: rayon's global pool (Cranelift uses
-//! it) is built on the calling thread alone, the compile's own short-lived pool is waited
-//! out, and every spawn checks `/proc/self/task` and refuses to fork if a second thread has
-//! appeared. The zygote forks from its only thread, in its request loop, holding no lock and
-//! no guard. The cached thread id only serves glibc's `raise`/`pthread_kill` on the calling
-//! thread; the child never signals itself (it exits with `exit`), and if it aborted, the
-//! stale id makes `raise` fail and glibc's `abort` ends the process by its fallback anyway.
+//! `fork()` (`_Fork`) does around it: the atfork handlers that take and reset malloc's and
+//! stdio's locks, and, in the child, storing its new thread id in the thread's control block
+//! (`struct pthread::tid`, which `fork` gets the kernel to write by `CLONE_CHILD_SETTID`) and
+//! registering its robust-mutex list (`set_robust_list`).
+//!
+//! The locks matter only if *another* thread could hold one at the moment of the call. So the
+//! zygote is kept single-threaded: rayon's global pool (Cranelift uses it) is built on the
+//! calling thread alone, the compile's own short-lived pool is waited out, and every spawn
+//! checks `/proc/self/task` and refuses to fork if a second thread has appeared. The zygote
+//! forks from its only thread, in its request loop, holding no lock and no guard.
+//!
+//! The child's main thread keeps the zygote's thread id (= the zygote's pid) in its control
+//! block. glibc does not use that field for `getpid`, `gettid` or `raise` (since 2.34 `raise`
+//! and `pthread_kill` on the calling thread ask the kernel with `gettid`), so signalling
+//! oneself and `abort` work. It does use it as the *owner id* of recursive and error-checking
+//! mutexes, among them ld.so's `_dl_load_lock` (taken by `dlopen` and by `dl_iterate_phdr`,
+//! which unwinding and backtraces call), and as the target of `pthread_kill` from another
+//! thread. Within the child the stale id is consistent, since it names no other thread: a
+//! recursive lock still recognises its owner and excludes the child's other threads, whose
+//! ids are their own. That breaks only if a thread of the child had the stale id as its real
+//! one: possible once the zygote has exited and been reaped (a crash, a restart) and the
+//! kernel reuses its pid as a thread id inside a long-lived child. Then two threads would
+//! share a lock owner id and could be inside `_dl_load_lock` at once. The child therefore
+//! checks, once its serving threads (control, watchdog; it starts no others) are running,
+//! that none has the stale id, and exits before it reports ready if one has (the gateway
+//! starts the instance again). Robust mutexes: none is used across processes here, and the
+//! missing robust list only means a robust mutex a dying child holds is not marked
+//! owner-dead; no code in the child relies on that.
 //!
 //! # The child
 //!
 //! Sets its parent-death signal and checks the gateway is still its parent, closes its copy
-//! of the zygote's socket and the zygote's fd-number reservations, places the fds the request
-//! carried at `SOCKET_FD` and `STATS_FD`, restores its instance and runs
+//! of the zygote's socket and the zygote's fd-number reservations, places the three fds the
+//! request carried at `SOCKET_FD`, `STATS_FD` and `CONTROL_FD` (4, 7 and 9), restores its
+//! instance and runs
 //! [`crate::worker`]'s serving loop. It never returns into the zygote's code: it ends with
 //! `exit`.
 
@@ -194,7 +213,19 @@ impl Zygote {
                     self.spawn(request, socket, stats, control)
                 }
             };
-            self.send(&reply)?;
+            if let Err(e) = self.send(&reply) {
+                if let Reply::Spawned { pid, .. } = reply {
+                    // The gateway will not learn this child's pid, so it could not
+                    // supervise it: it must not serve. It is the gateway's unreaped child,
+                    // so the pid still names it.
+                    tracing::error!(pid, "cannot report a forked child ({e}); killing it");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as libc::pid_t),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                return Err(e.into());
+            }
         }
     }
 
@@ -209,13 +240,22 @@ impl Zygote {
         if let Err(e) = check_single_threaded() {
             return Reply::Failed(e);
         }
+        // This single thread's id: what the child's control block will still say.
+        let zygote_tid = nix::unistd::gettid().as_raw();
         let began = Instant::now();
         // SAFETY: clone without CLONE_VM and with a null stack is fork with a chosen parent:
         // the child continues here on a copy of this thread's stack. This process has only
         // this thread (checked just above; see the module doc for why that is the condition),
         // and this thread holds no lock here: no guard is alive in this loop, and the
-        // allocator and stdio are not in use across the call. Raw syscall because neither nix
-        // nor glibc offers clone with CLONE_PARENT and fork semantics.
+        // allocator and stdio are not in use across the call, so skipping glibc's atfork
+        // handlers leaves no lock held in the child. The child's thread control block keeps
+        // this thread's id (no CLONE_CHILD_SETTID: glibc's field is private) and it has no
+        // robust list: the stale id is what recursive/error-checking mutexes (ld.so's
+        // _dl_load_lock too) record as their owner, consistent within the child as long as
+        // none of its threads has that id as its own, which the child checks once its
+        // threads run (`check_no_thread_has`; the module doc has the pid-reuse case). Raw
+        // syscall because neither nix nor glibc offers clone with CLONE_PARENT and fork
+        // semantics.
         let pid = unsafe {
             libc::syscall(
                 libc::SYS_clone,
@@ -228,7 +268,7 @@ impl Zygote {
         };
         let fork_ns = began.elapsed().as_nanos() as u64;
         match pid {
-            0 => self.become_worker(request, socket, stats, control),
+            0 => self.become_worker(request, socket, stats, control, zygote_tid),
             pid if pid > 0 => {
                 tracing::debug!(
                     instance = request.instance,
@@ -252,8 +292,9 @@ impl Zygote {
         socket: OwnedFd,
         stats: OwnedFd,
         control: OwnedFd,
+        stale_tid: libc::pid_t,
     ) -> ! {
-        let code = match self.child_main(request, socket, stats, control) {
+        let code = match self.child_main(request, socket, stats, control, stale_tid) {
             Ok(()) => 0,
             Err(e) => {
                 tracing::error!(function = %self.builder.stage().function.name,
@@ -270,6 +311,7 @@ impl Zygote {
         socket: OwnedFd,
         stats: OwnedFd,
         control: OwnedFd,
+        stale_tid: libc::pid_t,
     ) -> Result<(), WorkerError> {
         // A worker must not outlive its gateway, even one killed with SIGKILL.
         nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
@@ -313,6 +355,7 @@ impl Zygote {
             instance,
             None,
             ServingFds {
+                stale_tid: Some(stale_tid),
                 arena,
                 socket,
                 stats,
@@ -392,6 +435,18 @@ fn thread_count() -> Result<usize, String> {
         .map_err(|e| format!("reading /proc/self/task: {e}"))
 }
 
+/// Fails if a thread of this process has `tid` as its id: in a forked child, the id its main
+/// thread's control block still holds (see the module doc).
+pub(crate) fn check_no_thread_has(tid: libc::pid_t) -> Result<(), WorkerError> {
+    let tasks = std::fs::read_dir("/proc/self/task")?;
+    for task in tasks {
+        if task?.file_name().to_str().and_then(|t| t.parse().ok()) == Some(tid) {
+            return Err(WorkerError::StaleThreadId(tid));
+        }
+    }
+    Ok(())
+}
+
 fn check_single_threaded() -> Result<(), String> {
     match thread_count()? {
         1 => Ok(()),
@@ -450,7 +505,8 @@ pub fn send_packet(
     }
 }
 
-/// Asks the zygote on `socket` to fork `request`'s instance with its `socket` and `stats`.
+/// Asks the zygote on `socket` to fork `request`'s instance with its `socket`, `stats` and
+/// `control` (attached in that order, [`SPAWN_FDS`]).
 pub fn send_spawn(
     zygote: BorrowedFd<'_>,
     request: &SpawnRequest,
@@ -727,6 +783,17 @@ mod tests {
             "{replies:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_thread_with_the_stale_zygote_tid_is_found() {
+        let own = nix::unistd::gettid().as_raw();
+        assert!(matches!(
+            check_no_thread_has(own),
+            Err(WorkerError::StaleThreadId(t)) if t == own
+        ));
+        // pid_max is at most 2^22: no thread has this id.
+        check_no_thread_has(1 << 23).unwrap();
     }
 
     #[test]

@@ -132,7 +132,7 @@ async fn bench(args: LocalBenchArgs) -> anyhow::Result<()> {
         images: Default::default(),
         controls: Default::default(),
     };
-    let zygote = Zygote::new();
+    let zygote = Zygote::new(gateway::zygote::DEFAULT_REPLY_TIMEOUT);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let began = Instant::now();
     let supervisor = tokio::spawn(gateway::zygote::supervise(

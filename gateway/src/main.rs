@@ -77,6 +77,10 @@ enum Command {
         /// images; DELETE /images/HANDLE revokes one.
         #[arg(long, value_name = "PATH")]
         admin: Option<PathBuf>,
+        /// How long a zygote may take to answer a spawn request (tests shorten it).
+        #[arg(long, hide = true, value_parser = spindle_bench::parse_duration,
+              default_value = "5s")]
+        zygote_reply_timeout: Duration,
     },
     /// Check CONFIG and print every problem as file:line:col: message. Exit status 1 if any.
     Validate { config: PathBuf },
@@ -282,6 +286,7 @@ fn main() -> std::process::ExitCode {
             resume,
             serve_images,
             admin,
+            zygote_reply_timeout,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -290,6 +295,7 @@ fn main() -> std::process::ExitCode {
                 let node = NodeArgs {
                     serve_images,
                     admin,
+                    zygote_reply_timeout,
                 };
                 rt.block_on(run(&config, listen, dataplane, &resume, node))
             }),
@@ -433,10 +439,11 @@ fn reserve_worker_fd_numbers() -> std::io::Result<()> {
     }
 }
 
-/// `spindle run`'s node service options.
+/// `spindle run`'s node service options, and how long its zygotes may take to answer.
 struct NodeArgs {
     serve_images: Option<SocketAddr>,
     admin: Option<PathBuf>,
+    zygote_reply_timeout: Duration,
 }
 
 async fn run(
@@ -554,7 +561,7 @@ async fn run(
             // Instances resumed from a remote image keep starting by exec for now.
             let forks = chain.plan.stages[stage].function.start == StartMode::Fork
                 && !cmd.images.contains_key(&st.name);
-            let zygote = forks.then(Zygote::new);
+            let zygote = forks.then(|| Zygote::new(node_args.zygote_reply_timeout));
             if let Some(zygote) = &zygote {
                 supervisors.push(tokio::spawn(gateway::zygote::supervise(
                     Arc::clone(zygote),

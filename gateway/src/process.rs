@@ -152,6 +152,62 @@ impl ForkedChild {
     }
 }
 
+/// Kills and reaps `pid`, a child of this process that nothing else will wait for (one a
+/// zygote forked for a request whose fds were given up): through a [`ForkedChild`] when a
+/// pidfd can be opened, else by pid. The pid is stable either way: only this process can
+/// reap its child. A pid that is not our child is left alone. Needs a tokio runtime.
+pub fn kill_and_reap(pid: u32) {
+    match ForkedChild::adopt(pid) {
+        // Dropping it unreaped kills it and reaps it in the background.
+        Ok(child) => drop(child),
+        Err(e) => {
+            tracing::debug!(
+                pid,
+                "no pidfd for an abandoned child ({e}); killing it by pid"
+            );
+            kill_and_reap_by_pid(pid);
+        }
+    }
+}
+
+/// [`kill_and_reap`] without a pidfd (none could be opened: fds exhausted, say).
+fn kill_and_reap_by_pid(pid: u32) {
+    let target = move || Id::Pid(nix::unistd::Pid::from_raw(pid as libc::pid_t));
+    let peek = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    match waitid(target(), peek) {
+        Ok(_) => {}
+        Err(nix::errno::Errno::ECHILD) => {
+            tracing::warn!(
+                pid,
+                "abandoned pid is not a child of the gateway: left alone"
+            );
+            return;
+        }
+        Err(e) => tracing::warn!(pid, "checking an abandoned child: {e}"),
+    }
+    // Our unreaped child (checked just above, and only we reap it): the pid names it.
+    if let Err(e) = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as libc::pid_t),
+        Signal::SIGKILL,
+    ) {
+        tracing::warn!(pid, "killing an abandoned child: {e}");
+    }
+    tokio::spawn(async move {
+        loop {
+            match waitid(target(), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(pid, "reaping an abandoned child: {e}");
+                    return;
+                }
+            }
+        }
+    });
+}
+
 /// Registers `fd` with the runtime for readiness (pidfds and the zygote's socket).
 pub(crate) fn watch_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the AsyncFd owns the OwnedFd, so the fd stays open and names the same file
@@ -218,6 +274,43 @@ mod tests {
         // pid 1 exists but is nobody's child here.
         let err = ForkedChild::adopt(1).err().expect("refused");
         assert!(err.to_string().contains("not a child"), "{err}");
+    }
+
+    /// Whether `pid` is still a process (running or a zombie) in this pid namespace.
+    fn exists(pid: u32) -> bool {
+        std::path::Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    async fn gone(pid: u32) -> bool {
+        for _ in 0..200 {
+            if !exists(pid) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn abandoned_children_are_killed_and_reaped_with_or_without_a_pidfd() {
+        for by_pid in [false, true] {
+            let child = std::process::Command::new("/bin/sh")
+                .args(["-c", "exec sleep 30"])
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            std::mem::forget(child);
+            if by_pid {
+                kill_and_reap_by_pid(pid);
+            } else {
+                kill_and_reap(pid);
+            }
+            // Killed is not enough: a zombie keeps its /proc entry until reaped.
+            assert!(gone(pid).await, "pid {pid} (by pid: {by_pid}) not reaped");
+        }
+        // Not our child: neither signalled nor waited for.
+        kill_and_reap_by_pid(1);
+        assert!(exists(1));
     }
 
     #[tokio::test]

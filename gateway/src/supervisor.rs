@@ -12,8 +12,10 @@
 //! other processes to use.
 //!
 //! A function whose start mode is fork has a zygote ([`crate::zygote`]): every start and
-//! restart of its instances asks the zygote to fork one, handing it the same socket end and
-//! statistics page an exec'd worker would get; while the zygote is down they start by exec.
+//! restart of its instances asks the zygote to fork one, handing it the same socket end,
+//! statistics page and control socket end an exec'd worker would get; while the zygote is down
+//! they start by exec. A fork that may have made a child without reporting it never leaves its
+//! fds to an exec'd worker: they are shut down and the start begins again with fresh ones.
 //! Either way the instance is a child of the gateway ([`WorkerProcess`]) and supervised alike.
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -65,6 +67,10 @@ pub enum SpawnError {
     NotReady(Duration),
     #[error("gateway is shutting down")]
     ShuttingDown,
+    /// The zygote may have forked a child with this start's sockets: they were shut down,
+    /// and the instance starts again with new ones.
+    #[error("gave up this start's sockets: {0}")]
+    ForkAbandoned(crate::zygote::ForkError),
 }
 
 /// What every worker of this gateway is started with.
@@ -233,6 +239,21 @@ async fn spawn_worker(
                         fork_us = fork_took.as_micros() as u64, "forked by the zygote");
                     Some(WorkerProcess::Forked(child))
                 }
+                Err(e) if e.child_may_exist() => {
+                    // A child may hold copies of these fds: an exec'd worker on them would
+                    // share its connection. Cut them off, so such a child reads EOF on both
+                    // sockets, and start over with fresh pairs.
+                    for shut in [
+                        worker_end.shutdown(std::net::Shutdown::Both),
+                        worker_control.shutdown(std::net::Shutdown::Both),
+                    ] {
+                        if let Err(e) = shut {
+                            tracing::warn!(function = %stage.name, instance = holder.instance,
+                                "shutting down a given-up worker socket: {e}");
+                        }
+                    }
+                    return Err(SpawnError::ForkAbandoned(e));
+                }
                 Err(e) => {
                     tracing::warn!(function = %stage.name, instance = holder.instance,
                         "cannot fork from the zygote ({e}); starting this instance by exec");
@@ -392,6 +413,16 @@ pub async fn supervise(
         let mut running = match spawned {
             Ok(r) => r,
             Err(SpawnError::ShuttingDown) => return,
+            // Not the instance's failure: the next try (by exec while the zygote restarts)
+            // gets fresh sockets, the first start included.
+            Err(e @ SpawnError::ForkAbandoned(_)) => {
+                tracing::warn!(chain = %chain_name, function = %fn_name, instance, "{e}; starting it again");
+                if sleep_or_shutdown(backoff, &mut shutdown).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
             Err(e) => {
                 if let Some(tx) = first_start.take() {
                     let _ = tx.send(Err(e));

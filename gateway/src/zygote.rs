@@ -5,8 +5,13 @@
 //! and the supervisor starts the instance by exec instead: a dead zygote never stops
 //! instances from starting, and the instances it forked keep running without it (they are the
 //! gateway's children).
+//!
+//! Once a spawn request is sent the zygote may have cloned: when no usable answer follows (see
+//! [`ForkError::child_may_exist`]) the caller gives that request's fds up, and the connection,
+//! which can no longer pair replies with requests, is handed to a task that makes the zygote
+//! exit and kills and reaps every child a late reply names.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -24,15 +29,17 @@ use crate::supervisor::{
     sleep_or_shutdown, stopping,
 };
 
-/// How long the zygote may take to answer one spawn request.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the zygote may take to answer one spawn request, unless its owner says otherwise.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForkError {
     #[error("the zygote is not running")]
     Down,
-    #[error("talking to the zygote: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("sending the spawn request: {0}")]
+    Send(std::io::Error),
+    #[error("reading the zygote's reply: {0}")]
+    Io(std::io::Error),
     #[error("the zygote did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the zygote refused the request: {0}")]
@@ -41,6 +48,25 @@ pub enum ForkError {
     Failed(String),
     #[error("the zygote answered out of turn: {0:?}")]
     Unexpected(Reply),
+    #[error("cannot adopt forked pid {pid} (killed it): {source}")]
+    Adopt { pid: u32, source: std::io::Error },
+}
+
+impl ForkError {
+    /// Whether a child holding the request's fds may exist although no [`ForkedChild`] came
+    /// back: the request reached the zygote but what followed is unknown (no reply in time, a
+    /// lost or garbled one, one out of turn), or the child could not be adopted. Those fds
+    /// must then not be handed to anyone else. `Down`, `Send`, `Refused` and `Failed` mean no
+    /// child was made.
+    pub fn child_may_exist(&self) -> bool {
+        match self {
+            ForkError::Down | ForkError::Send(_) | ForkError::Refused(_) | ForkError::Failed(_) => {
+                false
+            }
+            ForkError::Io(_) | ForkError::Timeout(_) | ForkError::Unexpected(_) => true,
+            ForkError::Adopt { .. } => true,
+        }
+    }
 }
 
 /// Where the zygote's start stands; instances wait for the first start to end.
@@ -57,13 +83,18 @@ pub struct Zygote {
     /// and its reply on the socket at a time.
     socket: Mutex<Option<AsyncFd<OwnedFd>>>,
     state: watch::Sender<State>,
+    /// How long one spawn request may wait for its reply.
+    reply_timeout: Duration,
 }
 
 impl Zygote {
-    pub fn new() -> Arc<Zygote> {
+    /// A zygote (not started yet: see [`supervise`]) whose spawn requests time out after
+    /// `reply_timeout` ([`DEFAULT_REPLY_TIMEOUT`] outside tests).
+    pub fn new(reply_timeout: Duration) -> Arc<Zygote> {
         Arc::new(Zygote {
             socket: Mutex::new(None),
             state: watch::Sender::new(State::Starting),
+            reply_timeout,
         })
     }
 
@@ -75,8 +106,9 @@ impl Zygote {
     }
 
     /// Forks instance `request.instance` with its socket end, statistics page and control socket
-    /// end, and
-    /// returns the child (already the gateway's) and how long the fork system call took.
+    /// end, and returns the child (already the gateway's) and how long the fork system call
+    /// took. After an error for which [`ForkError::child_may_exist`] holds, a child may hold
+    /// copies of the three fds: the caller must not hand them to another process.
     pub async fn fork(
         &self,
         request: SpawnRequest,
@@ -86,45 +118,82 @@ impl Zygote {
     ) -> Result<(ForkedChild, Duration), ForkError> {
         let mut guard = self.socket.lock().await;
         let zygote = guard.as_ref().ok_or(ForkError::Down)?;
-        // An empty seqpacket socket always takes one small packet: this does not block.
+        // An empty seqpacket socket always takes one small packet: this does not block. A
+        // failed sendmsg sent nothing (a packet goes whole or not at all).
         chain_runtime::zygote::send_spawn(
             zygote.get_ref().as_fd(),
             &request,
             socket,
             stats,
             control,
-        )?;
-        let reply = tokio::time::timeout(REPLY_TIMEOUT, async {
-            loop {
-                let mut ready = zygote.readable().await?;
-                match ready.try_io(|fd| chain_runtime::zygote::receive_reply(fd.get_ref().as_fd()))
-                {
-                    Ok(reply) => return reply,
-                    Err(_would_block) => continue,
-                }
+        )
+        .map_err(ForkError::Send)?;
+        let reply = tokio::time::timeout(self.reply_timeout, next_reply(zygote)).await;
+        let failed = match reply {
+            Ok(Ok(Reply::Spawned { pid, fork_ns })) => {
+                return match ForkedChild::adopt(pid) {
+                    Ok(child) => Ok((child, Duration::from_nanos(fork_ns))),
+                    Err(source) => {
+                        // The reply was in turn: the connection stays usable.
+                        crate::process::kill_and_reap(pid);
+                        Err(ForkError::Adopt { pid, source })
+                    }
+                };
             }
-        })
-        .await;
-        let reply = match reply {
-            Ok(Ok(reply)) => reply,
-            failed => {
-                // Replies carry no request id: after a lost or late one they could pair with
-                // the wrong request. Closing our end makes the zygote exit, and its supervisor
-                // starts a fresh one.
-                *guard = None;
-                return Err(match failed {
-                    Ok(Err(e)) => ForkError::Io(e),
-                    _ => ForkError::Timeout(REPLY_TIMEOUT),
-                });
-            }
+            Ok(Ok(Reply::Refused(reason))) => return Err(ForkError::Refused(reason)),
+            Ok(Ok(Reply::Failed(reason))) => return Err(ForkError::Failed(reason)),
+            Ok(Ok(other)) => ForkError::Unexpected(other),
+            Ok(Err(e)) => ForkError::Io(e),
+            Err(_) => ForkError::Timeout(self.reply_timeout),
         };
-        match reply {
-            Reply::Spawned { pid, fork_ns } => {
-                Ok((ForkedChild::adopt(pid)?, Duration::from_nanos(fork_ns)))
+        // Replies carry no request id: after a lost, late or out-of-turn one, the next reply
+        // could pair with the wrong request, so this connection serves no more requests.
+        // Its reply to this one may still come, naming a child that holds this request's fds.
+        let abandoned = guard.take().expect("checked above");
+        drop(guard);
+        tokio::spawn(reap_late_children(abandoned));
+        Err(failed)
+    }
+}
+
+/// Reads the zygote's next reply from its socket.
+async fn next_reply(zygote: &AsyncFd<OwnedFd>) -> std::io::Result<Reply> {
+    loop {
+        let mut ready = zygote.readable().await?;
+        match ready.try_io(|fd| chain_runtime::zygote::receive_reply(fd.get_ref().as_fd())) {
+            Ok(reply) => return reply,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// Takes over a zygote connection that serves no more requests: shuts its sending side, so
+/// the zygote reads EOF once it has answered what it already received and exits (its
+/// supervisor then starts a fresh one), and kills and reaps every child a late
+/// [`Reply::Spawned`] names until the zygote closes the socket.
+async fn reap_late_children(zygote: AsyncFd<OwnedFd>) {
+    if let Err(e) = nix::sys::socket::shutdown(
+        zygote.get_ref().as_raw_fd(),
+        nix::sys::socket::Shutdown::Write,
+    ) {
+        tracing::warn!("shutting down an abandoned zygote connection: {e}");
+    }
+    loop {
+        match next_reply(&zygote).await {
+            Ok(Reply::Spawned { pid, .. }) => {
+                tracing::warn!(pid, "the zygote answered late: killing the child it forked");
+                crate::process::kill_and_reap(pid);
             }
-            Reply::Refused(reason) => Err(ForkError::Refused(reason)),
-            Reply::Failed(reason) => Err(ForkError::Failed(reason)),
-            other => Err(ForkError::Unexpected(other)),
+            Ok(other) => tracing::debug!("late zygote reply: {other:?}"),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
+            // A garbled packet was read whole: the next one may still name a child.
+            Err(e) if e.raw_os_error().is_none() => {
+                tracing::warn!("abandoned zygote connection: {e}");
+            }
+            Err(e) => {
+                tracing::warn!("abandoned zygote connection: {e}; no longer reading it");
+                return;
+            }
         }
     }
 }

@@ -303,6 +303,109 @@ async fn start_exec_runs_no_zygote_and_restarts_by_exec() {
     assert_eq!(spindle.metric(&starts("upper", "up", "fork")).await, None);
 }
 
+/// (pid, state letter) of every child of `parent`.
+fn children(parent: i32) -> Vec<(i32, char)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let mut fields = stat[stat.rfind(')').map_or(0, |i| i + 2)..].split(' ');
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        if fields.next().and_then(|p| p.parse().ok()) == Some(parent) {
+            out.push((pid, state));
+        }
+    }
+    out
+}
+
+/// Other children of `gateway` than `owner` holding `link` (a `socket:[inode]`) open.
+fn other_holders(gateway: i32, owner: i32, link: &str) -> Vec<i32> {
+    children(gateway)
+        .into_iter()
+        .filter(|&(pid, _)| pid != owner && all_fds(pid).iter().any(|(_, l)| l == link))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_whose_reply_is_late_gives_up_its_sockets_and_the_late_child_is_reaped() {
+    let spindle = Spindle::start_with(
+        "zygote-late",
+        FORKRAND,
+        &["--zygote-reply-timeout", "300ms"],
+    )
+    .await;
+    let gateway = spindle.pid();
+    let zygote = spindle.zygote_pids("upper");
+    assert_eq!(zygote.len(), 1);
+    let before = spindle.worker_pids("upper");
+    assert_eq!(before.len(), 1);
+    // A stopped zygote takes the next spawn request into its socket and answers nothing.
+    kill(Pid::from_raw(zygote[0]), Signal::SIGSTOP).unwrap();
+    let _ = kill(Pid::from_raw(before[0]), Signal::SIGKILL);
+    eventually("the instance restarted by exec", async || {
+        spindle.metric(&starts("upper", "up", "exec")).await == Some(1.0)
+    })
+    .await;
+    assert!(
+        spindle.log().contains("gave up this start's sockets"),
+        "the timed-out fork gave its sockets up"
+    );
+    let exec = spindle.worker_pids("upper");
+    assert_eq!(exec.len(), 1, "one worker: {exec:?}");
+    assert_ne!(exec, before);
+    let socket = fixed_fds(exec[0])
+        .into_iter()
+        .find(|(fd, _)| *fd == 4)
+        .map(|(_, l)| l)
+        .expect("the exec'd worker's socket at fd 4");
+    assert_eq!(spindle.post("/up", "exec'd").await.text(), "EXEC'D");
+
+    // Now the zygote reads the old request and forks a child with that request's fds.
+    kill(Pid::from_raw(zygote[0]), Signal::SIGCONT).unwrap();
+    for _ in 0..100 {
+        let others = other_holders(gateway, exec[0], &socket);
+        assert!(
+            others.is_empty(),
+            "processes {others:?} share the exec'd worker's socket {socket}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eventually("the late reply was handled", async || {
+        spindle.log().contains("the zygote answered late")
+    })
+    .await;
+    eventually(
+        "the late child is reaped and the zygote came back",
+        async || {
+            let zombies: Vec<_> = children(gateway)
+                .into_iter()
+                .filter(|&(_, state)| state == 'Z')
+                .collect();
+            let now = spindle.zygote_pids("upper");
+            zombies.is_empty() && now.len() == 1 && now != zygote
+        },
+    )
+    .await;
+    assert_eq!(spindle.worker_pids("upper"), exec, "only the exec'd worker");
+    assert!(other_holders(gateway, exec[0], &socket).is_empty());
+    for i in 0..10 {
+        assert_eq!(
+            spindle.post("/up", format!("after {i}")).await.text(),
+            format!("AFTER {i}")
+        );
+    }
+    assert_eq!(
+        spindle.metric(&starts("upper", "up", "fork")).await,
+        Some(1.0),
+        "the late child never counted as a start"
+    );
+}
+
 /// An echo reactor holding an externref table: it runs, but its warm instance cannot be
 /// captured (externrefs are host state), so its zygote cannot start.
 const UNCAPTURABLE: &str = r#"(module

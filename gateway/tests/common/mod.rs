@@ -115,6 +115,11 @@ impl Spindle {
         spindle
     }
 
+    /// The gateway's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("spindle.log")).unwrap_or_default()
     }
