@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use chain_runtime::config::Config;
-use chain_runtime::host::{BufferIo, Outcome};
 use chain_runtime::host::CompiledModule;
+use chain_runtime::host::{BufferIo, Outcome};
 use chain_runtime::instance::{Instance, InstanceBuilder};
 use chain_runtime::resume::{RemoteImage, ResumeStats, ResumedMemory};
 use nix::sys::signal::{SigSet, Signal};
@@ -496,7 +496,9 @@ fn resume_many(node: &ChildNode, args: &ResumeArgs) -> anyhow::Result<()> {
     for child in held {
         totals.add(child.finish()?);
     }
-    let cpu_us = cpu_time_us()?.saturating_sub(cpu_before);
+    let cpu_after = cpu_time_us()?;
+    let cpu_user_us = cpu_after.0.saturating_sub(cpu_before.0);
+    let cpu_sys_us = cpu_after.1.saturating_sub(cpu_before.1);
     drop(colds);
 
     first_response.sort_by(f64::total_cmp);
@@ -531,7 +533,9 @@ fn resume_many(node: &ChildNode, args: &ResumeArgs) -> anyhow::Result<()> {
             "pages_copied": per(totals.pages_copied),
             "zero_pages": per(totals.zero_pages),
             "cache_hits": per(totals.cache_hits),
-            "cpu_us": cpu_us as f64 / n as f64,
+            "cpu_us": per(cpu_user_us + cpu_sys_us),
+            "cpu_user_us": per(cpu_user_us),
+            "cpu_sys_us": per(cpu_sys_us),
         },
         "child_memory": {
             "resident_pages_per_child": per(totals.resident_pages),
@@ -548,8 +552,8 @@ fn resume_many(node: &ChildNode, args: &ResumeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// User + system CPU time of this process so far, all threads (the fault handlers too).
-fn cpu_time_us() -> anyhow::Result<u64> {
+/// (user, system) CPU time of this process so far, all threads (the fault handlers too).
+fn cpu_time_us() -> anyhow::Result<(u64, u64)> {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
     // SAFETY: getrusage writes one rusage into the pointer it is given, which points at
     // storage of exactly that type; RUSAGE_SELF is always valid. nix here is built without
@@ -561,7 +565,7 @@ fn cpu_time_us() -> anyhow::Result<u64> {
     // SAFETY: getrusage returned 0, so it filled the struct.
     let usage = unsafe { usage.assume_init() };
     let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    Ok(us(usage.ru_utime) + us(usage.ru_stime))
+    Ok((us(usage.ru_utime), us(usage.ru_stime)))
 }
 
 /// Wall-clock microseconds since the epoch: lets a benchmark line up the loops of several
