@@ -311,7 +311,7 @@ impl InstanceBuilder {
             )?);
             Ok(())
         };
-        let instance = self.from_snapshot_parts(&meta, &compiled, MemoryFill::Caller(&mut fill))?;
+        let instance = self.from_snapshot_parts(&meta, compiled, MemoryFill::Caller(&mut fill))?;
         timings.restored_us = us(started);
         let (base, len) = region.unwrap_or_default();
         Ok((
