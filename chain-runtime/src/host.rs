@@ -385,7 +385,17 @@ impl FunctionHost {
         routes: Option<Vec<(String, u32)>>,
     ) -> Result<Self, HostError> {
         let compiled = CompiledModule::compile(spec, bytes)?;
-        let mut host = Self::unstarted(spec, routes, compiled);
+        Self::from_compiled(spec, &compiled, routes)
+    }
+
+    /// Like [`FunctionHost::from_bytes`] with the module compiled already (shared, not
+    /// compiled again).
+    pub(crate) fn from_compiled(
+        spec: &FunctionSpec,
+        compiled: &CompiledModule,
+        routes: Option<Vec<(String, u32)>>,
+    ) -> Result<Self, HostError> {
+        let mut host = Self::unstarted(spec, routes, compiled.clone());
         host.check_abi()?;
         if host.mode == ModuleMode::Reactor {
             host.reactor = Some(host.instantiate_reactor()?);
@@ -476,6 +486,19 @@ impl FunctionHost {
         max_pages: u32,
     ) -> Result<Snapshot, SnapshotError> {
         self.capture(max_pages)
+    }
+
+    /// Pages of the reactor's linear memory (its current size, not the reservation) that are
+    /// in place now: what an instance's memory costs, comparable between a cold instance and
+    /// a forked one. None without a reactor or an exported memory.
+    pub fn memory_resident_pages(&mut self) -> Option<std::io::Result<usize>> {
+        let reactor = self.reactor.as_mut()?;
+        let memory = reactor.guest.as_ref(&reactor.store).memory.clone()?;
+        let view = memory.view(&reactor.store);
+        Some(rdma_fork::resident_pages(
+            view.data_ptr() as *const u8,
+            view.data_size() as usize,
+        ))
     }
 
     /// A copy of the reactor's linear memory, for tests to compare images with.

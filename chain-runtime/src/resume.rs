@@ -24,6 +24,7 @@ use rdma_fork::lazy::{FaultLog, FaultServer, Prefetch, ServeOptions};
 use rdma_fork::transport::{TransportPref, rdma_pages};
 use rdma_fork::{PageSource, RemoteSource};
 
+use crate::host::CompiledModule;
 use crate::instance::{Instance, InstanceBuilder, InstanceError};
 use crate::snapshot::{MemoryFill, MemoryRegion, SnapshotError, SnapshotMeta};
 
@@ -227,14 +228,21 @@ impl InstanceBuilder {
         module: &[u8],
         image: &RemoteImage,
     ) -> Result<(Instance, ResumedMemory), InstanceError> {
-        if proto::image::module_hash(module) != image.descriptor.module_hash {
-            return Err(ResumeError::ForeignModule {
-                module: self.stage().function.module.display().to_string(),
-            }
-            .into());
-        }
+        // Checked before compiling too: a foreign image costs no compile.
+        self.check_image_module(proto::image::module_hash(module), &image.descriptor)?;
         let compiled = self.compile(module)?;
+        self.resume_remote_compiled(&compiled, image)
+    }
 
+    /// [`InstanceBuilder::resume_remote`] with the module compiled already
+    /// ([`InstanceBuilder::compile`]): how a node resumes every child after its first, since
+    /// it compiles each module once. Timings start here.
+    pub fn resume_remote_compiled(
+        self,
+        compiled: &CompiledModule,
+        image: &RemoteImage,
+    ) -> Result<(Instance, ResumedMemory), InstanceError> {
+        self.check_image_module(*compiled.sha256(), &image.descriptor)?;
         let started = Instant::now();
         let us = |t: Instant| t.elapsed().as_micros() as u64;
         let d = &image.descriptor;
@@ -317,7 +325,7 @@ impl InstanceBuilder {
             )?);
             Ok(())
         };
-        let instance = self.from_snapshot_parts(&meta, &compiled, MemoryFill::Caller(&mut fill))?;
+        let instance = self.from_snapshot_parts(&meta, compiled, MemoryFill::Caller(&mut fill))?;
         timings.restored_us = us(started);
         let (base, len) = region.unwrap_or_default();
         Ok((
@@ -336,6 +344,24 @@ impl InstanceBuilder {
                 transport_fallback,
             },
         ))
+    }
+}
+
+impl InstanceBuilder {
+    /// Refuses an image of another module than this function's (`sha256`: its bytes'
+    /// SHA-256), typed as every resume refuses it; a node checks before it compiles.
+    pub fn check_image_module(
+        &self,
+        sha256: [u8; 32],
+        descriptor: &ImageDescriptor,
+    ) -> Result<(), InstanceError> {
+        if sha256 != descriptor.module_hash {
+            return Err(ResumeError::ForeignModule {
+                module: self.stage().function.module.display().to_string(),
+            }
+            .into());
+        }
+        Ok(())
     }
 }
 

@@ -17,7 +17,8 @@
 //! line. `--cache FILE` shares a node page cache between the children resumed with it (each
 //! reads what earlier ones fetched), `--prefetch order` installs the pages earlier children
 //! faulted ahead of faults, and `--transport rdma` asks for RDMA (the report says why it is
-//! TCP).
+//! TCP). `--children N` resumes N children back to back after the one compile and prints a
+//! throughput and child-memory summary instead (`--hold`: all N alive at once).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -27,15 +28,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use chain_runtime::config::Config;
+use chain_runtime::host::CompiledModule;
 use chain_runtime::host::{BufferIo, Outcome};
-use chain_runtime::instance::InstanceBuilder;
-use chain_runtime::resume::RemoteImage;
+use chain_runtime::instance::{Instance, InstanceBuilder};
+use chain_runtime::resume::{RemoteImage, ResumeStats, ResumedMemory};
 use nix::sys::signal::{SigSet, Signal};
 use proto::ImageDescriptor;
 use rdma_fork::NodeCache;
 use rdma_fork::registry::{ImageRegistry, PublishedImage};
 use rdma_fork::server::PageServer;
 use rdma_fork::transport::TransportPref;
+
+use crate::local_bench;
 
 /// How long a child may take to connect, authenticate and get each answer from the parent.
 const PARENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -192,6 +196,15 @@ pub struct ResumeArgs {
     /// report says why not otherwise).
     #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
     transport: TransportArg,
+    /// Children resumed back to back from the descriptor after one compile; more than one
+    /// prints one JSON summary (throughput, per-fork bytes, faults and CPU, child memory
+    /// against a cold instance) instead of the single child's report.
+    #[arg(long, default_value_t = 1)]
+    children: usize,
+    /// Keep every child alive until the last has answered, so the process's memory growth
+    /// per live child is measured (each holds a connection to the parent).
+    #[arg(long)]
+    hold: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -218,51 +231,123 @@ pub fn read_descriptor(value: &str) -> anyhow::Result<ImageDescriptor> {
     first.parse().context("image descriptor")
 }
 
-pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
-    let descriptor = read_descriptor(&args.descriptor)?;
+/// What a node holds to resume children of one image: the function resolved in its config,
+/// its module compiled once, and how to reach the image.
+struct ChildNode {
+    builder: InstanceBuilder,
+    compiled: CompiledModule,
+    image: RemoteImage,
+    capacity: usize,
+    compile_us: u64,
+}
 
-    let builder = builder(&args.config, &args.chain, &args.function)?;
-    let capacity = builder.chain().spec.slot_size as usize;
-    let module_path = builder.stage().function.module.clone();
-    let bytes = std::fs::read(&module_path)
-        .with_context(|| format!("reading module {}", module_path.display()))?;
-    let cache = match &args.cache {
-        Some(path) => Some(Arc::new(
-            NodeCache::open_file(path, &descriptor)
-                .with_context(|| format!("the node page cache {}", path.display()))?,
-        )),
-        None => None,
-    };
-    let image = RemoteImage {
-        eager: args.eager,
-        readahead: args.readahead,
-        cache,
-        fill_cache: !args.no_cache_fill,
-        prefetch: args.prefetch == PrefetchArg::Order,
-        transport: match args.transport {
-            TransportArg::Tcp => TransportPref::Tcp,
-            TransportArg::Rdma => TransportPref::Rdma,
-        },
-        ..RemoteImage::new(descriptor, PARENT_TIMEOUT)
-    };
-    // The node's one-time compile is inside resume_remote but not in its timings.
-    let started = Instant::now();
-    let (mut instance, memory) = builder.resume_remote(&bytes, &image)?;
-    let compile_and_restore_us = started.elapsed().as_micros() as u64;
-    let t = memory.timings;
-    let call = Instant::now();
-    let output = invoke(instance.host_mut(), args.body.as_bytes(), capacity);
-    let call_us = call.elapsed().as_micros() as u64;
-    if let Some(failure) = memory.failure() {
-        bail!("fetching pages from the parent failed: {failure}");
+/// One resumed child that answered its first request. Its memory must outlive every call
+/// into its instance, so both stay together until [`Child::finish`].
+struct Child {
+    instance: Instance,
+    memory: ResumedMemory,
+    output: Vec<u8>,
+    call_us: u64,
+    /// From the start of the resume (connect) to the answer.
+    first_response_us: u64,
+}
+
+impl ChildNode {
+    fn open(args: &ResumeArgs) -> anyhow::Result<Self> {
+        let descriptor = read_descriptor(&args.descriptor)?;
+        let builder = builder(&args.config, &args.chain, &args.function)?;
+        let capacity = builder.chain().spec.slot_size as usize;
+        let module_path = builder.stage().function.module.clone();
+        let bytes = std::fs::read(&module_path)
+            .with_context(|| format!("reading module {}", module_path.display()))?;
+        builder.check_image_module(proto::image::module_hash(&bytes), &descriptor)?;
+        let cache = match &args.cache {
+            Some(path) => Some(Arc::new(
+                NodeCache::open_file(path, &descriptor)
+                    .with_context(|| format!("the node page cache {}", path.display()))?,
+            )),
+            None => None,
+        };
+        let image = RemoteImage {
+            eager: args.eager,
+            readahead: args.readahead,
+            cache,
+            fill_cache: !args.no_cache_fill,
+            prefetch: args.prefetch == PrefetchArg::Order,
+            transport: match args.transport {
+                TransportArg::Tcp => TransportPref::Tcp,
+                TransportArg::Rdma => TransportPref::Rdma,
+            },
+            ..RemoteImage::new(descriptor, PARENT_TIMEOUT)
+        };
+        let started = Instant::now();
+        let compiled = builder.compile(&bytes)?;
+        Ok(ChildNode {
+            builder,
+            compiled,
+            image,
+            capacity,
+            compile_us: started.elapsed().as_micros() as u64,
+        })
     }
-    let output = output?;
-    let resident = memory.resident_pages()?;
-    let smaps_rss_pages = memory.smaps_rss_pages()?;
-    let (transport, transport_fallback) = (memory.transport, memory.transport_fallback.clone());
-    let s = memory.finish().context("stopping the fault handler")?;
+
+    /// Resumes one child (connect + authenticate, metadata, restore) and runs `body` in it.
+    /// An answer computed from pages that failed to arrive is an error, never an output.
+    fn resume_one(&self, body: &[u8]) -> anyhow::Result<Child> {
+        let started = Instant::now();
+        let (mut instance, memory) = self
+            .builder
+            .clone()
+            .resume_remote_compiled(&self.compiled, &self.image)?;
+        let call = Instant::now();
+        let output = invoke(instance.host_mut(), body, self.capacity);
+        let call_us = call.elapsed().as_micros() as u64;
+        let first_response_us = started.elapsed().as_micros() as u64;
+        if let Some(failure) = memory.failure() {
+            bail!("fetching pages from the parent failed: {failure}");
+        }
+        Ok(Child {
+            output: output?,
+            instance,
+            memory,
+            call_us,
+            first_response_us,
+        })
+    }
+}
+
+impl Child {
+    /// The child's linear memory resident now (page tables, and smaps' Rss in pages), then
+    /// its final counters once its fault
+    /// handler stopped; the instance is dropped last (it must not run without its memory).
+    fn finish(self) -> anyhow::Result<(usize, u64, ResumeStats)> {
+        let resident = self.memory.resident_pages()?;
+        let smaps_rss_pages = self.memory.smaps_rss_pages()?;
+        let stats = self.memory.finish().context("stopping the fault handler")?;
+        drop(self.instance);
+        Ok((resident, smaps_rss_pages, stats))
+    }
+}
+
+pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
+    let node = ChildNode::open(&args)?;
+    if args.children == 0 {
+        bail!("--children must be at least 1");
+    }
+    if args.children > 1 || args.hold {
+        return resume_many(&node, &args);
+    }
+    let child = node.resume_one(args.body.as_bytes())?;
+    let t = child.memory.timings;
+    let call_us = child.call_us;
+    let output = String::from_utf8_lossy(&child.output).into_owned();
+    let (transport, transport_fallback) = (
+        child.memory.transport,
+        child.memory.transport_fallback.clone(),
+    );
+    let (resident, smaps_rss_pages, s) = child.finish()?;
     let report = serde_json::json!({
-        "output": String::from_utf8_lossy(&output),
+        "output": output,
         "mode": if args.eager { "eager" } else { "lazy" },
         "readahead": args.readahead,
         "memory_pages": s.memory_pages,
@@ -276,7 +361,7 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
         "bytes_fetched": s.bytes_fetched,
         "wire_bytes_received": s.wire_bytes_received,
         "round_trips": s.round_trips,
-        "prefetch": if image.prefetch { "order" } else { "off" },
+        "prefetch": if node.image.prefetch { "order" } else { "off" },
         "order_prefetched": s.order_prefetched,
         "copy_races": s.copy_races,
         "prefetch_wire_bytes_received": s.prefetch_wire_bytes_received,
@@ -285,7 +370,7 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
         "cache_filled": s.cache_filled,
         "transport": transport,
         "transport_fallback": transport_fallback,
-        "compile_us_once_per_node": compile_and_restore_us.saturating_sub(t.restored_us),
+        "compile_us_once_per_node": node.compile_us,
         "timings_us": {
             "connect_and_authenticate": t.connect_and_authenticate_us,
             "metadata": t.metadata_us,
@@ -294,6 +379,204 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
         },
     });
     println!("{report}");
-    drop(instance);
     Ok(())
+}
+
+/// Answers kept in the summary of a multi-child run (the first ones, in order).
+const OUTPUTS_KEPT: usize = 8;
+
+/// Counters summed over the children of a multi-child run.
+#[derive(Default)]
+struct Totals {
+    resident_pages: u64,
+    faults: u64,
+    pages_copied: u64,
+    zero_pages: u64,
+    bytes_fetched: u64,
+    wire_bytes_received: u64,
+    round_trips: u64,
+    cache_hits: u64,
+}
+
+impl Totals {
+    fn add(&mut self, (resident, s): (usize, ResumeStats)) {
+        self.resident_pages += resident as u64;
+        self.faults += s.faults;
+        self.pages_copied += s.pages_copied;
+        self.zero_pages += s.zero_pages;
+        self.bytes_fetched += s.bytes_fetched;
+        self.wire_bytes_received += s.wire_bytes_received;
+        self.round_trips += s.round_trips;
+        self.cache_hits += s.cache_hits;
+    }
+}
+
+/// `--children N`: the node's one compile, then N children resumed back to back from the
+/// same descriptor, each answering one request, beside a cold instance of the same function
+/// built from the same compiled module in this process. Children live in this process, so
+/// a child's memory is (a) its linear memory's resident pages (mincore over the mapping,
+/// against the pages its guest touched) and, with `--hold`, (b) this process's
+/// Private_Dirty and Rss growth while all N are alive at once, per child.
+fn resume_many(node: &ChildNode, args: &ResumeArgs) -> anyhow::Result<()> {
+    let n = args.children;
+    let body = args.body.as_bytes();
+
+    // Two cold instances, the second measured: the first absorbs what any first instance
+    // costs once per process (engine statics, the module's pristine tables), which a
+    // child of a warm node does not pay either. Both stay alive to the end so the children
+    // cannot reuse their freed heap and look cheaper than they are.
+    let mut colds = Vec::new();
+    let mut cold_memory = None;
+    for _ in 0..2 {
+        let before = local_bench::rollup("self")?;
+        let started = Instant::now();
+        let mut cold = node.builder.clone().cold_compiled(&node.compiled)?;
+        let output = invoke(cold.host_mut(), body, node.capacity).context("the cold instance")?;
+        let first_response_us = started.elapsed().as_micros() as u64;
+        let resident = cold
+            .host_mut()
+            .memory_resident_pages()
+            .context("the cold instance has no linear memory")??;
+        let after = local_bench::rollup("self")?;
+        cold_memory = Some(serde_json::json!({
+            "output": String::from_utf8_lossy(&output),
+            "first_response_us_after_compile": first_response_us,
+            "resident_pages": resident,
+            "private_dirty_kib": after.private_dirty.saturating_sub(before.private_dirty),
+            "rss_kib": after.rss.saturating_sub(before.rss),
+        }));
+        colds.push(cold);
+    }
+
+    let mut first_response = Vec::with_capacity(n);
+    // Connected and authenticated, metadata in, restored: where a fork's time goes.
+    let mut steps: [Vec<f64>; 3] = Default::default();
+    let mut outputs = Vec::new();
+    let mut totals = Totals::default();
+    let mut held = Vec::new();
+    let mut held_from = None;
+    let cpu_before = cpu_time_us()?;
+    let loop_start_unix_us = unix_us();
+    let began = Instant::now();
+    for i in 0..n {
+        let child = node
+            .resume_one(body)
+            .with_context(|| format!("child {} of {n}", i + 1))?;
+        first_response.push(child.first_response_us as f64);
+        let t = child.memory.timings;
+        steps[0].push(t.connect_and_authenticate_us as f64);
+        steps[1].push(t.metadata_us as f64);
+        steps[2].push(t.restored_us as f64);
+        if outputs.len() < OUTPUTS_KEPT {
+            outputs.push(String::from_utf8_lossy(&child.output).into_owned());
+        }
+        if args.hold {
+            held.push(child);
+            if i == 0 {
+                // From after the first child: what it costs once per process (its fault
+                // thread's first stack, the first connection) is not a per-child cost.
+                held_from = Some(local_bench::rollup("self")?);
+            }
+        } else {
+            let (resident, _, stats) = child.finish()?;
+            totals.add((resident, stats));
+        }
+    }
+    let wall = began.elapsed();
+    let loop_end_unix_us = unix_us();
+    let held_growth = match held_from {
+        Some(from) if n > 1 => {
+            let to = local_bench::rollup("self")?;
+            let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / (n - 1) as f64;
+            Some(serde_json::json!({
+                "children_alive": n,
+                "private_dirty_kib_per_child": per(to.private_dirty, from.private_dirty),
+                "rss_kib_per_child": per(to.rss, from.rss),
+            }))
+        }
+        _ => None,
+    };
+    for child in held {
+        let (resident, _, stats) = child.finish()?;
+        totals.add((resident, stats));
+    }
+    let cpu_after = cpu_time_us()?;
+    let cpu_user_us = cpu_after.0.saturating_sub(cpu_before.0);
+    let cpu_sys_us = cpu_after.1.saturating_sub(cpu_before.1);
+    drop(colds);
+
+    first_response.sort_by(f64::total_cmp);
+    for step in &mut steps {
+        step.sort_by(f64::total_cmp);
+    }
+    let per = |total: u64| total as f64 / n as f64;
+    let summary = serde_json::json!({
+        "children": n,
+        "mode": if args.eager { "eager" } else { "lazy" },
+        "cache": args.cache.is_some(),
+        "hold": args.hold,
+        "wall_us": wall.as_micros() as u64,
+        "loop_start_unix_us": loop_start_unix_us,
+        "loop_end_unix_us": loop_end_unix_us,
+        "forks_per_s": n as f64 / wall.as_secs_f64(),
+        "first_response_us": {
+            "p50": local_bench::percentile(&first_response, 0.5),
+            "p99": local_bench::percentile(&first_response, 0.99),
+        },
+        "steps_us_p50": {
+            "connect_and_authenticate": local_bench::percentile(&steps[0], 0.5),
+            "metadata": local_bench::percentile(&steps[1], 0.5),
+            "restored": local_bench::percentile(&steps[2], 0.5),
+        },
+        "bytes_fetched": totals.bytes_fetched,
+        "per_fork": {
+            "bytes_fetched": per(totals.bytes_fetched),
+            "wire_bytes_received": per(totals.wire_bytes_received),
+            "round_trips": per(totals.round_trips),
+            "faults": per(totals.faults),
+            "pages_copied": per(totals.pages_copied),
+            "zero_pages": per(totals.zero_pages),
+            "cache_hits": per(totals.cache_hits),
+            "cpu_us": per(cpu_user_us + cpu_sys_us),
+            "cpu_user_us": per(cpu_user_us),
+            "cpu_sys_us": per(cpu_sys_us),
+        },
+        "child_memory": {
+            "resident_pages_per_child": per(totals.resident_pages),
+            // Lazy without readahead these are the pages the guest touched (one fault
+            // each); eager, every page that holds data plus any zero page touched.
+            "pages_installed_per_child": per(totals.pages_copied + totals.zero_pages),
+            "held": held_growth,
+        },
+        "cold": cold_memory,
+        "compile_us_once_per_node": node.compile_us,
+        "outputs_first": outputs,
+    });
+    println!("{summary}");
+    Ok(())
+}
+
+/// (user, system) CPU time of this process so far, all threads (the fault handlers too).
+fn cpu_time_us() -> anyhow::Result<(u64, u64)> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage writes one rusage into the pointer it is given, which points at
+    // storage of exactly that type; RUSAGE_SELF is always valid. nix here is built without
+    // its `resource` feature.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrusage");
+    }
+    // SAFETY: getrusage returned 0, so it filled the struct.
+    let usage = unsafe { usage.assume_init() };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Ok((us(usage.ru_utime), us(usage.ru_stime)))
+}
+
+/// Wall-clock microseconds since the epoch: lets a benchmark line up the loops of several
+/// processes (aggregate forks/s over the span from the first start to the last end).
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default()
 }

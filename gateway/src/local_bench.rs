@@ -414,7 +414,7 @@ fn medians_of(rounds: &[Vec<f64>]) -> (f64, f64) {
 }
 
 /// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -422,17 +422,35 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank - 1]
 }
 
-/// Rss, Pss and Private_Dirty of `pid` in KiB.
-fn memory(pid: u32) -> anyhow::Result<serde_json::Value> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-    let field = |name: &str| -> Option<u64> {
+/// A process's memory from /proc/WHO/smaps_rollup, in KiB (0 for a field it lacks).
+#[derive(Clone, Copy)]
+pub(crate) struct Rollup {
+    pub rss: u64,
+    pub pss: u64,
+    pub private_dirty: u64,
+}
+
+/// `who`: a pid, or `self`.
+pub(crate) fn rollup(who: &str) -> anyhow::Result<Rollup> {
+    let path = format!("/proc/{who}/smaps_rollup");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let field = |name: &str| -> u64 {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or_default()
     };
-    Ok(json!({
-        "rss": field("Rss:"), "pss": field("Pss:"), "private_dirty": field("Private_Dirty:"),
-    }))
+    Ok(Rollup {
+        rss: field("Rss:"),
+        pss: field("Pss:"),
+        private_dirty: field("Private_Dirty:"),
+    })
+}
+
+/// Rss, Pss and Private_Dirty of `pid` in KiB.
+fn memory(pid: u32) -> anyhow::Result<serde_json::Value> {
+    let m = rollup(&pid.to_string())?;
+    Ok(json!({ "rss": m.rss, "pss": m.pss, "private_dirty": m.private_dirty }))
 }
 
 /// The floor under any fork: fork this (small, single-threaded) process, the child exits at

@@ -340,6 +340,90 @@ fn remote_children_continue_the_parent_and_fetch_only_what_they_touch() {
 }
 
 #[test]
+fn one_process_resumes_many_children_and_sums_them_consistently() {
+    let Some(nodes) = Nodes::create("one_process_resumes_many_children") else {
+        return;
+    };
+    let config = config("fork-many");
+    let parent = Parent::start(&nodes, &config);
+
+    let lazy = report(&resume(
+        &nodes,
+        &config,
+        &parent.descriptor,
+        &["--children", "3"],
+    ));
+    assert_eq!(lazy["children"], 3, "{lazy}");
+    assert_eq!(lazy["mode"], "lazy");
+    let answers: Vec<Value> = lazy["outputs_first"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| serde_json::from_str(o.as_str().unwrap()).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 3, "{lazy}");
+    for a in &answers {
+        assert_eq!(
+            a["served"], 4,
+            "each child continues the parent's three requests: {a}"
+        );
+        assert_eq!(a["forks"], 1, "{a}");
+    }
+    assert!(
+        answers[0]["random"] != answers[1]["random"]
+            || answers[1]["random"] != answers[2]["random"],
+        "each child reseeded its PRNG: {answers:?}"
+    );
+    let bytes = lazy["bytes_fetched"].as_u64().unwrap();
+    assert!(bytes > 0, "{lazy}");
+    let per_fork = &lazy["per_fork"];
+    assert_eq!(
+        per_fork["bytes_fetched"].as_f64().unwrap(),
+        bytes as f64 / 3.0
+    );
+    // Readahead off: each fault copies or zero-fills the one page touched.
+    let faults = per_fork["faults"].as_f64().unwrap();
+    let touched =
+        per_fork["pages_copied"].as_f64().unwrap() + per_fork["zero_pages"].as_f64().unwrap();
+    assert!(faults >= 1.0 && faults == touched, "{lazy}");
+    assert_eq!(
+        lazy["child_memory"]["pages_installed_per_child"]
+            .as_f64()
+            .unwrap(),
+        touched
+    );
+    assert!(lazy["child_memory"]["held"].is_null(), "no --hold: {lazy}");
+    assert!(lazy["forks_per_s"].as_f64().unwrap() > 0.0);
+    assert!(per_fork["cpu_us"].as_f64().unwrap() > 0.0);
+    let p50 = lazy["first_response_us"]["p50"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 <= lazy["first_response_us"]["p99"].as_f64().unwrap());
+    // The cold instance beside them starts from scratch: its first request is its first.
+    let cold: Value = serde_json::from_str(lazy["cold"]["output"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (cold["served"].as_u64(), cold["forks"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert!(lazy["cold"]["resident_pages"].as_u64().unwrap() > 0);
+
+    let held = report(&resume(
+        &nodes,
+        &config,
+        &parent.descriptor,
+        &["--children", "2", "--hold", "--eager"],
+    ));
+    assert_eq!(held["children"], 2, "{held}");
+    assert_eq!(held["per_fork"]["faults"], 0.0, "eager: {held}");
+    assert!(
+        held["child_memory"]["held"]["private_dirty_kib_per_child"].is_number(),
+        "{held}"
+    );
+
+    let stats = parent.stop();
+    // One authenticated connection per child, none for the node itself.
+    assert_eq!(stats["handshakes_ok"], 5, "{stats}");
+}
+
+#[test]
 fn children_with_a_node_cache_fetch_each_page_once_and_prefetch_in_fault_order() {
     let Some(nodes) = Nodes::create("children_with_a_node_cache") else {
         return;
