@@ -10,13 +10,13 @@
 //! std's ancillary-data API on `UnixStream` is still unstable, so this uses nix's
 //! `sendmsg`/`recvmsg`.
 
-use std::io::{self, IoSlice, IoSliceMut, Read};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::socket::{ControlMessage as Cmsg, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage as Cmsg, MsgFlags, sendmsg};
 use proto::control::{ControlError, ControlMessage, HEADER_LEN, Header};
 
 #[derive(Debug, thiserror::Error)]
@@ -95,44 +95,20 @@ pub fn recv(
     // Room for a few descriptors, so extra ones are received (and closed) rather than lost
     // to truncation.
     let mut space = nix::cmsg_space!([RawFd; 4]);
-    let (got, mut fds, truncated) = loop {
-        let mut iov = [IoSliceMut::new(&mut header)];
-        match recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(r) => {
-                let mut fds = Vec::new();
-                for cmsg in r.cmsgs().map_err(|source| ChannelError::Sys {
-                    op: "reading control messages",
-                    source,
-                })? {
-                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                        // SAFETY: SCM_RIGHTS just installed these descriptors in this
-                        // process; nothing else refers to them yet.
-                        fds.extend(
-                            raw.into_iter()
-                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                        );
-                    }
-                }
-                break (r.bytes, fds, r.flags.contains(MsgFlags::MSG_CTRUNC));
-            }
-            Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => {
-                let timeout = stream.read_timeout()?.unwrap_or_default();
-                return Err(ChannelError::TimedOut(timeout));
-            }
-            Err(source) => {
-                return Err(ChannelError::Sys {
-                    op: "recvmsg",
-                    source,
-                });
-            }
+    let got = match rdma_fork::recv_with_fds(stream.as_fd(), &mut header, &mut space) {
+        Ok(got) => got,
+        Err(Errno::EAGAIN) => {
+            let timeout = stream.read_timeout()?.unwrap_or_default();
+            return Err(ChannelError::TimedOut(timeout));
+        }
+        Err(source) => {
+            return Err(ChannelError::Sys {
+                op: "recvmsg",
+                source,
+            });
         }
     };
+    let (got, mut fds, truncated) = (got.bytes, got.fds, got.fds_cut);
     if got == 0 {
         return Ok(None);
     }

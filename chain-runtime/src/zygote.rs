@@ -70,7 +70,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use nix::sys::stat::{SFlag, fstat};
 use proto::worker::{CONTROL_FD, SOCKET_FD, STATS_FD};
 use proto::zygote::{MAX_PACKET, Reply, SPAWN_FDS, SpawnRequest, ZygoteWireError};
@@ -521,47 +521,20 @@ pub fn send_spawn(
 /// On a non-blocking socket an empty queue is `WouldBlock`.
 pub fn receive(socket: BorrowedFd<'_>) -> std::io::Result<Option<Received>> {
     let mut buf = vec![0u8; MAX_PACKET];
+    // Room for SCM_MAX_FD descriptors: only credentials or other unasked-for messages could
+    // cut the control part.
     let mut space = nix::cmsg_space!([RawFd; MAX_RECEIVED_FDS]);
-    loop {
-        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let msg = match recvmsg::<()>(
-            socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(msg) => msg,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let truncated = msg
-            .flags
-            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-        let mut fds = Vec::new();
-        // nix will not parse a cut control buffer (and with room for SCM_MAX_FD fds only
-        // credentials or other unasked-for messages could cut it).
-        if !msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-            for cmsg in msg.cmsgs().map_err(std::io::Error::from)? {
-                if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                    // SAFETY: the kernel just installed these fds in this process for us alone.
-                    fds.extend(
-                        raw.into_iter()
-                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                    );
-                }
-            }
-        }
-        let len = msg.bytes;
-        if len == 0 && fds.is_empty() && !truncated {
-            return Ok(None);
-        }
-        buf.truncate(len);
-        return Ok(Some(Received {
-            bytes: buf,
-            fds,
-            truncated,
-        }));
+    let got = rdma_fork::recv_with_fds(socket, &mut buf, &mut space)?;
+    let truncated = got.data_cut || got.fds_cut;
+    if got.bytes == 0 && got.fds.is_empty() && !truncated {
+        return Ok(None);
     }
+    buf.truncate(got.bytes);
+    Ok(Some(Received {
+        bytes: buf,
+        fds: got.fds,
+        truncated,
+    }))
 }
 
 /// Receives the zygote's next reply; a closed socket is `UnexpectedEof`.

@@ -8,7 +8,7 @@
 //! API on `UnixStream` is still unstable, so this uses nix's `sendmsg`/`recvmsg`.
 
 use std::io::{self, IoSlice, IoSliceMut, Read};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use nix::errno::Errno;
@@ -96,46 +96,76 @@ pub fn send_uffd(
     Ok(())
 }
 
+/// What one [`recv_with_fds`] got.
+pub struct ReceivedFds {
+    /// Bytes received into the buffer.
+    pub bytes: usize,
+    /// The descriptors that came with them (close-on-exec), in order.
+    pub fds: Vec<OwnedFd>,
+    /// The message was longer than the buffer (`MSG_TRUNC`, datagram/seqpacket sockets).
+    pub data_cut: bool,
+    /// The control part did not fit `space` (`MSG_CTRUNC`): descriptors were lost, and none
+    /// are returned (nix does not parse a cut control buffer).
+    pub fds_cut: bool,
+}
+
+/// One `recvmsg` on `socket` into `buf`, retried on `EINTR`, taking the `SCM_RIGHTS`
+/// descriptors that came with the bytes (room for them: `space`, from `nix::cmsg_space!`).
+/// The one place the workspace receives descriptors: the uffd hand-off, the worker control
+/// channel and the zygote protocol all read through it.
+pub fn recv_with_fds(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    space: &mut [u8],
+) -> Result<ReceivedFds, Errno> {
+    loop {
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = match recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => msg,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        };
+        let fds_cut = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        let mut fds = Vec::new();
+        if !fds_cut {
+            for cmsg in msg.cmsgs()? {
+                if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                    // SAFETY: SCM_RIGHTS just installed these descriptors in this process;
+                    // nothing else refers to them yet.
+                    fds.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+        }
+        return Ok(ReceivedFds {
+            bytes: msg.bytes,
+            fds,
+            data_cut: msg.flags.contains(MsgFlags::MSG_TRUNC),
+            fds_cut,
+        });
+    }
+}
+
 /// Receives a uffd sent with [`send_uffd`].
 pub fn recv_uffd(stream: &UnixStream) -> Result<Handoff, HandoffError> {
     let mut msg = [0u8; MESSAGE];
     // Room for a few descriptors, so extra ones are received (and closed) rather than lost
     // to truncation.
     let mut space = nix::cmsg_space!([RawFd; 4]);
-    let (got, fds, truncated) = loop {
-        let mut iov = [IoSliceMut::new(&mut msg)];
-        match recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(r) => {
-                let mut fds = Vec::new();
-                for cmsg in r.cmsgs().map_err(|source| HandoffError::Sys {
-                    op: "reading control messages",
-                    source,
-                })? {
-                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                        // SAFETY: SCM_RIGHTS just installed these descriptors in this
-                        // process; nothing else refers to them yet.
-                        fds.extend(
-                            raw.into_iter()
-                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                        );
-                    }
-                }
-                break (r.bytes, fds, r.flags.contains(MsgFlags::MSG_CTRUNC));
-            }
-            Err(Errno::EINTR) => {}
-            Err(source) => {
-                return Err(HandoffError::Sys {
-                    op: "recvmsg",
-                    source,
-                });
-            }
+    let got = recv_with_fds(stream.as_fd(), &mut msg, &mut space).map_err(|source| {
+        HandoffError::Sys {
+            op: "recvmsg",
+            source,
         }
-    };
+    })?;
+    let (got, fds, truncated) = (got.bytes, got.fds, got.fds_cut);
     if got == 0 {
         return Err(HandoffError::Closed);
     }
