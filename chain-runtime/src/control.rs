@@ -92,9 +92,9 @@ pub fn recv(
     stream: &UnixStream,
 ) -> Result<Option<(ControlMessage, Option<OwnedFd>)>, ChannelError> {
     let mut header = [0u8; HEADER_LEN];
-    // Room for a few descriptors, so extra ones are received (and closed) rather than lost
-    // to truncation.
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+    // Room for as many descriptors as one message can carry (SCM_MAX_FD): every one a peer
+    // sends is received, owned and closed when unwanted, never left open by a cut buffer.
+    let mut space = nix::cmsg_space!([RawFd; rdma_fork::handoff::SCM_MAX_FD]);
     let got = match rdma_fork::recv_with_fds(stream.as_fd(), &mut header, &mut space) {
         Ok(got) => got,
         Err(Errno::EAGAIN) => {

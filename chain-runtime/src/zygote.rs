@@ -88,7 +88,6 @@ const HIGHEST_FIXED_FD: RawFd = 11;
 const THREADS_SETTLE: Duration = Duration::from_secs(5);
 /// The kernel's limit of fds per message (SCM_MAX_FD): room for that many means a packet's
 /// fds are never cut, so none are installed here without being seen (and closed).
-const MAX_RECEIVED_FDS: usize = 253;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ZygoteError {
@@ -216,13 +215,17 @@ impl Zygote {
             if let Err(e) = self.send(&reply) {
                 if let Reply::Spawned { pid, .. } = reply {
                     // The gateway will not learn this child's pid, so it could not
-                    // supervise it: it must not serve. It is the gateway's unreaped child,
-                    // so the pid still names it.
-                    tracing::error!(pid, "cannot report a forked child ({e}); killing it");
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as libc::pid_t),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+                    // supervise it: it must not serve. While the gateway lives the child is
+                    // its unreaped child, so the pid still names it; a gateway that is gone
+                    // (the usual reason the send failed) has had it reparented and maybe
+                    // reaped, its pid free for reuse: then leave it to its death signal.
+                    if nix::unistd::getppid() == self.gateway {
+                        tracing::error!(pid, "cannot report a forked child ({e}); killing it");
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as libc::pid_t),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
                 }
                 return Err(e.into());
             }
@@ -523,7 +526,7 @@ pub fn receive(socket: BorrowedFd<'_>) -> std::io::Result<Option<Received>> {
     let mut buf = vec![0u8; MAX_PACKET];
     // Room for SCM_MAX_FD descriptors: only credentials or other unasked-for messages could
     // cut the control part.
-    let mut space = nix::cmsg_space!([RawFd; MAX_RECEIVED_FDS]);
+    let mut space = nix::cmsg_space!([RawFd; rdma_fork::handoff::SCM_MAX_FD]);
     let got = rdma_fork::recv_with_fds(socket, &mut buf, &mut space)?;
     let truncated = got.data_cut || got.fds_cut;
     if got.bytes == 0 && got.fds.is_empty() && !truncated {

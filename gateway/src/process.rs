@@ -157,6 +157,11 @@ impl ForkedChild {
 /// pidfd can be opened, else by pid. The pid is stable either way: only this process can
 /// reap its child. A pid that is not our child is left alone. Needs a tokio runtime.
 pub fn kill_and_reap(pid: u32) {
+    // 0, or a pid negative as a pid_t, would name a process group (or every process).
+    if pid == 0 || pid > i32::MAX as u32 {
+        tracing::warn!(pid, "not a process id: nothing killed");
+        return;
+    }
     match ForkedChild::adopt(pid) {
         // Dropping it unreaped kills it and reaps it in the background.
         Ok(child) => drop(child),
@@ -183,7 +188,11 @@ fn kill_and_reap_by_pid(pid: u32) {
             );
             return;
         }
-        Err(e) => tracing::warn!(pid, "checking an abandoned child: {e}"),
+        Err(e) => {
+            // Not known to be our child: signalling the pid could hit another process.
+            tracing::warn!(pid, "checking an abandoned child: {e}; left alone");
+            return;
+        }
     }
     // Our unreaped child (checked just above, and only we reap it): the pid names it.
     if let Err(e) = nix::sys::signal::kill(

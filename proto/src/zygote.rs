@@ -47,6 +47,8 @@ pub enum ZygoteWireError {
     BadMagic(u32),
     #[error("protocol version {0}, this build speaks {VERSION}")]
     Version(u16),
+    #[error("pid {0} is not a process id (1..=2^31-1)")]
+    BadPid(u32),
     #[error("unknown message kind {0}")]
     UnknownKind(u16),
     #[error("reserved field is {0:#x}, must be zero")]
@@ -182,13 +184,22 @@ impl Reply {
                 .map(str::to_owned)
                 .map_err(|_| ZygoteWireError::NotUtf8)
         };
+        // A pid is signalled and waited for: 0 or one that is negative as a pid_t would name
+        // a process group (or every process), never one child.
+        let valid_pid = |pid: u32| {
+            if pid == 0 || pid > i32::MAX as u32 {
+                Err(ZygoteWireError::BadPid(pid))
+            } else {
+                Ok(pid)
+            }
+        };
         match kind {
             KIND_READY => Ok(Reply::Ready {
-                pid,
+                pid: valid_pid(pid)?,
                 build_ns: nanos,
             }),
             KIND_SPAWNED => Ok(Reply::Spawned {
-                pid,
+                pid: valid_pid(pid)?,
                 fork_ns: nanos,
             }),
             KIND_REFUSED => Ok(Reply::Refused(text()?)),
@@ -332,6 +343,26 @@ mod tests {
         let mut b = Reply::Failed("ok".into()).to_bytes();
         b[Reply::HEADER] = 0xff;
         assert_eq!(Reply::from_bytes(&b), Err(ZygoteWireError::NotUtf8));
+    }
+
+    #[test]
+    fn pids_that_would_name_a_process_group_are_refused() {
+        for pid in [0, 1 << 31, u32::MAX] {
+            for reply in [
+                Reply::Spawned { pid, fork_ns: 1 },
+                Reply::Ready { pid, build_ns: 1 },
+            ] {
+                assert!(
+                    matches!(Reply::from_bytes(&reply.to_bytes()), Err(ZygoteWireError::BadPid(p)) if p == pid),
+                    "{pid}"
+                );
+            }
+        }
+        let ok = Reply::Spawned {
+            pid: i32::MAX as u32,
+            fork_ns: 1,
+        };
+        assert_eq!(Reply::from_bytes(&ok.to_bytes()).unwrap(), ok);
     }
 
     #[test]

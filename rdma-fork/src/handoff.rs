@@ -96,6 +96,9 @@ pub fn send_uffd(
     Ok(())
 }
 
+/// The most descriptors the kernel passes in one message (`SCM_MAX_FD`, include/net/scm.h).
+pub const SCM_MAX_FD: usize = 253;
+
 /// What one [`recv_with_fds`] got.
 pub struct ReceivedFds {
     /// Bytes received into the buffer.
@@ -104,8 +107,9 @@ pub struct ReceivedFds {
     pub fds: Vec<OwnedFd>,
     /// The message was longer than the buffer (`MSG_TRUNC`, datagram/seqpacket sockets).
     pub data_cut: bool,
-    /// The control part did not fit `space` (`MSG_CTRUNC`): descriptors were lost, and none
-    /// are returned (nix does not parse a cut control buffer).
+    /// The control part did not fit `space` (`MSG_CTRUNC`). None are returned (nix does not
+    /// parse a cut control buffer), so the kernel's installed ones would stay open: give
+    /// `space` room for [`SCM_MAX_FD`] descriptors, the most one message can carry.
     pub fds_cut: bool,
 }
 
@@ -156,9 +160,9 @@ pub fn recv_with_fds(
 /// Receives a uffd sent with [`send_uffd`].
 pub fn recv_uffd(stream: &UnixStream) -> Result<Handoff, HandoffError> {
     let mut msg = [0u8; MESSAGE];
-    // Room for a few descriptors, so extra ones are received (and closed) rather than lost
-    // to truncation.
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+    // Room for as many descriptors as one message can carry (SCM_MAX_FD): every one a peer
+    // sends is received, owned and closed when unwanted, never left open by a cut buffer.
+    let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let got = recv_with_fds(stream.as_fd(), &mut msg, &mut space).map_err(|source| {
         HandoffError::Sys {
             op: "recvmsg",
