@@ -10,13 +10,12 @@
 //! std's ancillary-data API on `UnixStream` is still unstable, so this uses nix's
 //! `sendmsg`/`recvmsg`.
 
-use std::io::{self, IoSlice, Read};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::socket::{ControlMessage as Cmsg, MsgFlags, sendmsg};
 use proto::control::{ControlError, ControlMessage, HEADER_LEN, Header};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,34 +54,10 @@ pub fn send(
 ) -> Result<(), ChannelError> {
     let frame = message.encode();
     let fds: Vec<RawFd> = fd.iter().map(AsRawFd::as_raw_fd).collect();
-    let mut sent = 0;
-    while sent < frame.len() {
-        let iov = [IoSlice::new(&frame[sent..])];
-        // The descriptor rides on the first byte; a short write sends the rest without it.
-        let with_fd = [Cmsg::ScmRights(&fds)];
-        let cmsgs: &[Cmsg] = if sent == 0 && !fds.is_empty() {
-            &with_fd
-        } else {
-            &[]
-        };
-        match sendmsg::<()>(
-            stream.as_raw_fd(),
-            &iov,
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
-            Ok(n) => sent += n,
-            Err(Errno::EINTR) => {}
-            Err(source) => {
-                return Err(ChannelError::Sys {
-                    op: "sendmsg",
-                    source,
-                });
-            }
-        }
-    }
-    Ok(())
+    rdma_fork::send_with_fds(stream.as_fd(), &frame, &fds).map_err(|source| ChannelError::Sys {
+        op: "sendmsg",
+        source,
+    })
 }
 
 /// Receives one message and the fd it carries. `Ok(None)`: the peer closed the socket

@@ -66,18 +66,28 @@ pub fn send_uffd(
     msg[..8].copy_from_slice(&MAGIC.to_le_bytes());
     msg[8..16].copy_from_slice(&(base as u64).to_le_bytes());
     msg[16..].copy_from_slice(&(len as u64).to_le_bytes());
-    let fds = [uffd.as_raw_fd()];
+    send_with_fds(stream.as_fd(), &msg, &[uffd.as_raw_fd()]).map_err(|source| HandoffError::Sys {
+        op: "sendmsg",
+        source,
+    })
+}
+
+/// Writes all of `bytes` to the stream `socket`, `fds` riding as `SCM_RIGHTS` on the first
+/// byte (a short write sends the rest without them), retried on `EINTR`, never raising
+/// SIGPIPE. The one place the workspace sends descriptors on a stream: the uffd hand-off and
+/// the worker control channel.
+pub fn send_with_fds(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) -> Result<(), Errno> {
     let mut sent = 0;
-    while sent < MESSAGE {
-        let iov = [IoSlice::new(&msg[sent..])];
-        // The descriptor rides on the first byte; a short write sends the rest without it.
-        let cmsgs: &[ControlMessage] = if sent == 0 {
-            &[ControlMessage::ScmRights(&fds)]
+    while sent < bytes.len() {
+        let iov = [IoSlice::new(&bytes[sent..])];
+        let with_fds = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if sent == 0 && !fds.is_empty() {
+            &with_fds
         } else {
             &[]
         };
         match sendmsg::<()>(
-            stream.as_raw_fd(),
+            socket.as_raw_fd(),
             &iov,
             cmsgs,
             MsgFlags::MSG_NOSIGNAL,
@@ -85,12 +95,7 @@ pub fn send_uffd(
         ) {
             Ok(n) => sent += n,
             Err(Errno::EINTR) => {}
-            Err(source) => {
-                return Err(HandoffError::Sys {
-                    op: "sendmsg",
-                    source,
-                });
-            }
+            Err(e) => return Err(e),
         }
     }
     Ok(())

@@ -208,7 +208,9 @@ pub mod transport {
 }
 
 pub use cache::{CacheError, CacheStats, CachedSource, NodeCache, PurgeReason};
-pub use handoff::{Handoff, HandoffError, ReceivedFds, recv_uffd, recv_with_fds, send_uffd};
+pub use handoff::{
+    Handoff, HandoffError, ReceivedFds, recv_uffd, recv_with_fds, send_uffd, send_with_fds,
+};
 pub use lazy::{
     AnonRegion, FaultLog, FaultServer, LazyError, LazyRegion, PidFd, Prefetch, ServeOptions,
     Served, Stats, StatsSnapshot, StopReason, create_uffd, discard, register_region, serve_faults,
