@@ -46,10 +46,15 @@ async fn eventually(what: &str, mut probe: impl AsyncFnMut() -> bool) {
 }
 
 /// (fd number → what /proc says it is) for the fixed hand-off numbers of `pid`.
-/// Every open fd of `pid` above stdio and its link target.
+/// Every open fd of `pid` above stdio and its link target; none once `pid` has exited
+/// and been reaped (a late child can vanish between listing /proc and reading its fds).
 fn all_fds(pid: i32) -> Vec<(i32, String)> {
-    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
+    let dir = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(dir) => dir,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => panic!("/proc/{pid}/fd: {e}"),
+    };
+    let mut fds: Vec<(i32, String)> = dir
         .filter_map(|e| {
             let e = e.ok()?;
             let fd: i32 = e.file_name().to_str()?.parse().ok()?;
