@@ -1147,7 +1147,8 @@ mod tests {
         FunctionSpec {
             name: tag.to_string(),
             module: path,
-            instances: 1,
+            instances: crate::config::Instances::fixed(1),
+            wait_queue: 256,
             memory_limit: 1 << 20,
             timeout: Duration::from_secs(1),
             fuel: Some(5_000_000),

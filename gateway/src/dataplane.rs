@@ -203,7 +203,7 @@ impl ChainRuntime {
         let mut stages = Vec::with_capacity(plan.stages.len());
         for s in &plan.stages {
             let mut instances = Vec::new();
-            for i in 0..s.function.instances {
+            for i in 0..s.function.instances.max {
                 let (stats, stats_fd) =
                     StatsPage::create(&format!("spindle-stats-{}-{i}", s.function.name))?;
                 instances.push(InstanceLink {

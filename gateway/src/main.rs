@@ -384,7 +384,7 @@ fn load_kernel_dataplane(plan: &Plan) -> anyhow::Result<Arc<sockmap_bpf::KernelD
         .chains
         .iter()
         .flat_map(|c| &c.stages)
-        .map(|s| 2 * u64::from(s.function.instances))
+        .map(|s| 2 * u64::from(s.function.instances.max))
         .sum();
     if sockets > u64::from(sockmap_bpf::MAX_SOCKETS) {
         bail!(
@@ -398,7 +398,7 @@ fn load_kernel_dataplane(plan: &Plan) -> anyhow::Result<Arc<sockmap_bpf::KernelD
         for stage in &chain.stages {
             let info = sockmap_bpf::FnInfo {
                 chain: u32::from(chain.id),
-                instances: stage.function.instances,
+                instances: stage.function.instances.max,
                 slot_base,
                 slots: chain.spec.slots,
             };

@@ -209,7 +209,8 @@ impl Baseline {
         let mut planned = Vec::new();
         for chain in &plan.chains {
             for stage in &chain.stages {
-                for instance in 0..stage.function.instances {
+                // An autoscaled function gets its maximum: the baseline provisions for peak.
+                for instance in 0..stage.function.instances.max {
                     planned.push(Planned {
                         chain: chain.spec.name.clone(),
                         function: stage.function.name.clone(),

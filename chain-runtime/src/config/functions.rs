@@ -7,11 +7,26 @@ use saphyr::{MarkedYaml, Scalar, YamlData};
 
 use super::units::{GIB, KIB, MIB};
 use super::yaml::{Pos, describe, looks_like_integer, pos, untag};
-use super::{Checker, FunctionSpec, ModuleMode, StartMode, label};
+use super::{Autoscale, Checker, FunctionSpec, Instances, ModuleMode, StartMode, label};
 
 const WASM_PAGE: u64 = 64 * KIB;
 const DEFAULT_INSTANCES: u32 = 1;
 const MAX_INSTANCES: i64 = 64;
+const DEFAULT_WAIT_QUEUE: u32 = 256;
+const MAX_WAIT_QUEUE: i64 = 65536;
+const DEFAULT_TARGET: u32 = 1;
+const MAX_TARGET: i64 = 1000;
+const DEFAULT_STABLE_WINDOW_MS: i64 = 6000;
+const DEFAULT_SCALE_DOWN_DELAY_MS: i64 = 2000;
+const MAX_WINDOW_MS: i64 = 3_600_000;
+const INSTANCES_KEYS: &[&str] = &[
+    "min",
+    "max",
+    "target",
+    "stable_window_ms",
+    "panic_window_ms",
+    "scale_down_delay_ms",
+];
 const DEFAULT_MEMORY_LIMIT: u64 = 64 * MIB;
 const MIN_MEMORY_LIMIT: u64 = WASM_PAGE;
 // A 32-bit linear memory cannot address more than this.
@@ -23,6 +38,7 @@ const FUNCTION_KEYS: &[&str] = &[
     "name",
     "module",
     "instances",
+    "wait_queue",
     "memory",
     "timeout_ms",
     "fuel",
@@ -47,8 +63,12 @@ impl Checker<'_> {
             .unwrap_or_default();
         let instances = fields
             .get("instances")
-            .and_then(|n| self.int_in(n, "instances", 1, MAX_INSTANCES))
-            .map_or(DEFAULT_INSTANCES, |n| n as u32);
+            .and_then(|n| self.instances(n))
+            .unwrap_or(Instances::fixed(DEFAULT_INSTANCES));
+        let wait_queue = fields
+            .get("wait_queue")
+            .and_then(|n| self.int_in(n, "wait_queue", 0, MAX_WAIT_QUEUE))
+            .map_or(DEFAULT_WAIT_QUEUE, |n| n as u32);
         let memory_limit = fields
             .get("memory")
             .and_then(|n| self.memory(n))
@@ -69,12 +89,63 @@ impl Checker<'_> {
             name,
             module,
             instances,
+            wait_queue,
             memory_limit,
             timeout,
             fuel,
             mode,
             env,
             start,
+        })
+    }
+
+    /// `instances: N` or `instances: { min, max, ... }`.
+    fn instances(&mut self, node: &MarkedYaml<'_>) -> Option<Instances> {
+        if !matches!(untag(node).data, YamlData::Mapping(_)) {
+            return self
+                .int_in(node, "instances", 1, MAX_INSTANCES)
+                .map(|n| Instances::fixed(n as u32));
+        }
+        let fields = self.fields(node, "`instances`", Some(INSTANCES_KEYS))?;
+        let Some(max_node) = fields.get("max") else {
+            self.error(
+                pos(node),
+                "`instances` as a mapping needs `max`, the most instances the autoscaler may run"
+                    .to_string(),
+            );
+            return None;
+        };
+        let max = self.int_in(max_node, "instances.max", 1, MAX_INSTANCES)?;
+        let min = match fields.get("min") {
+            None => 0,
+            Some(n) => self.int_in(n, "instances.min", 0, max)?,
+        };
+        let window = |this: &mut Self, key: &str, default: i64| -> Option<i64> {
+            match fields.get(key) {
+                None => Some(default),
+                Some(n) => this.int_in(n, &format!("instances.{key}"), 1, MAX_WINDOW_MS),
+            }
+        };
+        let target = match fields.get("target") {
+            None => i64::from(DEFAULT_TARGET),
+            Some(n) => self.int_in(n, "instances.target", 1, MAX_TARGET)?,
+        };
+        let stable = window(self, "stable_window_ms", DEFAULT_STABLE_WINDOW_MS)?;
+        let panic = match fields.get("panic_window_ms") {
+            // A tenth of the stable window, as Knative's default panic window is.
+            None => (stable / 10).max(1),
+            Some(n) => self.int_in(n, "instances.panic_window_ms", 1, stable)?,
+        };
+        let delay = window(self, "scale_down_delay_ms", DEFAULT_SCALE_DOWN_DELAY_MS)?;
+        Some(Instances {
+            min: min as u32,
+            max: max as u32,
+            autoscale: Some(Autoscale {
+                target: target as u32,
+                stable_window: std::time::Duration::from_millis(stable as u64),
+                panic_window: std::time::Duration::from_millis(panic as u64),
+                scale_down_delay: std::time::Duration::from_millis(delay as u64),
+            }),
         })
     }
 

@@ -16,7 +16,16 @@
 //! functions:                        # at least one
 //!   - name: uppercase               # [a-z0-9_-]+, unique
 //!     module: ../examples/wasm/uppercase.wasm   # relative to this file's directory; must exist
-//!     instances: 2                  # worker processes, 1..=64, default 1
+//!     instances: 2                  # a fixed count of worker processes, 1..=64, default 1;
+//!                                   #   or a mapping: the autoscaler keeps between min and max
+//!     # instances: { min: 0, max: 8, target: 1, stable_window_ms: 6000, panic_window_ms: 600,
+//!     #              scale_down_delay_ms: 2000 }
+//!                                   #   min 0..=max (0 = scale to zero), max 1..=64 (required),
+//!                                   #   target: requests in flight per instance, 1..=1000,
+//!                                   #   default 1; windows 1..=3600000 ms, panic window
+//!                                   #   <= stable window (docs/autoscaling.md)
+//!     wait_queue: 256               # requests that may wait for a ready instance (while
+//!                                   #   none is up, or all are full), 0..=65536, default 256
 //!     memory: 64MiB                 # linear-memory limit: B, KiB, MiB, GiB or plain bytes;
 //!                                   #   a multiple of 64KiB (the Wasm page), 64KiB..=4GiB,
 //!                                   #   default 64MiB
@@ -107,7 +116,9 @@ pub struct FunctionSpec {
     pub name: String,
     /// Absolute as written, or joined onto the configuration file's directory.
     pub module: PathBuf,
-    pub instances: u32,
+    pub instances: Instances,
+    /// Requests that may wait for a ready instance of this function; more get 503.
+    pub wait_queue: u32,
     /// Linear-memory limit in bytes, a whole number of Wasm pages.
     pub memory_limit: u64,
     pub timeout: Duration,
@@ -117,6 +128,41 @@ pub struct FunctionSpec {
     /// In file order.
     pub env: Vec<(String, String)>,
     pub start: StartMode,
+}
+
+/// How many instances of a function run (`instances:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Instances {
+    /// Instances kept up even when idle; 0 lets the function scale to zero.
+    pub min: u32,
+    /// Instances at most; also how many instance slots (statistics pages, kernel map
+    /// entries) the function has.
+    pub max: u32,
+    /// `None` for a fixed count (`instances: N`, min = max = N).
+    pub autoscale: Option<Autoscale>,
+}
+
+impl Instances {
+    pub fn fixed(n: u32) -> Self {
+        Instances {
+            min: n,
+            max: n,
+            autoscale: None,
+        }
+    }
+}
+
+/// The autoscaler's knobs for one function (see docs/autoscaling.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Autoscale {
+    /// Requests in flight per instance the autoscaler aims for.
+    pub target: u32,
+    /// Average concurrency over this window sets the instance count in stable mode.
+    pub stable_window: Duration,
+    /// Average over this shorter window detects bursts (panic mode: scale up, never down).
+    pub panic_window: Duration,
+    /// A lower count takes effect only after it has been wanted this long.
+    pub scale_down_delay: Duration,
 }
 
 /// How a function's worker processes are started.

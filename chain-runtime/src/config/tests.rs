@@ -165,7 +165,8 @@ fn full_config_round_trip() {
             FunctionSpec {
                 name: "upper".into(),
                 module: s.dir.join("conf").join("../mods/a.wasm"),
-                instances: 4,
+                instances: Instances::fixed(4),
+                wait_queue: 256,
                 memory_limit: 128 * 1024 * 1024,
                 timeout: Duration::from_millis(250),
                 fuel: Some(5000),
@@ -179,7 +180,8 @@ fn full_config_round_trip() {
             FunctionSpec {
                 name: "plain-2".into(),
                 module: s.dir.join("conf").join("local.wasm"),
-                instances: 1,
+                instances: Instances::fixed(1),
+                wait_queue: 256,
                 memory_limit: 64 * 1024 * 1024,
                 timeout: Duration::from_millis(1000),
                 fuel: Some(1_000_000_000),
@@ -190,7 +192,8 @@ fn full_config_round_trip() {
             FunctionSpec {
                 name: "no_fuel".into(),
                 module: absolute,
-                instances: 1,
+                instances: Instances::fixed(1),
+                wait_queue: 256,
                 memory_limit: 65536,
                 timeout: Duration::from_millis(1000),
                 fuel: None,
@@ -265,7 +268,8 @@ fn minimal_config_gets_defaults() {
     ]));
     assert_eq!(config.listen, None);
     let a = config.function("a").unwrap();
-    assert_eq!(a.instances, 1);
+    assert_eq!(a.instances, Instances::fixed(1));
+    assert_eq!(a.wait_queue, 256);
     assert_eq!(a.memory_limit, 64 << 20);
     assert_eq!(a.timeout, Duration::from_secs(1));
     assert_eq!(a.fuel, Some(1_000_000_000));
@@ -288,7 +292,10 @@ fn load_reads_the_file_and_resolves_modules_next_to_it() {
         dir.join("modules/echo.wasm")
     );
     assert_eq!(config.function("upper").unwrap().memory_limit, 1 << 30);
-    assert_eq!(config.function("upper").unwrap().instances, 2);
+    assert_eq!(
+        config.function("upper").unwrap().instances,
+        Instances::fixed(2)
+    );
     assert_eq!(config.chains[0].functions(), ["upper", "echo"]);
 }
 
@@ -655,7 +662,7 @@ fn boundary_values_are_accepted() {
     let a = config.function("a").unwrap();
     assert_eq!(
         (a.instances, a.memory_limit, a.fuel),
-        (64, 4 << 30, Some(1))
+        (Instances::fixed(64), 4 << 30, Some(1))
     );
     assert_eq!(a.timeout, Duration::from_secs(86_400));
     assert_eq!(config.function("b").unwrap().memory_limit, 64 * 1024);
@@ -1172,4 +1179,110 @@ fn start_mode_defaults_to_fork_for_reactors_and_is_checked() {
         12,
         "`start` must be a string, found integer `1`",
     );
+}
+
+#[test]
+fn instances_as_a_mapping_is_autoscaled_with_documented_defaults() {
+    let s = Scratch::new();
+    let config = s.ok(&[
+        "functions:",
+        "  - name: a",
+        "    module: ../mods/a.wasm",
+        "    instances: { max: 8 }",
+        "  - name: b",
+        "    module: ../mods/b.wasm",
+        "    wait_queue: 0",
+        "    instances:",
+        "      min: 2",
+        "      max: 64",
+        "      target: 4",
+        "      stable_window_ms: 1_000",
+        "      panic_window_ms: 1000",
+        "      scale_down_delay_ms: 1",
+        "chains:",
+        "  - { name: c, route: /c, steps: [a, b] }",
+    ]);
+    let a = config.function("a").unwrap();
+    assert_eq!(
+        a.instances,
+        Instances {
+            min: 0,
+            max: 8,
+            autoscale: Some(Autoscale {
+                target: 1,
+                stable_window: Duration::from_secs(6),
+                panic_window: Duration::from_millis(600),
+                scale_down_delay: Duration::from_secs(2),
+            }),
+        }
+    );
+    let b = config.function("b").unwrap();
+    assert_eq!(b.wait_queue, 0);
+    assert_eq!(
+        b.instances,
+        Instances {
+            min: 2,
+            max: 64,
+            autoscale: Some(Autoscale {
+                target: 4,
+                stable_window: Duration::from_secs(1),
+                panic_window: Duration::from_secs(1),
+                scale_down_delay: Duration::from_millis(1),
+            }),
+        }
+    );
+}
+
+#[test]
+fn bad_autoscaling_is_reported_where_it_is_written() {
+    let s = Scratch::new();
+    let errors = s.errors(&[
+        "functions:",
+        "  - name: a",
+        "    module: ../mods/a.wasm",
+        "    instances: { min: 1 }",
+        "  - name: b",
+        "    module: ../mods/b.wasm",
+        "    instances: { min: 5, max: 4 }",
+        "  - name: c",
+        "    module: ../mods/a.wasm",
+        "    instances: { max: 4, stable_window_ms: 100, panic_window_ms: 200 }",
+        "  - name: d",
+        "    module: ../mods/a.wasm",
+        "    instances: { max: 4, targt: 2 }",
+        "  - name: e",
+        "    module: ../mods/a.wasm",
+        "    instances: { max: 65, target: 0 }",
+        "    wait_queue: -1",
+        "chains:",
+        "  - { name: x, route: /x, steps: [a, b, c, d, e] }",
+    ]);
+    let expected = [
+        (
+            4,
+            16,
+            "`instances` as a mapping needs `max`, the most instances the autoscaler may run",
+        ),
+        (7, 23, "`instances.min` must be between 0 and 4, got 5"),
+        (
+            10,
+            66,
+            "`instances.panic_window_ms` must be between 1 and 100, got 200",
+        ),
+        (
+            13,
+            26,
+            "unknown key `targt` in `instances`; did you mean `target`?",
+        ),
+        (16, 23, "`instances.max` must be between 1 and 64, got 65"),
+        (17, 17, "`wait_queue` must be between 0 and 65536, got -1"),
+    ];
+    for (line, col, message) in expected {
+        assert!(
+            errors
+                .iter()
+                .any(|(l, c, m)| (*l, *c, m.as_str()) == (line, col, message)),
+            "missing {line}:{col} {message} in {errors:#?}"
+        );
+    }
 }

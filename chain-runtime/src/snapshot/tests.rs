@@ -34,7 +34,8 @@ fn spec_for(tag: &str, module: PathBuf) -> FunctionSpec {
     FunctionSpec {
         name: tag.to_string(),
         module,
-        instances: 1,
+        instances: crate::config::Instances::fixed(1),
+        wait_queue: 256,
         memory_limit: 1 << 20,
         timeout: Duration::from_secs(1),
         fuel: Some(5_000_000),
