@@ -12,6 +12,14 @@
 //! from the eBPF program's holder record for its slot (written on every redirect, the
 //! gateway's own first sends included); a returning descriptor must come from that holder.
 //!
+//! Waiting: a request whose next function has no instance that can take it (none is up yet,
+//! the function scaled to zero, or every queue is full) waits in that function's FIFO wait
+//! queue, bounded by the function's `wait_queue` and the chain's deadline, as Knative's
+//! activator buffers requests for a revision with no ready pod. It is sent on the moment an
+//! instance comes up or makes room ([`ChainRuntime::dispatch_waiting`]); the kernel
+//! dataplane's give-backs for a function with no ready instance (`Undeliverable`) wait too.
+//! A waiting request is held by no instance, so no instance's death fails it.
+//!
 //! Slot ownership: the `Pending` entry owns the request's slot through a [`SlotGuard`], and the
 //! guard releases it on drop. Whoever removes the entry from the table owns the slot from then
 //! on; if the HTTP handler is gone (timeout, client disconnect), the guard is dropped with the
@@ -19,7 +27,7 @@
 //! may still write to it: entries are removed only when the descriptor came back or the process
 //! holding it has exited.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,7 +42,8 @@ use shm::{Arena, SlotRef};
 use sockmap_bpf::{HolderRecord, KernelDataplane};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
 
 use crate::queue::{INSTANCE_QUEUE_CAPACITY, InstanceQueue, PushError};
 
@@ -83,22 +92,142 @@ pub struct Holder {
     pub incarnation: u64,
 }
 
+/// Where a request in flight is.
+#[derive(Clone, Copy, Debug)]
+enum At {
+    /// Sent to (or, with the kernel dataplane, last routed through) this instance.
+    Instance(Holder),
+    /// In the wait queue of this stage, with the descriptor to send once an instance can
+    /// take it.
+    Waiting {
+        stage: usize,
+        desc: Descriptor,
+        since: Instant,
+    },
+}
+
 struct Pending {
     slot: SlotGuard,
-    holder: Holder,
+    at: At,
     /// The `hop` of the descriptor last sent out: the reply must carry `hop + 1`.
     hop: u8,
+    /// The chain's deadline for this request: a waiting request is failed at it.
+    deadline: Instant,
     responder: oneshot::Sender<Completion>,
+}
+
+/// The requests in flight, and the wait queue of each stage (request ids, oldest first).
+/// Every change of where a request is goes through here, so the per-stage load counts the
+/// autoscaler reads stay exact.
+struct Table {
+    requests: HashMap<u64, Pending>,
+    waiting: Vec<VecDeque<u64>>,
+}
+
+impl Table {
+    fn count(load: &[StageLoad], at: &At, delta: isize) {
+        let counter = match at {
+            At::Instance(h) => &load[h.stage].held,
+            At::Waiting { stage, .. } => &load[*stage].waiting,
+        };
+        if delta > 0 {
+            counter.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counter.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn insert(&mut self, load: &[StageLoad], id: u64, p: Pending) {
+        Self::count(load, &p.at, 1);
+        if let At::Waiting { stage, .. } = p.at {
+            self.waiting[stage].push_back(id);
+        }
+        if let Some(old) = self.requests.insert(id, p) {
+            // Request ids are never reused; keep the counts right regardless.
+            Self::count(load, &old.at, -1);
+        }
+    }
+
+    fn remove(&mut self, load: &[StageLoad], id: u64) -> Option<Pending> {
+        let p = self.requests.remove(&id)?;
+        Self::count(load, &p.at, -1);
+        if let At::Waiting { stage, .. } = p.at {
+            self.waiting[stage].retain(|&w| w != id);
+        }
+        Some(p)
+    }
+
+    /// Moves request `id` to `at` (the caller keeps the wait queues in step).
+    fn move_to(&mut self, load: &[StageLoad], id: u64, at: At) -> Option<&mut Pending> {
+        let p = self.requests.get_mut(&id)?;
+        Self::count(load, &p.at, -1);
+        Self::count(load, &at, 1);
+        p.at = at;
+        Some(p)
+    }
+}
+
+/// Bounds of the wait-time histogram, in seconds.
+pub const WAIT_BUCKETS: [f64; 8] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.25, 1.0];
+
+/// How busy one stage is and what its wait queue did: read by the autoscaler on every tick
+/// and by the metrics page. The load gauges are changed only under the table lock.
+#[derive(Default)]
+pub struct StageLoad {
+    /// Requests held by an instance of this stage (queued in the gateway for it, in its
+    /// socket or running). With the kernel dataplane, hops between functions are not seen:
+    /// a request counts for the stage the gateway last sent it to.
+    pub held: AtomicUsize,
+    /// Requests in this stage's wait queue.
+    pub waiting: AtomicUsize,
+    /// Requests that waited and were then sent to an instance.
+    pub waited: AtomicU64,
+    /// Their waits, summed, in nanoseconds, and by [`WAIT_BUCKETS`] (non-cumulative, the
+    /// last entry above every bound).
+    pub wait_ns: AtomicU64,
+    pub wait_buckets: [AtomicU64; WAIT_BUCKETS.len() + 1],
+    /// Requests failed at the chain's deadline while waiting.
+    pub wait_expired: AtomicU64,
+    /// Requests turned away because the wait queue was full (`wait_queue`).
+    pub wait_refused: AtomicU64,
+}
+
+impl StageLoad {
+    fn record_wait(&self, waited: std::time::Duration) {
+        self.waited.fetch_add(1, Ordering::Relaxed);
+        self.wait_ns
+            .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        let secs = waited.as_secs_f64();
+        let bucket = WAIT_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(WAIT_BUCKETS.len());
+        self.wait_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A live instance's outbound queue (`None` while the instance is down), its current process,
 /// and its statistics page, which outlives restarts.
 pub struct InstanceLink {
     queue: Mutex<Option<(u64, Arc<InstanceQueue>)>>,
+    /// Set while the instance drains before it stops (scale-down, reload): nothing new is
+    /// sent to it.
+    retiring: std::sync::atomic::AtomicBool,
     /// Process id of the running incarnation, 0 while down.
     pub pid: AtomicU32,
     pub stats: StatsPage,
     pub stats_fd: OwnedFd,
+}
+
+impl InstanceLink {
+    /// Descriptors queued in the gateway for this instance (0 while it is down).
+    pub fn queued(&self) -> usize {
+        self.queue
+            .lock()
+            .expect("link lock")
+            .as_ref()
+            .map_or(0, |(_, q)| q.len())
+    }
 }
 
 pub struct StageRuntime {
@@ -114,6 +243,11 @@ pub struct StageRuntime {
     /// Process id of the function's zygote while it runs, 0 otherwise (and for functions
     /// started by exec).
     pub zygote_pid: AtomicU32,
+    /// Requests that may wait for an instance of this stage (`wait_queue`).
+    pub wait_queue: usize,
+    /// Wakes the stage's autoscaler at once when a request starts waiting, so scaling from
+    /// zero does not wait for its next tick.
+    pub activate: Notify,
 }
 
 pub struct ChainRuntime {
@@ -124,7 +258,12 @@ pub struct ChainRuntime {
     pub counters: RouterCounters,
     /// Set when the kernel dataplane routes this chain's hops.
     pub kernel: Option<KernelRoute>,
-    pending: Mutex<HashMap<u64, Pending>>,
+    /// Per stage, in stage order: load and wait-queue counts.
+    pub load: Vec<StageLoad>,
+    pending: Mutex<Table>,
+    /// Wakes [`ChainRuntime::dispatch_waiting`]: an instance came up or made room, or a
+    /// request started waiting.
+    dispatch: Notify,
 }
 
 /// The kernel dataplane and where this chain's slots start in its holder table.
@@ -208,6 +347,7 @@ impl ChainRuntime {
                     StatsPage::create(&format!("spindle-stats-{}-{i}", s.function.name))?;
                 instances.push(InstanceLink {
                     queue: Mutex::new(None),
+                    retiring: std::sync::atomic::AtomicBool::new(false),
                     pid: AtomicU32::new(0),
                     stats,
                     stats_fd,
@@ -221,15 +361,24 @@ impl ChainRuntime {
                 crashes: AtomicU64::new(0),
                 watchdog_timeouts: AtomicU64::new(0),
                 zygote_pid: AtomicU32::new(0),
+                wait_queue: s.function.wait_queue as usize,
+                activate: Notify::new(),
             });
         }
+        let load = plan.stages.iter().map(|_| StageLoad::default()).collect();
+        let waiting = plan.stages.iter().map(|_| VecDeque::new()).collect();
         Ok(ChainRuntime {
             plan,
             arena,
             stages,
             counters: RouterCounters::default(),
             kernel,
-            pending: Mutex::new(HashMap::new()),
+            load,
+            pending: Mutex::new(Table {
+                requests: HashMap::new(),
+                waiting,
+            }),
+            dispatch: Notify::new(),
         })
     }
 
@@ -252,12 +401,16 @@ impl ChainRuntime {
         record: Option<HolderRecord>,
         holder: Holder,
     ) -> bool {
+        let At::Instance(at) = p.at else {
+            // Waiting: no instance holds it (the kernel's record names where it came from).
+            return false;
+        };
         match record {
             Some(rec) if rec.request_id == request_id => {
                 self.stage_index(rec.fn_id()) == Some(holder.stage)
                     && rec.instance() as usize == holder.instance
             }
-            _ => p.holder == holder,
+            _ => at == holder,
         }
     }
 
@@ -309,7 +462,30 @@ impl ChainRuntime {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.pending.lock().expect("pending lock").len()
+        self.pending.lock().expect("pending lock").requests.len()
+    }
+
+    /// Requests held by the instance incarnation `holder` (for a retiring instance to wait
+    /// until it holds none).
+    pub fn held_by_count(&self, holder: Holder) -> usize {
+        let candidates: Vec<(u64, u32)> = {
+            let table = self.pending.lock().expect("pending lock");
+            table
+                .requests
+                .iter()
+                .map(|(id, p)| (*id, p.slot.slot().index))
+                .collect()
+        };
+        let records: HashMap<u64, HolderRecord> = candidates
+            .iter()
+            .filter_map(|&(id, slot)| Some((id, self.kernel_record(slot)?)))
+            .collect();
+        let table = self.pending.lock().expect("pending lock");
+        table
+            .requests
+            .iter()
+            .filter(|(id, p)| self.held_by(**id, p, records.get(*id).copied(), holder))
+            .count()
     }
 
     /// Marks an instance incarnation up: descriptors for its stage may now go to `queue`.
@@ -324,6 +500,8 @@ impl ChainRuntime {
             .queue
             .lock()
             .expect("link lock") = Some((incarnation, queue));
+        // Requests waiting for this stage can go now.
+        self.dispatch.notify_one();
     }
 
     /// Marks an instance down and stops its writer; what it still had queued is failed by
@@ -337,6 +515,17 @@ impl ChainRuntime {
         if let Some((_, queue)) = link {
             queue.close();
         }
+        self.stages[stage].instances[instance]
+            .retiring
+            .store(false, Ordering::Relaxed);
+    }
+
+    /// Sends nothing new to `instance` (it is draining to stop). With the kernel dataplane,
+    /// its socket is also taken out of the program's choice of instances.
+    pub fn retire(&self, stage: usize, instance: usize) {
+        self.stages[stage].instances[instance]
+            .retiring
+            .store(true, Ordering::Relaxed);
     }
 
     pub fn live_instances(&self, stage: usize) -> usize {
@@ -344,6 +533,17 @@ impl ChainRuntime {
             .instances
             .iter()
             .filter(|l| l.queue.lock().expect("link lock").is_some())
+            .count()
+    }
+
+    /// Live instances of `stage` that take new requests (not retiring).
+    pub fn serving_instances(&self, stage: usize) -> usize {
+        self.stages[stage]
+            .instances
+            .iter()
+            .filter(|l| {
+                !l.retiring.load(Ordering::Relaxed) && l.queue.lock().expect("link lock").is_some()
+            })
             .count()
     }
 
@@ -359,6 +559,9 @@ impl ChainRuntime {
         let mut any_live = false;
         for k in 0..n {
             let instance = (start + k) % n;
+            if st.instances[instance].retiring.load(Ordering::Relaxed) {
+                continue;
+            }
             let link = st.instances[instance].queue.lock().expect("link lock");
             // A closed queue's writer is gone even if its supervisor has not noticed yet.
             let Some((incarnation, queue)) = link.as_ref().filter(|(_, q)| !q.is_closed()) else {
@@ -382,27 +585,112 @@ impl ChainRuntime {
         })
     }
 
-    /// The answer for a request no instance of `stage` could take.
-    fn unsendable(&self, stage: usize, why: PushError) -> (StatusCode, String) {
-        let name = &self.stages[stage].name;
-        let message = match why {
-            PushError::Closed => {
-                format!("function {name} has no live instance (restarting); retry shortly")
-            }
-            PushError::Full => format!(
-                "function {name} is overloaded: every instance has {INSTANCE_QUEUE_CAPACITY} \
-                 requests queued; retry shortly"
-            ),
+    /// The answer for a request that can neither be sent nor wait: the wait queue is full.
+    fn overloaded(&self, stage: usize) -> (StatusCode, String) {
+        let st = &self.stages[stage];
+        self.load[stage]
+            .wait_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let message = if self.live_instances(stage) == 0 {
+            format!(
+                "function {} has no ready instance and {} requests already wait for one \
+                 (wait_queue); retry shortly",
+                st.name, st.wait_queue
+            )
+        } else {
+            format!(
+                "function {} is overloaded: every instance has {INSTANCE_QUEUE_CAPACITY} \
+                 requests queued and {} more wait (wait_queue); retry shortly",
+                st.name, st.wait_queue
+            )
         };
         (StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
+    /// Sends `desc` to an instance of `stage`, or puts it in the stage's wait queue. The
+    /// request's entry is `id` in `table` (inserted by the caller, or about to be when
+    /// `entry` is given). Err when it could do neither: the caller fails the request.
+    fn send_or_wait(
+        &self,
+        table: &mut Table,
+        stage: usize,
+        desc: Descriptor,
+        mut new_entry: Option<Pending>,
+    ) -> Result<(), Option<Pending>> {
+        let id = desc.request_id;
+        let was_new = new_entry.is_some();
+        // Behind requests already waiting: first come, first served.
+        if table.waiting[stage].is_empty()
+            && let Ok((holder, queue)) = self.pick(stage)
+        {
+            let at = At::Instance(holder);
+            let p = match new_entry.take() {
+                Some(mut p) => {
+                    p.at = at;
+                    table.insert(&self.load, id, p);
+                    table.requests.get_mut(&id).expect("just inserted")
+                }
+                None => table
+                    .move_to(&self.load, id, at)
+                    .expect("the caller's entry"),
+            };
+            p.hop = desc.hop;
+            self.record_kernel_holder(holder, &desc);
+            // Room was seen under this lock, and pushes happen only under it: this push
+            // fails only if the instance's writer closed the queue meanwhile.
+            if queue.push(desc).is_ok() {
+                return Ok(());
+            }
+        }
+        if table.waiting[stage].len() >= self.stages[stage].wait_queue {
+            return Err(if was_new {
+                new_entry.or_else(|| table.remove(&self.load, id))
+            } else {
+                None
+            });
+        }
+        let at = At::Waiting {
+            stage,
+            desc,
+            since: Instant::now(),
+        };
+        match new_entry {
+            Some(mut p) => {
+                p.at = at;
+                table.insert(&self.load, id, p);
+            }
+            None => {
+                table
+                    .move_to(&self.load, id, at)
+                    .expect("the caller's entry");
+                table.waiting[stage].push_back(id);
+            }
+        }
+        self.stages[stage].activate.notify_one();
+        self.dispatch.notify_one();
+        Ok(())
+    }
+
+    /// With the kernel dataplane, records that the gateway sent this hop to `holder`
+    /// (held_by prefers the kernel's record, which still names the previous hop).
+    fn record_kernel_holder(&self, holder: Holder, desc: &Descriptor) {
+        if let Some(k) = &self.kernel {
+            let fn_id = self.stages[holder.stage].fn_id;
+            let record = HolderRecord::new(desc.request_id, fn_id, holder.instance as u32);
+            if let Err(e) = k.dataplane.set_holder(k.slot_base + desc.slot, record) {
+                tracing::error!("recording a gateway send in the kernel's holder table: {e}");
+            }
+        }
+    }
+
     /// Starts a request whose body is already in `slot`: sends its descriptor to the chain's
-    /// first function. Returns the receiver that will hold the completion.
+    /// first function, or queues it until an instance can take it. Returns the receiver that
+    /// will hold the completion.
     pub fn start(
         &self,
         slot: SlotGuard,
         len: u32,
+        deadline: Instant,
     ) -> Result<oneshot::Receiver<Completion>, (StatusCode, String)> {
         let request_id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
         let desc = Descriptor {
@@ -417,31 +705,36 @@ impl ChainRuntime {
             reserved: 0,
         };
         let (tx, rx) = oneshot::channel();
-        let mut pending = self.pending.lock().expect("pending lock");
-        let (holder, queue) = self.pick(0).map_err(|why| self.unsendable(0, why))?;
         let entry = Pending {
             slot,
-            holder,
+            // Replaced by send_or_wait before the entry is visible.
+            at: At::Waiting {
+                stage: 0,
+                desc,
+                since: Instant::now(),
+            },
             hop: 0,
+            deadline,
             responder: tx,
         };
-        // Recorded before the push, so the answer always finds its holder.
-        pending.insert(request_id, entry);
-        if let Err(why) = queue.push(desc) {
-            let unsent = pending.remove(&request_id);
-            drop(pending);
-            drop(unsent);
-            return Err(self.unsendable(0, why));
+        let mut table = self.pending.lock().expect("pending lock");
+        match self.send_or_wait(&mut table, 0, desc, Some(entry)) {
+            Ok(()) => Ok(rx),
+            Err(unsent) => {
+                drop(table);
+                // Its slot is released here, after the lock.
+                drop(unsent);
+                Err(self.overloaded(0))
+            }
         }
-        Ok(rx)
     }
 
     /// Handles one descriptor a worker sent. `from` is the instance that sent it.
-    pub fn on_descriptor(&self, from: Holder, desc: Descriptor) {
+    pub fn on_descriptor(&self, from: Holder, mut desc: Descriptor) {
         let record = self.kernel_record(desc.slot);
-        let mut pending = self.pending.lock().expect("pending lock");
-        let Some(p) = pending.get(&desc.request_id) else {
-            drop(pending);
+        let mut table = self.pending.lock().expect("pending lock");
+        let Some(p) = table.requests.get(&desc.request_id) else {
+            drop(table);
             return self.refuse(from, &desc, Refusal::UnknownRequest);
         };
         // Only the instance holding a request may return it (the kernel's give-backs come from
@@ -463,16 +756,37 @@ impl ChainRuntime {
             None
         };
         if let Some(reason) = refusal {
-            drop(pending);
+            drop(table);
             return self.refuse(from, &desc, reason);
         }
         let status = desc.status().expect("checked above");
+        if status == Status::Undeliverable
+            && self.kernel.is_some()
+            && let Some(stage) = self.stage_index(desc.next_fn)
+            && !p.responder.is_closed()
+        {
+            // The kernel found no ready instance of the next function: the request waits
+            // for one here, as a request arriving over HTTP would.
+            desc.status = Status::Ok as u8;
+            if self.send_or_wait(&mut table, stage, desc, None).is_err() {
+                let p = table
+                    .remove(&self.load, desc.request_id)
+                    .expect("present above");
+                drop(table);
+                drop(p.slot);
+                let (code, message) = self.overloaded(stage);
+                let _ = p.responder.send(Completion::Failed { code, message });
+            }
+            return;
+        }
         if let Some((code, message)) = self.kernel_failure(from, &desc) {
             if status == Status::Refused {
                 self.counters.refuse(Refusal::KernelRefused);
             }
-            let p = pending.remove(&desc.request_id).expect("present above");
-            drop(pending);
+            let p = table
+                .remove(&self.load, desc.request_id)
+                .expect("present above");
+            drop(table);
             drop(p.slot);
             let _ = p.responder.send(Completion::Failed { code, message });
             return;
@@ -485,8 +799,10 @@ impl ChainRuntime {
         if finished || p.responder.is_closed() {
             // Done, or nobody waits any more (timed out, client gone): no worker holds the
             // descriptor now, so the request ends here and its slot is released.
-            let p = pending.remove(&desc.request_id).expect("present above");
-            drop(pending);
+            let p = table
+                .remove(&self.load, desc.request_id)
+                .expect("present above");
+            drop(table);
             if finished {
                 let _ = p
                     .responder
@@ -517,8 +833,10 @@ impl ChainRuntime {
         };
         if let Some(message) = route_error {
             self.counters.refuse(Refusal::WrongRoute);
-            let p = pending.remove(&desc.request_id).expect("present above");
-            drop(pending);
+            let p = table
+                .remove(&self.load, desc.request_id)
+                .expect("present above");
+            drop(table);
             drop(p.slot);
             let _ = p.responder.send(Completion::Failed {
                 code: StatusCode::INTERNAL_SERVER_ERROR,
@@ -527,44 +845,19 @@ impl ChainRuntime {
             return;
         }
         let stage = self.stage_index(desc.next_fn).expect("checked above");
-        let (holder, queue) = match self.pick(stage) {
-            Ok(picked) => picked,
-            Err(why) => return self.fail_unsent(pending, &desc, stage, why),
-        };
-        let p = pending.get_mut(&desc.request_id).expect("present above");
-        p.holder = holder;
-        p.hop = desc.hop;
-        let slot = p.slot.slot().index;
-        if let Some(k) = &self.kernel {
-            // The kernel's record for this request names the previous hop; the gateway routed
-            // this one, so it records it before sending (held_by prefers the record).
-            let fn_id = self.stages[holder.stage].fn_id;
-            let record = HolderRecord::new(desc.request_id, fn_id, holder.instance as u32);
-            if let Err(e) = k.dataplane.set_holder(k.slot_base + slot, record) {
-                tracing::error!("recording a router forward in the kernel's holder table: {e}");
-            }
+        if self.send_or_wait(&mut table, stage, desc, None).is_err() {
+            // No worker holds its descriptor: its slot is released here.
+            let p = table
+                .remove(&self.load, desc.request_id)
+                .expect("present above");
+            drop(table);
+            drop(p.slot);
+            let (code, message) = self.overloaded(stage);
+            let _ = p.responder.send(Completion::Failed { code, message });
+            return;
         }
-        if let Err(why) = queue.push(desc) {
-            return self.fail_unsent(pending, &desc, stage, why);
-        }
-        drop(pending);
+        drop(table);
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Ends a request whose next hop could not be queued: no worker holds its descriptor, so
-    /// its slot is released here.
-    fn fail_unsent(
-        &self,
-        mut pending: std::sync::MutexGuard<'_, HashMap<u64, Pending>>,
-        desc: &Descriptor,
-        stage: usize,
-        why: PushError,
-    ) {
-        let p = pending.remove(&desc.request_id).expect("present above");
-        drop(pending);
-        drop(p.slot);
-        let (code, message) = self.unsendable(stage, why);
-        let _ = p.responder.send(Completion::Failed { code, message });
     }
 
     fn refuse(&self, from: Holder, desc: &Descriptor, reason: Refusal) {
@@ -584,8 +877,9 @@ impl ChainRuntime {
     pub fn fail_held_by(&self, holder: Holder, code: StatusCode, message: &str) -> usize {
         // The kernel's holder records are syscalls: read them without holding the table lock.
         let candidates: Vec<(u64, u32)> = {
-            let pending = self.pending.lock().expect("pending lock");
-            pending
+            let table = self.pending.lock().expect("pending lock");
+            table
+                .requests
                 .iter()
                 .map(|(id, p)| (*id, p.slot.slot().index))
                 .collect()
@@ -595,13 +889,16 @@ impl ChainRuntime {
             .filter_map(|&(id, slot)| Some((id, self.kernel_record(slot)?)))
             .collect();
         let lost: Vec<Pending> = {
-            let mut pending = self.pending.lock().expect("pending lock");
-            let ids: Vec<u64> = pending
+            let mut table = self.pending.lock().expect("pending lock");
+            let ids: Vec<u64> = table
+                .requests
                 .iter()
                 .filter(|(id, p)| self.held_by(**id, p, records.get(*id).copied(), holder))
                 .map(|(id, _)| *id)
                 .collect();
-            ids.iter().filter_map(|id| pending.remove(id)).collect()
+            ids.iter()
+                .filter_map(|id| table.remove(&self.load, *id))
+                .collect()
         };
         let n = lost.len();
         for p in lost {
@@ -612,6 +909,99 @@ impl ChainRuntime {
             });
         }
         n
+    }
+
+    /// Wakes the wait-queue dispatcher if anything waits (an instance made room).
+    pub fn room_made(&self) {
+        if self
+            .load
+            .iter()
+            .any(|l| l.waiting.load(Ordering::Relaxed) > 0)
+        {
+            self.dispatch.notify_one();
+        }
+    }
+
+    /// Sends waiting requests to instances that can take them, in arrival order per stage,
+    /// and fails those whose chain deadline passed (or whose client is gone) while waiting.
+    /// Runs for the gateway's life; woken when an instance comes up or makes room, when a
+    /// request starts waiting, and at the earliest deadline.
+    pub async fn dispatch_waiting(self: Arc<Self>) {
+        loop {
+            let next_deadline = self.dispatch_once();
+            match next_deadline {
+                Some(at) => {
+                    tokio::select! {
+                        _ = self.dispatch.notified() => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => self.dispatch.notified().await,
+            }
+        }
+    }
+
+    /// One pass over the wait queues; returns the earliest deadline still waiting.
+    fn dispatch_once(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut next_deadline: Option<Instant> = None;
+        {
+            let mut table = self.pending.lock().expect("pending lock");
+            for stage in 0..self.stages.len() {
+                while let Some(&id) = table.waiting[stage].front() {
+                    let p = table
+                        .requests
+                        .get(&id)
+                        .expect("waiting entries are in the table");
+                    let At::Waiting { desc, since, .. } = p.at else {
+                        unreachable!("a waiting id's entry is waiting");
+                    };
+                    if p.deadline <= now || p.responder.is_closed() {
+                        table.waiting[stage].pop_front();
+                        let p = table.remove(&self.load, id).expect("present");
+                        self.load[stage]
+                            .wait_expired
+                            .fetch_add(1, Ordering::Relaxed);
+                        expired.push((stage, p));
+                        continue;
+                    }
+                    let Ok((holder, queue)) = self.pick(stage) else {
+                        break;
+                    };
+                    table.waiting[stage].pop_front();
+                    let p = table
+                        .move_to(&self.load, id, At::Instance(holder))
+                        .expect("present");
+                    p.hop = desc.hop;
+                    self.record_kernel_holder(holder, &desc);
+                    self.load[stage].record_wait(now.saturating_duration_since(since));
+                    if queue.push(desc).is_err() {
+                        // Its writer closed between pick and push: try it again first.
+                        let at = At::Waiting { stage, desc, since };
+                        table.move_to(&self.load, id, at);
+                        table.waiting[stage].push_front(id);
+                        break;
+                    }
+                }
+                for id in &table.waiting[stage] {
+                    let d = table.requests[id].deadline;
+                    next_deadline = Some(next_deadline.map_or(d, |n| n.min(d)));
+                }
+            }
+        }
+        for (stage, p) in expired {
+            drop(p.slot);
+            let waited = self.plan.spec.timeout.as_millis();
+            let _ = p.responder.send(Completion::Failed {
+                code: StatusCode::GATEWAY_TIMEOUT,
+                message: format!(
+                    "no instance of function {} was ready within chain {}'s {waited} ms",
+                    self.stages[stage].name, self.plan.spec.name
+                ),
+            });
+        }
+        next_deadline
     }
 }
 
@@ -641,14 +1031,20 @@ pub async fn read_worker(
 }
 
 /// Writes queued descriptors to one worker connection, batching what is queued, until the
-/// queue is closed.
-pub async fn write_worker(mut write: OwnedWriteHalf, queue: Arc<InstanceQueue>) {
+/// queue is closed. Each batch written makes room: requests waiting for a full function may
+/// go then.
+pub async fn write_worker(
+    chain: Arc<ChainRuntime>,
+    mut write: OwnedWriteHalf,
+    queue: Arc<InstanceQueue>,
+) {
     let mut batch = Vec::with_capacity(WRITE_BATCH * Descriptor::SIZE);
     loop {
         batch.clear();
         if !queue.pop_batch(&mut batch, WRITE_BATCH).await {
             return;
         }
+        chain.room_made();
         if write.write_all(&batch).await.is_err() {
             // The worker is gone; its supervisor fails what it held. Later sends fail at once
             // instead of filling a queue nobody drains.
@@ -667,11 +1063,16 @@ mod tests {
 
     /// A one-chain, one-function runtime with `instances` instances, none of them up.
     fn runtime(tag: &str, instances: u32) -> ChainRuntime {
+        runtime_with(tag, instances, 256)
+    }
+
+    fn runtime_with(tag: &str, instances: u32, wait_queue: u32) -> ChainRuntime {
         let dir = std::env::temp_dir().join(format!("dataplane-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("f.wasm"), b"").unwrap();
         let yaml = format!(
-            "functions:\n  - {{ name: f, module: f.wasm, instances: {instances} }}\n\
+            "functions:\n  - {{ name: f, module: f.wasm, instances: {instances}, \
+             wait_queue: {wait_queue} }}\n\
              chains:\n  - {{ name: c, route: /c, steps: [f], arena: {{ slots: 16 }} }}\n"
         );
         let config = Config::parse(&yaml, &dir.join("spindle.yaml")).unwrap();
@@ -683,12 +1084,20 @@ mod tests {
 
     fn send(chain: &ChainRuntime) -> Result<oneshot::Receiver<Completion>, (StatusCode, String)> {
         let slot = SlotGuard::new(Arc::clone(&chain.arena), chain.arena.alloc().unwrap());
-        chain.start(slot, 0)
+        send_by(chain, Instant::now() + std::time::Duration::from_secs(5))
+    }
+
+    fn send_by(
+        chain: &ChainRuntime,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Completion>, (StatusCode, String)> {
+        let slot = SlotGuard::new(Arc::clone(&chain.arena), chain.arena.alloc().unwrap());
+        chain.start(slot, 0, deadline)
     }
 
     #[test]
-    fn a_full_instance_is_skipped_and_all_full_is_503_with_the_slot_released() {
-        let chain = runtime("full", 2);
+    fn a_full_instance_is_skipped_and_all_full_with_no_wait_queue_is_503_with_the_slot_released() {
+        let chain = runtime_with("full", 2, 0);
         let queues = [
             Arc::new(InstanceQueue::new(1)),
             Arc::new(InstanceQueue::new(1)),
@@ -743,17 +1152,107 @@ mod tests {
     }
 
     #[test]
-    fn no_live_instance_is_503_and_a_downed_queue_is_closed() {
-        let chain = runtime("down", 1);
-        let (code, message) = send(&chain).err().expect("refused");
+    fn with_no_live_instance_requests_wait_in_order_and_go_when_one_comes_up() {
+        let chain = runtime_with("wait", 1, 2);
+        let free = chain.arena.free_slots();
+        let first = send(&chain).expect("waits");
+        let second = send(&chain).expect("waits");
+        assert_eq!(chain.load[0].waiting.load(Ordering::Relaxed), 2);
+        assert_eq!(chain.in_flight(), 2);
+
+        let (code, message) = send(&chain).err().expect("the wait queue is full");
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(message.contains("has no live instance"), "{message}");
+        assert!(
+            message.contains("no ready instance and 2 requests already wait"),
+            "{message}"
+        );
+        assert_eq!(
+            chain.arena.free_slots(),
+            free - 2,
+            "the refused one's slot is back"
+        );
+        assert_eq!(chain.load[0].wait_refused.load(Ordering::Relaxed), 1);
 
         let queue = Arc::new(InstanceQueue::new(4));
         chain.instance_up(0, 0, 1, Arc::clone(&queue));
-        assert_eq!(chain.live_instances(0), 1);
+        assert_eq!(chain.dispatch_once(), None, "nothing waits any more");
+        let mut out = Vec::new();
+        assert!(pop_queued(&queue, &mut out));
+        let ids: Vec<u64> = out
+            .chunks(Descriptor::SIZE)
+            .map(|c| Descriptor::from_bytes(c.try_into().unwrap()).request_id)
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert!(ids[0] < ids[1], "first come, first served: {ids:?}");
+        assert_eq!(chain.load[0].waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(chain.load[0].held.load(Ordering::Relaxed), 2);
+        assert_eq!(chain.load[0].waited.load(Ordering::Relaxed), 2);
+        // Held by the instance now: its death fails them.
+        let holder = Holder {
+            stage: 0,
+            instance: 0,
+            incarnation: 1,
+        };
+        assert_eq!(chain.held_by_count(holder), 2);
         chain.instance_down(0, 0);
-        assert_eq!(chain.live_instances(0), 0);
-        assert_eq!(queue.push(Descriptor::default()), Err(PushError::Closed));
+        assert_eq!(
+            chain.fail_held_by(holder, StatusCode::BAD_GATEWAY, "died"),
+            2
+        );
+        assert_eq!(chain.arena.free_slots(), free);
+        assert_eq!(chain.load[0].held.load(Ordering::Relaxed), 0);
+        drop((first, second));
+    }
+
+    #[test]
+    fn a_waiting_request_is_failed_at_its_deadline_and_its_slot_released() {
+        let chain = runtime("expire", 1);
+        let free = chain.arena.free_slots();
+        let soon = Instant::now() + std::time::Duration::from_millis(20);
+        let mut rx = send_by(&chain, soon).expect("waits");
+        let _later = send(&chain).expect("waits");
+        assert_eq!(chain.dispatch_once(), Some(soon), "the earliest deadline");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(chain.dispatch_once().is_some(), "the later one still waits");
+        match rx.try_recv() {
+            Ok(Completion::Failed { code, message }) => {
+                assert_eq!(code, StatusCode::GATEWAY_TIMEOUT);
+                assert!(
+                    message.contains("no instance of function f was ready"),
+                    "{message}"
+                );
+            }
+            _ => panic!("the expired request was answered"),
+        }
+        assert_eq!(chain.arena.free_slots(), free - 1);
+        assert_eq!(chain.load[0].wait_expired.load(Ordering::Relaxed), 1);
+        assert_eq!(chain.load[0].waiting.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_retiring_instance_gets_nothing_new_and_a_downed_queue_is_closed() {
+        let chain = runtime("retire", 2);
+        let queues = [
+            Arc::new(InstanceQueue::new(4)),
+            Arc::new(InstanceQueue::new(4)),
+        ];
+        for (i, q) in queues.iter().enumerate() {
+            chain.instance_up(0, i, 1, Arc::clone(q));
+        }
+        chain.retire(0, 0);
+        assert_eq!(chain.serving_instances(0), 1);
+        for _ in 0..3 {
+            let _sent = send(&chain).expect("queued");
+        }
+        assert!(queues[0].is_empty(), "nothing for the retiring instance");
+        assert_eq!(queues[1].len(), 3);
+
+        assert_eq!(chain.live_instances(0), 2);
+        chain.instance_down(0, 1);
+        assert_eq!(chain.live_instances(0), 1);
+        assert_eq!(
+            queues[1].push(Descriptor::default()),
+            Err(PushError::Closed)
+        );
     }
 }

@@ -145,8 +145,12 @@ impl Gateway {
             .chains
             .iter()
             .flat_map(|c| {
+                // A function that may scale to zero is ready with no instance: its first
+                // request waits for a fork.
                 (0..c.stages.len())
-                    .filter(|&s| c.live_instances(s) == 0)
+                    .filter(|&s| {
+                        c.live_instances(s) == 0 && c.plan.stages[s].function.instances.min > 0
+                    })
                     .map(|s| format!("{}/{}", c.plan.spec.name, c.stages[s].name))
                     .collect::<Vec<_>>()
             })
@@ -244,7 +248,7 @@ async fn serve_chain(
         }
     };
 
-    let completion = match chain.start(slot, len) {
+    let completion = match chain.start(slot, len, deadline) {
         Ok(rx) => rx,
         Err((code, message)) => return text(code, message),
     };

@@ -19,5 +19,6 @@ pub mod metrics;
 pub mod node;
 pub mod process;
 pub mod queue;
+pub mod scaler;
 pub mod supervisor;
 pub mod zygote;

@@ -17,7 +17,7 @@ use gateway::dataplane::{ChainRuntime, KernelRoute};
 use gateway::http::{DataplaneStatus, Gateway};
 use gateway::metrics::Metrics;
 use gateway::node::{AdminListener, ControlBoard, NodeService};
-use gateway::supervisor::{WorkerCommand, supervise};
+use gateway::supervisor::WorkerCommand;
 use gateway::zygote::Zygote;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use shm::Arena;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 mod fork_cli;
 mod local_bench;
@@ -573,28 +573,30 @@ async fn run(
                     shutdown_rx.clone(),
                 )));
             }
-            for instance in 0..st.instances.len() {
-                let (tx, rx) = oneshot::channel();
-                supervisors.push(tokio::spawn(supervise(
-                    cmd.clone(),
-                    Arc::clone(chain),
-                    Arc::clone(&metrics),
-                    Arc::clone(&module),
-                    zygote.clone(),
-                    stage,
-                    instance,
-                    tx,
-                    shutdown_rx.clone(),
-                )));
+            let mut pool = gateway::scaler::Pool::new(
+                cmd.clone(),
+                Arc::clone(chain),
+                Arc::clone(&metrics),
+                Arc::clone(&module),
+                zygote.clone(),
+                stage,
+                shutdown_rx.clone(),
+            );
+            let initial = pool.initial();
+            for instance in 0..initial as usize {
+                let rx = pool.start_instance().expect("min <= max instance slots");
                 starting.push((
                     chain.plan.spec.name.clone(),
                     st.name.clone(),
                     instance,
-                    st.instances.len(),
+                    initial as usize,
                     rx,
                 ));
             }
+            supervisors.push(tokio::spawn(pool.run()));
         }
+        // Sends requests that waited for an instance on once one can take them.
+        tokio::spawn(Arc::clone(chain).dispatch_waiting());
     }
     let total = starting.len();
     for (n, (chain, function, instance, of, rx)) in starting.into_iter().enumerate() {

@@ -11,7 +11,7 @@ use chain_runtime::stats::{EXEC_BUCKETS, ErrorKind, LIVE_RESOURCES, Snapshot, bu
 use nix::unistd::{SysconfVar, sysconf};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 
-use crate::dataplane::{ChainRuntime, Refusal};
+use crate::dataplane::{ChainRuntime, Refusal, WAIT_BUCKETS};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -27,6 +27,9 @@ pub struct Metrics {
     instance_starts: IntCounterVec,
     instance_start_seconds: HistogramVec,
     pub instances_up: IntGaugeVec,
+    pub instances_desired: IntGaugeVec,
+    pub autoscaler_panic: IntGaugeVec,
+    pub scale_events: IntCounterVec,
     arena_slots: IntGaugeVec,
     dataplane: IntGaugeVec,
     fork_transport: IntGaugeVec,
@@ -130,6 +133,73 @@ fn router_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
             "Descriptors the userspace router forwarded from one function to the next",
             MetricType::COUNTER,
             forwarded,
+        ),
+    ]
+}
+
+/// Each function's wait queue: requests waiting for an instance now, how long those that
+/// were sent on waited, and those that expired or were turned away.
+fn wait_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
+    let (mut waiting, mut waits, mut expired, mut refused) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for chain in chains {
+        let c = chain.plan.spec.name.as_str();
+        for (stage, load) in chain.stages.iter().zip(&chain.load) {
+            let pairs = [("chain", c), ("function", stage.name.as_str())];
+            waiting.push(gauge(&pairs, load.waiting.load(Ordering::Relaxed) as f64));
+            expired.push(counter(
+                &pairs,
+                load.wait_expired.load(Ordering::Relaxed) as f64,
+            ));
+            refused.push(counter(
+                &pairs,
+                load.wait_refused.load(Ordering::Relaxed) as f64,
+            ));
+            let mut cumulative = 0u64;
+            let buckets = WAIT_BUCKETS
+                .iter()
+                .zip(&load.wait_buckets)
+                .map(|(bound, n)| {
+                    cumulative += n.load(Ordering::Relaxed);
+                    let mut b = proto::Bucket::default();
+                    b.set_upper_bound(*bound);
+                    b.set_cumulative_count(cumulative);
+                    b
+                })
+                .collect();
+            let mut h = proto::Histogram::default();
+            h.set_bucket(buckets);
+            h.set_sample_count(load.waited.load(Ordering::Relaxed));
+            h.set_sample_sum(load.wait_ns.load(Ordering::Relaxed) as f64 / 1e9);
+            let mut m = proto::Metric::from_label(labels(&pairs));
+            m.set_histogram(h);
+            waits.push(m);
+        }
+    }
+    vec![
+        family(
+            "spindle_requests_waiting",
+            "Requests waiting for an instance of the function (none ready, or all full)",
+            MetricType::GAUGE,
+            waiting,
+        ),
+        family(
+            "spindle_request_wait_seconds",
+            "How long requests that waited for an instance waited before one took them",
+            MetricType::HISTOGRAM,
+            waits,
+        ),
+        family(
+            "spindle_requests_wait_expired_total",
+            "Requests failed (504) at the chain's deadline while waiting for an instance",
+            MetricType::COUNTER,
+            expired,
+        ),
+        family(
+            "spindle_requests_wait_refused_total",
+            "Requests refused (503) because the function's wait queue was full",
+            MetricType::COUNTER,
+            refused,
         ),
     ]
 }
@@ -576,6 +646,39 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let instances_desired = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "spindle_instances_desired",
+                    "Instances the autoscaler wants now (autoscaled functions only)",
+                ),
+                &["chain", "function"],
+            )
+            .expect("valid metric"),
+        );
+        let autoscaler_panic = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "spindle_autoscaler_panic",
+                    "1 while the function's autoscaler is in panic mode (a burst), else 0",
+                ),
+                &["chain", "function"],
+            )
+            .expect("valid metric"),
+        );
+        let scale_events = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_scale_events_total",
+                    "Instances the autoscaler started (up) or retired (down)",
+                ),
+                &["chain", "function", "direction"],
+            )
+            .expect("valid metric"),
+        );
         let arena_slots = register(
             &registry,
             IntGaugeVec::new(
@@ -629,6 +732,9 @@ impl Metrics {
             instance_starts,
             instance_start_seconds,
             instances_up,
+            instances_desired,
+            autoscaler_panic,
+            scale_events,
             arena_slots,
             dataplane,
             in_flight,
@@ -689,6 +795,7 @@ impl Metrics {
         let mut families = self.registry.gather();
         families.extend(extra);
         families.extend(router_families(chains));
+        families.extend(wait_families(chains));
         families.extend(function_families(chains));
         families.extend(fork_families(chains));
         families.extend(kernel_families(chains));

@@ -61,6 +61,15 @@ impl InstanceQueue {
     }
 
     /// True once the queue was closed (its instance went down or its writer failed).
+    /// Descriptors waiting for the writer.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }

@@ -307,7 +307,7 @@ async fn spawn_worker(
     let (ready_tx, ready_rx) = oneshot::channel();
     let reader = tokio::spawn(read_worker(Arc::clone(chain), holder, read, ready_tx));
     let queue = Arc::new(InstanceQueue::new(INSTANCE_QUEUE_CAPACITY));
-    tokio::spawn(write_worker(write, Arc::clone(&queue)));
+    tokio::spawn(write_worker(Arc::clone(chain), write, Arc::clone(&queue)));
 
     let started = tokio::select! {
         ready = tokio::time::timeout(READY_TIMEOUT, ready_rx) => match ready {
@@ -360,8 +360,11 @@ async fn spawn_worker(
     started
 }
 
-/// Starts one instance and keeps it running until shutdown. Reports the first start's result
-/// through `first_start` so the gateway can refuse to come up with a broken function.
+/// Starts one instance and keeps it running until shutdown or until `retire` turns true.
+/// Reports the first start's result through `first_start` so the gateway can refuse to come
+/// up with a broken function (an autoscaler's later start drops the receiver: the failure is
+/// logged here instead). A retired instance takes nothing new, finishes what it holds (at most
+/// the chain's deadline), and is stopped.
 #[allow(clippy::too_many_arguments)]
 pub async fn supervise(
     cmd: WorkerCommand,
@@ -373,6 +376,7 @@ pub async fn supervise(
     instance: usize,
     first_start: oneshot::Sender<Result<Duration, SpawnError>>,
     mut shutdown: watch::Receiver<bool>,
+    mut retire: watch::Receiver<bool>,
 ) {
     let chain_name = chain.plan.spec.name.clone();
     let fn_name = chain.stages[stage].name.clone();
@@ -395,6 +399,9 @@ pub async fn supervise(
     }
     let mut backoff = Duration::from_millis(50);
     for incarnation in 1u64.. {
+        if *retire.borrow() {
+            return;
+        }
         let holder = Holder {
             stage,
             instance,
@@ -425,7 +432,10 @@ pub async fn supervise(
             }
             Err(e) => {
                 if let Some(tx) = first_start.take() {
-                    let _ = tx.send(Err(e));
+                    if let Err(Err(e)) = tx.send(Err(e)) {
+                        tracing::error!(chain = %chain_name, function = %fn_name, instance,
+                            "start failed: {e}");
+                    }
                     return;
                 }
                 tracing::error!(chain = %chain_name, function = %fn_name, instance, "restart failed: {e}");
@@ -451,6 +461,13 @@ pub async fn supervise(
         let status = tokio::select! {
             status = running.child.wait() => Some(status),
             _ = stopping(&mut shutdown) => None,
+            _ = retiring(&mut retire) => {
+                match finish_held(&chain, &mut running, holder, &mut shutdown).await {
+                    // It died while finishing: handled as any death, then not restarted.
+                    Some(status) => Some(status),
+                    None => None,
+                }
+            }
         };
         chain.instance_down(stage, instance);
         drop(running.control.take());
@@ -461,11 +478,15 @@ pub async fn supervise(
         let Some(status) = status else {
             running.child.stop(STOP_GRACE).await;
             drain(&mut running.reader).await;
-            chain.fail_held_by(
-                holder,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "gateway is shutting down",
-            );
+            let why = if *retire.borrow() {
+                "the instance was retired before it finished the request"
+            } else {
+                "gateway is shutting down"
+            };
+            chain.fail_held_by(holder, StatusCode::SERVICE_UNAVAILABLE, why);
+            if *retire.borrow() {
+                tracing::info!(chain = %chain_name, function = %fn_name, instance, "instance retired");
+            }
             return;
         };
         // Descriptors the worker wrote before dying are still in the socket: route them first.
@@ -512,6 +533,43 @@ pub async fn supervise(
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Resolves once the instance is asked to retire.
+async fn retiring(retire: &mut watch::Receiver<bool>) {
+    if retire.wait_for(|r| *r).await.is_err() {
+        // The pool is gone (shutdown): only the shutdown signal ends this instance.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// How often a retiring instance is checked for requests it still holds.
+const RETIRE_POLL: Duration = Duration::from_millis(5);
+
+/// Takes a retiring instance out of every choice of instance and waits until it holds no
+/// request (at most the chain's deadline, after which nothing it holds is still awaited).
+/// Returns its exit status if it died meanwhile; None when it is ready to be stopped.
+async fn finish_held(
+    chain: &ChainRuntime,
+    running: &mut Running,
+    holder: Holder,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<std::io::Result<ExitStatus>> {
+    chain.retire(holder.stage, holder.instance);
+    if let (Some(k), Some(e)) = (&chain.kernel, &running.kernel_entry)
+        && let Err(err) = k.dataplane.set_ready(e.entry.worker(), false)
+    {
+        tracing::warn!("taking a retiring instance out of the kernel's choice: {err}");
+    }
+    let deadline = Instant::now() + chain.plan.spec.timeout;
+    while chain.held_by_count(holder) > 0 && Instant::now() < deadline {
+        tokio::select! {
+            status = running.child.wait() => return Some(status),
+            _ = tokio::time::sleep(RETIRE_POLL) => {}
+            _ = stopping(shutdown) => return None,
+        }
+    }
+    None
 }
 
 /// Lets the reader route what a dead worker left in its socket. EOF normally ends it at once;

@@ -473,8 +473,9 @@ mod tests {
         w1.write_all(&d.to_bytes()).unwrap();
         let gone = read_desc(&mut g1);
         assert_eq!(
-            (gone.status, gone.next_fn),
-            (Status::Undeliverable as u8, 2)
+            (gone.status, gone.next_fn, gone.len),
+            (Status::Undeliverable as u8, 2, d.len),
+            "an undeliverable request keeps its length, for the gateway to send it on"
         );
         assert_eq!(k.function_stats(2).unwrap().redirect_failures, 2);
 

@@ -129,7 +129,12 @@ static __always_inline int give_back(struct spindle_desc *d, __u32 sender_fn, __
 	struct spindle_fn_stats *s = stats_of(sender_fn);
 
 	d->status = status;
-	d->len = 0;
+	/*
+	 * A refusal carries no payload. An undeliverable request keeps its length: the
+	 * gateway holds it until an instance of the next function is ready and sends it on.
+	 */
+	if (status != SPINDLE_STATUS_UNDELIVERABLE)
+		d->len = 0;
 	if (s) {
 		s->returned++;
 		s->to_gateway++;

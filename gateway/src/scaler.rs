@@ -1,0 +1,514 @@
+//! Instances on demand: one pool per (chain, function) starts, replaces and retires the
+//! function's instances, and for an autoscaled function (`instances: {min, max, ...}`) decides
+//! how many it wants from the requests in flight, the way Knative's KPA does.
+//!
+//! The decision ([`Decider`]), once per [`TICK`] and at once when a request starts waiting
+//! for a function with no instance:
+//! - *concurrency* is the requests the function holds (sent to an instance, queued in its
+//!   socket or running) plus those waiting for one; sampled every tick.
+//! - stable mode: want `ceil(average concurrency over stable_window / target)`.
+//! - panic mode, for bursts: when the average over the shorter panic_window asks for at least
+//!   [`PANIC_THRESHOLD`] times the instances ready (or any instance while none is), want
+//!   `ceil(panic average / target)` and never fewer than before; panic mode ends once a whole
+//!   stable window passes without that condition.
+//! - the count is clamped to `[min, max]`; it rises at once and falls only after the lower
+//!   count has been wanted for `scale_down_delay` (the highest count wanted within that delay
+//!   is kept). With `min: 0` the last instance goes when a stable window and the delay passed
+//!   without a request; the function's zygote (its compiled module and warm image) stays, so
+//!   the next request is served by a fork, waiting in the function's wait queue meanwhile.
+//!
+//! Defaults, and why they are much shorter than Knative's (60 s stable, 6 s panic, 30 s
+//! scale-to-zero grace): a Knative pod takes seconds to start, so it must not be stopped on a
+//! lull it would pay for again; a Spindle instance forks in about a millisecond, so holding
+//! idle ones longer buys nothing. 6 s / 600 ms / 2 s keep 120 samples in the stable window,
+//! 12 in the panic window, and stop a burst's instances a few seconds after it ends.
+//!
+//! Scaling down retires an instance: nothing new is sent to it, it finishes what it holds,
+//! then it is stopped. A crashed instance is replaced in its slot by its supervisor (by fork
+//! when the function has a zygote); a fixed count (`instances: N`) is only that.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chain_runtime::config::Autoscale;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::dataplane::ChainRuntime;
+use crate::metrics::Metrics;
+use crate::supervisor::{SpawnError, WorkerCommand, supervise};
+use crate::zygote::Zygote;
+
+/// How often an autoscaled function's concurrency is sampled and its count decided.
+pub const TICK: Duration = Duration::from_millis(50);
+/// Panic mode starts when the panic window asks for this many times the ready instances
+/// (Knative's default panic threshold, 200%).
+pub const PANIC_THRESHOLD: f64 = 2.0;
+
+/// The autoscaler's arithmetic for one function, separate from the processes so it can be
+/// tested against a clock of its own.
+pub struct Decider {
+    knobs: Autoscale,
+    min: u32,
+    max: u32,
+    samples: VecDeque<(Instant, f64)>,
+    /// Counts wanted within the last `scale_down_delay`, newest last.
+    wanted: VecDeque<(Instant, u32)>,
+    panic_until: Option<Instant>,
+    last: u32,
+}
+
+/// What one decision saw and chose.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    pub desired: u32,
+    pub panicking: bool,
+    pub stable_average: f64,
+    pub panic_average: f64,
+}
+
+impl Decider {
+    pub fn new(knobs: Autoscale, min: u32, max: u32) -> Self {
+        Decider {
+            knobs,
+            min,
+            max,
+            samples: VecDeque::new(),
+            wanted: VecDeque::new(),
+            panic_until: None,
+            last: min,
+        }
+    }
+
+    /// Records `concurrency` seen at `now` with `ready` instances serving, and decides.
+    pub fn observe(&mut self, now: Instant, concurrency: f64, ready: u32) -> Decision {
+        self.samples.push_back((now, concurrency));
+        while let Some(&(at, _)) = self.samples.front() {
+            if now.duration_since(at) > self.knobs.stable_window {
+                self.samples.pop_front();
+            } else {
+                break;
+            }
+        }
+        let stable_average = average(&self.samples, now, self.knobs.stable_window);
+        let panic_average = average(&self.samples, now, self.knobs.panic_window);
+        let target = f64::from(self.knobs.target);
+        let want = |avg: f64| (avg / target).ceil().min(f64::from(u32::MAX)) as u32;
+        let (stable_want, panic_want) = (want(stable_average), want(panic_average));
+        let bursting = if ready == 0 {
+            panic_want > 0
+        } else {
+            f64::from(panic_want) >= PANIC_THRESHOLD * f64::from(ready)
+        };
+        if bursting {
+            self.panic_until = Some(now + self.knobs.stable_window);
+        }
+        let panicking = self.panic_until.is_some_and(|until| now < until);
+        if !panicking {
+            self.panic_until = None;
+        }
+        let raw = if panicking {
+            panic_want.max(self.last)
+        } else {
+            stable_want
+        };
+        let raw = raw.clamp(self.min, self.max);
+        self.wanted.push_back((now, raw));
+        while let Some(&(at, _)) = self.wanted.front() {
+            if now.duration_since(at) > self.knobs.scale_down_delay {
+                self.wanted.pop_front();
+            } else {
+                break;
+            }
+        }
+        let desired = self.wanted.iter().map(|&(_, n)| n).max().unwrap_or(raw);
+        self.last = desired;
+        Decision {
+            desired,
+            panicking,
+            stable_average,
+            panic_average,
+        }
+    }
+}
+
+/// Mean of the samples within `window` of `now`; 0 with none.
+fn average(samples: &VecDeque<(Instant, f64)>, now: Instant, window: Duration) -> f64 {
+    let (sum, n) = samples
+        .iter()
+        .rev()
+        .take_while(|(at, _)| now.duration_since(*at) <= window)
+        .fold((0.0, 0u32), |(s, n), (_, c)| (s + c, n + 1));
+    if n == 0 { 0.0 } else { sum / f64::from(n) }
+}
+
+/// One instance slot's supervisor task and the switch that retires it.
+struct Slot {
+    task: JoinHandle<()>,
+    retire: watch::Sender<bool>,
+}
+
+/// The instances of one function of one chain.
+pub struct Pool {
+    cmd: WorkerCommand,
+    chain: Arc<ChainRuntime>,
+    metrics: Arc<Metrics>,
+    module: Arc<OwnedFd>,
+    zygote: Option<Arc<Zygote>>,
+    stage: usize,
+    shutdown: watch::Receiver<bool>,
+    slots: Vec<Option<Slot>>,
+}
+
+impl Pool {
+    pub fn new(
+        cmd: WorkerCommand,
+        chain: Arc<ChainRuntime>,
+        metrics: Arc<Metrics>,
+        module: Arc<OwnedFd>,
+        zygote: Option<Arc<Zygote>>,
+        stage: usize,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let slots = (0..chain.stages[stage].instances.len())
+            .map(|_| None)
+            .collect();
+        Pool {
+            cmd,
+            chain,
+            metrics,
+            module,
+            zygote,
+            stage,
+            shutdown,
+            slots,
+        }
+    }
+
+    /// The instances the function starts with (its `min`, or its fixed count).
+    pub fn initial(&self) -> u32 {
+        self.chain.plan.stages[self.stage].function.instances.min
+    }
+
+    /// Starts an instance in the lowest free slot; the receiver reports its first start.
+    /// None when every slot is taken.
+    pub fn start_instance(&mut self) -> Option<oneshot::Receiver<Result<Duration, SpawnError>>> {
+        self.reclaim();
+        let instance = self.slots.iter().position(Option::is_none)?;
+        let (first_tx, first_rx) = oneshot::channel();
+        let (retire, retired) = watch::channel(false);
+        let task = tokio::spawn(supervise(
+            self.cmd.clone(),
+            Arc::clone(&self.chain),
+            Arc::clone(&self.metrics),
+            Arc::clone(&self.module),
+            self.zygote.clone(),
+            self.stage,
+            instance,
+            first_tx,
+            self.shutdown.clone(),
+            retired,
+        ));
+        self.slots[instance] = Some(Slot { task, retire });
+        Some(first_rx)
+    }
+
+    /// Frees the slots of supervisors that ended (retired, or a first start that failed).
+    fn reclaim(&mut self) {
+        for slot in &mut self.slots {
+            if slot.as_ref().is_some_and(|s| s.task.is_finished()) {
+                *slot = None;
+            }
+        }
+    }
+
+    /// Slots whose instance is starting or serving and not asked to retire.
+    fn active(&self) -> Vec<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.as_ref()
+                    .is_some_and(|s| !s.task.is_finished() && !*s.retire.borrow())
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Retires the active instance holding the fewest requests (the highest slot on ties).
+    fn retire_one(&mut self) -> bool {
+        let chain = &self.chain;
+        let stage = self.stage;
+        let victim = self.active().into_iter().max_by_key(|&i| {
+            let held = chain.stages[stage].instances[i].queued();
+            (std::cmp::Reverse(held), i)
+        });
+        match victim.and_then(|i| self.slots[i].as_ref()) {
+            Some(slot) => {
+                let _ = slot.retire.send(true);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Runs the pool until shutdown: for an autoscaled function, the decision loop; for a
+    /// fixed count, nothing to decide (supervisors replace crashed instances themselves).
+    /// Returns after every instance's supervisor has stopped its worker.
+    pub async fn run(mut self) {
+        let function = &self.chain.plan.stages[self.stage].function;
+        if let Some(knobs) = function.instances.autoscale {
+            let decider = Decider::new(knobs, function.instances.min, function.instances.max);
+            self.autoscale(decider).await;
+        } else {
+            crate::supervisor::stopping(&mut self.shutdown.clone()).await;
+        }
+        for slot in self.slots.iter_mut().filter_map(Option::take) {
+            let _ = slot.task.await;
+        }
+    }
+
+    async fn autoscale(&mut self, mut decider: Decider) {
+        let chain = Arc::clone(&self.chain);
+        let stage = self.stage;
+        let st = &chain.stages[stage];
+        let labels = [chain.plan.spec.name.as_str(), st.name.as_str()];
+        let desired_gauge = self.metrics.instances_desired.with_label_values(&labels);
+        let panic_gauge = self.metrics.autoscaler_panic.with_label_values(&labels);
+        let ups = self
+            .metrics
+            .scale_events
+            .with_label_values(&[labels[0], labels[1], "up"]);
+        let downs = self
+            .metrics
+            .scale_events
+            .with_label_values(&[labels[0], labels[1], "down"]);
+        let mut busy = BusyShare::new(&chain);
+        let mut shutdown = self.shutdown.clone();
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = st.activate.notified() => {}
+                _ = crate::supervisor::stopping(&mut shutdown) => return,
+            }
+            let concurrency = busy.concurrency(&chain, stage);
+            let ready = chain.serving_instances(stage) as u32;
+            let decision = decider.observe(Instant::now(), concurrency, ready);
+            desired_gauge.set(i64::from(decision.desired));
+            panic_gauge.set(i64::from(decision.panicking));
+            self.reclaim();
+            let active = self.active().len() as u32;
+            if decision.desired > active {
+                for _ in active..decision.desired {
+                    // Later ticks look at how it went; a failed start is logged by its
+                    // supervisor and its slot is reclaimed.
+                    if self.start_instance().is_none() {
+                        break;
+                    }
+                    ups.inc();
+                }
+                tracing::debug!(chain = %labels[0], function = %labels[1],
+                    from = active, to = decision.desired, panicking = decision.panicking,
+                    concurrency, "scaling up");
+            } else if decision.desired < active {
+                for _ in decision.desired..active {
+                    if !self.retire_one() {
+                        break;
+                    }
+                    downs.inc();
+                }
+                tracing::debug!(chain = %labels[0], function = %labels[1],
+                    from = active, to = decision.desired, concurrency, "scaling down");
+            }
+        }
+    }
+}
+
+/// Per-stage concurrency. The gateway sees exactly which stage holds each request when it
+/// routes every hop (userspace). With the kernel dataplane it sees only the first send, so a
+/// multi-function chain's requests are shared among its stages by how much of the chain's
+/// busy time each stage had since the last sample (Little's law: time spent is what holds
+/// concurrency), read from the instances' statistics pages.
+struct BusyShare {
+    last_busy: Vec<f64>,
+}
+
+impl BusyShare {
+    fn new(chain: &ChainRuntime) -> Self {
+        BusyShare {
+            last_busy: stage_busy(chain),
+        }
+    }
+
+    fn concurrency(&mut self, chain: &ChainRuntime, stage: usize) -> f64 {
+        let load = &chain.load[stage];
+        let waiting = load.waiting.load(Ordering::Relaxed) as f64;
+        if chain.kernel.is_none() || chain.stages.len() == 1 {
+            return load.held.load(Ordering::Relaxed) as f64 + waiting;
+        }
+        let busy = stage_busy(chain);
+        let deltas: Vec<f64> = busy
+            .iter()
+            .zip(&self.last_busy)
+            .map(|(now, then)| (now - then).max(0.0))
+            .collect();
+        self.last_busy = busy;
+        let total: f64 = deltas.iter().sum();
+        let share = if total > 0.0 {
+            deltas[stage] / total
+        } else {
+            1.0 / chain.stages.len() as f64
+        };
+        let held: usize = chain
+            .load
+            .iter()
+            .map(|l| l.held.load(Ordering::Relaxed))
+            .sum();
+        held as f64 * share + waiting
+    }
+}
+
+/// Seconds each stage's instances have spent running calls, summed over its instances.
+fn stage_busy(chain: &ChainRuntime) -> Vec<f64> {
+    chain
+        .stages
+        .iter()
+        .map(|st| {
+            st.instances
+                .iter()
+                .map(|i| i.stats.snapshot().exec_sum_seconds)
+                .sum()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn knobs() -> Autoscale {
+        Autoscale {
+            target: 1,
+            stable_window: Duration::from_secs(6),
+            panic_window: Duration::from_millis(600),
+            scale_down_delay: Duration::from_secs(2),
+        }
+    }
+
+    /// Feeds `concurrency` every tick for `for_` and returns the last decision.
+    fn run(
+        d: &mut Decider,
+        clock: &mut Instant,
+        for_: Duration,
+        concurrency: f64,
+        ready: impl Fn(u32) -> u32,
+    ) -> Decision {
+        let mut last = d.observe(*clock, concurrency, ready(d.last));
+        let end = *clock + for_;
+        while *clock < end {
+            *clock += TICK;
+            last = d.observe(*clock, concurrency, ready(last.desired));
+        }
+        last
+    }
+
+    #[test]
+    fn a_request_waiting_with_no_instance_asks_for_one_at_once() {
+        let mut d = Decider::new(knobs(), 0, 8);
+        let now = Instant::now();
+        assert_eq!(
+            d.observe(now, 0.0, 0).desired,
+            0,
+            "idle at zero stays at zero"
+        );
+        let first = d.observe(now + TICK, 1.0, 0);
+        assert_eq!(first.desired, 1);
+        assert!(first.panicking, "scaling from zero is a burst");
+    }
+
+    #[test]
+    fn a_tenfold_burst_panics_up_to_the_panic_window_average_and_is_clamped_at_max() {
+        let mut d = Decider::new(knobs(), 1, 16);
+        let mut clock = Instant::now();
+        let steady = run(&mut d, &mut clock, Duration::from_secs(10), 1.0, |n| n);
+        assert_eq!((steady.desired, steady.panicking), (1, false));
+        // Ten times the load: within one panic window the count follows it, not the slow
+        // stable average.
+        let burst = run(&mut d, &mut clock, Duration::from_millis(600), 10.0, |n| n);
+        assert!(burst.panicking);
+        assert_eq!(burst.desired, 10, "{burst:?}");
+        assert!(
+            burst.stable_average < 3.0,
+            "the stable window lags: {burst:?}"
+        );
+        let more = run(&mut d, &mut clock, Duration::from_secs(1), 40.0, |n| n);
+        assert_eq!(more.desired, 16, "clamped at max");
+    }
+
+    #[test]
+    fn panic_mode_never_scales_down_and_ends_a_stable_window_after_the_burst() {
+        let mut d = Decider::new(knobs(), 1, 16);
+        let mut clock = Instant::now();
+        run(&mut d, &mut clock, Duration::from_secs(1), 8.0, |_| 1);
+        let dip = run(&mut d, &mut clock, Duration::from_secs(2), 2.0, |n| n);
+        assert!(dip.panicking);
+        assert_eq!(dip.desired, 8, "no scale-down while panicking");
+        let later = run(&mut d, &mut clock, Duration::from_secs(10), 2.0, |n| n);
+        assert!(!later.panicking);
+        assert_eq!(later.desired, 2, "back to the stable average");
+    }
+
+    #[test]
+    fn a_lower_count_waits_for_the_scale_down_delay_and_min_zero_goes_to_zero() {
+        let knobs = Autoscale {
+            panic_window: Duration::from_millis(100),
+            stable_window: Duration::from_millis(1000),
+            ..knobs()
+        };
+        let mut d = Decider::new(knobs, 0, 8);
+        let mut clock = Instant::now();
+        // Steady at 4 (ready instances keep up, so no panic after the first window).
+        run(&mut d, &mut clock, Duration::from_secs(3), 4.0, |_| 4);
+        let mut went_to_zero_at = None;
+        let idle_from = clock;
+        for _ in 0..200 {
+            clock += TICK;
+            let dd = d.observe(clock, 0.0, 4);
+            if dd.desired == 0 {
+                went_to_zero_at = Some(clock.duration_since(idle_from));
+                break;
+            }
+            if clock.duration_since(idle_from) < Duration::from_secs(2) {
+                assert_eq!(
+                    dd.desired, 4,
+                    "held for the scale-down delay after the last need"
+                );
+            }
+        }
+        let took = went_to_zero_at.expect("reaches zero");
+        // The stable window must empty of load (1 s), then the delay (2 s) must pass.
+        assert!(
+            took >= Duration::from_secs(2) && took <= Duration::from_millis(3200),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn min_is_kept_and_target_divides_concurrency() {
+        let knobs = Autoscale {
+            target: 4,
+            ..knobs()
+        };
+        let mut d = Decider::new(knobs, 2, 8);
+        let mut clock = Instant::now();
+        let idle = run(&mut d, &mut clock, Duration::from_secs(8), 0.0, |n| n);
+        assert_eq!(idle.desired, 2);
+        let busy = run(&mut d, &mut clock, Duration::from_secs(8), 20.0, |n| n);
+        assert_eq!(busy.desired, 5, "20 in flight / 4 per instance");
+    }
+}
