@@ -1083,7 +1083,6 @@ mod tests {
     }
 
     fn send(chain: &ChainRuntime) -> Result<oneshot::Receiver<Completion>, (StatusCode, String)> {
-        let slot = SlotGuard::new(Arc::clone(&chain.arena), chain.arena.alloc().unwrap());
         send_by(chain, Instant::now() + std::time::Duration::from_secs(5))
     }
 

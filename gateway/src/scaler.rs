@@ -149,7 +149,14 @@ fn average(samples: &VecDeque<(Instant, f64)>, now: Instant, window: Duration) -
 struct Slot {
     task: JoinHandle<()>,
     retire: watch::Sender<bool>,
+    /// How the first start went, for starts the autoscaler made (the caller of
+    /// [`Pool::start_instance`] holds it otherwise).
+    first: Option<oneshot::Receiver<Result<Duration, SpawnError>>>,
 }
+
+/// First wait after an autoscaled start failed; doubled per failure up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The instances of one function of one chain.
 pub struct Pool {
@@ -161,6 +168,10 @@ pub struct Pool {
     stage: usize,
     shutdown: watch::Receiver<bool>,
     slots: Vec<Option<Slot>>,
+    /// Starts that failed in a row, and when the autoscaler may try again: a broken module
+    /// must not be re-forked every tick.
+    failed_starts: u32,
+    retry_at: Option<Instant>,
 }
 
 impl Pool {
@@ -176,6 +187,21 @@ impl Pool {
         let slots = (0..chain.stages[stage].instances.len())
             .map(|_| None)
             .collect();
+        // Present from the start, so a function at zero shows 0 rather than nothing.
+        let labels = [
+            chain.plan.spec.name.as_str(),
+            chain.stages[stage].name.as_str(),
+        ];
+        metrics.instances_up.with_label_values(&labels);
+        if let Some(function) = chain.plan.stages.get(stage).map(|s| &s.function)
+            && function.instances.autoscale.is_some()
+        {
+            metrics
+                .instances_desired
+                .with_label_values(&labels)
+                .set(i64::from(function.instances.min));
+            metrics.autoscaler_panic.with_label_values(&labels);
+        }
         Pool {
             cmd,
             chain,
@@ -185,6 +211,8 @@ impl Pool {
             stage,
             shutdown,
             slots,
+            failed_starts: 0,
+            retry_at: None,
         }
     }
 
@@ -196,6 +224,12 @@ impl Pool {
     /// Starts an instance in the lowest free slot; the receiver reports its first start.
     /// None when every slot is taken.
     pub fn start_instance(&mut self) -> Option<oneshot::Receiver<Result<Duration, SpawnError>>> {
+        self.spawn_in_free_slot().map(|(_, first)| first)
+    }
+
+    fn spawn_in_free_slot(
+        &mut self,
+    ) -> Option<(usize, oneshot::Receiver<Result<Duration, SpawnError>>)> {
         self.reclaim();
         let instance = self.slots.iter().position(Option::is_none)?;
         let (first_tx, first_rx) = oneshot::channel();
@@ -212,14 +246,56 @@ impl Pool {
             self.shutdown.clone(),
             retired,
         ));
-        self.slots[instance] = Some(Slot { task, retire });
-        Some(first_rx)
+        self.slots[instance] = Some(Slot {
+            task,
+            retire,
+            first: None,
+        });
+        Some((instance, first_rx))
     }
 
-    /// Frees the slots of supervisors that ended (retired, or a first start that failed).
+    /// Starts an instance whose first start the pool itself watches.
+    fn scale_up_one(&mut self) -> bool {
+        match self.spawn_in_free_slot() {
+            Some((instance, first)) => {
+                if let Some(slot) = &mut self.slots[instance] {
+                    slot.first = Some(first);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Frees the slots of supervisors that ended (retired, or a first start that failed),
+    /// and backs off after failed starts.
     fn reclaim(&mut self) {
         for slot in &mut self.slots {
-            if slot.as_ref().is_some_and(|s| s.task.is_finished()) {
+            if let Some(s) = slot.as_mut()
+                && let Some(first) = &mut s.first
+            {
+                match first.try_recv() {
+                    Ok(Ok(_)) => {
+                        s.first = None;
+                        self.failed_starts = 0;
+                        self.retry_at = None;
+                    }
+                    Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => {
+                        // The supervisor logged why.
+                        s.first = None;
+                        self.failed_starts += 1;
+                        let backoff = FIRST_BACKOFF
+                            .saturating_mul(1 << self.failed_starts.min(16))
+                            .min(MAX_BACKOFF);
+                        self.retry_at = Some(Instant::now() + backoff);
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) => {}
+                }
+            }
+            if slot
+                .as_ref()
+                .is_some_and(|s| s.task.is_finished() && s.first.is_none())
+            {
                 *slot = None;
             }
         }
@@ -303,11 +379,12 @@ impl Pool {
             panic_gauge.set(i64::from(decision.panicking));
             self.reclaim();
             let active = self.active().len() as u32;
-            if decision.desired > active {
+            let backing_off = self.retry_at.is_some_and(|at| Instant::now() < at);
+            if decision.desired > active && !backing_off {
                 for _ in active..decision.desired {
                     // Later ticks look at how it went; a failed start is logged by its
                     // supervisor and its slot is reclaimed.
-                    if self.start_instance().is_none() {
+                    if !self.scale_up_one() {
                         break;
                     }
                     ups.inc();

@@ -461,13 +461,9 @@ pub async fn supervise(
         let status = tokio::select! {
             status = running.child.wait() => Some(status),
             _ = stopping(&mut shutdown) => None,
-            _ = retiring(&mut retire) => {
-                match finish_held(&chain, &mut running, holder, &mut shutdown).await {
-                    // It died while finishing: handled as any death, then not restarted.
-                    Some(status) => Some(status),
-                    None => None,
-                }
-            }
+            // Some(status) if it died while finishing: handled as any death, then not
+            // restarted (the loop checks `retire` first).
+            _ = retiring(&mut retire) => finish_held(&chain, &mut running, holder, &mut shutdown).await,
         };
         chain.instance_down(stage, instance);
         drop(running.control.take());
