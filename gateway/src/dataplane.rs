@@ -330,6 +330,13 @@ impl RouterCounters {
     }
 }
 
+/// Instance slots of a function (statistics pages, kernel map entries): its `max`, plus one
+/// so a reload can start a new instance before an old one retires (none beyond the kernel's
+/// per-function limit).
+pub fn instance_slots(function: &chain_runtime::config::FunctionSpec) -> u32 {
+    (function.instances.max + 1).min(sockmap_bpf::MAX_INSTANCES)
+}
+
 /// Bumped by every request on every runtime thread: a cache line of its own.
 static REQUEST_IDS: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(1));
 
@@ -342,7 +349,7 @@ impl ChainRuntime {
         let mut stages = Vec::with_capacity(plan.stages.len());
         for s in &plan.stages {
             let mut instances = Vec::new();
-            for i in 0..s.function.instances.max {
+            for i in 0..instance_slots(&s.function) {
                 let (stats, stats_fd) =
                     StatsPage::create(&format!("spindle-stats-{}-{i}", s.function.name))?;
                 instances.push(InstanceLink {

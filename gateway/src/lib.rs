@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod node;
 pub mod process;
 pub mod queue;
+pub mod reload;
 pub mod scaler;
 pub mod supervisor;
 pub mod zygote;

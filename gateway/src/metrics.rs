@@ -30,6 +30,8 @@ pub struct Metrics {
     pub instances_desired: IntGaugeVec,
     pub autoscaler_panic: IntGaugeVec,
     pub scale_events: IntCounterVec,
+    pub reloads: IntCounterVec,
+    pub function_generation: IntGaugeVec,
     arena_slots: IntGaugeVec,
     dataplane: IntGaugeVec,
     fork_transport: IntGaugeVec,
@@ -679,6 +681,31 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let reloads = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_reloads_total",
+                    "Config reloads (SIGHUP, spindle reload): ok, refused (errors, or a change \
+                     only a restart applies; nothing changed) or failed (a function's new \
+                     instances did not start; it kept its old module)",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+        );
+        let function_generation = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "spindle_function_generation",
+                    "Which module generation a function's instances run: 1 at start, +1 per \
+                     reload that rolled it",
+                ),
+                &["chain", "function"],
+            )
+            .expect("valid metric"),
+        );
         let arena_slots = register(
             &registry,
             IntGaugeVec::new(
@@ -735,6 +762,8 @@ impl Metrics {
             instances_desired,
             autoscaler_panic,
             scale_events,
+            reloads,
+            function_generation,
             arena_slots,
             dataplane,
             in_flight,
