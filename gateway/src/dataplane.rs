@@ -243,6 +243,8 @@ pub struct StageRuntime {
     /// Process id of the function's zygote while it runs, 0 otherwise (and for functions
     /// started by exec).
     pub zygote_pid: AtomicU32,
+    /// Zygotes of this function up now, each holding a warm image (two during a reload).
+    pub zygotes_up: AtomicU32,
     /// Requests that may wait for an instance of this stage (`wait_queue`).
     pub wait_queue: usize,
     /// Wakes the stage's autoscaler at once when a request starts waiting, so scaling from
@@ -368,6 +370,7 @@ impl ChainRuntime {
                 crashes: AtomicU64::new(0),
                 watchdog_timeouts: AtomicU64::new(0),
                 zygote_pid: AtomicU32::new(0),
+                zygotes_up: AtomicU32::new(0),
                 wait_queue: s.function.wait_queue as usize,
                 activate: Notify::new(),
             });

@@ -245,6 +245,9 @@ pub async fn supervise(
         };
         let pid = process.id().unwrap_or(0);
         chain.stages[stage].zygote_pid.store(pid, Ordering::Relaxed);
+        chain.stages[stage]
+            .zygotes_up
+            .fetch_add(1, Ordering::Relaxed);
         *zygote.socket.lock().await = Some(socket);
         zygote.state.send_replace(State::Up);
         ever_up = true;
@@ -259,6 +262,9 @@ pub async fn supervise(
         *zygote.socket.lock().await = None;
         // Only if it still names this zygote: after a reload, the new generation's zygote
         // may have taken its place.
+        chain.stages[stage]
+            .zygotes_up
+            .fetch_sub(1, Ordering::Relaxed);
         let _ = chain.stages[stage].zygote_pid.compare_exchange(
             pid,
             0,
