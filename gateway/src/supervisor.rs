@@ -547,7 +547,7 @@ async fn retiring(retire: &mut watch::Receiver<bool>) {
 }
 
 /// How often a retiring instance is checked for requests it still holds.
-const RETIRE_POLL: Duration = Duration::from_millis(5);
+const RETIRE_POLL: Duration = Duration::from_millis(10);
 
 /// Takes a retiring instance out of every choice of instance and waits until it holds no
 /// request (at most the chain's deadline, after which nothing it holds is still awaited).
