@@ -11,7 +11,8 @@
  * An input that starts with "sleep=N" (N in milliseconds, 0..=1000, decimal digits)
  * waits N ms instead; after the digits comes the end of the input or ASCII whitespace,
  * then anything. "sleep=" followed by anything else is an error. Every other input waits
- * the default 2 ms. The output is always the input, unchanged.
+ * the default 2 ms. The output is always the input, unchanged. A wait as long as the
+ * function's timeout_ms (default 1000) is cut short by the host's watchdog (504).
  */
 /* clock_nanosleep is POSIX, hidden under plain -std=c11. */
 #define _POSIX_C_SOURCE 200809L
