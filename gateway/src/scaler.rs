@@ -95,7 +95,9 @@ impl Decider {
         }
         let stable_average = average(&self.samples, now, self.knobs.stable_window);
         let panic_average = average(&self.samples, now, self.knobs.panic_window);
-        let target = f64::from(self.knobs.target);
+        // Planned per instance: the target less the headroom.
+        let target =
+            f64::from(self.knobs.target) * f64::from(self.knobs.utilization_percent) / 100.0;
         let want = |avg: f64| (avg / target).ceil().min(f64::from(u32::MAX)) as u32;
         let (stable_want, panic_want) = (want(stable_average), want(panic_average));
         let bursting = if ready == 0 {
@@ -640,6 +642,9 @@ mod tests {
             stable_window: Duration::from_secs(6),
             panic_window: Duration::from_millis(600),
             scale_down_delay: Duration::from_secs(2),
+            // Whole instances, so the arithmetic below reads plainly.
+            utilization_percent: 100,
+            concurrency: 4,
         }
     }
 
@@ -739,6 +744,19 @@ mod tests {
             took >= Duration::from_secs(2) && took <= Duration::from_millis(3200),
             "{took:?}"
         );
+    }
+
+    #[test]
+    fn utilization_leaves_headroom_above_the_load() {
+        let knobs = Autoscale {
+            utilization_percent: 70,
+            ..knobs()
+        };
+        let mut d = Decider::new(knobs, 1, 16);
+        let mut clock = Instant::now();
+        // 4.6 requests in flight (2,000 req/s of 2.3 ms): 5 instances would run at 92%.
+        let steady = run(&mut d, &mut clock, Duration::from_secs(8), 4.6, |n| n);
+        assert_eq!(steady.desired, 7, "ceil(4.6 / 0.7)");
     }
 
     #[test]
