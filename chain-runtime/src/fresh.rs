@@ -1,0 +1,449 @@
+//! `isolation: fresh_per_request`: every request of a reactor runs in a fresh copy of its
+//! warm image. After each call the instance is reset in place, in the same process, to the
+//! image (as Faasm resets a Faaslet and wasmtime's pooling allocator resets a slot), instead
+//! of one instance carrying what each request leaves behind into the next.
+//!
+//! # The image, and why a reset is copy-on-write
+//!
+//! The pristine state is a [`Snapshot`] of the warm instance, taken where a zygote takes its
+//! own: after instantiation and `_initialize`, before any request.
+//!
+//! - A worker forked from its zygote already runs on the zygote's image:
+//!   [`InstanceBuilder::from_snapshot`](crate::instance::InstanceBuilder::from_snapshot)
+//!   mapped its sealed memfd `MAP_PRIVATE | MAP_FIXED` over linear memory. So the image it is
+//!   reset to is the zygote's, never something of this child.
+//! - An exec'd worker captures its own cold instance ([`snapshot::capture`]) and maps the new
+//!   image over the live memory in place, with the code children restore with
+//!   ([`snapshot::restore`]). The contents are the same, so the guest cannot tell.
+//!
+//! From then on, each page the guest writes becomes a private copy of this process, and each
+//! page it has not written is still the memfd's page.
+//!
+//! # A reset ([`Pristine::reset`], then the host's part in `FunctionHost::prepare`)
+//!
+//! 1. **Memory size.** If the guest grew memory, it is shrunk back. Wasmer has no shrink, but
+//!    its `LinearMemory::reset` (length 0) followed by `grow` to the image's size does it: the
+//!    memory is static style, so the base never moves and `grow` only `mprotect`s. The pages
+//!    past the image get a fresh `PROT_NONE` reservation. That drops their contents, and an
+//!    access past the restored size traps again, as it did before the grow.
+//! 2. **Written pages.** `PAGEMAP_SCAN` (Linux 6.7+) finds the private pages of the image
+//!    range: present or swapped, not file pages. `MADV_DONTNEED` drops them, and they read as
+//!    the image again at their next touch. Pages the guest only read stay mapped. So a reset
+//!    costs in proportion to the pages written, and the pages are counted. A kernel without
+//!    `PAGEMAP_SCAN` gets the whole range dropped instead, and pages that were only read fault
+//!    in again.
+//! 3. **Globals.** Every mutable numeric global gets its image value, exported or not
+//!    (`__stack_pointer`, an allocator's, the metering middleware's).
+//! 4. **WASI** (host): stdio fds the guest closed are open again, as in the image. A partial
+//!    log line is flushed. Stdin and the exit code are cleared. That is all the WASI state
+//!    there is: nothing is preopened (see [`crate::wasi`]).
+//! 5. **`spindle_on_fork`** (host) runs again if the guest exports it. Each request is a new
+//!    copy of the image, so it must not draw the random numbers the last one drew.
+//!
+//! Every call is followed by a reset, including calls that trapped, ran out of fuel or failed
+//! to allocate. A trap needs no teardown: nothing the guest did survives the reset.
+//!
+//! # Limits
+//!
+//! - **Tables and passive segments** are instance state outside memory and globals. A module
+//!   whose code can change them ([`instance_state_op`]: `table.set`, `table.grow`,
+//!   `table.fill`, `table.copy`, `table.init`, `elem.drop`, `data.drop`) is not reset in place.
+//!   It is rebuilt from the image after every call instead: instantiate, map, write the
+//!   globals, as a forked child does. That is correct but slower, and the metrics count it as
+//!   `rebuild`.
+//! - What capture refuses ([`SnapshotError`]) cannot be reset to either: externref tables,
+//!   mutable reference globals, tables changed by `_initialize`, shared or several memories.
+//!   Such a function fails to start, with the reason.
+//! - An instance resumed from a remote image has no local image to drop pages back to (its
+//!   memory is filled through userfaultfd), so it is refused ([`ResetError::NoLocalImage`]).
+//! - The watchdog's timeout ends the process, not the call. Its replacement starts from the
+//!   image too: the zygote's when forked, a cold build when exec'd.
+
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap_anonymous};
+use wasmer::{Memory, Pages, Store};
+
+use crate::snapshot::{self, IMAGE_PAGE, Snapshot, SnapshotError};
+
+/// Wasm page size in bytes.
+const WASM_PAGE: usize = wasmer::WASM_PAGE_SIZE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error("cannot take the warm image to reset to: {0}")]
+    Capture(#[from] SnapshotError),
+    #[error(
+        "an instance resumed from a remote image has no local image to reset to \
+         (isolation: fresh_per_request needs a zygote's or its own image)"
+    )]
+    NoLocalImage,
+    #[error("linear memory moved from {image:#x} to {now:#x}; it can only be reset in place")]
+    Moved { image: usize, now: usize },
+    #[error("linear memory is {now} bytes, smaller than the image's {image}")]
+    Shrunk { now: u64, image: u64 },
+    #[error("cannot {what}: {source}")]
+    Sys {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot restore the memory size: {0}")]
+    Size(#[from] wasmer::MemoryError),
+    #[error("spindle_on_fork failed after the reset: {0}")]
+    OnFork(String),
+}
+
+fn sys(what: &'static str) -> impl FnOnce(nix::errno::Errno) -> ResetError {
+    move |e| ResetError::Sys {
+        what,
+        source: e.into(),
+    }
+}
+
+/// What one reset did, for the statistics page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResetReport {
+    /// From the end of the call to an instance ready for the next one.
+    pub elapsed: Duration,
+    /// The instance was rebuilt from the image rather than reset in place.
+    pub rebuilt: bool,
+    /// Written pages dropped back to the image (0 where the kernel cannot say which: no
+    /// `PAGEMAP_SCAN`, or a rebuild).
+    pub pages: u64,
+    /// The guest had grown memory, and it was shrunk back to the image's size.
+    pub shrank: bool,
+}
+
+/// What the memory part of a reset did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MemoryReset {
+    /// Written pages dropped (0 when unknown, see [`ResetReport::pages`]).
+    pub pages: u64,
+    /// Wasm pages the guest had grown, discarded.
+    pub grown: u64,
+}
+
+/// The image one live instance is reset to, and where its memory is.
+pub(crate) struct Pristine {
+    image: Snapshot,
+    /// Base of linear memory: wasmer's static style keeps it for the instance's life.
+    base: NonNull<u8>,
+    /// Bytes of the image (the memory's size after each reset).
+    len: usize,
+    scan: Scan,
+}
+
+/// How the written pages of the image range are found.
+enum Scan {
+    /// `PAGEMAP_SCAN` on this process's `/proc/self/pagemap`, opened in this process (a
+    /// forked child opens its own: the file is bound to the mm that opened it).
+    Pagemap(File),
+    /// No `PAGEMAP_SCAN` here: drop the whole range.
+    WholeRange,
+}
+
+impl Pristine {
+    /// Records `image` as what the instance in `store` (memory `memory`) is reset to. The
+    /// caller guarantees that the image's memfd is mapped `MAP_PRIVATE` over the first
+    /// `image.meta().memory.bytes` of the memory, and that no guest call is running.
+    pub(crate) fn new(
+        store: &mut Store,
+        memory: &Memory,
+        image: Snapshot,
+    ) -> Result<Pristine, ResetError> {
+        let view = memory.view(&*store);
+        let bytes = image.meta().memory.bytes;
+        if view.data_size() < bytes {
+            return Err(ResetError::Shrunk {
+                now: view.data_size(),
+                image: bytes,
+            });
+        }
+        let base = NonNull::new(view.data_ptr())
+            .ok_or_else(|| SnapshotError::Mismatch("linear memory has a null base".into()))?;
+        let len = bytes as usize;
+        let scan = match File::open("/proc/self/pagemap") {
+            Ok(file) => match scan_written(&file, base.as_ptr() as usize, len, |_, _| Ok(())) {
+                Ok(_) => Scan::Pagemap(file),
+                Err(e) => {
+                    tracing::info!(
+                        "PAGEMAP_SCAN unavailable ({e}): resets drop the whole image range"
+                    );
+                    Scan::WholeRange
+                }
+            },
+            Err(e) => {
+                tracing::info!(
+                    "/proc/self/pagemap unavailable ({e}): resets drop the whole image range"
+                );
+                Scan::WholeRange
+            }
+        };
+        Ok(Pristine {
+            image,
+            base,
+            len,
+            scan,
+        })
+    }
+
+    /// The image this instance is reset to.
+    pub(crate) fn image(&self) -> &Snapshot {
+        &self.image
+    }
+
+    /// Puts memory (size and contents) and every mutable global back to the image. The
+    /// caller guarantees no guest call is running and no reference into linear memory is
+    /// alive (it holds the store mutably, between invocations, on this thread).
+    pub(crate) fn reset(
+        &self,
+        store: &mut Store,
+        memory: &Memory,
+    ) -> Result<MemoryReset, ResetError> {
+        let (base, size) = {
+            let view = memory.view(&*store);
+            (view.data_ptr() as usize, view.data_size() as usize)
+        };
+        let image_base = self.base.as_ptr() as usize;
+        if base != image_base {
+            return Err(ResetError::Moved {
+                image: image_base,
+                now: base,
+            });
+        }
+        let mut grown = 0;
+        if size > self.len {
+            // SAFETY: [base + len, base + size) is the part of linear memory the guest grew,
+            // inside wasmer's static reservation (the base did not move, and static memories
+            // are reserved whole up front); nothing references it (see this fn's contract). A
+            // PROT_NONE anonymous reservation is what wasmer left there before the grow, and
+            // wasmer's munmap of the reservation at drop removes it too.
+            unsafe { reserve(image_base + self.len, size - self.len) }?;
+            // Wasmer's own way down: length 0, then grow to the image's size (an mprotect of
+            // pages that are read-write already; their contents stay).
+            memory.reset(&mut *store)?;
+            memory.grow(&mut *store, Pages((self.len / WASM_PAGE) as u32))?;
+            let view = memory.view(&*store);
+            if view.data_ptr() as usize != image_base || view.data_size() as usize != self.len {
+                return Err(ResetError::Moved {
+                    image: image_base,
+                    now: view.data_ptr() as usize,
+                });
+            }
+            grown = ((size - self.len) / WASM_PAGE) as u64;
+        } else if size < self.len {
+            return Err(ResetError::Shrunk {
+                now: size as u64,
+                image: self.len as u64,
+            });
+        }
+        let pages = self.drop_written()?;
+        snapshot::write_globals(store, self.image.meta());
+        Ok(MemoryReset { pages, grown })
+    }
+
+    /// Drops the private pages of the image range, so they read as the image again.
+    fn drop_written(&self) -> Result<u64, ResetError> {
+        let base = self.base.as_ptr() as usize;
+        let drop = |start: usize, len: usize| {
+            // SAFETY: [start, start + len) lies in [base, base + self.len), the private
+            // mapping of the image over linear memory (PAGEMAP_SCAN only reports ranges inside
+            // the range it was given); nothing references it (see `reset`'s contract).
+            // MADV_DONTNEED on a private file mapping drops this process's copies: the next
+            // access reads the memfd's page, and the mapping and its protection stay.
+            unsafe { drop_pages(start, len) }
+        };
+        match &self.scan {
+            Scan::Pagemap(file) => scan_written(file, base, self.len, drop),
+            Scan::WholeRange => drop(base, self.len).map(|()| 0),
+        }
+    }
+}
+
+/// Replaces `[addr, addr + len)` by a fresh inaccessible reservation, discarding its contents.
+///
+/// # Safety
+/// The range must be memory this process owns and nothing references.
+unsafe fn reserve(addr: usize, len: usize) -> Result<(), ResetError> {
+    let (Some(at), Some(length)) = (NonZeroUsize::new(addr), NonZeroUsize::new(len)) else {
+        return Ok(());
+    };
+    // SAFETY: the caller's contract; MAP_FIXED replaces exactly that range.
+    let got = unsafe {
+        mmap_anonymous(
+            Some(at),
+            length,
+            ProtFlags::PROT_NONE,
+            MapFlags::MAP_PRIVATE | MapFlags::MAP_FIXED | MapFlags::MAP_NORESERVE,
+        )
+    }
+    .map_err(sys("discard the grown memory"))?;
+    if got.as_ptr() as usize != addr {
+        return Err(ResetError::Moved {
+            image: addr,
+            now: got.as_ptr() as usize,
+        });
+    }
+    Ok(())
+}
+
+/// `MADV_DONTNEED` over `[start, start + len)`.
+///
+/// # Safety
+/// The range must be memory this process owns whose contents nothing needs.
+unsafe fn drop_pages(start: usize, len: usize) -> Result<(), ResetError> {
+    let Some(ptr) = NonNull::new(start as *mut std::ffi::c_void) else {
+        return Ok(());
+    };
+    // SAFETY: the caller's contract.
+    unsafe { madvise(ptr, len, MmapAdvise::MADV_DONTNEED) }.map_err(sys("drop written pages"))
+}
+
+// `PAGEMAP_SCAN` (linux/fs.h, Linux 6.7): not in the libc crate yet.
+const PAGE_IS_FILE: u64 = 1 << 2;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `_IOWR('f', 16, struct pm_scan_arg)` with the generic ioctl layout (x86, Arm, RISC-V).
+/// Elsewhere the number is wrong, the ioctl fails, and resets drop the whole range.
+const PAGEMAP_SCAN: u64 =
+    (3 << 30) | ((size_of::<PmScanArg>() as u64) << 16) | ((b'f' as u64) << 8) | 16;
+
+/// Regions per `PAGEMAP_SCAN` call; more are found by calling again from where it stopped.
+const SCAN_REGIONS: usize = 32;
+
+/// Calls `found(start, len)` for every run of written pages in `[base, base + len)`: pages of
+/// this process's own (anonymous: a private copy of a file page, or a page of an anonymous
+/// mapping), present or swapped out, but not the shared zero page. Returns how many pages
+/// were found.
+fn scan_written(
+    pagemap: &File,
+    base: usize,
+    len: usize,
+    mut found: impl FnMut(usize, usize) -> Result<(), ResetError>,
+) -> Result<u64, ResetError> {
+    let end = base as u64 + len as u64;
+    let mut regions = [PageRegion::default(); SCAN_REGIONS];
+    let mut from = base as u64;
+    let mut pages = 0;
+    while from < end {
+        let mut arg = PmScanArg {
+            size: size_of::<PmScanArg>() as u64,
+            start: from,
+            end,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: SCAN_REGIONS as u64,
+            // Not a file page and not the zero page (inverted, then required) ...
+            category_inverted: PAGE_IS_FILE | PAGE_IS_PFNZERO,
+            category_mask: PAGE_IS_FILE | PAGE_IS_PFNZERO,
+            // ... and present or swapped out: what the guest wrote.
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            ..PmScanArg::default()
+        };
+        // SAFETY: PAGEMAP_SCAN reads and writes `arg` (a pm_scan_arg of the size it states)
+        // and writes at most `vec_len` page_regions to `vec`, which points at `regions`; both
+        // outlive the call. It only reads this process's page tables over [start, end).
+        // Raw libc: nix has no binding for this ioctl.
+        let n = unsafe {
+            libc::ioctl(
+                pagemap.as_raw_fd(),
+                PAGEMAP_SCAN as libc::Ioctl,
+                &mut arg as *mut PmScanArg,
+            )
+        };
+        if n < 0 {
+            return Err(ResetError::Sys {
+                what: "scan the page map (PAGEMAP_SCAN)",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let n = (n as usize).min(SCAN_REGIONS);
+        for r in &regions[..n] {
+            let (start, stop) = (r.start.max(base as u64), r.end.min(end));
+            if start < stop {
+                found(start as usize, (stop - start) as usize)?;
+                pages += (stop - start) / IMAGE_PAGE;
+            }
+        }
+        if n < SCAN_REGIONS || arg.walk_end >= end {
+            break;
+        }
+        if arg.walk_end <= from {
+            return Err(ResetError::Sys {
+                what: "scan the page map (PAGEMAP_SCAN made no progress)",
+                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+            });
+        }
+        from = arg.walk_end;
+    }
+    Ok(pages)
+}
+
+/// The first instruction in `wasm` (binary or text) that changes instance state outside
+/// linear memory and globals, which a reset in place cannot put back: table contents and
+/// sizes, and dropped element or data segments. `None` when there is none.
+pub(crate) fn instance_state_op(wasm: &[u8]) -> Option<&'static str> {
+    use wasmer::wasmparser::{Operator, Parser, Payload};
+    let Ok(binary) = wasmer::wat2wasm(wasm) else {
+        return Some("unreadable code");
+    };
+    for payload in Parser::new(0).parse_all(&binary) {
+        let body = match payload {
+            Ok(Payload::CodeSectionEntry(body)) => body,
+            Ok(_) => continue,
+            Err(_) => return Some("unreadable code"),
+        };
+        let Ok(mut ops) = body.get_operators_reader() else {
+            return Some("unreadable code");
+        };
+        while !ops.eof() {
+            let op = match ops.read() {
+                Ok(Operator::TableSet { .. }) => "table.set",
+                Ok(Operator::TableGrow { .. }) => "table.grow",
+                Ok(Operator::TableFill { .. }) => "table.fill",
+                Ok(Operator::TableCopy { .. }) => "table.copy",
+                Ok(Operator::TableInit { .. }) => "table.init",
+                Ok(Operator::ElemDrop { .. }) => "elem.drop",
+                Ok(Operator::DataDrop { .. }) => "data.drop",
+                Ok(_) => continue,
+                Err(_) => "unreadable code",
+            };
+            return Some(op);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;
