@@ -196,6 +196,12 @@ impl Pristine {
         &self.image
     }
 
+    /// Whether resets find the written pages (and count them), rather than drop the whole
+    /// image range.
+    pub(crate) fn scans(&self) -> bool {
+        matches!(self.scan, Scan::Pagemap(_))
+    }
+
     /// Puts memory (size and contents) and every mutable global back to the image. The
     /// caller guarantees no guest call is running and no reference into linear memory is
     /// alive (it holds the store mutably, between invocations, on this thread).

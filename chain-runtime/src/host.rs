@@ -920,6 +920,11 @@ impl FunctionHost {
             .and_then(|memory| Pristine::new(&mut reactor.store, &memory, image));
         match armed {
             Ok(pristine) => {
+                tracing::debug!(function = %self.name,
+                    image_kib = pristine.image().meta().memory.bytes / 1024,
+                    from = if source == MemorySource::Cold { "own capture" } else { "origin" },
+                    written_pages_found = if pristine.scans() { "PAGEMAP_SCAN" } else { "no: whole range" },
+                    "fresh_per_request: resets armed");
                 reactor.pristine = Some(pristine);
                 Ok(())
             }
