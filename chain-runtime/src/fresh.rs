@@ -27,11 +27,22 @@
 //!    past the image get a fresh `PROT_NONE` reservation. That drops their contents, and an
 //!    access past the restored size traps again, as it did before the grow.
 //! 2. **Written pages.** `PAGEMAP_SCAN` (Linux 6.7+) finds the private pages of the image
-//!    range: present or swapped, not file pages. `MADV_DONTNEED` drops them, and they read as
-//!    the image again at their next touch. Pages the guest only read stay mapped. So a reset
-//!    costs in proportion to the pages written, and the pages are counted. A kernel without
-//!    `PAGEMAP_SCAN` gets the whole range dropped instead, and pages that were only read fault
-//!    in again.
+//!    range: present or swapped, not file pages. Pages the guest only read are still the
+//!    memfd's, and they stay mapped. Each private page is put back one of two ways:
+//!    - *copied back*: `pread` from the image memfd overwrites it with the image's bytes. The
+//!      page stays this process's, so the next request that writes it takes no fault.
+//!    - *dropped*: `MADV_DONTNEED` returns it, and it reads as the image again at its next
+//!      touch. The next write to it is a copy-on-write fault (allocate a page, copy 4 KiB).
+//!
+//!    Copying back is cheaper per page than dropping, and it saves the fault. But a
+//!    copied-back page stays private, so later scans find it again even when no request
+//!    writes it any more: the set copied back is everything written since the last drop.
+//!    So pages are copied back while that set is at most [`KEEP_RESIDENT_PAGES`] (2 MiB).
+//!    Past that, and at every [`DROP_EVERY`]th reset, they are all dropped, and the set
+//!    shrinks to what requests really write. A reset thus costs in proportion to the pages
+//!    written (bounded by 2 MiB of copying for up to 63 resets after a burst), and the pages
+//!    are counted. A kernel without `PAGEMAP_SCAN` gets the whole image range dropped at
+//!    every reset instead, and pages that were only read fault in again.
 //! 3. **Globals.** Every mutable numeric global gets its image value, exported or not
 //!    (`__stack_pointer`, an allocator's, the metering middleware's).
 //! 4. **WASI** (host): stdio fds the guest closed are open again, as in the image. A partial
@@ -73,6 +84,15 @@ use crate::snapshot::{self, IMAGE_PAGE, Snapshot, SnapshotError};
 /// Wasm page size in bytes.
 const WASM_PAGE: usize = wasmer::WASM_PAGE_SIZE;
 
+/// Most private pages a reset copies back from the image (keeping them resident); above
+/// this it drops them all. bench: copying back costs ~0.2 µs a page, dropping ~0.3 µs plus a
+/// ~1.5 µs copy-on-write fault at the next write (docs/benchmarks.md).
+pub const KEEP_RESIDENT_PAGES: u64 = 512;
+
+/// Every this many resets, the private pages are dropped even when few, so pages no request
+/// writes any more stop being copied back.
+pub const DROP_EVERY: u64 = 64;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ResetError {
     #[error("cannot take the warm image to reset to: {0}")]
@@ -111,9 +131,11 @@ pub struct ResetReport {
     pub elapsed: Duration,
     /// The instance was rebuilt from the image rather than reset in place.
     pub rebuilt: bool,
-    /// Written pages dropped back to the image (0 where the kernel cannot say which: no
-    /// `PAGEMAP_SCAN`, or a rebuild).
+    /// Written pages put back to the image, copied back or dropped (0 where the kernel
+    /// cannot say which: no `PAGEMAP_SCAN`, or a rebuild).
     pub pages: u64,
+    /// They were copied back (and stay resident), not dropped.
+    pub copied: bool,
     /// The guest had grown memory, and it was shrunk back to the image's size.
     pub shrank: bool,
 }
@@ -121,8 +143,10 @@ pub struct ResetReport {
 /// What the memory part of a reset did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MemoryReset {
-    /// Written pages dropped (0 when unknown, see [`ResetReport::pages`]).
+    /// Written pages put back (0 when unknown, see [`ResetReport::pages`]).
     pub pages: u64,
+    /// Copied back rather than dropped.
+    pub copied: bool,
     /// Wasm pages the guest had grown, discarded.
     pub grown: u64,
 }
@@ -135,6 +159,10 @@ pub(crate) struct Pristine {
     /// Bytes of the image (the memory's size after each reset).
     len: usize,
     scan: Scan,
+    /// Resets so far (every [`DROP_EVERY`]th drops).
+    resets: u64,
+    /// Runs of private pages found by the last scan (kept for its capacity).
+    runs: Vec<(usize, usize)>,
 }
 
 /// How the written pages of the image range are found.
@@ -188,6 +216,8 @@ impl Pristine {
             base,
             len,
             scan,
+            resets: 0,
+            runs: Vec::new(),
         })
     }
 
@@ -206,7 +236,7 @@ impl Pristine {
     /// caller guarantees no guest call is running and no reference into linear memory is
     /// alive (it holds the store mutably, between invocations, on this thread).
     pub(crate) fn reset(
-        &self,
+        &mut self,
         store: &mut Store,
         memory: &Memory,
     ) -> Result<MemoryReset, ResetError> {
@@ -247,27 +277,94 @@ impl Pristine {
                 image: self.len as u64,
             });
         }
-        let pages = self.drop_written()?;
+        let (pages, copied) = self.put_back_written()?;
         snapshot::write_globals(store, self.image.meta());
-        Ok(MemoryReset { pages, grown })
+        Ok(MemoryReset {
+            pages,
+            copied,
+            grown,
+        })
     }
 
-    /// Drops the private pages of the image range, so they read as the image again.
-    fn drop_written(&self) -> Result<u64, ResetError> {
+    /// Puts the private pages of the image range back to the image's contents: copied back
+    /// while few, else dropped (see the module doc). Returns how many and whether copied.
+    fn put_back_written(&mut self) -> Result<(u64, bool), ResetError> {
         let base = self.base.as_ptr() as usize;
-        let drop = |start: usize, len: usize| {
-            // SAFETY: [start, start + len) lies in [base, base + self.len), the private
-            // mapping of the image over linear memory (PAGEMAP_SCAN only reports ranges inside
-            // the range it was given); nothing references it (see `reset`'s contract).
-            // MADV_DONTNEED on a private file mapping drops this process's copies: the next
-            // access reads the memfd's page, and the mapping and its protection stay.
-            unsafe { drop_pages(start, len) }
+        self.resets += 1;
+        let Scan::Pagemap(pagemap) = &self.scan else {
+            // SAFETY: [base, base + len) is the private mapping of the image over linear
+            // memory; nothing references it (see `reset`'s contract). MADV_DONTNEED on a
+            // private file mapping drops this process's copies: the next access reads the
+            // memfd's page, and the mapping and its protection stay.
+            unsafe { drop_pages(base, self.len) }?;
+            return Ok((0, false));
         };
-        match &self.scan {
-            Scan::Pagemap(file) => scan_written(file, base, self.len, drop),
-            Scan::WholeRange => drop(base, self.len).map(|()| 0),
+        let runs = &mut self.runs;
+        runs.clear();
+        let pages = scan_written(pagemap, base, self.len, |start, len| {
+            runs.push((start, len));
+            Ok(())
+        })?;
+        let copy = pages <= KEEP_RESIDENT_PAGES && !self.resets.is_multiple_of(DROP_EVERY);
+        for &(start, len) in runs.iter() {
+            if copy {
+                // SAFETY: [start, start + len) lies in the private mapping of the image over
+                // linear memory (PAGEMAP_SCAN reports only ranges inside the range it was
+                // given), read-write, and nothing references it (see `reset`'s contract).
+                unsafe { copy_from_image(self.image.image(), start, len, start - base) }?;
+            } else {
+                // SAFETY: as above; see the whole-range drop for what MADV_DONTNEED does.
+                unsafe { drop_pages(start, len) }?;
+            }
+        }
+        Ok((pages, copy))
+    }
+}
+
+/// Overwrites `[start, start + len)` with the image's bytes at `offset` (holes read as
+/// zeros), with `pread` straight from the memfd's page cache.
+///
+/// # Safety
+/// The range must be writable memory of this process that nothing references.
+unsafe fn copy_from_image(
+    image: std::os::fd::BorrowedFd<'_>,
+    start: usize,
+    len: usize,
+    offset: usize,
+) -> Result<(), ResetError> {
+    let mut done = 0;
+    while done < len {
+        // SAFETY: the destination is the caller's (writable, unreferenced) range, of which
+        // `len - done` bytes are left; pread writes at most that many. Raw libc: nix's pread
+        // needs a `&mut [u8]`, which would assert more than is known of guest memory.
+        let n = unsafe {
+            libc::pread(
+                image.as_raw_fd(),
+                (start + done) as *mut libc::c_void,
+                len - done,
+                (offset + done) as libc::off_t,
+            )
+        };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => {
+                return Err(ResetError::Sys {
+                    what: "copy the image back (it ended early)",
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                });
+            }
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(ResetError::Sys {
+                        what: "copy the image back",
+                        source: e,
+                    });
+                }
+            }
         }
     }
+    Ok(())
 }
 
 /// Replaces `[addr, addr + len)` by a fresh inaccessible reservation, discarding its contents.

@@ -960,6 +960,7 @@ impl FunctionHost {
                     elapsed: started.elapsed(),
                     rebuilt: false,
                     pages: reset.pages,
+                    copied: reset.copied,
                     shrank: reset.grown > 0,
                 }
             }
@@ -1124,7 +1125,7 @@ fn reset_in_place(
 ) -> Result<fresh::MemoryReset, ResetError> {
     let pristine = reactor
         .pristine
-        .as_ref()
+        .as_mut()
         .ok_or(ResetError::Capture(SnapshotError::NoInstance))?;
     let memory = reactor
         .guest

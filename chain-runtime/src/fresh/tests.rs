@@ -344,6 +344,62 @@ fn a_module_that_changes_tables_is_rebuilt_from_the_image_instead() {
     assert_eq!(call(&mut reused, b""), [0, 0, 0, 0, 2, 0, 0, 0]);
 }
 
+/// Writes page 16 + i for i < the input's length, answering the sum of the bytes it found
+/// there first (0 in a fresh copy of the image).
+const TOUCH: &str = r#"(module
+    (import "spindle" "output" (func $output (param i32 i32)))
+    (memory (export "memory") 40)
+    (func (export "spindle_alloc") (param i32) (result i32) (i32.const 1024))
+    (func (export "spindle_handle") (param $p i32) (param $n i32) (result i32)
+        (local $i i32) (local $sum i32) (local $at i32)
+        (block $done (loop $page
+            (br_if $done (i32.ge_u (local.get $i) (local.get $n)))
+            (local.set $at (i32.shl (i32.add (local.get $i) (i32.const 16)) (i32.const 12)))
+            (local.set $sum (i32.add (local.get $sum) (i32.load8_u (local.get $at))))
+            (i32.store8 (local.get $at) (i32.const 1))
+            (local.set $i (i32.add (local.get $i) (i32.const 1)))
+            (br $page)))
+        (i32.store (i32.const 200) (local.get $sum))
+        (call $output (i32.const 200) (i32.const 4)) (i32.const 0)))"#;
+
+#[test]
+fn few_written_pages_are_copied_back_and_many_or_every_64th_reset_dropped() {
+    if !has_pagemap_scan() {
+        eprintln!("no PAGEMAP_SCAN: every reset drops the whole range");
+        return;
+    }
+    let spec = FunctionSpec {
+        memory_limit: 3 << 20,
+        ..spec("touch", TOUCH, Isolation::FreshPerRequest)
+    };
+    let mut host = FunctionHost::new(&spec, None).unwrap();
+    let mut all = Vec::new();
+    // Above KEEP_RESIDENT_PAGES (600 pages + the input's): dropped, and still fresh after.
+    for _ in 0..2 {
+        assert_eq!(call(&mut host, &[b'x'; 600]), [0; 4]);
+        let done = resets(&mut host);
+        assert_eq!(done.len(), 1);
+        assert_eq!((done[0].pages, done[0].copied), (601, false), "{done:?}");
+        all.extend(done);
+    }
+    // Few: copied back, except at every DROP_EVERY-th reset; fresh either way.
+    while all.len() < 2 * DROP_EVERY as usize + 2 {
+        assert_eq!(call(&mut host, &[b'x'; 10]), [0; 4]);
+        let done = resets(&mut host);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].pages, 11, "{done:?}");
+        all.extend(done);
+    }
+    for (i, r) in all.iter().enumerate().skip(2) {
+        let nth = i as u64 + 1;
+        assert_eq!(
+            r.copied,
+            !nth.is_multiple_of(DROP_EVERY),
+            "reset {nth}: {r:?}"
+        );
+    }
+}
+
 #[test]
 fn instructions_that_change_instance_state_are_found() {
     assert_eq!(instance_state_op(TABLE_SET.as_bytes()), Some("table.set"));
