@@ -93,7 +93,7 @@ for f in ["reuse", "fresh"]:
     cpu = grew(r'^spindle_process_cpu_seconds_total\{chain="%s",function="%s",instance="0",process="worker"\}' % (f, f))
     resets = grew(r'^spindle_function_reset_seconds_count\{chain="%s",function="%s"\}' % (f, f))
     reset_s = grew(r'^spindle_function_reset_seconds_sum\{chain="%s",function="%s"\}' % (f, f))
-    dropped = grew(r'^spindle_function_reset_pages_total\{chain="%s",function="%s"\}' % (f, f))
+    dropped = grew(r'^spindle_function_reset_pages_total\{chain="%s",function="%s",how=' % (f, f))
     rows[f] = dict(rps=med("/" + f, "rps"), p50=med("/" + f, "p50_us"), p99=med("/" + f, "p99_us"),
                    cpu_us=1e6 * cpu / calls if calls else float("nan"),
                    reset_us=1e6 * reset_s / resets if resets else 0.0,

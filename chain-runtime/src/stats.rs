@@ -65,7 +65,8 @@ struct Block {
     /// Resets of an `isolation: fresh_per_request` instance ([`ResetCounters`]).
     resets_in_place: AtomicU64,
     reset_rebuilds: AtomicU64,
-    reset_pages: AtomicU64,
+    reset_pages_copied: AtomicU64,
+    reset_pages_dropped: AtomicU64,
     reset_shrinks: AtomicU64,
     reset_sum_ns: AtomicU64,
     /// Non-cumulative counts per bucket (the bounds of the execution-time histogram).
@@ -167,9 +168,11 @@ pub struct ResetCounters {
     /// Instances rebuilt from the image instead (a module that changes tables or segments,
     /// or a reset in place that failed).
     pub rebuilds: u64,
-    /// Written pages dropped back to the image by resets in place (0 where the kernel has no
-    /// `PAGEMAP_SCAN` to tell which).
-    pub pages: u64,
+    /// Written pages resets in place copied back from the image (they stay resident).
+    pub pages_copied: u64,
+    /// Written pages resets in place dropped back to the image (`MADV_DONTNEED`; 0 where the
+    /// kernel has no `PAGEMAP_SCAN` to tell which).
+    pub pages_dropped: u64,
     /// Resets that shrank memory the guest had grown back to the image's size.
     pub shrinks: u64,
     pub sum_seconds: f64,
@@ -188,7 +191,8 @@ impl ResetCounters {
     fn add(&mut self, other: &ResetCounters) {
         self.in_place += other.in_place;
         self.rebuilds += other.rebuilds;
-        self.pages += other.pages;
+        self.pages_copied += other.pages_copied;
+        self.pages_dropped += other.pages_dropped;
         self.shrinks += other.shrinks;
         self.sum_seconds += other.sum_seconds;
         for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
@@ -314,7 +318,12 @@ impl StatsPage {
             b.resets_in_place.fetch_add(1, Relaxed);
         }
         if report.pages > 0 {
-            b.reset_pages.fetch_add(report.pages, Relaxed);
+            let pages = if report.copied {
+                &b.reset_pages_copied
+            } else {
+                &b.reset_pages_dropped
+            };
+            pages.fetch_add(report.pages, Relaxed);
         }
         if report.shrank {
             b.reset_shrinks.fetch_add(1, Relaxed);
@@ -365,7 +374,8 @@ impl StatsPage {
         s.reset = ResetCounters {
             in_place: b.resets_in_place.load(Relaxed),
             rebuilds: b.reset_rebuilds.load(Relaxed),
-            pages: b.reset_pages.load(Relaxed),
+            pages_copied: b.reset_pages_copied.load(Relaxed),
+            pages_dropped: b.reset_pages_dropped.load(Relaxed),
             shrinks: b.reset_shrinks.load(Relaxed),
             sum_seconds: b.reset_sum_ns.load(Relaxed) as f64 / 1e9,
             buckets: std::array::from_fn(|i| b.reset_buckets[i].load(Relaxed)),
@@ -482,11 +492,13 @@ mod tests {
         let in_place = ResetReport {
             elapsed: Duration::from_micros(3),
             pages: 5,
+            copied: true,
             ..ResetReport::default()
         };
         worker.record_reset(&in_place);
         worker.record_reset(&ResetReport {
             shrank: true,
+            copied: false,
             ..in_place
         });
         worker.record_reset(&ResetReport {
@@ -496,7 +508,7 @@ mod tests {
         });
         let r = page.snapshot().reset;
         assert_eq!((r.in_place, r.rebuilds, r.count()), (2, 1, 3));
-        assert_eq!((r.pages, r.shrinks), (10, 1));
+        assert_eq!((r.pages_copied, r.pages_dropped, r.shrinks), (5, 5, 1));
         assert_eq!(r.buckets[2], 2, "3 µs -> (2, 4]");
         assert_eq!(r.buckets[6], 1, "40 µs -> (32, 64]");
         assert!((r.sum_seconds - 46e-6).abs() < 1e-9);

@@ -351,7 +351,14 @@ fn reset_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
                 &[l[0], l[1], ("how", "rebuild")],
                 r.rebuilds as f64,
             ));
-            pages.push(counter(&l, r.pages as f64));
+            pages.push(counter(
+                &[l[0], l[1], ("how", "copied")],
+                r.pages_copied as f64,
+            ));
+            pages.push(counter(
+                &[l[0], l[1], ("how", "dropped")],
+                r.pages_dropped as f64,
+            ));
             shrinks.push(counter(&l, r.shrinks as f64));
             let mut cumulative = 0;
             let buckets = (0..EXEC_BUCKETS)
@@ -388,7 +395,8 @@ fn reset_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
         ),
         family(
             "spindle_function_reset_pages_total",
-            "Written pages resets in place dropped back to the image (0 without PAGEMAP_SCAN)",
+            "Written pages resets in place put back to the image: copied (from the image, \
+             staying resident) or dropped (MADV_DONTNEED; 0 without PAGEMAP_SCAN)",
             MetricType::COUNTER,
             pages,
         ),

@@ -83,7 +83,11 @@ async fn fresh_per_request_answers_one_every_time_forked_or_execd_and_reuse_coun
         assert_eq!(pids.len(), 1, "{function}: one worker");
         for i in 0..N {
             let r = spindle.post(&format!("/{chain}"), "x").await;
-            assert_eq!((r.status, r.text()), (200, "1".into()), "{function}, request {i}");
+            assert_eq!(
+                (r.status, r.text()),
+                (200, "1".into()),
+                "{function}, request {i}"
+            );
         }
         // A trap needs no new instance: the reset after it puts everything back.
         let trapped = spindle.post(&format!("/{chain}"), "trap").await;
@@ -112,11 +116,23 @@ async fn fresh_per_request_answers_one_every_time_forked_or_execd_and_reuse_coun
             "",
         );
         assert_eq!(spindle.metric(&shrinks).await, Some((N + 2) as f64));
-        let pages = series("spindle_function_reset_pages_total", chain, function, "");
+        // A few pages per call: copied back from the image, never dropped.
+        let pages = |how: &str| {
+            series(
+                "spindle_function_reset_pages_total",
+                chain,
+                function,
+                &format!(r#",how="{how}""#),
+            )
+        };
         assert!(
-            spindle.metric(&pages).await.is_some_and(|p| p >= (N + 2) as f64),
-            "{function}: each reset drops at least the counter's page"
+            spindle
+                .metric(&pages("copied"))
+                .await
+                .is_some_and(|p| p >= (N + 2) as f64),
+            "{function}: each reset copies back at least the counter's page"
         );
+        assert_eq!(spindle.metric(&pages("dropped")).await, Some(0.0));
         let count = series("spindle_function_reset_seconds_count", chain, function, "");
         assert_eq!(spindle.metric(&count).await, Some((N + 2) as f64));
         let starts = format!(
