@@ -151,3 +151,26 @@ async fn fresh_per_request_answers_one_every_time_forked_or_execd_and_reuse_coun
         "no reset rows for a reused function"
     );
 }
+
+#[test]
+fn a_fresh_per_request_function_cannot_resume_from_a_remote_image() {
+    let dir = common::temp_dir("isolation-resume");
+    let module = dir.join("counter.wat");
+    std::fs::write(&module, COUNTER).unwrap();
+    let config = dir.join("spindle.yaml");
+    std::fs::write(&config, self::config(&module)).unwrap();
+    // Refused before the descriptor is even read.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spindle"))
+        .arg("run")
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0", "--dataplane", "userspace"])
+        .args(["--resume", "fresh-exec=@/nonexistent"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--resume fresh-exec: `isolation: fresh_per_request`"),
+        "{stderr}"
+    );
+}

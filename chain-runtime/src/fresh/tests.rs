@@ -473,3 +473,53 @@ fn pagemap_scan_finds_exactly_the_written_pages_of_a_private_file_mapping() {
     // SAFETY: the mapping made above; nothing references it any more.
     unsafe { munmap(base, len) }.unwrap();
 }
+
+#[test]
+fn an_instance_whose_memory_the_caller_filled_is_refused() {
+    // What resuming from a remote image does: memory filled through the callback (there,
+    // userfaultfd), no local image to drop pages back to.
+    let spec = spec("caller-fill", COUNTING, Isolation::FreshPerRequest);
+    let mut parent = FunctionHost::new(
+        &FunctionSpec {
+            isolation: Isolation::Reuse,
+            ..spec.clone()
+        },
+        None,
+    )
+    .unwrap();
+    let image = parent.snapshot().unwrap();
+    let contents = parent.memory_copy().unwrap();
+    let mut fill =
+        |region: snapshot::MemoryRegion| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            // SAFETY: the region is the child's fresh memory, `len` bytes, unreferenced.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    contents.as_ptr(),
+                    region.base().as_ptr(),
+                    region.len(),
+                )
+            };
+            Ok(())
+        };
+    let mut child = FunctionHost::fork(
+        &spec,
+        None,
+        &parent.compiled_module(),
+        image.meta(),
+        MemoryFill::Caller(&mut fill),
+        None,
+    )
+    .unwrap();
+    let err = child.prepare().unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            crate::host::HostError::Fresh {
+                source: ResetError::NoLocalImage,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("no local image"), "{err}");
+}
