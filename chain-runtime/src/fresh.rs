@@ -3,7 +3,7 @@
 //! image (as Faasm resets a Faaslet and wasmtime's pooling allocator resets a slot), instead
 //! of one instance carrying what each request leaves behind into the next.
 //!
-//! # The image, and why a reset is copy-on-write
+//! # The image, mapped copy-on-write
 //!
 //! The pristine state is a [`Snapshot`] of the warm instance, taken where a zygote takes its
 //! own: after instantiation and `_initialize`, before any request.
@@ -41,7 +41,8 @@
 //!    Past that, and at every [`DROP_EVERY`]th reset, they are all dropped, and the set
 //!    shrinks to what requests really write. A reset thus costs in proportion to the pages
 //!    written (bounded by 2 MiB of copying for up to 63 resets after a burst), and the pages
-//!    are counted. A kernel without `PAGEMAP_SCAN` gets the whole image range dropped at
+//!    are counted. What stays resident is at most what a reused instance would keep: the
+//!    pages requests wrote. A kernel without `PAGEMAP_SCAN` gets the whole image range dropped at
 //!    every reset instead, and pages that were only read fault in again.
 //! 3. **Globals.** Every mutable numeric global gets its image value, exported or not
 //!    (`__stack_pointer`, an allocator's, the metering middleware's).
@@ -85,8 +86,9 @@ use crate::snapshot::{self, IMAGE_PAGE, Snapshot, SnapshotError};
 const WASM_PAGE: usize = wasmer::WASM_PAGE_SIZE;
 
 /// Most private pages a reset copies back from the image (keeping them resident); above
-/// this it drops them all. bench: copying back costs ~0.2 µs a page, dropping ~0.3 µs plus a
-/// ~1.5 µs copy-on-write fault at the next write (docs/benchmarks.md).
+/// this it drops them all. Measured here (docs/benchmarks.md): copying back costs ~0.21 µs a
+/// page; dropping costs ~0.27 µs, plus a ~1.4 µs copy-on-write fault at the next write. Also
+/// the most memory a fresh instance keeps private beyond a reused one's.
 pub const KEEP_RESIDENT_PAGES: u64 = 512;
 
 /// Every this many resets, the private pages are dropped even when few, so pages no request
@@ -154,8 +156,10 @@ pub(crate) struct MemoryReset {
 /// The image one live instance is reset to, and where its memory is.
 pub(crate) struct Pristine {
     image: Snapshot,
-    /// Base of linear memory: wasmer's static style keeps it for the instance's life.
-    base: NonNull<u8>,
+    /// Base address of linear memory (never 0): wasmer's static style keeps it for the
+    /// instance's life. An address, not a pointer: nothing is accessed through it, it is
+    /// compared with the memory's and handed to the kernel.
+    base: usize,
     /// Bytes of the image (the memory's size after each reset).
     len: usize,
     scan: Scan,
@@ -191,21 +195,23 @@ impl Pristine {
                 image: bytes,
             });
         }
-        let base = NonNull::new(view.data_ptr())
-            .ok_or_else(|| SnapshotError::Mismatch("linear memory has a null base".into()))?;
+        let base = view.data_ptr() as usize;
+        if base == 0 {
+            return Err(SnapshotError::Mismatch("linear memory has a null base".into()).into());
+        }
         let len = bytes as usize;
         let scan = match File::open("/proc/self/pagemap") {
-            Ok(file) => match scan_written(&file, base.as_ptr() as usize, len, |_, _| Ok(())) {
+            Ok(file) => match scan_written(&file, base, len, |_, _| Ok(())) {
                 Ok(_) => Scan::Pagemap(file),
                 Err(e) => {
-                    tracing::info!(
+                    tracing::debug!(
                         "PAGEMAP_SCAN unavailable ({e}): resets drop the whole image range"
                     );
                     Scan::WholeRange
                 }
             },
             Err(e) => {
-                tracing::info!(
+                tracing::debug!(
                     "/proc/self/pagemap unavailable ({e}): resets drop the whole image range"
                 );
                 Scan::WholeRange
@@ -244,7 +250,7 @@ impl Pristine {
             let view = memory.view(&*store);
             (view.data_ptr() as usize, view.data_size() as usize)
         };
-        let image_base = self.base.as_ptr() as usize;
+        let image_base = self.base;
         if base != image_base {
             return Err(ResetError::Moved {
                 image: image_base,
@@ -289,7 +295,7 @@ impl Pristine {
     /// Puts the private pages of the image range back to the image's contents: copied back
     /// while few, else dropped (see the module doc). Returns how many and whether copied.
     fn put_back_written(&mut self) -> Result<(u64, bool), ResetError> {
-        let base = self.base.as_ptr() as usize;
+        let base = self.base;
         self.resets += 1;
         let Scan::Pagemap(pagemap) = &self.scan else {
             // SAFETY: [base, base + len) is the private mapping of the image over linear
