@@ -636,6 +636,11 @@ impl ChainRuntime {
                 instance,
                 incarnation: *incarnation,
             };
+            if k > 0 {
+                // Slots were skipped (empty, retiring, full): the next pick starts after this
+                // one, so live instances still take turns however many slots are empty.
+                st.round_robin.store(instance + 1, Ordering::Relaxed);
+            }
             return Ok((holder, Arc::clone(queue)));
         }
         Err(if any_live {
@@ -1381,6 +1386,24 @@ mod tests {
             Some(late),
             "and no past deadline is returned"
         );
+    }
+
+    #[test]
+    fn live_instances_take_turns_whatever_slots_are_empty() {
+        // instances: 2 has a third, spare slot (for reloads), empty here.
+        let chain = runtime("turns", 2);
+        assert_eq!(chain.stages[0].instances.len(), 3);
+        let queues = [
+            Arc::new(InstanceQueue::new(8)),
+            Arc::new(InstanceQueue::new(8)),
+        ];
+        for (i, q) in queues.iter().enumerate() {
+            chain.instance_up(0, i, 1, Arc::clone(q));
+        }
+        for _ in 0..6 {
+            let _sent = send(&chain).expect("queued");
+        }
+        assert_eq!((queues[0].len(), queues[1].len()), (3, 3));
     }
 
     #[test]

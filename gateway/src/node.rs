@@ -346,7 +346,7 @@ impl NodeService {
             })?;
         if key.instance >= stage.instances.len() {
             return Err(not_found(format!(
-                "{}/{} has {} instance(s), numbered from 0: no instance {}",
+                "{}/{} has {} instance slot(s), numbered from 0: no instance {}",
                 key.chain,
                 key.function,
                 stage.instances.len(),

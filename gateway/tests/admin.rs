@@ -71,9 +71,9 @@ async fn the_admin_api_says_what_it_cannot_prepare_and_counts_it() {
         ),
         (
             "POST",
-            "/images?chain=rand&function=forkrand&instance=1",
+            "/images?chain=rand&function=forkrand&instance=2",
             404,
-            "no instance 1",
+            "no instance 2",
         ),
         ("POST", "/images?chain=rand", 400, "needs function"),
         (
