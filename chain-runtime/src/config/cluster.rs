@@ -125,11 +125,7 @@ impl Checker<'_> {
             if path.is_empty() {
                 self.error(pos(n), "`cluster_key` must name a file");
             } else {
-                let dir = self
-                    .source
-                    .parent()
-                    .map(PathBuf::from)
-                    .unwrap_or_default();
+                let dir = self.source.parent().map(PathBuf::from).unwrap_or_default();
                 spec.cluster_key = Some(dir.join(path));
             }
         }
@@ -327,8 +323,15 @@ mod tests {
         );
         let text: Vec<&str> = e.iter().map(|e| e.2.as_str()).collect();
         assert!(text.iter().any(|m| m.contains("specific address")), "{e:?}");
-        assert!(text.iter().any(|m| m.contains("duplicate peer name `b`")), "{e:?}");
-        assert!(text.iter().any(|m| m.contains("missing required key `control`")), "{e:?}");
+        assert!(
+            text.iter().any(|m| m.contains("duplicate peer name `b`")),
+            "{e:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|m| m.contains("missing required key `control`")),
+            "{e:?}"
+        );
 
         let e = errors("node: { clustr_key: k }\n");
         assert!(e[0].2.contains("did you mean `cluster_key`"), "{e:?}");

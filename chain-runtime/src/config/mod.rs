@@ -98,7 +98,14 @@ mod yaml;
 /// Chain ids are 16-bit in the descriptor.
 const MAX_CHAINS: usize = 1024;
 
-const TOP_KEYS: &[&str] = &["listen", "dataplane", "functions", "chains", "node", "peers"];
+const TOP_KEYS: &[&str] = &[
+    "listen",
+    "dataplane",
+    "functions",
+    "chains",
+    "node",
+    "peers",
+];
 
 pub use cluster::{DEFAULT_CPU_BUDGET, DEFAULT_MEMORY_BUDGET, NodeSpec, PeerSpec, parse_percent};
 
