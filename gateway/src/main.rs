@@ -81,6 +81,8 @@ enum Command {
         #[arg(long, hide = true, value_parser = spindle_bench::parse_duration,
               default_value = "5s")]
         zygote_reply_timeout: Duration,
+        #[command(flatten)]
+        peers: gateway::peers::PeerArgs,
     },
     /// Check CONFIG and print every problem as file:line:col: message. Exit status 1 if any.
     Validate { config: PathBuf },
@@ -287,6 +289,7 @@ fn main() -> std::process::ExitCode {
             serve_images,
             admin,
             zygote_reply_timeout,
+            peers,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -296,6 +299,7 @@ fn main() -> std::process::ExitCode {
                     serve_images,
                     admin,
                     zygote_reply_timeout,
+                    peers,
                 };
                 rt.block_on(run(&config, listen, dataplane, &resume, node))
             }),
@@ -444,6 +448,7 @@ struct NodeArgs {
     serve_images: Option<SocketAddr>,
     admin: Option<PathBuf>,
     zygote_reply_timeout: Duration,
+    peers: gateway::peers::PeerArgs,
 }
 
 async fn run(
@@ -549,6 +554,14 @@ async fn run(
             Some(Arc::new(node))
         }
     };
+    let cluster = gateway::peers::Cluster::start(
+        &config,
+        &node_args.peers,
+        listener.local_addr()?,
+        &chains,
+        node.clone(),
+    )
+    .await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut starting = Vec::new();
     let mut supervisors = Vec::new();
@@ -582,6 +595,7 @@ async fn run(
                 stage,
                 shutdown_rx.clone(),
             );
+            pool.set_peers(cluster.pool_peers(usize::from(chain.plan.id), stage));
             let initial = pool.initial();
             for instance in 0..initial as usize {
                 let rx = pool.start_instance().expect("min <= max instance slots");
@@ -615,7 +629,8 @@ async fn run(
         }
     }
 
-    let mut gateway = Gateway::new(chains, Arc::clone(&metrics), status);
+    let mut gateway =
+        Gateway::new(chains, Arc::clone(&metrics), status).with_cluster(Arc::new(cluster));
     let mut admin_task = None;
     if let (Some(node), Some(admin)) = (node, admin) {
         admin_task = Some(tokio::spawn(Arc::clone(&node).serve_admin(admin)));

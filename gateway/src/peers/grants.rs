@@ -1,0 +1,382 @@
+//! The peer side: the control server that origin nodes ask to run instances of a function,
+//! and the board the function's pool reads them from.
+//!
+//! A *grant* is "origin O wants N instances of function F of chain C, resumed from this
+//! image". The origin renews it every [`super::RENEW`]; one not renewed within
+//! [`GRANT_LEASE`] (the origin died or is cut off) lapses and its instances are retired, as
+//! are those of a grant set to 0. This node must run the same chain with the same function
+//! (same module): that is what the image is of, and requests forwarded to it are served by
+//! its own chain. While this node is itself over budget a grant may keep what it has but not
+//! grow.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chain_runtime::instance::sealed_memfd;
+use prometheus::core::Collector;
+use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+use proto::ImageDescriptor;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use super::wire::{ClusterKey, Session};
+use crate::budget::Budget;
+use crate::dataplane::ChainRuntime;
+use crate::supervisor::ResumeFds;
+
+/// A grant not renewed for this long lapses.
+pub const GRANT_LEASE: Duration = Duration::from_secs(3);
+/// How long a connection may take to authenticate, and to send its next request.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Control connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; a poisoned one is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Grant {
+    handle: u64,
+    fds: Arc<ResumeFds>,
+    instances: u32,
+    renewed: Instant,
+    /// As the pool last reported: instances serving, and instances still running (retiring
+    /// ones included).
+    ready: u32,
+    live: u32,
+}
+
+struct StageGrants {
+    chain: String,
+    function: String,
+    autoscaled: bool,
+    max: u32,
+    module_hash: [u8; 32],
+    by_origin: Mutex<HashMap<String, Grant>>,
+}
+
+/// What a pool should run for one origin.
+pub struct Wanted {
+    pub origin: String,
+    pub handle: u64,
+    pub fds: Arc<ResumeFds>,
+    pub instances: u32,
+}
+
+/// Every grant this node holds, per (chain, stage).
+pub struct GrantBoard {
+    stages: Vec<Vec<StageGrants>>,
+    budget: Option<Arc<Budget>>,
+    granted: IntGaugeVec,
+    requests: IntCounterVec,
+    connections: AtomicUsize,
+}
+
+/// Results of control requests, all listed from the start.
+const RESULTS: [&str; 4] = ["ok", "refused", "bad_auth", "malformed"];
+
+impl GrantBoard {
+    /// `module_hashes[chain][stage]`: SHA-256 of each stage's module, to refuse an image of
+    /// another module at once rather than when its worker fails to resume.
+    pub fn new(
+        chains: &[Arc<ChainRuntime>],
+        module_hashes: Vec<Vec<[u8; 32]>>,
+        budget: Option<Arc<Budget>>,
+    ) -> Self {
+        let stages = chains
+            .iter()
+            .zip(module_hashes)
+            .map(|(c, hashes)| {
+                c.plan
+                    .stages
+                    .iter()
+                    .zip(hashes)
+                    .map(|(s, module_hash)| StageGrants {
+                        chain: c.plan.spec.name.clone(),
+                        function: s.function.name.clone(),
+                        autoscaled: s.function.instances.autoscale.is_some(),
+                        max: s.function.instances.max,
+                        module_hash,
+                        by_origin: Mutex::new(HashMap::new()),
+                    })
+                    .collect()
+            })
+            .collect();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "spindle_peer_control_requests_total",
+                "Peer-control requests this node served, by result (bad_auth: the handshake failed)",
+            ),
+            &["result"],
+        )
+        .expect("valid");
+        for r in RESULTS {
+            requests.with_label_values(&[r]);
+        }
+        GrantBoard {
+            stages,
+            budget,
+            granted: IntGaugeVec::new(
+                Opts::new(
+                    "spindle_peer_grants",
+                    "Instances this node runs for an origin node, resumed from its image",
+                ),
+                &["chain", "function", "origin"],
+            )
+            .expect("valid"),
+            requests,
+            connections: AtomicUsize::new(0),
+        }
+    }
+
+    /// The grants the pool of (chain, stage) should run now; lapsed ones are dropped here.
+    pub fn wanted(&self, chain: usize, stage: usize) -> Vec<Wanted> {
+        let st = &self.stages[chain][stage];
+        let mut grants = lock(&st.by_origin);
+        grants.retain(|origin, g| {
+            let alive = g.renewed.elapsed() <= GRANT_LEASE;
+            if !alive {
+                tracing::warn!(chain = %st.chain, function = %st.function, %origin,
+                    "grant lapsed (not renewed within {GRANT_LEASE:?}); retiring its instances");
+                let _ = self
+                    .granted
+                    .remove_label_values(&[&st.chain, &st.function, origin]);
+            }
+            alive
+        });
+        grants
+            .iter()
+            .map(|(origin, g)| Wanted {
+                origin: origin.clone(),
+                handle: g.handle,
+                fds: Arc::clone(&g.fds),
+                instances: g.instances,
+            })
+            .collect()
+    }
+
+    /// The pool's count of one grant's instances: serving, and running at all.
+    pub fn report(
+        &self,
+        chain: usize,
+        stage: usize,
+        origin: &str,
+        handle: u64,
+        ready: u32,
+        live: u32,
+    ) {
+        let st = &self.stages[chain][stage];
+        let mut grants = lock(&st.by_origin);
+        if let Some(g) = grants.get_mut(origin)
+            && g.handle == handle
+        {
+            g.ready = ready;
+            g.live = live;
+            if g.instances == 0 && live == 0 {
+                grants.remove(origin);
+                let _ = self
+                    .granted
+                    .remove_label_values(&[&st.chain, &st.function, origin]);
+            }
+        }
+    }
+
+    /// One scale request: `{origin, chain, function, instances, image?}` →
+    /// `{granted, ready, live}` or `{error}`.
+    fn scale(&self, request: &Value) -> Result<Value, String> {
+        let field = |k: &str| {
+            request
+                .get(k)
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("missing string field {k:?}"))
+        };
+        let (origin, chain, function) = (field("origin")?, field("chain")?, field("function")?);
+        let instances = request
+            .get("instances")
+            .and_then(Value::as_u64)
+            .ok_or("missing integer field \"instances\"")?;
+        let st = self
+            .stages
+            .iter()
+            .flatten()
+            .find(|s| s.chain == chain && s.function == function)
+            .ok_or_else(|| {
+                format!(
+                    "this node has no function {function} in chain {chain}: every node must run the same chains (ship one config to all)"
+                )
+            })?;
+        if !st.autoscaled {
+            return Err(format!(
+                "{chain}/{function} has a fixed instance count on this node; only autoscaled functions take remote instances"
+            ));
+        }
+        let mut grants = lock(&st.by_origin);
+        let labels = [chain, function, origin];
+        if instances == 0 {
+            // Kept, at 0, until its instances have stopped: the origin revokes the image
+            // only then, so none of them loses its pages while it finishes what it holds.
+            let Some(g) = grants.get_mut(origin) else {
+                return Ok(json!({"granted": 0, "ready": 0, "live": 0}));
+            };
+            if g.instances > 0 {
+                tracing::info!(%chain, %function, %origin, "grant released; retiring its instances");
+            }
+            g.instances = 0;
+            g.renewed = Instant::now();
+            self.granted.with_label_values(&labels).set(0);
+            return Ok(json!({"granted": 0, "ready": 0, "live": g.live}));
+        }
+        let text = field("image")?;
+        let descriptor: ImageDescriptor =
+            text.parse().map_err(|e| format!("image descriptor: {e}"))?;
+        if descriptor.module_hash != st.module_hash {
+            return Err(format!(
+                "the image is of another module than this node's {function}: the nodes' configs differ"
+            ));
+        }
+        let others: u32 = grants
+            .iter()
+            .filter(|(o, _)| o.as_str() != origin)
+            .map(|(_, g)| g.instances)
+            .sum();
+        let room = st.max.saturating_sub(others);
+        let over = self.budget.as_ref().is_some_and(|b| b.over());
+        let had = grants.get(origin).map_or(0, |g| g.instances);
+        let mut granted = (instances.min(u64::from(room))) as u32;
+        if over {
+            // Over budget here too: keep what runs, start nothing more for peers.
+            granted = granted.min(had);
+        }
+        match grants.get_mut(origin) {
+            Some(g) if g.handle == descriptor.handle => {
+                g.instances = granted;
+                g.renewed = Instant::now();
+            }
+            _ => {
+                let fds = resume_fds(&descriptor)?;
+                tracing::info!(%chain, %function, %origin, granted,
+                    handle = %format_args!("{:#018x}", descriptor.handle),
+                    "granting instances resumed from the origin's image");
+                grants.insert(
+                    origin.to_owned(),
+                    Grant {
+                        handle: descriptor.handle,
+                        fds: Arc::new(fds),
+                        instances: granted,
+                        renewed: Instant::now(),
+                        ready: 0,
+                        live: 0,
+                    },
+                );
+            }
+        }
+        self.granted
+            .with_label_values(&labels)
+            .set(i64::from(granted));
+        let g = &grants[origin];
+        Ok(json!({"granted": granted, "ready": g.ready, "live": g.live}))
+    }
+
+    /// Serves the peer-control channel on `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, key: ClusterKey) {
+        let key = Arc::new(key);
+        loop {
+            let (stream, from) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("peer-control accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if self.connections.load(Relaxed) >= MAX_CONNECTIONS {
+                tracing::warn!(%from, "peer-control connection refused: {MAX_CONNECTIONS} already open");
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let (board, key) = (Arc::clone(&self), Arc::clone(&key));
+            board.connections.fetch_add(1, Relaxed);
+            tokio::spawn(async move {
+                board.connection(stream, from, &key).await;
+                board.connections.fetch_sub(1, Relaxed);
+            });
+        }
+    }
+
+    async fn connection(
+        &self,
+        stream: tokio::net::TcpStream,
+        from: std::net::SocketAddr,
+        key: &ClusterKey,
+    ) {
+        let session = tokio::time::timeout(HANDSHAKE_TIMEOUT, Session::server(stream, key)).await;
+        let mut session = match session {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.requests.with_label_values(&["bad_auth"]).inc();
+                tracing::warn!(%from, "peer-control connection refused: {e}");
+                return;
+            }
+            Err(_) => {
+                self.requests.with_label_values(&["bad_auth"]).inc();
+                tracing::warn!(%from, "peer-control connection refused: no handshake within {HANDSHAKE_TIMEOUT:?}");
+                return;
+            }
+        };
+        loop {
+            let message = match tokio::time::timeout(IDLE_TIMEOUT, session.recv()).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(super::wire::WireError::Io(_))) | Err(_) => return,
+                Ok(Err(e)) => {
+                    self.requests.with_label_values(&["malformed"]).inc();
+                    tracing::warn!(%from, "peer-control connection ended: {e}");
+                    return;
+                }
+            };
+            let answer = match serde_json::from_slice::<Value>(&message) {
+                Ok(request) => match self.scale(&request) {
+                    Ok(v) => {
+                        self.requests.with_label_values(&["ok"]).inc();
+                        v
+                    }
+                    Err(e) => {
+                        self.requests.with_label_values(&["refused"]).inc();
+                        tracing::warn!(%from, "peer-control request refused: {e}");
+                        json!({"error": e})
+                    }
+                },
+                Err(e) => {
+                    self.requests.with_label_values(&["malformed"]).inc();
+                    json!({"error": format!("not JSON: {e}")})
+                }
+            };
+            if session.send(answer.to_string().as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub fn families(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut out = self.granted.collect();
+        out.extend(self.requests.collect());
+        out
+    }
+}
+
+/// The sealed descriptor and a fresh node page cache for instances of one image.
+fn resume_fds(descriptor: &ImageDescriptor) -> Result<ResumeFds, String> {
+    let pinned: OwnedFd = sealed_memfd("spindle-image", descriptor.to_string().as_bytes())
+        .map_err(|e| format!("pinning the image descriptor: {e}"))?;
+    let cache = rdma_fork::NodeCache::create(descriptor)
+        .map_err(|e| format!("creating the node page cache: {e}"))?;
+    Ok(ResumeFds {
+        descriptor: pinned,
+        cache,
+    })
+}
