@@ -23,7 +23,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use chain_runtime::config::{Config, PeerSpec, parse_percent};
@@ -113,6 +113,9 @@ pub struct PeerLink {
     key: ClusterKey,
     session: tokio::sync::Mutex<Option<Session<TcpStream>>>,
     calls: IntCounterVec,
+    /// Set when a forward found its gateway unreachable: nothing more is forwarded to it
+    /// until its control channel answers again (without waiting for the next round).
+    down: AtomicBool,
 }
 
 /// Why a control call failed.
@@ -159,8 +162,9 @@ impl PeerLink {
         self.calls
             .with_label_values(&[self.spec.name.as_str(), label])
             .inc();
-        if result.is_err() {
-            *session = None;
+        match &result {
+            Ok(_) => self.down.store(false, Relaxed),
+            Err(_) => *session = None,
         }
         result
     }
@@ -200,8 +204,10 @@ impl Peers {
         }
         let shares = self.shares.get(chain)?;
         let (mut best, mut best_fraction) = (None, 0.0);
+        let up: Vec<bool> = self.links.iter().map(|l| !l.down.load(Relaxed)).collect();
+        let ready = |share: &RemoteShare, i: usize| if up[i] { share.ready(i) } else { 0 };
         for share in shares.iter().flatten() {
-            let remote = share.ready_total();
+            let remote: u32 = (0..self.links.len()).map(|i| ready(share, i)).sum();
             if remote == 0 {
                 continue;
             }
@@ -218,7 +224,7 @@ impl Peers {
             return None;
         }
         for (i, link) in self.links.iter().enumerate() {
-            at += u64::from(share.ready(i));
+            at += u64::from(ready(share, i));
             if n < at {
                 return Some(link);
             }
@@ -246,6 +252,9 @@ impl Peers {
             self.forward_seconds
                 .with_label_values(&[c, p])
                 .observe(started.elapsed().as_secs_f64());
+            if outcome == Outcome::Unreachable && !peer.down.swap(true, Relaxed) {
+                tracing::warn!(chain = %c, peer = %p, "peer unreachable; forwarding nothing more to it until its control channel answers");
+            }
             if outcome != Outcome::Ok {
                 tracing::debug!(chain = %c, peer = %p, outcome = outcome.label(), status = %reply.status(), "forward failed");
             }
@@ -361,6 +370,7 @@ impl Cluster {
                         key: key.clone(),
                         session: tokio::sync::Mutex::new(None),
                         calls: calls.clone(),
+                        down: AtomicBool::new(false),
                     })
                 })
                 .collect();

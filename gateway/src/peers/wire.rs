@@ -195,6 +195,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let cn: [u8; 32] = answer[9..41].try_into().expect("32 bytes");
         let proof: [u8; 32] = answer[41..].try_into().expect("32 bytes");
         if !verify(key.mac(b"spindle-peer-v1/client", &sn, &cn), &proof) {
+            // Zeros, a valid proof only with probability 2^-256: the client learns its key
+            // was refused instead of seeing a bare hang-up.
+            let _ = stream.write_all(&[0u8; 32]).await;
             return Err(WireError::BadProof);
         }
         stream
@@ -317,8 +320,8 @@ mod tests {
     async fn a_wrong_key_fails_on_both_sides_before_any_message() {
         let (c, s) = pair(key(1), key(2)).await;
         assert!(matches!(s, Err(WireError::BadProof)), "{:?}", s.err());
-        // The server hung up without proving anything.
-        assert!(c.is_err());
+        // The server refused without proving anything.
+        assert!(matches!(c, Err(WireError::BadProof)), "{:?}", c.err());
     }
 
     #[tokio::test]

@@ -45,7 +45,15 @@ impl Pool {
         } else {
             // Back under budget: local instances start; the peers' count only shrinks, as
             // the local ones come up.
-            let serving = self.chain.serving_instances(self.stage) as u32;
+            let links = &self.chain.stages[self.stage].instances;
+            let serving = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| {
+                    s.as_ref().is_some_and(|s| s.grant.is_none()) && links[*i].is_serving()
+                })
+                .count() as u32;
             desired.saturating_sub(serving).min(remote_ready)
         };
         share.want(remote);
