@@ -11,8 +11,8 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU32, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,8 @@ struct StageGrants {
     max: u32,
     module_hash: [u8; 32],
     by_origin: Mutex<HashMap<String, Grant>>,
+    /// This node's own instances of the function, as the pool last reported.
+    own: AtomicU32,
 }
 
 /// What a pool should run for one origin.
@@ -104,6 +106,7 @@ impl GrantBoard {
                         max: s.function.instances.max,
                         module_hash,
                         by_origin: Mutex::new(HashMap::new()),
+                        own: AtomicU32::new(0),
                     })
                     .collect()
             })
@@ -162,20 +165,10 @@ impl GrantBoard {
     }
 
     /// The pool's count of one grant's instances: serving, and running at all.
-    pub fn report(
-        &self,
-        chain: usize,
-        stage: usize,
-        origin: &str,
-        handle: u64,
-        ready: u32,
-        live: u32,
-    ) {
+    pub fn report(&self, chain: usize, stage: usize, origin: &str, ready: u32, live: u32) {
         let st = &self.stages[chain][stage];
         let mut grants = lock(&st.by_origin);
-        if let Some(g) = grants.get_mut(origin)
-            && g.handle == handle
-        {
+        if let Some(g) = grants.get_mut(origin) {
             g.ready = ready;
             g.live = live;
             if g.instances == 0 && live == 0 {
@@ -185,6 +178,11 @@ impl GrantBoard {
                     .remove_label_values(&[&st.chain, &st.function, origin]);
             }
         }
+    }
+
+    /// The pool's own (not granted) instances, which grants must leave room for.
+    pub fn report_own(&self, chain: usize, stage: usize, own: u32) {
+        self.stages[chain][stage].own.store(own, Relaxed);
     }
 
     /// One scale request: `{origin, chain, function, instances, image?}` →
@@ -245,7 +243,7 @@ impl GrantBoard {
             .filter(|(o, _)| o.as_str() != origin)
             .map(|(_, g)| g.instances)
             .sum();
-        let room = st.max.saturating_sub(others);
+        let room = st.max.saturating_sub(others + st.own.load(Relaxed));
         let over = self.budget.as_ref().is_some_and(|b| b.over());
         let had = grants.get(origin).map_or(0, |g| g.instances);
         let mut granted = (instances.min(u64::from(room))) as u32;
@@ -258,7 +256,15 @@ impl GrantBoard {
                 g.instances = granted;
                 g.renewed = Instant::now();
             }
-            _ => {
+            Some(g) => {
+                // A fresh image of the same instance (the old one's lease nears its end): new
+                // instances start from it; those running keep theirs.
+                g.fds = Arc::new(resume_fds(&descriptor)?);
+                g.handle = descriptor.handle;
+                g.instances = granted;
+                g.renewed = Instant::now();
+            }
+            None => {
                 let fds = resume_fds(&descriptor)?;
                 tracing::info!(%chain, %function, %origin, granted,
                     handle = %format_args!("{:#018x}", descriptor.handle),
@@ -379,4 +385,117 @@ fn resume_fds(descriptor: &ImageDescriptor) -> Result<ResumeFds, String> {
         descriptor: pinned,
         cache,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chain_runtime::config::Config;
+    use chain_runtime::plan::Plan;
+
+    /// A board over chain `c` = [auto (autoscaled, max 4), fixed (2 instances)].
+    fn board(budget: Option<Arc<Budget>>) -> (GrantBoard, [u8; 32]) {
+        let dir = std::env::temp_dir().join(format!("spindle-grants-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("m.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        let yaml = "functions:\n  - { name: auto, module: m.wasm, instances: { max: 4 } }\n  - { name: fixed, module: m.wasm, instances: 2 }\nchains:\n  - { name: c, route: /c, steps: [auto, fixed] }\n";
+        let config = Config::parse(yaml, &dir.join("s.yaml")).unwrap();
+        let plan = Plan::new(&config).chains[0].clone();
+        let arena = Arc::new(shm::Arena::create("grants-test", 4096, 4).unwrap());
+        let chain = Arc::new(ChainRuntime::new(plan, arena, None).unwrap());
+        let hash = [7u8; 32];
+        (
+            GrantBoard::new(&[chain], vec![vec![hash, hash]], budget),
+            hash,
+        )
+    }
+
+    fn descriptor(handle: u64, module_hash: [u8; 32]) -> String {
+        ImageDescriptor {
+            handle,
+            key: [1; 32],
+            parent: "10.0.0.1:7000".parse().unwrap(),
+            module_hash,
+            engine: "test-engine".into(),
+            memory_bytes: proto::image::WASM_PAGE,
+            page_size: proto::image::PAGE_SIZE,
+            rdma: None,
+        }
+        .to_string()
+    }
+
+    fn ask(
+        board: &GrantBoard,
+        function: &str,
+        n: u32,
+        image: Option<String>,
+    ) -> Result<Value, String> {
+        let mut r = json!({"origin": "a", "chain": "c", "function": function, "instances": n});
+        if let Some(i) = image {
+            r["image"] = json!(i);
+        }
+        board.scale(&r)
+    }
+
+    #[test]
+    fn grants_are_bounded_checked_and_kept_until_their_instances_stop() {
+        let (board, hash) = board(None);
+        let err = board
+            .scale(&json!({"origin": "a", "chain": "x", "function": "auto", "instances": 1}))
+            .unwrap_err();
+        assert!(err.contains("same chains"), "{err}");
+        let err = ask(&board, "fixed", 1, Some(descriptor(1, hash))).unwrap_err();
+        assert!(err.contains("fixed instance count"), "{err}");
+        let err = ask(&board, "auto", 1, Some(descriptor(1, [0; 32]))).unwrap_err();
+        assert!(err.contains("another module"), "{err}");
+        assert!(ask(&board, "auto", 1, None).unwrap_err().contains("image"));
+
+        // At most max less this node's own instances.
+        board.report_own(0, 0, 1);
+        let a = ask(&board, "auto", 9, Some(descriptor(1, hash))).unwrap();
+        assert_eq!(a["granted"], 3);
+        let wanted = board.wanted(0, 0);
+        assert_eq!(
+            (wanted.len(), wanted[0].instances, wanted[0].handle),
+            (1, 3, 1)
+        );
+        board.report(0, 0, "a", 2, 3);
+        let a = ask(&board, "auto", 2, Some(descriptor(1, hash))).unwrap();
+        assert_eq!(
+            (a["granted"].as_u64(), a["ready"].as_u64()),
+            (Some(2), Some(2))
+        );
+
+        // Released: kept at 0 while instances still run, gone once they stopped.
+        let a = ask(&board, "auto", 0, None).unwrap();
+        assert_eq!(
+            (a["granted"].as_u64(), a["live"].as_u64()),
+            (Some(0), Some(3))
+        );
+        assert_eq!(board.wanted(0, 0)[0].instances, 0);
+        board.report(0, 0, "a", 0, 0);
+        assert!(board.wanted(0, 0).is_empty());
+        let a = ask(&board, "auto", 0, None).unwrap();
+        assert_eq!(a["live"], 0);
+    }
+
+    #[test]
+    fn over_budget_a_grant_keeps_what_it_has_and_a_fresh_image_replaces_the_current_one() {
+        let budget = Budget::new(0.0, 1.0).unwrap();
+        // Since-boot utilization is above 0%: over budget from the start.
+        assert!(budget.over());
+        let (busy, hash) = board(Some(budget));
+        let a = ask(&busy, "auto", 2, Some(descriptor(1, hash))).unwrap();
+        assert_eq!(a["granted"], 0, "nothing new while over budget");
+
+        let (board, hash) = board(None);
+        ask(&board, "auto", 2, Some(descriptor(1, hash))).unwrap();
+        let a = ask(&board, "auto", 3, Some(descriptor(2, hash))).unwrap();
+        assert_eq!(a["granted"], 3);
+        assert_eq!(
+            board.wanted(0, 0)[0].handle,
+            2,
+            "new starts use the fresh image"
+        );
+    }
 }

@@ -8,8 +8,8 @@
 //! - **Peer** (the node has a grant board): the pool runs each origin's granted instances in
 //!   its own free slots, resumed from the origin's image, counts them towards what its own
 //!   autoscaler wants (the forwarded load they serve is in its concurrency) and reports how
-//!   many serve. They are never retired by the autoscaler, only when the grant shrinks,
-//!   changes image or lapses.
+//!   many serve. They are never retired by the autoscaler, only when the grant shrinks
+//!   (older images first) or lapses.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -61,82 +61,84 @@ impl Pool {
     }
 
     /// Starts and retires instances for the grants peers hold on this node; returns how
-    /// many run for them (starting or serving, not retiring).
+    /// many run for them (starting or serving, not retiring). An origin's instances of an
+    /// older image of its (it prepares a fresh one as the lease nears its end) keep
+    /// running; new ones start from the grant's current image, and the older go first when
+    /// the grant shrinks.
     fn run_grants(&mut self, backing_off: bool) -> u32 {
         let Some(board) = self.peers.grants.clone() else {
             return 0;
         };
         let (chain, stage) = (self.peers.chain, self.peers.stage);
         let wanted = board.wanted(chain, stage);
-        // Retire what no grant wants any more (released, lapsed, or of a replaced image).
+        // Retire what no grant wants any more (released or lapsed).
         for slot in self.slots.iter().flatten() {
             if let Some(tag) = &slot.grant
-                && !wanted
-                    .iter()
-                    .any(|w| w.origin == tag.origin && w.handle == tag.handle)
+                && !wanted.iter().any(|w| w.origin == tag.origin)
             {
                 let _ = slot.retire.send(true);
             }
         }
         let mut total = 0;
         for w in &wanted {
-            let tag = GrantTag {
-                origin: w.origin.clone(),
-                handle: w.handle,
-            };
-            let mine = |pool: &Pool| -> Vec<usize> {
+            let of_origin = |pool: &Pool, live_only: bool| -> Vec<usize> {
                 pool.slots
                     .iter()
                     .enumerate()
                     .filter(|(_, s)| {
                         s.as_ref().is_some_and(|s| {
-                            s.grant.as_ref() == Some(&tag)
+                            s.grant.as_ref().is_some_and(|t| t.origin == w.origin)
                                 && !s.task.is_finished()
-                                && !*s.retire.borrow()
+                                && (live_only || !*s.retire.borrow())
                         })
                     })
                     .map(|(i, _)| i)
                     .collect()
             };
-            let running = mine(self);
+            let running = of_origin(self, false);
             let have = running.len() as u32;
             if have < w.instances && !backing_off {
+                let tag = GrantTag {
+                    origin: w.origin.clone(),
+                    handle: w.handle,
+                };
                 for _ in have..w.instances {
-                    match self.spawn_slot(Some((tag.clone(), std::sync::Arc::clone(&w.fds)))) {
-                        Some((instance, first)) => {
-                            if let Some(s) = &mut self.slots[instance] {
-                                s.first = Some(first);
-                            }
-                            tracing::info!(chain = %self.chain.plan.spec.name,
-                                function = %self.chain.stages[self.stage].name, instance,
-                                origin = %w.origin, "starting an instance for a peer, resumed from its image");
-                        }
-                        None => break,
+                    let grant = Some((tag.clone(), std::sync::Arc::clone(&w.fds)));
+                    let Some((instance, first)) = self.spawn_slot(grant) else {
+                        break;
+                    };
+                    if let Some(s) = &mut self.slots[instance] {
+                        s.first = Some(first);
                     }
+                    tracing::info!(chain = %self.chain.plan.spec.name,
+                        function = %self.chain.stages[self.stage].name, instance,
+                        origin = %w.origin, "starting an instance for a peer, resumed from its image");
                 }
             } else if have > w.instances {
-                // The highest slots go first.
-                for &i in running.iter().rev().take((have - w.instances) as usize) {
+                // Older images first, then the highest slots.
+                let mut victims = running.clone();
+                victims.sort_by_key(|&i| {
+                    let current = self.slots[i]
+                        .as_ref()
+                        .and_then(|s| s.grant.as_ref())
+                        .is_some_and(|t| t.handle == w.handle);
+                    (current, std::cmp::Reverse(i))
+                });
+                for &i in victims.iter().take((have - w.instances) as usize) {
                     if let Some(s) = &self.slots[i] {
                         let _ = s.retire.send(true);
                     }
                 }
             }
-            let running = mine(self);
+            let running = of_origin(self, false);
             let links = &self.chain.stages[self.stage].instances;
             let ready = running.iter().filter(|&&i| links[i].is_serving()).count() as u32;
-            let live = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| {
-                    s.as_ref()
-                        .is_some_and(|s| s.grant.as_ref() == Some(&tag) && !s.task.is_finished())
-                })
-                .count() as u32;
-            board.report(chain, stage, &w.origin, w.handle, ready, live);
+            let live = of_origin(self, true).len() as u32;
+            board.report(chain, stage, &w.origin, ready, live);
             total += running.len() as u32;
         }
+        let own = self.active().len() as u32;
+        board.report_own(chain, stage, own);
         total
     }
 }
