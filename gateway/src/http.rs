@@ -144,7 +144,7 @@ impl Gateway {
                         .and_then(|p| Some((p, p.pick(i, &req)?)));
                     let reply = match peer {
                         // The arena is per node: a peer's instances get the whole request.
-                        Some((peers, link)) => peers.forward(link, &chain, req).await,
+                        Some((peers, target)) => peers.forward(target, &chain, req).await,
                         None => serve_chain(&chain, metrics, &self.content_types[i], req).await,
                     };
                     metrics.request(reply.status().as_u16());

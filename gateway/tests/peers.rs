@@ -440,6 +440,37 @@ async fn scale_out(origin: &str, peer: &str) {
         "both nodes served their share: {seen:?}"
     );
     // The counter counts exactly the forwards the clients saw.
+    // Where the time went (printed, not asserted: the machine is shared).
+    let fwd_sum = metric(
+        &client,
+        origin,
+        "spindle_forward_duration_seconds_sum{chain=\"echo\"",
+    )
+    .await;
+    let fwd_n = metric(
+        &client,
+        origin,
+        "spindle_forward_duration_seconds_count{chain=\"echo\"",
+    )
+    .await;
+    let all_sum = metric(
+        &client,
+        origin,
+        "spindle_request_duration_seconds_sum{chain=\"echo\"}",
+    )
+    .await;
+    let all_n = metric(
+        &client,
+        origin,
+        "spindle_request_duration_seconds_count{chain=\"echo\"}",
+    )
+    .await;
+    eprintln!(
+        "mean latency under load (20 ms function): forwarded {:.2} ms over {fwd_n} requests, served here {:.2} ms over {} requests",
+        1e3 * fwd_sum / fwd_n,
+        1e3 * (all_sum - fwd_sum) / (all_n - fwd_n),
+        all_n - fwd_n
+    );
     let counted = metric(
         &client,
         origin,

@@ -24,8 +24,10 @@ use crate::dataplane::ChainRuntime;
 
 /// Idle pooled connections to a peer are closed after this long.
 const POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
-/// Headers of one hop only (RFC 9110 §7.6.1), never forwarded; `host` is set anew.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers of one hop only (RFC 9110 §7.6.1), never forwarded, besides those the
+/// `Connection` header names; `host` and `content-length` are set anew, and `expect` is
+/// answered here (the body is read before the request leaves).
+const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -33,7 +35,26 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HOST,
+    header::CONTENT_LENGTH,
 ];
+
+/// The end-to-end headers of `from`, for the next hop.
+fn end_to_end(from: &header::HeaderMap, to: &mut header::HeaderMap, drop_also: &[HeaderName]) {
+    let named: Vec<HeaderName> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for (k, v) in from {
+        if !HOP_BY_HOP.contains(k) && !named.contains(k) && !drop_also.contains(k) {
+            to.append(k, v.clone());
+        }
+    }
+}
 
 /// How a forward ended, the `outcome` label of `spindle_requests_forwarded_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,11 +167,7 @@ impl Forwarder {
         };
         let mut out = Request::builder().method(parts.method).uri(uri);
         let headers = out.headers_mut().expect("a fresh builder has headers");
-        for (k, v) in &parts.headers {
-            if !HOP_BY_HOP.contains(k) && k != header::HOST && k != header::CONTENT_LENGTH {
-                headers.append(k, v.clone());
-            }
-        }
+        end_to_end(&parts.headers, headers, &[header::EXPECT]);
         headers.insert(super::FORWARDED_HEADER, origin.clone());
         let out = out
             .body(Full::new(body))
@@ -174,14 +191,7 @@ impl Forwarder {
             Ok(Ok((parts, body))) => {
                 let mut resp = Response::new(Full::new(body));
                 *resp.status_mut() = parts.status;
-                for (k, v) in &parts.headers {
-                    if !HOP_BY_HOP.contains(k)
-                        && k != header::CONTENT_LENGTH
-                        && k != header::CONNECTION
-                    {
-                        resp.headers_mut().append(k, v.clone());
-                    }
-                }
+                end_to_end(&parts.headers, resp.headers_mut(), &[]);
                 if let Ok(v) = HeaderValue::from_str(peer_name) {
                     resp.headers_mut().insert(super::SERVED_BY_HEADER, v);
                 }
@@ -246,4 +256,32 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_stay_behind() {
+        let mut from = header::HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("host", "origin"),
+            ("content-length", "5"),
+            ("transfer-encoding", "chunked"),
+            ("expect", "100-continue"),
+            ("content-type", "text/plain"),
+            ("x-request-id", "abc"),
+        ] {
+            from.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let mut to = header::HeaderMap::new();
+        end_to_end(&from, &mut to, &[header::EXPECT]);
+        let mut kept: Vec<&str> = to.keys().map(|k| k.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["content-type", "x-request-id"]);
+    }
 }

@@ -12,8 +12,8 @@
 //!   cache per image). Every node must run the same chains: the peer serves forwarded
 //!   requests through its own copy of the chain.
 //! - **Forwarding.** The arena is per node, so a request for a chain with instances on a peer
-//!   is forwarded whole to the peer's gateway ([`forward`]) for the share of requests the
-//!   peers' ready instances make up (see [`Peers::pick`]), marked with
+//!   is forwarded whole to the peer's gateway ([`forward`]) when a peer's ready instances
+//!   are less loaded than this node's (see [`Peers::pick`]), marked with
 //!   [`FORWARDED_HEADER`] so it is never forwarded again.
 //! - **Down again.** When the autoscaler wants fewer (load fell) or the node is back under
 //!   budget (local instances start first, then the remote count falls as they come up), the
@@ -23,7 +23,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use chain_runtime::config::{Config, PeerSpec, parse_percent};
@@ -176,8 +176,8 @@ pub struct Peers {
     links: Vec<Arc<PeerLink>>,
     /// `[chain][stage]`: the share of each autoscaled function.
     shares: Vec<Vec<Option<Arc<RemoteShare>>>>,
-    /// Per chain: requests routed so far, for the weighted round-robin.
-    routed: Vec<AtomicU64>,
+    /// `[chain][peer]`: requests forwarded and not answered yet.
+    forwarding: Vec<Vec<AtomicU32>>,
     forwarder: forward::Forwarder,
     forwarded: IntCounterVec,
     forward_seconds: HistogramVec,
@@ -192,13 +192,15 @@ impl Peers {
 
     /// Where a request for chain `chain` goes: None for here, else the peer.
     ///
-    /// The stage with the largest share of its ready instances on peers decides (a chain
-    /// scaled out for one function sends that function's share). With `L` ready instances
-    /// here and `R_p` on peer `p`, request number `n` of the chain goes to peer `p` when `n
-    /// mod (L + ΣR)` falls in `p`'s range after the first `L`: a deterministic weighted
-    /// round-robin, so each instance, local or remote, gets about the same share. Requests
-    /// already forwarded to this node never leave it.
-    pub fn pick(&self, chain: usize, req: &Request<Incoming>) -> Option<&Arc<PeerLink>> {
+    /// Least loaded per instance: the chain's stage with the largest fraction of its ready
+    /// instances on peers decides (a chain scaled out for one function sends that function's
+    /// share). With `L` instances of it ready here and `n` of the chain's requests in flight
+    /// here, and `R_p` ready on peer `p` with `f_p` requests forwarded to it and not yet
+    /// answered, the request goes where `(requests + 1) / instances` is lowest, here on a
+    /// tie (a forward costs a hop). So every ready instance, local or remote, carries about
+    /// the same concurrency — what the autoscaler sized them for — and a slower node gets
+    /// less. Requests already forwarded to this node never leave it.
+    pub fn pick(&self, chain: usize, req: &Request<Incoming>) -> Option<Target> {
         if req.headers().contains_key(FORWARDED_HEADER) {
             return None;
         }
@@ -214,31 +216,46 @@ impl Peers {
             let local = share.chain.serving_instances(share.stage) as u32;
             let fraction = f64::from(remote) / f64::from(local + remote);
             if fraction > best_fraction {
-                (best, best_fraction) = (Some((share, local, remote)), fraction);
+                (best, best_fraction) = (Some((share, local)), fraction);
             }
         }
-        let (share, local, remote) = best?;
-        let n = self.routed[chain].fetch_add(1, Relaxed) % u64::from(local + remote);
-        let mut at = u64::from(local);
-        if n < at {
-            return None;
-        }
-        for (i, link) in self.links.iter().enumerate() {
-            at += u64::from(ready(share, i));
-            if n < at {
-                return Some(link);
+        let (share, local) = best?;
+        let here: usize = share
+            .chain
+            .load
+            .iter()
+            .map(|l| l.held.load(Relaxed) + l.waiting.load(Relaxed))
+            .sum();
+        let per_instance = |requests: usize, instances: u32| {
+            if instances == 0 {
+                f64::INFINITY
+            } else {
+                (requests + 1) as f64 / f64::from(instances)
+            }
+        };
+        let mut choice = (None, per_instance(here, local));
+        for i in 0..self.links.len() {
+            let forwarding = self.forwarding[chain][i].load(Relaxed) as usize;
+            let load = per_instance(forwarding, ready(share, i));
+            if load < choice.1 {
+                choice = (Some(i), load);
             }
         }
-        None
+        choice.0.map(|peer| Target { chain, peer })
     }
 
-    /// Forwards `req` to `peer` and counts it.
+    /// Forwards `req` to the target [`Peers::pick`] chose, and counts it.
     pub async fn forward(
         &self,
-        peer: &PeerLink,
+        target: Target,
         chain: &ChainRuntime,
         req: Request<Incoming>,
     ) -> Reply {
+        let peer = &self.links[target.peer];
+        let in_flight = &self.forwarding[target.chain][target.peer];
+        in_flight.fetch_add(1, Relaxed);
+        // Decremented however the forward ends, a client that goes away included.
+        let _guard = Decrement(in_flight);
         let started = Instant::now();
         let (reply, outcome) = self
             .forwarder
@@ -260,6 +277,21 @@ impl Peers {
             }
         }
         reply
+    }
+}
+
+/// Where [`Peers::pick`] sends a request: a peer, for a chain.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    chain: usize,
+    peer: usize,
+}
+
+struct Decrement<'a>(&'a AtomicU32);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 
@@ -433,7 +465,10 @@ impl Cluster {
             let origin = HeaderValue::from_str(&name).unwrap_or(HeaderValue::from_static("origin"));
             cluster.peers = Some(Arc::new(Peers {
                 origin,
-                routed: chains.iter().map(|_| AtomicU64::new(0)).collect(),
+                forwarding: chains
+                    .iter()
+                    .map(|_| links.iter().map(|_| AtomicU32::new(0)).collect())
+                    .collect(),
                 links,
                 shares,
                 forwarder: forward::Forwarder::new(),
