@@ -465,9 +465,22 @@ async fn scale_out(origin: &str, peer: &str) {
         "spindle_request_duration_seconds_count{chain=\"echo\"}",
     )
     .await;
+    let peer_sum = metric(
+        &client,
+        peer,
+        "spindle_request_duration_seconds_sum{chain=\"echo\"}",
+    )
+    .await;
+    let peer_n = metric(
+        &client,
+        peer,
+        "spindle_request_duration_seconds_count{chain=\"echo\"}",
+    )
+    .await;
     eprintln!(
-        "mean latency under load (20 ms function): forwarded {:.2} ms over {fwd_n} requests, served here {:.2} ms over {} requests",
+        "mean latency under load (20 ms function): forwarded {:.2} ms over {fwd_n} requests (of which {:.2} ms in the peer's gateway), served here {:.2} ms over {} requests",
         1e3 * fwd_sum / fwd_n,
+        1e3 * peer_sum / peer_n,
         1e3 * (all_sum - fwd_sum) / (all_n - fwd_n),
         all_n - fwd_n
     );
