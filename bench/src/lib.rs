@@ -81,6 +81,9 @@
 //! [`Report::to_markdown`] and [`Report::write_svg`] render a report (also one read back from
 //! its JSON); [`serve_ceiling`] is the ceiling server (`spindle bench-ceiling`, and the
 //! `hyper-hello` binary of this crate). `examples/compare.rs` runs [`run`] without the CLI.
+//! [`run_step`] is a different measurement on the same load generator: one open loop against
+//! a running server whose rate jumps once, reported before the step, during the ramp after it
+//! and after that, and over time (`examples/step.rs`, driven by `bench/scale.sh`).
 
 mod ceiling;
 mod client;
@@ -91,6 +94,7 @@ mod plot;
 mod process;
 mod report;
 mod runner;
+mod step;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -103,6 +107,7 @@ pub use report::{
     TargetReport, UrlRatios,
 };
 pub use runner::run;
+pub use step::{Interval, StepOptions, StepReport, run_step};
 
 /// How long one request may take (from when it is sent) before it counts as a timeout error
 /// and its connection is replaced; also how long after the measured window its unfinished

@@ -36,7 +36,28 @@ pub(crate) struct LoadSpec {
     pub connections: usize,
     /// Requests per second over all connections (open loop), or None (closed loop).
     pub rate: Option<u64>,
+    /// Open loop only: the rate changes once, from `rate` to the step's (see [`RateStep`]).
+    pub step: Option<RateStep>,
     pub timeout: Duration,
+    /// Keep one [`Sample`] per request, warm-up included, in [`LoadResult::samples`].
+    pub record: bool,
+}
+
+/// An open-loop rate that changes once: `at` after the start of the load, requests become due
+/// at `rate` per second instead of the spec's rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RateStep {
+    pub at: Duration,
+    pub rate: u64,
+}
+
+/// One request, as [`LoadSpec::record`] keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sample {
+    /// When it was scheduled (open loop: due; closed loop: sent), from the start of the load.
+    pub at: Duration,
+    /// Its latency in µs (as the histogram has it), or why it failed.
+    pub outcome: Result<u64, Failure>,
 }
 
 /// Load runs from `start`; what is sent (closed loop) or due (open loop) from
@@ -82,6 +103,9 @@ pub(crate) struct LoadResult {
     /// the one [`TIMER_TICK`] left out of its latency, µs (so: included in its latency).
     /// Empty in closed loop.
     pub lateness: Histogram<u64>,
+    /// Every request of the load, warm-up included, when [`LoadSpec::record`] is set (in no
+    /// particular order); empty otherwise.
+    pub samples: Vec<Sample>,
 }
 
 /// When connection `conn`'s `k`-th request is due, counted from the start of the load.
@@ -92,6 +116,31 @@ pub(crate) struct LoadResult {
 pub(crate) fn intended_offset(rate: u64, connections: usize, conn: usize, k: u64) -> Duration {
     let n = u128::from(k) * connections as u128 + conn as u128;
     let nanos = n * 1_000_000_000 / u128::from(rate.max(1));
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+/// [`intended_offset`] with an optional [`RateStep`]: request n of the whole run is due at
+/// n / rate while that is before the step, and the ones after it follow at the step's rate,
+/// the first exactly at the step. Still round-robin over the connections, so each rate is
+/// evenly spaced over all of them.
+pub(crate) fn scheduled_offset(
+    rate: u64,
+    step: Option<RateStep>,
+    connections: usize,
+    conn: usize,
+    k: u64,
+) -> Duration {
+    let Some(step) = step else {
+        return intended_offset(rate, connections, conn, k);
+    };
+    let n = u128::from(k) * connections as u128 + conn as u128;
+    // Requests due strictly before the step at the first rate: ceil(at * rate).
+    let before = (step.at.as_nanos() * u128::from(rate.max(1))).div_ceil(1_000_000_000);
+    let nanos = if n < before {
+        n * 1_000_000_000 / u128::from(rate.max(1))
+    } else {
+        step.at.as_nanos() + (n - before) * 1_000_000_000 / u128::from(step.rate.max(1))
+    };
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
@@ -149,10 +198,11 @@ struct WorkerOut {
     ok: u64,
     errors: ErrorKinds,
     lateness: Histogram<u64>,
+    samples: Vec<Sample>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
+pub(crate) enum Failure {
     Status,
     Connect,
     Timeout,
@@ -183,6 +233,7 @@ pub(crate) async fn generate(
             ok: 0,
             errors: ErrorKinds::default(),
             lateness: new_histogram(),
+            samples: Vec::new(),
         };
         while let Some(joined) = workers.join_next().await {
             match joined {
@@ -192,6 +243,7 @@ pub(crate) async fn generate(
                     let _ = result.lateness.add(&out.lateness);
                     result.ok += out.ok;
                     result.errors.add(&out.errors);
+                    result.samples.extend(out.samples);
                 }
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 Err(_) => {}
@@ -218,6 +270,7 @@ async fn worker(ctx: Arc<Ctx>, index: usize) -> WorkerOut {
         ok: 0,
         errors: ErrorKinds::default(),
         lateness: new_histogram(),
+        samples: Vec::new(),
     };
     let window = ctx.window;
     // Requests of the window still unanswered this long after it closed are timeouts: each
@@ -233,7 +286,7 @@ async fn worker(ctx: Arc<Ctx>, index: usize) -> WorkerOut {
         // loop), but those that did are finished and counted below.
         let (scheduled, basis, lateness) = match ctx.spec.rate {
             Some(rate) => {
-                let offset = intended_offset(rate, ctx.spec.connections, index, k);
+                let offset = scheduled_offset(rate, ctx.spec.step, ctx.spec.connections, index, k);
                 let Some(due) = window.start.checked_add(offset) else {
                     break;
                 };
@@ -275,11 +328,17 @@ async fn worker(ctx: Arc<Ctx>, index: usize) -> WorkerOut {
         let done = Instant::now();
         previous_done = Some(done);
         let counters = &ctx.counters;
+        let us = micros(done.saturating_duration_since(basis)).max(1);
+        if ctx.spec.record {
+            out.samples.push(Sample {
+                at: scheduled.saturating_duration_since(window.start),
+                outcome: outcome.map(|()| us),
+            });
+        }
         match outcome {
             Ok(()) => {
                 if measured {
-                    let us = micros(done.saturating_duration_since(basis));
-                    out.histogram.saturating_record(us.max(1));
+                    out.histogram.saturating_record(us);
                     out.ok += 1;
                     counters.ok.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -453,6 +512,48 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_step_keeps_each_rate_evenly_spaced_and_starts_at_the_step() {
+        let ms = Duration::from_millis;
+        let step = Some(RateStep {
+            at: Duration::from_secs(1),
+            rate: 1000,
+        });
+        let connections = 4;
+        let mut due: Vec<Duration> = (0..connections)
+            .flat_map(|c| (0..300).map(move |k| scheduled_offset(100, step, connections, c, k)))
+            .collect();
+        due.sort();
+        // 100 due before the step, 10 ms apart; from the step on, 1 ms apart.
+        for (n, d) in due.iter().take(100).enumerate() {
+            assert_eq!(*d, ms(10 * n as u64), "request {n}");
+        }
+        for (n, d) in due.iter().skip(100).enumerate() {
+            assert_eq!(*d, ms(1000 + n as u64), "request {}", n + 100);
+        }
+        // A step between two requests of the first rate: 3/s, stepping at 0.5 s to 10/s.
+        let step = Some(RateStep {
+            at: ms(500),
+            rate: 10,
+        });
+        assert_eq!(
+            scheduled_offset(3, step, 1, 0, 1),
+            Duration::from_nanos(333_333_333)
+        );
+        assert_eq!(scheduled_offset(3, step, 1, 0, 2), ms(500));
+        assert_eq!(scheduled_offset(3, step, 1, 0, 3), ms(600));
+        // At the start: the step's rate throughout. None: the plain schedule.
+        let step = Some(RateStep {
+            at: Duration::ZERO,
+            rate: 1000,
+        });
+        assert_eq!(scheduled_offset(1, step, 1, 0, 5), ms(5));
+        assert_eq!(
+            scheduled_offset(7, None, 2, 1, 5),
+            intended_offset(7, 2, 1, 5)
+        );
+    }
+
+    #[test]
     fn open_loop_latency_counts_queueing_and_all_but_one_tick_of_lateness() {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
@@ -584,7 +685,9 @@ mod tests {
             payload: Bytes::from_static(b"hello spindle"),
             connections,
             rate,
+            step: None,
             timeout: Duration::from_secs(3),
+            record: false,
         }
     }
 
@@ -609,6 +712,41 @@ mod tests {
         assert!(r.histogram.value_at_quantile(0.99) >= 100_000);
         assert!(r.histogram.max() >= 190_000);
         assert_eq!(r.errors.total(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recorded_step_load_keeps_every_request_with_its_due_time() {
+        // 100 req/s for 0.5 s, then 400 req/s for 0.5 s: 50 + 200 requests.
+        let addr = stalling_server(|_| Duration::ZERO, StatusCode::OK).await;
+        let window = Window::starting_now(Duration::from_millis(200), Duration::from_millis(800));
+        let stepped = LoadSpec {
+            step: Some(RateStep {
+                at: Duration::from_millis(500),
+                rate: 400,
+            }),
+            record: true,
+            ..spec(addr, 2, Some(100))
+        };
+        let r = generate(stepped, window, None).await;
+        assert_eq!(r.errors.total(), 0, "{:?}", r.errors);
+        // Warm-up included in the samples, not in the histogram.
+        assert_eq!(r.samples.len(), 250);
+        assert_eq!(r.ok, 230);
+        let mut at: Vec<Duration> = r.samples.iter().map(|s| s.at).collect();
+        at.sort();
+        assert_eq!(at[49], Duration::from_millis(490));
+        assert_eq!(at[50], Duration::from_millis(500));
+        assert_eq!(at[249], Duration::from_micros(997_500));
+        assert!(
+            r.samples
+                .iter()
+                .all(|s| matches!(s.outcome, Ok(us) if us >= 1))
+        );
+
+        // Without `record`, nothing is kept.
+        let window = Window::starting_now(Duration::ZERO, Duration::from_millis(100));
+        let r = generate(spec(addr, 1, Some(100)), window, None).await;
+        assert!(r.samples.is_empty() && r.ok > 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

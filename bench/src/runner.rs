@@ -243,7 +243,9 @@ impl TargetBench<'_> {
             payload,
             connections: self.opts.connections,
             rate: self.opts.rate,
+            step: None,
             timeout: REQUEST_TIMEOUT,
+            record: false,
         };
         let root = process.as_ref().map(|p| p.pid());
         let label = self.target.display_name();
@@ -305,6 +307,7 @@ impl TargetBench<'_> {
             ok,
             errors,
             lateness,
+            samples: _,
         } = m.load;
         let duration = self.opts.duration.as_secs_f64();
         let per_request = |seconds: f64| (ok > 0).then(|| seconds / ok as f64);
@@ -422,7 +425,10 @@ async fn wait_ready(
 
 /// One request before the load: a target that answers the configured request with an error
 /// (wrong path, bad config) would otherwise be benchmarked serving error pages.
-async fn check_target(endpoint: &Endpoint, payload: Bytes) -> Result<CheckSample, String> {
+pub(crate) async fn check_target(
+    endpoint: &Endpoint,
+    payload: Bytes,
+) -> Result<CheckSample, String> {
     let answer = client::one_shot(
         Method::POST,
         endpoint,

@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef int32_t (*handler)(uint8_t *ptr, int32_t len);
@@ -26,6 +27,7 @@ int32_t handle_jsonfield(uint8_t *, int32_t);
 int32_t handle_sha256(uint8_t *, int32_t);
 int32_t handle_grayscale(uint8_t *, int32_t);
 int32_t handle_faulty(uint8_t *, int32_t);
+int32_t handle_sleepy(uint8_t *, int32_t);
 int32_t handle_frontend(uint8_t *, int32_t);
 int32_t handle_cart(uint8_t *, int32_t);
 int32_t handle_catalog(uint8_t *, int32_t);
@@ -275,6 +277,21 @@ static const struct tcase cases[] = {
 	{"faulty near miss echoes", handle_faulty, IN("traps"), OUT("traps")},
 	{"faulty error", handle_faulty, IN("error\n"), FAILS("requested error")},
 	{"faulty sleep echoes", handle_faulty, IN("sleep 1"), OUT("sleep 1")},
+
+	/* sleepy (how long each request waits is checked in sleepy_waits) */
+	{"sleepy echoes", handle_sleepy, IN("hello spindle"), OUT("hello spindle")},
+	{"sleepy empty", handle_sleepy, IN(""), OUT("")},
+	{"sleepy sleep=0 echoes", handle_sleepy, IN("sleep=0"), OUT("sleep=0")},
+	{"sleepy sleep=N then text", handle_sleepy, IN("sleep=1\nrest"), OUT("sleep=1\nrest")},
+	{"sleepy prefix only is default", handle_sleepy, IN("sleep"), OUT("sleep")},
+	{"sleepy other case is default", handle_sleepy, IN("SLEEP=x"), OUT("SLEEP=x")},
+	{"sleepy leading zeros", handle_sleepy, IN("sleep=0000"), OUT("sleep=0000")},
+	{"sleepy no digits", handle_sleepy, IN("sleep="), FAILS("bad sleep")},
+	{"sleepy not a number", handle_sleepy, IN("sleep=x"), FAILS("bad sleep")},
+	{"sleepy junk after digits", handle_sleepy, IN("sleep=5ms"), FAILS("bad sleep")},
+	{"sleepy negative", handle_sleepy, IN("sleep=-1"), FAILS("bad sleep")},
+	{"sleepy too long", handle_sleepy, IN("sleep=1001"), FAILS("0..=1000 ms")},
+	{"sleepy huge", handle_sleepy, IN("sleep=99999999999999999999999"), FAILS("bad sleep")},
 
 	/* frontend */
 	{"frontend cart", handle_frontend, IN("cart add shoes"), OUT("cart add shoes"), .next = "cart"},
@@ -605,6 +622,69 @@ static void fuzz(void)
 	}
 }
 
+/* Milliseconds one sleepy request takes, wall clock; -1 if it failed. */
+static double sleepy_ms(const char *in)
+{
+	struct timespec a, b;
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	int32_t rc = run(handle_sleepy, in, strlen(in), NULL);
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	if (rc != 0)
+		return -1;
+	return (double)(b.tv_sec - a.tv_sec) * 1e3 + (double)(b.tv_nsec - a.tv_nsec) / 1e6;
+}
+
+/*
+ * sleepy waits at least what it is asked (2 ms by default). Only lower bounds, and one
+ * upper bound far above any scheduling delay: a loaded machine may wake a sleeper late.
+ */
+static void sleepy_waits(void)
+{
+	static const struct {
+		const char *in;
+		double at_least;
+	} v[] = {{"hello", 2}, {"", 2}, {"sleep=5", 5}, {"sleep=12 and text", 12}, {"sleep=0", 0}};
+	for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+		char name[64];
+		snprintf(name, sizeof name, "sleepy \"%s\" waits >= %.0f ms", v[i].in, v[i].at_least);
+		double ms = sleepy_ms(v[i].in);
+		verdict(name, ms < 0 ? "failed" : ms < v[i].at_least ? "woke too early"
+					  : ms > v[i].at_least + 500 ? "slept far too long" : NULL);
+		if (ms >= 0 && (ms < v[i].at_least || ms > v[i].at_least + 500))
+			fprintf(stderr, "    took %.3f ms\n", ms);
+	}
+}
+
+/*
+ * sleepy's parser on malformed input. Not in fuzz(): its random inputs would each wait the
+ * default 2 ms. Here every input starts with "sleep=" and its only digit is 0, so a valid
+ * one waits 0 ms.
+ */
+static void sleepy_fuzz(void)
+{
+	static const char alphabet[] = "0 \n\t=x-+.ms\x80\xff";
+	uint8_t buf[64];
+	const char *problem = NULL;
+	size_t runs = 0;
+
+	memcpy(buf, "sleep=", 6);
+	for (int r = 0; r < 2000 && !problem; r++, runs++) {
+		size_t len = 6 + rng() % 16;
+		for (size_t i = 6; i < len; i++) {
+			buf[i] = r % 2 ? (uint8_t)rng() : (uint8_t)alphabet[rng() % (sizeof alphabet - 1)];
+			if (buf[i] >= '1' && buf[i] <= '9')
+				buf[i] = 'x';
+		}
+		int32_t rc = run(handle_sleepy, buf, len, NULL);
+		problem = consistency(rc);
+		if (!problem && rc == 0 && (host.out_len != len || memcmp(host.out, buf, len)))
+			problem = "did not echo its input";
+	}
+	char name[64];
+	snprintf(name, sizeof name, "sleepy survives %zu malformed inputs", runs);
+	verdict(name, problem);
+}
+
 /* ---- faults that end the process: run them in a child ---- */
 
 /* Forks, runs one request with stdout/stderr sent to capture (if any); returns the wait status. */
@@ -731,6 +811,8 @@ int main(int argc, char **argv)
 	empty_pointer();
 	frame_round_trip();
 	fuzz();
+	sleepy_waits();
+	sleepy_fuzz();
 	faulty_in_child();
 	if (argc > 1)
 		rot13_tests(argv[1]);

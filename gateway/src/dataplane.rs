@@ -126,14 +126,19 @@ struct Table {
 
 impl Table {
     fn count(load: &[StageLoad], at: &At, delta: isize) {
-        let counter = match at {
-            At::Instance(h) => &load[h.stage].held,
-            At::Waiting { stage, .. } => &load[*stage].waiting,
+        let bump = |counter: &AtomicUsize| {
+            if delta > 0 {
+                counter.fetch_add(1, Ordering::Relaxed);
+            } else {
+                counter.fetch_sub(1, Ordering::Relaxed);
+            }
         };
-        if delta > 0 {
-            counter.fetch_add(1, Ordering::Relaxed);
-        } else {
-            counter.fetch_sub(1, Ordering::Relaxed);
+        match at {
+            At::Instance(h) => {
+                bump(&load[h.stage].held);
+                bump(&load[h.stage].instance_held[h.instance]);
+            }
+            At::Waiting { stage, .. } => bump(&load[*stage].waiting),
         }
     }
 
@@ -172,8 +177,9 @@ pub const WAIT_BUCKETS: [f64; 8] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.
 
 /// How busy one stage is and what its wait queue did: read by the autoscaler on every tick
 /// and by the metrics page. The load gauges are changed only under the table lock.
-#[derive(Default)]
 pub struct StageLoad {
+    /// Requests held by each instance slot (as `held`, per instance).
+    pub instance_held: Vec<AtomicUsize>,
     /// Requests held by an instance of this stage (queued in the gateway for it, in its
     /// socket or running). With the kernel dataplane, hops between functions are not seen:
     /// a request counts for the stage the gateway last sent it to.
@@ -193,6 +199,19 @@ pub struct StageLoad {
 }
 
 impl StageLoad {
+    fn new(instances: usize) -> Self {
+        StageLoad {
+            instance_held: (0..instances).map(|_| AtomicUsize::new(0)).collect(),
+            held: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            waited: AtomicU64::new(0),
+            wait_ns: AtomicU64::new(0),
+            wait_buckets: Default::default(),
+            wait_expired: AtomicU64::new(0),
+            wait_refused: AtomicU64::new(0),
+        }
+    }
+
     fn record_wait(&self, waited: std::time::Duration) {
         self.waited.fetch_add(1, Ordering::Relaxed);
         self.wait_ns
@@ -248,8 +267,13 @@ pub struct StageRuntime {
     /// Process id of the function's zygote while it runs, 0 otherwise (and for functions
     /// started by exec).
     pub zygote_pid: AtomicU32,
+    /// Zygotes of this function up now, each holding a warm image (two during a reload).
+    pub zygotes_up: AtomicU32,
     /// Requests that may wait for an instance of this stage (`wait_queue`).
     pub wait_queue: usize,
+    /// Requests one instance may hold before the rest wait (`instances.concurrency` of an
+    /// autoscaled function; unbounded, but for the instance queue, otherwise).
+    pub instance_limit: usize,
     /// Wakes the stage's autoscaler at once when a request starts waiting, so scaling from
     /// zero does not wait for its next tick.
     pub activate: Notify,
@@ -335,6 +359,13 @@ impl RouterCounters {
     }
 }
 
+/// Instance slots of a function (statistics pages, kernel map entries): its `max`, plus one
+/// so a reload can start a new instance before an old one retires (none beyond the kernel's
+/// per-function limit).
+pub fn instance_slots(function: &chain_runtime::config::FunctionSpec) -> u32 {
+    (function.instances.max + 1).min(sockmap_bpf::MAX_INSTANCES)
+}
+
 /// Bumped by every request on every runtime thread: a cache line of its own.
 static REQUEST_IDS: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(1));
 
@@ -347,7 +378,7 @@ impl ChainRuntime {
         let mut stages = Vec::with_capacity(plan.stages.len());
         for s in &plan.stages {
             let mut instances = Vec::new();
-            for i in 0..s.function.instances.max {
+            for i in 0..instance_slots(&s.function) {
                 let (stats, stats_fd) =
                     StatsPage::create(&format!("spindle-stats-{}-{i}", s.function.name))?;
                 instances.push(InstanceLink {
@@ -366,11 +397,21 @@ impl ChainRuntime {
                 crashes: AtomicU64::new(0),
                 watchdog_timeouts: AtomicU64::new(0),
                 zygote_pid: AtomicU32::new(0),
+                zygotes_up: AtomicU32::new(0),
                 wait_queue: s.function.wait_queue as usize,
+                instance_limit: s
+                    .function
+                    .instances
+                    .autoscale
+                    .map_or(usize::MAX, |a| a.concurrency as usize),
                 activate: Notify::new(),
             });
         }
-        let load = plan.stages.iter().map(|_| StageLoad::default()).collect();
+        let load = plan
+            .stages
+            .iter()
+            .map(|s| StageLoad::new(instance_slots(&s.function) as usize))
+            .collect();
         let waiting = plan.stages.iter().map(|_| VecDeque::new()).collect();
         Ok(ChainRuntime {
             plan,
@@ -573,7 +614,10 @@ impl ChainRuntime {
                 continue;
             };
             any_live = true;
-            if queue.is_full() {
+            if queue.is_full()
+                || self.load[stage].instance_held[instance].load(Ordering::Relaxed)
+                    >= st.instance_limit
+            {
                 continue;
             }
             let holder = Holder {
@@ -735,7 +779,14 @@ impl ChainRuntime {
     }
 
     /// Handles one descriptor a worker sent. `from` is the instance that sent it.
-    pub fn on_descriptor(&self, from: Holder, mut desc: Descriptor) {
+    pub fn on_descriptor(&self, from: Holder, desc: Descriptor) {
+        self.route(from, desc);
+        // What `from` held just left it (or moved on): a request waiting for an instance
+        // with room may go now.
+        self.room_made();
+    }
+
+    fn route(&self, from: Holder, mut desc: Descriptor) {
         let record = self.kernel_record(desc.slot);
         let mut table = self.pending.lock().expect("pending lock");
         let Some(p) = table.requests.get(&desc.request_id) else {
@@ -913,6 +964,7 @@ impl ChainRuntime {
                 message: message.to_string(),
             });
         }
+        self.room_made();
         n
     }
 
@@ -1072,6 +1124,10 @@ mod tests {
     }
 
     fn runtime_with(tag: &str, instances: u32, wait_queue: u32) -> ChainRuntime {
+        runtime_yaml(tag, &instances.to_string(), wait_queue)
+    }
+
+    fn runtime_yaml(tag: &str, instances: &str, wait_queue: u32) -> ChainRuntime {
         let dir = std::env::temp_dir().join(format!("dataplane-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("f.wasm"), b"").unwrap();
@@ -1206,6 +1262,34 @@ mod tests {
         assert_eq!(chain.arena.free_slots(), free);
         assert_eq!(chain.load[0].held.load(Ordering::Relaxed), 0);
         drop((first, second));
+    }
+
+    #[test]
+    fn an_instance_at_its_concurrency_takes_no_more_and_a_return_lets_the_next_go() {
+        let chain = runtime_yaml("limit", "{ max: 2, concurrency: 1 }", 8);
+        let queue = Arc::new(InstanceQueue::new(8));
+        chain.instance_up(0, 0, 1, Arc::clone(&queue));
+        let _first = send(&chain).expect("sent");
+        let _second = send(&chain).expect("waits");
+        assert_eq!(queue.len(), 1, "one held by the instance");
+        assert_eq!(chain.load[0].waiting.load(Ordering::Relaxed), 1);
+        assert_eq!(chain.dispatch_once().map(|_| ()), Some(()), "still waiting");
+
+        // The instance answers the first: the second may go to it now.
+        let mut out = Vec::new();
+        assert!(pop_queued(&queue, &mut out));
+        let mut reply = Descriptor::from_bytes(out[..Descriptor::SIZE].try_into().unwrap());
+        reply.hop = 1;
+        reply.next_fn = GATEWAY_FN;
+        let holder = Holder {
+            stage: 0,
+            instance: 0,
+            incarnation: 1,
+        };
+        chain.on_descriptor(holder, reply);
+        assert_eq!(chain.dispatch_once(), None, "nothing waits");
+        assert_eq!(queue.len(), 1, "the second is with the instance");
+        assert_eq!(chain.load[0].instance_held[0].load(Ordering::Relaxed), 1);
     }
 
     #[test]

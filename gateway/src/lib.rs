@@ -22,6 +22,7 @@ pub mod node;
 pub mod peers;
 pub mod process;
 pub mod queue;
+pub mod reload;
 pub mod scaler;
 pub mod supervisor;
 pub mod zygote;

@@ -18,7 +18,6 @@ use gateway::http::{DataplaneStatus, Gateway};
 use gateway::metrics::Metrics;
 use gateway::node::{AdminListener, ControlBoard, NodeService};
 use gateway::supervisor::WorkerCommand;
-use gateway::zygote::Zygote;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -86,6 +85,14 @@ enum Command {
     },
     /// Check CONFIG and print every problem as file:line:col: message. Exit status 1 if any.
     Validate { config: PathBuf },
+    /// Ask a running gateway to reload its config (as SIGHUP does) and print what changed:
+    /// functions whose module or call settings changed roll to new instances while the old
+    /// ones drain (docs/autoscaling.md). Exit status 1 if nothing, or not everything, changed.
+    Reload {
+        /// The gateway's admin socket (`spindle run --admin PATH`).
+        #[arg(long)]
+        admin: PathBuf,
+    },
     /// Compare, in one run and under the same load: a bare hyper server (the ceiling), Spindle on
     /// the userspace and the eBPF (sockmap) dataplanes, the Knative-style baseline, and any
     /// URL. Prints a Markdown table; writes JSON, Markdown and an SVG chart on request.
@@ -195,6 +202,11 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Validate { config } => validate(&config),
+        Command::Reload { admin } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")
+            .and_then(|rt| rt.block_on(reload_through(&admin))),
         Command::Bench {
             config,
             targets,
@@ -380,6 +392,41 @@ fn validate(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// POST /reload on the admin socket at `admin`; prints the answer.
+async fn reload_through(admin: &Path) -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::UnixStream::connect(admin)
+        .await
+        .with_context(|| format!("connecting to the admin socket {}", admin.display()))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .context("talking HTTP on the admin socket")?;
+    tokio::spawn(connection);
+    let request = hyper::Request::post("/reload")
+        .header(hyper::header::HOST, "spindle-admin")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .context("building the request")?;
+    let response = sender
+        .send_request(request)
+        .await
+        .context("sending POST /reload")?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .context("reading the answer")?
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    if status.is_success() {
+        println!("{}", body.trim_end());
+        Ok(())
+    } else {
+        bail!("{} ({status})", body.trim_end())
+    }
+}
+
 /// Loads the kernel dataplane and declares every function to it; `Err` says why it cannot be
 /// used.
 fn load_kernel_dataplane(plan: &Plan) -> anyhow::Result<Arc<sockmap_bpf::KernelDataplane>> {
@@ -388,7 +435,7 @@ fn load_kernel_dataplane(plan: &Plan) -> anyhow::Result<Arc<sockmap_bpf::KernelD
         .chains
         .iter()
         .flat_map(|c| &c.stages)
-        .map(|s| 2 * u64::from(s.function.instances.max))
+        .map(|s| 2 * u64::from(gateway::dataplane::instance_slots(&s.function)))
         .sum();
     if sockets > u64::from(sockmap_bpf::MAX_SOCKETS) {
         bail!(
@@ -402,7 +449,7 @@ fn load_kernel_dataplane(plan: &Plan) -> anyhow::Result<Arc<sockmap_bpf::KernelD
         for stage in &chain.stages {
             let info = sockmap_bpf::FnInfo {
                 chain: u32::from(chain.id),
-                instances: stage.function.instances.max,
+                instances: gateway::dataplane::instance_slots(&stage.function),
                 slot_base,
                 slots: chain.spec.slots,
             };
@@ -565,6 +612,7 @@ async fn run(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut starting = Vec::new();
     let mut supervisors = Vec::new();
+    let mut running = Vec::new();
     for chain in &chains {
         for (stage, st) in chain.stages.iter().enumerate() {
             let path = &chain.plan.stages[stage].function.module;
@@ -574,28 +622,36 @@ async fn run(
             // Instances resumed from a remote image keep starting by exec for now.
             let forks = chain.plan.stages[stage].function.start == StartMode::Fork
                 && !cmd.images.contains_key(&st.name);
-            let zygote = forks.then(|| Zygote::new(node_args.zygote_reply_timeout));
-            if let Some(zygote) = &zygote {
-                supervisors.push(tokio::spawn(gateway::zygote::supervise(
-                    Arc::clone(zygote),
-                    cmd.clone(),
-                    Arc::clone(chain),
-                    Arc::clone(&metrics),
-                    Arc::clone(&module),
-                    stage,
-                    shutdown_rx.clone(),
-                )));
-            }
-            let mut pool = gateway::scaler::Pool::new(
+            let generation = gateway::scaler::Generation::start(
+                1,
                 cmd.clone(),
+                chain,
+                &metrics,
+                module,
+                stage,
+                forks.then_some(node_args.zygote_reply_timeout),
+                &shutdown_rx,
+            );
+            metrics
+                .function_generation
+                .with_label_values(&[chain.plan.spec.name.as_str(), st.name.as_str()])
+                .set(1);
+            let (mut pool, rolls) = gateway::scaler::Pool::new(
                 Arc::clone(chain),
                 Arc::clone(&metrics),
-                Arc::clone(&module),
-                zygote.clone(),
+                generation,
                 stage,
                 shutdown_rx.clone(),
             );
             pool.set_peers(cluster.pool_peers(usize::from(chain.plan.id), stage));
+            running.push(gateway::reload::Running {
+                chain: Arc::clone(chain),
+                stage,
+                rolls,
+                spec: chain.plan.stages[stage].function.clone(),
+                module_digest: gateway::reload::digest(&bytes),
+                generation: 1,
+            });
             let initial = pool.initial();
             for instance in 0..initial as usize {
                 let rx = pool.start_instance().expect("min <= max instance slots");
@@ -629,6 +685,23 @@ async fn run(
         }
     }
 
+    // Reloads run one at a time in their own task; SIGHUP and the admin API ask for them.
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+    let (sighup_tx, sighup_rx) = tokio::sync::mpsc::channel(1);
+    let reloader = gateway::reload::Reloader {
+        config_path: config_path.clone(),
+        config: config.clone(),
+        cmd: cmd.clone(),
+        metrics: Arc::clone(&metrics),
+        shutdown: shutdown_rx.clone(),
+        zygote_reply_timeout: node_args.zygote_reply_timeout,
+        functions: running,
+    };
+    tokio::spawn(reloader.serve(reload_rx, sighup_rx));
+    if let Some(node) = &node {
+        node.accept_reloads(reload_tx);
+    }
+
     let mut gateway =
         Gateway::new(chains, Arc::clone(&metrics), status).with_cluster(Arc::new(cluster));
     let mut admin_task = None;
@@ -649,6 +722,7 @@ async fn run(
     use tokio::signal::unix::{SignalKind, signal};
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -658,6 +732,12 @@ async fn run(
             accepted = listener.accept() => accepted,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reloading {}", config_path.display());
+                // A reload already waiting covers this one too.
+                let _ = sighup_tx.try_send(());
+                continue;
+            }
         };
         let stream = match accepted {
             Ok((stream, _)) => stream,

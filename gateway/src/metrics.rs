@@ -5,8 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use chain_runtime::config::StartMode;
-
 use chain_runtime::stats::{EXEC_BUCKETS, ErrorKind, LIVE_RESOURCES, Snapshot, bucket_bound};
 use nix::unistd::{SysconfVar, sysconf};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
@@ -30,6 +28,8 @@ pub struct Metrics {
     pub instances_desired: IntGaugeVec,
     pub autoscaler_panic: IntGaugeVec,
     pub scale_events: IntCounterVec,
+    pub reloads: IntCounterVec,
+    pub function_generation: IntGaugeVec,
     arena_slots: IntGaugeVec,
     dataplane: IntGaugeVec,
     fork_transport: IntGaugeVec,
@@ -140,13 +140,17 @@ fn router_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
 /// Each function's wait queue: requests waiting for an instance now, how long those that
 /// were sent on waited, and those that expired or were turned away.
 fn wait_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
-    let (mut waiting, mut waits, mut expired, mut refused) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut waiting, mut waits, mut expired, mut refused, mut images) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for chain in chains {
         let c = chain.plan.spec.name.as_str();
         for (stage, load) in chain.stages.iter().zip(&chain.load) {
             let pairs = [("chain", c), ("function", stage.name.as_str())];
             waiting.push(gauge(&pairs, load.waiting.load(Ordering::Relaxed) as f64));
+            images.push(gauge(
+                &pairs,
+                f64::from(stage.zygotes_up.load(Ordering::Relaxed)),
+            ));
             expired.push(counter(
                 &pairs,
                 load.wait_expired.load(Ordering::Relaxed) as f64,
@@ -177,6 +181,13 @@ fn wait_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
         }
     }
     vec![
+        family(
+            "spindle_local_images_alive",
+            "Warm images this node holds for local forks: the function's zygotes running (two \
+             while a reload rolls from the old to the new one; 0 for start: exec)",
+            MetricType::GAUGE,
+            images,
+        ),
         family(
             "spindle_requests_waiting",
             "Requests waiting for an instance of the function (none ready, or all full)",
@@ -616,8 +627,9 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new(
                     "spindle_instance_starts_total",
-                    "Function instances started (first starts and restarts), by how: fork \
-                     (from the function's zygote) or exec (a fresh process compiling the module)",
+                    "Function instances started (first starts, restarts, scale-ups, reloads), by \
+                     how: fork (local, from the function's zygote), resume (from a remote image) \
+                     or exec (cold: a fresh process compiling the module)",
                 ),
                 &["chain", "function", "mode"],
             )
@@ -679,6 +691,31 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let reloads = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_reloads_total",
+                    "Config reloads (SIGHUP, spindle reload): ok, refused (errors, or a change \
+                     only a restart applies; nothing changed) or failed (a function's new \
+                     instances did not start; it kept its old module)",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+        );
+        let function_generation = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "spindle_function_generation",
+                    "Which module generation a function's instances run: 1 at start, +1 per \
+                     reload that rolled it",
+                ),
+                &["chain", "function"],
+            )
+            .expect("valid metric"),
+        );
         let arena_slots = register(
             &registry,
             IntGaugeVec::new(
@@ -735,6 +772,8 @@ impl Metrics {
             instances_desired,
             autoscaler_panic,
             scale_events,
+            reloads,
+            function_generation,
             arena_slots,
             dataplane,
             in_flight,
@@ -742,8 +781,9 @@ impl Metrics {
     }
 
     /// Counts one instance start and how long it took to become ready.
-    pub fn instance_started(&self, chain: &str, function: &str, mode: StartMode, took: Duration) {
-        let labels = [chain, function, mode.label()];
+    /// `mode`: fork, resume or exec (see `spindle_instance_starts_total`).
+    pub fn instance_started(&self, chain: &str, function: &str, mode: &str, took: Duration) {
+        let labels = [chain, function, mode];
         self.instance_starts.with_label_values(&labels).inc();
         self.instance_start_seconds
             .with_label_values(&labels)

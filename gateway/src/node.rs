@@ -180,6 +180,8 @@ pub struct NodeService {
     admin_requests: IntCounterVec,
     revocations: AtomicU64,
     leases_expired: AtomicU64,
+    /// Where POST /reload is sent (set once the gateway's reloader runs).
+    reloads: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>>,
 }
 
 /// Why the node service could not start.
@@ -276,6 +278,7 @@ impl NodeService {
             admin_requests,
             revocations: AtomicU64::new(0),
             leases_expired: AtomicU64::new(0),
+            reloads: std::sync::OnceLock::new(),
         })
     }
 
@@ -595,6 +598,34 @@ impl NodeService {
         }
     }
 
+    /// Sends POST /reload to the gateway's reloader from now on.
+    pub fn accept_reloads(&self, tx: tokio::sync::mpsc::Sender<crate::reload::ReloadRequest>) {
+        let _ = self.reloads.set(tx);
+    }
+
+    /// Reloads the config and answers with what changed: 200, or 409 with why nothing (or
+    /// not everything) changed.
+    async fn reload(&self) -> Result<String, AdminError> {
+        let Some(tx) = self.reloads.get() else {
+            return Err(AdminError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the gateway is still starting; reload once it serves",
+            ));
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send(crate::reload::ReloadRequest { reply })
+            .await
+            .map_err(|_| AdminError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+        match answer.await {
+            Ok(Ok(summary)) => Ok(summary),
+            Ok(Err(why)) => Err(AdminError::new(StatusCode::CONFLICT, why)),
+            Err(_) => Err(AdminError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting down",
+            )),
+        }
+    }
+
     /// Answers one admin request.
     pub async fn admin(
         self: Arc<Self>,
@@ -607,6 +638,11 @@ impl NodeService {
                 Err(e) => Err(e),
             },
             (&Method::GET, "/images") => Ok(self.list()),
+            (&Method::POST, "/reload") => self.reload().await,
+            (_, "/reload") => Err(AdminError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "/reload takes POST",
+            )),
             (&Method::DELETE, p) if p.starts_with("/images/") => {
                 self.revoke(&p["/images/".len()..])
             }
@@ -621,7 +657,7 @@ impl NodeService {
             _ => Err(AdminError::new(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "no admin resource at {path}: see POST /images, GET /images, DELETE /images/HANDLE"
+                    "no admin resource at {path}: see POST /images, GET /images, DELETE /images/HANDLE, POST /reload"
                 ),
             )),
         };

@@ -98,7 +98,9 @@ impl Decider {
         }
         let stable_average = average(&self.samples, now, self.knobs.stable_window);
         let panic_average = average(&self.samples, now, self.knobs.panic_window);
-        let target = f64::from(self.knobs.target);
+        // Planned per instance: the target less the headroom.
+        let target =
+            f64::from(self.knobs.target) * f64::from(self.knobs.utilization_percent) / 100.0;
         let want = |avg: f64| (avg / target).ceil().min(f64::from(u32::MAX)) as u32;
         let (stable_want, panic_want) = (want(stable_average), want(panic_average));
         let bursting = if ready == 0 {
@@ -152,6 +154,8 @@ fn average(samples: &VecDeque<(Instant, f64)>, now: Instant, window: Duration) -
 struct Slot {
     task: JoinHandle<()>,
     retire: watch::Sender<bool>,
+    /// The generation (module + zygote) the instance was started from.
+    generation: u64,
     /// How the first start went, for starts the autoscaler made (the caller of
     /// [`Pool::start_instance`] holds it otherwise).
     first: Option<oneshot::Receiver<Result<Duration, SpawnError>>>,
@@ -163,16 +167,84 @@ struct Slot {
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// What a function's instances are started from: its module and config as the gateway read
+/// them, and its zygote (for `start: fork`). A reload makes a new generation; the old one's
+/// zygote is stopped once its last instance has gone, which frees its image.
+pub struct Generation {
+    pub number: u64,
+    pub cmd: WorkerCommand,
+    pub module: Arc<OwnedFd>,
+    pub zygote: Option<Arc<Zygote>>,
+    /// Stops this generation's zygote (also set at shutdown).
+    stop: Arc<watch::Sender<bool>>,
+    /// The zygote's supervisor, which stops and reaps it.
+    zygote_task: Option<JoinHandle<()>>,
+}
+
+impl Generation {
+    /// A generation for `stage` of `chain`, its zygote started when `fork` is set.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        number: u64,
+        cmd: WorkerCommand,
+        chain: &Arc<ChainRuntime>,
+        metrics: &Arc<Metrics>,
+        module: Arc<OwnedFd>,
+        stage: usize,
+        fork: Option<Duration>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Generation {
+        let stop = Arc::new(watch::Sender::new(false));
+        {
+            // Shutdown stops every generation's zygote.
+            let stop = Arc::clone(&stop);
+            let mut shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = crate::supervisor::stopping(&mut shutdown) => { stop.send_replace(true); }
+                    _ = stop.closed() => {}
+                }
+            });
+        }
+        let zygote = fork.map(Zygote::new);
+        let zygote_task = zygote.as_ref().map(|zygote| {
+            tokio::spawn(crate::zygote::supervise(
+                Arc::clone(zygote),
+                cmd.clone(),
+                Arc::clone(chain),
+                Arc::clone(metrics),
+                Arc::clone(&module),
+                stage,
+                stop.subscribe(),
+            ))
+        });
+        Generation {
+            number,
+            cmd,
+            module,
+            zygote,
+            stop,
+            zygote_task,
+        }
+    }
+}
+
+/// Asks a running pool to move every instance to a new generation.
+pub struct Roll {
+    pub generation: Generation,
+    /// How many instances were moved, or why the roll was undone.
+    pub done: oneshot::Sender<Result<usize, String>>,
+}
+
 /// The instances of one function of one chain.
 pub struct Pool {
-    cmd: WorkerCommand,
     chain: Arc<ChainRuntime>,
     metrics: Arc<Metrics>,
-    module: Arc<OwnedFd>,
-    zygote: Option<Arc<Zygote>>,
+    generation: Generation,
     stage: usize,
     shutdown: watch::Receiver<bool>,
     slots: Vec<Option<Slot>>,
+    rolls: tokio::sync::mpsc::Receiver<Roll>,
     /// Starts that failed in a row, and when the autoscaler may try again: a broken module
     /// must not be re-forked every tick.
     failed_starts: u32,
@@ -182,15 +254,14 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// A pool of `stage` of `chain` starting from `generation`, and where to send it rolls.
     pub fn new(
-        cmd: WorkerCommand,
         chain: Arc<ChainRuntime>,
         metrics: Arc<Metrics>,
-        module: Arc<OwnedFd>,
-        zygote: Option<Arc<Zygote>>,
+        generation: Generation,
         stage: usize,
         shutdown: watch::Receiver<bool>,
-    ) -> Self {
+    ) -> (Self, tokio::sync::mpsc::Sender<Roll>) {
         let slots = (0..chain.stages[stage].instances.len())
             .map(|_| None)
             .collect();
@@ -209,19 +280,20 @@ impl Pool {
                 .set(i64::from(function.instances.min));
             metrics.autoscaler_panic.with_label_values(&labels);
         }
-        Pool {
-            cmd,
+        let (roll_tx, rolls) = tokio::sync::mpsc::channel(1);
+        let pool = Pool {
             chain,
             metrics,
-            module,
-            zygote,
+            generation,
             stage,
             shutdown,
             slots,
+            rolls,
             failed_starts: 0,
             retry_at: None,
             peers: PoolPeers::default(),
-        }
+        };
+        (pool, roll_tx)
     }
 
     /// Lets the autoscaler scale out onto peers over the node's budget, and run instances
@@ -233,6 +305,11 @@ impl Pool {
     /// The instances the function starts with (its `min`, or its fixed count).
     pub fn initial(&self) -> u32 {
         self.chain.plan.stages[self.stage].function.instances.min
+    }
+
+    /// The most instances serving at once outside a roll.
+    fn max(&self) -> usize {
+        self.chain.plan.stages[self.stage].function.instances.max as usize
     }
 
     /// Starts an instance in the lowest free slot; the receiver reports its first start.
@@ -257,10 +334,11 @@ impl Pool {
         let instance = self.slots.iter().position(Option::is_none)?;
         let (first_tx, first_rx) = oneshot::channel();
         let (retire, retired) = watch::channel(false);
+        let g = &self.generation;
         let (cmd, zygote, grant) = match grant {
-            None => (self.cmd.clone(), self.zygote.clone(), None),
+            None => (g.cmd.clone(), g.zygote.clone(), None),
             Some((tag, fds)) => {
-                let mut cmd = self.cmd.clone();
+                let mut cmd = g.cmd.clone();
                 cmd.images
                     .insert(self.chain.stages[self.stage].name.clone(), fds);
                 (cmd, None, Some(tag))
@@ -270,7 +348,7 @@ impl Pool {
             cmd,
             Arc::clone(&self.chain),
             Arc::clone(&self.metrics),
-            Arc::clone(&self.module),
+            Arc::clone(&g.module),
             zygote,
             self.stage,
             instance,
@@ -281,6 +359,7 @@ impl Pool {
         self.slots[instance] = Some(Slot {
             task,
             retire,
+            generation: g.number,
             first: None,
             grant,
         });
@@ -366,23 +445,27 @@ impl Pool {
         }
     }
 
-    /// Runs the pool until shutdown: for an autoscaled function, the decision loop; for a
-    /// fixed count, nothing to decide (supervisors replace crashed instances themselves).
-    /// Returns after every instance's supervisor has stopped its worker.
+    /// Runs the pool until shutdown: for an autoscaled function, the decision loop (for a
+    /// fixed count there is nothing to decide: supervisors replace crashed instances
+    /// themselves), and rolls to new generations. Returns after every instance's supervisor
+    /// has stopped its worker.
     pub async fn run(mut self) {
         let function = &self.chain.plan.stages[self.stage].function;
-        if let Some(knobs) = function.instances.autoscale {
-            let decider = Decider::new(knobs, function.instances.min, function.instances.max);
-            self.autoscale(decider).await;
-        } else {
-            crate::supervisor::stopping(&mut self.shutdown.clone()).await;
-        }
+        let decider = function
+            .instances
+            .autoscale
+            .map(|knobs| Decider::new(knobs, function.instances.min, function.instances.max));
+        self.serve(decider).await;
         for slot in self.slots.iter_mut().filter_map(Option::take) {
             let _ = slot.task.await;
         }
+        self.generation.stop.send_replace(true);
+        if let Some(task) = self.generation.zygote_task.take() {
+            let _ = task.await;
+        }
     }
 
-    async fn autoscale(&mut self, mut decider: Decider) {
+    async fn serve(&mut self, mut decider: Option<Decider>) {
         let chain = Arc::clone(&self.chain);
         let stage = self.stage;
         let st = &chain.stages[stage];
@@ -403,10 +486,18 @@ impl Pool {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticker.tick() => {}
-                _ = st.activate.notified() => {}
+                _ = ticker.tick(), if decider.is_some() => {}
+                _ = st.activate.notified(), if decider.is_some() => {}
+                Some(roll) = self.rolls.recv() => {
+                    let result = self.roll(roll.generation).await;
+                    let _ = roll.done.send(result);
+                    continue;
+                }
                 _ = crate::supervisor::stopping(&mut shutdown) => return,
             }
+            let Some(decider) = &mut decider else {
+                continue;
+            };
             let concurrency = busy.concurrency(&chain, stage);
             let ready = chain.serving_instances(stage) as u32;
             let decision = decider.observe(Instant::now(), concurrency, ready);
@@ -421,7 +512,7 @@ impl Pool {
                 for _ in active..desired {
                     // Later ticks look at how it went; a failed start is logged by its
                     // supervisor and its slot is reclaimed.
-                    if !self.scale_up_one() {
+                    if self.active().len() >= self.max() || !self.scale_up_one() {
                         break;
                     }
                     ups.inc();
@@ -439,6 +530,83 @@ impl Pool {
                 tracing::debug!(chain = %labels[0], function = %labels[1],
                     from = active, to = desired, concurrency, "scaling down");
             }
+        }
+    }
+
+    /// Moves every active instance to `next`, one at a time: the new instance starts (in a
+    /// free slot when there is one, else in the slot of the old one, which retires first)
+    /// and is ready before the old one retires, so requests are served or wait throughout
+    /// and none fails. If a new instance does not start, the roll is undone: the pool goes
+    /// back to the old generation, restarts what it took down, and reports why.
+    async fn roll(&mut self, next: Generation) -> Result<usize, String> {
+        let old = std::mem::replace(&mut self.generation, next);
+        let stale: Vec<usize> = self
+            .active()
+            .into_iter()
+            .filter(|&i| {
+                self.slots[i]
+                    .as_ref()
+                    .is_some_and(|s| s.generation != self.generation.number)
+            })
+            .collect();
+        let mut moved = 0;
+        for old_slot in stale {
+            let surge = self.slots.iter().any(Option::is_none);
+            if !surge {
+                // No free slot: the old instance retires first; requests wait for the new.
+                self.retire_slot(old_slot).await;
+            }
+            let started = match self.spawn_in_free_slot() {
+                Some((_, first)) => {
+                    match tokio::time::timeout(crate::supervisor::READY_TIMEOUT, first).await {
+                        Ok(Ok(Ok(_))) => Ok(()),
+                        Ok(Ok(Err(e))) => Err(e.to_string()),
+                        Ok(Err(_)) => Err("its supervisor ended before it was ready".into()),
+                        Err(_) => Err("not ready in time".into()),
+                    }
+                }
+                None => Err("no free instance slot".into()),
+            };
+            if let Err(why) = started {
+                // Back to the old generation; the new generation's zygote stops.
+                let failed = std::mem::replace(&mut self.generation, old);
+                failed.stop.send_replace(true);
+                for i in 0..self.slots.len() {
+                    if self.slots[i]
+                        .as_ref()
+                        .is_some_and(|s| s.generation == failed.number)
+                    {
+                        self.retire_slot(i).await;
+                    }
+                }
+                // The old instances this roll took down come back.
+                let taken = moved + usize::from(!surge);
+                for _ in 0..taken {
+                    if self.spawn_in_free_slot().is_none() {
+                        tracing::error!("undoing a reload: no slot to restart an old instance in");
+                        break;
+                    }
+                }
+                return Err(format!(
+                    "a new instance did not start ({why}); the function keeps its old module"
+                ));
+            }
+            if surge {
+                self.retire_slot(old_slot).await;
+            }
+            moved += 1;
+        }
+        // Nothing runs from the old generation any more: its zygote, and with it its image
+        // and compiled module, goes.
+        old.stop.send_replace(true);
+        Ok(moved)
+    }
+
+    /// Retires the instance in `slot` and waits until its supervisor has stopped it.
+    async fn retire_slot(&mut self, slot: usize) {
+        if let Some(mut s) = self.slots[slot].take() {
+            let _ = s.retire.send(true);
+            let _ = (&mut s.task).await;
         }
     }
 }
@@ -511,6 +679,9 @@ mod tests {
             stable_window: Duration::from_secs(6),
             panic_window: Duration::from_millis(600),
             scale_down_delay: Duration::from_secs(2),
+            // Whole instances, so the arithmetic below reads plainly.
+            utilization_percent: 100,
+            concurrency: 4,
         }
     }
 
@@ -610,6 +781,19 @@ mod tests {
             took >= Duration::from_secs(2) && took <= Duration::from_millis(3200),
             "{took:?}"
         );
+    }
+
+    #[test]
+    fn utilization_leaves_headroom_above_the_load() {
+        let knobs = Autoscale {
+            utilization_percent: 70,
+            ..knobs()
+        };
+        let mut d = Decider::new(knobs, 1, 16);
+        let mut clock = Instant::now();
+        // 4.6 requests in flight (2,000 req/s of 2.3 ms): 5 instances would run at 92%.
+        let steady = run(&mut d, &mut clock, Duration::from_secs(8), 4.6, |n| n);
+        assert_eq!(steady.desired, 7, "ceil(4.6 / 0.7)");
     }
 
     #[test]

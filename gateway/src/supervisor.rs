@@ -115,8 +115,10 @@ pub fn socket_pair() -> std::io::Result<(TcpStream, TcpStream)> {
 /// One running worker process and its gateway-side socket tasks.
 struct Running {
     child: WorkerProcess,
-    /// How it was started (fork falls back to exec while the zygote is down).
-    mode: StartMode,
+    /// How it was started (fork falls back to exec while the zygote is down), as the
+    /// `mode` label of the start metrics: `fork` (local, from the zygote), `resume` (from a
+    /// remote image) or `exec` (cold).
+    mode: &'static str,
     reader: tokio::task::JoinHandle<()>,
     /// The worker socket's entry in the kernel dataplane, if it routes this chain.
     kernel_entry: Option<KernelEntry>,
@@ -264,7 +266,7 @@ async fn spawn_worker(
         None => None,
     };
     let (mut child, mode) = match forked {
-        Some(child) => (child, StartMode::Fork),
+        Some(child) => (child, StartMode::Fork.label()),
         None => {
             let image = cmd.images.get(&stage.name);
             let exec_plan = Handoff {
@@ -293,7 +295,12 @@ async fn spawn_worker(
             args.extend(image.map(|_| "--from-image".to_string()));
             let child = exec_worker_process(cmd, &args, exec_plan.placements())
                 .map_err(SpawnError::Spawn)?;
-            (child, StartMode::Exec)
+            let mode = if image.is_some() {
+                "resume"
+            } else {
+                StartMode::Exec.label()
+            };
+            (child, mode)
         }
     };
     drop(worker_end);
@@ -540,7 +547,7 @@ async fn retiring(retire: &mut watch::Receiver<bool>) {
 }
 
 /// How often a retiring instance is checked for requests it still holds.
-const RETIRE_POLL: Duration = Duration::from_millis(5);
+const RETIRE_POLL: Duration = Duration::from_millis(10);
 
 /// Takes a retiring instance out of every choice of instance and waits until it holds no
 /// request (at most the chain's deadline, after which nothing it holds is still awaited).

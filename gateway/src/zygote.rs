@@ -243,9 +243,11 @@ pub async fn supervise(
                 continue;
             }
         };
+        let pid = process.id().unwrap_or(0);
+        chain.stages[stage].zygote_pid.store(pid, Ordering::Relaxed);
         chain.stages[stage]
-            .zygote_pid
-            .store(process.id().unwrap_or(0), Ordering::Relaxed);
+            .zygotes_up
+            .fetch_add(1, Ordering::Relaxed);
         *zygote.socket.lock().await = Some(socket);
         zygote.state.send_replace(State::Up);
         ever_up = true;
@@ -258,7 +260,17 @@ pub async fn supervise(
         };
         // Closing our end is what tells a live zygote to exit.
         *zygote.socket.lock().await = None;
-        chain.stages[stage].zygote_pid.store(0, Ordering::Relaxed);
+        // Only if it still names this zygote: after a reload, the new generation's zygote
+        // may have taken its place.
+        chain.stages[stage]
+            .zygotes_up
+            .fetch_sub(1, Ordering::Relaxed);
+        let _ = chain.stages[stage].zygote_pid.compare_exchange(
+            pid,
+            0,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         zygote.state.send_replace(State::Down);
         let Some(status) = status else {
             process.stop(STOP_GRACE).await;

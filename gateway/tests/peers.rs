@@ -508,12 +508,12 @@ async fn scale_out(origin: &str, peer: &str) {
         .await
             == 1.0
     );
-    // Starts on the peer were by exec from the image (its own instance forked from its zygote).
+    // Starts on the peer resumed from the image (its own instance forked from its zygote).
     assert!(
         metric(
             &client,
             peer,
-            "spindle_instance_starts_total{chain=\"echo\",function=\"sleeper\",mode=\"exec\"}"
+            "spindle_instance_starts_total{chain=\"echo\",function=\"sleeper\",mode=\"resume\"}"
         )
         .await
             >= 2.0

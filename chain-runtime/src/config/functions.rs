@@ -26,7 +26,14 @@ const INSTANCES_KEYS: &[&str] = &[
     "stable_window_ms",
     "panic_window_ms",
     "scale_down_delay_ms",
+    "utilization_percent",
+    "concurrency",
 ];
+const DEFAULT_UTILIZATION_PERCENT: i64 = 70;
+const MAX_CONCURRENCY: i64 = 10_000;
+/// Requests an autoscaled instance holds by default, per unit of `target`: a few in its
+/// socket keep it busy between calls; the rest wait where any instance can take them.
+const DEFAULT_CONCURRENCY_PER_TARGET: i64 = 4;
 const DEFAULT_MEMORY_LIMIT: u64 = 64 * MIB;
 const MIN_MEMORY_LIMIT: u64 = WASM_PAGE;
 // A 32-bit linear memory cannot address more than this.
@@ -137,6 +144,14 @@ impl Checker<'_> {
             Some(n) => self.int_in(n, "instances.panic_window_ms", 1, stable)?,
         };
         let delay = window(self, "scale_down_delay_ms", DEFAULT_SCALE_DOWN_DELAY_MS)?;
+        let utilization = match fields.get("utilization_percent") {
+            None => DEFAULT_UTILIZATION_PERCENT,
+            Some(n) => self.int_in(n, "instances.utilization_percent", 1, 100)?,
+        };
+        let concurrency = match fields.get("concurrency") {
+            None => (target * DEFAULT_CONCURRENCY_PER_TARGET).min(MAX_CONCURRENCY),
+            Some(n) => self.int_in(n, "instances.concurrency", 1, MAX_CONCURRENCY)?,
+        };
         Some(Instances {
             min: min as u32,
             max: max as u32,
@@ -145,6 +160,8 @@ impl Checker<'_> {
                 stable_window: std::time::Duration::from_millis(stable as u64),
                 panic_window: std::time::Duration::from_millis(panic as u64),
                 scale_down_delay: std::time::Duration::from_millis(delay as u64),
+                utilization_percent: utilization as u32,
+                concurrency: concurrency as u32,
             }),
         })
     }

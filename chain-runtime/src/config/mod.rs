@@ -19,11 +19,14 @@
 //!     instances: 2                  # a fixed count of worker processes, 1..=64, default 1;
 //!                                   #   or a mapping: the autoscaler keeps between min and max
 //!     # instances: { min: 0, max: 8, target: 1, stable_window_ms: 6000, panic_window_ms: 600,
-//!     #              scale_down_delay_ms: 2000 }
+//!     #              scale_down_delay_ms: 2000, utilization_percent: 70, concurrency: 4 }
 //!                                   #   min 0..=max (0 = scale to zero), max 1..=64 (required),
 //!                                   #   target: requests in flight per instance, 1..=1000,
 //!                                   #   default 1; windows 1..=3600000 ms, panic window
-//!                                   #   <= stable window (docs/autoscaling.md)
+//!                                   #   <= stable window; utilization_percent 1..=100,
+//!                                   #   default 70; concurrency: requests one instance
+//!                                   #   holds at most, 1..=10000, default 4 x target
+//!                                   #   (docs/autoscaling.md)
 //!     wait_queue: 256               # requests that may wait for a ready instance (while
 //!                                   #   none is up, or all are full), 0..=65536, default 256
 //!     memory: 64MiB                 # linear-memory limit: B, KiB, MiB, GiB or plain bytes;
@@ -181,6 +184,13 @@ pub struct Autoscale {
     pub panic_window: Duration,
     /// A lower count takes effect only after it has been wanted this long.
     pub scale_down_delay: Duration,
+    /// Share of `target` an instance is planned to carry, in percent (Knative's
+    /// container-concurrency-target-percentage): headroom, so a steady load is not served at
+    /// exactly full instances, where queues grow without bound.
+    pub utilization_percent: u32,
+    /// Requests one instance may hold at once (queued for it, in its socket, running); more
+    /// wait in the function's wait queue for whichever instance frees up or comes up first.
+    pub concurrency: u32,
 }
 
 /// How a function's worker processes are started.

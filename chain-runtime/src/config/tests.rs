@@ -1199,6 +1199,8 @@ fn instances_as_a_mapping_is_autoscaled_with_documented_defaults() {
         "      stable_window_ms: 1_000",
         "      panic_window_ms: 1000",
         "      scale_down_delay_ms: 1",
+        "      utilization_percent: 100",
+        "      concurrency: 2",
         "chains:",
         "  - { name: c, route: /c, steps: [a, b] }",
     ]);
@@ -1213,6 +1215,8 @@ fn instances_as_a_mapping_is_autoscaled_with_documented_defaults() {
                 stable_window: Duration::from_secs(6),
                 panic_window: Duration::from_millis(600),
                 scale_down_delay: Duration::from_secs(2),
+                utilization_percent: 70,
+                concurrency: 4,
             }),
         }
     );
@@ -1228,6 +1232,8 @@ fn instances_as_a_mapping_is_autoscaled_with_documented_defaults() {
                 stable_window: Duration::from_secs(1),
                 panic_window: Duration::from_secs(1),
                 scale_down_delay: Duration::from_millis(1),
+                utilization_percent: 100,
+                concurrency: 2,
             }),
         }
     );

@@ -413,6 +413,57 @@ fn forkrand_children_reseed_and_keep_the_served_counter() {
     assert_ne!(b.1, p.1);
 }
 
+/// The sleepy example (bench/scale.sh's I/O-bound guest) really waits: wasi-libc's
+/// clock_nanosleep reaches poll_oneoff as a relative monotonic clock subscription and the host
+/// blocks for it, in a cold instance and in a forked child. It does not spin: 200 ms fit in a
+/// budget of 1M instructions.
+#[test]
+fn sleepy_blocks_in_poll_oneoff_cold_and_forked() {
+    testkit::build_examples();
+    let path = testkit::wasm("sleepy");
+    if !path.exists() {
+        testkit::cannot_run(
+            "sleepy_blocks_in_poll_oneoff_cold_and_forked",
+            format!("{} not built", path.display()),
+        );
+        return;
+    }
+    let mut spec = spec_for("sleepy", path);
+    spec.memory_limit = 64 << 20;
+    spec.fuel = Some(1_000_000);
+    let timed = |host: &mut FunctionHost, input: &[u8]| {
+        let t = std::time::Instant::now();
+        let out = call(host, input);
+        assert_eq!(out, input, "echoes its input");
+        t.elapsed()
+    };
+    let check = |host: &mut FunctionHost, who: &str| {
+        for (input, ms) in [
+            (&b"hello spindle"[..], 2),
+            (b"sleep=5", 5),
+            (b"sleep=200 x", 200),
+        ] {
+            let took = timed(host, input);
+            let want = Duration::from_millis(ms);
+            assert!(
+                took >= want && took < want + Duration::from_millis(500),
+                "{who}: {:?} took {took:?}, want {want:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    };
+    let mut parent = FunctionHost::new(&spec, None).unwrap();
+    check(&mut parent, "cold instance");
+    let snap = parent.snapshot().unwrap();
+    check(&mut fork(&parent, &snap, &spec).unwrap(), "forked child");
+
+    let mut io = BufferIo::new(256, b"sleep=1001");
+    match parent.invoke(&mut io) {
+        Outcome::Failed { message, .. } => assert!(message.contains("bad sleep"), "{message}"),
+        other => panic!("sleep=1001 must fail: {other:?}"),
+    }
+}
+
 /// Every example reactor (real wasi-libc C: function-pointer tables, stdio FILEs, malloc)
 /// captures after a request and forks into a child that answers exactly as the parent does;
 /// the cart keeps the parent's items.
@@ -430,6 +481,7 @@ fn every_example_reactor_forks_and_answers_like_its_parent() {
         "sha256",
         "grayscale",
         "faulty",
+        "sleepy",
         "frontend",
         "cart",
         "catalog",

@@ -57,7 +57,8 @@ struct StageGrants {
     function: String,
     autoscaled: bool,
     max: u32,
-    module_hash: [u8; 32],
+    /// SHA-256 of the module this node runs now (a reload changes it).
+    module_hash: Mutex<[u8; 32]>,
     by_origin: Mutex<HashMap<String, Grant>>,
     /// This node's own instances of the function, as the pool last reported.
     own: AtomicU32,
@@ -104,7 +105,7 @@ impl GrantBoard {
                         function: s.function.name.clone(),
                         autoscaled: s.function.instances.autoscale.is_some(),
                         max: s.function.instances.max,
-                        module_hash,
+                        module_hash: Mutex::new(module_hash),
                         by_origin: Mutex::new(HashMap::new()),
                         own: AtomicU32::new(0),
                     })
@@ -180,6 +181,11 @@ impl GrantBoard {
         }
     }
 
+    /// The module (chain, stage) runs now, after a reload: grants are checked against it.
+    pub fn set_module_hash(&self, chain: usize, stage: usize, hash: [u8; 32]) {
+        *lock(&self.stages[chain][stage].module_hash) = hash;
+    }
+
     /// The pool's own (not granted) instances, which grants must leave room for.
     pub fn report_own(&self, chain: usize, stage: usize, own: u32) {
         self.stages[chain][stage].own.store(own, Relaxed);
@@ -233,7 +239,7 @@ impl GrantBoard {
         let text = field("image")?;
         let descriptor: ImageDescriptor =
             text.parse().map_err(|e| format!("image descriptor: {e}"))?;
-        if descriptor.module_hash != st.module_hash {
+        if descriptor.module_hash != *lock(&st.module_hash) {
             return Err(format!(
                 "the image is of another module than this node's {function}: the nodes' configs differ"
             ));

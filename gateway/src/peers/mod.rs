@@ -488,6 +488,8 @@ impl Cluster {
             budget: self.budget.clone(),
             chain,
             stage,
+            // Generation 1's module is hashed at start.
+            hashed_generation: 1,
         }
     }
 
@@ -521,6 +523,8 @@ pub struct PoolPeers {
     pub budget: Option<Arc<Budget>>,
     pub chain: usize,
     pub stage: usize,
+    /// The generation whose module the grant board last checked grants against.
+    pub(crate) hashed_generation: u64,
 }
 
 #[cfg(test)]

@@ -70,6 +70,14 @@ impl Pool {
             return 0;
         };
         let (chain, stage) = (self.peers.chain, self.peers.stage);
+        if self.peers.hashed_generation != self.generation.number {
+            // Reloaded: grants must be of the module this node runs now.
+            match module_hash(&self.generation.module) {
+                Ok(hash) => board.set_module_hash(chain, stage, hash),
+                Err(e) => tracing::warn!("hashing the reloaded module for peer grants: {e}"),
+            }
+            self.peers.hashed_generation = self.generation.number;
+        }
         let wanted = board.wanted(chain, stage);
         // Retire what no grant wants any more (released or lapsed).
         for slot in self.slots.iter().flatten() {
@@ -141,4 +149,14 @@ impl Pool {
         board.report_own(chain, stage, own);
         total
     }
+}
+
+/// SHA-256 of a sealed module memfd's bytes, read with `pread`: the file offset is shared
+/// with every process handed this memfd, so it is never moved.
+fn module_hash(module: &std::os::fd::OwnedFd) -> std::io::Result<[u8; 32]> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(module.try_clone()?);
+    let mut bytes = vec![0u8; file.metadata()?.len() as usize];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok(proto::image::module_hash(&bytes))
 }
