@@ -105,6 +105,11 @@ impl RemoteShare {
         // Older images, revoked once nothing runs on peers.
         let mut old: Vec<u64> = Vec::new();
         let mut retry_prepare_at: Option<Instant> = None;
+        // Per peer: since when its control requests fail or are refused (logged once).
+        let mut failing: Vec<Option<Instant>> = vec![None; links.len()];
+        // After this long without an answer, a peer's instances have stopped for sure: its
+        // grant lapsed and a retiring instance finishes within the chain's deadline.
+        let gone_after = super::GRANT_LEASE + self.chain.plan.spec.timeout;
         loop {
             tokio::select! {
                 _ = self.changed.notified() => {}
@@ -180,12 +185,19 @@ impl RemoteShare {
                                 .unwrap_or(0) as u32
                         };
                         if let Some(e) = answer.get("error").and_then(|e| e.as_str()) {
-                            tracing::warn!(%chain, %function, peer = %link.spec.name,
-                                "peer refused the scale request: {e}");
+                            if failing[i].replace(Instant::now()).is_none() {
+                                tracing::warn!(%chain, %function, peer = %link.spec.name,
+                                    "peer refused the scale request: {e}");
+                            }
+                            // A refusal means it runs nothing for this share.
                             for a in [&count.granted, &count.ready, &count.live] {
                                 a.store(0, Relaxed);
                             }
                             continue;
+                        }
+                        if failing[i].take().is_some() {
+                            tracing::info!(%chain, %function, peer = %link.spec.name,
+                                "peer answers scale requests again");
                         }
                         let granted = n("granted").min(ask);
                         if granted != count.granted.load(Relaxed) {
@@ -198,11 +210,21 @@ impl RemoteShare {
                         remaining -= granted;
                     }
                     Err(e) => {
-                        // Its instances cannot be reached either: forward nothing to it.
-                        tracing::warn!(%chain, %function, peer = %link.spec.name,
-                            "peer-control request failed: {e}");
-                        for a in [&count.granted, &count.ready, &count.live] {
-                            a.store(0, Relaxed);
+                        let since = *failing[i].get_or_insert_with(Instant::now);
+                        if since.elapsed() < RENEW {
+                            tracing::warn!(%chain, %function, peer = %link.spec.name,
+                                "peer-control request failed: {e}");
+                        } else {
+                            tracing::debug!(%chain, %function, peer = %link.spec.name,
+                                "peer-control request failed: {e}");
+                        }
+                        // Its instances cannot be reached either: forward nothing to it, and
+                        // ask the next peer. What it still runs counts until it must have
+                        // stopped, so the image is not revoked under a retiring instance.
+                        count.granted.store(0, Relaxed);
+                        count.ready.store(0, Relaxed);
+                        if since.elapsed() > gone_after {
+                            count.live.store(0, Relaxed);
                         }
                     }
                 }
