@@ -90,6 +90,8 @@ pub struct PeerArgs {
 pub enum PeerSetupError {
     #[error("--peer {0}: expected NAME=HTTP_ADDR,CONTROL_ADDR (IP:port each)")]
     BadPeer(String),
+    #[error("node name {0:?}: use only lowercase letters, digits, `_` and `-`")]
+    BadName(String),
     #[error("peers are configured but no cluster key: give node.cluster_key or --cluster-key")]
     NoKey,
     #[error(transparent)]
@@ -304,12 +306,20 @@ pub struct Cluster {
     pub grants: Option<Arc<GrantBoard>>,
 }
 
+/// Names travel in a header and label metrics: the config's rule for names.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-'))
+}
+
 fn parse_peer(arg: &str) -> Result<PeerSpec, PeerSetupError> {
     let bad = || PeerSetupError::BadPeer(arg.to_owned());
     let (name, addrs) = arg.split_once('=').ok_or_else(bad)?;
     let (http, control) = addrs.split_once(',').ok_or_else(bad)?;
-    if name.is_empty() {
-        return Err(bad());
+    if !plain_name(name) {
+        return Err(PeerSetupError::BadName(name.to_owned()));
     }
     Ok(PeerSpec {
         name: name.to_owned(),
@@ -357,6 +367,9 @@ impl Cluster {
             .clone()
             .or_else(|| config.node.name.clone())
             .unwrap_or_else(|| listen.to_string());
+        if args.node_name.is_some() && !plain_name(&name) {
+            return Err(PeerSetupError::BadName(name));
+        }
 
         let mut cluster = Cluster {
             budget: Some(Arc::clone(&budget)),
@@ -537,7 +550,13 @@ mod tests {
         assert_eq!(p.name, "b");
         assert_eq!(p.http.to_string(), "10.0.0.2:8080");
         assert_eq!(p.control.to_string(), "10.0.0.2:7070");
-        for bad in ["b", "b=10.0.0.2:8080", "=1.2.3.4:1,1.2.3.4:2", "b=x,y"] {
+        for bad in [
+            "b",
+            "b=10.0.0.2:8080",
+            "=1.2.3.4:1,1.2.3.4:2",
+            "B C=1.2.3.4:1,1.2.3.4:2",
+            "b=x,y",
+        ] {
             assert!(parse_peer(bad).is_err(), "{bad}");
         }
     }
