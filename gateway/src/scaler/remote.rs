@@ -36,26 +36,23 @@ impl Pool {
         let Some(share) = self.peers.share.clone() else {
             return local;
         };
-        let over = self.peers.budget.as_ref().is_some_and(|b| b.over());
-        let remote_ready = share.ready_total();
-        let remote = if over {
-            let waiting = self.chain.load[self.stage].waiting.load(Relaxed) > 0;
-            local = local.min(active.max(u32::from(waiting)));
-            desired.saturating_sub(local)
-        } else {
-            // Back under budget: local instances start; the peers' count only shrinks, as
-            // the local ones come up.
-            let links = &self.chain.stages[self.stage].instances;
-            let serving = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(i, s)| {
-                    s.as_ref().is_some_and(|s| s.grant.is_none()) && links[*i].is_serving()
-                })
-                .count() as u32;
-            desired.saturating_sub(serving).min(remote_ready)
-        };
+        let links = &self.chain.stages[self.stage].instances;
+        let serving = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| {
+                s.as_ref().is_some_and(|s| s.grant.is_none()) && links[*i].is_serving()
+            })
+            .count() as u32;
+        let (local, remote) = split(Split {
+            desired: local,
+            active,
+            serving,
+            waiting: self.chain.load[self.stage].waiting.load(Relaxed) > 0,
+            remote_ready: share.ready_total(),
+            over: self.peers.budget.as_ref().is_some_and(|b| b.over()),
+        });
         share.want(remote);
         local
     }
@@ -159,4 +156,87 @@ fn module_hash(module: &std::os::fd::OwnedFd) -> std::io::Result<[u8; 32]> {
     let mut bytes = vec![0u8; file.metadata()?.len() as usize];
     file.read_exact_at(&mut bytes, 0)?;
     Ok(proto::image::module_hash(&bytes))
+}
+
+/// What the origin's split between here and peers looks at.
+#[derive(Debug, Clone, Copy)]
+struct Split {
+    /// The autoscaler's count.
+    desired: u32,
+    /// This node's instances starting or serving, not retiring.
+    active: u32,
+    /// Those of them serving.
+    serving: u32,
+    /// Requests wait here for an instance of the function.
+    waiting: bool,
+    /// Instances serving on peers.
+    remote_ready: u32,
+    /// The node is over its budget.
+    over: bool,
+}
+
+/// (instances to run here, instances to want on peers).
+///
+/// Over budget: no new local instance, but at least one while requests wait here (they
+/// are already in this node's arena); peers get the rest. Under budget: everything here,
+/// and the peers' count only falls, as local instances come up to serve.
+fn split(s: Split) -> (u32, u32) {
+    if s.over {
+        let local = s.desired.min(s.active.max(u32::from(s.waiting)));
+        (local, s.desired - local)
+    } else {
+        let remote = s.desired.saturating_sub(s.serving).min(s.remote_ready);
+        (s.desired, remote)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(desired: u32, active: u32, serving: u32, remote_ready: u32, over: bool) -> Split {
+        Split {
+            desired,
+            active,
+            serving,
+            waiting: false,
+            remote_ready,
+            over,
+        }
+    }
+
+    #[test]
+    fn over_budget_keeps_what_runs_here_and_asks_peers_for_the_rest() {
+        assert_eq!(split(at(8, 1, 1, 0, true)), (1, 7));
+        // Falling load shrinks the remote share first.
+        assert_eq!(split(at(3, 1, 1, 7, true)), (1, 2));
+        assert_eq!(split(at(1, 1, 1, 2, true)), (1, 0));
+        // Never retires a local instance for the budget.
+        assert_eq!(split(at(2, 4, 4, 0, true)), (2, 0));
+        assert_eq!(split(at(6, 4, 4, 0, true)), (4, 2));
+    }
+
+    #[test]
+    fn over_budget_at_zero_starts_one_here_for_the_requests_already_waiting() {
+        let waiting = Split {
+            waiting: true,
+            ..at(3, 0, 0, 0, true)
+        };
+        assert_eq!(split(waiting), (1, 2));
+        assert_eq!(
+            split(at(3, 0, 0, 0, true)),
+            (0, 3),
+            "nothing waits here: all remote"
+        );
+    }
+
+    #[test]
+    fn back_under_budget_capacity_moves_home_without_a_gap() {
+        // 1 here, 7 on the peer: all 8 start here, the peer keeps 7 until they serve.
+        assert_eq!(split(at(8, 1, 1, 7, false)), (8, 7));
+        assert_eq!(split(at(8, 8, 4, 7, false)), (8, 4));
+        assert_eq!(split(at(8, 8, 8, 4, false)), (8, 0));
+        // Under budget the remote share never grows.
+        assert_eq!(split(at(8, 1, 1, 0, false)), (8, 0));
+    }
 }
