@@ -228,22 +228,13 @@ impl Peers {
             .iter()
             .map(|l| l.held.load(Relaxed) + l.waiting.load(Relaxed))
             .sum();
-        let per_instance = |requests: usize, instances: u32| {
-            if instances == 0 {
-                f64::INFINITY
-            } else {
-                (requests + 1) as f64 / f64::from(instances)
-            }
-        };
-        let mut choice = (None, per_instance(here, local));
-        for i in 0..self.links.len() {
-            let forwarding = self.forwarding[chain][i].load(Relaxed) as usize;
-            let load = per_instance(forwarding, ready(share, i));
-            if load < choice.1 {
-                choice = (Some(i), load);
-            }
-        }
-        choice.0.map(|peer| Target { chain, peer })
+        let peers: Vec<(usize, u32)> = (0..self.links.len())
+            .map(|i| {
+                let forwarding = self.forwarding[chain][i].load(Relaxed) as usize;
+                (forwarding, ready(share, i))
+            })
+            .collect();
+        least_loaded(here, local, &peers).map(|peer| Target { chain, peer })
     }
 
     /// Forwards `req` to the target [`Peers::pick`] chose, and counts it.
@@ -280,6 +271,27 @@ impl Peers {
         }
         reply
     }
+}
+
+/// Which peer, if any, is less loaded per instance than here: `here` requests on `local`
+/// instances against each peer's `(forwarded and unanswered, ready instances)`. Here on a
+/// tie; a node without ready instances takes nothing.
+fn least_loaded(here: usize, local: u32, peers: &[(usize, u32)]) -> Option<usize> {
+    let per_instance = |requests: usize, instances: u32| {
+        if instances == 0 {
+            f64::INFINITY
+        } else {
+            (requests + 1) as f64 / f64::from(instances)
+        }
+    };
+    let mut choice = (None, per_instance(here, local));
+    for (i, &(requests, instances)) in peers.iter().enumerate() {
+        let load = per_instance(requests, instances);
+        if load < choice.1 {
+            choice = (Some(i), load);
+        }
+    }
+    choice.0
 }
 
 /// Where [`Peers::pick`] sends a request: a peer, for a chain.
@@ -543,6 +555,30 @@ pub struct PoolPeers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_least_loaded_instance_takes_the_request_and_here_wins_ties() {
+        // 1 instance here with 1 request; 7 on the peer with 6: (1+1)/1 > (6+1)/7.
+        assert_eq!(least_loaded(1, 1, &[(6, 7)]), Some(0));
+        assert_eq!(least_loaded(0, 1, &[(6, 7)]), None, "a tie stays here");
+        assert_eq!(
+            least_loaded(0, 0, &[(100, 1)]),
+            Some(0),
+            "nothing ready here"
+        );
+        assert_eq!(least_loaded(5, 1, &[(0, 0)]), None, "nothing ready there");
+        // Two peers: the lighter one.
+        assert_eq!(least_loaded(9, 1, &[(8, 2), (3, 2)]), Some(1));
+        // Steady state of 16 in flight over 1 + 7 instances: about 2 per instance each side.
+        let (mut here, mut there) = (0usize, 0usize);
+        for _ in 0..16 {
+            match least_loaded(here, 1, &[(there, 7)]) {
+                None => here += 1,
+                Some(_) => there += 1,
+            }
+        }
+        assert_eq!((here, there), (2, 14));
+    }
 
     #[test]
     fn peer_flags_parse() {
