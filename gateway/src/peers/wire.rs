@@ -11,18 +11,16 @@
 //!    `HMAC(K, "spindle-peer-v1/server" || sn || cn)`, which the client checks before it
 //!    sends anything else. The key never travels, and a recorded handshake replays nowhere
 //!    (each side's nonce is fresh).
-//! 2. **Session key** `S = HMAC(K, "spindle-peer-v1/session" || sn || cn)`, new per connection.
-//! 3. **Frames:** `len: u32 LE | ciphertext | tag: 32 bytes`, each direction numbered from 0
-//!    by an implicit sequence number. The ciphertext is the message XOR a keystream of
-//!    `HMAC(S, "spindle-peer-v1/stream" || dir || seq || block)` blocks (HMAC-SHA256 as a
-//!    PRF in counter mode, never the same input twice), and
-//!    `tag = HMAC(S, "spindle-peer-v1/frame" || dir || seq || len || ciphertext)`
-//!    (encrypt-then-MAC). A frame that is altered, replayed, reordered, reflected back to its
-//!    sender or cut is refused and ends the connection.
-//!
-//! No AEAD crate is in the workspace; HMAC-SHA256 is (the page server's handshake uses it),
-//! and messages are a few hundred bytes a few times a second.
+//! 2. **Session key** `S = HMAC(K, "spindle-peer-v1/session" || sn || cn)`, new per connection
+//!    (HMAC-SHA256 as a PRF over both fresh nonces).
+//! 3. **Frames:** `len: u32 LE | ChaCha20-Poly1305(S, nonce, message, aad = len)`, the nonce
+//!    being the direction (0 client → server, 1 server → client) and an implicit sequence
+//!    number per direction from 0: never the same nonce twice under one key. A frame that is
+//!    altered, replayed, reordered, reflected back to its sender or cut fails its tag and
+//!    ends the connection.
 
+use chacha20poly1305::ChaCha20Poly1305;
+use chacha20poly1305::aead::{Aead, Payload};
 use hmac::{KeyInit, Mac};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -32,7 +30,8 @@ const MAGIC: &[u8; 8] = b"SPDLPEER";
 const VERSION: u8 = 1;
 /// Largest message either side sends or accepts.
 pub const MAX_MESSAGE: usize = 64 * 1024;
-const TAG: usize = 32;
+/// Poly1305's tag.
+const TAG: usize = 16;
 
 /// Why the channel failed.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +125,7 @@ fn verify(expected: [u8; 32], got: &[u8; 32]) -> bool {
     n.verify_slice(&a).is_ok()
 }
 
-/// Which way a frame goes, mixed into every keystream block and tag so a frame can never be
+/// Which way a frame goes, part of every nonce so a frame can never be
 /// reflected back to its sender.
 #[derive(Clone, Copy)]
 enum Dir {
@@ -137,7 +136,7 @@ enum Dir {
 /// An authenticated connection: frames in both directions under the session key.
 pub struct Session<S> {
     stream: S,
-    key: [u8; 32],
+    cipher: ChaCha20Poly1305,
     send_dir: Dir,
     send_seq: u64,
     recv_seq: u64,
@@ -169,7 +168,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         Ok(Session {
             stream,
-            key: key.mac(b"spindle-peer-v1/session", &sn, &cn),
+            cipher: session_cipher(key, &sn, &cn),
             send_dir: Dir::ToServer,
             send_seq: 0,
             recv_seq: 0,
@@ -205,7 +204,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .await?;
         Ok(Session {
             stream,
-            key: key.mac(b"spindle-peer-v1/session", &sn, &cn),
+            cipher: session_cipher(key, &sn, &cn),
             send_dir: Dir::ToClient,
             send_seq: 0,
             recv_seq: 0,
@@ -226,12 +225,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let (dir, seq) = (self.send_dir, self.send_seq);
         self.send_seq += 1;
-        let mut frame = Vec::with_capacity(4 + message.len() + TAG);
-        frame.extend_from_slice(&(message.len() as u32).to_le_bytes());
-        frame.extend_from_slice(message);
-        apply_keystream(&self.key, dir, seq, &mut frame[4..]);
-        let tag = frame_tag(&self.key, dir, seq, &frame[4..]);
-        frame.extend_from_slice(&tag);
+        let len = ((message.len() + TAG) as u32).to_le_bytes();
+        let sealed = self
+            .cipher
+            .encrypt(
+                &nonce(dir, seq).into(),
+                Payload {
+                    msg: message,
+                    aad: &len,
+                },
+            )
+            .map_err(|_| WireError::TooLarge(message.len()))?;
+        let mut frame = Vec::with_capacity(4 + sealed.len());
+        frame.extend_from_slice(&len);
+        frame.extend_from_slice(&sealed);
         self.stream.write_all(&frame).await?;
         Ok(())
     }
@@ -240,46 +247,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub async fn recv(&mut self) -> Result<Vec<u8>, WireError> {
         let mut len = [0u8; 4];
         self.stream.read_exact(&mut len).await?;
-        let len = u32::from_le_bytes(len) as usize;
-        if len > MAX_MESSAGE {
-            return Err(WireError::TooLarge(len));
+        let n = u32::from_le_bytes(len) as usize;
+        if n > MAX_MESSAGE + TAG {
+            return Err(WireError::TooLarge(n));
         }
-        let mut body = vec![0u8; len + TAG];
-        self.stream.read_exact(&mut body).await?;
-        let tag: [u8; 32] = body[len..].try_into().expect("32 bytes");
-        body.truncate(len);
-        let (dir, seq) = (self.recv_dir(), self.recv_seq);
-        if !verify(frame_tag(&self.key, dir, seq, &body), &tag) {
+        if n < TAG {
             return Err(WireError::BadTag);
         }
+        let mut sealed = vec![0u8; n];
+        self.stream.read_exact(&mut sealed).await?;
+        let (dir, seq) = (self.recv_dir(), self.recv_seq);
+        let message = self
+            .cipher
+            .decrypt(
+                &nonce(dir, seq).into(),
+                Payload {
+                    msg: &sealed,
+                    aad: &len,
+                },
+            )
+            .map_err(|_| WireError::BadTag)?;
         self.recv_seq += 1;
-        apply_keystream(&self.key, dir, seq, &mut body);
-        Ok(body)
+        Ok(message)
     }
 }
 
-fn frame_tag(key: &[u8; 32], dir: Dir, seq: u64, ciphertext: &[u8]) -> [u8; 32] {
-    let mut m = <Hmac as KeyInit>::new_from_slice(key).expect("any key");
-    m.update(b"spindle-peer-v1/frame");
-    m.update(&[dir as u8]);
-    m.update(&seq.to_le_bytes());
-    m.update(&(ciphertext.len() as u32).to_le_bytes());
-    m.update(ciphertext);
-    m.finalize().into_bytes().into()
+/// The connection's AEAD under `HMAC(K, "spindle-peer-v1/session" || sn || cn)`.
+fn session_cipher(key: &ClusterKey, sn: &[u8; 32], cn: &[u8; 32]) -> ChaCha20Poly1305 {
+    let session = key.mac(b"spindle-peer-v1/session", sn, cn);
+    ChaCha20Poly1305::new(&session.into())
 }
 
-fn apply_keystream(key: &[u8; 32], dir: Dir, seq: u64, data: &mut [u8]) {
-    for (block, chunk) in data.chunks_mut(32).enumerate() {
-        let mut m = <Hmac as KeyInit>::new_from_slice(key).expect("any key");
-        m.update(b"spindle-peer-v1/stream");
-        m.update(&[dir as u8]);
-        m.update(&seq.to_le_bytes());
-        m.update(&(block as u32).to_le_bytes());
-        let pad = m.finalize().into_bytes();
-        for (b, p) in chunk.iter_mut().zip(pad.iter()) {
-            *b ^= p;
-        }
-    }
+/// 96-bit nonce: direction, three zero bytes, sequence number (LE).
+fn nonce(dir: Dir, seq: u64) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    n[0] = dir as u8;
+    n[4..].copy_from_slice(&seq.to_le_bytes());
+    n
 }
 
 #[cfg(test)]
@@ -346,19 +350,33 @@ mod tests {
 
     #[test]
     fn altered_replayed_and_reflected_frames_are_refused() {
-        let k = [5u8; 32];
+        let c = ChaCha20Poly1305::new(&[5u8; 32].into());
         let msg = b"scale chain c function f to 2";
-        let mut body = msg.to_vec();
-        apply_keystream(&k, Dir::ToServer, 0, &mut body);
-        assert_ne!(&body[..], &msg[..], "encrypted on the wire");
-        let tag = frame_tag(&k, Dir::ToServer, 0, &body);
-        assert!(verify(frame_tag(&k, Dir::ToServer, 0, &body), &tag));
+        let aad = [0u8; 4];
+        let sealed = c
+            .encrypt(&nonce(Dir::ToServer, 0).into(), Payload { msg, aad: &aad })
+            .unwrap();
+        assert!(
+            !sealed.windows(msg.len()).any(|w| w == msg),
+            "encrypted on the wire"
+        );
+        let open = |dir, seq, body: &[u8]| {
+            c.decrypt(
+                &nonce(dir, seq).into(),
+                Payload {
+                    msg: body,
+                    aad: &aad,
+                },
+            )
+            .is_ok()
+        };
+        assert!(open(Dir::ToServer, 0, &sealed));
         // Replayed as the next frame, reflected to the other direction, altered by a bit:
-        assert!(!verify(frame_tag(&k, Dir::ToServer, 1, &body), &tag));
-        assert!(!verify(frame_tag(&k, Dir::ToClient, 0, &body), &tag));
-        let mut flipped = body.clone();
+        assert!(!open(Dir::ToServer, 1, &sealed));
+        assert!(!open(Dir::ToClient, 0, &sealed));
+        let mut flipped = sealed.clone();
         flipped[3] ^= 1;
-        assert!(!verify(frame_tag(&k, Dir::ToServer, 0, &flipped), &tag));
+        assert!(!open(Dir::ToServer, 0, &flipped));
     }
 
     #[tokio::test]
@@ -384,7 +402,7 @@ mod tests {
             let mut len = [0u8; 4];
             from_client.read_exact(&mut len).await.unwrap();
             let n = u32::from_le_bytes(len) as usize;
-            let mut rest = vec![0u8; n + TAG];
+            let mut rest = vec![0u8; n];
             from_client.read_exact(&mut rest).await.unwrap();
             for _ in 0..2 {
                 to_server.write_all(&len).await.unwrap();
