@@ -106,23 +106,23 @@ impl ClusterKey {
         ClusterKey(b.to_vec())
     }
 
-    fn mac(&self, label: &[u8], sn: &[u8; 32], cn: &[u8; 32]) -> [u8; 32] {
+    /// `HMAC-SHA256(K, label || sn || cn)`, before finalizing.
+    fn mac_of(&self, label: &[u8], sn: &[u8; 32], cn: &[u8; 32]) -> Hmac {
         let mut m = <Hmac as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key");
         m.update(label);
         m.update(sn);
         m.update(cn);
-        m.finalize().into_bytes().into()
+        m
     }
-}
 
-fn verify(expected: [u8; 32], got: &[u8; 32]) -> bool {
-    // Constant time: compare through the MAC's own check.
-    let mut m = <Hmac as KeyInit>::new_from_slice(&expected).expect("any key");
-    m.update(b"cmp");
-    let a = m.clone().finalize().into_bytes();
-    let mut n = <Hmac as KeyInit>::new_from_slice(got).expect("any key");
-    n.update(b"cmp");
-    n.verify_slice(&a).is_ok()
+    fn mac(&self, label: &[u8], sn: &[u8; 32], cn: &[u8; 32]) -> [u8; 32] {
+        self.mac_of(label, sn, cn).finalize().into_bytes().into()
+    }
+
+    /// Whether `proof` is the MAC of these inputs, compared in constant time.
+    fn verify(&self, label: &[u8], sn: &[u8; 32], cn: &[u8; 32], proof: &[u8; 32]) -> bool {
+        self.mac_of(label, sn, cn).verify_slice(proof).is_ok()
+    }
 }
 
 /// Which way a frame goes, part of every nonce so a frame can never be
@@ -163,7 +163,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         stream.write_all(&answer).await?;
         let mut proof = [0u8; 32];
         stream.read_exact(&mut proof).await?;
-        if !verify(key.mac(b"spindle-peer-v1/server", &sn, &cn), &proof) {
+        if !key.verify(b"spindle-peer-v1/server", &sn, &cn, &proof) {
             return Err(WireError::BadProof);
         }
         Ok(Session {
@@ -193,7 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let cn: [u8; 32] = answer[9..41].try_into().expect("32 bytes");
         let proof: [u8; 32] = answer[41..].try_into().expect("32 bytes");
-        if !verify(key.mac(b"spindle-peer-v1/client", &sn, &cn), &proof) {
+        if !key.verify(b"spindle-peer-v1/client", &sn, &cn, &proof) {
             // Zeros, a valid proof only with probability 2^-256: the client learns its key
             // was refused instead of seeing a bare hang-up.
             let _ = stream.write_all(&[0u8; 32]).await;
