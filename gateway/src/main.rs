@@ -34,6 +34,8 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long requests in flight get to finish once shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long peers get to stop the instances they run from this node's images.
+const PEER_RELEASE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Spindle serves HTTP requests through chains of WebAssembly functions on one node.
 /// Request bodies are copied once into a shared-memory arena; functions pass 32-byte
@@ -773,6 +775,8 @@ async fn run(
     {
         tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
     }
+    // Peers retire what they run from this node's images while its page server still serves.
+    gateway.cluster.release(PEER_RELEASE_TIMEOUT).await;
     tracing::info!("stopping workers");
     let _ = shutdown_tx.send(true);
     // Each supervisor stops (SIGTERM, then SIGKILL) and reaps its worker before returning.

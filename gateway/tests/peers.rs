@@ -293,11 +293,14 @@ impl Pair {
     /// gateway on its loopback, the peer's over the veth. Prints both logs if it fails.
     fn run<F: Future<Output = ()>>(
         self,
-        scenario: impl FnOnce(&'static str, String, i32) -> F + Send + 'static,
+        scenario: impl FnOnce(&'static str, String, Pids) -> F + Send + 'static,
     ) {
         let origin_ns = self.nodes.origin.clone();
         let peer_base = format!("http://{}:8080", self.nodes.peer_ip);
-        let peer_pid = self.peer.process.id() as i32;
+        let pids = Pids {
+            origin: self.origin.process.id() as i32,
+            peer: self.peer.process.id() as i32,
+        };
         let outcome = std::thread::spawn(move || {
             enter_netns(&origin_ns);
             tokio::runtime::Builder::new_current_thread()
@@ -320,7 +323,7 @@ impl Pair {
                         .await;
                         assert!(ready, "the {name} gateway never got ready");
                     }
-                    scenario(ORIGIN, peer_base, peer_pid).await
+                    scenario(ORIGIN, peer_base, pids).await
                 })
         })
         .join();
@@ -337,6 +340,13 @@ impl Pair {
 }
 
 const ORIGIN: &str = "http://127.0.0.1:8080";
+
+/// The two gateways' process ids (`ip netns exec` execs spindle: these are spindle's).
+#[derive(Clone, Copy)]
+struct Pids {
+    origin: i32,
+    peer: i32,
+}
 
 fn http() -> Http {
     Client::builder(TokioExecutor::new())
@@ -551,7 +561,7 @@ fn a_peer_that_dies_fails_only_what_was_forwarded_to_it_and_the_origin_serves_lo
     let Some(pair) = Pair::start("peers-dead-peer", None) else {
         return;
     };
-    pair.run(|origin, _peer, peer_pid| async move {
+    pair.run(|origin, _peer, pids| async move {
         let client = http();
         let until = Instant::now() + Duration::from_secs(6);
         let loaded = tokio::spawn(load(16, until));
@@ -566,7 +576,7 @@ fn a_peer_that_dies_fails_only_what_was_forwarded_to_it_and_the_origin_serves_lo
         .await;
         assert!(scaled, "never scaled out");
         // The peer node's gateway dies (its workers with it: parent-death signal).
-        kill(Pid::from_raw(peer_pid), Signal::SIGKILL).unwrap();
+        kill(Pid::from_raw(pids.peer), Signal::SIGKILL).unwrap();
         let killed_at = Instant::now();
         let stopped = eventually(
             "the origin stops forwarding",
@@ -661,5 +671,53 @@ fn a_peer_with_another_cluster_key_is_never_asked_anything_and_nothing_is_forwar
             metric(&client, &peer, "spindle_fork_child_resumes_total{").await,
             0.0
         );
+    });
+}
+
+#[test]
+fn an_origin_that_shuts_down_releases_its_remote_instances_before_it_goes() {
+    let Some(pair) = Pair::start("peers-shutdown", None) else {
+        return;
+    };
+    let peer_log = pair.peer.log.clone();
+    pair.run(move |_origin, peer, pids| async move {
+        let client = http();
+        let until = Instant::now() + Duration::from_secs(3);
+        let loaded = tokio::spawn(load(16, until));
+        let scaled = eventually(
+            "the peer serves remote instances",
+            Duration::from_secs(3),
+            async || metric(&client, &peer, "spindle_peer_grants{").await >= 2.0,
+        )
+        .await;
+        assert!(scaled, "never scaled out");
+        let (_, failures) = loaded.await.unwrap();
+        assert!(failures.is_empty(), "{failures:?}");
+        // Still granted (the load just ended: the scale-down delay has not passed).
+        assert!(metric(&client, &peer, "spindle_peer_grants{").await >= 1.0);
+        let stopping = Instant::now();
+        kill(Pid::from_raw(pids.origin), Signal::SIGTERM).unwrap();
+        // Released, not left to lapse: the peer retires them well before a grant's lease.
+        let released = eventually(
+            "the peer retires the origin's instances",
+            Duration::from_secs(3),
+            async || {
+                metric(
+                    &client,
+                    &peer,
+                    "spindle_instances_up{chain=\"echo\",function=\"sleeper\"}",
+                )
+                .await
+                    == 1.0
+                    && metric(&client, &peer, "spindle_peer_grants{").await == 0.0
+            },
+        )
+        .await;
+        let took = stopping.elapsed();
+        assert!(released, "the remote instances were not retired");
+        let log = std::fs::read_to_string(&peer_log).unwrap_or_default();
+        eprintln!("released in {took:?}");
+        assert!(log.contains("grant released"), "{log}");
+        assert!(!log.contains("grant lapsed"), "{log}");
     });
 }

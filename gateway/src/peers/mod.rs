@@ -505,6 +505,33 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// At shutdown, after the requests in flight: asks peers to release every grant and
+    /// waits, at most `timeout`, until none runs an instance of this node's images, so they
+    /// are retired rather than cut off from their pages (a grant would lapse anyway).
+    pub async fn release(&self, timeout: Duration) {
+        let Some(peers) = &self.peers else {
+            return;
+        };
+        let shares: Vec<&Arc<RemoteShare>> = peers.shares.iter().flatten().flatten().collect();
+        if shares.iter().all(|s| s.released()) {
+            return;
+        }
+        tracing::info!("releasing the instances peers run for this node");
+        for s in &shares {
+            s.close();
+        }
+        let deadline = Instant::now() + timeout;
+        while !shares.iter().all(|s| s.released()) {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    "peers still run instances of this node's images after {timeout:?}; stopping anyway"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The peer hooks of (chain, stage)'s pool.
     pub fn pool_peers(&self, chain: usize, stage: usize) -> PoolPeers {
         PoolPeers {

@@ -5,8 +5,8 @@
 //! no peer runs an instance of it any more.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::time::{Duration, Instant};
 
 use prometheus::IntGaugeVec;
@@ -39,6 +39,8 @@ pub struct RemoteShare {
     pub(super) chain: Arc<ChainRuntime>,
     pub(super) stage: usize,
     want: AtomicU32,
+    /// Set at shutdown: the want is 0 from then on, whatever the pool says.
+    closing: AtomicBool,
     changed: Notify,
     peers: Vec<PeerCount>,
 }
@@ -54,6 +56,7 @@ impl RemoteShare {
             chain,
             stage,
             want: AtomicU32::new(0),
+            closing: AtomicBool::new(false),
             changed: Notify::new(),
             peers: (0..peers).map(|_| PeerCount::default()).collect(),
         }
@@ -65,6 +68,20 @@ impl RemoteShare {
         if self.want.swap(n, Relaxed) != n {
             self.changed.notify_one();
         }
+    }
+
+    /// Releases every grant (shutdown): peers retire the instances while this node's page
+    /// server still serves them.
+    pub fn close(&self) {
+        self.closing.store(true, Relaxed);
+        self.changed.notify_one();
+    }
+
+    /// Whether no peer runs an instance of this share any more, as they last answered.
+    pub fn released(&self) -> bool {
+        self.peers
+            .iter()
+            .all(|p| p.granted.load(Relaxed) + p.live.load(Relaxed) == 0)
     }
 
     /// Instances serving on peer `i`, as it last answered (0 once it stopped answering).
@@ -115,7 +132,11 @@ impl RemoteShare {
                 _ = self.changed.notified() => {}
                 _ = tokio::time::sleep(RENEW) => {}
             }
-            let want = self.want.load(Relaxed);
+            let want = if self.closing.load(Relaxed) {
+                0
+            } else {
+                self.want.load(Relaxed)
+            };
             let remote_live = self
                 .peers
                 .iter()
