@@ -122,6 +122,8 @@ struct Pending {
 struct Table {
     requests: HashMap<u64, Pending>,
     waiting: Vec<VecDeque<u64>>,
+    /// No waiting request's deadline is earlier than this (None: nothing waits).
+    earliest: Option<Instant>,
 }
 
 impl Table {
@@ -146,6 +148,7 @@ impl Table {
         Self::count(load, &p.at, 1);
         if let At::Waiting { stage, .. } = p.at {
             self.waiting[stage].push_back(id);
+            self.note_deadline(p.deadline);
         }
         if let Some(old) = self.requests.insert(id, p) {
             // Request ids are never reused; keep the counts right regardless.
@@ -168,7 +171,15 @@ impl Table {
         Self::count(load, &p.at, -1);
         Self::count(load, &at, 1);
         p.at = at;
-        Some(p)
+        if matches!(at, At::Waiting { .. }) {
+            let deadline = p.deadline;
+            self.note_deadline(deadline);
+        }
+        self.requests.get_mut(&id)
+    }
+
+    fn note_deadline(&mut self, deadline: Instant) {
+        self.earliest = Some(self.earliest.map_or(deadline, |e| e.min(deadline)));
     }
 }
 
@@ -269,6 +280,9 @@ pub struct StageRuntime {
     pub zygote_pid: AtomicU32,
     /// Zygotes of this function up now, each holding a warm image (two during a reload).
     pub zygotes_up: AtomicU32,
+    /// The function's per-call `timeout_ms` as its instances run it now (a reload may
+    /// change it), for the gateway's messages.
+    pub timeout_ms: AtomicU64,
     /// Requests that may wait for an instance of this stage (`wait_queue`).
     pub wait_queue: usize,
     /// Requests one instance may hold before the rest wait (`instances.concurrency` of an
@@ -398,6 +412,7 @@ impl ChainRuntime {
                 watchdog_timeouts: AtomicU64::new(0),
                 zygote_pid: AtomicU32::new(0),
                 zygotes_up: AtomicU32::new(0),
+                timeout_ms: AtomicU64::new(s.function.timeout.as_millis() as u64),
                 wait_queue: s.function.wait_queue as usize,
                 instance_limit: s
                     .function
@@ -423,6 +438,7 @@ impl ChainRuntime {
             pending: Mutex::new(Table {
                 requests: HashMap::new(),
                 waiting,
+                earliest: None,
             }),
             dispatch: Notify::new(),
         })
@@ -640,6 +656,8 @@ impl ChainRuntime {
         self.load[stage]
             .wait_refused
             .fetch_add(1, Ordering::Relaxed);
+        // Turned-away requests are demand too: the autoscaler counts them.
+        st.activate.notify_one();
         let message = if self.live_instances(stage) == 0 {
             format!(
                 "function {} has no ready instance and {} requests already wait for one \
@@ -647,9 +665,14 @@ impl ChainRuntime {
                 st.name, st.wait_queue
             )
         } else {
+            let each = if st.instance_limit < INSTANCE_QUEUE_CAPACITY {
+                format!("{} (instances.concurrency)", st.instance_limit)
+            } else {
+                INSTANCE_QUEUE_CAPACITY.to_string()
+            };
             format!(
-                "function {} is overloaded: every instance has {INSTANCE_QUEUE_CAPACITY} \
-                 requests queued and {} more wait (wait_queue); retry shortly",
+                "function {} is overloaded: every instance holds {each} requests and {} more \
+                 wait (wait_queue); retry shortly",
                 st.name, st.wait_queue
             )
         };
@@ -1002,9 +1025,28 @@ impl ChainRuntime {
     fn dispatch_once(&self) -> Option<Instant> {
         let now = Instant::now();
         let mut expired = Vec::new();
-        let mut next_deadline: Option<Instant> = None;
-        {
+        let mut abandoned = Vec::new();
+        let next_deadline = {
             let mut table = self.pending.lock().expect("pending lock");
+            // Deadlines are not in queue order (a slow upload joins late with an early
+            // deadline; a later function's queue is in arrival order at it): once the
+            // earliest has passed, every queue is swept, not only its front.
+            if table.earliest.is_some_and(|e| e <= now) {
+                for stage in 0..self.stages.len() {
+                    let gone: Vec<u64> = table.waiting[stage]
+                        .iter()
+                        .copied()
+                        .filter(|id| table.requests[id].deadline <= now)
+                        .collect();
+                    for id in gone {
+                        let p = table.remove(&self.load, id).expect("present");
+                        self.load[stage]
+                            .wait_expired
+                            .fetch_add(1, Ordering::Relaxed);
+                        expired.push((stage, p));
+                    }
+                }
+            }
             for stage in 0..self.stages.len() {
                 while let Some(&id) = table.waiting[stage].front() {
                     let p = table
@@ -1014,39 +1056,40 @@ impl ChainRuntime {
                     let At::Waiting { desc, since, .. } = p.at else {
                         unreachable!("a waiting id's entry is waiting");
                     };
-                    if p.deadline <= now || p.responder.is_closed() {
-                        table.waiting[stage].pop_front();
-                        let p = table.remove(&self.load, id).expect("present");
-                        self.load[stage]
-                            .wait_expired
-                            .fetch_add(1, Ordering::Relaxed);
-                        expired.push((stage, p));
+                    if p.responder.is_closed() {
+                        // Nobody waits for the answer any more (the client left).
+                        abandoned.extend(table.remove(&self.load, id));
                         continue;
                     }
                     let Ok((holder, queue)) = self.pick(stage) else {
                         break;
                     };
                     table.waiting[stage].pop_front();
+                    if queue.push(desc).is_err() {
+                        // Its writer closed between pick and push (pick skips it from now
+                        // on): the request stays first in line.
+                        table.waiting[stage].push_front(id);
+                        continue;
+                    }
                     let p = table
                         .move_to(&self.load, id, At::Instance(holder))
                         .expect("present");
                     p.hop = desc.hop;
                     self.record_kernel_holder(holder, &desc);
                     self.load[stage].record_wait(now.saturating_duration_since(since));
-                    if queue.push(desc).is_err() {
-                        // Its writer closed between pick and push: try it again first.
-                        let at = At::Waiting { stage, desc, since };
-                        table.move_to(&self.load, id, at);
-                        table.waiting[stage].push_front(id);
-                        break;
-                    }
-                }
-                for id in &table.waiting[stage] {
-                    let d = table.requests[id].deadline;
-                    next_deadline = Some(next_deadline.map_or(d, |n| n.min(d)));
                 }
             }
-        }
+            let earliest = table
+                .waiting
+                .iter()
+                .flatten()
+                .map(|id| table.requests[id].deadline)
+                .min();
+            table.earliest = earliest;
+            earliest
+        };
+        // Their slots are released outside the lock.
+        drop(abandoned);
         for (stage, p) in expired {
             drop(p.slot);
             let waited = self.plan.spec.timeout.as_millis();
@@ -1315,6 +1358,34 @@ mod tests {
         assert_eq!(chain.arena.free_slots(), free - 1);
         assert_eq!(chain.load[0].wait_expired.load(Ordering::Relaxed), 1);
         assert_eq!(chain.load[0].waiting.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_waiting_request_behind_a_later_deadline_still_expires_at_its_own() {
+        let chain = runtime("expire-order", 1);
+        let late = Instant::now() + std::time::Duration::from_secs(5);
+        let _first = send_by(&chain, late).expect("waits");
+        let mut soon = send_by(
+            &chain,
+            Instant::now() + std::time::Duration::from_millis(20),
+        )
+        .expect("waits behind it");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(
+            chain.dispatch_once(),
+            Some(late),
+            "only the later deadline is left"
+        );
+        assert!(
+            matches!(soon.try_recv(), Ok(Completion::Failed { code, .. }) if code == StatusCode::GATEWAY_TIMEOUT),
+            "the second one was failed at its deadline"
+        );
+        assert_eq!(chain.load[0].waiting.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            chain.dispatch_once(),
+            Some(late),
+            "and no past deadline is returned"
+        );
     }
 
     #[test]

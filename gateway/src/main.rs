@@ -508,6 +508,10 @@ async fn run(
     node_args: NodeArgs,
 ) -> anyhow::Result<()> {
     reserve_worker_fd_numbers().context("reserving the fd numbers workers are handed")?;
+    // Installed first: a SIGHUP during start-up (which can take long) must not end the
+    // gateway; it is acted on once serving.
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let config_path = config_path
         .canonicalize()
         .with_context(|| format!("cannot open config {}", config_path.display()))?;
@@ -724,7 +728,6 @@ async fn run(
     use tokio::signal::unix::{SignalKind, signal};
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())

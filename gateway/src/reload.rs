@@ -184,13 +184,28 @@ impl Reloader {
             source,
         })?;
         let config = Config::parse(&text, path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
-        let why = needs_restart(&self.config, &config);
+        let mut why = needs_restart(&self.config, &config);
+        for f in &self.functions {
+            if self.cmd.images.contains_key(&f.spec.name)
+                && config.function(&f.spec.name) != Some(&f.spec)
+            {
+                why.push(format!(
+                    "function {} resumes from a remote image (--resume): its module is the \
+                     image's, so it cannot roll to another",
+                    f.spec.name
+                ));
+            }
+        }
         if !why.is_empty() {
             return Err(ReloadError::NeedsRestart(why));
         }
         // Read every module before starting anything, so an unreadable one changes nothing.
         let mut changes = Vec::new();
         for (i, f) in self.functions.iter().enumerate() {
+            if self.cmd.images.contains_key(&f.spec.name) {
+                // Runs its image, whatever the module file holds now (checked above).
+                continue;
+            }
             let spec = config
                 .function(&f.spec.name)
                 .expect("same functions, checked above")
@@ -220,13 +235,15 @@ impl Reloader {
         let mut rolled = Vec::new();
         let mut failed = Vec::new();
         for (i, spec, bytes, module_digest) in changes {
-            let module: OwnedFd = chain_runtime::instance::sealed_memfd(&spec.name, &bytes)
-                .map_err(|source| ReloadError::Pin {
-                    what: format!("module of {}", spec.name),
-                    source,
-                })?;
             let f = &mut self.functions[i];
             let who = format!("{}/{}", f.chain.plan.spec.name, spec.name);
+            let module: OwnedFd = match chain_runtime::instance::sealed_memfd(&spec.name, &bytes) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    failed.push(format!("{who}: cannot pin the new module: {e}"));
+                    continue;
+                }
+            };
             let forks = spec.start == StartMode::Fork && !cmd.images.contains_key(&spec.name);
             let generation = Generation::start(
                 f.generation + 1,
@@ -246,6 +263,10 @@ impl Reloader {
             match result.await {
                 Ok(Ok(moved)) => {
                     f.generation += 1;
+                    f.chain.stages[f.stage].timeout_ms.store(
+                        spec.timeout.as_millis() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     f.spec = spec;
                     f.module_digest = module_digest;
                     self.metrics

@@ -195,18 +195,9 @@ impl Generation {
         shutdown: &watch::Receiver<bool>,
     ) -> Generation {
         let stop = Arc::new(watch::Sender::new(false));
-        {
-            // Shutdown stops every generation's zygote.
-            let stop = Arc::clone(&stop);
-            let mut shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = crate::supervisor::stopping(&mut shutdown) => { stop.send_replace(true); }
-                    _ = stop.closed() => {}
-                }
-            });
-        }
         let zygote = fork.map(Zygote::new);
+        // The zygote's receiver exists before the forwarder below starts: `closed()` is
+        // true while a sender has no receivers.
         let zygote_task = zygote.as_ref().map(|zygote| {
             tokio::spawn(crate::zygote::supervise(
                 Arc::clone(zygote),
@@ -218,6 +209,17 @@ impl Generation {
                 stop.subscribe(),
             ))
         });
+        {
+            // Shutdown stops every generation's zygote.
+            let stop = Arc::clone(&stop);
+            let mut shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = crate::supervisor::stopping(&mut shutdown) => { stop.send_replace(true); }
+                    _ = stop.closed() => {}
+                }
+            });
+        }
         Generation {
             number,
             cmd,
@@ -236,6 +238,26 @@ pub struct Roll {
     pub done: oneshot::Sender<Result<usize, String>>,
 }
 
+/// A reload in progress: the pool's generation is already the new one (every start uses
+/// it), and the old generation's instances are replaced one at a time.
+struct Rolling {
+    old: Generation,
+    done: oneshot::Sender<Result<usize, String>>,
+    step: Option<RollStep>,
+    moved: usize,
+}
+
+/// Replacing the old instance in `old_slot`.
+struct RollStep {
+    old_slot: usize,
+    /// Whether the new instance got a free slot (else the old one retired first, and the new
+    /// one starts in its slot once that is free).
+    surge: bool,
+    /// The new instance's first start, once it was started.
+    first: Option<oneshot::Receiver<Result<Duration, SpawnError>>>,
+    since: Instant,
+}
+
 /// The instances of one function of one chain.
 pub struct Pool {
     chain: Arc<ChainRuntime>,
@@ -245,6 +267,8 @@ pub struct Pool {
     shutdown: watch::Receiver<bool>,
     slots: Vec<Option<Slot>>,
     rolls: tokio::sync::mpsc::Receiver<Roll>,
+    /// The reload in progress, if any.
+    rolling: Option<Rolling>,
     /// Starts that failed in a row, and when the autoscaler may try again: a broken module
     /// must not be re-forked every tick.
     failed_starts: u32,
@@ -289,6 +313,7 @@ impl Pool {
             shutdown,
             slots,
             rolls,
+            rolling: None,
             failed_starts: 0,
             retry_at: None,
             peers: PoolPeers::default(),
@@ -397,7 +422,7 @@ impl Pool {
                         s.first = None;
                         self.failed_starts += 1;
                         let backoff = FIRST_BACKOFF
-                            .saturating_mul(1 << self.failed_starts.min(16))
+                            .saturating_mul(1 << (self.failed_starts - 1).min(16))
                             .min(MAX_BACKOFF);
                         self.retry_at = Some(Instant::now() + backoff);
                     }
@@ -428,12 +453,12 @@ impl Pool {
             .collect()
     }
 
-    /// Retires the active instance holding the fewest requests (the highest slot on ties).
+    /// Retires the active instance holding the fewest requests (the highest slot on ties),
+    /// so scaling down waits on as little work as possible.
     fn retire_one(&mut self) -> bool {
-        let chain = &self.chain;
-        let stage = self.stage;
+        let load = &self.chain.load[self.stage];
         let victim = self.active().into_iter().max_by_key(|&i| {
-            let held = chain.stages[stage].instances[i].queued();
+            let held = load.instance_held[i].load(Ordering::Relaxed);
             (std::cmp::Reverse(held), i)
         });
         match victim.and_then(|i| self.slots[i].as_ref()) {
@@ -480,32 +505,52 @@ impl Pool {
             .metrics
             .scale_events
             .with_label_values(&[labels[0], labels[1], "down"]);
+        let fixed = self.initial() as usize;
         let mut busy = BusyShare::new(&chain);
         let mut shutdown = self.shutdown.clone();
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let mut sample = true;
             tokio::select! {
-                _ = ticker.tick(), if decider.is_some() => {}
-                _ = st.activate.notified(), if decider.is_some() => {}
-                Some(roll) = self.rolls.recv() => {
-                    let result = self.roll(roll.generation).await;
-                    let _ = roll.done.send(result);
-                    continue;
+                _ = ticker.tick() => {}
+                // A request started waiting: only news while nothing is up or starting
+                // (scaling from zero); otherwise the next tick's sample sees it.
+                _ = st.activate.notified(), if decider.is_some() => {
+                    if !self.active().is_empty() {
+                        continue;
+                    }
+                }
+                // A roll in progress is checked often, so each replacement follows the
+                // previous one's ready message closely.
+                _ = tokio::time::sleep(ROLL_POLL), if self.rolling.is_some() => sample = false,
+                Some(roll) = self.rolls.recv(), if self.rolling.is_none() => {
+                    self.begin_roll(roll);
+                    sample = false;
                 }
                 _ = crate::supervisor::stopping(&mut shutdown) => return,
             }
+            self.reclaim();
+            self.advance_roll();
+            let backing_off = self.retry_at.is_some_and(|at| Instant::now() < at);
             let Some(decider) = &mut decider else {
+                // A fixed count: replace what a roll that was undone took down.
+                while self.rolling.is_none()
+                    && !backing_off
+                    && self.active().len() < fixed
+                    && self.scale_up_one()
+                {}
                 continue;
             };
+            if !sample {
+                continue;
+            }
             let concurrency = busy.concurrency(&chain, stage);
             let ready = chain.serving_instances(stage) as u32;
             let decision = decider.observe(Instant::now(), concurrency, ready);
             desired_gauge.set(i64::from(decision.desired));
             panic_gauge.set(i64::from(decision.panicking));
-            self.reclaim();
             let active = self.active().len() as u32;
-            let backing_off = self.retry_at.is_some_and(|at| Instant::now() < at);
             // What peers run and what runs for peers (nothing without a cluster).
             let desired = self.peers_tick(decision.desired, active, backing_off);
             if desired > active && !backing_off {
@@ -520,7 +565,8 @@ impl Pool {
                 tracing::debug!(chain = %labels[0], function = %labels[1],
                     from = active, to = desired, panicking = decision.panicking,
                     concurrency, "scaling up");
-            } else if desired < active {
+            } else if desired < active && self.rolling.is_none() {
+                // (Not during a roll: its extra instance is the roll's, and goes with it.)
                 for _ in desired..active {
                     if !self.retire_one() {
                         break;
@@ -533,83 +579,134 @@ impl Pool {
         }
     }
 
-    /// Moves every active instance to `next`, one at a time: the new instance starts (in a
-    /// free slot when there is one, else in the slot of the old one, which retires first)
-    /// and is ready before the old one retires, so requests are served or wait throughout
-    /// and none fails. If a new instance does not start, the roll is undone: the pool goes
-    /// back to the old generation, restarts what it took down, and reports why.
-    async fn roll(&mut self, next: Generation) -> Result<usize, String> {
-        let old = std::mem::replace(&mut self.generation, next);
-        let stale: Vec<usize> = self
-            .active()
-            .into_iter()
-            .filter(|&i| {
-                self.slots[i]
-                    .as_ref()
-                    .is_some_and(|s| s.generation != self.generation.number)
-            })
-            .collect();
-        let mut moved = 0;
-        for old_slot in stale {
-            let surge = self.slots.iter().any(Option::is_none);
-            if !surge {
-                // No free slot: the old instance retires first; requests wait for the new.
-                self.retire_slot(old_slot).await;
-            }
-            let started = match self.spawn_in_free_slot() {
-                Some((_, first)) => {
-                    match tokio::time::timeout(crate::supervisor::READY_TIMEOUT, first).await {
-                        Ok(Ok(Ok(_))) => Ok(()),
-                        Ok(Ok(Err(e))) => Err(e.to_string()),
-                        Ok(Err(_)) => Err("its supervisor ended before it was ready".into()),
-                        Err(_) => Err("not ready in time".into()),
-                    }
-                }
-                None => Err("no free instance slot".into()),
-            };
-            if let Err(why) = started {
-                // Back to the old generation; the new generation's zygote stops.
-                let failed = std::mem::replace(&mut self.generation, old);
-                failed.stop.send_replace(true);
-                for i in 0..self.slots.len() {
-                    if self.slots[i]
-                        .as_ref()
-                        .is_some_and(|s| s.generation == failed.number)
-                    {
-                        self.retire_slot(i).await;
-                    }
-                }
-                // The old instances this roll took down come back.
-                let taken = moved + usize::from(!surge);
-                for _ in 0..taken {
-                    if self.spawn_in_free_slot().is_none() {
-                        tracing::error!("undoing a reload: no slot to restart an old instance in");
-                        break;
-                    }
-                }
-                return Err(format!(
-                    "a new instance did not start ({why}); the function keeps its old module"
-                ));
-            }
-            if surge {
-                self.retire_slot(old_slot).await;
-            }
-            moved += 1;
-        }
-        // Nothing runs from the old generation any more: its zygote, and with it its image
-        // and compiled module, goes.
-        old.stop.send_replace(true);
-        Ok(moved)
+    /// Starts a roll to `roll.generation`: from now on every start uses it.
+    fn begin_roll(&mut self, roll: Roll) {
+        let old = std::mem::replace(&mut self.generation, roll.generation);
+        self.rolling = Some(Rolling {
+            old,
+            done: roll.done,
+            step: None,
+            moved: 0,
+        });
     }
 
-    /// Retires the instance in `slot` and waits until its supervisor has stopped it.
-    async fn retire_slot(&mut self, slot: usize) {
-        if let Some(mut s) = self.slots[slot].take() {
-            let _ = s.retire.send(true);
-            let _ = (&mut s.task).await;
+    /// Moves a roll on as far as it can go now. Each old instance is replaced in turn: the
+    /// new instance starts (in a free slot when there is one, else in the old one's slot,
+    /// which retires first) and is ready before the old one retires, so requests are served
+    /// or wait throughout and none fails. If a new instance does not start, the roll is
+    /// undone: the pool goes back to the old generation, the new instances retire, and the
+    /// pool (the autoscaler, or a fixed count's top-up) starts old ones again.
+    fn advance_roll(&mut self) {
+        loop {
+            let Some(rolling) = self.rolling.as_mut() else {
+                return;
+            };
+            let old_number = rolling.old.number;
+            let Some(step) = rolling.step.as_mut() else {
+                let next = self.active().into_iter().find(|&i| {
+                    self.slots[i]
+                        .as_ref()
+                        .is_some_and(|s| s.generation == old_number)
+                });
+                let Some(old_slot) = next else {
+                    // Nothing runs from the old generation any more: its zygote, and with it
+                    // its image and compiled module, goes (instances still draining were
+                    // forked already and need neither).
+                    let rolling = self.rolling.take().expect("checked");
+                    rolling.old.stop.send_replace(true);
+                    let _ = rolling.done.send(Ok(rolling.moved));
+                    return;
+                };
+                let surge = self.slots.iter().any(Option::is_none);
+                let first = if surge {
+                    self.spawn_in_free_slot().map(|(_, first)| first)
+                } else {
+                    // No free slot: the old instance retires first; requests wait the
+                    // fork's millisecond for its successor.
+                    if let Some(s) = &self.slots[old_slot] {
+                        let _ = s.retire.send(true);
+                    }
+                    None
+                };
+                let rolling = self.rolling.as_mut().expect("checked");
+                rolling.step = Some(RollStep {
+                    old_slot,
+                    surge,
+                    first,
+                    since: Instant::now(),
+                });
+                continue;
+            };
+            if step.first.is_none() {
+                // Waiting for the retired old instance's slot to free up.
+                if self.slots[step.old_slot].is_some() {
+                    return;
+                }
+                let old_slot = step.old_slot;
+                let first = self.spawn_in_free_slot().map(|(_, first)| first);
+                let step = self
+                    .rolling
+                    .as_mut()
+                    .and_then(|r| r.step.as_mut())
+                    .expect("checked");
+                match first {
+                    Some(first) => step.first = Some(first),
+                    None => {
+                        let why = format!("no free instance slot after slot {old_slot} retired");
+                        return self.undo_roll(why);
+                    }
+                }
+                continue;
+            }
+            let first = step.first.as_mut().expect("checked");
+            let outcome = match first.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    if step.since.elapsed() < crate::supervisor::READY_TIMEOUT {
+                        return;
+                    }
+                    Err("not ready in time".to_string())
+                }
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    Err("its supervisor ended before it was ready".to_string())
+                }
+            };
+            match outcome {
+                Ok(()) => {
+                    if step.surge
+                        && let Some(s) = &self.slots[step.old_slot]
+                    {
+                        let _ = s.retire.send(true);
+                    }
+                    let rolling = self.rolling.as_mut().expect("checked");
+                    rolling.step = None;
+                    rolling.moved += 1;
+                }
+                Err(why) => return self.undo_roll(why),
+            }
         }
     }
+
+    fn undo_roll(&mut self, why: String) {
+        let Some(rolling) = self.rolling.take() else {
+            return;
+        };
+        let failed = std::mem::replace(&mut self.generation, rolling.old);
+        failed.stop.send_replace(true);
+        for slot in self.slots.iter().flatten() {
+            if slot.generation == failed.number {
+                let _ = slot.retire.send(true);
+            }
+        }
+        let _ = rolling.done.send(Err(format!(
+            "a new instance did not start ({why}); the function keeps its old module"
+        )));
+    }
 }
+
+/// How often a roll in progress is checked.
+const ROLL_POLL: Duration = Duration::from_millis(5);
 
 /// Per-stage concurrency. The gateway sees exactly which stage holds each request when it
 /// routes every hop (userspace). With the kernel dataplane it sees only the first send, so a
@@ -618,18 +715,29 @@ impl Pool {
 /// concurrency), read from the instances' statistics pages.
 struct BusyShare {
     last_busy: Vec<f64>,
+    /// Requests turned away (wait queue full) as of the last sample, per stage.
+    last_refused: Vec<u64>,
 }
 
 impl BusyShare {
     fn new(chain: &ChainRuntime) -> Self {
         BusyShare {
             last_busy: stage_busy(chain),
+            last_refused: chain
+                .load
+                .iter()
+                .map(|l| l.wait_refused.load(Ordering::Relaxed))
+                .collect(),
         }
     }
 
     fn concurrency(&mut self, chain: &ChainRuntime, stage: usize) -> f64 {
         let load = &chain.load[stage];
-        let waiting = load.waiting.load(Ordering::Relaxed) as f64;
+        // Requests refused since the last sample wanted an instance as much as waiting ones.
+        let refused = load.wait_refused.load(Ordering::Relaxed);
+        let turned_away = refused.saturating_sub(self.last_refused[stage]) as f64;
+        self.last_refused[stage] = refused;
+        let waiting = load.waiting.load(Ordering::Relaxed) as f64 + turned_away;
         if chain.kernel.is_none() || chain.stages.len() == 1 {
             return load.held.load(Ordering::Relaxed) as f64 + waiting;
         }

@@ -387,7 +387,6 @@ pub async fn supervise(
 ) {
     let chain_name = chain.plan.spec.name.clone();
     let fn_name = chain.stages[stage].name.clone();
-    let timeout = chain.plan.stages[stage].function.timeout;
     let up = metrics
         .instances_up
         .with_label_values(&[chain_name.as_str(), fn_name.as_str()]);
@@ -481,13 +480,13 @@ pub async fn supervise(
         let Some(status) = status else {
             running.child.stop(STOP_GRACE).await;
             drain(&mut running.reader).await;
-            let why = if *retire.borrow() {
-                "the instance was retired before it finished the request"
-            } else {
+            let why = if *shutdown.borrow() {
                 "gateway is shutting down"
+            } else {
+                "the instance was retired before it finished the request"
             };
             chain.fail_held_by(holder, StatusCode::SERVICE_UNAVAILABLE, why);
-            if *retire.borrow() {
+            if !*shutdown.borrow() {
                 tracing::info!(chain = %chain_name, function = %fn_name, instance, "instance retired");
             }
             return;
@@ -501,7 +500,9 @@ pub async fn supervise(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
                     "function {fn_name} exceeded its timeout of {} ms; instance restarted",
-                    timeout.as_millis()
+                    chain.stages[stage]
+                        .timeout_ms
+                        .load(std::sync::atomic::Ordering::Relaxed)
                 ),
             ),
             Ok(s) => (
@@ -546,8 +547,10 @@ async fn retiring(retire: &mut watch::Receiver<bool>) {
     }
 }
 
-/// How often a retiring instance is checked for requests it still holds.
+/// How often a retiring instance is checked for requests it still holds: with the kernel
+/// dataplane each check reads the holder record of every request in flight, so less often.
 const RETIRE_POLL: Duration = Duration::from_millis(10);
+const RETIRE_POLL_KERNEL: Duration = Duration::from_millis(50);
 
 /// Takes a retiring instance out of every choice of instance and waits until it holds no
 /// request (at most the chain's deadline, after which nothing it holds is still awaited).
@@ -565,10 +568,26 @@ async fn finish_held(
         tracing::warn!("taking a retiring instance out of the kernel's choice: {err}");
     }
     let deadline = Instant::now() + chain.plan.spec.timeout;
-    while chain.held_by_count(holder) > 0 && Instant::now() < deadline {
+    let poll = if chain.kernel.is_some() {
+        RETIRE_POLL_KERNEL
+    } else {
+        RETIRE_POLL
+    };
+    // Two empty checks a poll apart: a kernel verdict that read the instance as ready just
+    // before it was taken out may still be recording a request for it.
+    let mut empty = 0;
+    while empty < 2 && Instant::now() < deadline {
+        if chain.held_by_count(holder) == 0 {
+            empty += 1;
+        } else {
+            empty = 0;
+        }
+        if empty == 2 {
+            break;
+        }
         tokio::select! {
             status = running.child.wait() => return Some(status),
-            _ = tokio::time::sleep(RETIRE_POLL) => {}
+            _ = tokio::time::sleep(poll) => {}
             _ = stopping(shutdown) => return None,
         }
     }

@@ -230,9 +230,11 @@ async fn a_function_scaled_to_zero_serves_its_next_request_from_a_fork() {
             "min: 0 starts no {f} instance"
         );
         let images = format!(r#"spindle_local_images_alive{{chain="z",function="{f}"}}"#);
-        eventually("the zygote's warm image is up", Duration::from_secs(10), async || {
-            spindle.metric(&images).await == Some(1.0)
-        })
+        eventually(
+            "the zygote's warm image is up",
+            Duration::from_secs(10),
+            async || spindle.metric(&images).await == Some(1.0),
+        )
         .await;
     }
     for round in 1..=3 {

@@ -76,6 +76,17 @@ impl Checker<'_> {
             .get("wait_queue")
             .and_then(|n| self.int_in(n, "wait_queue", 0, MAX_WAIT_QUEUE))
             .map_or(DEFAULT_WAIT_QUEUE, |n| n as u32);
+        if wait_queue == 0
+            && instances.min == 0
+            && let Some(node) = fields.get("wait_queue")
+        {
+            self.error(
+                pos(node),
+                "`wait_queue: 0` cannot go with `instances.min: 0`: at zero instances every \
+                 request would be refused and none would wait to bring an instance up"
+                    .to_string(),
+            );
+        }
         let memory_limit = fields
             .get("memory")
             .and_then(|n| self.memory(n))

@@ -1260,8 +1260,12 @@ fn bad_autoscaling_is_reported_where_it_is_written() {
         "    module: ../mods/a.wasm",
         "    instances: { max: 65, target: 0 }",
         "    wait_queue: -1",
+        "  - name: f",
+        "    module: ../mods/a.wasm",
+        "    instances: { max: 2 }",
+        "    wait_queue: 0",
         "chains:",
-        "  - { name: x, route: /x, steps: [a, b, c, d, e] }",
+        "  - { name: x, route: /x, steps: [a, b, c, d, e, f] }",
     ]);
     let expected = [
         (
@@ -1282,6 +1286,12 @@ fn bad_autoscaling_is_reported_where_it_is_written() {
         ),
         (16, 23, "`instances.max` must be between 1 and 64, got 65"),
         (17, 17, "`wait_queue` must be between 0 and 65536, got -1"),
+        (
+            21,
+            17,
+            "`wait_queue: 0` cannot go with `instances.min: 0`: at zero instances every \
+             request would be refused and none would wait to bring an instance up",
+        ),
     ];
     for (line, col, message) in expected {
         assert!(
