@@ -151,7 +151,12 @@ impl Gateway {
         let process = Command::new("ip")
             .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_spindle"), "run"])
             .arg(config)
-            .args(["--dataplane", "userspace", "--node-name", name])
+            // The suite runs once per dataplane (scripts/test.sh sets this for sockmap).
+            .arg(format!(
+                "--dataplane={}",
+                std::env::var("SPINDLE_TEST_DATAPLANE").unwrap_or_else(|_| "userspace".into())
+            ))
+            .args(["--node-name", name])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
