@@ -183,7 +183,7 @@ pub struct Peers {
     forwarder: forward::Forwarder,
     forwarded: IntCounterVec,
     forward_seconds: HistogramVec,
-    remote: IntGaugeVec,
+    gauges: origin::Gauges,
 }
 
 impl Peers {
@@ -431,14 +431,24 @@ impl Cluster {
                     })
                 })
                 .collect();
-            let remote = IntGaugeVec::new(
-                Opts::new(
-                    "spindle_remote_instances",
-                    "Instances of this node's functions on peers: wanted (all peers, peer=\"\"), granted and ready per peer",
-                ),
-                &["chain", "function", "peer", "state"],
-            )
-            .expect("valid");
+            let gauges = origin::Gauges {
+                remote: IntGaugeVec::new(
+                    Opts::new(
+                        "spindle_remote_instances",
+                        "Instances of this node's functions on each peer: granted, and ready (serving)",
+                    ),
+                    &["chain", "function", "peer", "state"],
+                )
+                .expect("valid"),
+                wanted: IntGaugeVec::new(
+                    Opts::new(
+                        "spindle_remote_instances_wanted",
+                        "Instances of this node's functions it wants on peers (over budget)",
+                    ),
+                    &["chain", "function"],
+                )
+                .expect("valid"),
+            };
             let shares = chains
                 .iter()
                 .map(|c| {
@@ -451,7 +461,7 @@ impl Cluster {
                                     links.clone(),
                                     Arc::clone(&node),
                                     name.clone(),
-                                    remote.clone(),
+                                    gauges.clone(),
                                 ));
                                 share
                             })
@@ -499,7 +509,7 @@ impl Cluster {
                 forwarder: forward::Forwarder::new(),
                 forwarded,
                 forward_seconds,
-                remote,
+                gauges,
             }));
         }
         Ok(cluster)
@@ -554,7 +564,8 @@ impl Cluster {
         if let Some(p) = &self.peers {
             out.extend(p.forwarded.collect());
             out.extend(p.forward_seconds.collect());
-            out.extend(p.remote.collect());
+            out.extend(p.gauges.remote.collect());
+            out.extend(p.gauges.wanted.collect());
             if let Some(l) = p.links.first() {
                 out.extend(l.calls.collect());
             }

@@ -26,6 +26,14 @@ const IMAGE_LEASE: Duration = Duration::from_secs(600);
 /// Wait after a failed prepare before the next.
 const PREPARE_BACKOFF: Duration = Duration::from_secs(1);
 
+/// `spindle_remote_instances{chain,function,peer,state}` and
+/// `spindle_remote_instances_wanted{chain,function}`.
+#[derive(Clone)]
+pub(super) struct Gauges {
+    pub(super) remote: IntGaugeVec,
+    pub(super) wanted: IntGaugeVec,
+}
+
 /// A peer's instances of this share, as it last answered.
 #[derive(Default)]
 struct PeerCount {
@@ -115,7 +123,7 @@ impl RemoteShare {
         links: Vec<Arc<PeerLink>>,
         node: Arc<NodeService>,
         origin: String,
-        gauges: IntGaugeVec,
+        gauges: Gauges,
     ) {
         let (chain, function) = self.names();
         let mut image: Option<Image> = None;
@@ -254,12 +262,14 @@ impl RemoteShare {
                 let c = &self.peers[i];
                 for (state, v) in [("granted", &c.granted), ("ready", &c.ready)] {
                     gauges
+                        .remote
                         .with_label_values(&[chain, function, link.spec.name.as_str(), state])
                         .set(i64::from(v.load(Relaxed)));
                 }
             }
             gauges
-                .with_label_values(&[chain, function, "", "wanted"])
+                .wanted
+                .with_label_values(&[chain, function])
                 .set(i64::from(want));
         }
     }
