@@ -222,6 +222,35 @@ async fn request(
     (status, String::from_utf8_lossy(&body).into_owned(), to)
 }
 
+/// `promtool check metrics` on a scrape, when promtool is here (scripts/setup.sh puts it in
+/// target/prometheus; tests/metrics.rs is the test that requires it).
+fn lint(page: &str) {
+    let local = common::repo_root().join("target/prometheus/usr/bin/promtool");
+    let tool = if local.exists() {
+        local
+    } else if Command::new("promtool").arg("--version").output().is_ok() {
+        PathBuf::from("promtool")
+    } else {
+        eprintln!("promtool not found: the scrape is not linted");
+        return;
+    };
+    let mut child = Command::new(tool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), page.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The sum of every sample of `prefix` (a metric name with the start of its labels).
 async fn metric(client: &Http, base: &str, prefix: &str) -> f64 {
     let (_, page, _) = request(client, "GET", &format!("{base}/metrics"), "").await;
@@ -533,6 +562,12 @@ async fn scale_out(origin: &str, peer: &str) {
         .await
             >= 2.0
     );
+
+    // Both nodes' scrapes, with the peer families in them, pass promtool's lint.
+    for base in [origin, peer] {
+        let (_, page, _) = request(&client, "GET", &format!("{base}/metrics"), "").await;
+        lint(&page);
+    }
 
     // Load stopped: the remote instances are retired and the image revoked.
     assert!(
