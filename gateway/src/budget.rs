@@ -8,9 +8,10 @@
 //!   else running there take the same cores.
 //! - **Memory utilization** is `1 - MemAvailable / MemTotal` from `/proc/meminfo`: what the
 //!   kernel could not hand out without swapping, page cache that can be dropped excluded.
-//! - The node is **over budget** while either utilization exceeds its budget. A budget of
-//!   100% is therefore never exceeded and 0% always is once the node did any work (tests use
-//!   that to force scale-out onto a peer).
+//! - The node is **over budget** while either utilization exceeds its budget; a resource is
+//!   back under only once [`HYSTERESIS`] (5 points) below it. A budget of 100% is therefore
+//!   never exceeded and 0% always is once the node did any work (tests use that to force
+//!   scale-out onto a peer).
 //!
 //! Until one window has passed, the utilization since boot stands in for the CPU's.
 //!
@@ -24,6 +25,8 @@ use std::time::Duration;
 use prometheus::core::Collector;
 use prometheus::{Gauge, GaugeVec, IntGaugeVec, Opts};
 
+/// Below its budget by this much (a fraction) before a resource is back under it.
+pub const HYSTERESIS: f64 = 0.05;
 /// How often /proc is read.
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 /// CPU utilization is measured over this window: long enough to smooth one burst of a
@@ -77,6 +80,17 @@ pub fn parse_stat(text: &str) -> Result<CpuTimes, &'static str> {
     })
 }
 
+/// Whether `utilization` is over `budget`, given whether it was: over once above the
+/// budget, back under only below `budget - HYSTERESIS`, so a node hovering at its budget
+/// does not send instances away and call them back every few samples.
+fn exceeds(utilization: f64, budget: f64, was_over: bool) -> bool {
+    if was_over {
+        utilization >= budget - HYSTERESIS
+    } else {
+        utilization > budget
+    }
+}
+
 /// `1 - MemAvailable / MemTotal` from /proc/meminfo.
 pub fn parse_meminfo(text: &str) -> Result<f64, &'static str> {
     let field = |name: &str| {
@@ -109,6 +123,8 @@ pub struct Budget {
     /// f64 bits of the last utilizations.
     cpu: AtomicU64,
     memory: AtomicU64,
+    cpu_over: AtomicBool,
+    memory_over: AtomicBool,
     over: AtomicBool,
     cpu_gauge: Gauge,
     memory_gauge: Gauge,
@@ -127,6 +143,8 @@ impl Budget {
             memory_budget,
             cpu: AtomicU64::new(0f64.to_bits()),
             memory: AtomicU64::new(0f64.to_bits()),
+            cpu_over: AtomicBool::new(false),
+            memory_over: AtomicBool::new(false),
             over: AtomicBool::new(false),
             cpu_gauge: gauge(
                 "spindle_node_cpu_utilization",
@@ -200,8 +218,18 @@ impl Budget {
             self.memory.store(m.to_bits(), Relaxed);
             self.memory_gauge.set(m);
         }
-        let cpu_over = self.cpu_utilization() > self.cpu_budget;
-        let memory_over = self.memory_utilization() > self.memory_budget;
+        let cpu_over = exceeds(
+            self.cpu_utilization(),
+            self.cpu_budget,
+            self.cpu_over.load(Relaxed),
+        );
+        let memory_over = exceeds(
+            self.memory_utilization(),
+            self.memory_budget,
+            self.memory_over.load(Relaxed),
+        );
+        self.cpu_over.store(cpu_over, Relaxed);
+        self.memory_over.store(memory_over, Relaxed);
         self.over_gauge
             .with_label_values(&["cpu"])
             .set(i64::from(cpu_over));
@@ -293,6 +321,24 @@ mod tests {
         let text = "MemTotal:       1000 kB\nMemFree:   100 kB\nMemAvailable:    250 kB\n";
         assert!((parse_meminfo(text).unwrap() - 0.75).abs() < 1e-9);
         assert!(parse_meminfo("MemTotal: 10 kB\n").is_err());
+    }
+
+    #[test]
+    fn back_under_only_five_points_below_the_budget() {
+        let b = Budget::new(0.8, 1.0).unwrap();
+        for (cpu, over) in [
+            (0.5, false),
+            (0.81, true),
+            (0.78, true),
+            (0.76, true),
+            (0.74, false),
+            (0.79, false),
+            (0.8, false),
+            (0.85, true),
+        ] {
+            b.record(Some(cpu), Some(0.1));
+            assert_eq!(b.over(), over, "at {cpu}");
+        }
     }
 
     #[test]
