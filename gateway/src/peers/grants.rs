@@ -42,7 +42,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 struct Grant {
+    /// The origin process the grant is for: a restarted origin's images are new, and the
+    /// instances of its old ones lost their page server.
+    incarnation: u64,
     handle: u64,
+    /// Images of this incarnation whose instances may keep running (the current one and
+    /// those it replaced as their lease neared its end).
+    handles: Vec<u64>,
     fds: Arc<ResumeFds>,
     instances: u32,
     renewed: Instant,
@@ -67,7 +73,10 @@ struct StageGrants {
 /// What a pool should run for one origin.
 pub struct Wanted {
     pub origin: String,
+    /// The image new instances start from.
     pub handle: u64,
+    /// Images whose running instances count towards `instances`; others are retired.
+    pub handles: Vec<u64>,
     pub fds: Arc<ResumeFds>,
     pub instances: u32,
 }
@@ -159,6 +168,7 @@ impl GrantBoard {
             .map(|(origin, g)| Wanted {
                 origin: origin.clone(),
                 handle: g.handle,
+                handles: g.handles.clone(),
                 fds: Arc::clone(&g.fds),
                 instances: g.instances,
             })
@@ -205,6 +215,10 @@ impl GrantBoard {
             .get("instances")
             .and_then(Value::as_u64)
             .ok_or("missing integer field \"instances\"")?;
+        let incarnation = request
+            .get("incarnation")
+            .and_then(Value::as_u64)
+            .ok_or("missing integer field \"incarnation\"")?;
         let st = self
             .stages
             .iter()
@@ -258,17 +272,34 @@ impl GrantBoard {
             granted = granted.min(had);
         }
         match grants.get_mut(origin) {
-            Some(g) if g.handle == descriptor.handle => {
+            Some(g) if g.incarnation == incarnation && g.handle == descriptor.handle => {
                 g.instances = granted;
                 g.renewed = Instant::now();
             }
-            Some(g) => {
+            Some(g) if g.incarnation == incarnation => {
                 // A fresh image of the same instance (the old one's lease nears its end): new
                 // instances start from it; those running keep theirs.
                 g.fds = Arc::new(resume_fds(&descriptor)?);
                 g.handle = descriptor.handle;
+                g.handles.push(descriptor.handle);
                 g.instances = granted;
                 g.renewed = Instant::now();
+            }
+            Some(g) => {
+                // The origin restarted: its old images are gone with it, and so is every
+                // page the instances of them have not fetched yet.
+                tracing::info!(%chain, %function, %origin, granted,
+                    "the origin restarted; replacing the instances of its old images");
+                *g = Grant {
+                    incarnation,
+                    handle: descriptor.handle,
+                    handles: vec![descriptor.handle],
+                    fds: Arc::new(resume_fds(&descriptor)?),
+                    instances: granted,
+                    renewed: Instant::now(),
+                    ready: 0,
+                    live: g.live,
+                };
             }
             None => {
                 let fds = resume_fds(&descriptor)?;
@@ -278,7 +309,9 @@ impl GrantBoard {
                 grants.insert(
                     origin.to_owned(),
                     Grant {
+                        incarnation,
                         handle: descriptor.handle,
+                        handles: vec![descriptor.handle],
                         fds: Arc::new(fds),
                         instances: granted,
                         renewed: Instant::now(),
@@ -436,7 +469,7 @@ mod tests {
         n: u32,
         image: Option<String>,
     ) -> Result<Value, String> {
-        let mut r = json!({"origin": "a", "chain": "c", "function": function, "instances": n});
+        let mut r = json!({"origin": "a", "incarnation": 1, "chain": "c", "function": function, "instances": n});
         if let Some(i) = image {
             r["image"] = json!(i);
         }
@@ -447,7 +480,7 @@ mod tests {
     fn grants_are_bounded_checked_and_kept_until_their_instances_stop() {
         let (board, hash) = board(None);
         let err = board
-            .scale(&json!({"origin": "a", "chain": "x", "function": "auto", "instances": 1}))
+            .scale(&json!({"origin": "a", "incarnation": 1, "chain": "x", "function": "auto", "instances": 1}))
             .unwrap_err();
         assert!(err.contains("same chains"), "{err}");
         let err = ask(&board, "fixed", 1, Some(descriptor(1, hash))).unwrap_err();
@@ -498,10 +531,13 @@ mod tests {
         ask(&board, "auto", 2, Some(descriptor(1, hash))).unwrap();
         let a = ask(&board, "auto", 3, Some(descriptor(2, hash))).unwrap();
         assert_eq!(a["granted"], 3);
-        assert_eq!(
-            board.wanted(0, 0)[0].handle,
-            2,
-            "new starts use the fresh image"
-        );
+        let w = &board.wanted(0, 0)[0];
+        assert_eq!(w.handle, 2, "new starts use the fresh image");
+        assert_eq!(w.handles, [1, 2], "instances of the older one keep running");
+        // The origin restarted: only its new image's instances count.
+        let restarted = json!({"origin": "a", "incarnation": 2, "chain": "c",
+            "function": "auto", "instances": 1, "image": descriptor(7, hash)});
+        assert_eq!(board.scale(&restarted).unwrap()["granted"], 1);
+        assert_eq!(board.wanted(0, 0)[0].handles, [7]);
     }
 }

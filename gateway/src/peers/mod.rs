@@ -106,6 +106,8 @@ pub enum PeerSetupError {
     Budget(#[from] BudgetError),
     #[error("reading module {0}: {1}")]
     Module(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Random(proto::pages::RandomnessError),
 }
 
 /// A peer's gateway: its control channel (one authenticated connection, reopened when it
@@ -431,6 +433,11 @@ impl Cluster {
                     })
                 })
                 .collect();
+            // Tells the peers this process from an earlier one of the same name: a restarted
+            // origin's old images are gone.
+            let incarnation = u64::from_le_bytes(
+                proto::pages::fresh_nonce::<8>().map_err(PeerSetupError::Random)?,
+            );
             let gauges = origin::Gauges {
                 remote: IntGaugeVec::new(
                     Opts::new(
@@ -461,6 +468,7 @@ impl Cluster {
                                     links.clone(),
                                     Arc::clone(&node),
                                     name.clone(),
+                                    incarnation,
                                     gauges.clone(),
                                 ));
                                 share

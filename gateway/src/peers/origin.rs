@@ -123,6 +123,7 @@ impl RemoteShare {
         links: Vec<Arc<PeerLink>>,
         node: Arc<NodeService>,
         origin: String,
+        incarnation: u64,
         gauges: Gauges,
     ) {
         let (chain, function) = self.names();
@@ -198,6 +199,7 @@ impl RemoteShare {
                 }
                 let mut request = json!({
                     "origin": origin,
+                    "incarnation": incarnation,
                     "chain": chain,
                     "function": function,
                     "instances": ask,

@@ -76,10 +76,13 @@ impl Pool {
             self.peers.hashed_generation = self.generation.number;
         }
         let wanted = board.wanted(chain, stage);
-        // Retire what no grant wants any more (released or lapsed).
+        // Retire what no grant wants any more (released, lapsed, or of an image of an
+        // origin that restarted since).
         for slot in self.slots.iter().flatten() {
             if let Some(tag) = &slot.grant
-                && !wanted.iter().any(|w| w.origin == tag.origin)
+                && !wanted
+                    .iter()
+                    .any(|w| w.origin == tag.origin && w.handles.contains(&tag.handle))
             {
                 let _ = slot.retire.send(true);
             }
@@ -92,8 +95,9 @@ impl Pool {
                     .enumerate()
                     .filter(|(_, s)| {
                         s.as_ref().is_some_and(|s| {
-                            s.grant.as_ref().is_some_and(|t| t.origin == w.origin)
-                                && !s.task.is_finished()
+                            s.grant.as_ref().is_some_and(|t| {
+                                t.origin == w.origin && w.handles.contains(&t.handle)
+                            }) && !s.task.is_finished()
                                 && (live_only || !*s.retire.borrow())
                         })
                     })
