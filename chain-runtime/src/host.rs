@@ -13,14 +13,18 @@
 //! Limits: a per-call instruction budget (wasmer's metering middleware: the guest traps when it
 //! runs out, which is how an endless loop becomes a timeout) and a linear-memory cap enforced
 //! through the engine's tunables (memory.grow past it fails, as in any Wasm runtime).
-//! A trap leaves the guest in an unknown state, so the instance is rebuilt before the next call.
+//! A trap leaves the guest in an unknown state, so the instance is rebuilt before the next call
+//! (with `isolation: fresh_per_request`, the reset after every call already puts it back: see
+//! [`crate::fresh`]).
 //!
 //! A warm reactor can be captured between invocations ([`FunctionHost::snapshot`]) and new
 //! instances built from the image without compiling again (see [`crate::snapshot`]); the
 //! compiled module they share is a [`CompiledModule`].
 
+use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use proto::Status;
 use wasmer::sys::vm::{VMMemory, VMMemoryDefinition, VMTable, VMTableDefinition};
@@ -34,7 +38,8 @@ use wasmer::{
 use wasmer::{MemoryError, MemoryStyle, TableStyle};
 use wasmer_middlewares::metering::{self, MeteringPoints};
 
-use crate::config::{FunctionSpec, ModuleMode};
+use crate::config::{FunctionSpec, Isolation, ModuleMode};
+use crate::fresh::{self, Pristine, ResetError, ResetReport};
 use crate::snapshot::{
     self, CaptureContext, MemoryFill, Snapshot, SnapshotError, SnapshotMeta, TableContents,
     WasiLayout,
@@ -64,6 +69,8 @@ pub enum HostError {
     Instantiate { path: String, message: String },
     #[error("cannot fork module {path} from its snapshot: {source}")]
     Fork { path: String, source: SnapshotError },
+    #[error("module {path} cannot run with isolation: fresh_per_request: {source}")]
+    Fresh { path: String, source: ResetError },
 }
 
 /// What one invocation produced.
@@ -264,6 +271,9 @@ struct Compiled {
     /// Tables as instantiation leaves them (the same for every instance: code pointers come
     /// from the shared artifact), recorded by the first instantiation.
     pristine_tables: OnceLock<Vec<TableContents>>,
+    /// An instruction of the module that changes instance state a reset in place cannot put
+    /// back ([`fresh::instance_state_op`]): such an instance is rebuilt after every call.
+    state_op: Option<&'static str>,
 }
 
 impl CompiledModule {
@@ -278,7 +288,10 @@ impl CompiledModule {
             message: e.to_string(),
         })?;
         let metered = spec.fuel.is_some();
+        // A parse of the code, no compile: negligible beside Cranelift's.
+        let state_op = fresh::instance_state_op(bytes);
         Ok(CompiledModule(Arc::new(Compiled {
+            state_op,
             identity: snapshot::engine_identity(&engine, metered),
             sha256: sha2::Sha256::digest(bytes).into(),
             max_pages: max_pages(spec),
@@ -346,6 +359,24 @@ struct Reactor {
     alloc: TypedFunction<i32, i32>,
     handle: TypedFunction<(i32, i32), i32>,
     guest: FunctionEnv<GuestCtx>,
+    wasi: FunctionEnv<WasiCtx>,
+    /// Where linear memory's contents came from.
+    memory_from: MemorySource,
+    /// `isolation: fresh_per_request`, once armed: the image it is reset to.
+    pristine: Option<Pristine>,
+    /// The guest ran since the instance was built or last reset.
+    dirty: bool,
+}
+
+/// How a reactor's linear memory got its contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MemorySource {
+    /// Instantiation (and `_initialize`).
+    Cold,
+    /// The host's `origin` image, mapped copy-on-write.
+    Origin,
+    /// An image mapped or filled by the caller (a remote one: userfaultfd).
+    Other,
 }
 
 pub struct FunctionHost {
@@ -359,7 +390,12 @@ pub struct FunctionHost {
     reactor: Option<Reactor>,
     /// The image this host was forked from: a trapped reactor is rebuilt from it (as the
     /// image was, not cold), so every instance of a forked child starts where the parent was.
+    /// With `isolation: fresh_per_request` it is also what every request starts from (an
+    /// exec'd host captures its own when it arms).
     origin: Option<Snapshot>,
+    isolation: Isolation,
+    /// Resets done since the caller last took them ([`FunctionHost::take_resets`]).
+    resets: Vec<ResetReport>,
 }
 
 impl FunctionHost {
@@ -418,6 +454,14 @@ impl FunctionHost {
             mode: spec.mode,
             reactor: None,
             origin: None,
+            isolation: if spec.mode == ModuleMode::Reactor {
+                spec.isolation
+            } else {
+                // A command gets a fresh instance per request anyway (and the config
+                // refuses the combination).
+                Isolation::Reuse
+            },
+            resets: Vec::new(),
         }
     }
 
@@ -460,7 +504,16 @@ impl FunctionHost {
             ))));
         }
         host.check_abi()?;
-        host.reactor = Some(host.fork_reactor(meta, fill)?);
+        // Only the origin's own memfd makes the memory the origin's image.
+        let from_origin = match (&fill, &origin) {
+            (MemoryFill::Map(fd), Some(o)) => fd.as_raw_fd() == o.image().as_raw_fd(),
+            _ => false,
+        };
+        let mut reactor = host.fork_reactor(meta, fill)?;
+        if from_origin {
+            reactor.memory_from = MemorySource::Origin;
+        }
+        host.reactor = Some(reactor);
         host.origin = origin;
         Ok(host)
     }
@@ -519,6 +572,18 @@ impl FunctionHost {
         let Some(reactor) = self.reactor.as_mut() else {
             return Err(SnapshotError::NoInstance);
         };
+        if let Some(pristine) = &reactor.pristine {
+            // Requests leave nothing in a fresh_per_request instance: its image is the one it
+            // is reset to (and no request's data can reach a child through it).
+            let pages = pristine.image().meta().memory.bytes / WASM_PAGE_SIZE as u64;
+            if pages > u64::from(max_pages) {
+                return Err(SnapshotError::MemoryOverLimit {
+                    pages,
+                    limit: max_pages,
+                });
+            }
+            return Ok(pristine.image().clone());
+        }
         let ctx = reactor.guest.as_ref(&reactor.store);
         if ctx.io.is_some() {
             return Err(SnapshotError::CallInProgress);
@@ -652,7 +717,9 @@ impl FunctionHost {
     /// from an image, rebuilt from that image.
     fn instantiate_reactor(&self) -> Result<Reactor, HostError> {
         if let Some(origin) = &self.origin {
-            return self.fork_reactor(origin.meta(), MemoryFill::Map(origin.image()));
+            let mut reactor = self.fork_reactor(origin.meta(), MemoryFill::Map(origin.image()))?;
+            reactor.memory_from = MemorySource::Origin;
+            return Ok(reactor);
         }
         let mut reactor = self.instantiate()?;
         if let Ok(init) = reactor
@@ -701,22 +768,11 @@ impl FunctionHost {
                     .map_err(|e| self.inst_err(format!("closing stdio fd {fd}: {e}")))?;
             }
         }
-        if reactor
-            .instance
-            .exports
-            .get_function(ON_FORK_EXPORT)
-            .is_ok()
-        {
-            let on_fork = reactor
-                .instance
-                .exports
-                .get_typed_function::<(), ()>(&reactor.store, ON_FORK_EXPORT)
-                .map_err(|e| self.abi_error(format!("{ON_FORK_EXPORT} must be () -> (): {e}")))?;
-            self.refuel(&mut reactor.store, &reactor.instance);
-            on_fork
-                .call(&mut reactor.store)
-                .map_err(|e| self.inst_err(format!("{ON_FORK_EXPORT} failed: {e}")))?;
-        }
+        call_on_fork(&mut reactor, self.fuel).map_err(|e| match e {
+            OnForkError::Signature(m) => self.abi_error(m),
+            OnForkError::Failed(m) => self.inst_err(m),
+        })?;
+        reactor.memory_from = MemorySource::Other;
         Ok(reactor)
     }
 
@@ -754,6 +810,10 @@ impl FunctionHost {
             alloc,
             handle,
             guest,
+            wasi: wasi_env,
+            memory_from: MemorySource::Cold,
+            pristine: None,
+            dirty: false,
         })
     }
 
@@ -772,13 +832,150 @@ impl FunctionHost {
         }
     }
 
-    /// Rebuilds a reactor instance discarded after a trap. The worker calls this after
-    /// answering, so the rebuild is not charged to the next request; `invoke` does it too if
-    /// it was not done.
+    /// Makes the instance ready for the next request: rebuilds a reactor discarded after a
+    /// trap; with `isolation: fresh_per_request`, resets it to its image after a call (or
+    /// rebuilds it from the image), and the first time arms it (see [`crate::fresh`]). The
+    /// worker calls this before it reports ready and after answering, so none of it is
+    /// charged to a request unless requests queue up; `invoke` does it too if it was not
+    /// done.
     pub fn prepare(&mut self) -> Result<(), HostError> {
-        if self.mode == ModuleMode::Reactor && self.reactor.is_none() {
+        if self.mode != ModuleMode::Reactor {
+            return Ok(());
+        }
+        if self.reactor.as_ref().is_some_and(|r| r.dirty) {
+            self.reset_fresh()?;
+        }
+        if self.reactor.is_none() {
             self.reactor = Some(self.instantiate_reactor()?);
         }
+        if self.isolation == Isolation::FreshPerRequest {
+            self.arm()?;
+        }
+        Ok(())
+    }
+
+    /// The resets done since the last call (the worker adds them to its statistics page).
+    pub fn take_resets(&mut self) -> std::vec::Drain<'_, ResetReport> {
+        self.resets.drain(..)
+    }
+
+    fn fresh_err(&self, source: impl Into<ResetError>) -> HostError {
+        HostError::Fresh {
+            path: self.module_path.clone(),
+            source: source.into(),
+        }
+    }
+
+    /// Gives the live reactor the image it will be reset to, once: the origin's when its
+    /// memory is the origin's mapping (a forked child: the zygote's image), else (cold) a
+    /// capture of it now, mapped over its memory in place, after which `spindle_on_fork` runs
+    /// as in any fresh copy of an image.
+    fn arm(&mut self) -> Result<(), HostError> {
+        let Some(reactor) = self.reactor.as_mut() else {
+            return Ok(());
+        };
+        if reactor.pristine.is_some() {
+            return Ok(());
+        }
+        let source = reactor.memory_from;
+        let image = match (source, &self.origin) {
+            (MemorySource::Origin, Some(origin)) => origin.clone(),
+            (MemorySource::Cold, _) => {
+                let image = self
+                    .capture(self.compiled.0.max_pages)
+                    .map_err(|e| self.fresh_err(e))?;
+                let fuel = self.fuel;
+                let reactor = self.reactor.as_mut().expect("checked above");
+                let memory = reactor.guest.as_ref(&reactor.store).memory.clone();
+                let mapped = memory.ok_or(SnapshotError::NoInstance).and_then(|memory| {
+                    snapshot::restore(
+                        &mut reactor.store,
+                        &memory,
+                        image.meta(),
+                        MemoryFill::Map(image.image()),
+                    )
+                });
+                if let Err(e) = mapped {
+                    // The memory may be half replaced: this instance must not serve.
+                    self.reactor = None;
+                    return Err(self.fresh_err(e));
+                }
+                reactor.memory_from = MemorySource::Origin;
+                self.origin = Some(image.clone());
+                if let Err(e) = call_on_fork(reactor, fuel) {
+                    self.reactor = None;
+                    return Err(self.fresh_err(ResetError::OnFork(e.to_string())));
+                }
+                image
+            }
+            _ => return Err(self.fresh_err(ResetError::NoLocalImage)),
+        };
+        let reactor = self.reactor.as_mut().expect("checked above");
+        let armed = reactor
+            .guest
+            .as_ref(&reactor.store)
+            .memory
+            .clone()
+            .ok_or(ResetError::Capture(SnapshotError::NoInstance))
+            .and_then(|memory| Pristine::new(&mut reactor.store, &memory, image));
+        match armed {
+            Ok(pristine) => {
+                tracing::debug!(function = %self.name,
+                    image_kib = pristine.image().meta().memory.bytes / 1024,
+                    from = if source == MemorySource::Cold { "own capture" } else { "origin" },
+                    written_pages_found = if pristine.scans() { "PAGEMAP_SCAN" } else { "no: whole range" },
+                    "fresh_per_request: resets armed");
+                reactor.pristine = Some(pristine);
+                Ok(())
+            }
+            Err(e) => Err(self.fresh_err(e)),
+        }
+    }
+
+    /// Resets a reactor the guest ran in to its image in place, or, when that cannot be done
+    /// (a module that changes tables or segments; a reset that failed), rebuilds it from the
+    /// image. Records what it did.
+    fn reset_fresh(&mut self) -> Result<(), HostError> {
+        let started = Instant::now();
+        let state_op = self.compiled.0.state_op;
+        let fuel = self.fuel;
+        let Some(reactor) = self.reactor.as_mut() else {
+            return Ok(());
+        };
+        let in_place = match state_op {
+            Some(_) => None,
+            None => match reset_in_place(reactor, fuel) {
+                Ok(reset) => Some(reset),
+                Err(e) => {
+                    tracing::warn!(function = %self.name,
+                        "reset in place failed, rebuilding from the image: {e}");
+                    None
+                }
+            },
+        };
+        let report = match in_place {
+            Some(reset) => {
+                reactor.dirty = false;
+                ResetReport {
+                    elapsed: started.elapsed(),
+                    rebuilt: false,
+                    pages: reset.pages,
+                    copied: reset.copied,
+                    shrank: reset.grown > 0,
+                }
+            }
+            None => {
+                self.reactor = None;
+                self.reactor = Some(self.instantiate_reactor()?);
+                self.arm()?;
+                ResetReport {
+                    elapsed: started.elapsed(),
+                    rebuilt: true,
+                    ..ResetReport::default()
+                }
+            }
+        };
+        self.resets.push(report);
         Ok(())
     }
 
@@ -795,7 +992,12 @@ impl FunctionHost {
             run_reactor(reactor, io, fuel)
         };
         let (outcome, trapped) = outcome;
-        if trapped {
+        if self.isolation == Isolation::FreshPerRequest {
+            // Trapped or not, the next `prepare` puts everything back to the image.
+            if let Some(reactor) = self.reactor.as_mut() {
+                reactor.dirty = true;
+            }
+        } else if trapped {
             // The guest stopped mid-way: its heap and globals may be inconsistent.
             self.reactor = None;
         }
@@ -874,6 +1076,78 @@ fn host_path(spec: &FunctionSpec) -> String {
     spec.module.display().to_string()
 }
 
+/// Why `spindle_on_fork` did not run through.
+#[derive(Debug)]
+enum OnForkError {
+    /// Exported with another type than `() -> ()`.
+    Signature(String),
+    /// It trapped or ran out of fuel.
+    Failed(String),
+}
+
+impl std::fmt::Display for OnForkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OnForkError::Signature(m) | OnForkError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Calls the guest's `spindle_on_fork` (with a full fuel budget) if it exports one: in every
+/// fresh copy of an image, before its first request.
+fn call_on_fork(reactor: &mut Reactor, fuel: Option<u64>) -> Result<(), OnForkError> {
+    if reactor
+        .instance
+        .exports
+        .get_function(ON_FORK_EXPORT)
+        .is_err()
+    {
+        return Ok(());
+    }
+    let on_fork = reactor
+        .instance
+        .exports
+        .get_typed_function::<(), ()>(&reactor.store, ON_FORK_EXPORT)
+        .map_err(|e| OnForkError::Signature(format!("{ON_FORK_EXPORT} must be () -> (): {e}")))?;
+    if let Some(fuel) = fuel {
+        metering::set_remaining_points(&mut reactor.store, &reactor.instance, fuel);
+    }
+    on_fork
+        .call(&mut reactor.store)
+        .map_err(|e| OnForkError::Failed(format!("{ON_FORK_EXPORT} failed: {e}")))
+}
+
+/// The reset of an armed reactor: memory and globals ([`Pristine::reset`]), then the host's
+/// per-request state (WASI's and Spindle's), then `spindle_on_fork`.
+fn reset_in_place(
+    reactor: &mut Reactor,
+    fuel: Option<u64>,
+) -> Result<fresh::MemoryReset, ResetError> {
+    let pristine = reactor
+        .pristine
+        .as_mut()
+        .ok_or(ResetError::Capture(SnapshotError::NoInstance))?;
+    let memory = reactor
+        .guest
+        .as_ref(&reactor.store)
+        .memory
+        .clone()
+        .ok_or(ResetError::Capture(SnapshotError::NoInstance))?;
+    let reset = pristine.reset(&mut reactor.store, &memory)?;
+    let closed = pristine.image().meta().wasi.stdio_closed;
+    reactor
+        .wasi
+        .as_mut(&mut reactor.store)
+        .reset_for_request(closed);
+    let ctx = reactor.guest.as_mut(&mut reactor.store);
+    ctx.stdio_closed = closed;
+    ctx.output_len = 0;
+    ctx.error = None;
+    ctx.next = None;
+    call_on_fork(reactor, fuel).map_err(|e| ResetError::OnFork(e.to_string()))?;
+    Ok(reset)
+}
+
 /// The guest's args and environment: one definition for the `WasiCtx` an instance gets and
 /// the layout a snapshot records, so a child is checked against what it will really see.
 pub(crate) fn wasi_layout(
@@ -950,6 +1224,7 @@ fn run_reactor(reactor: &mut Reactor, io: &mut dyn SlotIo, fuel: Option<u64>) ->
         alloc,
         handle,
         guest,
+        ..
     } = reactor;
     let input_len = io.input_len();
     let Ok(len_i32) = i32::try_from(input_len) else {
@@ -1155,6 +1430,7 @@ mod tests {
             mode,
             env: vec![],
             start: crate::config::StartMode::Exec,
+            isolation: crate::config::Isolation::Reuse,
         }
     }
 

@@ -5,7 +5,9 @@
 //! instances that new instances fork from without compiling ([`snapshot`]) and the worker
 //! process loop ([`worker`]) that runs one function instance against a chain's arena, with
 //! its control channel to the gateway ([`control`]: prepare an image of the running instance),
-//! and the zygote ([`zygote`]) that forks warm instances of one function (local fork).
+//! and the zygote ([`zygote`]) that forks warm instances of one function (local fork). A
+//! function with `isolation: fresh_per_request` has its instance reset in place to its warm
+//! image after every call ([`fresh`]).
 //!
 //! The gateway crate owns HTTP, supervision and routing; this crate owns everything that
 //! happens inside a function instance and the config both sides read. It must not route
@@ -13,6 +15,7 @@
 
 pub mod config;
 pub mod control;
+pub mod fresh;
 pub mod host;
 pub mod instance;
 pub mod plan;

@@ -632,15 +632,21 @@ pub(crate) fn restore(
         }
     }
 
+    write_globals(store, meta);
+    Ok(())
+}
+
+/// Writes the image's value into every mutable numeric global of the instance in `store`
+/// (constants are left alone): the globals half of [`restore`], and of a reset in place
+/// ([`crate::fresh`]). `meta` must have been checked against this instance ([`restore`] does
+/// it), so each raw value has the layout its destination expects.
+pub(crate) fn write_globals(store: &mut Store, meta: &SnapshotMeta) {
     let objects = store.objects_mut();
     for (index, global) in meta.globals.iter().enumerate() {
-        // Types were checked against this instance's globals in check_meta, so the raw
-        // value has the layout the destination expects; constants are left alone.
         if global.mutability == Mutability::Var && global.ty.is_num() {
             objects.set_global_unchecked(index, global.value);
         }
     }
-    Ok(())
 }
 
 /// Refuses an image fd that is not a sealed memfd of exactly `bytes` bytes.

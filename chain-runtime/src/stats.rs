@@ -62,6 +62,16 @@ struct Block {
     /// The running incarnation's open remote-fork resources ([`LIVE_RESOURCES`] order),
     /// overwritten after each call: gauges, meaningful only while the worker runs.
     live: [AtomicU64; 4],
+    /// Resets of an `isolation: fresh_per_request` instance ([`ResetCounters`]).
+    resets_in_place: AtomicU64,
+    reset_rebuilds: AtomicU64,
+    reset_pages_copied: AtomicU64,
+    reset_pages_dropped: AtomicU64,
+    reset_shrinks: AtomicU64,
+    reset_sum_ns: AtomicU64,
+    /// Non-cumulative counts per bucket (the bounds of the execution-time histogram).
+    reset_buckets: [AtomicU64; EXEC_BUCKETS],
+    reset_overflow: AtomicU64,
 }
 
 /// The `resource` label of each live-resource gauge, in stats-page order (the order of
@@ -149,6 +159,49 @@ impl ForkCounters {
     }
 }
 
+/// What the resets of an `isolation: fresh_per_request` instance did (see
+/// [`crate::fresh`]), summed over its incarnations. All zero for an instance that reuses.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ResetCounters {
+    /// Resets in place: memory and globals put back to the image.
+    pub in_place: u64,
+    /// Instances rebuilt from the image instead (a module that changes tables or segments,
+    /// or a reset in place that failed).
+    pub rebuilds: u64,
+    /// Written pages resets in place copied back from the image (they stay resident).
+    pub pages_copied: u64,
+    /// Written pages resets in place dropped back to the image (`MADV_DONTNEED`; 0 where the
+    /// kernel has no `PAGEMAP_SCAN` to tell which).
+    pub pages_dropped: u64,
+    /// Resets that shrank memory the guest had grown back to the image's size.
+    pub shrinks: u64,
+    pub sum_seconds: f64,
+    /// Reset durations (both kinds), non-cumulative, on the execution-time bounds.
+    pub buckets: [u64; EXEC_BUCKETS],
+    /// Resets slower than the last bound.
+    pub overflow: u64,
+}
+
+impl ResetCounters {
+    /// Resets of either kind.
+    pub fn count(&self) -> u64 {
+        self.in_place + self.rebuilds
+    }
+
+    fn add(&mut self, other: &ResetCounters) {
+        self.in_place += other.in_place;
+        self.rebuilds += other.rebuilds;
+        self.pages_copied += other.pages_copied;
+        self.pages_dropped += other.pages_dropped;
+        self.shrinks += other.shrinks;
+        self.sum_seconds += other.sum_seconds;
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+        self.overflow += other.overflow;
+    }
+}
+
 /// A consistent-enough copy of one page (each field is read atomically).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
@@ -160,6 +213,7 @@ pub struct Snapshot {
     pub fork: ForkCounters,
     /// Open remote-fork resources of the running incarnation, see [`LIVE_RESOURCES`].
     pub live: [u64; 4],
+    pub reset: ResetCounters,
 }
 
 impl Snapshot {
@@ -178,6 +232,7 @@ impl Snapshot {
         for (a, b) in self.live.iter_mut().zip(other.live) {
             *a += b;
         }
+        self.reset.add(&other.reset);
     }
 }
 
@@ -251,18 +306,31 @@ impl StatsPage {
         }
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         b.exec_sum_ns.fetch_add(ns, Relaxed);
-        // Rounded up, so a bucket's count never includes a call longer than its bound.
-        let us = ns.div_ceil(1000);
-        // Smallest k with us <= 2^k: bucket k covers (2^(k-1), 2^k] microseconds.
-        let k = if us <= 1 {
-            0
+        observe(&b.exec_buckets, &b.exec_overflow, ns);
+    }
+
+    /// Counts one reset of a `fresh_per_request` instance.
+    pub fn record_reset(&self, report: &crate::fresh::ResetReport) {
+        let b = self.block();
+        if report.rebuilt {
+            b.reset_rebuilds.fetch_add(1, Relaxed);
         } else {
-            (64 - (us - 1).leading_zeros()) as usize
-        };
-        match b.exec_buckets.get(k) {
-            Some(bucket) => bucket.fetch_add(1, Relaxed),
-            None => b.exec_overflow.fetch_add(1, Relaxed),
-        };
+            b.resets_in_place.fetch_add(1, Relaxed);
+        }
+        if report.pages > 0 {
+            let pages = if report.copied {
+                &b.reset_pages_copied
+            } else {
+                &b.reset_pages_dropped
+            };
+            pages.fetch_add(report.pages, Relaxed);
+        }
+        if report.shrank {
+            b.reset_shrinks.fetch_add(1, Relaxed);
+        }
+        let ns = u64::try_from(report.elapsed.as_nanos()).unwrap_or(u64::MAX);
+        b.reset_sum_ns.fetch_add(ns, Relaxed);
+        observe(&b.reset_buckets, &b.reset_overflow, ns);
     }
 
     /// Adds `delta` to the resumed-memory counters (the worker adds what grew since it last
@@ -303,8 +371,34 @@ impl StatsPage {
         s.exec_overflow = b.exec_overflow.load(Relaxed);
         s.fork = ForkCounters::from_array(std::array::from_fn(|i| b.fork[i].load(Relaxed)));
         s.live = std::array::from_fn(|i| b.live[i].load(Relaxed));
+        s.reset = ResetCounters {
+            in_place: b.resets_in_place.load(Relaxed),
+            rebuilds: b.reset_rebuilds.load(Relaxed),
+            pages_copied: b.reset_pages_copied.load(Relaxed),
+            pages_dropped: b.reset_pages_dropped.load(Relaxed),
+            shrinks: b.reset_shrinks.load(Relaxed),
+            sum_seconds: b.reset_sum_ns.load(Relaxed) as f64 / 1e9,
+            buckets: std::array::from_fn(|i| b.reset_buckets[i].load(Relaxed)),
+            overflow: b.reset_overflow.load(Relaxed),
+        };
         s
     }
+}
+
+/// Counts a duration of `ns` in its histogram bucket: 1 µs · 2^k upper bounds.
+fn observe(buckets: &[AtomicU64; EXEC_BUCKETS], overflow: &AtomicU64, ns: u64) {
+    // Rounded up, so a bucket's count never includes a duration longer than its bound.
+    let us = ns.div_ceil(1000);
+    // Smallest k with us <= 2^k: bucket k covers (2^(k-1), 2^k] microseconds.
+    let k = if us <= 1 {
+        0
+    } else {
+        (64 - (us - 1).leading_zeros()) as usize
+    };
+    match buckets.get(k) {
+        Some(bucket) => bucket.fetch_add(1, Relaxed),
+        None => overflow.fetch_add(1, Relaxed),
+    };
 }
 
 #[cfg(test)]
@@ -387,6 +481,41 @@ mod tests {
         let mut sum = page.snapshot();
         sum.add(&page.snapshot());
         assert_eq!(sum.fork.faults, 30);
+    }
+
+    #[test]
+    fn resets_are_counted_by_kind_with_their_durations() {
+        use crate::fresh::ResetReport;
+        let (page, fd) = StatsPage::create("stats-reset").unwrap();
+        let worker = StatsPage::from_fd(fd).unwrap();
+        assert_eq!(page.snapshot().reset, ResetCounters::default());
+        let in_place = ResetReport {
+            elapsed: Duration::from_micros(3),
+            pages: 5,
+            copied: true,
+            ..ResetReport::default()
+        };
+        worker.record_reset(&in_place);
+        worker.record_reset(&ResetReport {
+            shrank: true,
+            copied: false,
+            ..in_place
+        });
+        worker.record_reset(&ResetReport {
+            elapsed: Duration::from_micros(40),
+            rebuilt: true,
+            ..ResetReport::default()
+        });
+        let r = page.snapshot().reset;
+        assert_eq!((r.in_place, r.rebuilds, r.count()), (2, 1, 3));
+        assert_eq!((r.pages_copied, r.pages_dropped, r.shrinks), (5, 5, 1));
+        assert_eq!(r.buckets[2], 2, "3 µs -> (2, 4]");
+        assert_eq!(r.buckets[6], 1, "40 µs -> (32, 64]");
+        assert!((r.sum_seconds - 46e-6).abs() < 1e-9);
+        let mut sum = page.snapshot();
+        sum.add(&page.snapshot());
+        assert_eq!(sum.reset.count(), 6);
+        assert_eq!(page.snapshot().invocations, 0, "no invocation counted");
     }
 
     #[test]

@@ -198,6 +198,13 @@ pub(crate) fn serve_instance(
     };
     // Pages the resume itself touched (spindle_on_fork, WASI set-up) count too.
     worker.publish_fork_counters();
+    // Ready for the first request before saying so: with `isolation: fresh_per_request`
+    // this arms the reset (an exec'd instance captures its image here).
+    worker
+        .instance
+        .host_mut()
+        .prepare()
+        .map_err(InstanceError::from)?;
     worker.start_watchdog();
     if let Some(stale) = fds.stale_tid {
         // The serving loop starts no threads after these two (control, watchdog).
@@ -339,6 +346,7 @@ impl Worker {
             }
             let reply = self.handle(Descriptor::from_bytes(&buf));
             self.publish_fork_counters();
+            self.publish_resets();
             // Under load the loop may not come to block for a while: a prepare queued meanwhile
             // is answered between these two invocations, not after the whole read batch.
             // (Its doorbell stays rung: the next wait wakes once and finds nothing.)
@@ -360,6 +368,7 @@ impl Worker {
                 if let Err(e) = self.instance.host_mut().prepare() {
                     tracing::error!(function = %self.function_name(), "rebuilding the instance: {e}");
                 }
+                self.publish_resets();
             }
         }
     }
@@ -464,6 +473,17 @@ impl Worker {
             ]
             .map(|v| v.max(0) as u64),
         );
+    }
+
+    /// Adds the resets of a `fresh_per_request` instance done since the last call to the
+    /// statistics page (nothing for an instance that reuses).
+    fn publish_resets(&mut self) {
+        let Worker {
+            instance, stats, ..
+        } = self;
+        for report in instance.host_mut().take_resets() {
+            stats.record_reset(&report);
+        }
     }
 
     /// Turns one received descriptor into the one to send on.

@@ -356,8 +356,14 @@ fn resume_images(
         let Some((function, value)) = arg.split_once('=') else {
             bail!("--resume {arg}: expected FUNCTION=DESCRIPTOR or FUNCTION=@FILE");
         };
-        if config.function(function).is_none() {
+        let Some(spec) = config.function(function) else {
             bail!("--resume {arg}: no function {function} in the config");
+        };
+        if spec.isolation == chain_runtime::config::Isolation::FreshPerRequest {
+            bail!(
+                "--resume {function}: `isolation: fresh_per_request` resets to a local image, \
+                 which an instance resumed from a remote one does not have"
+            );
         }
         let descriptor =
             fork_cli::read_descriptor(value).with_context(|| format!("--resume {function}"))?;

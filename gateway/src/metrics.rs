@@ -401,6 +401,95 @@ fn function_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
     ]
 }
 
+/// Resets of `isolation: fresh_per_request` functions (summed over their instances'
+/// statistics pages): how many, done how, their durations and the pages they dropped. Only
+/// functions with that isolation have rows (at 0 from the start).
+fn reset_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
+    let (mut resets, mut seconds, mut pages, mut shrinks) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for chain in chains {
+        let c = chain.plan.spec.name.as_str();
+        for stage in &chain.stages {
+            let fresh = chain.plan.stages.iter().any(|s| {
+                s.fn_id == stage.fn_id
+                    && s.function.isolation == chain_runtime::config::Isolation::FreshPerRequest
+            });
+            if !fresh {
+                continue;
+            }
+            let f = stage.name.as_str();
+            let mut total = Snapshot::default();
+            for instance in &stage.instances {
+                total.add(&instance.stats.snapshot());
+            }
+            let r = total.reset;
+            let l = [("chain", c), ("function", f)];
+            resets.push(counter(
+                &[l[0], l[1], ("how", "in_place")],
+                r.in_place as f64,
+            ));
+            resets.push(counter(
+                &[l[0], l[1], ("how", "rebuild")],
+                r.rebuilds as f64,
+            ));
+            pages.push(counter(
+                &[l[0], l[1], ("how", "copied")],
+                r.pages_copied as f64,
+            ));
+            pages.push(counter(
+                &[l[0], l[1], ("how", "dropped")],
+                r.pages_dropped as f64,
+            ));
+            shrinks.push(counter(&l, r.shrinks as f64));
+            let mut cumulative = 0;
+            let buckets = (0..EXEC_BUCKETS)
+                .map(|i| {
+                    cumulative += r.buckets[i];
+                    let mut b = proto::Bucket::default();
+                    b.set_upper_bound(bucket_bound(i));
+                    b.set_cumulative_count(cumulative);
+                    b
+                })
+                .collect();
+            let mut h = proto::Histogram::default();
+            h.set_bucket(buckets);
+            h.set_sample_count(cumulative + r.overflow);
+            h.set_sample_sum(r.sum_seconds);
+            let mut m = proto::Metric::from_label(labels(&l));
+            m.set_histogram(h);
+            seconds.push(m);
+        }
+    }
+    vec![
+        family(
+            "spindle_function_resets_total",
+            "Resets of fresh_per_request instances to their warm image after a call: in_place \
+             (memory and globals put back) or rebuild (re-instantiated from the image)",
+            MetricType::COUNTER,
+            resets,
+        ),
+        family(
+            "spindle_function_reset_seconds",
+            "Time from the end of a call to a fresh_per_request instance ready for the next",
+            MetricType::HISTOGRAM,
+            seconds,
+        ),
+        family(
+            "spindle_function_reset_pages_total",
+            "Written pages resets in place put back to the image: copied (from the image, \
+             staying resident) or dropped (MADV_DONTNEED; 0 without PAGEMAP_SCAN)",
+            MetricType::COUNTER,
+            pages,
+        ),
+        family(
+            "spindle_function_reset_memory_shrinks_total",
+            "Resets that shrank memory the guest had grown back to the image's size",
+            MetricType::COUNTER,
+            shrinks,
+        ),
+    ]
+}
+
 /// (CPU seconds, resident bytes) of a process, from /proc.
 fn process_usage(pid: &str) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -838,6 +927,7 @@ impl Metrics {
         families.extend(wait_families(chains));
         families.extend(function_families(chains));
         families.extend(fork_families(chains));
+        families.extend(reset_families(chains));
         families.extend(kernel_families(chains));
         families.extend(process_families(chains));
         // The text encoder refuses a family without samples (e.g. the child-side fork

@@ -7,7 +7,7 @@ use saphyr::{MarkedYaml, Scalar, YamlData};
 
 use super::units::{GIB, KIB, MIB};
 use super::yaml::{Pos, describe, looks_like_integer, pos, untag};
-use super::{Autoscale, Checker, FunctionSpec, Instances, ModuleMode, StartMode, label};
+use super::{Autoscale, Checker, FunctionSpec, Instances, Isolation, ModuleMode, StartMode, label};
 
 const WASM_PAGE: u64 = 64 * KIB;
 const DEFAULT_INSTANCES: u32 = 1;
@@ -52,6 +52,7 @@ const FUNCTION_KEYS: &[&str] = &[
     "mode",
     "env",
     "start",
+    "isolation",
 ];
 
 impl Checker<'_> {
@@ -102,6 +103,7 @@ impl Checker<'_> {
             .unwrap_or_default();
         let env = fields.get("env").map(|n| self.env(n)).unwrap_or_default();
         let start = self.start(fields.get("start"), mode);
+        let isolation = self.isolation(fields.get("isolation"), mode);
 
         Some(FunctionSpec {
             name,
@@ -114,6 +116,7 @@ impl Checker<'_> {
             mode,
             env,
             start,
+            isolation,
         })
     }
 
@@ -175,6 +178,31 @@ impl Checker<'_> {
                 concurrency: concurrency as u32,
             }),
         })
+    }
+
+    fn isolation(&mut self, node: Option<&MarkedYaml<'_>>, mode: ModuleMode) -> Isolation {
+        let Some(node) = node else {
+            return Isolation::Reuse;
+        };
+        match self.string(node, "isolation") {
+            Some("reuse") => Isolation::Reuse,
+            Some("fresh_per_request") if mode == ModuleMode::Command => {
+                self.error(
+                    pos(node),
+                    "`isolation: fresh_per_request` needs `mode: reactor`: a command module \
+                     already runs every request in a fresh instance",
+                );
+                Isolation::Reuse
+            }
+            Some("fresh_per_request") => Isolation::FreshPerRequest,
+            Some(other) => {
+                let message =
+                    format!("unknown isolation `{other}`: expected `reuse` or `fresh_per_request`");
+                self.error(pos(node), message);
+                Isolation::Reuse
+            }
+            None => Isolation::Reuse,
+        }
     }
 
     fn start(&mut self, node: Option<&MarkedYaml<'_>>, mode: ModuleMode) -> StartMode {

@@ -45,6 +45,12 @@
 //!                                   #   and holds a warm instance's image;
 //!                                   # exec (default and only choice for commands): every
 //!                                   #   worker compiles and instantiates the module itself
+//!     isolation: reuse              # reuse (default): one warm instance serves request after
+//!                                   #   request, keeping what they leave in memory and globals;
+//!                                   # fresh_per_request (reactors only): every request runs
+//!                                   #   in a fresh copy of the warm image — after each call
+//!                                   #   the instance is reset in place, copy-on-write
+//!                                   #   (memory, globals, memory size, stdio), same process
 //!   - name: reverse
 //!     module: ../examples/wasm/reverse.wasm
 //!   - name: frame
@@ -149,6 +155,31 @@ pub struct FunctionSpec {
     /// In file order.
     pub env: Vec<(String, String)>,
     pub start: StartMode,
+    /// What one request may see of the previous ones (`isolation:`, default `reuse`).
+    pub isolation: Isolation,
+}
+
+/// What a reactor's requests share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// One warm instance serves every request: state left in linear memory and globals is
+    /// seen by the next request (a cache, or a leak).
+    #[default]
+    Reuse,
+    /// Every request runs in a fresh copy of the warm image: after each call (trapped and
+    /// timed-out ones too) the instance is reset in place to the image, copy-on-write, in
+    /// the same process (see [`crate::fresh`]).
+    FreshPerRequest,
+}
+
+impl Isolation {
+    /// The value as written in the config.
+    pub fn label(self) -> &'static str {
+        match self {
+            Isolation::Reuse => "reuse",
+            Isolation::FreshPerRequest => "fresh_per_request",
+        }
+    }
 }
 
 /// How many instances of a function run (`instances:`).

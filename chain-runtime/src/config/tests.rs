@@ -176,6 +176,7 @@ fn full_config_round_trip() {
                     ("LEVEL".into(), "3".into())
                 ],
                 start: StartMode::Exec,
+                isolation: Isolation::Reuse,
             },
             FunctionSpec {
                 name: "plain-2".into(),
@@ -188,6 +189,7 @@ fn full_config_round_trip() {
                 mode: ModuleMode::Reactor,
                 env: vec![],
                 start: StartMode::Fork,
+                isolation: Isolation::Reuse,
             },
             FunctionSpec {
                 name: "no_fuel".into(),
@@ -200,6 +202,7 @@ fn full_config_round_trip() {
                 mode: ModuleMode::Reactor,
                 env: vec![],
                 start: StartMode::Fork,
+                isolation: Isolation::Reuse,
             },
         ]
     );
@@ -1301,4 +1304,50 @@ fn bad_autoscaling_is_reported_where_it_is_written() {
             "missing {line}:{col} {message} in {errors:#?}"
         );
     }
+}
+
+#[test]
+fn isolation_defaults_to_reuse_and_fresh_per_request_needs_a_reactor() {
+    let s = Scratch::new();
+    let chain = ["chains:", "  - name: c", "    route: /c", "    steps: [a]"];
+    let with = |extra: &[&'static str]| {
+        let mut lines = vec!["functions:", "  - name: a", "    module: ../mods/a.wasm"];
+        lines.extend_from_slice(extra);
+        lines.extend_from_slice(&chain);
+        lines
+    };
+    assert_eq!(s.ok(&with(&[])).functions[0].isolation, Isolation::Reuse);
+    assert_eq!(
+        s.ok(&with(&["    isolation: reuse"])).functions[0].isolation,
+        Isolation::Reuse
+    );
+    for start in ["fork", "exec"] {
+        let line = format!("    start: {start}");
+        let config = s.ok(&with(&["    isolation: fresh_per_request", line.leak()]));
+        assert_eq!(config.functions[0].isolation, Isolation::FreshPerRequest);
+        assert_eq!(config.functions[0].start.label(), start);
+    }
+    assert_eq!(Isolation::FreshPerRequest.label(), "fresh_per_request");
+    s.one_error(
+        &with(&["    mode: command", "    isolation: fresh_per_request"]),
+        5,
+        16,
+        "`isolation: fresh_per_request` needs `mode: reactor`",
+    );
+    s.one_error(
+        &with(&["    isolation: fresh"]),
+        4,
+        16,
+        "unknown isolation `fresh`: expected `reuse` or `fresh_per_request`",
+    );
+    s.one_error(
+        &with(&["    isolation: true"]),
+        4,
+        16,
+        "`isolation` must be a string, found",
+    );
+    // A misspelt key is refused like every other one.
+    let errors = s.errors(&with(&["    isolaton: fresh_per_request"]));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].2.contains("isolation"), "{errors:?}");
 }

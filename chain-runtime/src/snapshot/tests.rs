@@ -42,6 +42,7 @@ fn spec_for(tag: &str, module: PathBuf) -> FunctionSpec {
         mode: ModuleMode::Reactor,
         env: vec![("GREETING".into(), "hi".into())],
         start: crate::config::StartMode::Fork,
+        isolation: crate::config::Isolation::Reuse,
     }
 }
 

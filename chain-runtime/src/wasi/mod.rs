@@ -240,6 +240,18 @@ impl WasiCtx {
         self.stderr.flush();
     }
 
+    /// Puts the per-request state back as a fresh copy of the image had it (a reset in
+    /// place, [`crate::fresh`]): the stdio fds closed exactly when `stdio_closed` says, a
+    /// partial log line flushed (it belongs to the request that wrote it), no stdin, no exit
+    /// code. Args, environment and the sinks' kind are fixed at creation and stay.
+    pub fn reset_for_request(&mut self, stdio_closed: [bool; 3]) {
+        self.flush_logs();
+        self.closed = stdio_closed;
+        self.stdin = Vec::new();
+        self.stdin_pos = 0;
+        self.exit_code = None;
+    }
+
     fn open_stdio(&self, fd: u32) -> Result<u32, Errno> {
         match fd {
             0..=2 if !self.closed[fd as usize] => Ok(fd),
