@@ -7,11 +7,11 @@
 //! instance has gone, the old zygote stops, which frees the old image and compiled module.
 //!
 //! What a reload can change: a function's module (its file's bytes), `memory`, `timeout_ms`,
-//! `fuel`, `env`, `mode` and `start`. What needs a restart: `listen`, `dataplane`, the set of
-//! functions and chains, chain settings (routes, steps, arenas, deadlines), `instances` and
-//! `wait_queue` (they size the instance slots and queues the gateway allocated at start). A
-//! reload that asks for those is refused as a whole and changes nothing; a file with errors
-//! is refused with every error at file:line:col.
+//! `fuel`, `env`, `mode`, `start` and `isolation`. What needs a restart: `listen`,
+//! `dataplane`, the set of functions and chains, chain settings (routes, steps, arenas,
+//! deadlines), `instances` and `wait_queue` (they size the instance slots and queues the
+//! gateway allocated at start). A reload that asks for those is refused as a whole and
+//! changes nothing; a file with errors is refused with every error at file:line:col.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -89,6 +89,7 @@ fn rollable(spec: &FunctionSpec) -> impl PartialEq + '_ {
         spec.mode,
         &spec.env,
         spec.start,
+        spec.isolation,
     )
 }
 
