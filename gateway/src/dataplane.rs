@@ -250,6 +250,11 @@ pub struct InstanceLink {
 }
 
 impl InstanceLink {
+    /// Whether the instance is up and takes new requests (not retiring).
+    pub fn is_serving(&self) -> bool {
+        !self.retiring.load(Ordering::Relaxed) && self.queue.lock().expect("link lock").is_some()
+    }
+
     /// Descriptors queued in the gateway for this instance (0 while it is down).
     pub fn queued(&self) -> usize {
         self.queue

@@ -18,6 +18,7 @@ use shm::ArenaError;
 use crate::dataplane::{ChainRuntime, Completion, SlotGuard};
 use crate::metrics::{ChainMetrics, Metrics};
 use crate::node::NodeService;
+use crate::peers::Cluster;
 
 pub struct Gateway {
     pub chains: Vec<Arc<ChainRuntime>>,
@@ -29,6 +30,8 @@ pub struct Gateway {
     pub dataplane: DataplaneStatus,
     /// The node service (images of running instances), when this gateway runs one.
     pub node: Option<Arc<NodeService>>,
+    /// Peers this gateway scales out to and forwards to, and its budget.
+    pub cluster: Arc<Cluster>,
 }
 
 /// Which dataplane runs, and why not the kernel one when `auto` fell back.
@@ -103,7 +106,15 @@ impl Gateway {
             metrics,
             dataplane,
             node: None,
+            cluster: Arc::new(Cluster::default()),
         }
+    }
+
+    /// Forwards requests to peers running instances of this node's chains (and reports the
+    /// budget and peers in /metrics).
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// Reports the node service's state in /readyz and its metrics in /metrics.
@@ -126,7 +137,16 @@ impl Gateway {
                     metrics.in_flight.inc();
                     // Decremented on every exit, including a client that disconnects mid-way.
                     let _in_flight = GaugeGuard(&metrics.in_flight);
-                    let reply = serve_chain(&chain, metrics, &self.content_types[i], req).await;
+                    let peer = self
+                        .cluster
+                        .peers
+                        .as_ref()
+                        .and_then(|p| Some((p, p.pick(i, &req)?)));
+                    let reply = match peer {
+                        // The arena is per node: a peer's instances get the whole request.
+                        Some((peers, target)) => peers.forward(target, &chain, req).await,
+                        None => serve_chain(&chain, metrics, &self.content_types[i], req).await,
+                    };
                     metrics.request(reply.status().as_u16());
                     metrics.duration.observe(started.elapsed().as_secs_f64());
                     reply
@@ -188,10 +208,11 @@ impl Gateway {
                 c.arena.free_slots(),
             );
         }
-        let mut resp = Response::new(Full::new(Bytes::from(self.metrics.encode(
-            &self.chains,
-            self.node.as_ref().map(|n| n.families()).unwrap_or_default(),
-        ))));
+        let mut extra = self.node.as_ref().map(|n| n.families()).unwrap_or_default();
+        extra.extend(self.cluster.families());
+        let mut resp = Response::new(Full::new(Bytes::from(
+            self.metrics.encode(&self.chains, extra),
+        )));
         resp.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -2,7 +2,8 @@
 //! of requests in flight ([`dataplane`]), each instance's bounded outbound queue ([`queue`]),
 //! worker process supervision ([`supervisor`], over exec'd or forked [`process`]es, with each
 //! forking function's [`zygote`]), Prometheus metrics ([`metrics`]) and the node service that
-//! prepares images of running instances and serves their pages ([`node`]). The
+//! prepares images of running instances and serves their pages ([`node`]), and scale-out onto
+//! peer nodes over a node budget with request forwarding ([`peers`], [`budget`]). The
 //! `spindle` binary (main.rs) wires them together.
 //!
 //! It owns every request from its HTTP arrival to its answer, and every worker process's life.
@@ -13,10 +14,12 @@
 //! (it puts each ready worker's control socket on the node's board), `zygote` → `process` +
 //! `supervisor`'s exec helper, `node` → `dataplane` + `metrics`.
 
+pub mod budget;
 pub mod dataplane;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod peers;
 pub mod process;
 pub mod queue;
 pub mod reload;

@@ -34,6 +34,8 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long requests in flight get to finish once shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long peers get to stop the instances they run from this node's images.
+const PEER_RELEASE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Spindle serves HTTP requests through chains of WebAssembly functions on one node.
 /// Request bodies are copied once into a shared-memory arena; functions pass 32-byte
@@ -80,6 +82,8 @@ enum Command {
         #[arg(long, hide = true, value_parser = spindle_bench::parse_duration,
               default_value = "5s")]
         zygote_reply_timeout: Duration,
+        #[command(flatten)]
+        peers: gateway::peers::PeerArgs,
     },
     /// Check CONFIG and print every problem as file:line:col: message. Exit status 1 if any.
     Validate { config: PathBuf },
@@ -299,6 +303,7 @@ fn main() -> std::process::ExitCode {
             serve_images,
             admin,
             zygote_reply_timeout,
+            peers,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -308,6 +313,7 @@ fn main() -> std::process::ExitCode {
                     serve_images,
                     admin,
                     zygote_reply_timeout,
+                    peers,
                 };
                 rt.block_on(run(&config, listen, dataplane, &resume, node))
             }),
@@ -497,6 +503,7 @@ struct NodeArgs {
     serve_images: Option<SocketAddr>,
     admin: Option<PathBuf>,
     zygote_reply_timeout: Duration,
+    peers: gateway::peers::PeerArgs,
 }
 
 async fn run(
@@ -606,6 +613,14 @@ async fn run(
             Some(Arc::new(node))
         }
     };
+    let cluster = gateway::peers::Cluster::start(
+        &config,
+        &node_args.peers,
+        listener.local_addr()?,
+        &chains,
+        node.clone(),
+    )
+    .await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut starting = Vec::new();
     let mut supervisors = Vec::new();
@@ -640,6 +655,7 @@ async fn run(
                 stage,
                 shutdown_rx.clone(),
             );
+            pool.set_peers(cluster.pool_peers(usize::from(chain.plan.id), stage));
             running.push(gateway::reload::Running {
                 chain: Arc::clone(chain),
                 stage,
@@ -698,7 +714,8 @@ async fn run(
         node.accept_reloads(reload_tx);
     }
 
-    let mut gateway = Gateway::new(chains, Arc::clone(&metrics), status);
+    let mut gateway =
+        Gateway::new(chains, Arc::clone(&metrics), status).with_cluster(Arc::new(cluster));
     let mut admin_task = None;
     if let (Some(node), Some(admin)) = (node, admin) {
         admin_task = Some(tokio::spawn(Arc::clone(&node).serve_admin(admin)));
@@ -767,6 +784,8 @@ async fn run(
     {
         tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
     }
+    // Peers retire what they run from this node's images while its page server still serves.
+    gateway.cluster.release(PEER_RELEASE_TIMEOUT).await;
     tracing::info!("stopping workers");
     let _ = shutdown_tx.send(true);
     // Each supervisor stops (SIGTERM, then SIGKILL) and reaps its worker before returning.

@@ -360,8 +360,40 @@ impl NodeService {
         self.prepares.with_label_values(&[result.label()]).inc();
     }
 
+    /// Asks the running instance `key` for an image and publishes it for `lease`: the
+    /// descriptor (a credential) for peers, the same path as the admin API's prepare.
+    pub async fn prepare_image(
+        self: &Arc<Self>,
+        key: InstanceKey,
+        lease: Duration,
+    ) -> Result<proto::ImageDescriptor, String> {
+        self.prepare_descriptor(key, lease)
+            .await
+            .map(|(descriptor, _)| descriptor)
+            .map_err(|AdminError(code, message)| format!("{message} ({code})"))
+    }
+
+    /// Revokes the image `handle` published (children attached to it are refused at their
+    /// next read).
+    pub fn revoke_image(&self, handle: u64) -> Result<(), String> {
+        self.revoke(&format!("{handle:x}"))
+            .map(drop)
+            .map_err(|AdminError(_, message)| message)
+    }
+
     /// Asks the running instance `key` for an image and publishes it for `lease`.
     async fn prepare(self: &Arc<Self>, key: InstanceKey, lease: Duration) -> AdminResult {
+        self.prepare_descriptor(key, lease)
+            .await
+            .map(|(_, text)| text)
+    }
+
+    /// The prepare itself: the descriptor, and the admin API's text about it.
+    async fn prepare_descriptor(
+        self: &Arc<Self>,
+        key: InstanceKey,
+        lease: Duration,
+    ) -> Result<(proto::ImageDescriptor, String), AdminError> {
         let Some(server_addr) = self.page_server_addr() else {
             return Err(AdminError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -469,7 +501,7 @@ impl NodeService {
             .and_then(|s| s.rdma().advert(handle.memory_bytes));
         tracing::info!(instance = %key, handle = %format_args!("{:#018x}", handle.id),
             pages_with_data, prepare_us = took.as_micros() as u64, "image published");
-        Ok(format!(
+        let text = format!(
             "{descriptor}\n\
              handle: {:#018x}\n\
              instance: {key}\n\
@@ -488,7 +520,8 @@ impl NodeService {
             prepared.capture_us,
             took.as_micros(),
             lease.as_secs(),
-        ))
+        );
+        Ok((descriptor, text))
     }
 
     fn channel_failed(&self, key: &InstanceKey, e: ChannelError) -> AdminError {

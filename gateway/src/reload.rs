@@ -8,9 +8,9 @@
 //!
 //! What a reload can change: a function's module (its file's bytes), `memory`, `timeout_ms`,
 //! `fuel`, `env`, `mode`, `start` and `isolation`. What needs a restart: `listen`,
-//! `dataplane`, the set of functions and chains, chain settings (routes, steps, arenas,
-//! deadlines), `instances` and `wait_queue` (they size the instance slots and queues the
-//! gateway allocated at start). A reload that asks for those is refused as a whole and
+//! `dataplane`, `node` and `peers`, the set of functions and chains, chain settings (routes,
+//! steps, arenas, deadlines), `instances` and `wait_queue` (they size the instance slots and
+//! queues the gateway allocated at start). A reload that asks for those is refused as a whole and
 //! changes nothing; a file with errors is refused with every error at file:line:col.
 
 use std::os::fd::OwnedFd;
@@ -101,6 +101,13 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.dataplane != new.dataplane {
         why.push("`dataplane` changed".to_string());
+    }
+    // The budget, the peer-control listener and the peer links are set up once (peers).
+    if old.node != new.node {
+        why.push("`node` changed".to_string());
+    }
+    if old.peers != new.peers {
+        why.push("`peers` changed".to_string());
     }
     let names = |c: &Config| {
         c.functions
@@ -332,6 +339,13 @@ mod tests {
         assert_eq!(
             needs_restart(&old, &instances),
             vec!["function f: `instances` changed".to_string()]
+        );
+        let peers = config(&format!(
+            "{BASE}node: {{ cluster_key: k }}\npeers:\n  - {{ name: b, http: 10.0.0.2:80, control: 10.0.0.2:70 }}\n"
+        ));
+        assert_eq!(
+            needs_restart(&old, &peers),
+            vec!["`node` changed".to_string(), "`peers` changed".to_string()]
         );
         let route = config(&BASE.replace("/c", "/d"));
         assert_eq!(

@@ -39,8 +39,11 @@ use tokio::task::JoinHandle;
 
 use crate::dataplane::ChainRuntime;
 use crate::metrics::Metrics;
-use crate::supervisor::{SpawnError, WorkerCommand, supervise};
+use crate::peers::PoolPeers;
+use crate::supervisor::{ResumeFds, SpawnError, WorkerCommand, supervise};
 use crate::zygote::Zygote;
+
+mod remote;
 
 /// How often an autoscaled function's concurrency is sampled and its count decided.
 pub const TICK: Duration = Duration::from_millis(50);
@@ -156,6 +159,8 @@ struct Slot {
     /// How the first start went, for starts the autoscaler made (the caller of
     /// [`Pool::start_instance`] holds it otherwise).
     first: Option<oneshot::Receiver<Result<Duration, SpawnError>>>,
+    /// Set for an instance run for a peer node's grant (module `remote`).
+    grant: Option<remote::GrantTag>,
 }
 
 /// First wait after an autoscaled start failed; doubled per failure up to [`MAX_BACKOFF`].
@@ -268,6 +273,8 @@ pub struct Pool {
     /// must not be re-forked every tick.
     failed_starts: u32,
     retry_at: Option<Instant>,
+    /// Scale-out onto peers and instances run for peers (docs/autoscaling.md "Peers").
+    peers: PoolPeers,
 }
 
 impl Pool {
@@ -309,8 +316,15 @@ impl Pool {
             rolling: None,
             failed_starts: 0,
             retry_at: None,
+            peers: PoolPeers::default(),
         };
         (pool, roll_tx)
+    }
+
+    /// Lets the autoscaler scale out onto peers over the node's budget, and run instances
+    /// peers ask for.
+    pub fn set_peers(&mut self, peers: PoolPeers) {
+        self.peers = peers;
     }
 
     /// The instances the function starts with (its `min`, or its fixed count).
@@ -332,17 +346,35 @@ impl Pool {
     fn spawn_in_free_slot(
         &mut self,
     ) -> Option<(usize, oneshot::Receiver<Result<Duration, SpawnError>>)> {
+        self.spawn_slot(None)
+    }
+
+    /// As [`Pool::spawn_in_free_slot`]; with a grant, the instance resumes from the grant's
+    /// image (by exec, never from the zygote).
+    fn spawn_slot(
+        &mut self,
+        grant: Option<(remote::GrantTag, Arc<ResumeFds>)>,
+    ) -> Option<(usize, oneshot::Receiver<Result<Duration, SpawnError>>)> {
         self.reclaim();
         let instance = self.slots.iter().position(Option::is_none)?;
         let (first_tx, first_rx) = oneshot::channel();
         let (retire, retired) = watch::channel(false);
         let g = &self.generation;
+        let (cmd, zygote, grant) = match grant {
+            None => (g.cmd.clone(), g.zygote.clone(), None),
+            Some((tag, fds)) => {
+                let mut cmd = g.cmd.clone();
+                cmd.images
+                    .insert(self.chain.stages[self.stage].name.clone(), fds);
+                (cmd, None, Some(tag))
+            }
+        };
         let task = tokio::spawn(supervise(
-            g.cmd.clone(),
+            cmd,
             Arc::clone(&self.chain),
             Arc::clone(&self.metrics),
             Arc::clone(&g.module),
-            g.zygote.clone(),
+            zygote,
             self.stage,
             instance,
             first_tx,
@@ -354,6 +386,7 @@ impl Pool {
             retire,
             generation: g.number,
             first: None,
+            grant,
         });
         Some((instance, first_rx))
     }
@@ -405,14 +438,16 @@ impl Pool {
         }
     }
 
-    /// Slots whose instance is starting or serving and not asked to retire.
+    /// This node's own slots whose instance is starting or serving and not asked to retire
+    /// (instances run for peers are counted apart).
     fn active(&self) -> Vec<usize> {
         self.slots
             .iter()
             .enumerate()
             .filter(|(_, s)| {
-                s.as_ref()
-                    .is_some_and(|s| !s.task.is_finished() && !*s.retire.borrow())
+                s.as_ref().is_some_and(|s| {
+                    !s.task.is_finished() && !*s.retire.borrow() && s.grant.is_none()
+                })
             })
             .map(|(i, _)| i)
             .collect()
@@ -516,8 +551,10 @@ impl Pool {
             desired_gauge.set(i64::from(decision.desired));
             panic_gauge.set(i64::from(decision.panicking));
             let active = self.active().len() as u32;
-            if decision.desired > active && !backing_off {
-                for _ in active..decision.desired {
+            // What peers run and what runs for peers (nothing without a cluster).
+            let desired = self.peers_tick(decision.desired, active, backing_off);
+            if desired > active && !backing_off {
+                for _ in active..desired {
                     // Later ticks look at how it went; a failed start is logged by its
                     // supervisor and its slot is reclaimed.
                     if self.active().len() >= self.max() || !self.scale_up_one() {
@@ -526,18 +563,18 @@ impl Pool {
                     ups.inc();
                 }
                 tracing::debug!(chain = %labels[0], function = %labels[1],
-                    from = active, to = decision.desired, panicking = decision.panicking,
+                    from = active, to = desired, panicking = decision.panicking,
                     concurrency, "scaling up");
-            } else if decision.desired < active && self.rolling.is_none() {
+            } else if desired < active && self.rolling.is_none() {
                 // (Not during a roll: its extra instance is the roll's, and goes with it.)
-                for _ in decision.desired..active {
+                for _ in desired..active {
                     if !self.retire_one() {
                         break;
                     }
                     downs.inc();
                 }
                 tracing::debug!(chain = %labels[0], function = %labels[1],
-                    from = active, to = decision.desired, concurrency, "scaling down");
+                    from = active, to = desired, concurrency, "scaling down");
             }
         }
     }

@@ -79,6 +79,10 @@
 //!     max_hops: 16                  # 1..=255, default 16
 //! ```
 //!
+//! Optional `node:` (this node's CPU and memory budget, its peer-control address and the
+//! cluster key) and `peers:` (other nodes' gateways to scale out to) are described in the
+//! `cluster` module.
+//!
 //! A chain has either `steps` or `entry` + `functions`, never both. Unknown keys
 //! are errors, so a misspelt optional key cannot silently fall back to its
 //! default. Integers may use `_` separators.
@@ -95,6 +99,7 @@ use chains::Known;
 use yaml::{Fields, Pos, describe, pos, untag};
 
 mod chains;
+mod cluster;
 mod functions;
 mod units;
 mod yaml;
@@ -102,7 +107,16 @@ mod yaml;
 /// Chain ids are 16-bit in the descriptor.
 const MAX_CHAINS: usize = 1024;
 
-const TOP_KEYS: &[&str] = &["listen", "dataplane", "functions", "chains"];
+const TOP_KEYS: &[&str] = &[
+    "listen",
+    "dataplane",
+    "functions",
+    "chains",
+    "node",
+    "peers",
+];
+
+pub use cluster::{DEFAULT_CPU_BUDGET, DEFAULT_MEMORY_BUDGET, NodeSpec, PeerSpec, parse_percent};
 
 /// A validated configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +131,10 @@ pub struct Config {
     pub functions: Vec<FunctionSpec>,
     /// In file order.
     pub chains: Vec<ChainSpec>,
+    /// This node's budget and peer-control settings (`node:`, module `cluster`).
+    pub node: NodeSpec,
+    /// Peer nodes this gateway may scale out to (`peers:`), in file order.
+    pub peers: Vec<PeerSpec>,
 }
 
 /// One Wasm function; every instance runs in its own worker process.
@@ -468,12 +486,18 @@ impl Checker<'_> {
             }
         }
 
+        let node = top.get("node").map(|n| self.node(n)).unwrap_or_default();
+        let peers = top.get("peers").map(|n| self.peers(n)).unwrap_or_default();
+        self.check_cluster(&node, &peers, top.get("node"), top.get("peers"));
+
         Some(Config {
             source: self.source.to_path_buf(),
             listen,
             dataplane,
             functions,
             chains,
+            node,
+            peers,
         })
     }
 

@@ -1,0 +1,348 @@
+//! The `node:` and `peers:` sections: this node's resource budget, where its peers' gateways
+//! listen, and how the gateways authenticate each other (docs/autoscaling.md "Peers").
+//!
+//! ```yaml
+//! node:
+//!   name: node-a               # [a-z0-9_-]+; names this node to its peers (default: the
+//!                              #   listen address)
+//!   cpu_budget: 80%            # 0%..=100%, default 80%: over it, scale-out goes to peers
+//!   memory_budget: 85%         # 0%..=100%, default 85%
+//!   peer_listen: 10.0.0.1:7070 # where this node's peer-control channel listens (optional:
+//!                              #   without it, this node asks peers but never serves them)
+//!   cluster_key: cluster.key   # file with the shared key (>= 32 bytes), relative to this file;
+//!                              #   required with `peers` or `peer_listen`
+//! peers:
+//!   - name: node-b             # [a-z0-9_-]+, unique
+//!     http: 10.0.0.2:8080      # the peer gateway's HTTP address (forwarded requests)
+//!     control: 10.0.0.2:7070   # its peer-control address (its `peer_listen`)
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use saphyr::{MarkedYaml, Scalar, YamlData};
+
+use super::Checker;
+use super::yaml::{describe, pos, untag};
+
+pub(super) const NODE_KEYS: &[&str] = &[
+    "name",
+    "cpu_budget",
+    "memory_budget",
+    "peer_listen",
+    "cluster_key",
+];
+const PEER_KEYS: &[&str] = &["name", "http", "control"];
+
+/// Budgets when the file names none: room for the gateway, its workers' bursts and the
+/// kernel before the node is called full.
+pub const DEFAULT_CPU_BUDGET: f64 = 0.80;
+pub const DEFAULT_MEMORY_BUDGET: f64 = 0.85;
+
+/// This node among its peers (`node:`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSpec {
+    pub name: Option<String>,
+    /// Fraction of the node's CPU time (0.0..=1.0) above which it is over budget.
+    pub cpu_budget: f64,
+    /// Fraction of the node's memory in use (0.0..=1.0) above which it is over budget.
+    pub memory_budget: f64,
+    pub peer_listen: Option<SocketAddr>,
+    /// Absolute, or joined onto the configuration file's directory.
+    pub cluster_key: Option<PathBuf>,
+}
+
+impl Default for NodeSpec {
+    fn default() -> Self {
+        NodeSpec {
+            name: None,
+            cpu_budget: DEFAULT_CPU_BUDGET,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            peer_listen: None,
+            cluster_key: None,
+        }
+    }
+}
+
+// The budgets are parsed from decimal percentages and never NaN.
+impl Eq for NodeSpec {}
+
+/// One peer node's gateway (`peers:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub name: String,
+    /// Its HTTP address: requests forwarded to it go here.
+    pub http: SocketAddr,
+    /// Its peer-control channel: scale requests go here.
+    pub control: SocketAddr,
+}
+
+/// `N%` with N a decimal number in 0..=100, as a fraction.
+pub fn parse_percent(text: &str) -> Result<f64, String> {
+    let digits = text
+        .trim()
+        .strip_suffix('%')
+        .ok_or_else(|| format!("`{text}` is not a percentage such as 80%"))?;
+    match digits.trim().parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p / 100.0),
+        Ok(_) => Err(format!("`{text}` is out of range: expected 0%..=100%")),
+        Err(_) => Err(format!("`{text}` is not a percentage such as 80%")),
+    }
+}
+
+impl Checker<'_> {
+    pub(super) fn node(&mut self, node: &MarkedYaml<'_>) -> NodeSpec {
+        let mut spec = NodeSpec::default();
+        let Some(fields) = self.fields(node, "`node`", Some(NODE_KEYS)) else {
+            return spec;
+        };
+        if let Some(n) = fields.get("name")
+            && let Some(name) = self.string(n, "name")
+        {
+            if self.plain_name(name).is_ok() {
+                spec.name = Some(name.to_owned());
+            } else {
+                self.error(pos(n), format!("invalid node name `{name}`: {NAME_RULE}"));
+            }
+        }
+        for (key, slot) in [
+            ("cpu_budget", &mut spec.cpu_budget),
+            ("memory_budget", &mut spec.memory_budget),
+        ] {
+            if let Some(n) = fields.get(key)
+                && let Some(p) = self.percent(n, key)
+            {
+                *slot = p;
+            }
+        }
+        spec.peer_listen = fields
+            .get("peer_listen")
+            .and_then(|n| self.address(n, "peer_listen"));
+        if let Some(n) = fields.get("cluster_key")
+            && let Some(path) = self.string(n, "cluster_key")
+        {
+            if path.is_empty() {
+                self.error(pos(n), "`cluster_key` must name a file");
+            } else {
+                let dir = self.source.parent().map(PathBuf::from).unwrap_or_default();
+                spec.cluster_key = Some(dir.join(path));
+            }
+        }
+        spec
+    }
+
+    pub(super) fn peers(&mut self, node: &MarkedYaml<'_>) -> Vec<PeerSpec> {
+        let Some(items) = self.list(node, "peers", "peer") else {
+            return Vec::new();
+        };
+        let (mut names, mut addrs) = (HashMap::new(), HashMap::new());
+        let mut peers = Vec::new();
+        for item in items {
+            let Some(fields) = self.fields(item, "a peer", Some(PEER_KEYS)) else {
+                continue;
+            };
+            let name = self.name_field(&fields, "peer", &mut names);
+            let http = self
+                .required(&fields, "http", "a peer")
+                .and_then(|n| self.address(n, "http").map(|a| (a, pos(n))));
+            let control = self
+                .required(&fields, "control", "a peer")
+                .and_then(|n| self.address(n, "control"));
+            if let Some((http, at)) = http {
+                self.unique(&mut addrs, &http.to_string(), at, |first| {
+                    format!("peer http address {http} is listed twice (first at line {first})")
+                });
+            }
+            if let (Some((http, _)), Some(control)) = (http, control) {
+                peers.push(PeerSpec {
+                    name,
+                    http,
+                    control,
+                });
+            }
+        }
+        peers
+    }
+
+    /// The cross-section rule: peers talk only over the authenticated channel.
+    pub(super) fn check_cluster(
+        &mut self,
+        node: &NodeSpec,
+        peers: &[PeerSpec],
+        node_at: Option<&MarkedYaml<'_>>,
+        peers_at: Option<&MarkedYaml<'_>>,
+    ) {
+        if node.cluster_key.is_some() {
+            return;
+        }
+        if let Some(at) = peers_at.filter(|_| !peers.is_empty()) {
+            self.error(
+                pos(at),
+                "`peers` needs `node.cluster_key`: the gateways authenticate each other with it",
+            );
+        } else if let (Some(at), Some(_)) = (node_at, node.peer_listen) {
+            self.error(
+                pos(at),
+                "`node.peer_listen` needs `node.cluster_key`: peers must authenticate",
+            );
+        }
+    }
+
+    fn plain_name(&self, name: &str) -> Result<(), ()> {
+        let ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-'));
+        if ok { Ok(()) } else { Err(()) }
+    }
+
+    fn percent(&mut self, node: &MarkedYaml<'_>, field: &str) -> Option<f64> {
+        let YamlData::Value(Scalar::String(text)) = &untag(node).data else {
+            self.error(
+                pos(node),
+                format!(
+                    "`{field}` must be a percentage such as 80%, found {}",
+                    describe(node)
+                ),
+            );
+            return None;
+        };
+        match parse_percent(text) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.error(pos(node), format!("`{field}`: {e}"));
+                None
+            }
+        }
+    }
+
+    fn address(&mut self, node: &MarkedYaml<'_>, field: &str) -> Option<SocketAddr> {
+        let hint = "an IP address and port such as 10.0.0.2:8080";
+        let YamlData::Value(Scalar::String(text)) = &untag(node).data else {
+            self.error(
+                pos(node),
+                format!("`{field}` must be {hint}, found {}", describe(node)),
+            );
+            return None;
+        };
+        match text.parse::<SocketAddr>() {
+            Ok(addr) if addr.ip().is_unspecified() || addr.port() == 0 => {
+                self.error(
+                    pos(node),
+                    format!("`{field}` {addr}: peers connect to it, so it must be a specific address and port"),
+                );
+                None
+            }
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(
+                    pos(node),
+                    format!(
+                        "invalid `{field}` address `{text}`: expected {hint} (host names are not resolved)"
+                    ),
+                );
+                None
+            }
+        }
+    }
+}
+
+const NAME_RULE: &str = "use only lowercase letters, digits, `_` and `-`";
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, ConfigErrors};
+    use super::*;
+
+    fn parse(extra: &str) -> Result<Config, ConfigErrors> {
+        let dir = std::env::temp_dir().join(format!("spindle-cluster-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        let text = format!(
+            "functions:\n  - {{ name: a, module: a.wasm }}\nchains:\n  - {{ name: c, route: /c, steps: [a] }}\n{extra}"
+        );
+        Config::parse(&text, &dir.join("spindle.yaml"))
+    }
+
+    fn errors(extra: &str) -> Vec<(usize, usize, String)> {
+        parse(extra)
+            .expect_err("expected errors")
+            .0
+            .into_iter()
+            .map(|e| (e.line, e.col, e.message))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_without_the_sections() {
+        let c = parse("").unwrap();
+        assert_eq!(c.node, NodeSpec::default());
+        assert!(c.peers.is_empty());
+        assert_eq!(c.node.cpu_budget, DEFAULT_CPU_BUDGET);
+    }
+
+    #[test]
+    fn a_full_node_and_peer_list() {
+        let c = parse(
+            "node:\n  name: node-a\n  cpu_budget: 70%\n  memory_budget: 92.5%\n  peer_listen: 10.0.0.1:7070\n  cluster_key: k.key\n\
+             peers:\n  - { name: node-b, http: 10.0.0.2:8080, control: 10.0.0.2:7070 }\n",
+        )
+        .unwrap();
+        assert_eq!(c.node.name.as_deref(), Some("node-a"));
+        assert!((c.node.cpu_budget - 0.70).abs() < 1e-9);
+        assert!((c.node.memory_budget - 0.925).abs() < 1e-9);
+        assert_eq!(c.node.peer_listen, Some("10.0.0.1:7070".parse().unwrap()));
+        assert!(c.node.cluster_key.unwrap().ends_with("k.key"));
+        assert_eq!(
+            c.peers,
+            vec![PeerSpec {
+                name: "node-b".into(),
+                http: "10.0.0.2:8080".parse().unwrap(),
+                control: "10.0.0.2:7070".parse().unwrap(),
+            }]
+        );
+    }
+
+    #[test]
+    fn problems_are_reported_where_they_are() {
+        let e = errors("node:\n  cpu_budget: 120%\n  memory_budget: 85\n  cluster_key: k\n");
+        assert_eq!(e[0].0, 6, "{e:?}");
+        assert_eq!(e[0].1, 15);
+        assert!(e[0].2.contains("out of range"), "{e:?}");
+        assert_eq!((e[1].0, e[1].1), (7, 18));
+        assert!(e[1].2.contains("must be a percentage"), "{e:?}");
+
+        let e = errors("peers:\n  - { name: b, http: 10.0.0.2:8080, control: 10.0.0.2:7070 }\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!((e[0].0, e[0].1), (6, 3));
+        assert!(e[0].2.contains("node.cluster_key"), "{e:?}");
+
+        let e = errors(
+            "node: { cluster_key: k }\npeers:\n  - { name: b, http: 0.0.0.0:8080, control: 10.0.0.2:7070 }\n  - { name: b, http: 10.0.0.3:8080 }\n",
+        );
+        let text: Vec<&str> = e.iter().map(|e| e.2.as_str()).collect();
+        assert!(text.iter().any(|m| m.contains("specific address")), "{e:?}");
+        assert!(
+            text.iter().any(|m| m.contains("duplicate peer name `b`")),
+            "{e:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|m| m.contains("missing required key `control`")),
+            "{e:?}"
+        );
+
+        let e = errors("node: { clustr_key: k }\n");
+        assert!(e[0].2.contains("did you mean `cluster_key`"), "{e:?}");
+    }
+
+    #[test]
+    fn percentages() {
+        assert_eq!(parse_percent("0%"), Ok(0.0));
+        assert_eq!(parse_percent("100%"), Ok(1.0));
+        assert!(parse_percent("80").is_err());
+        assert!(parse_percent("-1%").is_err());
+        assert!(parse_percent("x%").is_err());
+    }
+}
