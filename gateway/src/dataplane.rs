@@ -527,9 +527,12 @@ impl ChainRuntime {
         self.pending.lock().expect("pending lock").requests.len()
     }
 
-    /// Requests held by the instance incarnation `holder` (for a retiring instance to wait
-    /// until it holds none).
-    pub fn held_by_count(&self, holder: Holder) -> usize {
+    /// The kernel's holder record of every request in flight (none in userspace mode). They
+    /// are syscalls: read without holding the table lock.
+    fn kernel_records(&self) -> HashMap<u64, HolderRecord> {
+        if self.kernel.is_none() {
+            return HashMap::new();
+        }
         let candidates: Vec<(u64, u32)> = {
             let table = self.pending.lock().expect("pending lock");
             table
@@ -538,10 +541,16 @@ impl ChainRuntime {
                 .map(|(id, p)| (*id, p.slot.slot().index))
                 .collect()
         };
-        let records: HashMap<u64, HolderRecord> = candidates
+        candidates
             .iter()
             .filter_map(|&(id, slot)| Some((id, self.kernel_record(slot)?)))
-            .collect();
+            .collect()
+    }
+
+    /// Requests held by the instance incarnation `holder` (for a retiring instance to wait
+    /// until it holds none).
+    pub fn held_by_count(&self, holder: Holder) -> usize {
+        let records = self.kernel_records();
         let table = self.pending.lock().expect("pending lock");
         table
             .requests
@@ -959,19 +968,7 @@ impl ChainRuntime {
     /// Fails every request held by an instance incarnation that exited. Called only after the
     /// process is gone and its socket drained, so no worker can touch these slots any more.
     pub fn fail_held_by(&self, holder: Holder, code: StatusCode, message: &str) -> usize {
-        // The kernel's holder records are syscalls: read them without holding the table lock.
-        let candidates: Vec<(u64, u32)> = {
-            let table = self.pending.lock().expect("pending lock");
-            table
-                .requests
-                .iter()
-                .map(|(id, p)| (*id, p.slot.slot().index))
-                .collect()
-        };
-        let records: HashMap<u64, HolderRecord> = candidates
-            .iter()
-            .filter_map(|&(id, slot)| Some((id, self.kernel_record(slot)?)))
-            .collect();
+        let records = self.kernel_records();
         let lost: Vec<Pending> = {
             let mut table = self.pending.lock().expect("pending lock");
             let ids: Vec<u64> = table

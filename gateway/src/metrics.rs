@@ -97,6 +97,34 @@ pub(crate) fn counter(pairs: &[(&str, &str)], value: f64) -> proto::Metric {
     m
 }
 
+/// A histogram sample from per-bucket counts (upper bound, non-cumulative count), the count
+/// above the last bound (only in `+Inf`), and the sum.
+pub(crate) fn histogram(
+    pairs: &[(&str, &str)],
+    buckets: impl IntoIterator<Item = (f64, u64)>,
+    overflow: u64,
+    sum: f64,
+) -> proto::Metric {
+    let mut cumulative = 0u64;
+    let buckets = buckets
+        .into_iter()
+        .map(|(bound, n)| {
+            cumulative += n;
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(bound);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut h = proto::Histogram::default();
+    h.set_bucket(buckets);
+    h.set_sample_count(cumulative + overflow);
+    h.set_sample_sum(sum);
+    let mut m = proto::Metric::from_label(labels(pairs));
+    m.set_histogram(h);
+    m
+}
+
 pub(crate) fn gauge(pairs: &[(&str, &str)], value: f64) -> proto::Metric {
     let mut g = proto::Gauge::default();
     g.set_value(value);
@@ -159,25 +187,14 @@ fn wait_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
                 &pairs,
                 load.wait_refused.load(Ordering::Relaxed) as f64,
             ));
-            let mut cumulative = 0u64;
-            let buckets = WAIT_BUCKETS
-                .iter()
-                .zip(&load.wait_buckets)
-                .map(|(bound, n)| {
-                    cumulative += n.load(Ordering::Relaxed);
-                    let mut b = proto::Bucket::default();
-                    b.set_upper_bound(*bound);
-                    b.set_cumulative_count(cumulative);
-                    b
-                })
-                .collect();
-            let mut h = proto::Histogram::default();
-            h.set_bucket(buckets);
-            h.set_sample_count(load.waited.load(Ordering::Relaxed));
-            h.set_sample_sum(load.wait_ns.load(Ordering::Relaxed) as f64 / 1e9);
-            let mut m = proto::Metric::from_label(labels(&pairs));
-            m.set_histogram(h);
-            waits.push(m);
+            let counts = load.wait_buckets.iter().map(|n| n.load(Ordering::Relaxed));
+            let overflow = load.wait_buckets[WAIT_BUCKETS.len()].load(Ordering::Relaxed);
+            waits.push(histogram(
+                &pairs,
+                WAIT_BUCKETS.iter().copied().zip(counts),
+                overflow,
+                load.wait_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            ));
         }
     }
     vec![
@@ -359,23 +376,12 @@ fn function_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
                 crashes,
             ));
 
-            let mut cumulative = 0;
-            let buckets = (0..EXEC_BUCKETS)
-                .map(|i| {
-                    cumulative += total.exec_buckets[i];
-                    let mut b = proto::Bucket::default();
-                    b.set_upper_bound(bucket_bound(i));
-                    b.set_cumulative_count(cumulative);
-                    b
-                })
-                .collect();
-            let mut h = proto::Histogram::default();
-            h.set_bucket(buckets);
-            h.set_sample_count(cumulative + total.exec_overflow);
-            h.set_sample_sum(total.exec_sum_seconds);
-            let mut m = proto::Metric::from_label(labels(&[("chain", c), ("function", f)]));
-            m.set_histogram(h);
-            exec.push(m);
+            exec.push(histogram(
+                &[("chain", c), ("function", f)],
+                (0..EXEC_BUCKETS).map(|i| (bucket_bound(i), total.exec_buckets[i])),
+                total.exec_overflow,
+                total.exec_sum_seconds,
+            ));
         }
     }
     vec![
@@ -441,23 +447,12 @@ fn reset_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
                 r.pages_dropped as f64,
             ));
             shrinks.push(counter(&l, r.shrinks as f64));
-            let mut cumulative = 0;
-            let buckets = (0..EXEC_BUCKETS)
-                .map(|i| {
-                    cumulative += r.buckets[i];
-                    let mut b = proto::Bucket::default();
-                    b.set_upper_bound(bucket_bound(i));
-                    b.set_cumulative_count(cumulative);
-                    b
-                })
-                .collect();
-            let mut h = proto::Histogram::default();
-            h.set_bucket(buckets);
-            h.set_sample_count(cumulative + r.overflow);
-            h.set_sample_sum(r.sum_seconds);
-            let mut m = proto::Metric::from_label(labels(&l));
-            m.set_histogram(h);
-            seconds.push(m);
+            seconds.push(histogram(
+                &l,
+                (0..EXEC_BUCKETS).map(|i| (bucket_bound(i), r.buckets[i])),
+                r.overflow,
+                r.sum_seconds,
+            ));
         }
     }
     vec![

@@ -16,73 +16,28 @@ use nix::unistd::Pid;
 use proto::ImageDescriptor;
 use serde_json::Value;
 
-/// Two namespaces and the veth between them; deleted on drop, even when the test fails.
+/// The parent node (serves images) and the child node (resumes them).
 struct Nodes {
     parent: String,
     child: String,
     parent_ip: String,
-}
-
-static NEXT_SUBNET: AtomicU32 = AtomicU32::new(1);
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("running ip (iproute2; scripts/setup.sh installs it)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    /// Deletes both namespaces when dropped.
+    _pair: common::NodePair,
 }
 
 impl Nodes {
     fn create(test: &str) -> Option<Nodes> {
-        if !testkit::require_root(test, "network namespaces and userfaultfd") {
-            return None;
-        }
-        // Each test of this binary gets its own /30 on addresses only these namespaces have.
-        let n = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("{}-{n}", std::process::id());
-        let nodes = Nodes {
-            parent: format!("spf-p-{tag}"),
-            child: format!("spf-c-{tag}"),
-            parent_ip: format!("10.250.{n}.1"),
-        };
-        ip(&["netns", "add", &nodes.parent]);
-        ip(&["netns", "add", &nodes.child]);
-        let (vp, vc) = (format!("spp{tag}"), format!("spc{tag}"));
-        // Interface names are at most 15 bytes.
-        let (vp, vc) = (&vp[..vp.len().min(15)], &vc[..vc.len().min(15)]);
-        ip(&["link", "add", vp, "type", "veth", "peer", "name", vc]);
-        ip(&["link", "set", vp, "netns", &nodes.parent]);
-        ip(&["link", "set", vc, "netns", &nodes.child]);
-        let child_ip = format!("10.250.{n}.2/30");
-        for (ns, dev, addr) in [
-            (&nodes.parent, vp, format!("{}/30", nodes.parent_ip)),
-            (&nodes.child, vc, child_ip),
-        ] {
-            ip(&["-n", ns, "addr", "add", &addr, "dev", dev]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        Some(nodes)
+        let pair = common::NodePair::create(test, "spf", 250)?;
+        Some(Nodes {
+            parent: pair.a.clone(),
+            child: pair.b.clone(),
+            parent_ip: pair.a_ip.clone(),
+            _pair: pair,
+        })
     }
 
     fn command(&self, ns: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_spindle")]);
-        c
-    }
-}
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for ns in [&self.parent, &self.child] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
+        common::NodePair::spindle_in(ns)
     }
 }
 

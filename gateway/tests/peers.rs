@@ -13,7 +13,6 @@ use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,101 +23,35 @@ use hyper_util::rt::TokioExecutor;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// Two namespaces and the veth between them; deleted on drop, even when the test fails.
+/// The origin node (over budget) and the peer node (runs its extra instances).
 struct Nodes {
     origin: String,
     peer: String,
     origin_ip: String,
     peer_ip: String,
-}
-
-static NEXT_SUBNET: AtomicU32 = AtomicU32::new(1);
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("running ip (iproute2; scripts/setup.sh installs it)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    /// Deletes both namespaces when dropped.
+    _pair: common::NodePair,
 }
 
 impl Nodes {
     fn create(test: &str) -> Option<Nodes> {
-        if !testkit::require_root(test, "network namespaces and userfaultfd") {
-            return None;
-        }
         // Not fork.rs's 10.250/16: the two test binaries may run at once.
-        let n = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("{}-{n}", std::process::id());
-        let nodes = Nodes {
-            origin: format!("spp-o-{tag}"),
-            peer: format!("spp-p-{tag}"),
-            origin_ip: format!("10.249.{n}.1"),
-            peer_ip: format!("10.249.{n}.2"),
-        };
-        ip(&["netns", "add", &nodes.origin]);
-        // From here on, Drop deletes what exists.
-        ip(&["netns", "add", &nodes.peer]);
-        let (vo, vp) = (format!("spo{tag}"), format!("spq{tag}"));
-        // Interface names are at most 15 bytes.
-        let (vo, vp) = (&vo[..vo.len().min(15)], &vp[..vp.len().min(15)]);
-        ip(&["link", "add", vo, "type", "veth", "peer", "name", vp]);
-        ip(&["link", "set", vo, "netns", &nodes.origin]);
-        ip(&["link", "set", vp, "netns", &nodes.peer]);
-        for (ns, dev, addr) in [
-            (&nodes.origin, vo, &nodes.origin_ip),
-            (&nodes.peer, vp, &nodes.peer_ip),
-        ] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        Some(nodes)
+        let pair = common::NodePair::create(test, "spp", 249)?;
+        Some(Nodes {
+            origin: pair.a.clone(),
+            peer: pair.b.clone(),
+            origin_ip: pair.a_ip.clone(),
+            peer_ip: pair.b_ip.clone(),
+            _pair: pair,
+        })
     }
-}
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for ns in [&self.origin, &self.peer] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-/// A reactor that sleeps `ms` in WASI `poll_oneoff` and echoes the body: I/O-bound, so load
-/// builds concurrency (and the autoscaler's count) without needing many cores.
-fn sleeper_wat(ms: u64) -> String {
-    format!(
-        r#"(module
-  (import "spindle" "output" (func $out (param i32 i32)))
-  (import "wasi_snapshot_preview1" "poll_oneoff"
-    (func $poll (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (func (export "spindle_alloc") (param i32) (result i32) (i32.const 4096))
-  (func (export "spindle_handle") (param $p i32) (param $n i32) (result i32)
-    (i64.store (i32.const 64) (i64.const 0))
-    (i64.store (i32.const 72) (i64.const 0))
-    (i64.store (i32.const 80) (i64.const 1))
-    (i64.store (i32.const 88) (i64.const {ns}))
-    (i64.store (i32.const 96) (i64.const 0))
-    (i64.store (i32.const 104) (i64.const 0))
-    (drop (call $poll (i32.const 64) (i32.const 128) (i32.const 1) (i32.const 192)))
-    (call $out (local.get $p) (local.get $n))
-    (i32.const 0)))"#,
-        ns = ms * 1_000_000
-    )
 }
 
 /// The one config both nodes run (a deployment ships the same file to every node); what
 /// differs per node comes as flags.
 fn config(dir: &Path) -> PathBuf {
     let module = dir.join("sleeper.wat");
-    std::fs::write(&module, sleeper_wat(20)).unwrap();
+    std::fs::write(&module, common::sleeper_wat(20)).unwrap();
     let key = dir.join("cluster.key");
     std::fs::write(&key, "0123456789abcdef0123456789abcdef-test-cluster-key\n").unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();

@@ -14,36 +14,11 @@ use common::Spindle;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// A reactor that sleeps SLEEP_MS in WASI `poll_oneoff` and echoes the body: I/O-bound, so
-/// more instances really serve more on two cores.
-fn sleeper_wat(sleep_ms: u64) -> String {
-    format!(
-        r#"(module
-  (import "spindle" "output" (func $out (param i32 i32)))
-  (import "wasi_snapshot_preview1" "poll_oneoff"
-    (func $poll (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (func (export "spindle_alloc") (param i32) (result i32) (i32.const 4096))
-  (func (export "spindle_handle") (param $p i32) (param $n i32) (result i32)
-    ;; One relative clock subscription on CLOCK_MONOTONIC at 64, its event at 128.
-    (i64.store (i32.const 64) (i64.const 0))
-    (i64.store (i32.const 72) (i64.const 0))
-    (i64.store (i32.const 80) (i64.const 1))
-    (i64.store (i32.const 88) (i64.const {ns}))
-    (i64.store (i32.const 96) (i64.const 0))
-    (i64.store (i32.const 104) (i64.const 0))
-    (drop (call $poll (i32.const 64) (i32.const 128) (i32.const 1) (i32.const 192)))
-    (call $out (local.get $p) (local.get $n))
-    (i32.const 0)))"#,
-        ns = sleep_ms * 1_000_000
-    )
-}
-
 /// Starts spindle on `yaml`, where `{sleeper}` is a module sleeping `sleep_ms` per call.
 async fn start(tag: &str, yaml: &str, sleep_ms: u64) -> Spindle {
     let dir = common::temp_dir(&format!("{tag}-wat"));
     let module = dir.join("sleeper.wat");
-    std::fs::write(&module, sleeper_wat(sleep_ms)).unwrap();
+    std::fs::write(&module, common::sleeper_wat(sleep_ms)).unwrap();
     let yaml = yaml.replace("{sleeper}", &module.display().to_string());
     Spindle::start(tag, &yaml).await
 }

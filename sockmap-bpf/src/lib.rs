@@ -22,8 +22,8 @@ use libbpf_rs::{MapCore, MapFlags, OpenObject};
 
 use maps::Pod;
 pub use maps::{
-    FnInfo, FnStats, HolderRecord, MAX_FUNCTIONS, MAX_INSTANCES, MAX_SLOTS, MAX_SOCKETS, Sender,
-    SenderKey, SockKey,
+    FnInfo, FnStats, HolderRecord, MAX_FUNCTIONS, MAX_INSTANCES, MAX_SLOTS, MAX_SOCKETS, ReadyList,
+    Sender, SenderKey, SockKey,
 };
 
 mod skel {
@@ -58,6 +58,9 @@ pub struct KernelDataplane {
     skel: SockmapSkel<'static>,
     /// Numbers the gateway ends of connections in the socket map.
     gateway_keys: std::sync::atomic::AtomicU32,
+    /// The ready instances of each function, as last written to the `ready_list` map (the
+    /// lock also keeps two readiness changes from writing the list out of order).
+    ready: std::sync::Mutex<std::collections::HashMap<u32, std::collections::BTreeSet<u32>>>,
 }
 
 /// A worker connection registered with the program; pass it back to
@@ -99,6 +102,7 @@ impl KernelDataplane {
         Ok(KernelDataplane {
             skel,
             gateway_keys: std::sync::atomic::AtomicU32::new(0),
+            ready: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -202,11 +206,49 @@ impl KernelDataplane {
             return Err(SockmapError::TooManyInstances(key.instance));
         }
         let index = key.fn_id * MAX_INSTANCES + key.instance;
+        let mut lists = self.ready.lock().expect("ready lock");
+        // Taken out of instance_ready before the list and put in after it, so a list the
+        // program reads names no instance the check below would let through wrongly.
+        if !ready {
+            self.write_ready(index, false)?;
+        }
+        let list = lists.entry(key.fn_id).or_default();
+        if ready {
+            list.insert(key.instance);
+        } else {
+            list.remove(&key.instance);
+        }
+        let value = ReadyList::new(list.iter().copied());
+        self.skel
+            .maps
+            .ready_list
+            .update(key.fn_id.as_bytes(), value.as_bytes(), MapFlags::ANY)
+            .map_err(bpf("updating ready_list"))?;
+        if ready {
+            self.write_ready(index, true)?;
+        }
+        Ok(())
+    }
+
+    fn write_ready(&self, index: u32, ready: bool) -> Result<(), SockmapError> {
         self.skel
             .maps
             .instance_ready
             .update(index.as_bytes(), u32::from(ready).as_bytes(), MapFlags::ANY)
             .map_err(bpf("updating instance_ready"))
+    }
+
+    /// The ready instances of `fn_id` as the program sees them.
+    pub fn ready_instances(&self, fn_id: u32) -> Result<Vec<u32>, SockmapError> {
+        let raw = self
+            .skel
+            .maps
+            .ready_list
+            .lookup(fn_id.as_bytes(), MapFlags::ANY)
+            .map_err(bpf("reading ready_list"))?
+            .unwrap_or_default();
+        let list = ReadyList::from_bytes(&raw).unwrap_or_default();
+        Ok(list.instances[..list.count.min(MAX_INSTANCES) as usize].to_vec())
     }
 
     /// Removes a connection's entries (closing a socket removes its sock_hash entry by itself;
@@ -374,6 +416,20 @@ mod tests {
         );
         k.set_ready(key(1), true).unwrap();
         k.set_ready(key(2), true).unwrap();
+        assert_eq!(
+            k.ready_instances(2).unwrap(),
+            [0],
+            "the program's ready list"
+        );
+        // Gaps in the numbers (a scaled-down or reloaded function) leave none in the list.
+        let at = |instance| SockKey { fn_id: 9, instance };
+        k.set_ready(at(3), true).unwrap();
+        k.set_ready(at(1), true).unwrap();
+        assert_eq!(k.ready_instances(9).unwrap(), [1, 3]);
+        k.set_ready(at(1), false).unwrap();
+        assert_eq!(k.ready_instances(9).unwrap(), [3]);
+        k.set_ready(at(3), false).unwrap();
+        assert!(k.ready_instances(9).unwrap().is_empty());
         for s in [&w1, &w2, &g1] {
             s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
                 .unwrap();

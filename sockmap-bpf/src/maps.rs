@@ -64,6 +64,34 @@ impl HolderRecord {
     }
 }
 
+/// The ready instances of one function, `instances[..count]` (see the header).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadyList {
+    pub count: u32,
+    pub instances: [u32; MAX_INSTANCES as usize],
+}
+
+impl Default for ReadyList {
+    fn default() -> Self {
+        ReadyList::new([])
+    }
+}
+
+impl ReadyList {
+    pub fn new(ready: impl IntoIterator<Item = u32>) -> Self {
+        let mut list = ReadyList {
+            count: 0,
+            instances: [0; MAX_INSTANCES as usize],
+        };
+        for (slot, instance) in list.instances.iter_mut().zip(ready) {
+            *slot = instance;
+            list.count += 1;
+        }
+        list
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FnStats {
@@ -101,6 +129,7 @@ unsafe impl Pod for SenderKey {}
 unsafe impl Pod for FnInfo {}
 unsafe impl Pod for HolderRecord {}
 unsafe impl Pod for FnStats {}
+unsafe impl Pod for ReadyList {}
 unsafe impl Pod for u32 {}
 unsafe impl Pod for u64 {}
 
@@ -118,6 +147,7 @@ mod tests {
         assert_eq!(size_of::<HolderRecord>(), 16);
         assert_eq!(offset_of!(HolderRecord, at), 8);
         assert_eq!(size_of::<FnStats>(), 48);
+        assert_eq!(size_of::<ReadyList>(), 4 + 4 * 64);
         let h = HolderRecord::new(7, 3, 2);
         assert_eq!((h.fn_id(), h.instance()), (3, 2));
     }
@@ -210,6 +240,18 @@ mod tests {
                 offset_of!(FnStats, dropped),
                 8,
             ),
+            (
+                "spindle_ready_list",
+                "count",
+                offset_of!(ReadyList, count),
+                4,
+            ),
+            (
+                "spindle_ready_list",
+                "instances",
+                offset_of!(ReadyList, instances),
+                4 * MAX_INSTANCES as usize,
+            ),
         ];
         let sizes = [
             ("spindle_sock_key", size_of::<SockKey>()),
@@ -218,6 +260,7 @@ mod tests {
             ("spindle_fn_info", size_of::<FnInfo>()),
             ("spindle_holder", size_of::<HolderRecord>()),
             ("spindle_fn_stats", size_of::<FnStats>()),
+            ("spindle_ready_list", size_of::<ReadyList>()),
         ];
         let mut body = String::new();
         let mut expected = String::new();

@@ -271,3 +271,101 @@ impl Drop for Spindle {
         }
     }
 }
+
+/// A reactor that sleeps `ms` in WASI `poll_oneoff` and echoes the body: I/O-bound, so load
+/// builds concurrency (and more instances really serve more) without needing many cores.
+pub fn sleeper_wat(ms: u64) -> String {
+    format!(
+        r#"(module
+  (import "spindle" "output" (func $out (param i32 i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff"
+    (func $poll (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (func (export "spindle_alloc") (param i32) (result i32) (i32.const 4096))
+  (func (export "spindle_handle") (param $p i32) (param $n i32) (result i32)
+    ;; One relative clock subscription on CLOCK_MONOTONIC at 64, its event at 128.
+    (i64.store (i32.const 64) (i64.const 0))
+    (i64.store (i32.const 72) (i64.const 0))
+    (i64.store (i32.const 80) (i64.const 1))
+    (i64.store (i32.const 88) (i64.const {ns}))
+    (i64.store (i32.const 96) (i64.const 0))
+    (i64.store (i32.const 104) (i64.const 0))
+    (drop (call $poll (i32.const 64) (i32.const 128) (i32.const 1) (i32.const 192)))
+    (call $out (local.get $p) (local.get $n))
+    (i32.const 0)))"#,
+        ns = ms * 1_000_000
+    )
+}
+
+/// Two network namespaces joined by a veth pair on a /30 of 10.`net`.0.0/16; deleted on
+/// drop, even when the test fails. Each test binary that uses it picks its own `net`, since
+/// test binaries may run at once.
+pub struct NodePair {
+    pub a: String,
+    pub b: String,
+    pub a_ip: String,
+    pub b_ip: String,
+}
+
+static NEXT_SUBNET: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip (iproute2; scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NodePair {
+    /// None (and the test says why, or fails under CI) without root. `tag` (3 letters) names
+    /// the namespaces and interfaces.
+    pub fn create(test: &str, tag: &str, net: u8) -> Option<NodePair> {
+        if !testkit::require_root(test, "network namespaces and userfaultfd") {
+            return None;
+        }
+        let n = NEXT_SUBNET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}-{n}", std::process::id());
+        let pair = NodePair {
+            a: format!("{tag}-a-{id}"),
+            b: format!("{tag}-b-{id}"),
+            a_ip: format!("10.{net}.{n}.1"),
+            b_ip: format!("10.{net}.{n}.2"),
+        };
+        ip(&["netns", "add", &pair.a]);
+        // From here on, Drop deletes what exists.
+        ip(&["netns", "add", &pair.b]);
+        let (va, vb) = (format!("{tag}a{id}"), format!("{tag}b{id}"));
+        // Interface names are at most 15 bytes.
+        let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
+        ip(&["link", "add", va, "type", "veth", "peer", "name", vb]);
+        ip(&["link", "set", va, "netns", &pair.a]);
+        ip(&["link", "set", vb, "netns", &pair.b]);
+        for (ns, dev, addr) in [(&pair.a, va, &pair.a_ip), (&pair.b, vb, &pair.b_ip)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        Some(pair)
+    }
+
+    /// The spindle binary, run inside namespace `ns`.
+    pub fn spindle_in(ns: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_spindle")]);
+        c
+    }
+}
+
+impl Drop for NodePair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

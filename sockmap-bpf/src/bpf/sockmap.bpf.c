@@ -6,8 +6,9 @@
  * gateway. Descriptors for the gateway (next_fn 0) go on over TCP as usual. A descriptor
  * that cannot be delivered is not dropped: it goes to the gateway marked with an error.
  *
- * Instance choice: request_id % instances, then the following instances in order while the
- * chosen one has no socket in the map (it is restarting). Same request, same instance.
+ * Instance choice: request_id % (ready instances), in the function's ready list, then the
+ * following ones in it while the chosen one cannot take it (it just stopped being ready).
+ * Same request, same instance, while the set of ready instances stays the same.
  *
  * The gateway's ends of the worker connections are in the map too: what the gateway writes
  * to a worker is redirected into that worker's receive queue like everything else, so a
@@ -73,6 +74,13 @@ struct {
 	__type(key, __u32); /* fn_id * SPINDLE_MAX_INSTANCES + instance */
 	__type(value, __u32);
 } instance_ready SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SPINDLE_MAX_FUNCTIONS);
+	__type(key, __u32);
+	__type(value, struct spindle_ready_list);
+} ready_list SEC(".maps");
 
 static __always_inline int is_ready(struct spindle_sock_key *key)
 {
@@ -148,10 +156,11 @@ int spindle_redirect(struct sk_msg_md *msg)
 	struct spindle_sender_key sender;
 	struct spindle_sock_key key;
 	struct spindle_fn_info *info;
+	struct spindle_ready_list *ready;
 	struct spindle_sender *from;
 	struct spindle_fn_stats *s;
 	struct spindle_desc *d;
-	__u32 start, i;
+	__u32 start, i, n;
 
 	/* A short write: wait for the rest of the descriptor, then decide on the whole. */
 	if (msg->size < SPINDLE_DESC_SIZE) {
@@ -210,15 +219,21 @@ int spindle_redirect(struct sk_msg_md *msg)
 	if (!info || info->instances == 0 || info->chain != d->chain)
 		return give_back(d, from->fn_id, SPINDLE_STATUS_BAD_ROUTE);
 
-	start = (__u32)(d->request_id % info->instances);
-	for (i = 0; i < SPINDLE_MAX_INSTANCES && i < info->instances; i++) {
-		key.instance = (start + i) % info->instances;
-		if (!is_ready(&key))
-			continue;
-		if (bpf_msg_redirect_hash(msg, &sock_hash, &key, BPF_F_INGRESS) != SK_PASS)
-			continue;
-		delivered(d, info, &key);
-		return SK_PASS;
+	ready = bpf_map_lookup_elem(&ready_list, &key.fn_id);
+	n = ready ? ready->count : 0;
+	if (n > SPINDLE_MAX_INSTANCES)
+		n = SPINDLE_MAX_INSTANCES;
+	if (ready && n) {
+		start = (__u32)(d->request_id % n);
+		for (i = 0; i < SPINDLE_MAX_INSTANCES && i < n; i++) {
+			key.instance = ready->instances[((start + i) % n) & (SPINDLE_MAX_INSTANCES - 1)];
+			if (!is_ready(&key))
+				continue;
+			if (bpf_msg_redirect_hash(msg, &sock_hash, &key, BPF_F_INGRESS) != SK_PASS)
+				continue;
+			delivered(d, info, &key);
+			return SK_PASS;
+		}
 	}
 
 	s = stats_of(key.fn_id);

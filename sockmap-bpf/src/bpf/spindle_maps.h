@@ -63,6 +63,18 @@ struct spindle_holder {
 	__u64 at;
 };
 
+/*
+ * ready_list value, keyed by function id: the numbers of its ready instances, in
+ * instances[0..count). The program picks request_id % count in it, so load spreads evenly
+ * over the ready instances however their numbers are scattered (autoscaling and reloads
+ * leave gaps). The gateway rewrites the whole value on every readiness change; a reader may
+ * see it mid-update, which is why every pick is checked against instance_ready too.
+ */
+struct spindle_ready_list {
+	__u32 count;
+	__u32 instances[SPINDLE_MAX_INSTANCES];
+};
+
 /* fn_stats value (per CPU), keyed by function id. */
 struct spindle_fn_stats {
 	__u64 messages;          /* descriptors redirected to this function */
