@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use memmap2::{MmapOptions, MmapRaw};
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 
 /// Upper bounds of the execution-time histogram: 1 µs · 2^k, k = 0..=24 (1 µs .. ~16.8 s).
@@ -259,12 +260,20 @@ pub enum StatsError {
 
 impl StatsPage {
     /// Creates a zeroed page in a new memfd; the fd goes to each incarnation of the worker.
+    /// The page's size is sealed: a worker (which holds the same memfd) can write its
+    /// counters but cannot shrink the file under the gateway's mapping, which would make
+    /// the gateway's next read at /metrics time a SIGBUS.
     pub fn create(name: &str) -> Result<(StatsPage, OwnedFd), StatsError> {
         let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
-        let fd =
-            memfd_create(cname.as_c_str(), MFdFlags::MFD_CLOEXEC).map_err(std::io::Error::from)?;
+        let fd = memfd_create(
+            cname.as_c_str(),
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(std::io::Error::from)?;
         let file = File::from(fd);
         file.set_len(size_of::<Block>() as u64)?;
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        fcntl(&file, FcntlArg::F_ADD_SEALS(seals)).map_err(std::io::Error::from)?;
         let page = StatsPage::map(&file)?;
         page.block().magic.store(MAGIC, Relaxed);
         Ok((page, file.into()))
@@ -428,6 +437,28 @@ mod tests {
         assert!((s.exec_sum_seconds - 100.005003001).abs() < 1e-6);
         assert!(bucket_bound(13) >= 0.005 && bucket_bound(12) < 0.005);
         assert_eq!(s.fork, ForkCounters::default());
+    }
+
+    #[test]
+    fn a_worker_cannot_resize_the_page_under_the_gateway() {
+        let (page, fd) = StatsPage::create("stats-hostile").unwrap();
+        // What a hostile worker holding its fd 7 would try.
+        let file = File::from(fd);
+        for len in [0, 1, 1 << 20] {
+            let err = file.set_len(len).expect_err("the size is sealed");
+            assert_eq!(
+                err.raw_os_error(),
+                Some(libc::EPERM),
+                "set_len({len}): {err}"
+            );
+        }
+        let err = fcntl(&file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE))
+            .expect_err("and the seals themselves");
+        assert_eq!(err, nix::errno::Errno::EPERM);
+        // Counters still work both ways.
+        let worker = StatsPage::from_fd(file.into()).unwrap();
+        worker.record(Duration::from_micros(3), None);
+        assert_eq!(page.snapshot().invocations, 1);
     }
 
     #[test]

@@ -262,3 +262,41 @@ async fn a_real_prometheus_scrapes_the_gateway() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// A hostile worker cannot make /metrics crash the gateway: its statistics page (fd 7) is
+/// sealed against resizing, so a worker's ftruncate fails and the gateway keeps reading it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cannot_shrink_its_statistics_page_under_the_gateway() {
+    let spindle = Spindle::start("metrics-sealed", HELLO).await;
+    assert_eq!(spindle.post("/hello", "abc").await.status, 200);
+    if !testkit::require_root(
+        "a_worker_cannot_shrink_its_statistics_page_under_the_gateway",
+        "opening another process's mapping through /proc/PID/map_files",
+    ) {
+        return;
+    }
+    let worker = spindle.worker_pids("uppercase")[0];
+    // The worker keeps the page mapped (its fd 7 is closed once mapped): open the very file
+    // behind that mapping, as the worker itself could through /proc/self/map_files.
+    let maps = std::fs::read_to_string(format!("/proc/{worker}/maps")).unwrap();
+    let range = maps
+        .lines()
+        .find(|l| l.contains("memfd:spindle-stats-uppercase-0"))
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("the statistics page is mapped:\n{maps}"));
+    let page = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{worker}/map_files/{range}"))
+        .unwrap();
+    let err = page.set_len(0).expect_err("the page's size is sealed");
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EPERM), "{err}");
+    let scrape = spindle.get("/metrics").await;
+    assert_eq!(scrape.status, 200);
+    assert!(
+        scrape.text().contains(
+            r#"spindle_function_invocations_total{chain="hello",function="uppercase"} 1"#
+        ),
+        "the page still reads"
+    );
+}
