@@ -16,6 +16,7 @@
 
 pub mod budget;
 pub mod dataplane;
+pub mod front;
 pub mod http;
 pub mod metrics;
 pub mod node;

@@ -735,6 +735,12 @@ async fn run(
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let graceful = GracefulShutdown::new();
+    let front = gateway::front::Front::new(
+        config.http,
+        metrics.http_connections_open.clone(),
+        metrics.http_connections_refused.clone(),
+        metrics.http_connections_closed.clone(),
+    );
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
@@ -759,14 +765,38 @@ async fn run(
                 continue;
             }
         };
+        let Some(admitted) = front.admit(&stream) else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let gateway = Arc::clone(&gateway);
-        let service = service_fn(move |req| Arc::clone(&gateway).handle(req));
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("connection ended: {e}");
+        let activity = Arc::clone(&admitted.activity);
+        let service = service_fn(move |req| {
+            let gateway = Arc::clone(&gateway);
+            let activity = Arc::clone(&activity);
+            activity.begin();
+            async move {
+                let reply = gateway.handle(req).await;
+                activity.end();
+                reply
             }
+        });
+        let io = TokioIo::new(gateway::front::Tracked::new(
+            stream,
+            Arc::clone(&admitted.activity),
+        ));
+        let connection = graceful.watch(http.serve_connection(io, service));
+        let front = Arc::clone(&front);
+        tokio::spawn(async move {
+            tokio::select! {
+                ended = connection => if let Err(e) = ended {
+                    front.cut(gateway::front::Front::reason(&e));
+                    tracing::debug!("connection ended: {e}");
+                },
+                // Dropping the connection closes it: nothing is in flight on it.
+                _ = front.idle(&admitted.activity) => front.cut("idle"),
+            }
+            drop(admitted);
         });
     }
 

@@ -29,6 +29,9 @@ pub struct Metrics {
     pub autoscaler_panic: IntGaugeVec,
     pub scale_events: IntCounterVec,
     pub reloads: IntCounterVec,
+    pub http_connections_open: prometheus::IntGauge,
+    pub http_connections_refused: IntCounterVec,
+    pub http_connections_closed: IntCounterVec,
     pub function_generation: IntGaugeVec,
     arena_slots: IntGaugeVec,
     dataplane: IntGaugeVec,
@@ -788,6 +791,50 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let http_connections_open = register(
+            &registry,
+            prometheus::IntGauge::new(
+                "spindle_http_connections_open",
+                "Client HTTP connections open now",
+            )
+            .expect("valid metric"),
+        );
+        let http_connections_refused = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_http_connections_refused_total",
+                    "Client connections refused on accept: at_capacity (http.max_connections \
+                     open already; answered 503 and closed)",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        );
+        let http_connections_closed = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_http_connections_closed_total",
+                    "Client connections the front cut or that ended in an error: idle \
+                     (http.idle_timeout_ms), header_timeout (headers not sent in time), \
+                     headers_too_large (431), malformed, client_gone, error",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        );
+        http_connections_refused.with_label_values(&["at_capacity"]);
+        for reason in [
+            "idle",
+            "header_timeout",
+            "headers_too_large",
+            "malformed",
+            "client_gone",
+            "error",
+        ] {
+            http_connections_closed.with_label_values(&[reason]);
+        }
         let function_generation = register(
             &registry,
             IntGaugeVec::new(
@@ -857,6 +904,9 @@ impl Metrics {
             autoscaler_panic,
             scale_events,
             reloads,
+            http_connections_open,
+            http_connections_refused,
+            http_connections_closed,
             function_generation,
             arena_slots,
             dataplane,

@@ -12,6 +12,11 @@
 //! listen: 127.0.0.1:8080            # optional; an IP:port, host names are not resolved
 //! dataplane: auto                   # auto (default) | sockmap | userspace: how descriptors move
 //!                                   #   between functions (sockmap = eBPF sk_msg redirect)
+//! http:                             # optional; the HTTP front's connection limits
+//!   max_connections: 4096           # client connections at once, 1..=1000000, default 4096;
+//!                                   #   one more is answered 503 (Retry-After: 1) and closed
+//!   idle_timeout_ms: 60000          # keep-alive connections idle this long are closed,
+//!                                   #   1..=86400000, default 60000
 //!
 //! functions:                        # at least one
 //!   - name: uppercase               # [a-z0-9_-]+, unique
@@ -114,7 +119,33 @@ const TOP_KEYS: &[&str] = &[
     "chains",
     "node",
     "peers",
+    "http",
 ];
+
+const HTTP_KEYS: &[&str] = &["max_connections", "idle_timeout_ms"];
+const DEFAULT_MAX_CONNECTIONS: i64 = 4096;
+const MAX_MAX_CONNECTIONS: i64 = 1_000_000;
+const DEFAULT_IDLE_TIMEOUT_MS: i64 = 60_000;
+const MAX_IDLE_TIMEOUT_MS: i64 = 86_400_000;
+
+/// The HTTP front's connection limits (`http:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSpec {
+    /// Client connections open at once; one more is answered 503 and closed.
+    pub max_connections: u32,
+    /// A keep-alive connection with no request in flight and no bytes moving for this long
+    /// is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for HttpSpec {
+    fn default() -> Self {
+        HttpSpec {
+            max_connections: DEFAULT_MAX_CONNECTIONS as u32,
+            idle_timeout: Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS as u64),
+        }
+    }
+}
 
 pub use cluster::{DEFAULT_CPU_BUDGET, DEFAULT_MEMORY_BUDGET, NodeSpec, PeerSpec, parse_percent};
 
@@ -135,6 +166,8 @@ pub struct Config {
     pub node: NodeSpec,
     /// Peer nodes this gateway may scale out to (`peers:`), in file order.
     pub peers: Vec<PeerSpec>,
+    /// The HTTP front's connection limits (`http:`).
+    pub http: HttpSpec,
 }
 
 /// One Wasm function; every instance runs in its own worker process.
@@ -486,6 +519,7 @@ impl Checker<'_> {
             }
         }
 
+        let http = top.get("http").map(|n| self.http(n)).unwrap_or_default();
         let node = top.get("node").map(|n| self.node(n)).unwrap_or_default();
         let peers = top.get("peers").map(|n| self.peers(n)).unwrap_or_default();
         self.check_cluster(&node, &peers, top.get("node"), top.get("peers"));
@@ -498,7 +532,26 @@ impl Checker<'_> {
             chains,
             node,
             peers,
+            http,
         })
+    }
+
+    fn http(&mut self, node: &MarkedYaml<'_>) -> HttpSpec {
+        let mut spec = HttpSpec::default();
+        let Some(fields) = self.fields(node, "`http`", Some(HTTP_KEYS)) else {
+            return spec;
+        };
+        if let Some(n) = fields.get("max_connections")
+            && let Some(v) = self.int_in(n, "http.max_connections", 1, MAX_MAX_CONNECTIONS)
+        {
+            spec.max_connections = v as u32;
+        }
+        if let Some(n) = fields.get("idle_timeout_ms")
+            && let Some(v) = self.int_in(n, "http.idle_timeout_ms", 1, MAX_IDLE_TIMEOUT_MS)
+        {
+            spec.idle_timeout = Duration::from_millis(v as u64);
+        }
+        spec
     }
 
     /// Reads `name`, checks its spelling and uniqueness, and records it in

@@ -1185,6 +1185,48 @@ fn start_mode_defaults_to_fork_for_reactors_and_is_checked() {
 }
 
 #[test]
+fn http_limits_have_defaults_and_are_checked() {
+    let s = Scratch::new();
+    let base = [
+        "functions:",
+        "  - { name: a, module: ../mods/a.wasm }",
+        "chains:",
+        "  - { name: c, route: /c, steps: [a] }",
+    ];
+    let config = s.ok(&base);
+    assert_eq!(config.http, HttpSpec::default());
+    assert_eq!(config.http.max_connections, 4096);
+    assert_eq!(config.http.idle_timeout, Duration::from_secs(60));
+    let mut lines = vec!["http: { max_connections: 8, idle_timeout_ms: 250 }"];
+    lines.extend(base);
+    let config = s.ok(&lines);
+    assert_eq!(
+        config.http,
+        HttpSpec {
+            max_connections: 8,
+            idle_timeout: Duration::from_millis(250),
+        }
+    );
+    let mut lines = vec!["http: { max_connections: 0, idle: 5 }"];
+    lines.extend(base);
+    let errors = s.errors(&lines);
+    assert!(
+        errors.contains(&(
+            1,
+            26,
+            "`http.max_connections` must be between 1 and 1000000, got 0".to_string()
+        )),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|(l, c, m)| (*l, *c) == (1, 29) && m.contains("unknown key `idle` in `http`")),
+        "{errors:?}"
+    );
+}
+
+#[test]
 fn instances_as_a_mapping_is_autoscaled_with_documented_defaults() {
     let s = Scratch::new();
     let config = s.ok(&[
