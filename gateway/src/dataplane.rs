@@ -243,6 +243,10 @@ pub struct InstanceLink {
     /// Set while the instance drains before it stops (scale-down, reload): nothing new is
     /// sent to it.
     retiring: std::sync::atomic::AtomicBool,
+    /// Wakes the instance's supervisor to kill it: incarnation `overdue_incarnation` holds a
+    /// request past its chain's deadline and grace ([`ChainRuntime::reap_overdue`]).
+    pub overdue: Notify,
+    pub overdue_incarnation: AtomicU64,
     /// Process id of the running incarnation, 0 while down.
     pub pid: AtomicU32,
     pub stats: StatsPage,
@@ -275,6 +279,8 @@ pub struct StageRuntime {
     pub crashes: AtomicU64,
     /// Instances the watchdog ended for overrunning `timeout_ms`.
     pub watchdog_timeouts: AtomicU64,
+    /// Instances killed for holding a request past its chain's deadline and grace.
+    pub overdue_kills: AtomicU64,
     /// Process id of the function's zygote while it runs, 0 otherwise (and for functions
     /// started by exec).
     pub zygote_pid: AtomicU32,
@@ -380,6 +386,12 @@ pub fn instance_slots(function: &chain_runtime::config::FunctionSpec) -> u32 {
     (function.instances.max + 1).min(sockmap_bpf::MAX_INSTANCES)
 }
 
+/// How long past its chain's deadline a request may still be held before its holder is
+/// killed: room for a worker that is finishing (the client was answered at the deadline).
+pub const OVERDUE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often held requests are checked against their deadlines.
+const REAP_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Bumped by every request on every runtime thread: a cache line of its own.
 static REQUEST_IDS: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(1));
 
@@ -398,6 +410,8 @@ impl ChainRuntime {
                 instances.push(InstanceLink {
                     queue: Mutex::new(None),
                     retiring: std::sync::atomic::AtomicBool::new(false),
+                    overdue: Notify::new(),
+                    overdue_incarnation: AtomicU64::new(0),
                     pid: AtomicU32::new(0),
                     stats,
                     stats_fd,
@@ -410,6 +424,7 @@ impl ChainRuntime {
                 round_robin: CachePadded::new(AtomicUsize::new(0)),
                 crashes: AtomicU64::new(0),
                 watchdog_timeouts: AtomicU64::new(0),
+                overdue_kills: AtomicU64::new(0),
                 zygote_pid: AtomicU32::new(0),
                 zygotes_up: AtomicU32::new(0),
                 timeout_ms: AtomicU64::new(s.function.timeout.as_millis() as u64),
@@ -991,6 +1006,66 @@ impl ChainRuntime {
         }
         self.room_made();
         n
+    }
+
+    /// The instances holding a request whose chain deadline passed more than `grace` ago.
+    /// The client was answered 504 at the deadline; the slot stays the request's until the
+    /// holder returns it or is gone.
+    fn overdue_holders(&self, now: Instant, grace: std::time::Duration) -> Vec<Holder> {
+        let overdue: Vec<(u64, u32, Holder)> = {
+            let table = self.pending.lock().expect("pending lock");
+            table
+                .requests
+                .iter()
+                .filter(|(_, p)| p.deadline + grace <= now)
+                .filter_map(|(id, p)| match p.at {
+                    At::Instance(h) => Some((*id, p.slot.slot().index, h)),
+                    At::Waiting { .. } => None,
+                })
+                .collect()
+        };
+        let mut holders: Vec<Holder> = overdue
+            .into_iter()
+            .filter_map(|(id, slot, gateway_sent)| {
+                // With the kernel dataplane the request may have moved on since the gateway
+                // sent it: its holder record says where it is.
+                match self.kernel_record(slot) {
+                    Some(rec) if rec.request_id == id => {
+                        let stage = self.stage_index(rec.fn_id())?;
+                        let instance = rec.instance() as usize;
+                        let link = self.stages[stage].instances.get(instance)?;
+                        let incarnation = link.queue.lock().expect("link lock").as_ref()?.0;
+                        Some(Holder {
+                            stage,
+                            instance,
+                            incarnation,
+                        })
+                    }
+                    _ => Some(gateway_sent),
+                }
+            })
+            .collect();
+        holders.sort_by_key(|h| (h.stage, h.instance, h.incarnation));
+        holders.dedup();
+        holders
+    }
+
+    /// Runs for the gateway's life: every [`REAP_EVERY`], asks the supervisor of every
+    /// instance that holds a request past its chain's deadline + [`OVERDUE_GRACE`] to kill
+    /// it (a worker that stopped, or hung in a host call). Its replacement forks at once;
+    /// what it held is failed and its slots released once it is gone.
+    pub async fn reap_overdue(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(REAP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for h in self.overdue_holders(Instant::now(), OVERDUE_GRACE) {
+                let link = &self.stages[h.stage].instances[h.instance];
+                link.overdue_incarnation
+                    .store(h.incarnation, Ordering::Relaxed);
+                link.overdue.notify_one();
+            }
+        }
     }
 
     /// Wakes the wait-queue dispatcher if anything waits (an instance made room).

@@ -679,6 +679,8 @@ async fn run(
         }
         // Sends requests that waited for an instance on once one can take them.
         tokio::spawn(Arc::clone(chain).dispatch_waiting());
+        // Kills instances that hold a request long past its deadline (e.g. a stopped worker).
+        tokio::spawn(Arc::clone(chain).reap_overdue());
     }
     let total = starting.len();
     for (n, (chain, function, instance, of, rx)) in starting.into_iter().enumerate() {

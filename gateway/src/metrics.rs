@@ -378,6 +378,11 @@ fn function_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
                 &[("chain", c), ("function", f), ("kind", "crash")],
                 crashes,
             ));
+            let overdue = stage.overdue_kills.load(Ordering::Relaxed) as f64;
+            errors.push(counter(
+                &[("chain", c), ("function", f), ("kind", "overdue")],
+                overdue,
+            ));
 
             exec.push(histogram(
                 &[("chain", c), ("function", f)],
@@ -397,7 +402,8 @@ fn function_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
         family(
             "spindle_function_errors_total",
             "Failed function calls by kind (guest_error, trap, timeout, refused_descriptor, \
-             bad_route, crash)",
+             bad_route, crash, overdue: instance killed for holding a request past its \
+             chain's deadline)",
             MetricType::COUNTER,
             errors,
         ),

@@ -464,12 +464,32 @@ pub async fn supervise(
             }
         }
 
-        let status = tokio::select! {
-            status = running.child.wait() => Some(status),
-            _ = stopping(&mut shutdown) => None,
-            // Some(status) if it died while finishing: handled as any death, then not
-            // restarted (the loop checks `retire` first).
-            _ = retiring(&mut retire) => finish_held(&chain, &mut running, holder, &mut shutdown).await,
+        let link = &chain.stages[stage].instances[instance];
+        let mut overdue = false;
+        let status = loop {
+            tokio::select! {
+                status = running.child.wait() => break Some(status),
+                _ = stopping(&mut shutdown) => break None,
+                // Some(status) if it died while finishing: handled as any death, then not
+                // restarted (the loop checks `retire` first).
+                _ = retiring(&mut retire) => {
+                    break finish_held(&chain, &mut running, holder, &mut shutdown).await;
+                }
+                // It holds a request past the chain's deadline and grace: it may still write
+                // into that request's slot, so the slot cannot be reused until it is gone.
+                _ = link.overdue.notified() => {
+                    if link.overdue_incarnation.load(std::sync::atomic::Ordering::Relaxed)
+                        != incarnation
+                    {
+                        continue; // meant for an earlier incarnation
+                    }
+                    overdue = true;
+                    tracing::warn!(chain = %chain_name, function = %fn_name, instance,
+                        "holds a request past its chain's deadline; killing it");
+                    let _ = running.child.signal(nix::sys::signal::Signal::SIGKILL);
+                    break Some(running.child.wait().await);
+                }
+            }
         };
         chain.instance_down(stage, instance);
         drop(running.control.take());
@@ -496,6 +516,15 @@ pub async fn supervise(
         // Out of the kernel map before anything else can take this instance's key.
         drop(running.kernel_entry.take());
         let (code, message) = match status {
+            _ if overdue => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "function {fn_name} instance {instance} held a request past chain {}'s \
+                     deadline of {} ms; instance killed and replaced",
+                    chain_name,
+                    chain.plan.spec.timeout.as_millis()
+                ),
+            ),
             Ok(s) if s.code() == Some(WATCHDOG_EXIT) => (
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
@@ -517,7 +546,9 @@ pub async fn supervise(
                 format!("function {fn_name} instance {instance} lost: {e}"),
             ),
         };
-        let counter = if code == StatusCode::GATEWAY_TIMEOUT {
+        let counter = if overdue {
+            &chain.stages[stage].overdue_kills
+        } else if code == StatusCode::GATEWAY_TIMEOUT {
             &chain.stages[stage].watchdog_timeouts
         } else {
             &chain.stages[stage].crashes

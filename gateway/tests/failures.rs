@@ -316,3 +316,76 @@ async fn sigterm_lets_requests_in_flight_finish_then_stops_workers() {
         spindle.worker_pids("faulty").is_empty() && spindle.worker_pids("uppercase").is_empty()
     );
 }
+
+/// A worker SIGSTOPped with requests in it (its own watchdog is stopped too): the clients
+/// get 504 at the chain's deadline, and once the deadline's grace has passed the gateway
+/// kills and replaces the worker, so its slots come back and the chain serves again. On the
+/// kernel dataplane the request is found where the kernel put it (the second function).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_holding_requests_past_their_deadline_is_killed_and_replaced() {
+    const STOPPED: &str = r#"
+functions:
+  - { name: uppercase, module: "{wasm:uppercase}" }
+  - { name: reverse, module: "{wasm:reverse}" }
+chains:
+  - name: stuck
+    route: /stuck
+    steps: [uppercase, reverse]
+    timeout_ms: 400
+    content_type: text/plain
+    arena: { slot_size: 1KiB, slots: 4 }
+"#;
+    let spindle = Arc::new(Spindle::start("failures-stopped", STOPPED).await);
+    assert_eq!(spindle.post("/stuck", "abc").await.text(), "CBA");
+    let stopped = spindle.worker_pids("reverse");
+    assert_eq!(stopped.len(), 1);
+    kill(Pid::from_raw(stopped[0]), Signal::SIGSTOP).unwrap();
+    let requests: Vec<_> = (0..2)
+        .map(|i| {
+            let s = Arc::clone(&spindle);
+            tokio::spawn(async move { s.post("/stuck", format!("r{i}")).await })
+        })
+        .collect();
+    for r in requests {
+        let r = r.await.unwrap();
+        assert_eq!(r.status, 504, "{}", r.text());
+        assert!(
+            r.text().contains("did not finish within 400 ms"),
+            "{}",
+            r.text()
+        );
+    }
+    // Deadline + 1 s grace, then a fork replaces it.
+    let began = std::time::Instant::now();
+    loop {
+        let now = spindle.worker_pids("reverse");
+        if now.len() == 1 && now != stopped {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "the stopped worker was not replaced: {now:?}\n{}",
+            spindle.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        spindle
+            .log()
+            .contains("holds a request past its chain's deadline; killing it")
+    );
+    assert_all_slots_free(&spindle, "stuck", 4.0).await;
+    assert_eq!(spindle.post("/stuck", "again").await.text(), "NIAGA");
+    assert_eq!(
+        spindle
+            .metric(
+                r#"spindle_function_errors_total{chain="stuck",function="reverse",kind="overdue"}"#
+            )
+            .await,
+        Some(1.0)
+    );
+    assert!(
+        std::fs::metadata(format!("/proc/{}", stopped[0])).is_err(),
+        "the stopped worker is gone"
+    );
+}
