@@ -1222,10 +1222,12 @@ pub async fn write_worker(
             return;
         }
         chain.room_made();
-        if write.write_all(&batch).await.is_err() {
-            // The worker is gone; its supervisor fails what it held. Later sends fail at once
-            // instead of filling a queue nobody drains.
-            queue.close();
+        if let Err(e) = write.write_all(&batch).await {
+            // Later sends fail at once instead of filling a queue nobody drains, and the
+            // instance's supervisor restarts it: a worker that is alive but unreachable
+            // (its socket reset) would otherwise keep what it holds, and its slots, forever.
+            tracing::debug!("writing to a worker failed: {e}");
+            queue.writer_failed();
             return;
         }
     }

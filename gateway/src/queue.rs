@@ -35,6 +35,8 @@ pub struct InstanceQueue {
     /// a push between its last empty pop and its next wait is not missed.
     ready: Notify,
     closed: AtomicBool,
+    writer_failed: AtomicBool,
+    failed: Notify,
 }
 
 impl InstanceQueue {
@@ -43,6 +45,8 @@ impl InstanceQueue {
             items: ArrayQueue::new(capacity),
             ready: Notify::new(),
             closed: AtomicBool::new(false),
+            writer_failed: AtomicBool::new(false),
+            failed: Notify::new(),
         }
     }
 
@@ -60,7 +64,6 @@ impl InstanceQueue {
         self.items.is_full()
     }
 
-    /// True once the queue was closed (its instance went down or its writer failed).
     /// Descriptors waiting for the writer.
     pub fn len(&self) -> usize {
         self.items.len()
@@ -70,6 +73,7 @@ impl InstanceQueue {
         self.items.is_empty()
     }
 
+    /// True once the queue was closed (its instance went down or its writer failed).
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -78,6 +82,26 @@ impl InstanceQueue {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.ready.notify_one();
+    }
+
+    /// The writer could not write to the instance's socket while the instance may still
+    /// run: closes the queue and wakes [`InstanceQueue::failed`].
+    pub fn writer_failed(&self) {
+        self.writer_failed.store(true, Ordering::Release);
+        self.close();
+        self.failed.notify_waiters();
+    }
+
+    /// Resolves once [`InstanceQueue::writer_failed`] was called.
+    pub async fn failed(&self) {
+        loop {
+            // Created before the check: a notify_waiters in between still wakes it.
+            let woken = self.failed.notified();
+            if self.writer_failed.load(Ordering::Acquire) {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// Waits until at least one descriptor is queued, then appends up to `max` of them to
@@ -114,6 +138,28 @@ mod tests {
             request_id,
             ..Descriptor::default()
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_writer_wakes_whoever_waits_for_it_and_closes_the_queue() {
+        let q = Arc::new(InstanceQueue::new(4));
+        let waiter = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move { q.failed().await })
+        };
+        tokio::task::yield_now().await;
+        q.close();
+        assert!(!waiter.is_finished(), "a plain close is not a failure");
+        q.writer_failed();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert!(q.is_closed());
+        // And one that starts waiting afterwards returns at once.
+        tokio::time::timeout(Duration::from_secs(5), q.failed())
+            .await
+            .expect("already failed");
     }
 
     #[test]

@@ -124,6 +124,8 @@ struct Running {
     kernel_entry: Option<KernelEntry>,
     /// The worker's control socket on the board, while it runs.
     control: Option<ControlLease>,
+    /// Its outbound queue: its writer reports a failed write through it.
+    queue: Arc<InstanceQueue>,
 }
 
 /// A worker connection registered with the kernel dataplane. Dropping it removes the
@@ -338,7 +340,7 @@ async fn spawn_worker(
                         instance: holder.instance,
                     };
                     let control = Some(cmd.controls.attach(key, control));
-                    Running { child, mode, reader, kernel_entry, control }
+                    Running { child, mode, reader, kernel_entry, control, queue: Arc::clone(&queue) }
                 })
             }
             Ok(Err(_)) => {
@@ -466,6 +468,7 @@ pub async fn supervise(
 
         let link = &chain.stages[stage].instances[instance];
         let mut overdue = false;
+        let mut unreachable = false;
         let status = loop {
             tokio::select! {
                 status = running.child.wait() => break Some(status),
@@ -477,6 +480,15 @@ pub async fn supervise(
                 }
                 // It holds a request past the chain's deadline and grace: it may still write
                 // into that request's slot, so the slot cannot be reused until it is gone.
+                // Its socket failed while it lives: nothing more reaches it, so what it holds
+                // would never come back.
+                _ = running.queue.failed() => {
+                    unreachable = true;
+                    tracing::warn!(chain = %chain_name, function = %fn_name, instance,
+                        "writing to the instance's socket failed; restarting it");
+                    let _ = running.child.signal(nix::sys::signal::Signal::SIGKILL);
+                    break Some(running.child.wait().await);
+                }
                 _ = link.overdue.notified() => {
                     if link.overdue_incarnation.load(std::sync::atomic::Ordering::Relaxed)
                         != incarnation
@@ -523,6 +535,13 @@ pub async fn supervise(
                      deadline of {} ms; instance killed and replaced",
                     chain_name,
                     chain.plan.spec.timeout.as_millis()
+                ),
+            ),
+            _ if unreachable => (
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "function {fn_name} instance {instance} could no longer be reached (its \
+                     socket failed); instance restarted"
                 ),
             ),
             Ok(s) if s.code() == Some(WATCHDOG_EXIT) => (

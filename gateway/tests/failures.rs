@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -387,5 +388,103 @@ chains:
     assert!(
         std::fs::metadata(format!("/proc/{}", stopped[0])).is_err(),
         "the stopped worker is gone"
+    );
+}
+
+/// A worker that is alive but whose socket has failed (here: shut down under it while it
+/// sleeps in a long call, so the gateway's next writes are reset) is restarted at once, and
+/// what it held fails with 502 — instead of staying "up" with its requests and slots held
+/// until it happens to exit. Userspace dataplane: there the gateway's writes go over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_worker_whose_socket_failed_is_restarted_and_its_requests_fail() {
+    if !testkit::require_root(
+        "a_live_worker_whose_socket_failed_is_restarted_and_its_requests_fail",
+        "taking another process's socket with pidfd_getfd",
+    ) {
+        return;
+    }
+    let dir = common::temp_dir("failures-unreachable-wat");
+    let module = dir.join("sleeper.wat");
+    std::fs::write(&module, common::sleeper_wat(8000)).unwrap();
+    let yaml = format!(
+        r#"
+functions:
+  - {{ name: sleeper, module: "{}", timeout_ms: 20000 }}
+chains:
+  - {{ name: s, route: /s, steps: [sleeper], timeout_ms: 20000, content_type: text/plain }}
+"#,
+        module.display()
+    );
+    let spindle = Arc::new(
+        Spindle::start_with("failures-unreachable", &yaml, &["--dataplane", "userspace"]).await,
+    );
+    let worker = spindle.worker_pids("sleeper");
+    assert_eq!(worker.len(), 1);
+    let first = {
+        let s = Arc::clone(&spindle);
+        tokio::spawn(async move { s.post("/s", "first").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The worker's end of its gateway connection (fd 4), shut down from outside: it keeps
+    // sleeping in its call, and the gateway's next writes to it are reset.
+    // SAFETY: plain system calls on a pid and fd numbers; every result is checked, and the
+    // returned fds are owned (and closed) here.
+    let socket = unsafe {
+        let pidfd = nix::libc::syscall(nix::libc::SYS_pidfd_open, worker[0], 0) as i32;
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let fd = nix::libc::syscall(nix::libc::SYS_pidfd_getfd, pidfd, 4, 0) as i32;
+        assert!(fd >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+        nix::libc::close(pidfd);
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    };
+    nix::sys::socket::shutdown(socket.as_raw_fd(), nix::sys::socket::Shutdown::Both).unwrap();
+    drop(socket);
+    let cut = std::time::Instant::now();
+    let mut later = Vec::new();
+    for i in 0..4 {
+        let s = Arc::clone(&spindle);
+        later.push(tokio::spawn(async move {
+            s.post("/s", format!("later {i}")).await
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 502, "{}", first.text());
+    assert!(
+        first.text().contains("could no longer be reached"),
+        "{}",
+        first.text()
+    );
+    // Long before its 8 s call would have ended.
+    assert!(
+        cut.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        cut.elapsed()
+    );
+    // Those written to the dead socket fail at once too; any sent after the replacement
+    // came up are still running there (8 s each) and are not waited for.
+    let mut failed_fast = 0;
+    for r in later {
+        if let Ok(r) = tokio::time::timeout(Duration::from_secs(1), r).await {
+            let r = r.unwrap();
+            assert_eq!(r.status, 502, "{}", r.text());
+            failed_fast += 1;
+        }
+    }
+    assert!(
+        failed_fast >= 1,
+        "the writes that hit the reset socket failed"
+    );
+    let now = spindle.worker_pids("sleeper");
+    assert_eq!(now.len(), 1);
+    assert_ne!(now, worker, "replaced");
+    assert!(
+        spindle
+            .log()
+            .contains("writing to the instance's socket failed; restarting it")
     );
 }
