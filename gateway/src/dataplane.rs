@@ -527,7 +527,7 @@ impl ChainRuntime {
             Status::Refused if desc.len == 0 => Some((
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!(
-                    "the kernel dataplane refused a descriptor from function {sender} (wrong chain or status)"
+                    "the kernel dataplane refused a descriptor from function {sender} (wrong chain or status, or a request it does not hold)"
                 ),
             )),
             _ => None,

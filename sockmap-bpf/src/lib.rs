@@ -400,6 +400,8 @@ mod tests {
             .unwrap();
         g1.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
+        // Worker 1 holds request 30 (as if the gateway had sent it there).
+        k.set_holder(0, HolderRecord::new(30, 1, 0)).unwrap();
         w1.write_all(
             &Descriptor {
                 next_fn: 2,
@@ -470,11 +472,43 @@ mod tests {
         );
         assert_eq!(k.function_stats(2).unwrap().dropped, 1);
 
+        // A worker may only pass on what it holds: request 40 is worker 1's, so a descriptor
+        // naming another request in that slot, or a slot worker 2 holds, is refused.
+        for forged in [
+            Descriptor {
+                request_id: 99,
+                ..d
+            },
+            Descriptor {
+                slot: 5,
+                request_id: 55,
+                ..d
+            },
+        ] {
+            if forged.slot == 5 {
+                k.set_holder(5, HolderRecord::new(55, 2, 0)).unwrap();
+            }
+            w1.write_all(&forged.to_bytes()).unwrap();
+            let back = read_desc(&mut g1);
+            assert_eq!(
+                (back.request_id, back.status),
+                (forged.request_id, Status::Refused as u8)
+            );
+        }
+        assert_eq!(
+            k.function_stats(2).unwrap().messages,
+            0,
+            "nothing forged got through"
+        );
+
         // Two descriptors in one write: each gets its own verdict.
+        k.set_holder(3, HolderRecord::new(41, 1, 0)).unwrap();
+        k.set_holder(4, HolderRecord::new(42, 1, 0)).unwrap();
         let mut batch = d.to_bytes().to_vec();
         batch.extend_from_slice(
             &Descriptor {
                 request_id: 42,
+                slot: 4,
                 ..d
             }
             .to_bytes(),
@@ -484,7 +518,8 @@ mod tests {
         assert_eq!(read_desc(&mut w2).request_id, 42);
         assert_eq!(k.function_stats(2).unwrap().messages, 2);
         assert_eq!(k.instance_messages(2, 0).unwrap(), 2);
-        assert_eq!(k.holder(3).unwrap(), HolderRecord::new(42, 2, 0));
+        assert_eq!(k.holder(3).unwrap(), HolderRecord::new(41, 2, 0));
+        assert_eq!(k.holder(4).unwrap(), HolderRecord::new(42, 2, 0));
 
         // To the gateway: plain TCP to the peer.
         w2.write_all(
@@ -518,12 +553,13 @@ mod tests {
         );
         assert_eq!(
             k.function_stats(1).unwrap().returned,
-            4,
-            "three marked above plus the not-ready one"
+            6,
+            "three marked above, the two forged ones and the not-ready one"
         );
         assert_eq!(k.function_stats(2).unwrap().to_gateway, 1);
 
         // Destination gone: undeliverable, counted, back to the gateway.
+        k.set_holder(3, HolderRecord::new(41, 1, 0)).unwrap();
         drop(w2);
         std::thread::sleep(std::time::Duration::from_millis(50));
         w1.write_all(&d.to_bytes()).unwrap();

@@ -128,6 +128,25 @@ static __always_inline void delivered(struct spindle_desc *d, struct spindle_fn_
 }
 
 /*
+ * Whether `from` holds the request `d` names: the slot's holder record (written by the
+ * gateway for its own sends and by every redirect) names this request at this sender.
+ * Without it, a worker could replay any live slot of its chain to any function of it.
+ */
+static __always_inline int holds(struct spindle_desc *d, struct spindle_sender *from)
+{
+	struct spindle_fn_info *mine = bpf_map_lookup_elem(&fn_info, &from->fn_id);
+	struct spindle_holder *h;
+	__u32 at;
+
+	if (!mine || d->slot >= mine->slots || mine->slot_base + d->slot >= SPINDLE_MAX_SLOTS)
+		return 0;
+	at = mine->slot_base + d->slot;
+	h = bpf_map_lookup_elem(&holders, &at);
+	return h && h->request_id == d->request_id &&
+	       h->at == ((__u64)from->fn_id | ((__u64)from->instance << 32));
+}
+
+/*
  * Sends the descriptor back to the gateway (the sender's TCP peer) marked with `status`.
  * next_fn keeps the destination that failed, for the gateway's message; len 0 says the slot
  * holds no error text.
@@ -218,6 +237,8 @@ int spindle_redirect(struct sk_msg_md *msg)
 	info = bpf_map_lookup_elem(&fn_info, &key.fn_id);
 	if (!info || info->instances == 0 || info->chain != d->chain)
 		return give_back(d, from->fn_id, SPINDLE_STATUS_BAD_ROUTE);
+	if (!holds(d, from))
+		return give_back(d, from->fn_id, SPINDLE_STATUS_REFUSED);
 
 	ready = bpf_map_lookup_elem(&ready_list, &key.fn_id);
 	n = ready ? ready->count : 0;
