@@ -728,8 +728,21 @@ impl FunctionHost {
             .get_typed_function::<(), ()>(&reactor.store, "_initialize")
         {
             self.refuel(&mut reactor.store, &reactor.instance);
-            init.call(&mut reactor.store)
-                .map_err(|e| self.inst_err(format!("_initialize failed: {e}")))?;
+            if let Err(e) = init.call(&mut reactor.store) {
+                // Metering stops a guest with a plain `unreachable` trap: say what it was.
+                let why = match self.fuel {
+                    Some(budget)
+                        if metering::get_remaining_points(
+                            &mut reactor.store,
+                            &reactor.instance,
+                        ) == MeteringPoints::Exhausted =>
+                    {
+                        format!("ran out of fuel (budget {budget} instructions)")
+                    }
+                    _ => e.to_string(),
+                };
+                return Err(self.inst_err(format!("_initialize failed: {why}")));
+            }
         }
         Ok(reactor)
     }
