@@ -1,0 +1,280 @@
+//! Soak and chaos over real HTTP against the real binary: `configs/hello.yaml` and the
+//! boutique chain under a paced load while a random worker is SIGKILLed every 2 s and one
+//! is SIGSTOPped for longer than its chain's deadline. Only what a killed worker held fails
+//! (502), only the stopped worker's requests time out (504), requests arriving while an
+//! instance is replaced wait for it (no 503), every restart is counted, and afterwards the
+//! arenas are full again and the gateway holds the fds it held before.
+//!
+//! CI runs 30 s at 30% of the throughput measured at the start. `bench/soak.sh` runs the
+//! long version: `SPINDLE_SOAK_SECONDS` (default 30) and `SPINDLE_SOAK_RATE_PERCENT`
+//! (default 30) set the length and the load.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Spindle;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Requests and their expected answers: the hello chain and the boutique chain.
+fn request(i: u64) -> (&'static str, String, String) {
+    if i % 2 == 0 {
+        let body = format!("soak {i}");
+        let reversed: String = body.to_uppercase().chars().rev().collect();
+        let expect = format!(r#"{{"result":"{reversed}","bytes":{}}}"#, body.len());
+        ("/hello", body, expect)
+    } else {
+        ("/shop", "product OLJCESPC7Z".to_string(), String::new())
+    }
+}
+
+const CONFIG: &str = r#"
+functions:
+  - { name: uppercase, module: "{wasm:uppercase}" }
+  - { name: reverse, module: "{wasm:reverse}", instances: 2 }
+  - { name: frame, module: "{wasm:frame}" }
+  - { name: frontend, module: "{wasm:frontend}" }
+  - { name: cart, module: "{wasm:cart}" }
+  - { name: catalog, module: "{wasm:catalog}" }
+  - { name: currency, module: "{wasm:currency}" }
+chains:
+  - name: hello
+    route: /hello
+    steps: [uppercase, reverse, frame]
+    timeout_ms: 1000
+    content_type: application/json
+    arena: { slot_size: 4KiB, slots: 256 }
+  - name: shop
+    route: /shop
+    entry: frontend
+    functions: [frontend, cart, catalog, currency]
+    max_hops: 4
+    timeout_ms: 1000
+    content_type: text/plain
+    arena: { slot_size: 4KiB, slots: 256 }
+"#;
+
+const WORKERS: [&str; 7] = [
+    "uppercase",
+    "reverse",
+    "frame",
+    "frontend",
+    "cart",
+    "catalog",
+    "currency",
+];
+
+/// The gateway's open fds, less its client connections (those follow the test client's
+/// connection pool, not the gateway's health).
+fn gateway_fds(pid: i32, http_port: u16) -> usize {
+    let mut clients = std::collections::HashSet::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local_port = cols
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            // Accepted client connections: local port is the HTTP port, state not LISTEN (0A).
+            if local_port == Some(http_port) && cols.get(3) != Some(&"0A") {
+                if let Some(inode) = cols.get(9) {
+                    clients.insert(format!("socket:[{inode}]"));
+                }
+            }
+        }
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|link| !clients.contains(&link.display().to_string()))
+        .count()
+}
+
+/// Closed-loop requests from `connections` clients for `for_`: answers per second.
+async fn measure(spindle: &Arc<Spindle>, connections: usize, for_: Duration) -> f64 {
+    let until = Instant::now() + for_;
+    let mut tasks = Vec::new();
+    for c in 0..connections as u64 {
+        let s = Arc::clone(spindle);
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < until {
+                let (path, body, _) = request(c + n);
+                let r = s
+                    .try_request("POST", path, body.into_bytes())
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 200, "{}", r.text());
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / for_.as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_only_a_killed_workers_requests_fail_and_nothing_leaks() {
+    let seconds = env_u64("SPINDLE_SOAK_SECONDS", 30);
+    let percent = env_u64("SPINDLE_SOAK_RATE_PERCENT", 30);
+    let spindle = Arc::new(Spindle::start("chaos", CONFIG).await);
+    let gateway = spindle.pid();
+    let http_port: u16 = spindle.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let max = measure(&spindle, 8, Duration::from_secs(2)).await;
+    let rate = (max * percent as f64 / 100.0).max(20.0);
+    // Everything the first requests opened (pooled connections) is open now.
+    let fds_before = gateway_fds(gateway, http_port);
+    eprintln!(
+        "max {max:.0} req/s; soak at {rate:.0} req/s for {seconds} s; gateway fds {fds_before}"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let connections = 16u64;
+    let interval = Duration::from_secs_f64(connections as f64 / rate);
+    let mut clients = Vec::new();
+    for c in 0..connections {
+        let s = Arc::clone(&spindle);
+        let stop = Arc::clone(&stop);
+        clients.push(tokio::spawn(async move {
+            let mut codes: HashMap<u16, u64> = HashMap::new();
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let (path, body, expect) = request(i);
+                let r = s
+                    .try_request("POST", path, body.into_bytes())
+                    .await
+                    .unwrap();
+                if r.status == 200 && !expect.is_empty() {
+                    assert_eq!(r.text(), expect, "an answer for this very request");
+                }
+                *codes.entry(r.status).or_default() += 1;
+                i += connections;
+            }
+            codes
+        }));
+    }
+
+    // Chaos: a random worker SIGKILLed every 2 s; once, one SIGSTOPped past the deadline.
+    let began = Instant::now();
+    let mut kills = 0u64;
+    let mut stopped_once = false;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
+    while began.elapsed() < Duration::from_secs(seconds) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let function = WORKERS[(seed % WORKERS.len() as u64) as usize];
+        let pids = spindle.worker_pids(function);
+        let Some(&victim) = pids.first() else {
+            continue; // being replaced right now
+        };
+        if !stopped_once && began.elapsed() > Duration::from_secs(seconds / 2) {
+            // Stopped for longer than the chain's 1 s deadline: its requests time out, and
+            // the gateway kills it a second after the deadline.
+            stopped_once = true;
+            kill(Pid::from_raw(victim), Signal::SIGSTOP).unwrap();
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            // Still there if nothing it held went overdue (it may have had nothing).
+            let _ = kill(Pid::from_raw(victim), Signal::SIGCONT);
+            continue;
+        }
+        kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+        kills += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut codes: HashMap<u16, u64> = HashMap::new();
+    for c in clients {
+        for (code, n) in c.await.unwrap() {
+            *codes.entry(code).or_default() += n;
+        }
+    }
+    eprintln!("answers {codes:?} after {kills} kills and one stop");
+    let ok = codes.get(&200).copied().unwrap_or(0);
+    let failed_502 = codes.get(&502).copied().unwrap_or(0);
+    let failed_504 = codes.get(&504).copied().unwrap_or(0);
+    assert!(
+        codes.keys().all(|c| [200, 502, 504].contains(c)),
+        "only the killed workers' requests (502) and the stopped one's (504) fail, and none \
+         gets 503 while its instance is replaced: {codes:?}"
+    );
+    // Each client has at most one request outstanding, so a kill can fail at most that many.
+    assert!(failed_502 <= kills * connections, "{codes:?}");
+    assert!(failed_504 <= 2 * connections, "{codes:?}");
+    assert!(ok > 10 * (failed_502 + failed_504), "{codes:?}");
+
+    // Afterwards: every instance back, both arenas full, the gateway's fds as before.
+    let settle = Instant::now();
+    loop {
+        let mut free = Vec::new();
+        for chain in ["hello", "shop"] {
+            free.push(
+                spindle
+                    .metric(&format!(
+                        r#"spindle_arena_slots{{chain="{chain}",state="free"}}"#
+                    ))
+                    .await,
+            );
+        }
+        let up: usize = WORKERS.iter().map(|f| spindle.worker_pids(f).len()).sum();
+        let fds = gateway_fds(gateway, http_port);
+        if free == [Some(256.0), Some(256.0)] && up == 8 && fds == fds_before {
+            break;
+        }
+        assert!(
+            settle.elapsed() < Duration::from_secs(10),
+            "not back to normal: free slots {free:?}, {up} of 8 workers, gateway fds {fds} (was {fds_before})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut restarts, mut overdue) = (0.0, 0.0);
+    for f in WORKERS {
+        let chain = if ["uppercase", "reverse", "frame"].contains(&f) {
+            "hello"
+        } else {
+            "shop"
+        };
+        restarts += spindle
+            .metric(&format!(
+                r#"spindle_instance_restarts_total{{chain="{chain}",function="{f}"}}"#
+            ))
+            .await
+            .unwrap_or(0.0);
+        overdue += spindle
+            .metric(&format!(
+                r#"spindle_function_errors_total{{chain="{chain}",function="{f}",kind="overdue"}}"#
+            ))
+            .await
+            .unwrap_or(0.0);
+    }
+    // The stopped worker is killed only if it held a request past the deadline.
+    assert!(overdue <= 1.0, "{overdue}");
+    assert!(
+        failed_504 == 0 || overdue == 1.0,
+        "timed-out requests were reaped"
+    );
+    assert_eq!(
+        restarts,
+        kills as f64 + overdue,
+        "every kill (and a reaped stop) counted"
+    );
+}
