@@ -877,13 +877,7 @@ impl ChainRuntime {
             // for one here, as a request arriving over HTTP would.
             desc.status = Status::Ok as u8;
             if self.send_or_wait(&mut table, stage, desc, None).is_err() {
-                let p = table
-                    .remove(&self.load, desc.request_id)
-                    .expect("present above");
-                drop(table);
-                drop(p.slot);
-                let (code, message) = self.overloaded(stage);
-                let _ = p.responder.send(Completion::Failed { code, message });
+                self.fail_overloaded(table, desc.request_id, stage);
             }
             return;
         }
@@ -954,18 +948,20 @@ impl ChainRuntime {
         }
         let stage = self.stage_index(desc.next_fn).expect("checked above");
         if self.send_or_wait(&mut table, stage, desc, None).is_err() {
-            // No worker holds its descriptor: its slot is released here.
-            let p = table
-                .remove(&self.load, desc.request_id)
-                .expect("present above");
-            drop(table);
-            drop(p.slot);
-            let (code, message) = self.overloaded(stage);
-            let _ = p.responder.send(Completion::Failed { code, message });
-            return;
+            return self.fail_overloaded(table, desc.request_id, stage);
         }
         drop(table);
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ends request `id`, which could neither be sent to `stage` nor wait for it: no worker
+    /// holds its descriptor, so its slot is released here (after the lock).
+    fn fail_overloaded(&self, mut table: std::sync::MutexGuard<'_, Table>, id: u64, stage: usize) {
+        let p = table.remove(&self.load, id).expect("the caller's entry");
+        drop(table);
+        drop(p.slot);
+        let (code, message) = self.overloaded(stage);
+        let _ = p.responder.send(Completion::Failed { code, message });
     }
 
     fn refuse(&self, from: Holder, desc: &Descriptor, reason: Refusal) {

@@ -1145,16 +1145,18 @@ fn typo_suggestions_stay_plausible() {
     assert_eq!(edit_distance("", "abc"), 3);
 }
 
+/// A config of one function `a` with `extra` lines under it, in one chain.
+fn one_function_with(extra: &[&'static str]) -> Vec<&'static str> {
+    let mut lines = vec!["functions:", "  - name: a", "    module: ../mods/a.wasm"];
+    lines.extend_from_slice(extra);
+    lines.extend_from_slice(&["chains:", "  - name: c", "    route: /c", "    steps: [a]"]);
+    lines
+}
+
 #[test]
 fn start_mode_defaults_to_fork_for_reactors_and_is_checked() {
     let s = Scratch::new();
-    let chain = ["chains:", "  - name: c", "    route: /c", "    steps: [a]"];
-    let with = |extra: &[&'static str]| {
-        let mut lines = vec!["functions:", "  - name: a", "    module: ../mods/a.wasm"];
-        lines.extend_from_slice(extra);
-        lines.extend_from_slice(&chain);
-        lines
-    };
+    let with = one_function_with;
     assert_eq!(s.ok(&with(&[])).functions[0].start, StartMode::Fork);
     assert_eq!(
         s.ok(&with(&["    start: exec"])).functions[0].start,
@@ -1351,13 +1353,7 @@ fn bad_autoscaling_is_reported_where_it_is_written() {
 #[test]
 fn isolation_defaults_to_reuse_and_fresh_per_request_needs_a_reactor() {
     let s = Scratch::new();
-    let chain = ["chains:", "  - name: c", "    route: /c", "    steps: [a]"];
-    let with = |extra: &[&'static str]| {
-        let mut lines = vec!["functions:", "  - name: a", "    module: ../mods/a.wasm"];
-        lines.extend_from_slice(extra);
-        lines.extend_from_slice(&chain);
-        lines
-    };
+    let with = one_function_with;
     assert_eq!(s.ok(&with(&[])).functions[0].isolation, Isolation::Reuse);
     assert_eq!(
         s.ok(&with(&["    isolation: reuse"])).functions[0].isolation,
