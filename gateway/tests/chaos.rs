@@ -29,7 +29,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 /// Requests and their expected answers: the hello chain and the boutique chain.
 fn request(i: u64) -> (&'static str, String, String) {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let body = format!("soak {i}");
         let reversed: String = body.to_uppercase().chars().rev().collect();
         let expect = format!(r#"{{"result":"{reversed}","bytes":{}}}"#, body.len());
