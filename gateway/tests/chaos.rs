@@ -88,10 +88,11 @@ fn gateway_fds(pid: i32, http_port: u16) -> usize {
                 .and_then(|a| a.rsplit(':').next())
                 .and_then(|p| u16::from_str_radix(p, 16).ok());
             // Accepted client connections: local port is the HTTP port, state not LISTEN (0A).
-            if local_port == Some(http_port) && cols.get(3) != Some(&"0A") {
-                if let Some(inode) = cols.get(9) {
-                    clients.insert(format!("socket:[{inode}]"));
-                }
+            if local_port == Some(http_port)
+                && cols.get(3) != Some(&"0A")
+                && let Some(inode) = cols.get(9)
+            {
+                clients.insert(format!("socket:[{inode}]"));
             }
         }
     }
