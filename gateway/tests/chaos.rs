@@ -96,11 +96,26 @@ fn gateway_fds(pid: i32, http_port: u16) -> usize {
             }
         }
     }
+    gateway_fd_links(pid, &clients).len()
+}
+
+fn gateway_fd_links(pid: i32, clients: &std::collections::HashSet<String>) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|link| !clients.contains(&link.display().to_string()))
-        .count()
+        .map(|link| link.display().to_string())
+        .filter(|link| !clients.contains(link))
+        .collect()
+}
+
+/// The gateway's fds by kind (socket, pidfd, memfd, ...), for a failure message.
+fn fd_kinds(pid: i32) -> std::collections::BTreeMap<String, usize> {
+    let mut kinds = std::collections::BTreeMap::new();
+    for link in gateway_fd_links(pid, &Default::default()) {
+        let kind = link.split(['[', ':']).next().unwrap_or("").to_string();
+        *kinds.entry(kind).or_default() += 1;
+    }
+    kinds
 }
 
 /// Closed-loop requests from `connections` clients for `for_`: answers per second.
@@ -141,6 +156,7 @@ async fn under_load_only_a_killed_workers_requests_fail_and_nothing_leaks() {
     let rate = (max * percent as f64 / 100.0).max(20.0);
     // Everything the first requests opened (pooled connections) is open now.
     let fds_before = gateway_fds(gateway, http_port);
+    let kinds_before = fd_kinds(gateway);
     eprintln!(
         "max {max:.0} req/s; soak at {rate:.0} req/s for {seconds} s; gateway fds {fds_before}"
     );
@@ -243,7 +259,9 @@ async fn under_load_only_a_killed_workers_requests_fail_and_nothing_leaks() {
         }
         assert!(
             settle.elapsed() < Duration::from_secs(10),
-            "not back to normal: free slots {free:?}, {up} of 8 workers, gateway fds {fds} (was {fds_before})"
+            "not back to normal: free slots {free:?}, {up} of 8 workers, gateway fds {fds} \
+             (was {fds_before}); by kind (client connections included) {:?}, before {kinds_before:?}",
+            fd_kinds(gateway)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
