@@ -36,8 +36,16 @@ pub struct Front {
     closed: IntCounterVec,
     /// Connections admitted and not yet ended (the gauge is for scrapes; this one is exact).
     admitted: AtomicUsize,
+    /// Refused connections whose request is being read and dropped, so that closing them
+    /// does not reset the connection (and lose the 503) under the client: a few at a time.
+    lingering: Arc<tokio::sync::Semaphore>,
     epoch: Instant,
 }
+
+/// Refused connections drained at once at most; beyond that they are closed at once.
+const LINGERING: usize = 64;
+/// How long a refused connection's request may take to arrive and be dropped.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// An admitted connection: counted open until dropped.
 pub struct Admitted {
@@ -97,6 +105,7 @@ impl Front {
             refused,
             closed,
             admitted: AtomicUsize::new(0),
+            lingering: Arc::new(tokio::sync::Semaphore::new(LINGERING)),
             epoch: Instant::now(),
         })
     }
@@ -124,6 +133,30 @@ impl Front {
             front: Arc::clone(self),
             activity,
         })
+    }
+
+    /// Closes a refused connection. Closing a socket with unread bytes resets it, which can
+    /// discard the 503 before the client reads it: so the request is read and dropped first
+    /// (a bounded number of connections at a time, each for at most [`LINGER`]).
+    pub fn close_refused(&self, stream: TcpStream) {
+        let Ok(permit) = Arc::clone(&self.lingering).try_acquire_owned() else {
+            return; // many at once: close now
+        };
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _permit = permit;
+            let mut stream = stream;
+            let _ = stream.shutdown().await;
+            let mut sink = [0u8; 4096];
+            let _ = tokio::time::timeout(LINGER, async {
+                while let Ok(n) = stream.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
     }
 
     /// Resolves once the connection has been idle for the timeout.

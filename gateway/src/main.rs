@@ -768,6 +768,7 @@ async fn run(
             }
         };
         let Some(admitted) = front.admit(&stream) else {
+            front.close_refused(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
