@@ -137,7 +137,6 @@ impl Table {
         };
         match at {
             At::Instance(h) => {
-                bump(&load[h.stage].held);
                 bump(&load[h.stage].instance_held[h.instance]);
             }
             At::Waiting { stage, .. } => bump(&load[*stage].waiting),
@@ -189,12 +188,10 @@ pub const WAIT_BUCKETS: [f64; 8] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.
 /// How busy one stage is and what its wait queue did: read by the autoscaler on every tick
 /// and by the metrics page. The load gauges are changed only under the table lock.
 pub struct StageLoad {
-    /// Requests held by each instance slot (as `held`, per instance).
+    /// Requests held by each instance slot (queued in the gateway for it, in its socket or
+    /// running). With the kernel dataplane, hops between functions are not seen: a request
+    /// counts for the instance the gateway last sent it to.
     pub instance_held: Vec<AtomicUsize>,
-    /// Requests held by an instance of this stage (queued in the gateway for it, in its
-    /// socket or running). With the kernel dataplane, hops between functions are not seen:
-    /// a request counts for the stage the gateway last sent it to.
-    pub held: AtomicUsize,
     /// Requests in this stage's wait queue.
     pub waiting: AtomicUsize,
     /// Requests that waited and were then sent to an instance.
@@ -210,10 +207,17 @@ pub struct StageLoad {
 }
 
 impl StageLoad {
+    /// Requests held by the stage's instances: the sum over its slots.
+    pub fn held(&self) -> usize {
+        self.instance_held
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
+    }
+
     fn new(instances: usize) -> Self {
         StageLoad {
             instance_held: (0..instances).map(|_| AtomicUsize::new(0)).collect(),
-            held: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             waited: AtomicU64::new(0),
             wait_ns: AtomicU64::new(0),
@@ -257,15 +261,6 @@ impl InstanceLink {
     /// Whether the instance is up and takes new requests (not retiring).
     pub fn is_serving(&self) -> bool {
         !self.retiring.load(Ordering::Relaxed) && self.queue.lock().expect("link lock").is_some()
-    }
-
-    /// Descriptors queued in the gateway for this instance (0 while it is down).
-    pub fn queued(&self) -> usize {
-        self.queue
-            .lock()
-            .expect("link lock")
-            .as_ref()
-            .map_or(0, |(_, q)| q.len())
     }
 }
 
@@ -565,6 +560,11 @@ impl ChainRuntime {
     /// Requests held by the instance incarnation `holder` (for a retiring instance to wait
     /// until it holds none).
     pub fn held_by_count(&self, holder: Holder) -> usize {
+        if self.kernel.is_none() {
+            // The router sees every hop: the count kept per slot is exact (an earlier
+            // incarnation's requests were failed before this one started).
+            return self.load[holder.stage].instance_held[holder.instance].load(Ordering::Relaxed);
+        }
         let records = self.kernel_records();
         let table = self.pending.lock().expect("pending lock");
         table
@@ -1363,7 +1363,7 @@ mod tests {
         assert_eq!(ids.len(), 2);
         assert!(ids[0] < ids[1], "first come, first served: {ids:?}");
         assert_eq!(chain.load[0].waiting.load(Ordering::Relaxed), 0);
-        assert_eq!(chain.load[0].held.load(Ordering::Relaxed), 2);
+        assert_eq!(chain.load[0].held(), 2);
         assert_eq!(chain.load[0].waited.load(Ordering::Relaxed), 2);
         // Held by the instance now: its death fails them.
         let holder = Holder {
@@ -1378,7 +1378,7 @@ mod tests {
             2
         );
         assert_eq!(chain.arena.free_slots(), free);
-        assert_eq!(chain.load[0].held.load(Ordering::Relaxed), 0);
+        assert_eq!(chain.load[0].held(), 0);
         drop((first, second));
     }
 

@@ -37,7 +37,7 @@ use chain_runtime::config::Autoscale;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::dataplane::ChainRuntime;
+use crate::dataplane::{ChainRuntime, StageLoad};
 use crate::metrics::Metrics;
 use crate::peers::PoolPeers;
 use crate::supervisor::{ResumeFds, SpawnError, WorkerCommand, supervise};
@@ -739,7 +739,7 @@ impl BusyShare {
         self.last_refused[stage] = refused;
         let waiting = load.waiting.load(Ordering::Relaxed) as f64 + turned_away;
         if chain.kernel.is_none() || chain.stages.len() == 1 {
-            return load.held.load(Ordering::Relaxed) as f64 + waiting;
+            return load.held() as f64 + waiting;
         }
         let busy = stage_busy(chain);
         let deltas: Vec<f64> = busy
@@ -754,11 +754,7 @@ impl BusyShare {
         } else {
             1.0 / chain.stages.len() as f64
         };
-        let held: usize = chain
-            .load
-            .iter()
-            .map(|l| l.held.load(Ordering::Relaxed))
-            .sum();
+        let held: usize = chain.load.iter().map(StageLoad::held).sum();
         held as f64 * share + waiting
     }
 }

@@ -228,7 +228,7 @@ impl Peers {
             .chain
             .load
             .iter()
-            .map(|l| l.held.load(Relaxed) + l.waiting.load(Relaxed))
+            .map(|l| l.held() + l.waiting.load(Relaxed))
             .sum();
         let peers: Vec<(usize, u32)> = (0..self.links.len())
             .map(|i| {
