@@ -200,7 +200,7 @@ impl Pristine {
             return Err(SnapshotError::Mismatch("linear memory has a null base".into()).into());
         }
         let len = bytes as usize;
-        let scan = match File::open("/proc/self/pagemap") {
+        let scan = match sandbox::open_own_proc_file("/proc/self/pagemap") {
             Ok(file) => match scan_written(&file, base, len, |_, _| Ok(())) {
                 Ok(_) => Scan::Pagemap(file),
                 Err(e) => {

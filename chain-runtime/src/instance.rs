@@ -19,7 +19,8 @@ use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::stat::{SFlag, fstat};
 use proto::worker::{
-    ARENA_FD, CACHE_FD, CONFIG_FD, CONTROL_FD, IMAGE_FD, MODULE_FD, SOCKET_FD, STATS_FD, ZYGOTE_FD,
+    ARENA_FD, CACHE_FD, CONFIG_FD, CONTROL_FD, IMAGE_FD, MODULE_FD, MOUNT_NS_FD, NET_NS_FD,
+    SOCKET_FD, STATS_FD, ZYGOTE_FD,
 };
 
 use crate::config::{Config, ConfigErrors};
@@ -28,7 +29,15 @@ use crate::plan::{ChainPlan, Plan, Stage};
 
 /// Lowest fd number [`Handoff::exec_plan`] duplicates to: above stdio and every fixed
 /// number, so placing the copies cannot overwrite one with another.
-pub const EXEC_PLAN_MIN_FD: RawFd = CACHE_FD + 1;
+pub const EXEC_PLAN_MIN_FD: RawFd = MOUNT_NS_FD + 1;
+
+/// The sandbox namespaces a process joins before running guest code: (network, mount), as
+/// `sandbox::SharedNamespaces` made them.
+#[derive(Debug)]
+pub struct Namespaces<Fd> {
+    pub net: Fd,
+    pub mount: Fd,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -51,6 +60,8 @@ pub enum InstanceError {
     Host(#[from] HostError),
     #[error(transparent)]
     Resume(#[from] crate::resume::ResumeError),
+    #[error("confining the process: {0}")]
+    Sandbox(sandbox::SandboxError),
 }
 
 /// The resources a worker process gets from the gateway, one field per fixed fd number.
@@ -75,6 +86,8 @@ pub struct Handoff<Fd> {
     /// The node page cache of that image (`rdma_fork::cache::NodeCache`), when the node
     /// keeps one; only beside `image`.
     pub cache: Option<Fd>,
+    /// The sandbox namespaces to join, when the gateway confines workers.
+    pub namespaces: Option<Namespaces<Fd>>,
 }
 
 /// What a zygote process is handed: a [`Handoff`] without the per-instance socket and
@@ -86,13 +99,16 @@ pub struct ZygoteHandoff<Fd> {
     pub module: Fd,
     /// The zygote's end of its Unix seqpacket socket to the gateway.
     pub zygote: Fd,
+    /// The sandbox namespaces to join, when the gateway confines workers; the zygote's
+    /// children inherit them.
+    pub namespaces: Option<Namespaces<Fd>>,
 }
 
 /// The gateway's copies of a [`Handoff`], ready to be placed in a child between fork and exec.
 pub struct ExecPlan {
     /// Kept open until the child has been spawned; dropping the plan closes them.
     _copies: Vec<OwnedFd>,
-    placements: [(RawFd, RawFd); 8],
+    placements: [(RawFd, RawFd); 10],
     count: usize,
 }
 
@@ -101,7 +117,7 @@ impl ExecPlan {
     /// `dup2` calls cannot clobber each other, and pairs each copy with its place.
     fn new(fds: &[(BorrowedFd<'_>, RawFd)]) -> std::io::Result<ExecPlan> {
         let mut copies = Vec::with_capacity(fds.len());
-        let mut placements = [(-1, -1); 8];
+        let mut placements = [(-1, -1); 10];
         for (i, (fd, target)) in fds.iter().enumerate() {
             let copy = dup_at_least(*fd, EXEC_PLAN_MIN_FD)?;
             placements[i] = (copy.as_raw_fd(), *target);
@@ -135,6 +151,7 @@ impl Handoff<BorrowedFd<'_>> {
         ];
         fds.extend(self.image.map(|fd| (fd, IMAGE_FD)));
         fds.extend(self.cache.map(|fd| (fd, CACHE_FD)));
+        fds.extend(namespace_placements(&self.namespaces));
         ExecPlan::new(&fds)
     }
 }
@@ -142,13 +159,35 @@ impl Handoff<BorrowedFd<'_>> {
 impl ZygoteHandoff<BorrowedFd<'_>> {
     /// The copies to place in the zygote, see [`ExecPlan`].
     pub fn exec_plan(&self) -> std::io::Result<ExecPlan> {
-        ExecPlan::new(&[
+        let mut fds = vec![
             (self.arena, ARENA_FD),
             (self.config, CONFIG_FD),
             (self.module, MODULE_FD),
             (self.zygote, ZYGOTE_FD),
-        ])
+        ];
+        fds.extend(namespace_placements(&self.namespaces));
+        ExecPlan::new(&fds)
     }
+}
+
+fn namespace_placements<'a>(
+    namespaces: &Option<Namespaces<BorrowedFd<'a>>>,
+) -> impl Iterator<Item = (BorrowedFd<'a>, RawFd)> {
+    namespaces
+        .iter()
+        .flat_map(|ns| [(ns.net, NET_NS_FD), (ns.mount, MOUNT_NS_FD)])
+}
+
+/// The sandbox namespaces at their fixed numbers, if the gateway passed them.
+fn inherited_namespaces() -> Result<Option<Namespaces<OwnedFd>>, InstanceError> {
+    // SAFETY: a fixed number borrowed only for this fstat; see take_fd.
+    if fstat(unsafe { BorrowedFd::borrow_raw(NET_NS_FD) }).is_err() {
+        return Ok(None);
+    }
+    Ok(Some(Namespaces {
+        net: take_fd(NET_NS_FD, SFlag::S_IFREG, "the sandbox network namespace")?,
+        mount: take_fd(MOUNT_NS_FD, SFlag::S_IFREG, "the sandbox mount namespace")?,
+    }))
 }
 
 impl ZygoteHandoff<OwnedFd> {
@@ -160,6 +199,7 @@ impl ZygoteHandoff<OwnedFd> {
             config: take_fd(CONFIG_FD, SFlag::S_IFREG, "the config memfd")?,
             module: take_fd(MODULE_FD, SFlag::S_IFREG, "the module memfd")?,
             zygote: take_fd(ZYGOTE_FD, SFlag::S_IFSOCK, "the zygote socket")?,
+            namespaces: inherited_namespaces()?,
         })
     }
 
@@ -200,6 +240,7 @@ impl Handoff<OwnedFd> {
             arena: take_fd(ARENA_FD, SFlag::S_IFREG, "the arena memfd")?,
             socket: take_fd(SOCKET_FD, SFlag::S_IFSOCK, "a socket")?,
             control: take_fd(CONTROL_FD, SFlag::S_IFSOCK, "the control socket")?,
+            namespaces: inherited_namespaces()?,
         })
     }
 
@@ -284,6 +325,8 @@ pub struct InstanceBuilder {
     plan: Plan,
     chain: usize,
     stage: usize,
+    /// How this function's processes are confined, and the uid they run as.
+    sandbox: crate::confine::FunctionSandbox,
 }
 
 impl InstanceBuilder {
@@ -303,10 +346,17 @@ impl InstanceBuilder {
                 chain: chain.to_owned(),
                 function: function.to_owned(),
             })?;
+        let uid = config
+            .function_uid(function)
+            .expect("the plan resolved the function, so the config defines it");
         Ok(InstanceBuilder {
             plan,
             chain: chain_index,
             stage,
+            sandbox: crate::confine::FunctionSandbox {
+                enabled: config.sandbox.enabled,
+                uid,
+            },
         })
     }
 
@@ -326,6 +376,11 @@ impl InstanceBuilder {
 
     pub fn stage(&self) -> &Stage {
         &self.chain().stages[self.stage]
+    }
+
+    /// How this function's processes are confined.
+    pub fn sandbox(&self) -> crate::confine::FunctionSandbox {
+        self.sandbox
     }
 
     /// Cold start from the module's bytes: compile, instantiate, `_initialize` (reactors).
@@ -545,6 +600,7 @@ mod tests {
             control: fds[5].as_fd(),
             image: None,
             cache: None,
+            namespaces: None,
         };
         let plan = handoff.exec_plan().unwrap();
         let placements = plan.placements();
@@ -575,6 +631,20 @@ mod tests {
         let plan = with_cache.exec_plan().unwrap();
         assert_eq!(plan.placements().len(), 8);
         assert_eq!(plan.placements()[7].1, CACHE_FD);
-        assert!(plan.placements().iter().all(|(from, _)| *from > CACHE_FD));
+        let confined = Handoff {
+            namespaces: Some(Namespaces {
+                net: fds[2].as_fd(),
+                mount: fds[3].as_fd(),
+            }),
+            ..with_cache
+        };
+        let plan = confined.exec_plan().unwrap();
+        let targets: Vec<RawFd> = plan.placements()[8..].iter().map(|p| p.1).collect();
+        assert_eq!(targets, [NET_NS_FD, MOUNT_NS_FD]);
+        assert!(
+            plan.placements()
+                .iter()
+                .all(|(from, _)| *from > MOUNT_NS_FD)
+        );
     }
 }

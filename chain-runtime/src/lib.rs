@@ -14,6 +14,7 @@
 //! between instances, speak HTTP or define wire layouts (those are `proto`'s).
 
 pub mod config;
+pub mod confine;
 pub mod control;
 pub mod fresh;
 pub mod host;

@@ -41,6 +41,7 @@ use proto::worker::{WATCHDOG_EXIT, ready_message};
 use proto::{Descriptor, GATEWAY_FN, Status};
 use shm::{Arena, SlotRef};
 
+use crate::confine::{Role, confine};
 use crate::control::{self, Prepared};
 use crate::host::{Outcome, SlotIo};
 use crate::instance::{Handoff, Instance, InstanceBuilder, InstanceError};
@@ -104,10 +105,18 @@ fn open_cache(
 /// Runs the worker until the gateway closes the socket. Takes over fds 3 to 9 (and 11, a
 /// node page cache, when resuming).
 pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
-    let handoff = Handoff::inherited(args.from_image)?;
+    let mut handoff = Handoff::inherited(args.from_image)?;
     let (text, module) = handoff.read_inputs()?;
     let builder =
         InstanceBuilder::from_config_text(&text, &args.config, &args.chain, &args.function)?;
+    // Before the module is compiled or any guest code runs, and while this is the only
+    // thread (joining a mount namespace needs that).
+    let role = if args.from_image {
+        Role::Resumed
+    } else {
+        Role::Worker
+    };
+    confine(builder.sandbox(), handoff.namespaces.take(), role)?;
     let (instance, resumed) = match handoff.read_image()? {
         None => (builder.cold(&module)?, None),
         Some(descriptor) => {

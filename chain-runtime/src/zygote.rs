@@ -75,6 +75,7 @@ use nix::sys::stat::{SFlag, fstat};
 use proto::worker::{CONTROL_FD, SOCKET_FD, STATS_FD};
 use proto::zygote::{MAX_PACKET, Reply, SPAWN_FDS, SpawnRequest, ZygoteWireError};
 
+use crate::confine::{Role, child_filter, confine};
 use crate::host::CompiledModule;
 use crate::instance::{InstanceBuilder, InstanceError, ZygoteHandoff, dup_at_least};
 use crate::snapshot::{Snapshot, SnapshotError};
@@ -119,13 +120,15 @@ pub fn run(args: &ZygoteArgs) -> Result<(), ZygoteError> {
         .use_current_thread()
         .build_global()
         .map_err(|e| ZygoteError::Threads(format!("building rayon's pool: {e}")))?;
-    let handoff = ZygoteHandoff::inherited()?;
+    let mut handoff = ZygoteHandoff::inherited()?;
     let reserved = reserve_fd_numbers()?;
     let gateway = nix::unistd::getppid();
     let began = Instant::now();
     let (text, module) = handoff.read_inputs()?;
     let builder =
         InstanceBuilder::from_config_text(&text, &args.config, &args.chain, &args.function)?;
+    // Before `_initialize`, the first guest code; every child inherits the confinement.
+    confine(builder.sandbox(), handoff.namespaces.take(), Role::Zygote)?;
     let mut warm = builder.clone().cold(&module)?;
     let snapshot = warm.host_mut().snapshot()?;
     let compiled = warm.host_mut().compiled_module();
@@ -343,6 +346,8 @@ impl Zygote {
             placed.next().expect("three placed"),
         );
         let arena = self.arena.take().expect("taken once, by the child");
+        // The zygote's filter allows forking; a child's must not.
+        child_filter(self.builder.sandbox())?;
         let began = Instant::now();
         let instance = self
             .builder

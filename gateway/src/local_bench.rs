@@ -131,6 +131,7 @@ async fn bench(args: LocalBenchArgs) -> anyhow::Result<()> {
         config_text: Arc::new(sealed_memfd("spindle-config", text.as_bytes())?),
         images: Default::default(),
         controls: Default::default(),
+        sandbox: gateway::supervisor::sandbox_namespaces(&config)?,
     };
     let zygote = Zygote::new(gateway::zygote::DEFAULT_REPLY_TIMEOUT);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -294,6 +295,7 @@ impl Bench {
                 control: worker_control.as_fd(),
                 image: None,
                 cache: None,
+                namespaces: self.cmd.namespaces(),
             }
             .exec_plan()?;
             let args = [

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 
 mod fork_cli;
 mod local_bench;
+mod sandbox_probe;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// How long a client may take to send request headers.
@@ -153,6 +154,11 @@ enum Command {
     /// pages; `fork resume` starts a child from the image on any node, fetching pages lazily.
     #[command(subcommand)]
     Fork(ForkCommand),
+    /// From inside the confinement FUNCTION's workers get (or one layer of it), try what an
+    /// escaped guest would (open /etc/shadow, connect out, ptrace or signal the gateway,
+    /// setuid 0, unshare, fork, exec) and print what the kernel said to each. Needs root.
+    #[command(name = "sandbox-probe")]
+    SandboxProbe(sandbox_probe::ProbeArgs),
     /// Run one function instance (started by `spindle run`, not by hand).
     #[command(hide = true)]
     Worker {
@@ -256,6 +262,7 @@ fn main() -> std::process::ExitCode {
         Command::Fork(ForkCommand::Serve(args)) => fork_cli::serve(args),
         Command::Fork(ForkCommand::Resume(args)) => fork_cli::resume(args),
         Command::Fork(ForkCommand::LocalBench(args)) => local_bench::run(args),
+        Command::SandboxProbe(args) => sandbox_probe::run(args),
         Command::Worker {
             config,
             chain,
@@ -593,6 +600,8 @@ async fn run(
         ),
         images: resume_images(&config, resume)?,
         controls: Arc::new(ControlBoard::default()),
+        sandbox: gateway::supervisor::sandbox_namespaces(&config)
+            .context("making the sandbox namespaces")?,
     };
     // Up before any worker, so a page server that cannot bind stops the start-up early.
     let node = match &admin {

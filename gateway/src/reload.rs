@@ -8,7 +8,7 @@
 //!
 //! What a reload can change: a function's module (its file's bytes), `memory`, `timeout_ms`,
 //! `fuel`, `env`, `mode`, `start` and `isolation`. What needs a restart: `listen`,
-//! `dataplane`, `node` and `peers`, the set of functions and chains, chain settings (routes,
+//! `dataplane`, `node`, `peers` and `sandbox`, the set of functions and chains, chain settings (routes,
 //! steps, arenas, deadlines), `instances` and `wait_queue` (they size the instance slots and
 //! queues the gateway allocated at start). A reload that asks for those is refused as a whole and
 //! changes nothing; a file with errors is refused with every error at file:line:col.
@@ -108,6 +108,11 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.peers != new.peers {
         why.push("`peers` changed".to_string());
+    }
+    // The sandbox namespaces are made (or not) once, at start, and the uids of running
+    // instances would no longer match the config.
+    if old.sandbox != new.sandbox {
+        why.push("`sandbox` changed".to_string());
     }
     let names = |c: &Config| {
         c.functions
@@ -346,6 +351,11 @@ mod tests {
         assert_eq!(
             needs_restart(&old, &peers),
             vec!["`node` changed".to_string(), "`peers` changed".to_string()]
+        );
+        let sandbox = config(&format!("{BASE}sandbox: {{ uid_base: 300000 }}\n"));
+        assert_eq!(
+            needs_restart(&old, &sandbox),
+            vec!["`sandbox` changed".to_string()]
         );
         let route = config(&BASE.replace("/c", "/d"));
         assert_eq!(

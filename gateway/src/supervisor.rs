@@ -19,7 +19,7 @@
 //! Either way the instance is a child of the gateway ([`WorkerProcess`]) and supervised alike.
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -27,8 +27,9 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chain_runtime::config::Config;
 use chain_runtime::config::StartMode;
-use chain_runtime::instance::Handoff;
+use chain_runtime::instance::{Handoff, Namespaces};
 use hyper::StatusCode;
 use proto::worker::WATCHDOG_EXIT;
 use proto::zygote::SpawnRequest;
@@ -84,6 +85,45 @@ pub struct WorkerCommand {
     pub images: std::collections::HashMap<String, Arc<ResumeFds>>,
     /// Where each ready worker's control socket is put, for the node service to reach it.
     pub controls: Arc<ControlBoard>,
+    /// The namespaces confined workers and zygotes join (`sandbox:`); `None` when the config
+    /// turns the sandbox off or this gateway is not root and could not make them.
+    pub sandbox: Option<Arc<sandbox::SharedNamespaces>>,
+}
+
+/// Makes the namespaces `config`'s confined workers join, once per gateway. A gateway that
+/// is not root cannot: its workers then get only the layers that need no privilege
+/// (no_new_privs, seccomp, closed fds), and the log says so.
+pub fn sandbox_namespaces(
+    config: &Config,
+) -> Result<Option<Arc<sandbox::SharedNamespaces>>, sandbox::SandboxError> {
+    if !config.sandbox.enabled {
+        tracing::warn!(
+            "sandbox: off (`sandbox: {{ enabled: false }}`): workers run as this gateway's user, in its namespaces, without seccomp"
+        );
+        return Ok(None);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        tracing::warn!(
+            "sandbox: not root, so workers keep this gateway's uid and namespaces; only no_new_privs, seccomp and closed fds apply"
+        );
+        return Ok(None);
+    }
+    let namespaces = sandbox::SharedNamespaces::create()?;
+    tracing::info!(
+        uid_base = config.sandbox.uid_base,
+        "sandbox: workers join an empty network and mount namespace, run as uid/gid uid_base + function index, under seccomp"
+    );
+    Ok(Some(Arc::new(namespaces)))
+}
+
+impl WorkerCommand {
+    /// The sandbox namespaces to hand to a process.
+    pub fn namespaces(&self) -> Option<Namespaces<BorrowedFd<'_>>> {
+        self.sandbox.as_ref().map(|ns| Namespaces {
+            net: ns.net(),
+            mount: ns.mount(),
+        })
+    }
 }
 
 /// What every instance of a function resumed from a remote image gets, besides the usual.
@@ -146,6 +186,10 @@ impl Drop for KernelEntry {
 pub(crate) fn describe_exit(status: &ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
+        (None, Some(libc::SIGSYS)) => format!(
+            "killed by signal {} (SIGSYS: a system call outside the sandbox's seccomp list)",
+            libc::SIGSYS
+        ),
         (None, Some(sig)) => format!("killed by signal {sig}"),
         _ => status.to_string(),
     }
@@ -280,6 +324,12 @@ async fn spawn_worker(
                 control: worker_control.as_fd(),
                 image: image.map(|i| i.descriptor.as_fd()),
                 cache: image.map(|i| i.cache.as_fd()),
+                // A resumed worker keeps the host's namespaces (chain_runtime::confine::Role).
+                namespaces: if image.is_some() {
+                    None
+                } else {
+                    cmd.namespaces()
+                },
             }
             .exec_plan()
             .map_err(SpawnError::Socket)?;

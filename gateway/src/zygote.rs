@@ -307,6 +307,7 @@ async fn start(
         config: cmd.config_text.as_fd(),
         module: module.as_fd(),
         zygote: zygote_end.as_fd(),
+        namespaces: cmd.namespaces(),
     }
     .exec_plan()
     .map_err(|e| Some(format!("placing its fds: {e}")))?;

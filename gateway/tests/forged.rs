@@ -4,16 +4,15 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use chain_runtime::instance::sealed_memfd;
+use chain_runtime::instance::{Handoff, Namespaces, sealed_memfd};
 use chain_runtime::stats::StatsPage;
 use common::Spindle;
-use nix::fcntl::{FcntlArg, fcntl};
-use proto::worker::{ARENA_FD, CONFIG_FD, CONTROL_FD, MODULE_FD, SOCKET_FD, STATS_FD};
+use proto::worker::SOCKET_FD;
 use proto::{Descriptor, GATEWAY_FN, Status};
 use shm::Arena;
 
@@ -53,33 +52,33 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let worker_end = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (mut sock, _) = listener.accept().unwrap();
-    let arena_fd: OwnedFd = arena.fd().try_clone_to_owned().unwrap();
-    let high = |fd: BorrowedFd<'_>| {
-        let new = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap();
-        // SAFETY: F_DUPFD_CLOEXEC returned a fresh fd (>= 10) that we own.
-        unsafe { OwnedFd::from_raw_fd(new) }
-    };
     let config_fd = sealed_memfd("config", text.as_bytes()).unwrap();
     let (stats, stats_fd) = StatsPage::create("forged-stats").unwrap();
     let module_fd =
         sealed_memfd("module", &std::fs::read(common::wasm("uppercase")).unwrap()).unwrap();
     // Held for the worker's life; nothing is sent on it here.
     let (_control, worker_control) = std::os::unix::net::UnixStream::pair().unwrap();
-    let fds = [
-        high(arena_fd.as_fd()),
-        high(worker_end.as_fd()),
-        high(config_fd.as_fd()),
-        high(module_fd.as_fd()),
-        high(stats_fd.as_fd()),
-        high(worker_control.as_fd()),
-    ];
-    let placements: Vec<(i32, i32)> = fds
-        .iter()
-        .map(|fd| fd.as_raw_fd())
-        .zip([
-            ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, CONTROL_FD,
-        ])
-        .collect();
+    // A worker running as root is confined, and needs the namespaces a gateway would pass.
+    let namespaces = nix::unistd::geteuid()
+        .is_root()
+        .then(|| sandbox::SharedNamespaces::create().unwrap());
+    let plan = Handoff {
+        arena: arena.fd(),
+        socket: worker_end.as_fd(),
+        config: config_fd.as_fd(),
+        module: module_fd.as_fd(),
+        stats: stats_fd.as_fd(),
+        control: worker_control.as_fd(),
+        image: None,
+        cache: None,
+        namespaces: namespaces.as_ref().map(|ns| Namespaces {
+            net: ns.net(),
+            mount: ns.mount(),
+        }),
+    }
+    .exec_plan()
+    .unwrap();
+    let placements = plan.placements().to_vec();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_spindle"));
     cmd.args(["worker", "--config"])
         .arg(&config)
@@ -92,7 +91,8 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
             "0",
         ])
         .stdin(Stdio::null());
-    // SAFETY: only dup2 between fork and exec; sources are >= 10 so they cannot collide.
+    // SAFETY: only dup2 between fork and exec; the plan's sources sit above every fixed
+    // number, so they cannot collide.
     // Raw libc: nix's dup2 takes the target as an OwnedFd, which these bare numbers are not.
     unsafe {
         cmd.pre_exec(move || {
@@ -105,7 +105,7 @@ fn worker_refuses_forged_descriptors_and_keeps_serving() {
         });
     }
     let mut child = cmd.spawn().unwrap();
-    drop((fds, worker_end, worker_control));
+    drop((plan, worker_end, worker_control));
     sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
 

@@ -37,6 +37,11 @@ pub const ZYGOTE_FD: RawFd = 10;
 /// `rdma_fork::cache` describes), shared by every child of that image on this node.
 /// Optional, and only beside `IMAGE_FD`; a worker that cannot use it resumes without it.
 pub const CACHE_FD: RawFd = 11;
+/// The gateway's sandbox network namespace (an nsfs fd), for a worker or zygote to join
+/// before it runs guest code; passed only when the gateway confines workers.
+pub const NET_NS_FD: RawFd = 12;
+/// The gateway's sandbox mount namespace (empty read-only root), beside [`NET_NS_FD`].
+pub const MOUNT_NS_FD: RawFd = 13;
 
 /// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
 pub const WATCHDOG_EXIT: i32 = 124;
@@ -66,8 +71,17 @@ mod tests {
     #[test]
     fn fd_numbers_are_distinct_and_above_stdio() {
         let fds = [
-            ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, IMAGE_FD, CONTROL_FD, ZYGOTE_FD,
+            ARENA_FD,
+            SOCKET_FD,
+            CONFIG_FD,
+            MODULE_FD,
+            STATS_FD,
+            IMAGE_FD,
+            CONTROL_FD,
+            ZYGOTE_FD,
             CACHE_FD,
+            NET_NS_FD,
+            MOUNT_NS_FD,
         ];
         for (i, a) in fds.iter().enumerate() {
             assert!(*a > 2, "fd {a} would clobber stdio");

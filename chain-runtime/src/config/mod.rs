@@ -17,6 +17,12 @@
 //!                                   #   one more is answered 503 (Retry-After: 1) and closed
 //!   idle_timeout_ms: 60000          # keep-alive connections idle this long are closed,
 //!                                   #   1..=86400000, default 60000
+//! sandbox:                          # optional; how worker processes are confined
+//!   enabled: true                   # default true: each worker and zygote joins an empty
+//!                                   #   network and mount namespace, drops to its uid, keeps
+//!                                   #   only its fds, runs under seccomp (docs/security.md)
+//!   uid_base: 200000                # function i (0-based, file order) runs as uid and gid
+//!                                   #   uid_base + i; 1..=4000000000, default 200000
 //!
 //! functions:                        # at least one
 //!   - name: uppercase               # [a-z0-9_-]+, unique
@@ -120,7 +126,31 @@ const TOP_KEYS: &[&str] = &[
     "node",
     "peers",
     "http",
+    "sandbox",
 ];
+
+const SANDBOX_KEYS: &[&str] = &["enabled", "uid_base"];
+const DEFAULT_UID_BASE: i64 = 200_000;
+/// Well below u32::MAX (the kernel's "no uid", -1) with room for every function.
+const MAX_UID_BASE: i64 = 4_000_000_000;
+
+/// How worker processes are confined (`sandbox:`; the `sandbox` crate applies it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxSpec {
+    pub enabled: bool,
+    /// Function `i` of [`Config::functions`] runs as uid and gid `uid_base + i`: functions
+    /// cannot signal, trace or read each other's processes.
+    pub uid_base: u32,
+}
+
+impl Default for SandboxSpec {
+    fn default() -> Self {
+        SandboxSpec {
+            enabled: true,
+            uid_base: DEFAULT_UID_BASE as u32,
+        }
+    }
+}
 
 const HTTP_KEYS: &[&str] = &["max_connections", "idle_timeout_ms"];
 const DEFAULT_MAX_CONNECTIONS: i64 = 4096;
@@ -168,6 +198,16 @@ pub struct Config {
     pub peers: Vec<PeerSpec>,
     /// The HTTP front's connection limits (`http:`).
     pub http: HttpSpec,
+    /// How worker processes are confined (`sandbox:`).
+    pub sandbox: SandboxSpec,
+}
+
+impl Config {
+    /// The uid and gid `function`'s processes run as, if it is defined.
+    pub fn function_uid(&self, function: &str) -> Option<u32> {
+        let index = self.functions.iter().position(|f| f.name == function)?;
+        Some(self.sandbox.uid_base + index as u32)
+    }
 }
 
 /// One Wasm function; every instance runs in its own worker process.
@@ -520,6 +560,10 @@ impl Checker<'_> {
         }
 
         let http = top.get("http").map(|n| self.http(n)).unwrap_or_default();
+        let sandbox = top
+            .get("sandbox")
+            .map(|n| self.sandbox(n))
+            .unwrap_or_default();
         let node = top.get("node").map(|n| self.node(n)).unwrap_or_default();
         let peers = top.get("peers").map(|n| self.peers(n)).unwrap_or_default();
         self.check_cluster(&node, &peers, top.get("node"), top.get("peers"));
@@ -533,7 +577,33 @@ impl Checker<'_> {
             node,
             peers,
             http,
+            sandbox,
         })
+    }
+
+    fn sandbox(&mut self, node: &MarkedYaml<'_>) -> SandboxSpec {
+        let mut spec = SandboxSpec::default();
+        let Some(fields) = self.fields(node, "`sandbox`", Some(SANDBOX_KEYS)) else {
+            return spec;
+        };
+        if let Some(n) = fields.get("enabled") {
+            match &untag(n).data {
+                YamlData::Value(Scalar::Boolean(b)) => spec.enabled = *b,
+                _ => self.error(
+                    pos(n),
+                    format!(
+                        "`sandbox.enabled` must be true or false, found {}",
+                        describe(n)
+                    ),
+                ),
+            }
+        }
+        if let Some(n) = fields.get("uid_base")
+            && let Some(v) = self.int_in(n, "sandbox.uid_base", 1, MAX_UID_BASE)
+        {
+            spec.uid_base = v as u32;
+        }
+        spec
     }
 
     fn http(&mut self, node: &MarkedYaml<'_>) -> HttpSpec {

@@ -1389,3 +1389,60 @@ fn isolation_defaults_to_reuse_and_fresh_per_request_needs_a_reactor() {
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(errors[0].2.contains("isolation"), "{errors:?}");
 }
+
+#[test]
+fn sandbox_is_on_by_default_gives_each_function_its_uid_and_is_checked() {
+    let s = Scratch::new();
+    let base = [
+        "functions:",
+        "  - { name: a, module: ../mods/a.wasm }",
+        "  - { name: b, module: ../mods/a.wasm }",
+        "chains:",
+        "  - { name: c, route: /c, steps: [a, b] }",
+    ];
+    let config = s.ok(&base);
+    assert_eq!(
+        config.sandbox,
+        SandboxSpec {
+            enabled: true,
+            uid_base: 200_000
+        }
+    );
+    assert_eq!(config.function_uid("a"), Some(200_000));
+    assert_eq!(config.function_uid("b"), Some(200_001));
+    assert_eq!(config.function_uid("nope"), None);
+    let mut lines = vec!["sandbox: { enabled: false, uid_base: 5000 }"];
+    lines.extend(base);
+    let config = s.ok(&lines);
+    assert_eq!(
+        config.sandbox,
+        SandboxSpec {
+            enabled: false,
+            uid_base: 5000
+        }
+    );
+    let mut lines = vec!["sandbox: { enabled: yes please, uid_base: 0, uid: 1 }"];
+    lines.extend(base);
+    let errors = s.errors(&lines);
+    for (col, message) in [
+        (
+            21,
+            "`sandbox.enabled` must be true or false, found string `yes please`",
+        ),
+        (
+            43,
+            "`sandbox.uid_base` must be between 1 and 4000000000, got 0",
+        ),
+    ] {
+        assert!(
+            errors.contains(&(1, col, message.to_string())),
+            "{errors:?}"
+        );
+    }
+    assert!(
+        errors
+            .iter()
+            .any(|(l, _, m)| *l == 1 && m.contains("unknown key `uid` in `sandbox`")),
+        "{errors:?}"
+    );
+}

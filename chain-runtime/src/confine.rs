@@ -1,0 +1,85 @@
+//! Confining a worker or zygote before its first guest instruction: which layers a process
+//! gets, from the config's `sandbox:` and what the gateway passed. The `sandbox` crate
+//! applies them; docs/security.md says what each stops.
+
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+
+use proto::worker::MOUNT_NS_FD;
+use sandbox::{Confinement, Credentials, Layers, Profile};
+
+use crate::instance::{InstanceError, Namespaces};
+
+/// How one function's processes are confined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FunctionSandbox {
+    pub enabled: bool,
+    /// The uid and gid its processes run as.
+    pub uid: u32,
+}
+
+/// Which process is being confined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// An exec'd worker building its instance cold.
+    Worker,
+    /// A zygote; its forked children inherit everything and add [`child_filter`].
+    Zygote,
+    /// A worker resuming from a remote image. It fetches pages over TCP and creates its own
+    /// userfaultfd, so it keeps the host's namespaces and its uid (creating a userfaultfd that
+    /// also catches kernel-mode faults needs privilege) and gets only the fd, no_new_privs
+    /// and seccomp layers.
+    Resumed,
+}
+
+/// Every fd a confined process keeps besides stdio: the fixed numbers of the hand-off (the
+/// ones given, the rest unused or a zygote's placeholders).
+fn kept_fds() -> Vec<RawFd> {
+    (3..=MOUNT_NS_FD).collect()
+}
+
+/// Confines the calling process as `sandbox` and `role` say, joining `namespaces` (then
+/// closing them). A gateway that is root always passes the namespaces to a worker or zygote
+/// of a confined function; one that is not root cannot make them, nor can this process drop
+/// a uid it does not have: then only the layers that need no privilege apply.
+pub fn confine(
+    sandbox: FunctionSandbox,
+    namespaces: Option<Namespaces<OwnedFd>>,
+    role: Role,
+) -> Result<Option<Layers>, InstanceError> {
+    if !sandbox.enabled {
+        return Ok(None);
+    }
+    let privileged = nix::unistd::geteuid().is_root() && role != Role::Resumed;
+    if privileged && namespaces.is_none() {
+        return Err(InstanceError::Sandbox(sandbox::SandboxError::Check(
+            "the gateway passed no sandbox namespaces to a process running as root".into(),
+        )));
+    }
+    let joined = namespaces.as_ref().filter(|_| privileged);
+    let layers = sandbox::confine(&Confinement {
+        namespaces: joined.map(|ns| (ns.net.as_fd(), ns.mount.as_fd())),
+        credentials: privileged.then_some(Credentials {
+            uid: sandbox.uid,
+            gid: sandbox.uid,
+        }),
+        keep_fds: &kept_fds(),
+        profile: match role {
+            Role::Worker => Profile::Worker,
+            Role::Zygote => Profile::Zygote,
+            Role::Resumed => Profile::Resumed,
+        },
+    })
+    .map_err(InstanceError::Sandbox)?;
+    drop(namespaces);
+    tracing::debug!(?role, ?layers, uid = sandbox.uid, "confined");
+    Ok(Some(layers))
+}
+
+/// In a zygote's forked child: the worker's filter stacked on the zygote's, so the child
+/// cannot fork as its zygote may.
+pub fn child_filter(sandbox: FunctionSandbox) -> Result<(), InstanceError> {
+    if sandbox.enabled {
+        sandbox::restrict_syscalls(Profile::Worker).map_err(InstanceError::Sandbox)?;
+    }
+    Ok(())
+}
