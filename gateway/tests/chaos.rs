@@ -1,13 +1,16 @@
-//! Soak and chaos over real HTTP against the real binary: `configs/hello.yaml` and the
-//! boutique chain under a paced load while a random worker is SIGKILLed every 2 s and one
-//! is SIGSTOPped for longer than its chain's deadline. Only what a killed worker held fails
-//! (502), only the stopped worker's requests time out (504), requests arriving while an
-//! instance is replaced wait for it (no 503), every restart is counted, and afterwards the
-//! arenas are full again and the gateway holds the fds it held before.
+//! Soak and chaos over real HTTP against the real binary: `configs/hello.yaml`'s chain and
+//! the boutique chain under a paced load, first alone (the soak: every request answered 200,
+//! and no process of the gateway's tree — gateway, zygotes, workers — grows its resident
+//! memory more than 5% after warm-up), then while a random worker is SIGKILLed every 2 s
+//! and one is SIGSTOPped for longer than its chain's deadline (the chaos). Only what a killed
+//! worker held fails (502), only the stopped worker's requests time out (504), requests
+//! arriving while an instance is replaced wait for it (no 503), every restart is counted,
+//! and after each phase the arenas are full again and the gateway holds the fds it held
+//! before.
 //!
-//! CI runs 30 s at 30% of the throughput measured at the start. `bench/soak.sh` runs the
-//! long version: `SPINDLE_SOAK_SECONDS` (default 30) and `SPINDLE_SOAK_RATE_PERCENT`
-//! (default 30) set the length and the load.
+//! CI runs each phase for 30 s at 30% of the throughput measured at the start.
+//! `bench/soak.sh` runs the long version: `SPINDLE_SOAK_SECONDS` (each phase, default 30) and
+//! `SPINDLE_SOAK_RATE_PERCENT` (default 30) set the length and the load.
 
 mod common;
 
@@ -145,29 +148,39 @@ async fn measure(spindle: &Arc<Spindle>, connections: usize, for_: Duration) -> 
     total as f64 / for_.as_secs_f64()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_load_only_a_killed_workers_requests_fail_and_nothing_leaks() {
-    let seconds = env_u64("SPINDLE_SOAK_SECONDS", 30);
-    let percent = env_u64("SPINDLE_SOAK_RATE_PERCENT", 30);
-    let spindle = Arc::new(Spindle::start("chaos", CONFIG).await);
-    let gateway = spindle.pid();
-    let http_port: u16 = spindle.addr.rsplit(':').next().unwrap().parse().unwrap();
-    let max = measure(&spindle, 8, Duration::from_secs(2)).await;
-    let rate = (max * percent as f64 / 100.0).max(20.0);
-    // Everything the first requests opened (pooled connections) is open now.
-    let fds_before = gateway_fds(gateway, http_port);
-    let kinds_before = fd_kinds(gateway);
-    eprintln!(
-        "max {max:.0} req/s; soak at {rate:.0} req/s for {seconds} s; gateway fds {fds_before}"
-    );
+/// Every process of the gateway's tree that serves: the gateway, its zygotes, its workers.
+fn serving_pids(spindle: &Spindle) -> Vec<(String, i32)> {
+    let mut pids = vec![("gateway".to_string(), spindle.pid())];
+    for f in WORKERS {
+        for pid in spindle.zygote_pids(f) {
+            pids.push((format!("{f}'s zygote"), pid));
+        }
+        for pid in spindle.worker_pids(f) {
+            pids.push((format!("{f} worker"), pid));
+        }
+    }
+    pids
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let connections = 16u64;
+fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Paced requests from `connections` clients at `rate` in all until `stop`; each client's
+/// answers by status.
+fn paced_load(
+    spindle: &Arc<Spindle>,
+    rate: f64,
+    connections: u64,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<HashMap<u16, u64>>> {
     let interval = Duration::from_secs_f64(connections as f64 / rate);
     let mut clients = Vec::new();
     for c in 0..connections {
-        let s = Arc::clone(&spindle);
-        let stop = Arc::clone(&stop);
+        let s = Arc::clone(spindle);
+        let stop = Arc::clone(stop);
         clients.push(tokio::spawn(async move {
             let mut codes: HashMap<u16, u64> = HashMap::new();
             let mut tick = tokio::time::interval(interval);
@@ -189,7 +202,118 @@ async fn under_load_only_a_killed_workers_requests_fail_and_nothing_leaks() {
             codes
         }));
     }
+    clients
+}
 
+async fn answers(clients: Vec<tokio::task::JoinHandle<HashMap<u16, u64>>>) -> HashMap<u16, u64> {
+    let mut codes: HashMap<u16, u64> = HashMap::new();
+    for c in clients {
+        for (code, n) in c.await.unwrap() {
+            *codes.entry(code).or_default() += n;
+        }
+    }
+    codes
+}
+
+/// Waits (10 s at most) for both arenas to be full, all 8 workers up and the gateway's fds
+/// back to `fds_before`.
+async fn settles(
+    spindle: &Spindle,
+    http_port: u16,
+    fds_before: usize,
+    kinds_before: &std::collections::BTreeMap<String, usize>,
+) {
+    let gateway = spindle.pid();
+    let settle = Instant::now();
+    loop {
+        let mut free = Vec::new();
+        for chain in ["hello", "shop"] {
+            free.push(
+                spindle
+                    .metric(&format!(
+                        r#"spindle_arena_slots{{chain="{chain}",state="free"}}"#
+                    ))
+                    .await,
+            );
+        }
+        let up: usize = WORKERS.iter().map(|f| spindle.worker_pids(f).len()).sum();
+        let fds = gateway_fds(gateway, http_port);
+        if free == [Some(256.0), Some(256.0)] && up == 8 && fds == fds_before {
+            return;
+        }
+        assert!(
+            settle.elapsed() < Duration::from_secs(10),
+            "not back to normal: free slots {free:?}, {up} of 8 workers, gateway fds {fds} \
+             (was {fds_before}); by kind (client connections included) {:?}, before {kinds_before:?}",
+            fd_kinds(gateway)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How much a process's resident memory may grow over the soak after warm-up: 5%, and at
+/// least 256 KiB (a few pages of allocator slack on a process of a few MiB).
+fn rss_allowed(warm_kib: u64) -> u64 {
+    warm_kib + (warm_kib / 20).max(256)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_nothing_grows_and_only_a_killed_workers_requests_fail() {
+    let seconds = env_u64("SPINDLE_SOAK_SECONDS", 30);
+    let percent = env_u64("SPINDLE_SOAK_RATE_PERCENT", 30);
+    let spindle = Arc::new(Spindle::start("chaos", CONFIG).await);
+    let gateway = spindle.pid();
+    let http_port: u16 = spindle.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let max = measure(&spindle, 8, Duration::from_secs(2)).await;
+    let rate = (max * percent as f64 / 100.0).max(20.0);
+    // Everything the first requests opened (pooled connections) is open now.
+    let fds_before = gateway_fds(gateway, http_port);
+    let kinds_before = fd_kinds(gateway);
+    eprintln!(
+        "max {max:.0} req/s; soak, then chaos, each at {rate:.0} req/s for {seconds} s; gateway fds {fds_before}"
+    );
+    let connections = 16u64;
+
+    // Soak: the load alone. Nothing fails, and no process grows after warm-up.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = paced_load(&spindle, rate, connections, &stop);
+    let warm_up = Duration::from_secs((seconds / 6).clamp(1, 60));
+    tokio::time::sleep(warm_up).await;
+    let warm: Vec<(String, i32, u64)> = serving_pids(&spindle)
+        .into_iter()
+        .filter_map(|(who, pid)| Some((who, pid, rss_kib(pid)?)))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(seconds) - warm_up).await;
+    let mut grown = Vec::new();
+    let mut report = Vec::new();
+    for (who, pid, warm_kib) in &warm {
+        let now = rss_kib(*pid).unwrap_or_else(|| panic!("{who} ({pid}) exited during the soak"));
+        report.push(format!("{who} {warm_kib}->{now}"));
+        if now > rss_allowed(*warm_kib) {
+            grown.push(format!(
+                "{who} ({pid}): {warm_kib} KiB after warm-up, {now} KiB at the end"
+            ));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let codes = answers(clients).await;
+    eprintln!(
+        "soak answers {codes:?}; RSS KiB after warm-up->end: {}",
+        report.join(", ")
+    );
+    assert!(
+        codes.keys().all(|c| *c == 200),
+        "the soak alone fails nothing: {codes:?}"
+    );
+    assert!(
+        grown.is_empty(),
+        "grew more than 5% after warm-up: {grown:?}"
+    );
+    settles(&spindle, http_port, fds_before, &kinds_before).await;
+
+    // Chaos: the same load while workers are killed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = paced_load(&spindle, rate, connections, &stop);
     // Chaos: a random worker SIGKILLed every 2 s; once, one SIGSTOPped past the deadline.
     let began = Instant::now();
     let mut kills = 0u64;
@@ -219,13 +343,8 @@ async fn under_load_only_a_killed_workers_requests_fail_and_nothing_leaks() {
         kills += 1;
     }
     stop.store(true, Ordering::Relaxed);
-    let mut codes: HashMap<u16, u64> = HashMap::new();
-    for c in clients {
-        for (code, n) in c.await.unwrap() {
-            *codes.entry(code).or_default() += n;
-        }
-    }
-    eprintln!("answers {codes:?} after {kills} kills and one stop");
+    let codes = answers(clients).await;
+    eprintln!("chaos answers {codes:?} after {kills} kills and one stop");
     let ok = codes.get(&200).copied().unwrap_or(0);
     let failed_502 = codes.get(&502).copied().unwrap_or(0);
     let failed_504 = codes.get(&504).copied().unwrap_or(0);
@@ -240,31 +359,7 @@ async fn under_load_only_a_killed_workers_requests_fail_and_nothing_leaks() {
     assert!(ok > 10 * (failed_502 + failed_504), "{codes:?}");
 
     // Afterwards: every instance back, both arenas full, the gateway's fds as before.
-    let settle = Instant::now();
-    loop {
-        let mut free = Vec::new();
-        for chain in ["hello", "shop"] {
-            free.push(
-                spindle
-                    .metric(&format!(
-                        r#"spindle_arena_slots{{chain="{chain}",state="free"}}"#
-                    ))
-                    .await,
-            );
-        }
-        let up: usize = WORKERS.iter().map(|f| spindle.worker_pids(f).len()).sum();
-        let fds = gateway_fds(gateway, http_port);
-        if free == [Some(256.0), Some(256.0)] && up == 8 && fds == fds_before {
-            break;
-        }
-        assert!(
-            settle.elapsed() < Duration::from_secs(10),
-            "not back to normal: free slots {free:?}, {up} of 8 workers, gateway fds {fds} \
-             (was {fds_before}); by kind (client connections included) {:?}, before {kinds_before:?}",
-            fd_kinds(gateway)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    settles(&spindle, http_port, fds_before, &kinds_before).await;
     let (mut restarts, mut overdue) = (0.0, 0.0);
     for f in WORKERS {
         let chain = if ["uppercase", "reverse", "frame"].contains(&f) {
