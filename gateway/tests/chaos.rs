@@ -121,6 +121,59 @@ fn fd_kinds(pid: i32) -> std::collections::BTreeMap<String, usize> {
     kinds
 }
 
+/// What each socket the gateway holds is, by its `socket:[inode]` link: a TCP connection's
+/// addresses and state, or a Unix socket's type and state — to name a leaked fd.
+fn socket_descriptions(pid: i32) -> HashMap<String, String> {
+    let mut found = HashMap::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for cols in text
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        {
+            if let (Some(local), Some(remote), Some(state), Some(inode)) =
+                (cols.get(1), cols.get(2), cols.get(3), cols.get(9))
+            {
+                found.insert(
+                    format!("socket:[{inode}]"),
+                    format!("{table} {local} -> {remote} state {state}"),
+                );
+            }
+        }
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
+    for cols in text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+    {
+        if let (Some(kind), Some(state), Some(inode)) = (cols.get(4), cols.get(5), cols.get(6)) {
+            found.insert(
+                format!("socket:[{inode}]"),
+                format!(
+                    "unix type {kind} state {state} {}",
+                    cols.get(7).unwrap_or(&"")
+                ),
+            );
+        }
+    }
+    found
+}
+
+/// The gateway's fds that were not open at `before`, described where they are sockets.
+fn new_fds(pid: i32, before: &std::collections::HashSet<String>) -> Vec<String> {
+    let sockets = socket_descriptions(pid);
+    gateway_fd_links(pid, &Default::default())
+        .into_iter()
+        .filter(|link| !before.contains(link))
+        .map(|link| match sockets.get(&link) {
+            Some(what) => format!("{link} ({what})"),
+            None => link,
+        })
+        .collect()
+}
+
 /// Closed-loop requests from `connections` clients for `for_`: answers per second.
 async fn measure(spindle: &Arc<Spindle>, connections: usize, for_: Duration) -> f64 {
     let until = Instant::now() + for_;
@@ -222,6 +275,7 @@ async fn settles(
     http_port: u16,
     fds_before: usize,
     kinds_before: &std::collections::BTreeMap<String, usize>,
+    links_before: &std::collections::HashSet<String>,
 ) {
     let gateway = spindle.pid();
     let settle = Instant::now();
@@ -244,8 +298,10 @@ async fn settles(
         assert!(
             settle.elapsed() < Duration::from_secs(10),
             "not back to normal: free slots {free:?}, {up} of 8 workers, gateway fds {fds} \
-             (was {fds_before}); by kind (client connections included) {:?}, before {kinds_before:?}",
-            fd_kinds(gateway)
+             (was {fds_before}); by kind (client connections included) {:?}, before \
+             {kinds_before:?}; new since: {:?}",
+            fd_kinds(gateway),
+            new_fds(gateway, links_before)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -269,6 +325,10 @@ async fn under_load_nothing_grows_and_only_a_killed_workers_requests_fail() {
     // Everything the first requests opened (pooled connections) is open now.
     let fds_before = gateway_fds(gateway, http_port);
     let kinds_before = fd_kinds(gateway);
+    let links_before: std::collections::HashSet<String> =
+        gateway_fd_links(gateway, &Default::default())
+            .into_iter()
+            .collect();
     eprintln!(
         "max {max:.0} req/s; soak, then chaos, each at {rate:.0} req/s for {seconds} s; gateway fds {fds_before}"
     );
@@ -309,7 +369,14 @@ async fn under_load_nothing_grows_and_only_a_killed_workers_requests_fail() {
         grown.is_empty(),
         "grew more than 5% after warm-up: {grown:?}"
     );
-    settles(&spindle, http_port, fds_before, &kinds_before).await;
+    settles(
+        &spindle,
+        http_port,
+        fds_before,
+        &kinds_before,
+        &links_before,
+    )
+    .await;
 
     // Chaos: the same load while workers are killed.
     let stop = Arc::new(AtomicBool::new(false));
@@ -359,7 +426,14 @@ async fn under_load_nothing_grows_and_only_a_killed_workers_requests_fail() {
     assert!(ok > 10 * (failed_502 + failed_504), "{codes:?}");
 
     // Afterwards: every instance back, both arenas full, the gateway's fds as before.
-    settles(&spindle, http_port, fds_before, &kinds_before).await;
+    settles(
+        &spindle,
+        http_port,
+        fds_before,
+        &kinds_before,
+        &links_before,
+    )
+    .await;
     let (mut restarts, mut overdue) = (0.0, 0.0);
     for f in WORKERS {
         let chain = if ["uppercase", "reverse", "frame"].contains(&f) {
