@@ -600,8 +600,9 @@ async fn run(
         ),
         images: resume_images(&config, resume)?,
         controls: Arc::new(ControlBoard::default()),
-        sandbox: gateway::supervisor::sandbox_namespaces(&config)
-            .context("making the sandbox namespaces")?,
+        sandbox: gateway::supervisor::sandbox_namespaces(&config).context(
+            "making the sandbox namespaces (`sandbox: { enabled: false }` runs workers unconfined)",
+        )?,
     };
     // Up before any worker, so a page server that cannot bind stops the start-up early.
     let node = match &admin {
