@@ -75,11 +75,11 @@ pub fn confine(
     Ok(Some(layers))
 }
 
-/// In a zygote's forked child: the worker's filter stacked on the zygote's, so the child
-/// cannot fork as its zygote may.
+/// In a zygote's forked child: a filter stacked on the zygote's that takes back forking and
+/// adding filters, so the child may make exactly a worker's calls.
 pub fn child_filter(sandbox: FunctionSandbox) -> Result<(), InstanceError> {
     if sandbox.enabled {
-        sandbox::restrict_syscalls(Profile::Worker).map_err(InstanceError::Sandbox)?;
+        sandbox::forbid_forking().map_err(InstanceError::Sandbox)?;
     }
     Ok(())
 }

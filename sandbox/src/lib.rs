@@ -35,7 +35,9 @@ mod test_child;
 pub use creds::Credentials;
 pub use fds::close_all_except;
 pub use namespaces::{SharedNamespaces, join};
-pub use seccomp::{LOG_ENV as SECCOMP_LOG_ENV, Profile, filters, install as restrict_syscalls};
+pub use seccomp::{
+    LOG_ENV as SECCOMP_LOG_ENV, Profile, filters, forbid_forking, install as restrict_syscalls,
+};
 
 use std::os::fd::{BorrowedFd, RawFd};
 

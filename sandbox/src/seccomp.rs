@@ -250,6 +250,33 @@ pub fn filters(profile: Profile) -> Result<[BpfProgram; 2], SandboxError> {
     Ok([no_clone3.try_into()?, allow.try_into()?])
 }
 
+/// For a child forked by a process confined as [`Profile::Zygote`]: one small filter stacked
+/// on the zygote's that takes back what only the zygote needed — forking (a `clone` without
+/// `CLONE_THREAD`) and installing filters — and so leaves the child with exactly a worker's
+/// calls. Smaller than stacking [`Profile::Worker`]'s allowlist: installed in every child and
+/// run on every call it makes.
+pub fn forbid_forking() -> Result<(), SandboxError> {
+    let refuse = if std::env::var(LOG_ENV).as_deref() == Ok("1") {
+        SeccompAction::Log
+    } else {
+        SeccompAction::KillProcess
+    };
+    let not_a_thread =
+        SeccompCondition::new(0, Len::Qword, Op::MaskedEq(libc::CLONE_THREAD as u64), 0)?;
+    let filter = SeccompFilter::new(
+        BTreeMap::from([
+            (libc::SYS_clone, vec![SeccompRule::new(vec![not_a_thread])?]),
+            (libc::SYS_seccomp, vec![]),
+        ]),
+        SeccompAction::Allow,
+        refuse,
+        ARCH,
+    )?;
+    let program: BpfProgram = filter.try_into()?;
+    seccompiler::apply_filter(&program)?;
+    Ok(())
+}
+
 /// Sets `no_new_privs` and installs `profile`'s filters on the calling thread (and threads it
 /// starts later), on top of any installed already.
 pub fn install(profile: Profile) -> Result<(), SandboxError> {
@@ -291,7 +318,10 @@ mod tests {
     }
 
     /// Installs `profile` in a child, runs `attempt` there and returns how the child ended.
-    fn confined_outcome(profile: Profile, attempt: fn() -> i32) -> nix::sys::wait::WaitStatus {
+    fn confined_outcome(
+        profile: Profile,
+        attempt: impl FnOnce() -> i32,
+    ) -> nix::sys::wait::WaitStatus {
         assert!(
             std::env::var(LOG_ENV).is_err(),
             "{LOG_ENV} makes denied calls succeed"
@@ -358,6 +388,35 @@ mod tests {
         );
         let worker = confined_outcome(Profile::Worker, fork_for_the_gateway);
         assert!(signalled_sigsys(worker), "{worker:?}");
+    }
+
+    #[test]
+    fn a_zygotes_child_may_start_threads_but_neither_fork_nor_add_filters() {
+        fn child(attempt: fn() -> i32) -> nix::sys::wait::WaitStatus {
+            confined_outcome(Profile::Zygote, move || {
+                if forbid_forking().is_err() {
+                    return 101;
+                }
+                attempt()
+            })
+        }
+        let thread = child(|| {
+            if std::thread::spawn(|| 7).join().ok() == Some(7) {
+                0
+            } else {
+                1
+            }
+        });
+        assert!(
+            matches!(thread, nix::sys::wait::WaitStatus::Exited(_, 0)),
+            "{thread:?}"
+        );
+        assert!(signalled_sigsys(child(fork_for_the_gateway)));
+        assert!(signalled_sigsys(child(|| if forbid_forking().is_ok() {
+            0
+        } else {
+            1
+        })));
     }
 
     #[test]
