@@ -24,7 +24,8 @@ pub struct Descriptor {
     pub hop: u8,
     /// A [`Status`] as `u8`; use [`Descriptor::status`] to decode it.
     pub status: u8,
-    /// Gateway-assigned, unique per gateway run.
+    /// Gateway-assigned, unique per gateway run, and recorded with the slot when the gateway
+    /// allocates it: a descriptor naming the slot with another request id is refused.
     pub request_id: u64,
     /// Slot index in the chain's arena.
     pub slot: u32,
