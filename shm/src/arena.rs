@@ -264,8 +264,8 @@ impl Mapping {
         // SAFETY: the metadata mapping is page-aligned (>= align_of::<Header>()) and at least
         // meta_len >= HEADER_SIZE bytes (create sized it, from_fds checked it); it lives as
         // long as `self`. Header is all atomics, so a writer elsewhere is not a data race.
-        // In a worker the mapping is read-only: only ArenaView::from_fds reads the header
-        // there, with Relaxed loads of at most 8 bytes, which std allows on read-only memory.
+        // Only the gateway's Arena calls this (its mapping is writable); a worker reads its
+        // read-only header once, in ArenaView::from_fds.
         unsafe { &*(self.meta.as_ptr() as *const Header) }
     }
 
@@ -695,6 +695,10 @@ impl Arena {
 /// free or live. `Send + Sync`.
 pub struct ArenaView {
     map: Mapping,
+    /// Kept open, as the hand-off left them, for the view's life: closing them would take
+    /// nothing away (a process can reopen a file it has mapped through /proc/self/map_files),
+    /// and at their fixed numbers they show what the worker holds.
+    _fds: [OwnedFd; 2],
 }
 
 impl std::fmt::Debug for ArenaView {
@@ -710,7 +714,7 @@ impl std::fmt::Debug for ArenaView {
 impl ArenaView {
     /// Maps an arena the gateway created (the fds arrived over a socket or by inheritance):
     /// `meta` read-only, `payload` read-write. Anything that is not a well-formed arena
-    /// sealed as [`Arena::create`] seals it is an error. The fds are closed once mapped.
+    /// sealed as [`Arena::create`] seals it is an error.
     pub fn from_fds(meta: OwnedFd, payload: OwnedFd) -> Result<ArenaView, ArenaError> {
         let bad = |m: String| Err(ArenaError::BadHeader(m));
         let meta = File::from(meta);
@@ -787,6 +791,7 @@ impl ArenaView {
                 slot_count,
                 hugepages,
             },
+            _fds: [meta.into(), payload.into()],
         })
     }
 
