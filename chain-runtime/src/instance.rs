@@ -19,8 +19,8 @@ use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::stat::{SFlag, fstat};
 use proto::worker::{
-    ARENA_FD, CACHE_FD, CONFIG_FD, CONTROL_FD, IMAGE_FD, MODULE_FD, MOUNT_NS_FD, NET_NS_FD,
-    SOCKET_FD, STATS_FD, ZYGOTE_FD,
+    ARENA_FD, ARENA_META_FD, CACHE_FD, CONFIG_FD, CONTROL_FD, HIGHEST_FIXED_FD, IMAGE_FD,
+    MODULE_FD, MOUNT_NS_FD, NET_NS_FD, SOCKET_FD, STATS_FD, ZYGOTE_FD,
 };
 
 use crate::config::{Config, ConfigErrors};
@@ -29,7 +29,7 @@ use crate::plan::{ChainPlan, Plan, Stage};
 
 /// Lowest fd number [`Handoff::exec_plan`] duplicates to: above stdio and every fixed
 /// number, so placing the copies cannot overwrite one with another.
-pub const EXEC_PLAN_MIN_FD: RawFd = MOUNT_NS_FD + 1;
+pub const EXEC_PLAN_MIN_FD: RawFd = HIGHEST_FIXED_FD + 1;
 
 /// The sandbox namespaces a process joins before running guest code: (network, mount), as
 /// `sandbox::SharedNamespaces` made them.
@@ -67,8 +67,10 @@ pub enum InstanceError {
 /// The resources a worker process gets from the gateway, one field per fixed fd number.
 #[derive(Debug)]
 pub struct Handoff<Fd> {
-    /// The chain's arena memfd.
+    /// The chain's arena payload memfd.
     pub arena: Fd,
+    /// The chain's arena metadata memfd (sealed: the worker maps it read-only).
+    pub arena_meta: Fd,
     /// The worker's end of its connected socket to the gateway.
     pub socket: Fd,
     /// Sealed memfd with the config text the gateway started with.
@@ -95,6 +97,7 @@ pub struct Handoff<Fd> {
 #[derive(Debug)]
 pub struct ZygoteHandoff<Fd> {
     pub arena: Fd,
+    pub arena_meta: Fd,
     pub config: Fd,
     pub module: Fd,
     /// The zygote's end of its Unix seqpacket socket to the gateway.
@@ -108,7 +111,7 @@ pub struct ZygoteHandoff<Fd> {
 pub struct ExecPlan {
     /// Kept open until the child has been spawned; dropping the plan closes them.
     _copies: Vec<OwnedFd>,
-    placements: [(RawFd, RawFd); 10],
+    placements: [(RawFd, RawFd); 11],
     count: usize,
 }
 
@@ -117,7 +120,7 @@ impl ExecPlan {
     /// `dup2` calls cannot clobber each other, and pairs each copy with its place.
     fn new(fds: &[(BorrowedFd<'_>, RawFd)]) -> std::io::Result<ExecPlan> {
         let mut copies = Vec::with_capacity(fds.len());
-        let mut placements = [(-1, -1); 10];
+        let mut placements = [(-1, -1); 11];
         for (i, (fd, target)) in fds.iter().enumerate() {
             let copy = dup_at_least(*fd, EXEC_PLAN_MIN_FD)?;
             placements[i] = (copy.as_raw_fd(), *target);
@@ -143,6 +146,7 @@ impl Handoff<BorrowedFd<'_>> {
     pub fn exec_plan(&self) -> std::io::Result<ExecPlan> {
         let mut fds = vec![
             (self.arena, ARENA_FD),
+            (self.arena_meta, ARENA_META_FD),
             (self.socket, SOCKET_FD),
             (self.config, CONFIG_FD),
             (self.module, MODULE_FD),
@@ -161,6 +165,7 @@ impl ZygoteHandoff<BorrowedFd<'_>> {
     pub fn exec_plan(&self) -> std::io::Result<ExecPlan> {
         let mut fds = vec![
             (self.arena, ARENA_FD),
+            (self.arena_meta, ARENA_META_FD),
             (self.config, CONFIG_FD),
             (self.module, MODULE_FD),
             (self.zygote, ZYGOTE_FD),
@@ -196,6 +201,7 @@ impl ZygoteHandoff<OwnedFd> {
     pub fn inherited() -> Result<Self, InstanceError> {
         Ok(ZygoteHandoff {
             arena: take_fd(ARENA_FD, SFlag::S_IFREG, "the arena memfd")?,
+            arena_meta: take_fd(ARENA_META_FD, SFlag::S_IFREG, "the arena metadata memfd")?,
             config: take_fd(CONFIG_FD, SFlag::S_IFREG, "the config memfd")?,
             module: take_fd(MODULE_FD, SFlag::S_IFREG, "the module memfd")?,
             zygote: take_fd(ZYGOTE_FD, SFlag::S_IFSOCK, "the zygote socket")?,
@@ -238,6 +244,7 @@ impl Handoff<OwnedFd> {
             module: take_fd(MODULE_FD, SFlag::S_IFREG, "the module memfd")?,
             stats: take_fd(STATS_FD, SFlag::S_IFREG, "the stats memfd")?,
             arena: take_fd(ARENA_FD, SFlag::S_IFREG, "the arena memfd")?,
+            arena_meta: take_fd(ARENA_META_FD, SFlag::S_IFREG, "the arena metadata memfd")?,
             socket: take_fd(SOCKET_FD, SFlag::S_IFSOCK, "a socket")?,
             control: take_fd(CONTROL_FD, SFlag::S_IFSOCK, "the control socket")?,
             namespaces: inherited_namespaces()?,
@@ -588,11 +595,12 @@ mod tests {
 
     #[test]
     fn exec_plan_places_copies_above_the_fixed_numbers() {
-        let fds: Vec<OwnedFd> = (0..6)
+        let fds: Vec<OwnedFd> = (0..7)
             .map(|i| sealed_memfd(&format!("f{i}"), b"x").unwrap())
             .collect();
         let handoff = Handoff {
             arena: fds[0].as_fd(),
+            arena_meta: fds[6].as_fd(),
             socket: fds[1].as_fd(),
             config: fds[2].as_fd(),
             module: fds[3].as_fd(),
@@ -608,7 +616,13 @@ mod tests {
         assert_eq!(
             targets,
             [
-                ARENA_FD, SOCKET_FD, CONFIG_FD, MODULE_FD, STATS_FD, CONTROL_FD
+                ARENA_FD,
+                ARENA_META_FD,
+                SOCKET_FD,
+                CONFIG_FD,
+                MODULE_FD,
+                STATS_FD,
+                CONTROL_FD
             ]
         );
         for (from, _) in placements {
@@ -622,15 +636,15 @@ mod tests {
             ..handoff
         };
         let plan = with_image.exec_plan().unwrap();
-        assert_eq!(plan.placements().len(), 7);
-        assert_eq!(plan.placements()[6].1, IMAGE_FD);
+        assert_eq!(plan.placements().len(), 8);
+        assert_eq!(plan.placements()[7].1, IMAGE_FD);
         let with_cache = Handoff {
             cache: Some(fds[1].as_fd()),
             ..with_image
         };
         let plan = with_cache.exec_plan().unwrap();
-        assert_eq!(plan.placements().len(), 8);
-        assert_eq!(plan.placements()[7].1, CACHE_FD);
+        assert_eq!(plan.placements().len(), 9);
+        assert_eq!(plan.placements()[8].1, CACHE_FD);
         let confined = Handoff {
             namespaces: Some(Namespaces {
                 net: fds[2].as_fd(),
@@ -639,12 +653,12 @@ mod tests {
             ..with_cache
         };
         let plan = confined.exec_plan().unwrap();
-        let targets: Vec<RawFd> = plan.placements()[8..].iter().map(|p| p.1).collect();
+        let targets: Vec<RawFd> = plan.placements()[9..].iter().map(|p| p.1).collect();
         assert_eq!(targets, [NET_NS_FD, MOUNT_NS_FD]);
         assert!(
             plan.placements()
                 .iter()
-                .all(|(from, _)| *from > MOUNT_NS_FD)
+                .all(|(from, _)| *from > HIGHEST_FIXED_FD)
         );
     }
 }

@@ -24,15 +24,21 @@ pub enum ErrorKind {
     Timeout = 2,
     Refused = 3,
     BadRoute = 4,
+    /// A descriptor refused because its request id is not the one the gateway recorded
+    /// with its slot: a live slot replayed under another request's id.
+    RequestMismatch = 5,
 }
 
+const ERROR_KINDS: usize = 6;
+
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 5] = [
+    pub const ALL: [ErrorKind; ERROR_KINDS] = [
         ErrorKind::GuestError,
         ErrorKind::Trap,
         ErrorKind::Timeout,
         ErrorKind::Refused,
         ErrorKind::BadRoute,
+        ErrorKind::RequestMismatch,
     ];
 
     /// The `kind` label value.
@@ -43,6 +49,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Refused => "refused_descriptor",
             ErrorKind::BadRoute => "bad_route",
+            ErrorKind::RequestMismatch => "request_mismatch",
         }
     }
 }
@@ -51,7 +58,7 @@ impl ErrorKind {
 struct Block {
     magic: AtomicU64,
     invocations: AtomicU64,
-    errors: [AtomicU64; 5],
+    errors: [AtomicU64; ERROR_KINDS],
     exec_sum_ns: AtomicU64,
     /// Non-cumulative counts per bucket.
     exec_buckets: [AtomicU64; EXEC_BUCKETS],
@@ -207,7 +214,7 @@ impl ResetCounters {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub invocations: u64,
-    pub errors: [u64; 5],
+    pub errors: [u64; ERROR_KINDS],
     pub exec_sum_seconds: f64,
     pub exec_buckets: [u64; EXEC_BUCKETS],
     pub exec_overflow: u64,
@@ -359,9 +366,14 @@ impl StatsPage {
         }
     }
 
-    /// Counts a descriptor refused before any guest ran.
+    /// Counts a descriptor refused before any guest ran (forged, stale or malformed).
     pub fn record_refused(&self) {
         self.block().errors[ErrorKind::Refused as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a descriptor refused because it named a live slot with another request's id.
+    pub fn record_request_mismatch(&self) {
+        self.block().errors[ErrorKind::RequestMismatch as usize].fetch_add(1, Relaxed);
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -423,9 +435,10 @@ mod tests {
         other.record(Duration::from_millis(5), None);
         other.record(Duration::from_secs(100), Some(ErrorKind::Timeout));
         other.record_refused();
+        other.record_request_mismatch();
         let s = page.snapshot();
         assert_eq!(s.invocations, 4);
-        assert_eq!(s.errors, [0, 1, 1, 1, 0]);
+        assert_eq!(s.errors, [0, 1, 1, 1, 0, 1]);
         assert_eq!(s.exec_buckets[0], 1, "1 µs");
         assert_eq!(s.exec_buckets[2], 1, "2.001 µs -> (2, 4], never le=2e-6");
         assert_eq!(s.exec_buckets[13], 1, "5 ms -> (4.096, 8.192] ms");

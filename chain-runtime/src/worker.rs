@@ -1,7 +1,8 @@
 //! The worker process: one instance of one function of one chain.
 //!
-//! The gateway starts it with six descriptors already open (the hand-off, see
-//! [`crate::instance::Handoff`] and `proto::worker`): the chain's arena, this instance's end of
+//! The gateway starts it with seven descriptors already open (the hand-off, see
+//! [`crate::instance::Handoff`] and `proto::worker`): the chain's arena (its payload, and its
+//! slot metadata, which the worker can only map read-only), this instance's end of
 //! a connected loopback TCP socket, the config text and the module bytes as the gateway read
 //! them at start (sealed memfds, so a restart runs exactly what the gateway started with even
 //! if the files changed), this instance's statistics page (see [`crate::stats`]) and its end
@@ -39,7 +40,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use proto::worker::{WATCHDOG_EXIT, ready_message};
 use proto::{Descriptor, GATEWAY_FN, Status};
-use shm::{Arena, SlotRef};
+use shm::{ArenaError, ArenaView, SlotRef};
 
 use crate::confine::{Role, confine};
 use crate::control::{self, Prepared};
@@ -102,8 +103,8 @@ fn open_cache(
     }
 }
 
-/// Runs the worker until the gateway closes the socket. Takes over fds 3 to 9 (and 11, a
-/// node page cache, when resuming).
+/// Runs the worker until the gateway closes the socket. Takes over fds 3 to 9 and 12 (and 11,
+/// a node page cache, when resuming).
 pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
     let mut handoff = Handoff::inherited(args.from_image)?;
     let (text, module) = handoff.read_inputs()?;
@@ -145,6 +146,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
     drop(module);
     let Handoff {
         arena,
+        arena_meta,
         socket,
         stats,
         control,
@@ -156,6 +158,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
         ServingFds {
             stale_tid: None,
             arena,
+            arena_meta,
             socket,
             stats,
             control,
@@ -169,8 +172,10 @@ pub(crate) struct ServingFds {
     /// In a child forked by a zygote: the thread id glibc still caches for the main thread
     /// (the zygote's, see `crate::zygote`), which no other thread of this process may have.
     pub stale_tid: Option<libc::pid_t>,
-    /// The chain's arena memfd.
+    /// The chain's arena payload memfd.
     pub arena: OwnedFd,
+    /// The chain's arena metadata memfd.
+    pub arena_meta: OwnedFd,
     /// The instance's end of its connected socket to the gateway.
     pub socket: OwnedFd,
     /// The instance's statistics page.
@@ -188,7 +193,7 @@ pub(crate) fn serve_instance(
     number: u32,
 ) -> Result<(), WorkerError> {
     let stats = StatsPage::from_fd(fds.stats)?;
-    let arena = Arena::from_fd(fds.arena)?;
+    let arena = ArenaView::from_fds(fds.arena_meta, fds.arena)?;
     let socket = TcpStream::from(fds.socket);
     socket.set_nodelay(true)?;
 
@@ -285,7 +290,7 @@ struct Worker {
     instance: Instance,
     /// How the memory of an instance resumed from a remote image is being filled.
     resumed: Option<ResumedMemory>,
-    arena: Arena,
+    arena: ArenaView,
     refused: u64,
     stats: StatsPage,
     /// Milliseconds since `epoch` when the current call started, 0 when idle.
@@ -499,9 +504,13 @@ impl Worker {
     fn handle(&mut self, mut d: Descriptor) -> Descriptor {
         let slot = match self.check(&d) {
             Ok(slot) => slot,
-            Err(reason) => {
+            Err(Refusal { reason, replayed }) => {
                 self.refused += 1;
-                self.stats.record_refused();
+                if replayed {
+                    self.stats.record_request_mismatch();
+                } else {
+                    self.stats.record_refused();
+                }
                 tracing::warn!(function = %self.function_name(), request = d.request_id,
                     refused_total = self.refused, "refused descriptor: {reason}");
                 d.status = Status::Refused as u8;
@@ -560,7 +569,19 @@ impl Worker {
         d
     }
 
-    fn check(&self, d: &Descriptor) -> Result<SlotRef, String> {
+    fn check(&self, d: &Descriptor) -> Result<SlotRef, Refusal> {
+        self.check_route(d).map_err(|reason| Refusal {
+            reason,
+            replayed: false,
+        })?;
+        self.arena.check(d).map_err(|e| Refusal {
+            replayed: matches!(e, ArenaError::RequestMismatch { .. }),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The descriptor is for this function of this chain and carries no failure.
+    fn check_route(&self, d: &Descriptor) -> Result<(), String> {
         if d.next_fn != self.instance.stage().fn_id {
             return Err(format!(
                 "addressed to function {}, this is {}",
@@ -578,7 +599,7 @@ impl Worker {
         if d.status != Status::Ok as u8 {
             return Err(format!("carries status {}", d.status));
         }
-        self.arena.check(d).map_err(|e| e.to_string())
+        Ok(())
     }
 
     /// Writes "function NAME: message" into the slot and sends the descriptor to the gateway.
@@ -617,9 +638,16 @@ fn retry_redirect(mut write: impl FnMut() -> std::io::Result<()>) -> std::io::Re
     }
 }
 
+/// Why a descriptor was refused, and whether it named a live slot under another request's id
+/// (a replay, counted apart from other refusals).
+struct Refusal {
+    reason: String,
+    replayed: bool,
+}
+
 /// A slot viewed as the guest's input and output buffer.
 struct ArenaSlot<'a> {
-    arena: &'a Arena,
+    arena: &'a ArenaView,
     slot: SlotRef,
     input_len: usize,
 }

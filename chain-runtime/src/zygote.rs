@@ -143,12 +143,17 @@ pub fn run(args: &ZygoteArgs) -> Result<(), ZygoteError> {
     let build_ns = began.elapsed().as_nanos() as u64;
     // The config and module memfds stay open at their numbers, as in an exec'd worker: a
     // forked child's fd table matches one.
-    let ZygoteHandoff { arena, zygote, .. } = handoff;
+    let ZygoteHandoff {
+        arena,
+        arena_meta,
+        zygote,
+        ..
+    } = handoff;
     let mut state = Zygote {
         builder,
         snapshot,
         compiled,
-        arena: Some(arena),
+        arena: Some((arena, arena_meta)),
         socket: Some(zygote),
         reserved,
         gateway,
@@ -167,8 +172,9 @@ struct Zygote {
     builder: InstanceBuilder,
     snapshot: Snapshot,
     compiled: CompiledModule,
-    /// `None` only in a child, which took it (at `ARENA_FD`, like an exec'd worker's).
-    arena: Option<OwnedFd>,
+    /// The arena's payload and metadata memfds. `None` only in a child, which took them (at
+    /// `ARENA_FD` and `ARENA_META_FD`, like an exec'd worker's).
+    arena: Option<(OwnedFd, OwnedFd)>,
     /// `None` only in a child, which closed it.
     socket: Option<OwnedFd>,
     reserved: Vec<OwnedFd>,
@@ -345,7 +351,7 @@ impl Zygote {
             placed.next().expect("three placed"),
             placed.next().expect("three placed"),
         );
-        let arena = self.arena.take().expect("taken once, by the child");
+        let (arena, arena_meta) = self.arena.take().expect("taken once, by the child");
         // The zygote's filter allows forking; a child's must not.
         child_filter(self.builder.sandbox())?;
         let began = Instant::now();
@@ -365,6 +371,7 @@ impl Zygote {
             ServingFds {
                 stale_tid: Some(stale_tid),
                 arena,
+                arena_meta,
                 socket,
                 stats,
                 control,
@@ -725,7 +732,10 @@ mod tests {
             snapshot: warm.host_mut().snapshot().unwrap(),
             compiled: warm.host_mut().compiled_module(),
             builder,
-            arena: Some(sealed_memfd("arena", b"x").unwrap()),
+            arena: Some((
+                sealed_memfd("arena", b"x").unwrap(),
+                sealed_memfd("arena-meta", b"x").unwrap(),
+            )),
             socket: Some(zygote),
             reserved: Vec::new(),
             gateway: nix::unistd::getppid(),

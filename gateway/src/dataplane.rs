@@ -38,7 +38,7 @@ use crossbeam_utils::CachePadded;
 use hyper::StatusCode;
 use proto::worker::is_control;
 use proto::{Descriptor, GATEWAY_FN, Status};
-use shm::{Arena, SlotRef};
+use shm::{Arena, ArenaError, SlotRef};
 use sockmap_bpf::{HolderRecord, KernelDataplane};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -50,19 +50,34 @@ use crate::queue::{INSTANCE_QUEUE_CAPACITY, InstanceQueue, PushError};
 /// Descriptors written per syscall at most when several are queued for one instance.
 pub const WRITE_BATCH: usize = 64;
 
-/// Releases its slot when dropped.
+/// A slot allocated for one request, released when dropped.
 pub struct SlotGuard {
     arena: Arc<Arena>,
     slot: SlotRef,
+    request_id: u64,
 }
 
 impl SlotGuard {
-    pub fn new(arena: Arc<Arena>, slot: SlotRef) -> Self {
-        SlotGuard { arena, slot }
+    /// Allocates a slot of `arena` for a new request: the request's id is chosen here so
+    /// that the arena records it with the slot, and workers refuse descriptors naming the
+    /// slot under any other id.
+    pub fn alloc(arena: &Arc<Arena>) -> Result<Self, ArenaError> {
+        let request_id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
+        let slot = arena.alloc(request_id)?;
+        Ok(SlotGuard {
+            arena: Arc::clone(arena),
+            slot,
+            request_id,
+        })
     }
 
     pub fn slot(&self) -> SlotRef {
         self.slot
+    }
+
+    /// The request the slot was allocated for.
+    pub fn request_id(&self) -> u64 {
+        self.request_id
     }
 }
 
@@ -793,7 +808,7 @@ impl ChainRuntime {
         len: u32,
         deadline: Instant,
     ) -> Result<oneshot::Receiver<Completion>, (StatusCode, String)> {
-        let request_id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
+        let request_id = slot.request_id();
         let desc = Descriptor {
             next_fn: self.plan.first_fn(),
             chain: self.plan.id,
@@ -1269,7 +1284,7 @@ mod tests {
         chain: &ChainRuntime,
         deadline: Instant,
     ) -> Result<oneshot::Receiver<Completion>, (StatusCode, String)> {
-        let slot = SlotGuard::new(Arc::clone(&chain.arena), chain.arena.alloc().unwrap());
+        let slot = SlotGuard::alloc(&chain.arena).unwrap();
         chain.start(slot, 0, deadline)
     }
 

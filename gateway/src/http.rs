@@ -236,8 +236,8 @@ async fn serve_chain(
     {
         return payload_too_large(&chain.plan.spec.name, slot_size);
     }
-    let slot = match chain.arena.alloc() {
-        Ok(slot) => SlotGuard::new(Arc::clone(&chain.arena), slot),
+    let slot = match SlotGuard::alloc(&chain.arena) {
+        Ok(slot) => slot,
         Err(ArenaError::Full) => {
             metrics.alloc_failures.inc();
             return text(

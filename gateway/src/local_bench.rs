@@ -287,7 +287,8 @@ impl Bench {
             WorkerProcess::Forked(child)
         } else {
             let plan = Handoff {
-                arena: self.chain.arena.fd(),
+                arena: self.chain.arena.payload_fd(),
+                arena_meta: self.chain.arena.meta_fd(),
                 socket: worker_end.as_fd(),
                 config: self.cmd.config_text.as_fd(),
                 module: self.module.as_fd(),
@@ -323,7 +324,7 @@ impl Bench {
         read_descriptor(&mut socket, "ready message").await?;
         start.ready_us = t0.elapsed().as_secs_f64() * 1e6;
         let arena = &self.chain.arena;
-        let slot = arena.alloc()?;
+        let slot = arena.alloc(self.next_request)?;
         arena.write(slot, 0, &self.body)?;
         let request = Descriptor {
             next_fn: self.fn_id,

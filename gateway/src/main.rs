@@ -497,7 +497,7 @@ fn reserve_worker_fd_numbers() -> std::io::Result<()> {
     loop {
         // std opens with O_CLOEXEC: no worker inherits these.
         let null = std::fs::File::open("/dev/null")?;
-        if null.as_raw_fd() > proto::worker::CONTROL_FD.max(proto::worker::ZYGOTE_FD) {
+        if null.as_raw_fd() > proto::worker::HIGHEST_FIXED_FD {
             return Ok(());
         }
         // Deliberately never closed.

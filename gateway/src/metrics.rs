@@ -402,8 +402,9 @@ fn function_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
         family(
             "spindle_function_errors_total",
             "Failed function calls by kind (guest_error, trap, timeout, refused_descriptor, \
-             bad_route, crash, overdue: instance killed for holding a request past its \
-             chain's deadline)",
+             request_mismatch: a descriptor refused for naming a live slot under another \
+             request's id, bad_route, crash, overdue: instance killed for holding a request \
+             past its chain's deadline)",
             MetricType::COUNTER,
             errors,
         ),

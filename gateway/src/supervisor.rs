@@ -316,7 +316,8 @@ async fn spawn_worker(
         None => {
             let image = cmd.images.get(&stage.name);
             let exec_plan = Handoff {
-                arena: chain.arena.fd(),
+                arena: chain.arena.payload_fd(),
+                arena_meta: chain.arena.meta_fd(),
                 socket: worker_end.as_fd(),
                 config: cmd.config_text.as_fd(),
                 module: module.as_fd(),

@@ -303,7 +303,8 @@ async fn start(
     let (gateway_end, zygote_end) =
         chain_runtime::zygote::socket_pair().map_err(|e| Some(format!("socket: {e}")))?;
     let plan = ZygoteHandoff {
-        arena: chain.arena.fd(),
+        arena: chain.arena.payload_fd(),
+        arena_meta: chain.arena.meta_fd(),
         config: cmd.config_text.as_fd(),
         module: module.as_fd(),
         zygote: zygote_end.as_fd(),

@@ -67,7 +67,7 @@ fn all_fds(pid: i32) -> Vec<(i32, String)> {
 }
 
 fn fixed_fds(pid: i32) -> Vec<(i32, String)> {
-    (3..=11)
+    (3..=proto::worker::HIGHEST_FIXED_FD)
         .filter_map(|fd| {
             let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
             Some((fd, link.display().to_string()))
@@ -98,8 +98,12 @@ async fn instances_start_by_fork_with_their_fds_in_place_and_serve() {
         let fds = fixed_fds(workers[0]);
         let at = |n: i32| fds.iter().find(|(fd, _)| *fd == n).map(|(_, l)| l.as_str());
         assert!(
-            at(3).is_some_and(|l| l.contains("memfd:spindle-hello")),
-            "arena: {fds:?}"
+            at(3).is_some_and(|l| l.contains("memfd:spindle-hello (")),
+            "arena payload: {fds:?}"
+        );
+        assert!(
+            at(12).is_some_and(|l| l.contains("memfd:spindle-hello-meta")),
+            "arena metadata: {fds:?}"
         );
         assert!(
             at(4).is_some_and(|l| l.starts_with("socket:")),

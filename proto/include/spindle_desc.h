@@ -39,7 +39,7 @@ struct spindle_desc {
 	__u16 chain;      /* chain id: which arena the slot is in */
 	__u8 hop;         /* number of functions the request has passed through */
 	__u8 status;      /* enum spindle_status */
-	__u64 request_id; /* gateway-assigned, unique per gateway run */
+	__u64 request_id; /* gateway-assigned, unique per gateway run; recorded with the slot */
 	__u32 slot;       /* slot index in the chain's arena */
 	__u32 generation; /* slot generation when the gateway allocated it */
 	__u32 len;        /* payload length in bytes, <= the arena's slot size */

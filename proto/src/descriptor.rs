@@ -12,7 +12,7 @@ use core::mem::offset_of;
 pub const GATEWAY_FN: u32 = 0;
 
 /// Mirror of `struct spindle_desc`. The fields are public because it is a plain message;
-/// nothing in it is trusted until `shm::Arena::check` has validated it.
+/// nothing in it is trusted until `shm::ArenaView::check` (or `shm::Arena::check`) has validated it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Descriptor {
@@ -24,7 +24,8 @@ pub struct Descriptor {
     pub hop: u8,
     /// A [`Status`] as `u8`; use [`Descriptor::status`] to decode it.
     pub status: u8,
-    /// Gateway-assigned, unique per gateway run.
+    /// Gateway-assigned, unique per gateway run, and recorded with the slot when the gateway
+    /// allocates it: a descriptor naming the slot with another request id is refused.
     pub request_id: u64,
     /// Slot index in the chain's arena.
     pub slot: u32,
@@ -122,7 +123,7 @@ impl Descriptor {
     }
 
     /// Decodes any 32 bytes; validation is left to [`Descriptor::status`] and
-    /// `shm::Arena::check`.
+    /// `shm::ArenaView::check`.
     pub fn from_bytes(b: &[u8; Self::SIZE]) -> Self {
         Descriptor {
             next_fn: get!(b, u32, next_fn),

@@ -12,7 +12,7 @@ use std::os::fd::RawFd;
 
 use crate::descriptor::{Descriptor, GATEWAY_FN};
 
-/// The chain's arena (a memfd).
+/// The chain's arena payload (a memfd the worker maps read-write; see `shm::ArenaView`).
 pub const ARENA_FD: RawFd = 3;
 /// This instance's end of a connected loopback TCP socket to the gateway.
 pub const SOCKET_FD: RawFd = 4;
@@ -37,11 +37,17 @@ pub const ZYGOTE_FD: RawFd = 10;
 /// `rdma_fork::cache` describes), shared by every child of that image on this node.
 /// Optional, and only beside `IMAGE_FD`; a worker that cannot use it resumes without it.
 pub const CACHE_FD: RawFd = 11;
+/// The chain's arena metadata: each slot's generation and request id, written by the
+/// gateway only (a memfd sealed with `F_SEAL_FUTURE_WRITE`, which the worker can only map
+/// read-only).
+pub const ARENA_META_FD: RawFd = 12;
 /// The gateway's sandbox network namespace (an nsfs fd), for a worker or zygote to join
 /// before it runs guest code; passed only when the gateway confines workers.
-pub const NET_NS_FD: RawFd = 12;
+pub const NET_NS_FD: RawFd = 13;
 /// The gateway's sandbox mount namespace (empty read-only root), beside [`NET_NS_FD`].
-pub const MOUNT_NS_FD: RawFd = 13;
+pub const MOUNT_NS_FD: RawFd = 14;
+/// The highest of the fixed numbers above.
+pub const HIGHEST_FIXED_FD: RawFd = MOUNT_NS_FD;
 
 /// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
 pub const WATCHDOG_EXIT: i32 = 124;
@@ -80,11 +86,13 @@ mod tests {
             CONTROL_FD,
             ZYGOTE_FD,
             CACHE_FD,
+            ARENA_META_FD,
             NET_NS_FD,
             MOUNT_NS_FD,
         ];
         for (i, a) in fds.iter().enumerate() {
             assert!(*a > 2, "fd {a} would clobber stdio");
+            assert!(*a <= HIGHEST_FIXED_FD, "fd {a} above HIGHEST_FIXED_FD");
             assert!(!fds[i + 1..].contains(a), "fd {a} assigned twice");
         }
     }

@@ -1,46 +1,60 @@
-//! The per-chain shared-memory arena: fixed-size slots in a sealed memfd, shared by the
-//! gateway and the chain's worker processes.
+//! The per-chain shared-memory arena: fixed-size slots shared by the gateway and the chain's
+//! worker processes, and the allocator state only the gateway may change.
 //!
 //! # Layout
 //!
-//! The memfd is mapped `MAP_SHARED` in full by every process. Offsets from the start:
+//! Two memfds, because a process holding a memfd opened read-write can always map it
+//! writable again: the only way to keep workers from writing part of the arena is to put
+//! that part in a file the kernel will not let anyone map writable any more.
 //!
 //! ```text
-//! 0     Header, 64 bytes (read-only after create)
-//!         0 magic u64 = "SPDLAREN"   8 version u32   12 flags u32 (bit 0: hugetlb)
-//!        16 slot_size u32   20 slot_count u32   24 payload_offset u64   32 map_len u64
-//! 64    Free list, its own 64-byte cache line
-//!         64 head AtomicU64 = tag << 32 | index   72 free count AtomicU32
-//! 128   Slot metadata, 16 bytes per slot:
+//! metadata memfd (normal pages): written by the gateway alone, mapped read-only by workers
+//! 0     Header, 64 bytes (fixed at create)
+//!         0 magic u64 = "SPDLAREN"   8 version u32   12 flags u32 (bit 0: payload on hugetlb)
+//!        16 slot_size u32   20 slot_count u32   24 payload_len u64   32 meta_len u64
+//! 64    Slot records, 16 bytes per slot:
 //!         +0 state AtomicU64 = generation << 32 | (0 free, 1 in use)
-//!         +8 next AtomicU32 (free-list link, NIL = u32::MAX)   +12 padding
-//! P     Payload: slot i at P + i * slot_size. P = 128 + 16 * slot_count rounded up to
-//!       the page size; slot_size is a multiple of 64, so every slot is cache-line aligned.
-//! map_len = P + slot_size * slot_count, rounded up to 2 MiB when backed by hugetlb.
+//!         +8 request_id AtomicU64: the request the slot was last allocated for
+//! meta_len = 64 + 16 * slot_count rounded up to the page size.
+//! Sealed SHRINK | GROW | FUTURE_WRITE | SEAL once the gateway has mapped it writable: its
+//! own mapping keeps working; write(2), a new writable shared mmap and mprotect of a
+//! read-only shared mapping to writable all fail, for every process.
+//!
+//! payload memfd (2 MiB hugetlb pages when available): mapped read-write by everyone
+//! 0     slot i at i * slot_size; slot_size is a multiple of 64, so every slot is
+//!       cache-line aligned.
+//! payload_len = slot_size * slot_count, rounded up to 2 MiB when backed by hugetlb.
+//! Sealed SHRINK | GROW | SEAL: nobody can truncate it under the others (SIGBUS) or add a
+//! write seal that would stop the next worker from mapping it.
+//!
+//! gateway memory only: the free list, a tagged Treiber stack (head = tag << 32 | index,
+//! one next link per slot) and the free count.
 //! ```
 //!
 //! # Ownership protocol
 //!
-//! A slot belongs to whoever holds the descriptor naming its current generation; ownership
-//! moves by sending the descriptor. [`Arena::alloc`] and [`Arena::release`] are lock-free
-//! (a tagged Treiber stack in the mapping) and work across processes. Release bumps the
-//! generation, so stale or forged descriptors are rejected by [`Arena::check`],
-//! [`Arena::read`] and [`Arena::write`] instead of touching a reused slot.
+//! A slot belongs to whoever holds the descriptor naming its current generation and request
+//! id; ownership moves by sending the descriptor. Only the gateway allocates and releases
+//! ([`Arena::alloc`], [`Arena::release`]: lock-free across its threads); workers map the same
+//! slots through an [`ArenaView`], which can check descriptors and copy payload bytes but has
+//! no way to change allocator state. Release bumps the generation, and alloc records the
+//! request id, so stale, replayed or forged descriptors are rejected by `check`, `read` and
+//! `write` instead of touching a slot that belongs to another request.
 //!
-//! The checks are not a lock: a peer that ignores the protocol can scribble over a slot's
-//! payload bytes, and the arena is corrupted if a peer writes its metadata directly. What
-//! no peer can do is make this process access memory outside its mapping: slot size,
-//! slot count and offsets are validated once when mapping and cached locally, every index
-//! read from shared memory is range-checked, and payload bytes are only ever copied through
-//! raw pointers (never exposed as Rust slices, which would assert nobody else writes them).
-//! The memfd is sealed against shrinking, so a peer cannot turn accesses into SIGBUS.
+//! The checks are not a lock: a peer that ignores the protocol can scribble over any slot's
+//! payload bytes, and nothing stops that short of a mapping per slot. What no peer can do is
+//! change a slot's state, generation or request id, corrupt the free list, or make another
+//! process access memory outside its mapping: slot size, slot count and lengths are
+//! validated once when mapping and cached locally, every index is range-checked, and payload
+//! bytes are only ever copied through raw pointers (never exposed as Rust slices, which
+//! would assert nobody else writes them).
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*, fence};
 
 use memmap2::{MmapOptions, MmapRaw};
 use nix::errno::Errno;
@@ -51,7 +65,8 @@ use nix::unistd::{SysconfVar, ftruncate, sysconf};
 use proto::Descriptor;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SPDLAREN");
-const VERSION: u32 = 1;
+/// 2: metadata and payload in separate memfds, request id recorded per slot.
+const VERSION: u32 = 2;
 const FLAG_HUGETLB: u32 = 1;
 
 /// Slot index meaning "end of the free list".
@@ -63,9 +78,15 @@ const FIRST_GENERATION: u32 = 1;
 
 pub const SLOT_ALIGN: u32 = 64;
 pub const MAX_SLOTS: u32 = 1 << 24;
-/// Upper bound on the whole mapping; far above any sane chain, low enough to catch typos.
+/// Upper bound on the payload mapping; far above any sane chain, low enough to catch typos.
 pub const MAX_ARENA_BYTES: u64 = 1 << 36;
 const HUGE_PAGE: usize = 2 << 20;
+
+/// What a worker needs so that no other worker can change it under it: every seal but
+/// F_SEAL_SEAL (which only matters to whoever could still add seals).
+const META_SEALS: SealFlag = SealFlag::F_SEAL_SHRINK
+    .union(SealFlag::F_SEAL_GROW)
+    .union(SealFlag::F_SEAL_FUTURE_WRITE);
 
 #[repr(C, align(64))]
 struct Header {
@@ -74,27 +95,19 @@ struct Header {
     flags: AtomicU32,
     slot_size: AtomicU32,
     slot_count: AtomicU32,
-    payload_offset: AtomicU64,
-    map_len: AtomicU64,
-    free: FreeList,
+    payload_len: AtomicU64,
+    meta_len: AtomicU64,
 }
 
-/// Every alloc and release writes this line; keep it away from the read-mostly header.
-#[repr(C, align(64))]
-struct FreeList {
-    head: AtomicU64,
-    count: AtomicU32,
-}
-
+/// What workers read to decide whether a descriptor names a live slot.
 #[repr(C)]
 struct SlotMeta {
     state: AtomicU64,
-    next: AtomicU32,
-    _pad: u32,
+    request_id: AtomicU64,
 }
 
 const HEADER_SIZE: usize = size_of::<Header>();
-const _: () = assert!(HEADER_SIZE == 128 && size_of::<SlotMeta>() == 16);
+const _: () = assert!(HEADER_SIZE == 64 && size_of::<SlotMeta>() == 16);
 const _: () = assert!(align_of::<Header>() == 64 && align_of::<SlotMeta>() == 8);
 
 fn pack(hi: u32, lo: u32) -> u64 {
@@ -149,6 +162,15 @@ pub enum ArenaError {
         generation: u32,
         current: u32,
     },
+    #[error(
+        "slot {index} was allocated for request {recorded}, not request {request_id}: \
+         a replayed or forged descriptor"
+    )]
+    RequestMismatch {
+        index: u32,
+        request_id: u64,
+        recorded: u64,
+    },
     #[error("access of {len} bytes at offset {offset} exceeds slot size {slot_size}")]
     OutOfBounds {
         offset: usize,
@@ -176,12 +198,16 @@ fn os_err(op: &'static str) -> impl FnOnce(Errno) -> ArenaError {
     }
 }
 
-/// Where things are in a mapping for given parameters; the one place offsets are computed.
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> ArenaError {
+    move |source| ArenaError::Io { op, source }
+}
+
+/// How big each memfd is for given parameters; the one place sizes are computed.
 #[derive(Debug, PartialEq, Eq)]
 struct Layout {
-    payload_offset: usize,
-    /// Bytes actually used; the mapping may be longer (hugepage rounding).
-    used_len: usize,
+    meta_len: usize,
+    /// Bytes of payload actually used; the payload memfd may be longer (hugepage rounding).
+    payload_used: usize,
 }
 
 fn layout(slot_size: u32, slot_count: u32) -> Result<Layout, ArenaError> {
@@ -197,321 +223,82 @@ fn layout(slot_size: u32, slot_count: u32) -> Result<Layout, ArenaError> {
     if !(1..=MAX_SLOTS).contains(&slot_count) {
         return bad(format!("slot_count {slot_count} not in 1..={MAX_SLOTS}"));
     }
-    let page = page_size();
-    let meta_end = HEADER_SIZE + slot_count as usize * size_of::<SlotMeta>();
-    let payload_offset = meta_end.next_multiple_of(page);
-    let total = payload_offset as u64 + slot_size as u64 * slot_count as u64;
-    if total > MAX_ARENA_BYTES {
+    let payload = slot_size as u64 * slot_count as u64;
+    if payload > MAX_ARENA_BYTES {
         return bad(format!(
-            "{slot_count} slots of {slot_size} bytes need {total} bytes, over the \
+            "{slot_count} slots of {slot_size} bytes need {payload} bytes, over the \
              {MAX_ARENA_BYTES}-byte limit"
         ));
     }
+    let meta_len =
+        (HEADER_SIZE + slot_count as usize * size_of::<SlotMeta>()).next_multiple_of(page_size());
     Ok(Layout {
-        payload_offset,
-        used_len: total as usize,
+        meta_len,
+        payload_used: payload as usize,
     })
 }
 
-/// One chain's slot arena. `Send + Sync`: share it via `Arc`.
-pub struct Arena {
-    map: MmapRaw,
-    fd: OwnedFd,
-    // Validated copies; never re-read from the shared header, which peers could change.
+fn seals(fd: BorrowedFd<'_>) -> SealFlag {
+    fcntl(fd, FcntlArg::F_GET_SEALS)
+        .map(SealFlag::from_bits_retain)
+        .unwrap_or(SealFlag::empty())
+}
+
+fn file_len(file: &File) -> Result<u64, ArenaError> {
+    Ok(file.metadata().map_err(io_err("fstat"))?.len())
+}
+
+/// The two mappings and their validated geometry: what the gateway and a worker share.
+/// Only the gateway's [`Arena`] has the metadata mapped writable, and only it writes there.
+struct Mapping {
+    meta: MmapRaw,
+    payload: MmapRaw,
+    // Validated copies; never re-read from the shared header.
     slot_size: u32,
     slot_count: u32,
-    payload_offset: usize,
     hugepages: bool,
 }
 
-impl std::fmt::Debug for Arena {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Arena")
-            .field("fd", &self.fd.as_raw_fd())
-            .field("slot_size", &self.slot_size)
-            .field("slot_count", &self.slot_count)
-            .field("free_slots", &self.free_slots())
-            .field("hugepages", &self.hugepages)
-            .finish()
-    }
-}
-
-impl Arena {
-    /// Creates a new arena in a fresh memfd named `name`, on 2 MiB hugepages if the system
-    /// has them available, otherwise on normal pages.
-    pub fn create(name: &str, slot_size: u32, slot_count: u32) -> Result<Arena, ArenaError> {
-        Self::create_with(name, slot_size, slot_count, true)
-    }
-
-    fn create_with(
-        name: &str,
-        slot_size: u32,
-        slot_count: u32,
-        try_hugepages: bool,
-    ) -> Result<Arena, ArenaError> {
-        let layout = layout(slot_size, slot_count)?;
-        let cname = CString::new(name)
-            .map_err(|_| ArenaError::InvalidParams(format!("name {name:?} contains NUL")))?;
-        // Hugetlb usually has no pages reserved: ftruncate or mmap fails, which is not an
-        // error for us, just a reason to use normal pages.
-        let huge = try_hugepages
-            .then(|| Self::map_new(&cname, layout.used_len.next_multiple_of(HUGE_PAGE), true))
-            .and_then(Result::ok);
-        let (fd, map, hugepages) = match huge {
-            Some((fd, map)) => (fd, map, true),
-            None => {
-                let (fd, map) = Self::map_new(&cname, layout.used_len, false)?;
-                (fd, map, false)
-            }
-        };
-        let arena = Arena {
-            map,
-            fd,
-            slot_size,
-            slot_count,
-            payload_offset: layout.payload_offset,
-            hugepages,
-        };
-        arena.init(hugepages);
-        Ok(arena)
-    }
-
-    /// memfd of `len` bytes, sealed against resizing, mapped shared.
-    fn map_new(name: &CString, len: usize, huge: bool) -> Result<(OwnedFd, MmapRaw), ArenaError> {
-        let mut flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
-        if huge {
-            flags |= MFdFlags::MFD_HUGETLB | MFdFlags::MFD_HUGE_2MB;
-        }
-        let fd = memfd_create(name.as_c_str(), flags).map_err(os_err("memfd_create"))?;
-        // `len` <= MAX_ARENA_BYTES, so it fits off_t.
-        ftruncate(&fd, len as nix::libc::off_t).map_err(os_err("ftruncate"))?;
-        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
-        fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).map_err(os_err("fcntl(F_ADD_SEALS)"))?;
-        let map = MmapOptions::new()
-            .len(len)
-            .map_raw(&fd)
-            .map_err(|source| ArenaError::Io { op: "mmap", source })?;
-        Ok((fd, map))
-    }
-
-    /// Fills in a freshly created (zeroed) mapping: all slots free, chained 0 -> 1 -> ... -> NIL.
-    fn init(&self, hugepages: bool) {
-        let h = self.header();
-        for i in 0..self.slot_count {
-            let m = self.meta(i).expect("index < slot_count");
-            m.state.store(pack(FIRST_GENERATION, FREE), Relaxed);
-            m.next
-                .store(if i + 1 < self.slot_count { i + 1 } else { NIL }, Relaxed);
-        }
-        h.free.head.store(pack(0, 0), Relaxed);
-        h.free.count.store(self.slot_count, Relaxed);
-        h.version.store(VERSION, Relaxed);
-        h.flags
-            .store(if hugepages { FLAG_HUGETLB } else { 0 }, Relaxed);
-        h.slot_size.store(self.slot_size, Relaxed);
-        h.slot_count.store(self.slot_count, Relaxed);
-        h.payload_offset.store(self.payload_offset as u64, Relaxed);
-        h.map_len.store(self.map.len() as u64, Relaxed);
-        // Last, so a header with the magic is always complete.
-        h.magic.store(MAGIC, Release);
-    }
-
-    /// Maps an arena created by another process (the fd arrived over a socket or by
-    /// inheritance). Anything that is not a well-formed, sealed arena is an error.
-    pub fn from_fd(fd: OwnedFd) -> Result<Arena, ArenaError> {
-        let bad = |m: String| Err(ArenaError::BadHeader(m));
-        let file = File::from(fd);
-        let file_len = file
-            .metadata()
-            .map_err(|source| ArenaError::Io {
-                op: "fstat",
-                source,
-            })?
-            .len();
-        if file_len < HEADER_SIZE as u64
-            || file_len > MAX_ARENA_BYTES.next_multiple_of(HUGE_PAGE as u64)
-        {
-            return bad(format!("file size {file_len} cannot hold an arena"));
-        }
-        let shrink_sealed = fcntl(&file, FcntlArg::F_GET_SEALS)
-            .is_ok_and(|seals| SealFlag::from_bits_retain(seals).contains(SealFlag::F_SEAL_SHRINK));
-        if !shrink_sealed {
-            return bad("fd is not a memfd sealed against shrinking".into());
-        }
-        let map = MmapOptions::new()
-            .len(file_len as usize)
-            .map_raw(&file)
-            .map_err(|source| ArenaError::Io { op: "mmap", source })?;
-        let fd = OwnedFd::from(file);
-
-        // SAFETY: the mapping is page-aligned (so 64-aligned) and at least HEADER_SIZE
-        // bytes long (checked above); Header is only atomics, so peers writing it
-        // concurrently is not a data race.
-        let h = unsafe { &*(map.as_ptr() as *const Header) };
-        let magic = h.magic.load(Acquire);
-        if magic != MAGIC {
-            return bad(format!("magic {magic:#018x}, expected {MAGIC:#018x}"));
-        }
-        let version = h.version.load(Relaxed);
-        if version != VERSION {
-            return bad(format!("version {version}, this build speaks {VERSION}"));
-        }
-        let slot_size = h.slot_size.load(Relaxed);
-        let slot_count = h.slot_count.load(Relaxed);
-        let layout =
-            layout(slot_size, slot_count).map_err(|e| ArenaError::BadHeader(e.to_string()))?;
-        let payload_offset = h.payload_offset.load(Relaxed);
-        if payload_offset != layout.payload_offset as u64 {
-            return bad(format!(
-                "payload offset {payload_offset}, expected {} for {slot_count} slots",
-                layout.payload_offset
-            ));
-        }
-        let map_len = h.map_len.load(Relaxed);
-        if map_len != file_len || file_len < layout.used_len as u64 {
-            return bad(format!(
-                "header says {map_len} bytes, file has {file_len}, {slot_count} slots of \
-                 {slot_size} need {}",
-                layout.used_len
-            ));
-        }
-        let hugepages = h.flags.load(Relaxed) & FLAG_HUGETLB != 0;
-        Ok(Arena {
-            map,
-            fd,
-            slot_size,
-            slot_count,
-            payload_offset: layout.payload_offset,
-            hugepages,
-        })
-    }
-
-    /// The memfd, to pass to worker processes (dup it, or send it with SCM_RIGHTS).
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-
-    pub fn slot_size(&self) -> u32 {
-        self.slot_size
-    }
-
-    pub fn slot_count(&self) -> u32 {
-        self.slot_count
-    }
-
-    pub fn uses_hugepages(&self) -> bool {
-        self.hugepages
-    }
-
-    /// Free slots across all processes. Exact when no alloc/release is in flight; while
-    /// they are, it stays within `0..=slot_count`.
-    pub fn free_slots(&self) -> u32 {
-        self.header().free.count.load(Relaxed)
-    }
-
+impl Mapping {
     fn header(&self) -> &Header {
-        // SAFETY: the mapping starts page-aligned (>= align_of::<Header>()) and is at least
-        // HEADER_SIZE bytes (create sized it, from_fd checked it); it lives as long as
-        // `self`. Header is all atomics, so concurrent writers elsewhere are not a race.
-        unsafe { &*(self.map.as_ptr() as *const Header) }
+        // SAFETY: the metadata mapping is page-aligned (>= align_of::<Header>()) and at least
+        // meta_len >= HEADER_SIZE bytes (create sized it, from_fds checked it); it lives as
+        // long as `self`. Header is all atomics, so a writer elsewhere is not a data race.
+        // Only the gateway's Arena calls this (its mapping is writable); a worker reads its
+        // read-only header once, in ArenaView::from_fds.
+        unsafe { &*(self.meta.as_ptr() as *const Header) }
     }
 
-    /// Metadata of slot `index`, or None if out of range.
-    fn meta(&self, index: u32) -> Option<&SlotMeta> {
+    /// Record of slot `index`, or None if out of range.
+    fn slot_meta(&self, index: u32) -> Option<&SlotMeta> {
         if index >= self.slot_count {
             return None;
         }
         let off = HEADER_SIZE + index as usize * size_of::<SlotMeta>();
-        // SAFETY: index < slot_count, so the entry lies in [HEADER_SIZE, payload_offset),
-        // inside the mapping; HEADER_SIZE and the 16-byte stride keep it 8-aligned on a
-        // page-aligned base. SlotMeta is atomics plus padding nobody accesses.
-        Some(unsafe { &*(self.map.as_ptr().add(off) as *const SlotMeta) })
+        // SAFETY: index < slot_count, so the record lies in [HEADER_SIZE, meta_len), inside
+        // the mapping; HEADER_SIZE and the 16-byte stride keep it 8-aligned on a page-aligned
+        // base. SlotMeta is atomics. A worker's mapping is read-only, and a worker only ever
+        // loads them (Relaxed, 8 bytes: allowed on read-only memory), in `state` and `check`.
+        Some(unsafe { &*(self.meta.as_ptr().add(off) as *const SlotMeta) })
     }
 
-    fn meta_checked(&self, index: u32) -> Result<&SlotMeta, ArenaError> {
-        self.meta(index).ok_or(ArenaError::OutOfRange {
+    fn slot_meta_checked(&self, index: u32) -> Result<&SlotMeta, ArenaError> {
+        self.slot_meta(index).ok_or(ArenaError::OutOfRange {
             index,
             count: self.slot_count,
         })
     }
 
-    /// Takes a free slot. O(1), lock-free; `Full` if every slot is in use.
-    pub fn alloc(&self) -> Result<SlotRef, ArenaError> {
-        let index = self.pop()?;
-        self.header().free.count.fetch_sub(1, Relaxed);
-        let meta = self.meta(index).expect("pop range-checks the index");
-        let (generation, state) = unpack(meta.state.load(Acquire));
-        if state != FREE {
-            return Err(ArenaError::Corrupted(format!(
-                "slot {index} was on the free list while in use"
-            )));
-        }
-        meta.state.store(pack(generation, IN_USE), Release);
-        Ok(SlotRef { index, generation })
+    /// A slot's state word, synchronised with the gateway's last change of it. A Relaxed
+    /// load then a fence rather than an Acquire load: in a worker the word is read-only
+    /// memory, where std allows only Relaxed atomic loads. On x86 both compile to a plain mov.
+    fn state(meta: &SlotMeta) -> u64 {
+        let state = meta.state.load(Relaxed);
+        fence(Acquire);
+        state
     }
 
-    /// Returns a slot to the free list. Succeeds exactly once per allocation; a repeated,
-    /// stale or out-of-range release is an error and changes nothing.
-    pub fn release(&self, slot: SlotRef) -> Result<(), ArenaError> {
-        let meta = self.meta_checked(slot.index)?;
-        let in_use = pack(slot.generation, IN_USE);
-        let freed = pack(next_generation(slot.generation), FREE);
-        if let Err(actual) = meta.state.compare_exchange(in_use, freed, AcqRel, Acquire) {
-            return Err(self.state_error(slot, actual));
-        }
-        // Count before pushing so the counter never dips below the stack's true size.
-        self.header().free.count.fetch_add(1, Relaxed);
-        self.push(slot.index, meta);
-        Ok(())
-    }
-
-    fn pop(&self) -> Result<u32, ArenaError> {
-        let head = &self.header().free.head;
-        let mut cur = head.load(Acquire);
-        loop {
-            let (tag, index) = unpack(cur);
-            if index == NIL {
-                return Err(ArenaError::Full);
-            }
-            let meta = self.meta(index).ok_or_else(|| {
-                ArenaError::Corrupted(format!("free-list head {index} out of range"))
-            })?;
-            // If another process pops `index` first, this may read a stale link, but then
-            // the head's tag has moved on and the CAS below fails.
-            let next = meta.next.load(Relaxed);
-            #[cfg(test)]
-            if tests::YIELD_IN_POP.get() {
-                std::thread::yield_now();
-            }
-            match head.compare_exchange_weak(cur, pack(tag.wrapping_add(1), next), AcqRel, Acquire)
-            {
-                Ok(_) => return Ok(index),
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
-    fn push(&self, index: u32, meta: &SlotMeta) {
-        let head = &self.header().free.head;
-        let mut cur = head.load(Relaxed);
-        loop {
-            let (tag, top) = unpack(cur);
-            meta.next.store(top, Relaxed);
-            // Release: the link and the previous owner's payload writes are visible to the
-            // next popper.
-            match head.compare_exchange_weak(
-                cur,
-                pack(tag.wrapping_add(1), index),
-                Release,
-                Relaxed,
-            ) {
-                Ok(_) => return,
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
-    fn state_error(&self, slot: SlotRef, state: u64) -> ArenaError {
+    fn state_error(slot: SlotRef, state: u64) -> ArenaError {
         let (current, s) = unpack(state);
         if s == IN_USE {
             ArenaError::StaleSlot {
@@ -529,19 +316,17 @@ impl Arena {
     }
 
     /// `slot` is in range and currently allocated at its generation.
-    fn validate(&self, slot: SlotRef) -> Result<(), ArenaError> {
-        let state = self.meta_checked(slot.index)?.state.load(Acquire);
+    fn validate(&self, slot: SlotRef) -> Result<&SlotMeta, ArenaError> {
+        let meta = self.slot_meta_checked(slot.index)?;
+        let state = Self::state(meta);
         if state == pack(slot.generation, IN_USE) {
-            Ok(())
+            Ok(meta)
         } else {
-            Err(self.state_error(slot, state))
+            Err(Self::state_error(slot, state))
         }
     }
 
-    /// Validates a received descriptor against this arena: slot in range and in use at the
-    /// descriptor's generation, `len <= slot_size`, `reserved == 0`. Call it on every
-    /// descriptor; the chain id is the caller's business (it picked this arena by it).
-    pub fn check(&self, d: &Descriptor) -> Result<SlotRef, ArenaError> {
+    fn check(&self, d: &Descriptor) -> Result<SlotRef, ArenaError> {
         if d.reserved != 0 {
             return Err(ArenaError::ReservedNotZero(d.reserved));
         }
@@ -555,7 +340,18 @@ impl Arena {
             index: d.slot,
             generation: d.generation,
         };
-        self.validate(slot)?;
+        let meta = self.validate(slot)?;
+        // Read after the state: alloc stores the id before publishing the state (Release),
+        // so this sees the id of the allocation validated above or of a later one, and a
+        // later one means the descriptor is stale anyway.
+        let recorded = meta.request_id.load(Relaxed);
+        if recorded != d.request_id {
+            return Err(ArenaError::RequestMismatch {
+                index: d.slot,
+                request_id: d.request_id,
+                recorded,
+            });
+        }
         Ok(slot)
     }
 
@@ -572,65 +368,475 @@ impl Arena {
                 slot_size: self.slot_size,
             });
         }
-        let at = self.payload_offset + slot.index as usize * self.slot_size as usize + offset;
+        let at = slot.index as usize * self.slot_size as usize + offset;
         // SAFETY: index < slot_count (validate) and offset + len <= slot_size, so
-        // [at, at + len) lies within payload_offset + slot_count * slot_size <= map.len().
-        Ok(unsafe { self.map.as_mut_ptr().add(at) })
+        // [at, at + len) lies within slot_count * slot_size <= payload.len().
+        Ok(unsafe { self.payload.as_mut_ptr().add(at) })
     }
 
-    /// Copies `src` into the slot at `offset`. The caller must own the slot.
-    pub fn write(&self, slot: SlotRef, offset: usize, src: &[u8]) -> Result<(), ArenaError> {
+    fn write(&self, slot: SlotRef, offset: usize, src: &[u8]) -> Result<(), ArenaError> {
         let dst = self.span(slot, offset, src.len())?;
-        // SAFETY: `dst` is valid for src.len() bytes (span); `src` is a Rust slice, which
-        // cannot overlap the mapping because we never hand out slices into it.
+        // SAFETY: `dst` is valid for src.len() bytes (span) in the read-write payload
+        // mapping; `src` is a Rust slice, which cannot overlap the mapping because we never
+        // hand out slices into it.
         unsafe { ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
         Ok(())
     }
 
-    /// Copies `dst.len()` bytes from the slot at `offset` into `dst`.
-    pub fn read(&self, slot: SlotRef, offset: usize, dst: &mut [u8]) -> Result<(), ArenaError> {
+    fn read(&self, slot: SlotRef, offset: usize, dst: &mut [u8]) -> Result<(), ArenaError> {
         let src = self.span(slot, offset, dst.len())?;
         // SAFETY: as in `write`, with the roles swapped.
         unsafe { ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
+}
 
-    /// Start of the slot's payload, after the same generation check as [`Arena::read`],
-    /// for copying straight between the slot and another buffer (e.g. Wasm linear memory).
-    ///
-    /// The pointer is valid for reads and writes of [`Arena::slot_size`] bytes, 64-byte
-    /// aligned, for as long as this `Arena` is alive. Dereferencing it is `unsafe` and
-    /// sound only if the caller:
-    /// - owns the slot (holds its current descriptor) for the whole access, so no other
-    ///   thread or well-behaved process touches the bytes meanwhile;
-    /// - uses raw-pointer copies (`ptr::copy_nonoverlapping`, `read_volatile`, ...) and
-    ///   never turns it into `&[u8]`/`&mut [u8]`: another process may still write there.
-    pub fn slot_ptr(&self, slot: SlotRef) -> Result<*mut u8, ArenaError> {
-        self.span(slot, 0, 0)
+/// The methods the gateway's [`Arena`] and a worker's [`ArenaView`] share, all reading the
+/// metadata only.
+macro_rules! slot_access {
+    () => {
+        pub fn slot_size(&self) -> u32 {
+            self.map.slot_size
+        }
+
+        pub fn slot_count(&self) -> u32 {
+            self.map.slot_count
+        }
+
+        /// Whether the payload memfd is on 2 MiB hugetlb pages.
+        pub fn uses_hugepages(&self) -> bool {
+            self.map.hugepages
+        }
+
+        /// Validates a received descriptor against this arena: slot in range and in use at
+        /// the descriptor's generation, allocated for the descriptor's request id,
+        /// `len <= slot_size`, `reserved == 0`. Call it on every descriptor; the chain id is
+        /// the caller's business (it picked this arena by it).
+        pub fn check(&self, d: &Descriptor) -> Result<SlotRef, ArenaError> {
+            self.map.check(d)
+        }
+
+        /// Copies `src` into the slot at `offset`. The caller must own the slot.
+        pub fn write(&self, slot: SlotRef, offset: usize, src: &[u8]) -> Result<(), ArenaError> {
+            self.map.write(slot, offset, src)
+        }
+
+        /// Copies `dst.len()` bytes from the slot at `offset` into `dst`.
+        pub fn read(&self, slot: SlotRef, offset: usize, dst: &mut [u8]) -> Result<(), ArenaError> {
+            self.map.read(slot, offset, dst)
+        }
+
+        /// Start of the slot's payload, after the same generation check as `read`, for
+        /// copying straight between the slot and another buffer (e.g. Wasm linear memory).
+        ///
+        /// The pointer is valid for reads and writes of `slot_size` bytes, 64-byte aligned,
+        /// for as long as this value is alive. Dereferencing it is `unsafe` and sound only
+        /// if the caller:
+        /// - owns the slot (holds its current descriptor) for the whole access, so no other
+        ///   thread or well-behaved process touches the bytes meanwhile;
+        /// - uses raw-pointer copies (`ptr::copy_nonoverlapping`, `read_volatile`, ...) and
+        ///   never turns it into `&[u8]`/`&mut [u8]`: another process may still write there.
+        pub fn slot_ptr(&self, slot: SlotRef) -> Result<*mut u8, ArenaError> {
+            self.map.span(slot, 0, 0)
+        }
+    };
+}
+
+/// The gateway's side of one chain's arena: creates both memfds and is the only process
+/// that allocates and releases slots. `Send + Sync`: share it via `Arc`.
+pub struct Arena {
+    map: Mapping,
+    meta_fd: OwnedFd,
+    payload_fd: OwnedFd,
+    free: FreeList,
+}
+
+/// The free list: every alloc and release writes the head's line, so it gets one of its
+/// own. Lives in the gateway's memory only; no worker can see or touch it.
+#[repr(C, align(64))]
+struct FreeHead {
+    /// tag << 32 | index of the top free slot (NIL: none). The tag changes on every
+    /// successful CAS, so a pop that read a stale link cannot succeed (ABA).
+    head: AtomicU64,
+    count: AtomicU32,
+}
+
+struct FreeList {
+    top: FreeHead,
+    /// Per slot: the free slot below it on the stack.
+    next: Box<[AtomicU32]>,
+}
+
+impl std::fmt::Debug for Arena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arena")
+            .field("meta_fd", &self.meta_fd.as_raw_fd())
+            .field("payload_fd", &self.payload_fd.as_raw_fd())
+            .field("slot_size", &self.map.slot_size)
+            .field("slot_count", &self.map.slot_count)
+            .field("free_slots", &self.free_slots())
+            .field("hugepages", &self.map.hugepages)
+            .finish()
     }
 }
 
+/// A memfd of `len` bytes mapped shared read-write; `huge` asks for 2 MiB hugetlb pages.
+fn memfd_mapped(name: &CStr, len: usize, huge: bool) -> Result<(OwnedFd, MmapRaw), ArenaError> {
+    let mut flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
+    if huge {
+        flags |= MFdFlags::MFD_HUGETLB | MFdFlags::MFD_HUGE_2MB;
+    }
+    let fd = memfd_create(name, flags).map_err(os_err("memfd_create"))?;
+    // `len` <= MAX_ARENA_BYTES rounded up to a hugepage, so it fits off_t.
+    ftruncate(&fd, len as nix::libc::off_t).map_err(os_err("ftruncate"))?;
+    let map = MmapOptions::new()
+        .len(len)
+        .map_raw(&fd)
+        .map_err(io_err("mmap"))?;
+    Ok((fd, map))
+}
+
+fn add_seals(fd: BorrowedFd<'_>, seals: SealFlag) -> Result<(), ArenaError> {
+    fcntl(fd, FcntlArg::F_ADD_SEALS(seals)).map_err(os_err("fcntl(F_ADD_SEALS)"))?;
+    Ok(())
+}
+
+impl Arena {
+    /// Creates a new arena in fresh memfds named after `name`, its payload on 2 MiB
+    /// hugepages if the system has them available, otherwise on normal pages.
+    pub fn create(name: &str, slot_size: u32, slot_count: u32) -> Result<Arena, ArenaError> {
+        Self::create_with(name, slot_size, slot_count, true)
+    }
+
+    fn create_with(
+        name: &str,
+        slot_size: u32,
+        slot_count: u32,
+        try_hugepages: bool,
+    ) -> Result<Arena, ArenaError> {
+        let layout = layout(slot_size, slot_count)?;
+        let cname = |suffix: &str| {
+            CString::new(format!("{name}{suffix}"))
+                .map_err(|_| ArenaError::InvalidParams(format!("name {name:?} contains NUL")))
+        };
+        let payload_name = cname("")?;
+        // Hugetlb usually has no pages reserved: ftruncate or mmap fails, which is not an
+        // error for us, just a reason to use normal pages.
+        let huge = try_hugepages
+            .then(|| {
+                let len = layout.payload_used.next_multiple_of(HUGE_PAGE);
+                memfd_mapped(&payload_name, len, true)
+            })
+            .and_then(Result::ok);
+        let (payload_fd, payload, hugepages) = match huge {
+            Some((fd, map)) => (fd, map, true),
+            None => {
+                let (fd, map) = memfd_mapped(&payload_name, layout.payload_used, false)?;
+                (fd, map, false)
+            }
+        };
+        add_seals(
+            payload_fd.as_fd(),
+            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+        )?;
+        let (meta_fd, meta) = memfd_mapped(&cname("-meta")?, layout.meta_len, false)?;
+        let arena = Arena {
+            map: Mapping {
+                meta,
+                payload,
+                slot_size,
+                slot_count,
+                hugepages,
+            },
+            meta_fd,
+            payload_fd,
+            free: FreeList {
+                top: FreeHead {
+                    head: AtomicU64::new(pack(0, 0)),
+                    count: AtomicU32::new(slot_count),
+                },
+                next: (0..slot_count)
+                    .map(|i| AtomicU32::new(if i + 1 < slot_count { i + 1 } else { NIL }))
+                    .collect(),
+            },
+        };
+        arena.init();
+        // After our writable mapping exists (it keeps working) and before any worker can
+        // see the fd: from here on nobody can write the file except through that mapping.
+        add_seals(arena.meta_fd.as_fd(), META_SEALS | SealFlag::F_SEAL_SEAL)?;
+        Ok(arena)
+    }
+
+    /// Fills in the freshly created (zeroed) metadata: header, all slots free.
+    fn init(&self) {
+        for i in 0..self.map.slot_count {
+            let m = self.map.slot_meta(i).expect("index < slot_count");
+            m.state.store(pack(FIRST_GENERATION, FREE), Relaxed);
+        }
+        let h = self.map.header();
+        h.version.store(VERSION, Relaxed);
+        h.flags
+            .store(if self.map.hugepages { FLAG_HUGETLB } else { 0 }, Relaxed);
+        h.slot_size.store(self.map.slot_size, Relaxed);
+        h.slot_count.store(self.map.slot_count, Relaxed);
+        h.payload_len.store(self.map.payload.len() as u64, Relaxed);
+        h.meta_len.store(self.map.meta.len() as u64, Relaxed);
+        // Last, so a header with the magic is always complete.
+        h.magic.store(MAGIC, Release);
+    }
+
+    /// The metadata memfd, for worker processes (dup it, or send it with SCM_RIGHTS). It is
+    /// sealed against writes: workers can only map it read-only.
+    pub fn meta_fd(&self) -> BorrowedFd<'_> {
+        self.meta_fd.as_fd()
+    }
+
+    /// The payload memfd, for worker processes; they map it read-write.
+    pub fn payload_fd(&self) -> BorrowedFd<'_> {
+        self.payload_fd.as_fd()
+    }
+
+    slot_access!();
+
+    /// Free slots. Exact when no alloc/release is in flight; while they are, it stays
+    /// within `0..=slot_count`.
+    pub fn free_slots(&self) -> u32 {
+        self.free.top.count.load(Relaxed)
+    }
+
+    /// Takes a free slot for request `request_id`, which is recorded with the slot: a
+    /// descriptor naming the slot with another request id fails `check`. O(1), lock-free;
+    /// `Full` if every slot is in use.
+    pub fn alloc(&self, request_id: u64) -> Result<SlotRef, ArenaError> {
+        let index = self.pop()?;
+        self.free.top.count.fetch_sub(1, Relaxed);
+        let meta = self
+            .map
+            .slot_meta(index)
+            .expect("pop range-checks the index");
+        let (generation, state) = unpack(meta.state.load(Acquire));
+        if state != FREE {
+            return Err(ArenaError::Corrupted(format!(
+                "slot {index} was on the free list while in use"
+            )));
+        }
+        meta.request_id.store(request_id, Relaxed);
+        // Release: a worker that sees the slot in use sees its request id too.
+        meta.state.store(pack(generation, IN_USE), Release);
+        Ok(SlotRef { index, generation })
+    }
+
+    /// Returns a slot to the free list. Succeeds exactly once per allocation; a repeated,
+    /// stale or out-of-range release is an error and changes nothing.
+    pub fn release(&self, slot: SlotRef) -> Result<(), ArenaError> {
+        let meta = self.map.slot_meta_checked(slot.index)?;
+        let in_use = pack(slot.generation, IN_USE);
+        let freed = pack(next_generation(slot.generation), FREE);
+        if let Err(actual) = meta.state.compare_exchange(in_use, freed, AcqRel, Acquire) {
+            return Err(Mapping::state_error(slot, actual));
+        }
+        // Count before pushing so the counter never dips below the stack's true size.
+        self.free.top.count.fetch_add(1, Relaxed);
+        self.push(slot.index);
+        Ok(())
+    }
+
+    fn pop(&self) -> Result<u32, ArenaError> {
+        let head = &self.free.top.head;
+        let mut cur = head.load(Acquire);
+        loop {
+            let (tag, index) = unpack(cur);
+            if index == NIL {
+                return Err(ArenaError::Full);
+            }
+            let link = self.free.next.get(index as usize).ok_or_else(|| {
+                ArenaError::Corrupted(format!("free-list head {index} out of range"))
+            })?;
+            // If another thread pops `index` first, this may read a stale link, but then the
+            // head's tag has moved on and the CAS below fails.
+            let next = link.load(Relaxed);
+            #[cfg(test)]
+            if tests::YIELD_IN_POP.get() {
+                std::thread::yield_now();
+            }
+            match head.compare_exchange_weak(cur, pack(tag.wrapping_add(1), next), AcqRel, Acquire)
+            {
+                Ok(_) => return Ok(index),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    fn push(&self, index: u32) {
+        let head = &self.free.top.head;
+        let link = &self.free.next[index as usize];
+        let mut cur = head.load(Relaxed);
+        loop {
+            let (tag, top) = unpack(cur);
+            link.store(top, Relaxed);
+            // Release: the link and the previous owner's payload writes are visible to the
+            // next popper.
+            match head.compare_exchange_weak(
+                cur,
+                pack(tag.wrapping_add(1), index),
+                Release,
+                Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+}
+
+/// A worker's side of a chain's arena: the gateway's slots, checked and copied, never
+/// allocated. The metadata is mapped read-only (the kernel refuses anything else, see the
+/// module docs), so nothing a worker does through this, or around it, changes which slot is
+/// free or live. `Send + Sync`.
+pub struct ArenaView {
+    map: Mapping,
+    /// Kept open, as the hand-off left them, for the view's life: closing them would take
+    /// nothing away (a process can reopen a file it has mapped through /proc/self/map_files),
+    /// and at their fixed numbers they show what the worker holds.
+    _fds: [OwnedFd; 2],
+}
+
+impl std::fmt::Debug for ArenaView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArenaView")
+            .field("slot_size", &self.map.slot_size)
+            .field("slot_count", &self.map.slot_count)
+            .field("hugepages", &self.map.hugepages)
+            .finish()
+    }
+}
+
+impl ArenaView {
+    /// Maps an arena the gateway created (the fds arrived over a socket or by inheritance):
+    /// `meta` read-only, `payload` read-write. Anything that is not a well-formed arena
+    /// sealed as [`Arena::create`] seals it is an error.
+    pub fn from_fds(meta: OwnedFd, payload: OwnedFd) -> Result<ArenaView, ArenaError> {
+        let bad = |m: String| Err(ArenaError::BadHeader(m));
+        let meta = File::from(meta);
+        let meta_len = file_len(&meta)?;
+        if meta_len < HEADER_SIZE as u64 || meta_len > (1 << 30) {
+            return bad(format!("metadata size {meta_len} cannot hold an arena"));
+        }
+        if !seals(meta.as_fd()).contains(META_SEALS) {
+            return bad(
+                "metadata fd is not a memfd sealed against writes and resizing: another \
+                 process could change it"
+                    .into(),
+            );
+        }
+        let meta_map = MmapOptions::new()
+            .len(meta_len as usize)
+            .map_raw_read_only(&meta)
+            .map_err(io_err("mmap"))?;
+
+        // SAFETY: the mapping is page-aligned (so 64-aligned) and at least HEADER_SIZE bytes
+        // long (checked above); Header is only atomics and is only loaded here, Relaxed and
+        // at most 8 bytes at a time, which std allows on read-only memory.
+        let h = unsafe { &*(meta_map.as_ptr() as *const Header) };
+        let magic = h.magic.load(Relaxed);
+        // Pairs with the Release store of the magic that completes the header.
+        fence(Acquire);
+        if magic != MAGIC {
+            return bad(format!("magic {magic:#018x}, expected {MAGIC:#018x}"));
+        }
+        let version = h.version.load(Relaxed);
+        if version != VERSION {
+            return bad(format!("version {version}, this build speaks {VERSION}"));
+        }
+        let slot_size = h.slot_size.load(Relaxed);
+        let slot_count = h.slot_count.load(Relaxed);
+        let layout =
+            layout(slot_size, slot_count).map_err(|e| ArenaError::BadHeader(e.to_string()))?;
+        let header_meta_len = h.meta_len.load(Relaxed);
+        if header_meta_len != meta_len || meta_len != layout.meta_len as u64 {
+            return bad(format!(
+                "header says {header_meta_len} bytes of metadata, file has {meta_len}, \
+                 {slot_count} slots need {}",
+                layout.meta_len
+            ));
+        }
+        let hugepages = h.flags.load(Relaxed) & FLAG_HUGETLB != 0;
+        let payload_len = h.payload_len.load(Relaxed);
+        let expected = if hugepages {
+            layout.payload_used.next_multiple_of(HUGE_PAGE)
+        } else {
+            layout.payload_used
+        } as u64;
+
+        let payload = File::from(payload);
+        let payload_file_len = file_len(&payload)?;
+        if payload_len != expected || payload_file_len != expected {
+            return bad(format!(
+                "header says {payload_len} bytes of payload, file has {payload_file_len}, \
+                 {slot_count} slots of {slot_size} need {expected}"
+            ));
+        }
+        if !seals(payload.as_fd()).contains(SealFlag::F_SEAL_SHRINK) {
+            return bad("payload fd is not a memfd sealed against shrinking".into());
+        }
+        let payload_map = MmapOptions::new()
+            .len(expected as usize)
+            .map_raw(&payload)
+            .map_err(io_err("mmap"))?;
+        Ok(ArenaView {
+            map: Mapping {
+                meta: meta_map,
+                payload: payload_map,
+                slot_size,
+                slot_count,
+                hugepages,
+            },
+            _fds: [meta.into(), payload.into()],
+        })
+    }
+
+    slot_access!();
+}
 #[cfg(test)]
 mod tests {
     use super::*;
     use nix::fcntl::FdFlag;
+    use nix::sys::mman::{MapFlags, ProtFlags, mmap, mprotect, munmap};
+    use std::num::NonZeroUsize;
     use std::os::fd::FromRawFd;
+    use std::os::unix::fs::FileExt;
     use std::os::unix::process::CommandExt;
     use std::process::Command;
     use std::sync::Arc;
     use std::thread;
 
+    /// The request id the single-owner tests allocate for.
+    const REQ: u64 = 42;
+
     fn arena(slot_size: u32, slot_count: u32) -> Arena {
         Arena::create("spindle-test", slot_size, slot_count).unwrap()
     }
 
-    fn desc(s: SlotRef, len: u32) -> Descriptor {
+    fn view(a: &Arena) -> ArenaView {
+        ArenaView::from_fds(
+            a.meta_fd().try_clone_to_owned().unwrap(),
+            a.payload_fd().try_clone_to_owned().unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn desc_for(s: SlotRef, request_id: u64, len: u32) -> Descriptor {
         Descriptor {
             slot: s.index,
             generation: s.generation,
+            request_id,
             len,
             ..Default::default()
         }
+    }
+
+    fn desc(s: SlotRef, len: u32) -> Descriptor {
+        desc_for(s, REQ, len)
     }
 
     #[test]
@@ -638,6 +844,7 @@ mod tests {
         fn assert<T: Send + Sync>() {}
         assert::<Arena>();
         assert::<Arc<Arena>>();
+        assert::<ArenaView>();
     }
 
     #[test]
@@ -664,22 +871,22 @@ mod tests {
     #[test]
     fn layout_is_aligned() {
         let a = arena(192, 1000);
-        let base = a.map.as_ptr() as usize;
+        let base = a.map.payload.as_ptr() as usize;
         assert_eq!(base % page_size(), 0);
-        assert_eq!(a.payload_offset % page_size(), 0);
-        assert!(a.payload_offset >= HEADER_SIZE + 1000 * 16);
+        assert_eq!(a.map.meta.len() % page_size(), 0);
+        assert!(a.map.meta.len() >= HEADER_SIZE + 1000 * 16);
         for i in [0, 1, 999] {
             let p = a.slot_ptr(a_alloc_at(&a, i)).unwrap() as usize;
             assert_eq!(p % 64, 0);
-            assert_eq!(p - base, a.payload_offset + i as usize * 192);
+            assert_eq!(p - base, i as usize * 192);
         }
-        assert!(a.payload_offset + 192 * 1000 <= a.map.len());
+        assert!(192 * 1000 <= a.map.payload.len());
     }
 
     /// Allocates until slot `i` comes up (fresh arenas hand out 0, 1, 2, ...).
     fn a_alloc_at(a: &Arena, i: u32) -> SlotRef {
         loop {
-            let s = a.alloc().unwrap();
+            let s = a.alloc(REQ).unwrap();
             if s.index == i {
                 return s;
             }
@@ -690,7 +897,7 @@ mod tests {
     fn alloc_until_full_then_release_all() {
         let a = arena(64, 16);
         assert_eq!(a.free_slots(), 16);
-        let slots: Vec<_> = (0..16).map(|_| a.alloc().unwrap()).collect();
+        let slots: Vec<_> = (0..16).map(|_| a.alloc(REQ).unwrap()).collect();
         let mut idx: Vec<_> = slots.iter().map(|s| s.index).collect();
         idx.sort();
         assert_eq!(
@@ -700,19 +907,19 @@ mod tests {
         );
         assert!(slots.iter().all(|s| s.generation == FIRST_GENERATION));
         assert_eq!(a.free_slots(), 0);
-        assert!(matches!(a.alloc(), Err(ArenaError::Full)));
+        assert!(matches!(a.alloc(REQ), Err(ArenaError::Full)));
         for s in &slots {
             a.release(*s).unwrap();
         }
         assert_eq!(a.free_slots(), 16);
-        let again = a.alloc().unwrap();
+        let again = a.alloc(REQ).unwrap();
         assert_eq!(again.generation, FIRST_GENERATION + 1);
     }
 
     #[test]
     fn release_exactly_once() {
         let a = arena(64, 4);
-        let s = a.alloc().unwrap();
+        let s = a.alloc(REQ).unwrap();
         a.release(s).unwrap();
         let err = a.release(s).unwrap_err();
         assert!(
@@ -722,7 +929,7 @@ mod tests {
         assert_eq!(a.free_slots(), 4, "double release must not add a free slot");
 
         // Reallocated (LIFO: same slot): the old ref is now stale and must not free it.
-        let s2 = a.alloc().unwrap();
+        let s2 = a.alloc(REQ).unwrap();
         assert_eq!((s2.index, s2.generation), (s.index, s.generation + 1));
         let err = a.release(s).unwrap_err();
         assert_eq!(
@@ -750,7 +957,7 @@ mod tests {
     #[test]
     fn check_rejects_forged_descriptors() {
         let a = arena(128, 4);
-        let s = a.alloc().unwrap();
+        let s = a.alloc(REQ).unwrap();
         let free_index = (s.index + 1) % 4;
         assert_eq!(a.check(&desc(s, 128)).unwrap(), s);
 
@@ -799,6 +1006,8 @@ mod tests {
                 },
                 "not in use",
             ),
+            (desc_for(s, REQ + 1, 0), "not request 43"),
+            (desc_for(s, 0, 0), "not request 0"),
             (Descriptor::default(), "generation 0 is stale"),
         ];
         for (d, what) in cases {
@@ -812,10 +1021,43 @@ mod tests {
         ));
     }
 
+    /// A worker holding a live slot's index and generation cannot use them for another
+    /// request: the gateway recorded which request the slot is for, and every reallocation
+    /// records the new one.
+    #[test]
+    fn a_replayed_descriptor_with_the_right_generation_is_refused() {
+        let a = arena(64, 1);
+        let v = view(&a);
+        let first = a.alloc(7).unwrap();
+        assert_eq!(v.check(&desc_for(first, 7, 0)).unwrap(), first);
+        let err = v.check(&desc_for(first, 8, 0)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ArenaError::RequestMismatch {
+                    index: 0,
+                    request_id: 8,
+                    recorded: 7
+                }
+            ),
+            "{err}"
+        );
+        a.release(first).unwrap();
+        // Generation 2 now belongs to request 9; request 7's id with the new generation (a
+        // descriptor patched up by a worker that saw the slot reused) is still refused.
+        let second = a.alloc(9).unwrap();
+        let patched = desc_for(second, 7, 0);
+        assert!(matches!(
+            v.check(&patched),
+            Err(ArenaError::RequestMismatch { recorded: 9, .. })
+        ));
+        assert_eq!(v.check(&desc_for(second, 9, 0)).unwrap(), second);
+    }
+
     #[test]
     fn read_write_checked() {
         let a = arena(256, 2);
-        let s = a.alloc().unwrap();
+        let s = a.alloc(REQ).unwrap();
         a.write(s, 0, b"hello ").unwrap();
         a.write(s, 6, b"world").unwrap();
         let mut buf = [0u8; 11];
@@ -850,7 +1092,8 @@ mod tests {
     /// with `owner` and `round`, yield to let others run, and make sure nobody else
     /// wrote to it meanwhile.
     fn own_and_verify(a: &Arena, owner: u64, round: u64) -> bool {
-        let s = match a.alloc() {
+        let request_id = owner << 40 | round;
+        let s = match a.alloc(request_id) {
             Ok(s) => s,
             Err(ArenaError::Full) => {
                 thread::yield_now();
@@ -858,7 +1101,7 @@ mod tests {
             }
             Err(e) => panic!("alloc: {e}"),
         };
-        let stamp = (owner << 40 | round).to_le_bytes();
+        let stamp = request_id.to_le_bytes();
         let pattern: Vec<u8> = stamp
             .iter()
             .cycle()
@@ -876,7 +1119,7 @@ mod tests {
             "slot {} double-owned: owner {owner:#x} round {round}",
             s.index
         );
-        a.check(&desc(s, a.slot_size())).unwrap();
+        a.check(&desc_for(s, request_id, a.slot_size())).unwrap();
         a.release(s).unwrap();
         true
     }
@@ -900,7 +1143,7 @@ mod tests {
                     YIELD_IN_POP.set(t != 1);
                     let mut done = 0;
                     while done < CYCLES {
-                        let Ok(s) = a.alloc() else {
+                        let Ok(s) = a.alloc(t) else {
                             thread::yield_now();
                             continue;
                         };
@@ -922,10 +1165,10 @@ mod tests {
         }
         assert_eq!(a.free_slots(), 8);
         // The stack must still hold exactly 8 distinct slots.
-        let mut all: Vec<_> = (0..8).map(|_| a.alloc().unwrap().index).collect();
+        let mut all: Vec<_> = (0..8).map(|_| a.alloc(REQ).unwrap().index).collect();
         all.sort();
         assert_eq!(all, (0..8).collect::<Vec<_>>());
-        assert!(a.alloc().is_err());
+        assert!(a.alloc(REQ).is_err());
     }
 
     #[test]
@@ -949,136 +1192,332 @@ mod tests {
         assert_eq!(a.free_slots(), 8);
     }
 
-    const CHILD_FD_ENV: &str = "SPINDLE_SHM_TEST_CHILD_FD";
-    const CHILD_CYCLES: u64 = 30_000;
+    const CHILD_FDS_ENV: &str = "SPINDLE_SHM_TEST_CHILD_FDS";
+    const CHILD_SLOTS_ENV: &str = "SPINDLE_SHM_TEST_CHILD_SLOTS";
 
-    #[test]
-    fn cross_process() {
-        if let Ok(fd) = std::env::var(CHILD_FD_ENV) {
-            // Child role: the fd was inherited from the parent test process.
-            let fd: i32 = fd.parse().unwrap();
-            // SAFETY: the parent made exactly this descriptor survive exec for us; nothing
-            // else in this process knows about it.
-            let a = Arena::from_fd(unsafe { OwnedFd::from_raw_fd(fd) }).unwrap();
-            let me = std::process::id() as u64;
-            YIELD_IN_POP.set(true);
-            let mut round = 0;
-            while round < CHILD_CYCLES {
-                round += own_and_verify(&a, me, round) as u64;
-            }
-            return;
+    /// The child's half of `another_process_sees_the_slots_and_cannot_touch_the_metadata`.
+    fn cross_process_child(fds: &str) {
+        let (meta, payload) = fds.split_once(',').unwrap();
+        // SAFETY: the parent made exactly these descriptors survive exec for us; nothing
+        // else in this process knows about them.
+        let (meta, payload) = unsafe {
+            (
+                OwnedFd::from_raw_fd(meta.parse().unwrap()),
+                OwnedFd::from_raw_fd(payload.parse().unwrap()),
+            )
+        };
+        let meta_copy = meta.try_clone().unwrap();
+        let v = ArenaView::from_fds(meta, payload).unwrap();
+        let slots = std::env::var(CHILD_SLOTS_ENV).unwrap();
+        for entry in slots.split(';') {
+            let n: Vec<u64> = entry.split(',').map(|x| x.parse().unwrap()).collect();
+            let s = SlotRef {
+                index: n[0] as u32,
+                generation: n[1] as u32,
+            };
+            let request_id = n[2];
+            let got = v.check(&desc_for(s, request_id, 8)).unwrap();
+            assert!(matches!(
+                v.check(&desc_for(s, request_id ^ 1, 8)),
+                Err(ArenaError::RequestMismatch { .. })
+            ));
+            let mut buf = [0u8; 8];
+            v.read(got, 0, &mut buf).unwrap();
+            assert_eq!(u64::from_le_bytes(buf), request_id, "the parent's bytes");
+            v.write(got, 0, &(!request_id).to_le_bytes()).unwrap();
         }
+        // Our own read-only mapping of the metadata cannot be made writable.
+        let page = NonZeroUsize::new(page_size()).unwrap();
+        let ro = map_shared(&meta_copy, ProtFlags::PROT_READ).unwrap();
+        // SAFETY: `ro` is a fresh page-long mapping of our own that nothing references.
+        let err = unsafe { mprotect(ro, page.get(), ProtFlags::PROT_READ | ProtFlags::PROT_WRITE) }
+            .unwrap_err();
+        assert!(matches!(err, Errno::EACCES | Errno::EPERM), "{err}");
+        // SAFETY: as above; unmapped once, not used after.
+        unsafe { munmap(ro, page.get()).unwrap() };
+    }
 
-        let a = arena(128, 8);
-        let fd = a.fd().as_raw_fd();
-        let name = format!(
-            "{}::cross_process",
-            module_path!().split_once("::").unwrap().1
-        );
-        let children: Vec<_> = (0..2)
-            .map(|_| {
-                let mut cmd = Command::new(std::env::current_exe().unwrap());
-                cmd.args(["--exact", &name, "--nocapture", "--test-threads=1"])
-                    .env(CHILD_FD_ENV, fd.to_string());
-                // SAFETY: runs between fork and exec; nix's fcntl is one fcntl(2) call and an
-                // errno read, so it is async-signal-safe and allocates nothing, and it only
-                // touches the child's copy of the descriptor table, so the arena fd stays
-                // close-on-exec in the parent and in any other process it spawns. `fd` is open
-                // in that copy: the parent holds the arena until the children are spawned.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        let fd = BorrowedFd::borrow_raw(fd);
-                        fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
-                        Ok(())
-                    });
-                }
-                cmd.spawn().unwrap()
-            })
-            .collect();
-        // Keep contending until both children are done, so the processes really overlap.
-        let me = std::process::id() as u64;
-        let mut round = 0;
-        let mut running = children;
-        while round < CHILD_CYCLES || !running.is_empty() {
-            round += own_and_verify(&a, me, round) as u64;
-            if round.is_multiple_of(1024) {
-                running.retain_mut(|c| match c.try_wait().unwrap() {
-                    None => true,
-                    Some(status) => {
-                        assert!(status.success(), "child failed: {status}");
-                        false
-                    }
-                });
-            }
+    /// One page of `fd` mapped shared with `prot`.
+    fn map_shared(fd: &OwnedFd, prot: ProtFlags) -> Result<ptr::NonNull<std::ffi::c_void>, Errno> {
+        // SAFETY: a fresh mapping at an address the kernel picks, so it cannot alias anything
+        // of ours; callers only use it through mprotect/munmap or raw-pointer accesses.
+        unsafe {
+            mmap(
+                None,
+                NonZeroUsize::new(page_size()).unwrap(),
+                prot,
+                MapFlags::MAP_SHARED,
+                fd,
+                0,
+            )
         }
-        eprintln!("parent ran {round} cycles alongside the children");
-        assert_eq!(a.free_slots(), 8);
-        let mut all: Vec<_> = (0..8).map(|_| a.alloc().unwrap().index).collect();
-        all.sort();
-        assert_eq!(all, (0..8).collect::<Vec<_>>());
     }
 
     #[test]
-    fn from_fd_shares_the_arena() {
+    fn another_process_sees_the_slots_and_cannot_touch_the_metadata() {
+        if let Ok(fds) = std::env::var(CHILD_FDS_ENV) {
+            return cross_process_child(&fds);
+        }
+        let a = arena(128, 8);
+        let slots: Vec<(SlotRef, u64)> = (0..5)
+            .map(|i| {
+                let request_id = 1000 + i;
+                let s = a.alloc(request_id).unwrap();
+                a.write(s, 0, &request_id.to_le_bytes()).unwrap();
+                (s, request_id)
+            })
+            .collect();
+        let list = slots
+            .iter()
+            .map(|(s, r)| format!("{},{},{r}", s.index, s.generation))
+            .collect::<Vec<_>>()
+            .join(";");
+        let (meta, payload) = (a.meta_fd().as_raw_fd(), a.payload_fd().as_raw_fd());
+        let name = format!(
+            "{}::another_process_sees_the_slots_and_cannot_touch_the_metadata",
+            module_path!().split_once("::").unwrap().1
+        );
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", &name, "--nocapture", "--test-threads=1"])
+            .env(CHILD_FDS_ENV, format!("{meta},{payload}"))
+            .env(CHILD_SLOTS_ENV, list);
+        // SAFETY: runs between fork and exec; nix's fcntl is one fcntl(2) call and an errno
+        // read, so it is async-signal-safe and allocates nothing, and it only touches the
+        // child's copy of the descriptor table, so the arena fds stay close-on-exec in the
+        // parent. Both fds are open in that copy: the parent holds the arena throughout.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in [meta, payload] {
+                    let fd = BorrowedFd::borrow_raw(fd);
+                    fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
+                }
+                Ok(())
+            });
+        }
+        let status = cmd.status().unwrap();
+        assert!(status.success(), "child failed: {status}");
+        for (s, request_id) in slots {
+            let mut buf = [0u8; 8];
+            a.read(s, 0, &mut buf).unwrap();
+            assert_eq!(u64::from_le_bytes(buf), !request_id, "the child's answer");
+            a.release(s).unwrap();
+        }
+        assert_eq!(a.free_slots(), 8);
+    }
+
+    /// What a hostile worker holding both fds can and cannot do to the metadata memfd: every
+    /// way of writing it or resizing it fails, even after reopening it read-write through
+    /// /proc; the gateway's own mapping keeps working.
+    #[test]
+    fn the_metadata_memfd_cannot_be_written_resized_or_mapped_writable() {
         let a = arena(64, 4);
-        let b = Arena::from_fd(a.fd().try_clone_to_owned().unwrap()).unwrap();
+        let s = a.alloc(REQ).unwrap();
+        let meta = a.meta_fd().try_clone_to_owned().unwrap();
+        // A worker could reopen its fd read-write by path: the seals are on the file.
+        let reopened: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{}", meta.as_raw_fd()))
+            .unwrap()
+            .into();
+        for fd in [&meta, &reopened] {
+            let err = map_shared(fd, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE).unwrap_err();
+            assert_eq!(err, Errno::EPERM, "writable shared mmap");
+            let err = ftruncate(fd, 0).unwrap_err();
+            assert_eq!(err, Errno::EPERM, "ftruncate to 0");
+            let err = ftruncate(fd, 1 << 30).unwrap_err();
+            assert_eq!(err, Errno::EPERM, "ftruncate to grow");
+            let file = File::from(fd.try_clone().unwrap());
+            let err = file.write_at(&[0xff; 64], 0).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(Errno::EPERM as i32), "write(2)");
+            let err = nix::fcntl::fallocate(
+                fd,
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                0,
+                page_size() as nix::libc::off_t,
+            )
+            .unwrap_err();
+            assert_eq!(err, Errno::EPERM, "punching a hole");
+            let err = fcntl(fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)).unwrap_err();
+            assert_eq!(err, Errno::EPERM, "adding a seal");
+
+            let ro = map_shared(fd, ProtFlags::PROT_READ).unwrap();
+            let page = page_size();
+            // SAFETY: `ro` is a fresh page-long mapping of our own that nothing references.
+            let err = unsafe { mprotect(ro, page, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE) }
+                .unwrap_err();
+            assert!(
+                matches!(err, Errno::EACCES | Errno::EPERM),
+                "mprotect: {err}"
+            );
+            // SAFETY: as above; unmapped once, not used after.
+            unsafe { munmap(ro, page).unwrap() };
+        }
+        // A private writable mapping is allowed, and is the writer's own copy.
+        // SAFETY: fresh mapping at a kernel-chosen address; only written through the pointer
+        // below and unmapped after.
+        let private = unsafe {
+            mmap(
+                None,
+                NonZeroUsize::new(page_size()).unwrap(),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+                &meta,
+                0,
+            )
+        }
+        .unwrap();
+        // SAFETY: the page is ours, private and writable; zeroing it is what a hostile
+        // worker would try, on its own copy.
+        unsafe {
+            ptr::write_bytes(private.as_ptr().cast::<u8>(), 0, page_size());
+            munmap(private, page_size()).unwrap();
+        }
+        assert_eq!(a.check(&desc(s, 0)).unwrap(), s, "the file is unchanged");
+        a.release(s).unwrap();
+        let again = a.alloc(REQ + 1).unwrap();
+        assert_eq!(
+            again.generation,
+            s.generation + 1,
+            "the gateway still writes it"
+        );
+    }
+
+    /// Payload bytes are the workers' to write, and writing all of them breaks nothing the
+    /// gateway relies on: every slot is still handed out once, at the right generation.
+    #[test]
+    fn scribbling_over_the_whole_payload_does_not_break_allocation() {
+        let a = arena(256, 8);
+        let v = view(&a);
+        let held: Vec<_> = (0..3).map(|i| a.alloc(i).unwrap()).collect();
+        a.release(held[1]).unwrap();
+        let payload = File::from(a.payload_fd().try_clone_to_owned().unwrap());
+        payload
+            .write_all_at(&vec![0xff; a.map.payload.len()], 0)
+            .unwrap();
+        // Through the worker's own mapping too.
+        for &s in [held[0], held[2]].iter() {
+            v.write(s, 0, &[0xee; 256]).unwrap();
+        }
+        a.release(held[0]).unwrap();
+        a.release(held[2]).unwrap();
+        assert_eq!(a.free_slots(), 8);
+        let mut all: Vec<_> = (0..8).map(|i| a.alloc(100 + i).unwrap()).collect();
+        assert!(a.alloc(200).is_err(), "exactly 8 slots");
+        all.sort_by_key(|s| s.index);
+        let generations: Vec<_> = all.iter().map(|s| s.generation).collect();
+        assert_eq!(generations, [2, 2, 2, 1, 1, 1, 1, 1]);
+        for s in all {
+            a.release(s).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_view_shares_the_arena() {
+        let a = arena(64, 4);
+        let b = view(&a);
         assert_eq!((b.slot_size(), b.slot_count()), (64, 4));
         assert_eq!(b.uses_hugepages(), a.uses_hugepages());
-        let s = a.alloc().unwrap();
+        let s = a.alloc(REQ).unwrap();
         a.write(s, 0, b"ping").unwrap();
         let got = b.check(&desc(s, 4)).unwrap();
         let mut buf = [0; 4];
         b.read(got, 0, &mut buf).unwrap();
         assert_eq!(&buf, b"ping");
-        b.release(got).unwrap();
-        assert_eq!(a.free_slots(), 4);
-        assert!(a.release(s).is_err());
+        b.write(got, 0, b"pong").unwrap();
+        a.read(s, 0, &mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+        a.release(s).unwrap();
+        assert!(matches!(
+            b.check(&desc(s, 4)),
+            Err(ArenaError::NotInUse { .. })
+        ));
+        assert!(b.write(s, 0, b"late").is_err());
     }
 
-    fn sealed_memfd(len: u64, contents: &[u8]) -> OwnedFd {
-        let (fd, map) =
-            Arena::map_new(&CString::new("not-an-arena").unwrap(), len as usize, false).unwrap();
+    /// A memfd of `len` bytes holding `contents`, sealed with `seals`.
+    fn memfd_with(len: usize, contents: &[u8], seals: SealFlag) -> OwnedFd {
+        let (fd, map) = memfd_mapped(c"not-an-arena", len, false).unwrap();
         // SAFETY: fresh mapping of `len` >= contents.len() bytes (true in these tests).
         unsafe { ptr::copy_nonoverlapping(contents.as_ptr(), map.as_mut_ptr(), contents.len()) };
+        add_seals(fd.as_fd(), seals).unwrap();
         fd
     }
 
-    #[test]
-    fn from_fd_rejects_non_arenas() {
-        let err = Arena::from_fd(sealed_memfd(1 << 20, b"definitely not an arena")).unwrap_err();
-        assert!(err.to_string().contains("magic"), "{err}");
-
-        let err = Arena::from_fd(sealed_memfd(16, b"")).unwrap_err();
-        assert!(matches!(err, ArenaError::BadHeader(_)), "{err}");
-
-        let null = File::open("/dev/null").unwrap();
-        assert!(Arena::from_fd(null.into()).is_err());
-
-        // Unsealed memfd holding a real header: a peer could shrink it under us.
-        let a = arena(64, 4);
-        let mut copy = vec![0u8; a.map.len()];
-        // SAFETY: reading our own mapping, which is map.len() bytes long.
-        unsafe { ptr::copy_nonoverlapping(a.map.as_ptr(), copy.as_mut_ptr(), copy.len()) };
-        let mut f = File::from(memfd_create(c"unsealed", MFdFlags::MFD_CLOEXEC).unwrap());
-        std::io::Write::write_all(&mut f, &copy).unwrap();
-        let err = Arena::from_fd(f.into()).unwrap_err();
-        assert!(err.to_string().contains("sealed"), "{err}");
+    fn meta_copy(a: &Arena) -> Vec<u8> {
+        let mut copy = vec![0u8; a.map.meta.len()];
+        // SAFETY: reading our own mapping, which is meta.len() bytes long.
+        unsafe { ptr::copy_nonoverlapping(a.map.meta.as_ptr(), copy.as_mut_ptr(), copy.len()) };
+        copy
     }
 
     #[test]
-    fn from_fd_rejects_tampered_header() {
+    fn from_fds_rejects_non_arenas() {
+        let a = arena(64, 4);
+        let payload = || a.payload_fd().try_clone_to_owned().unwrap();
+        let meta = || a.meta_fd().try_clone_to_owned().unwrap();
+        let sealed = META_SEALS | SealFlag::F_SEAL_SEAL;
+
+        let err = ArenaView::from_fds(
+            memfd_with(1 << 20, b"definitely not an arena", sealed),
+            payload(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("magic"), "{err}");
+
+        let err = ArenaView::from_fds(memfd_with(16, b"", sealed), payload()).unwrap_err();
+        assert!(matches!(err, ArenaError::BadHeader(_)), "{err}");
+
+        let null = || OwnedFd::from(File::open("/dev/null").unwrap());
+        assert!(ArenaView::from_fds(null(), payload()).is_err());
+        assert!(ArenaView::from_fds(meta(), null()).is_err());
+
+        // The real header in a memfd another process could still write: refused, however
+        // well-formed it is.
+        let copy = meta_copy(&a);
+        let writable = memfd_with(
+            copy.len(),
+            &copy,
+            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW,
+        );
+        let err = ArenaView::from_fds(writable, payload()).unwrap_err();
+        assert!(err.to_string().contains("sealed against writes"), "{err}");
+
+        // Metadata and payload swapped, as a confused hand-off would pass them.
+        assert!(ArenaView::from_fds(payload(), meta()).is_err());
+
+        // A payload another process could shrink under us.
+        let len = a.map.payload.len();
+        let unsealed = memfd_with(len, &[], SealFlag::empty());
+        let err = ArenaView::from_fds(meta(), unsealed).unwrap_err();
+        assert!(err.to_string().contains("payload fd is not"), "{err}");
+        // Or of the wrong size.
+        let short = memfd_with(len - 64, &[], SealFlag::F_SEAL_SHRINK);
+        let err = ArenaView::from_fds(meta(), short).unwrap_err();
+        assert!(err.to_string().contains("bytes of payload"), "{err}");
+    }
+
+    #[test]
+    fn from_fds_rejects_tampered_header() {
         type Tamper = fn(&Header);
-        let tampers: [(Tamper, &str); 5] = [
+        let tampers: [(Tamper, &str); 6] = [
             (|h| h.version.store(99, Relaxed), "version 99"),
             (|h| h.slot_size.store(100, Relaxed), "multiple of 64"),
-            (|h| h.slot_count.store(1 << 20, Relaxed), "payload offset"),
-            (|h| h.slot_size.store(1 << 20, Relaxed), "need"),
-            (|h| h.map_len.store(1 << 30, Relaxed), "header says"),
+            (|h| h.slot_count.store(1 << 20, Relaxed), "metadata"),
+            (|h| h.slot_size.store(1 << 20, Relaxed), "payload"),
+            (|h| h.meta_len.store(1 << 30, Relaxed), "header says"),
+            (|h| h.payload_len.store(1 << 30, Relaxed), "header says"),
         ];
         for (tamper, what) in tampers {
             let a = arena(64, 4);
-            tamper(a.header());
-            let err = Arena::from_fd(a.fd().try_clone_to_owned().unwrap()).unwrap_err();
+            // Through the gateway's own writable mapping: the only one there is.
+            tamper(a.map.header());
+            let err = ArenaView::from_fds(
+                a.meta_fd().try_clone_to_owned().unwrap(),
+                a.payload_fd().try_clone_to_owned().unwrap(),
+            )
+            .unwrap_err();
             assert!(err.to_string().contains(what), "expected {what:?}: {err}");
         }
     }
@@ -1086,8 +1525,8 @@ mod tests {
     #[test]
     fn corrupt_free_list_is_an_error_not_ub() {
         let a = arena(64, 4);
-        a.header().free.head.store(pack(0, 1000), Relaxed);
-        assert!(matches!(a.alloc(), Err(ArenaError::Corrupted(_))));
+        a.free.top.head.store(pack(0, 1000), Relaxed);
+        assert!(matches!(a.alloc(REQ), Err(ArenaError::Corrupted(_))));
     }
 
     fn hugepages_free() -> u64 {
@@ -1108,17 +1547,17 @@ mod tests {
                 !a.uses_hugepages(),
                 "no free hugepages, must have fallen back"
             );
-            assert!(Arena::map_new(&CString::new("huge").unwrap(), HUGE_PAGE, true).is_err());
+            assert!(memfd_mapped(c"huge", HUGE_PAGE, true).is_err());
         }
         if a.uses_hugepages() {
-            assert_eq!(a.map.len() % HUGE_PAGE, 0);
+            assert_eq!(a.map.payload.len() % HUGE_PAGE, 0);
         }
         let normal = Arena::create_with("normal", 4096, 1024, false).unwrap();
         assert!(!normal.uses_hugepages());
         for a in [&a, &normal] {
-            let s = a.alloc().unwrap();
+            let s = a.alloc(REQ).unwrap();
             a.write(s, 4000, &[7; 96]).unwrap();
-            let b = Arena::from_fd(a.fd().try_clone_to_owned().unwrap()).unwrap();
+            let b = view(a);
             assert_eq!(b.uses_hugepages(), a.uses_hugepages());
             let mut buf = [0; 96];
             b.read(s, 4000, &mut buf).unwrap();
