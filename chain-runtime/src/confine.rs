@@ -24,10 +24,10 @@ pub enum Role {
     Worker,
     /// A zygote; its forked children inherit everything and add [`child_filter`].
     Zygote,
-    /// A worker resuming from a remote image. It fetches pages over TCP and creates its own
-    /// userfaultfd, so it keeps the host's namespaces and its uid (creating a userfaultfd that
-    /// also catches kernel-mode faults needs privilege) and gets only the fd, no_new_privs
-    /// and seccomp layers.
+    /// A worker resuming from a remote image. It fetches pages over TCP from the image's
+    /// parent (reconnecting if a connection drops) and serves its own userfaultfd, made
+    /// before confinement: it keeps the host's network and mount namespaces, and gets the
+    /// credentials, fd, no_new_privs and seccomp (`Resumed` profile) layers.
     Resumed,
 }
 
@@ -49,13 +49,14 @@ pub fn confine(
     if !sandbox.enabled {
         return Ok(None);
     }
-    let privileged = nix::unistd::geteuid().is_root() && role != Role::Resumed;
-    if privileged && namespaces.is_none() {
+    let privileged = nix::unistd::geteuid().is_root();
+    let joins = privileged && role != Role::Resumed;
+    if joins && namespaces.is_none() {
         return Err(InstanceError::Sandbox(sandbox::SandboxError::Check(
             "the gateway passed no sandbox namespaces to a process running as root".into(),
         )));
     }
-    let joined = namespaces.as_ref().filter(|_| privileged);
+    let joined = namespaces.as_ref().filter(|_| joins);
     let layers = sandbox::confine(&Confinement {
         namespaces: joined.map(|ns| (ns.net.as_fd(), ns.mount.as_fd())),
         credentials: privileged.then_some(Credentials {

@@ -228,10 +228,23 @@ impl InstanceBuilder {
         module: &[u8],
         image: &RemoteImage,
     ) -> Result<(Instance, ResumedMemory), InstanceError> {
+        self.resume_remote_into(module, image, None)
+    }
+
+    /// [`InstanceBuilder::resume_remote`] with a userfaultfd made earlier (lazy images only;
+    /// `None` makes one when it is needed). A process that drops its privileges before it
+    /// resumes makes the userfaultfd first: one that catches the kernel's faults on guest
+    /// memory too (a `read(2)` into it, say) needs privilege to create, none to use.
+    pub fn resume_remote_into(
+        self,
+        module: &[u8],
+        image: &RemoteImage,
+        userfaultfd: Option<rdma_fork::Uffd>,
+    ) -> Result<(Instance, ResumedMemory), InstanceError> {
         // Checked before compiling too: a foreign image costs no compile.
         self.check_image_module(proto::image::module_hash(module), &image.descriptor)?;
         let compiled = self.compile(module)?;
-        self.resume_remote_compiled(&compiled, image)
+        self.resume(&compiled, image, userfaultfd)
     }
 
     /// [`InstanceBuilder::resume_remote`] with the module compiled already
@@ -241,6 +254,15 @@ impl InstanceBuilder {
         self,
         compiled: &CompiledModule,
         image: &RemoteImage,
+    ) -> Result<(Instance, ResumedMemory), InstanceError> {
+        self.resume(compiled, image, None)
+    }
+
+    fn resume(
+        self,
+        compiled: &CompiledModule,
+        image: &RemoteImage,
+        mut premade_uffd: Option<rdma_fork::Uffd>,
     ) -> Result<(Instance, ResumedMemory), InstanceError> {
         self.check_image_module(*compiled.sha256(), &image.descriptor)?;
         let started = Instant::now();
@@ -302,7 +324,10 @@ impl InstanceBuilder {
                 eager_pages = fetch_all(pages.as_ref(), memory)?;
                 return Ok(());
             }
-            let uffd = rdma_fork::create_uffd()?;
+            let uffd = match premade_uffd.take() {
+                Some(uffd) => uffd,
+                None => rdma_fork::create_uffd()?,
+            };
             // SAFETY: the region is the child's linear memory, freshly mapped and untouched,
             // and stays mapped for the instance's life; the fault server below answers
             // every fault in it.

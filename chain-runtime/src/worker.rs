@@ -110,6 +110,13 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
     let (text, module) = handoff.read_inputs()?;
     let builder =
         InstanceBuilder::from_config_text(&text, &args.config, &args.chain, &args.function)?;
+    // A resumed instance's lazy memory needs a userfaultfd that also catches the kernel's
+    // faults on it, which only a privileged process may create: made before the privileges
+    // go (using it needs none).
+    let userfaultfd = match args.from_image {
+        true => Some(rdma_fork::create_uffd().map_err(|e| WorkerError::Image(e.to_string()))?),
+        false => None,
+    };
     // Before the module is compiled or any guest code runs, and while this is the only
     // thread (joining a mount namespace needs that).
     let role = if args.from_image {
@@ -131,7 +138,7 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
             // from ~3.0 ms (cache hits on demand) to ~1.2 ms; without a cache there is no
             // order log to prefetch from.
             image.prefetch = image.cache.is_some();
-            let (instance, memory) = builder.resume_remote(&module, &image)?;
+            let (instance, memory) = builder.resume_remote_into(&module, &image, userfaultfd)?;
             if let Some(failure) = memory.failure() {
                 // Pages touched while resuming (spindle_on_fork) never arrived: not ready.
                 return Err(WorkerError::Image(format!(

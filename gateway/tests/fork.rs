@@ -502,6 +502,25 @@ fn a_dead_parent_fails_the_child_cleanly() {
     assert!(err.contains("connecting to the parent"), "{err}");
 }
 
+/// The pids of the workers started `--from-image` whose parent is `gateway` (or its child,
+/// when `ip netns exec` execs it in place that is the same process).
+fn resumed_workers(gateway: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat[stat.rfind(')').map_or(0, |i| i + 2)..]
+                .split(' ')
+                .nth(1)
+                .and_then(|p| p.parse::<i32>().ok());
+            ppid == Some(gateway) && cmdline.split(|b| *b == 0).any(|a| a == b"--from-image")
+        })
+        .collect()
+}
+
 #[test]
 fn a_gateway_serves_a_chain_with_an_instance_resumed_from_another_node() {
     let Some(nodes) = Nodes::create("a_gateway_serves_a_chain_with_a_resumed_instance") else {
@@ -519,6 +538,19 @@ fn a_gateway_serves_a_chain_with_an_instance_resumed_from_another_node() {
     }
     // The other function of the config was built cold, next to the resumed one.
     assert_eq!(gw.curl(&["/up", "ab"]), (200, "AB".to_owned()));
+    // The resumed worker runs confined (docs/security.md): forkrand is function 0, so uid
+    // 200000, with seccomp, though in the node's namespaces (it fetches pages over TCP).
+    let resumed = resumed_workers(gw.process.id() as i32);
+    assert_eq!(resumed.len(), 1, "one resumed worker");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", resumed[0])).unwrap();
+    for line in [
+        "Uid:\t200000\t200000\t200000\t200000",
+        "NoNewPrivs:\t1",
+        "Seccomp:\t2",
+        "CapEff:\t0000000000000000",
+    ] {
+        assert!(status.contains(line), "no {line:?} in\n{status}");
+    }
     // No machine here has an RDMA device: pages came over TCP, and the node says why.
     let (_, ready) = gw.curl(&["/readyz"]);
     assert!(ready.contains("fork pages: tcp ("), "{ready}");

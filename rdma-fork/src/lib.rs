@@ -218,6 +218,8 @@ pub use lazy::{
 pub use measure::{resident_pages, smaps_rss_kib};
 pub use remote::RemoteSource;
 pub use source::{MemfdSource, PageBitmap, SourceError};
+/// What [`create_uffd`] returns, for callers that make one ahead of its use.
+pub use userfaultfd::Uffd;
 
 /// The page size everything here works in: the kernel's base page on x86-64 and most arm64
 /// configurations. [`lazy`] checks it against the running system.
