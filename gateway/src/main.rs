@@ -604,6 +604,9 @@ async fn run(
             "making the sandbox namespaces (`sandbox: { enabled: false }` runs workers unconfined)",
         )?,
     };
+    // Namespaces and a uid change come together (both need root); seccomp needs nothing.
+    let confined = cmd.sandbox.is_some();
+    metrics.set_sandbox(confined, confined, config.sandbox.enabled);
     // Up before any worker, so a page server that cannot bind stops the start-up early.
     let node = match &admin {
         None => None,

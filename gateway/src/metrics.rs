@@ -36,6 +36,7 @@ pub struct Metrics {
     arena_slots: IntGaugeVec,
     dataplane: IntGaugeVec,
     fork_transport: IntGaugeVec,
+    sandbox: IntGaugeVec,
     in_flight: IntGaugeVec,
 }
 
@@ -896,9 +897,22 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let sandbox = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "spindle_sandbox_layer",
+                    "Whether workers run with each confinement layer (1) or without (0): \
+                     namespaces, credentials, seccomp (docs/security.md)",
+                ),
+                &["layer"],
+            )
+            .expect("valid metric"),
+        );
         Metrics {
             registry,
             fork_transport,
+            sandbox,
             requests,
             duration,
             alloc_failures,
@@ -935,6 +949,18 @@ impl Metrics {
         self.dataplane
             .with_label_values(&[mode, fallback_reason.unwrap_or("")])
             .set(1);
+    }
+
+    /// Which confinement layers this gateway's workers get (resumed workers keep the host's
+    /// namespaces whatever this says: docs/security.md).
+    pub fn set_sandbox(&self, namespaces: bool, credentials: bool, seccomp: bool) {
+        for (layer, on) in [
+            ("namespaces", namespaces),
+            ("credentials", credentials),
+            ("seccomp", seccomp),
+        ] {
+            self.sandbox.with_label_values(&[layer]).set(i64::from(on));
+        }
     }
 
     pub fn set_fork_transport(&self, transport: &str, fallback_reason: &str) {

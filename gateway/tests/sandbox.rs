@@ -73,6 +73,10 @@ async fn workers_and_zygotes_run_confined_and_still_serve() {
     let mut spindle = Spindle::start("sandbox-confined", CONFIG).await;
     let reply = spindle.post("/c", b"abc").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
+    for layer in ["namespaces", "credentials", "seccomp"] {
+        let series = format!(r#"spindle_sandbox_layer{{layer="{layer}"}}"#);
+        assert_eq!(spindle.metric(&series).await, Some(1.0), "{series}");
+    }
     // upper is function 0 (uid 200000, forked from its zygote), rev function 1 (exec'd).
     let zygotes = spindle.zygote_pids("upper");
     assert_eq!(zygotes.len(), 1);
@@ -98,6 +102,10 @@ async fn with_the_sandbox_off_workers_keep_the_gateways_privileges() {
     let yaml = format!("sandbox: {{ enabled: false }}\n{CONFIG}");
     let mut spindle = Spindle::start("sandbox-off", &yaml).await;
     assert_eq!(spindle.post("/c", b"abc").await.status, 200);
+    for layer in ["namespaces", "credentials", "seccomp"] {
+        let series = format!(r#"spindle_sandbox_layer{{layer="{layer}"}}"#);
+        assert_eq!(spindle.metric(&series).await, Some(0.0), "{series}");
+    }
     for pid in spindle.worker_pids("rev") {
         let status = status_fields(pid);
         assert!(status["Uid"].starts_with("0\t"), "{status:?}");
