@@ -268,15 +268,30 @@ async fn answers(clients: Vec<tokio::task::JoinHandle<HashMap<u16, u64>>>) -> Ha
     codes
 }
 
-/// Waits (10 s at most) for both arenas to be full, all 8 workers up and the gateway's fds
-/// back to `fds_before`.
-async fn settles(
-    spindle: &Spindle,
+/// The gateway's fds when the load began, to compare with after each phase.
+struct FdsBefore {
     http_port: u16,
-    fds_before: usize,
-    kinds_before: &std::collections::BTreeMap<String, usize>,
-    links_before: &std::collections::HashSet<String>,
-) {
+    count: usize,
+    kinds: std::collections::BTreeMap<String, usize>,
+    links: std::collections::HashSet<String>,
+}
+
+impl FdsBefore {
+    fn now(gateway: i32, http_port: u16) -> FdsBefore {
+        FdsBefore {
+            http_port,
+            count: gateway_fds(gateway, http_port),
+            kinds: fd_kinds(gateway),
+            links: gateway_fd_links(gateway, &Default::default())
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
+/// Waits (10 s at most) for both arenas to be full, all 8 workers up and the gateway's fds
+/// back to what they were `before`.
+async fn settles(spindle: &Spindle, before: &FdsBefore) {
     let gateway = spindle.pid();
     let settle = Instant::now();
     loop {
@@ -291,17 +306,18 @@ async fn settles(
             );
         }
         let up: usize = WORKERS.iter().map(|f| spindle.worker_pids(f).len()).sum();
-        let fds = gateway_fds(gateway, http_port);
-        if free == [Some(256.0), Some(256.0)] && up == 8 && fds == fds_before {
+        let fds = gateway_fds(gateway, before.http_port);
+        if free == [Some(256.0), Some(256.0)] && up == 8 && fds == before.count {
             return;
         }
         assert!(
             settle.elapsed() < Duration::from_secs(10),
             "not back to normal: free slots {free:?}, {up} of 8 workers, gateway fds {fds} \
-             (was {fds_before}); by kind (client connections included) {:?}, before \
-             {kinds_before:?}; new since: {:?}",
+             (was {}); by kind (client connections included) {:?}, before {:?}; new since: {:?}",
+            before.count,
             fd_kinds(gateway),
-            new_fds(gateway, links_before)
+            before.kinds,
+            new_fds(gateway, &before.links)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -323,14 +339,10 @@ async fn under_load_nothing_grows_and_only_a_killed_workers_requests_fail() {
     let max = measure(&spindle, 8, Duration::from_secs(2)).await;
     let rate = (max * percent as f64 / 100.0).max(20.0);
     // Everything the first requests opened (pooled connections) is open now.
-    let fds_before = gateway_fds(gateway, http_port);
-    let kinds_before = fd_kinds(gateway);
-    let links_before: std::collections::HashSet<String> =
-        gateway_fd_links(gateway, &Default::default())
-            .into_iter()
-            .collect();
+    let fds_before = FdsBefore::now(gateway, http_port);
     eprintln!(
-        "max {max:.0} req/s; soak, then chaos, each at {rate:.0} req/s for {seconds} s; gateway fds {fds_before}"
+        "max {max:.0} req/s; soak, then chaos, each at {rate:.0} req/s for {seconds} s; gateway fds {}",
+        fds_before.count
     );
     let connections = 16u64;
 
@@ -369,14 +381,7 @@ async fn under_load_nothing_grows_and_only_a_killed_workers_requests_fail() {
         grown.is_empty(),
         "grew more than 5% after warm-up: {grown:?}"
     );
-    settles(
-        &spindle,
-        http_port,
-        fds_before,
-        &kinds_before,
-        &links_before,
-    )
-    .await;
+    settles(&spindle, &fds_before).await;
 
     // Chaos: the same load while workers are killed.
     let stop = Arc::new(AtomicBool::new(false));
@@ -426,14 +431,7 @@ async fn under_load_nothing_grows_and_only_a_killed_workers_requests_fail() {
     assert!(ok > 10 * (failed_502 + failed_504), "{codes:?}");
 
     // Afterwards: every instance back, both arenas full, the gateway's fds as before.
-    settles(
-        &spindle,
-        http_port,
-        fds_before,
-        &kinds_before,
-        &links_before,
-    )
-    .await;
+    settles(&spindle, &fds_before).await;
     let (mut restarts, mut overdue) = (0.0, 0.0);
     for f in WORKERS {
         let chain = if ["uppercase", "reverse", "frame"].contains(&f) {
