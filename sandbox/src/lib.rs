@@ -18,9 +18,9 @@
 //! 4. **`no_new_privs`** and a **seccomp** allowlist ([`Profile`]): no exec can gain
 //!    privileges, and a system call outside the list kills the process (SIGSYS).
 //!
-//! Creating namespaces and joining them need root (CAP_SYS_ADMIN); a gateway that is not
-//! root cannot give the first three layers and says so ([`Layers`]); the fourth needs no
-//! privilege and is always applied.
+//! Creating and joining namespaces and changing uid need root (CAP_SYS_ADMIN, CAP_SETUID);
+//! a gateway that is not root cannot give layers 1 and 3 and says so ([`Layers`]); layers 2
+//! and 4 need no privilege and always apply.
 //!
 //! This crate knows nothing of Spindle's config or hand-off: callers say which uid, which
 //! fds and which profile.
@@ -33,10 +33,10 @@ mod seccomp;
 mod test_child;
 
 pub use creds::Credentials;
-pub use fds::close_all_except;
+use fds::close_all_except;
 pub use namespaces::{SharedNamespaces, join};
 pub use seccomp::{
-    LOG_ENV as SECCOMP_LOG_ENV, Profile, filters, forbid_forking, install as restrict_syscalls,
+    LOG_ENV as SECCOMP_LOG_ENV, Profile, forbid_forking, install as restrict_syscalls,
 };
 
 use std::os::fd::{BorrowedFd, RawFd};

@@ -234,7 +234,7 @@ fn rules_for(profile: Profile) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Sandbo
 /// ENOSYS (its flags sit behind a pointer no filter can read, so glibc is made to fall back
 /// to `clone`, whose flags the allowlist checks), then the allowlist — last, because a
 /// worker's does not allow installing filters.
-pub fn filters(profile: Profile) -> Result<[BpfProgram; 2], SandboxError> {
+fn filters(profile: Profile) -> Result<[BpfProgram; 2], SandboxError> {
     let mismatch = if std::env::var(LOG_ENV).as_deref() == Ok("1") {
         SeccompAction::Log
     } else {
