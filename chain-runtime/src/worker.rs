@@ -552,24 +552,12 @@ impl Worker {
     }
 
     fn check(&self, d: &Descriptor) -> Result<SlotRef, String> {
-        if d.next_fn != self.instance.stage().fn_id {
-            return Err(format!(
-                "addressed to function {}, this is {}",
-                d.next_fn,
-                self.instance.stage().fn_id
-            ));
-        }
-        if d.chain != self.instance.chain().id {
-            return Err(format!(
-                "names chain {}, this worker serves chain {}",
-                d.chain,
-                self.instance.chain().id
-            ));
-        }
-        if d.status != Status::Ok as u8 {
-            return Err(format!("carries status {}", d.status));
-        }
-        self.arena.check(d).map_err(|e| e.to_string())
+        check_descriptor(
+            &self.arena,
+            self.instance.stage().fn_id,
+            self.instance.chain().id,
+            d,
+        )
     }
 
     /// Writes "function NAME: message" into the slot and sends the descriptor to the gateway.
@@ -581,6 +569,34 @@ impl Worker {
         d.status = status as u8;
         d.next_fn = GATEWAY_FN;
     }
+}
+
+/// Whether a worker serving function `fn_id` of chain `chain` accepts descriptor `d`: it must
+/// be addressed to that function of that chain, carry status Ok, and name a slot `arena`
+/// holds at its generation (`shm::Arena::check`). The reason when not, for the log. Public
+/// for the fuzz target that checks it against a model (fuzz/src/descriptor_worker.rs).
+pub fn check_descriptor(
+    arena: &Arena,
+    fn_id: u32,
+    chain: u16,
+    d: &Descriptor,
+) -> Result<SlotRef, String> {
+    if d.next_fn != fn_id {
+        return Err(format!(
+            "addressed to function {}, this is {fn_id}",
+            d.next_fn
+        ));
+    }
+    if d.chain != chain {
+        return Err(format!(
+            "names chain {}, this worker serves chain {chain}",
+            d.chain
+        ));
+    }
+    if d.status != Status::Ok as u8 {
+        return Err(format!("carries status {}", d.status));
+    }
+    arena.check(d).map_err(|e| e.to_string())
 }
 
 /// Runs a socket write, retrying the errors a kernel redirect can hit after its verdict: the
