@@ -3,6 +3,8 @@
 //! input sends descriptors from the wrong instance, with fields changed, or made of raw
 //! bytes, and takes instances down. Checked after every step:
 //! - a descriptor from an instance that does not hold its request neither moves nor ends it;
+//! - a genuine reply from the holder is never refused as unknown, from the wrong holder,
+//!   for a slot mismatch or as malformed;
 //! - whatever the router sends an instance names the slot and generation its request was
 //!   started with;
 //! - no slot is lost or released twice: free slots plus requests in flight is the arena's
@@ -16,7 +18,7 @@ use std::task::{Context, Poll, Waker};
 use arbitrary::{Arbitrary, Unstructured};
 use chain_runtime::config::Config;
 use chain_runtime::plan::Plan;
-use gateway::dataplane::{ChainRuntime, Completion, Holder, SlotGuard};
+use gateway::dataplane::{ChainRuntime, Completion, Holder, Refusal, SlotGuard};
 use gateway::queue::InstanceQueue;
 use proto::{Descriptor, GATEWAY_FN, Status};
 use shm::{Arena, SlotRef};
@@ -151,6 +153,14 @@ impl Model {
         assert!(self.held.len() <= in_flight);
     }
 
+    /// Refusals a genuine reply must never get (a route error may: the guest chose badly).
+    fn refusals(&self) -> u64 {
+        [Refusal::UnknownRequest, Refusal::WrongHolder, Refusal::SlotMismatch, Refusal::Malformed]
+            .into_iter()
+            .map(|r| self.chain.counters.refused(r))
+            .sum()
+    }
+
     fn send(&mut self, from: Holder, d: Descriptor) {
         let before = self.held.get(&d.request_id).copied();
         let in_flight = self.chain.in_flight();
@@ -222,7 +232,13 @@ pub fn run(data: &[u8]) {
                 };
                 let mut from = holder;
                 match edit {
-                    Edit::Genuine => {}
+                    Edit::Genuine => {
+                        let refused = m.refusals();
+                        m.send(from, d);
+                        assert_eq!(m.refusals(), refused, "a genuine reply was refused: {d:?}");
+                        m.check();
+                        continue;
+                    }
                     Edit::WrongSender { stage, instance, stale } => {
                         from = m.holder(stage as usize % stages, instance as usize % INSTANCES);
                         if stale {
