@@ -6,10 +6,10 @@
 #[path = "../../chain-runtime/src/config/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod config;
+#[path = "../src/config_bytes.rs"]
+mod config_bytes;
 #[path = "../../chain-runtime/src/plan.rs"]
 #[allow(dead_code)]
 mod plan;
-#[path = "../src/config_bytes.rs"]
-mod config_bytes;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| config_bytes::run(data));

@@ -6,13 +6,13 @@
 #[path = "../../chain-runtime/src/config/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod config;
-#[path = "../../chain-runtime/src/plan.rs"]
-#[allow(dead_code)]
-mod plan;
 #[path = "../src/config_bytes.rs"]
 #[allow(dead_code)]
 mod config_bytes;
 #[path = "../src/config_yaml.rs"]
 mod config_yaml;
+#[path = "../../chain-runtime/src/plan.rs"]
+#[allow(dead_code)]
+mod plan;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| config_yaml::run(data));

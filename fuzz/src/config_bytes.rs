@@ -57,7 +57,10 @@ pub fn check(text: &str) -> bool {
                 assert!(chain.spec.route.starts_with('/'), "{:?}", chain.spec.route);
                 assert!(!chain.stages.is_empty());
                 assert_eq!(usize::from(chain.id), i);
-                assert_eq!(plan.chain(chain.id).map(|c| &c.spec.name), Some(&chain.spec.name));
+                assert_eq!(
+                    plan.chain(chain.id).map(|c| &c.spec.name),
+                    Some(&chain.spec.name)
+                );
                 assert_ne!(chain.first_fn(), proto::GATEWAY_FN);
                 for stage in &chain.stages {
                     assert!(ids.insert(stage.fn_id), "fn id {} given twice", stage.fn_id);
@@ -69,7 +72,8 @@ pub fn check(text: &str) -> bool {
                 } else {
                     // The static route visits every stage once, then ends at the gateway.
                     let (mut at, mut visited) = (chain.first_fn(), 1);
-                    while let Some(next) = chain.static_next(at).filter(|&n| n != proto::GATEWAY_FN) {
+                    while let Some(next) = chain.static_next(at).filter(|&n| n != proto::GATEWAY_FN)
+                    {
                         at = next;
                         visited += 1;
                         assert!(visited <= chain.stages.len(), "the static route loops");
@@ -78,7 +82,11 @@ pub fn check(text: &str) -> bool {
                     assert_eq!(usize::from(chain.max_hops()), chain.stages.len().min(255));
                 }
             }
-            assert_eq!(Config::parse(text, source).as_ref().ok(), Some(&config), "parsed differently twice");
+            assert_eq!(
+                Config::parse(text, source).as_ref().ok(),
+                Some(&config),
+                "parsed differently twice"
+            );
             true
         }
         Err(ConfigErrors(errors)) => {
@@ -87,12 +95,22 @@ pub fn check(text: &str) -> bool {
             for e in &errors {
                 assert_eq!(e.file, source);
                 assert!(e.line >= 1 && e.col >= 1, "{e}");
-                assert!(e.line <= lines + 1, "{e}: line past the text's {lines} lines");
+                assert!(
+                    e.line <= lines + 1,
+                    "{e}: line past the text's {lines} lines"
+                );
                 let shown = e.to_string();
                 let prefix = format!("{}:{}:{}: ", source.display(), e.line, e.col);
-                assert!(shown.starts_with(&prefix) && shown.len() > prefix.len(), "{shown}");
+                assert!(
+                    shown.starts_with(&prefix) && shown.len() > prefix.len(),
+                    "{shown}"
+                );
             }
-            assert!(errors.windows(2).all(|w| (w[0].line, w[0].col) <= (w[1].line, w[1].col)));
+            assert!(
+                errors
+                    .windows(2)
+                    .all(|w| (w[0].line, w[0].col) <= (w[1].line, w[1].col))
+            );
             false
         }
     }

@@ -6,35 +6,142 @@
 
 use arbitrary::{Result, Unstructured};
 
-const TOP: &[&str] = &["listen", "dataplane", "functions", "chains", "node", "peers", "http"];
+const TOP: &[&str] = &[
+    "listen",
+    "dataplane",
+    "functions",
+    "chains",
+    "node",
+    "peers",
+    "http",
+];
 const FUNCTION: &[&str] = &[
-    "name", "module", "instances", "wait_queue", "memory", "timeout_ms", "fuel", "mode", "env",
-    "start", "isolation",
+    "name",
+    "module",
+    "instances",
+    "wait_queue",
+    "memory",
+    "timeout_ms",
+    "fuel",
+    "mode",
+    "env",
+    "start",
+    "isolation",
 ];
 const INSTANCES: &[&str] = &[
-    "min", "max", "target", "stable_window_ms", "panic_window_ms", "scale_down_delay_ms",
-    "utilization_percent", "concurrency",
+    "min",
+    "max",
+    "target",
+    "stable_window_ms",
+    "panic_window_ms",
+    "scale_down_delay_ms",
+    "utilization_percent",
+    "concurrency",
 ];
 const CHAIN: &[&str] = &[
-    "name", "route", "steps", "entry", "functions", "max_hops", "timeout_ms", "content_type",
+    "name",
+    "route",
+    "steps",
+    "entry",
+    "functions",
+    "max_hops",
+    "timeout_ms",
+    "content_type",
     "arena",
 ];
 const ARENA: &[&str] = &["slot_size", "slots"];
-const NODE: &[&str] = &["name", "cpu_budget", "memory_budget", "peer_listen", "cluster_key"];
+const NODE: &[&str] = &[
+    "name",
+    "cpu_budget",
+    "memory_budget",
+    "peer_listen",
+    "cluster_key",
+];
 const PEER: &[&str] = &["name", "http", "control"];
 const HTTP: &[&str] = &["max_connections", "idle_timeout_ms"];
 
 const NAMES: &[&str] = &["a", "b", "c", "hello", "x-1", "A", "a b", "", "f_2"];
 const SCALARS: &[&str] = &[
-    "0", "1", "-1", "2", "16", "32", "33", "64", "255", "256", "1000", "1_000", "4096", "65536",
-    "65537", "1000000", "86400000", "86400001", "2147483648", "4294967296",
-    "9223372036854775807", "9223372036854775808", "-9223372036854775808", "1e3", "0x10", "0o7",
-    "1.5", "_1", "1__0", "64KiB", "64 KiB", "1MiB", "64MiB", "65MiB", "4GiB", "5GiB", "3B",
-    "1.5MiB", "64kib", "0KiB", "none", "None", "auto", "sockmap", "userspace", "reactor",
-    "command", "fork", "exec", "reuse", "fresh_per_request", "true", "false", "null", "~",
-    "127.0.0.1:8080", "[::1]:0", "localhost:80", "0.0.0.0:99999", "80%", "0.5", "101%", "-5%",
-    "/", "/a", "/b", "/healthz", "/metrics", "a/b", "text/plain", "/abs/m.wasm", "missing.wasm",
-    "a.wasm", "b.wasm", "c.wasm", "key", "\u{e9}t\u{e9}", "!!str 5", "&anchor 1", "*anchor",
+    "0",
+    "1",
+    "-1",
+    "2",
+    "16",
+    "32",
+    "33",
+    "64",
+    "255",
+    "256",
+    "1000",
+    "1_000",
+    "4096",
+    "65536",
+    "65537",
+    "1000000",
+    "86400000",
+    "86400001",
+    "2147483648",
+    "4294967296",
+    "9223372036854775807",
+    "9223372036854775808",
+    "-9223372036854775808",
+    "1e3",
+    "0x10",
+    "0o7",
+    "1.5",
+    "_1",
+    "1__0",
+    "64KiB",
+    "64 KiB",
+    "1MiB",
+    "64MiB",
+    "65MiB",
+    "4GiB",
+    "5GiB",
+    "3B",
+    "1.5MiB",
+    "64kib",
+    "0KiB",
+    "none",
+    "None",
+    "auto",
+    "sockmap",
+    "userspace",
+    "reactor",
+    "command",
+    "fork",
+    "exec",
+    "reuse",
+    "fresh_per_request",
+    "true",
+    "false",
+    "null",
+    "~",
+    "127.0.0.1:8080",
+    "[::1]:0",
+    "localhost:80",
+    "0.0.0.0:99999",
+    "80%",
+    "0.5",
+    "101%",
+    "-5%",
+    "/",
+    "/a",
+    "/b",
+    "/healthz",
+    "/metrics",
+    "a/b",
+    "text/plain",
+    "/abs/m.wasm",
+    "missing.wasm",
+    "a.wasm",
+    "b.wasm",
+    "c.wasm",
+    "key",
+    "\u{e9}t\u{e9}",
+    "!!str 5",
+    "&anchor 1",
+    "*anchor",
 ];
 
 /// A YAML node to write.
@@ -48,7 +155,9 @@ fn pick(u: &mut Unstructured<'_>, pool: &[&str]) -> Result<String> {
     Ok(if u.ratio(1, 16)? {
         // Now and then something no pool holds.
         let n = u.int_in_range(0..=6)?;
-        (0..n).map(|_| Ok(char::from(u.int_in_range(b' '..=b'~')?))).collect::<Result<String>>()?
+        (0..n)
+            .map(|_| Ok(char::from(u.int_in_range(b' '..=b'~')?)))
+            .collect::<Result<String>>()?
     } else {
         u.choose(pool)?.to_string()
     })
@@ -70,7 +179,10 @@ fn random(u: &mut Unstructured<'_>, depth: u32) -> Result<Node> {
     })
 }
 
-fn list<T>(u: &mut Unstructured<'_>, mut item: impl FnMut(&mut Unstructured<'_>) -> Result<T>) -> Result<Vec<T>> {
+fn list<T>(
+    u: &mut Unstructured<'_>,
+    mut item: impl FnMut(&mut Unstructured<'_>) -> Result<T>,
+) -> Result<Vec<T>> {
     let n = u.int_in_range(0..=4)?;
     (0..n).map(|_| item(u)).collect()
 }
@@ -81,7 +193,11 @@ fn map(u: &mut Unstructured<'_>, section: &str, keys: &[&str]) -> Result<Node> {
     let n = u.int_in_range(0..=keys.len() + 1)?;
     let mut entries = Vec::with_capacity(n);
     for _ in 0..n {
-        let key = if u.ratio(1, 20)? { pick(u, SCALARS)? } else { u.choose(keys)?.to_string() };
+        let key = if u.ratio(1, 20)? {
+            pick(u, SCALARS)?
+        } else {
+            u.choose(keys)?.to_string()
+        };
         let value = value(u, section, &key)?;
         entries.push((key, value));
     }
@@ -99,7 +215,9 @@ fn value(u: &mut Unstructured<'_>, section: &str, key: &str) -> Result<Node> {
         ("top", "peers") => Node::Seq(list(u, |u| map(u, "peer", PEER))?),
         ("top", "http") => map(u, "http", HTTP)?,
         ("function", "instances") if u.arbitrary()? => map(u, "instances", INSTANCES)?,
-        ("function", "env") => Node::Map(list(u, |u| Ok((pick(u, &["A", "B", "PATH", "1"])?, scalar(u, SCALARS)?)))?),
+        ("function", "env") => Node::Map(list(u, |u| {
+            Ok((pick(u, &["A", "B", "PATH", "1"])?, scalar(u, SCALARS)?))
+        })?),
         ("chain", "steps" | "functions") => Node::Seq(list(u, |u| scalar(u, NAMES))?),
         ("chain", "arena") => map(u, "arena", ARENA)?,
         (_, "name" | "entry") => scalar(u, NAMES)?,

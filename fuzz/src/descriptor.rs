@@ -21,11 +21,19 @@ enum Op {
     /// Releases a slot released before, which the arena must refuse.
     ReleaseStale(u8),
     /// A descriptor built from a live slot, then changed.
-    Check { live: u8, edit: Edit, addressed: bool },
+    Check {
+        live: u8,
+        edit: Edit,
+        addressed: bool,
+    },
     /// A descriptor from 32 raw bytes.
     Raw([u8; Descriptor::SIZE]),
     /// A write then read of a slot at an offset: in bounds exactly when the model says so.
-    Access { live: u8, offset: u16, len: u16 },
+    Access {
+        live: u8,
+        offset: u16,
+        len: u16,
+    },
 }
 
 /// How a genuine descriptor is changed before it is checked.
@@ -57,18 +65,22 @@ pub fn run_with(
 ) {
     let mut u = Unstructured::new(data);
     // A fresh arena per input: generations then depend on this input alone.
-    let arena = Arena::create("spindle-fuzz-descriptor", SLOT_SIZE, SLOTS).expect("creating an arena");
+    let arena =
+        Arena::create("spindle-fuzz-descriptor", SLOT_SIZE, SLOTS).expect("creating an arena");
     let mut live: Vec<SlotRef> = Vec::new();
     let mut released: Vec<SlotRef> = Vec::new();
     let (fn_id, chain) = addressing.as_ref().map_or((0, 0), |a| (a.fn_id, a.chain));
     let expect_ok = |d: &Descriptor, live: &[SlotRef]| {
-        let addressed = addressing
-            .as_ref()
-            .is_none_or(|a| d.next_fn == a.fn_id && d.chain == a.chain && d.status == Status::Ok as u8);
+        let addressed = addressing.as_ref().is_none_or(|a| {
+            d.next_fn == a.fn_id && d.chain == a.chain && d.status == Status::Ok as u8
+        });
         addressed
             && d.reserved == 0
             && d.len <= SLOT_SIZE
-            && live.contains(&SlotRef { index: d.slot, generation: d.generation })
+            && live.contains(&SlotRef {
+                index: d.slot,
+                generation: d.generation,
+            })
     };
     let checked = |d: &Descriptor, live: &[SlotRef]| {
         // The wire form is exactly 32 bytes and round-trips.
@@ -79,7 +91,13 @@ pub fn run_with(
         match &got {
             Ok(slot) => {
                 assert!(want, "accepted {d:?}; live slots {live:?}");
-                assert_eq!(*slot, SlotRef { index: d.slot, generation: d.generation });
+                assert_eq!(
+                    *slot,
+                    SlotRef {
+                        index: d.slot,
+                        generation: d.generation
+                    }
+                );
             }
             Err(why) => {
                 assert!(!want, "refused {d:?} ({why}); live slots {live:?}");
@@ -110,12 +128,20 @@ pub fn run_with(
                 arena.release(slot).expect_err("releasing a slot twice");
             }
             Op::ReleaseStale(_) => {}
-            Op::Check { live: i, edit, addressed } => {
+            Op::Check {
+                live: i,
+                edit,
+                addressed,
+            } => {
                 let Some(&slot) = live.get(i as usize % live.len().max(1)) else {
                     continue;
                 };
                 let mut d = Descriptor {
-                    next_fn: if addressed { fn_id } else { fn_id.wrapping_add(1) },
+                    next_fn: if addressed {
+                        fn_id
+                    } else {
+                        fn_id.wrapping_add(1)
+                    },
                     chain,
                     hop: 0,
                     status: Status::Ok as u8,
@@ -138,7 +164,11 @@ pub fn run_with(
                 checked(&d, &live);
             }
             Op::Raw(bytes) => checked(&Descriptor::from_bytes(&bytes), &live),
-            Op::Access { live: i, offset, len } => {
+            Op::Access {
+                live: i,
+                offset,
+                len,
+            } => {
                 let Some(&slot) = live.get(i as usize % live.len().max(1)) else {
                     continue;
                 };
@@ -159,5 +189,7 @@ pub fn run_with(
 
 /// `shm::Arena::check` alone.
 pub fn arena(data: &[u8]) {
-    run_with(data, None, |arena, d| arena.check(d).map_err(|e| e.to_string()));
+    run_with(data, None, |arena, d| {
+        arena.check(d).map_err(|e| e.to_string())
+    });
 }

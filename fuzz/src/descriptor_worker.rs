@@ -8,7 +8,12 @@ const FN_ID: u32 = 3;
 const CHAIN: u16 = 2;
 
 pub fn run(data: &[u8]) {
-    run_with(data, Some(Addressing { fn_id: FN_ID, chain: CHAIN }), |arena, d| {
-        chain_runtime::worker::check_descriptor(arena, FN_ID, CHAIN, d)
-    });
+    run_with(
+        data,
+        Some(Addressing {
+            fn_id: FN_ID,
+            chain: CHAIN,
+        }),
+        |arena, d| chain_runtime::worker::check_descriptor(arena, FN_ID, CHAIN, d),
+    );
 }

@@ -8,7 +8,8 @@ use proto::{ImageDescriptor, ImageMeta};
 pub fn run(data: &[u8]) {
     if let Ok(d) = ImageDescriptor::decode(data) {
         d.validate().expect("a decoded descriptor is valid");
-        let again = ImageDescriptor::decode(&d.encode()).expect("re-decoding an encoded descriptor");
+        let again =
+            ImageDescriptor::decode(&d.encode()).expect("re-decoding an encoded descriptor");
         assert!(again == d, "binary form does not round-trip");
         let text = d.to_string();
         let parsed: ImageDescriptor = text.parse().expect("parsing a descriptor's own text");
@@ -19,7 +20,10 @@ pub fn run(data: &[u8]) {
         && let Ok(d) = text.parse::<ImageDescriptor>()
     {
         d.validate().expect("a parsed descriptor is valid");
-        let parsed: ImageDescriptor = d.to_string().parse().expect("parsing a descriptor's own text");
+        let parsed: ImageDescriptor = d
+            .to_string()
+            .parse()
+            .expect("parsing a descriptor's own text");
         assert!(parsed == d, "text form does not round-trip");
     }
     if let Ok(meta) = ImageMeta::decode(data) {

@@ -16,17 +16,24 @@ pub fn run(data: &[u8]) {
         assert!(bytes.len() <= MAX_PACKET);
         assert_eq!(Reply::from_bytes(&bytes).as_ref(), Ok(&reply));
     }
-    if let Some((header, payload)) = data.split_first_chunk::<HEADER_LEN>() {
-        if let Ok(h) = Header::decode(header) {
-            let payload = &payload[..payload.len().min(h.payload_len)];
-            if let Ok(message) = ControlMessage::decode(h, payload) {
-                let frame = message.encode();
-                let again = Header::decode(frame[..HEADER_LEN].try_into().unwrap())
-                    .and_then(|h2| ControlMessage::decode(h2, &frame[HEADER_LEN..]));
-                assert_eq!(again.as_ref(), Ok(&message));
-                assert_eq!(h.carries_fd(), matches!(message, ControlMessage::Prepared { .. }));
-                assert_eq!(&frame[..], &data[..frame.len()], "a decoded frame re-encodes as it came");
-            }
+    if let Some((header, payload)) = data.split_first_chunk::<HEADER_LEN>()
+        && let Ok(h) = Header::decode(header)
+    {
+        let payload = &payload[..payload.len().min(h.payload_len)];
+        if let Ok(message) = ControlMessage::decode(h, payload) {
+            let frame = message.encode();
+            let again = Header::decode(frame[..HEADER_LEN].try_into().unwrap())
+                .and_then(|h2| ControlMessage::decode(h2, &frame[HEADER_LEN..]));
+            assert_eq!(again.as_ref(), Ok(&message));
+            assert_eq!(
+                h.carries_fd(),
+                matches!(message, ControlMessage::Prepared { .. })
+            );
+            assert_eq!(
+                &frame[..],
+                &data[..frame.len()],
+                "a decoded frame re-encodes as it came"
+            );
         }
     }
 }

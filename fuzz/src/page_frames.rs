@@ -16,8 +16,17 @@ fn round_trip(frame: &Frame, bytes: &[u8]) {
     let mut written = Vec::new();
     write_frame(&mut written, frame).expect("writing a checked frame");
     assert_eq!(written, out);
-    if let Frame::Pages { first_page, count, zero_map, data } = frame {
-        let pages: Vec<_> = frame.page_iter().expect("pages of a checked frame").collect();
+    if let Frame::Pages {
+        first_page,
+        count,
+        zero_map,
+        data,
+    } = frame
+    {
+        let pages: Vec<_> = frame
+            .page_iter()
+            .expect("pages of a checked frame")
+            .collect();
         assert_eq!(pages.len(), *count as usize);
         let mut nonzero = 0;
         for (i, (page, contents)) in pages.iter().enumerate() {

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use proto::ImageDescriptor;
-use proto::pages::{Frame, MAX_READ_PAGES, PAGE_SIZE, PROTOCOL_VERSION, RefuseReason, proof, read_frame};
+use proto::pages::{
+    Frame, MAX_READ_PAGES, PAGE_SIZE, PROTOCOL_VERSION, RefuseReason, proof, read_frame,
+};
 use rdma_fork::client::PageClient;
 use rdma_fork::registry::{ImageRegistry, PublishedImage};
 use rdma_fork::server::{PageServer, RunningServer, ServerConfig};
@@ -53,11 +55,14 @@ fn start_parent() -> Parent {
     let mut memory = vec![0u8; PAGES * PAGE];
     for (i, page) in memory.chunks_mut(PAGE).enumerate() {
         if i % 3 != 0 {
-            page.iter_mut().enumerate().for_each(|(j, b)| *b = (i as u8).wrapping_mul(37) ^ j as u8 | 1);
+            page.iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = (i as u8).wrapping_mul(37) ^ j as u8 | 1);
         }
     }
     let registry = Arc::new(ImageRegistry::new());
-    let mut image = PublishedImage::from_memory("fuzz", &memory, Duration::from_secs(24 * 3600)).expect("an image");
+    let mut image = PublishedImage::from_memory("fuzz", &memory, Duration::from_secs(24 * 3600))
+        .expect("an image");
     // Opaque to the server: whatever it holds is what `Meta` must carry.
     image.meta = META.to_vec();
     let handle = registry.publish(image).expect("publishing");
@@ -67,9 +72,20 @@ fn start_parent() -> Parent {
         write_timeout: Duration::from_secs(2),
         ..ServerConfig::default()
     };
-    let server = PageServer::bind_with("127.0.0.1:0", registry, config).expect("binding").spawn().expect("spawning");
-    let descriptor = server.descriptor(&handle, proto::image::module_hash(b"\0asm\x01\0\0\0"), "fuzz-engine");
-    Parent { _server: server, descriptor, memory }
+    let server = PageServer::bind_with("127.0.0.1:0", registry, config)
+        .expect("binding")
+        .spawn()
+        .expect("spawning");
+    let descriptor = server.descriptor(
+        &handle,
+        proto::image::module_hash(b"\0asm\x01\0\0\0"),
+        "fuzz-engine",
+    );
+    Parent {
+        _server: server,
+        descriptor,
+        memory,
+    }
 }
 
 pub fn run(data: &[u8]) {
@@ -99,12 +115,18 @@ fn drain(s: &mut TcpStream) {
         match s.read(&mut buf) {
             Ok(0) => return,
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
                 panic!("the page server kept a connection open past {STUCK:?}")
             }
             Err(_) => return, // reset: closed too
         }
-        assert!(started.elapsed() < STUCK, "the page server kept talking past {STUCK:?}");
+        assert!(
+            started.elapsed() < STUCK,
+            "the page server kept talking past {STUCK:?}"
+        );
     }
 }
 
@@ -127,9 +149,15 @@ fn genuine_child_reads() {
 
 #[derive(Arbitrary, Debug)]
 enum Request {
-    Read { first_page: u32, count: u32 },
+    Read {
+        first_page: u32,
+        count: u32,
+    },
     /// A read within the image.
-    ReadIn { first_page: u8, count: u8 },
+    ReadIn {
+        first_page: u8,
+        count: u8,
+    },
     Meta,
     /// Any frame bytes; the session may end.
     Raw(Vec<u8>),
@@ -147,11 +175,23 @@ fn handshake() -> TcpStream {
     let p = parent();
     let mut s = connect();
     let client_nonce = [9u8; 16];
-    send(&mut s, &Frame::Hello { version: PROTOCOL_VERSION, handle: p.descriptor.handle, client_nonce });
+    send(
+        &mut s,
+        &Frame::Hello {
+            version: PROTOCOL_VERSION,
+            handle: p.descriptor.handle,
+            client_nonce,
+        },
+    );
     let Frame::Challenge { server_nonce } = read_frame(&mut s).expect("a challenge") else {
         panic!("no challenge");
     };
-    let mac = proof(&p.descriptor.key, p.descriptor.handle, &server_nonce, &client_nonce);
+    let mac = proof(
+        &p.descriptor.key,
+        p.descriptor.handle,
+        &server_nonce,
+        &client_nonce,
+    );
     send(&mut s, &Frame::Proof { mac });
     match read_frame(&mut s).expect("a welcome") {
         Frame::Welcome { memory_bytes, .. } => assert_eq!(memory_bytes, p.memory.len() as u64),
@@ -164,7 +204,9 @@ fn authenticated(data: &[u8]) {
     let mut s = handshake();
     let mut u = Unstructured::new(data);
     while !u.is_empty() {
-        let Ok(request) = Request::arbitrary(&mut u) else { break };
+        let Ok(request) = Request::arbitrary(&mut u) else {
+            break;
+        };
         match request {
             Request::Read { first_page, count } => {
                 if !read(&mut s, first_page, count) {
@@ -203,11 +245,22 @@ fn authenticated(data: &[u8]) {
 fn read(s: &mut TcpStream, first_page: u32, count: u32) -> bool {
     let p = parent();
     send(s, &Frame::Read { first_page, count });
-    let valid = (1..=MAX_READ_PAGES).contains(&count) && u64::from(first_page) + u64::from(count) <= PAGES as u64;
+    let valid = (1..=MAX_READ_PAGES).contains(&count)
+        && u64::from(first_page) + u64::from(count) <= PAGES as u64;
     match read_frame(s) {
         Ok(frame @ Frame::Pages { .. }) => {
-            assert!(valid, "pages {first_page}+{count} served from an image of {PAGES}");
-            let Frame::Pages { first_page: got_first, count: got_count, .. } = &frame else { unreachable!() };
+            assert!(
+                valid,
+                "pages {first_page}+{count} served from an image of {PAGES}"
+            );
+            let Frame::Pages {
+                first_page: got_first,
+                count: got_count,
+                ..
+            } = &frame
+            else {
+                unreachable!()
+            };
             assert_eq!((*got_first, *got_count), (first_page, count));
             for (page, contents) in frame.page_iter().expect("a valid Pages frame") {
                 let want = &p.memory[page as usize * PAGE..(page as usize + 1) * PAGE];
@@ -252,6 +305,9 @@ fn hostile_parent(script: &[u8]) {
         let _ = child.meta();
         let _ = child.close();
     }
-    assert!(started.elapsed() < STUCK, "a child hung on a hostile parent");
+    assert!(
+        started.elapsed() < STUCK,
+        "a child hung on a hostile parent"
+    );
     server.join().expect("the hostile parent thread");
 }

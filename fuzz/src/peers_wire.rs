@@ -23,7 +23,8 @@ fn key() -> &'static ClusterKey {
     static KEY: OnceLock<ClusterKey> = OnceLock::new();
     KEY.get_or_init(|| {
         use std::os::unix::fs::PermissionsExt;
-        let path = std::env::temp_dir().join(format!("spindle-fuzz-cluster-key-{}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("spindle-fuzz-cluster-key-{}", std::process::id()));
         std::fs::write(&path, [7u8; 32]).expect("writing the key file");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
         let key = ClusterKey::load(&path).expect("loading the key file");
@@ -33,7 +34,10 @@ fn key() -> &'static ClusterKey {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
 }
 
 pub fn run(data: &[u8]) {
@@ -68,7 +72,10 @@ async fn unauthenticated(bytes: &[u8], we_serve: bool) {
         }
     };
     let ((), result) = tokio::join!(speak, handshake);
-    assert!(result.is_err(), "a handshake completed against bytes that never saw the key");
+    assert!(
+        result.is_err(),
+        "a handshake completed against bytes that never saw the key"
+    );
 }
 
 /// What happens to one frame between the sender and the receiver.
@@ -107,16 +114,27 @@ struct Side {
 
 async fn read_frame(from: &mut DuplexStream, message_len: usize) -> Vec<u8> {
     let mut frame = vec![0u8; 4 + message_len + TAG];
-    from.read_exact(&mut frame).await.expect("the relay reads a whole frame");
-    assert_eq!(u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize, message_len + TAG);
+    from.read_exact(&mut frame)
+        .await
+        .expect("the relay reads a whole frame");
+    assert_eq!(
+        u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize,
+        message_len + TAG
+    );
     frame
 }
 
 async fn relay_handshake(c: &mut DuplexStream, s: &mut DuplexStream) {
     for (len, to_client) in [(41, true), (73, false), (32, true)] {
         let mut buf = vec![0u8; len];
-        let (from, to) = if to_client { (&mut *s, &mut *c) } else { (&mut *c, &mut *s) };
-        from.read_exact(&mut buf).await.expect("relaying the handshake");
+        let (from, to) = if to_client {
+            (&mut *s, &mut *c)
+        } else {
+            (&mut *c, &mut *s)
+        };
+        from.read_exact(&mut buf)
+            .await
+            .expect("relaying the handshake");
         to.write_all(&buf).await.expect("relaying the handshake");
     }
 }
@@ -129,21 +147,42 @@ async fn session(data: &[u8]) {
         Session::server(s_end, key()),
         relay_handshake(&mut c_relay, &mut s_relay)
     );
-    let mut client = Side { session: client.expect("client handshake"), relay: c_relay, sent: Vec::new() };
-    let mut server = Side { session: server.expect("server handshake"), relay: s_relay, sent: Vec::new() };
+    let mut client = Side {
+        session: client.expect("client handshake"),
+        relay: c_relay,
+        sent: Vec::new(),
+    };
+    let mut server = Side {
+        session: server.expect("server handshake"),
+        relay: s_relay,
+        sent: Vec::new(),
+    };
     let mut u = Unstructured::new(data);
     // Arbitrary gives default values once the input runs out: stop there.
     while !u.is_empty() {
-        let Ok(mut step) = Step::arbitrary(&mut u) else { break };
+        let Ok(mut step) = Step::arbitrary(&mut u) else {
+            break;
+        };
         step.message.truncate(MAX_TEST_MESSAGE);
-        let (from, to) = if step.to_server { (&mut client, &mut server) } else { (&mut server, &mut client) };
-        from.session.send(&step.message).await.expect("sending a message");
+        let (from, to) = if step.to_server {
+            (&mut client, &mut server)
+        } else {
+            (&mut server, &mut client)
+        };
+        from.session
+            .send(&step.message)
+            .await
+            .expect("sending a message");
         let frame = read_frame(&mut from.relay, step.message.len()).await;
         from.sent.push(frame.clone());
         let ends = match step.fate {
             Fate::Deliver => {
                 to.relay.write_all(&frame).await.unwrap();
-                let got = to.session.recv().await.expect("an untouched frame is received");
+                let got = to
+                    .session
+                    .recv()
+                    .await
+                    .expect("an untouched frame is received");
                 assert_eq!(got, step.message);
                 false
             }
@@ -171,7 +210,10 @@ async fn session(data: &[u8]) {
             }
             Fate::Twice => {
                 to.relay.write_all(&frame).await.unwrap();
-                assert_eq!(to.session.recv().await.expect("the first copy"), step.message);
+                assert_eq!(
+                    to.session.recv().await.expect("the first copy"),
+                    step.message
+                );
                 to.relay.write_all(&frame).await.unwrap();
                 true
             }
@@ -181,7 +223,10 @@ async fn session(data: &[u8]) {
                 to.relay.write_all(&old).await.unwrap();
                 if fresh {
                     // Replaying the frame just sent is delivering it.
-                    assert_eq!(to.session.recv().await.expect("the frame itself"), step.message);
+                    assert_eq!(
+                        to.session.recv().await.expect("the frame itself"),
+                        step.message
+                    );
                     false
                 } else {
                     true
@@ -191,12 +236,18 @@ async fn session(data: &[u8]) {
                 // The sender receives its own frame: the direction is in the nonce.
                 let (from_relay, from_session) = (&mut from.relay, &mut from.session);
                 from_relay.write_all(&frame).await.unwrap();
-                assert!(from_session.recv().await.is_err(), "a reflected frame was accepted");
+                assert!(
+                    from_session.recv().await.is_err(),
+                    "a reflected frame was accepted"
+                );
                 return;
             }
         };
         if ends {
-            assert!(to.session.recv().await.is_err(), "an altered or out-of-sequence frame was accepted");
+            assert!(
+                to.session.recv().await.is_err(),
+                "an altered or out-of-sequence frame was accepted"
+            );
             return;
         }
     }

@@ -66,5 +66,8 @@ pub fn replay(manifest_dir: &str, target: &str, run: fn(&[u8])) {
         files.len(),
         failed.join("\n  ")
     );
-    eprintln!("fuzz target {target}: {} corpus inputs replayed", files.len());
+    eprintln!(
+        "fuzz target {target}: {} corpus inputs replayed",
+        files.len()
+    );
 }

@@ -42,7 +42,11 @@ fn dir() -> &'static PathBuf {
 }
 
 fn chain(dynamic: bool) -> ChainRuntime {
-    let routing = if dynamic { "entry: f, functions: [f, g], max_hops: 4" } else { "steps: [f, g]" };
+    let routing = if dynamic {
+        "entry: f, functions: [f, g], max_hops: 4"
+    } else {
+        "steps: [f, g]"
+    };
     let yaml = format!(
         "functions:\n\
          - {{ name: f, module: f.wasm, instances: {INSTANCES}, wait_queue: 2 }}\n\
@@ -58,13 +62,26 @@ fn chain(dynamic: bool) -> ChainRuntime {
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Start { len: u16 },
+    Start {
+        len: u16,
+    },
     /// The holder of a request (chosen modulo those held) answers it, as `edit` says.
-    Reply { request: u8, edit: Edit, next: u8 },
+    Reply {
+        request: u8,
+        edit: Edit,
+        next: u8,
+    },
     /// 32 raw bytes from an instance.
-    Raw { stage: u8, instance: u8, bytes: [u8; Descriptor::SIZE] },
+    Raw {
+        stage: u8,
+        instance: u8,
+        bytes: [u8; Descriptor::SIZE],
+    },
     /// An instance exits: what it held fails, then it restarts (a new incarnation).
-    Restart { stage: u8, instance: u8 },
+    Restart {
+        stage: u8,
+        instance: u8,
+    },
     /// A client stops waiting.
     Abandon(u8),
 }
@@ -73,7 +90,11 @@ enum Op {
 enum Edit {
     Genuine,
     /// Sent by another instance, or an older incarnation of the holder.
-    WrongSender { stage: u8, instance: u8, stale: bool },
+    WrongSender {
+        stage: u8,
+        instance: u8,
+        stale: bool,
+    },
     Slot(u32),
     Generation(u32),
     Chain(u16),
@@ -97,7 +118,11 @@ struct Model {
 
 impl Model {
     fn holder(&self, stage: usize, instance: usize) -> Holder {
-        Holder { stage, instance, incarnation: self.incarnations[stage][instance] }
+        Holder {
+            stage,
+            instance,
+            incarnation: self.incarnations[stage][instance],
+        }
     }
 
     /// Takes what the router queued for each instance: those instances hold those requests.
@@ -109,15 +134,24 @@ impl Model {
                 // Items are queued, so this completes without waiting.
                 while !queue.is_empty() {
                     let mut pop = std::pin::pin!(queue.pop_batch(&mut out, 64));
-                    let Poll::Ready(true) = pop.as_mut().poll(&mut Context::from_waker(Waker::noop())) else {
+                    let Poll::Ready(true) =
+                        pop.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+                    else {
                         panic!("a queue with items did not pop them");
                     };
                 }
                 for bytes in out.chunks_exact(Descriptor::SIZE) {
                     let d = Descriptor::from_bytes(bytes.try_into().unwrap());
-                    let slot = SlotRef { index: d.slot, generation: d.generation };
+                    let slot = SlotRef {
+                        index: d.slot,
+                        generation: d.generation,
+                    };
                     let started = *self.slots.entry(d.request_id).or_insert(slot);
-                    assert_eq!(slot, started, "request {} sent with another slot", d.request_id);
+                    assert_eq!(
+                        slot, started,
+                        "request {} sent with another slot",
+                        d.request_id
+                    );
                     assert_eq!(d.next_fn, self.chain.stages[stage].fn_id);
                     assert_eq!(d.status, Status::Ok as u8);
                     let holder = self.holder(stage, instance);
@@ -134,7 +168,13 @@ impl Model {
     fn poll_completions(&mut self) {
         self.waiting.retain_mut(|rx| match rx.try_recv() {
             Ok(Completion::Returned { desc, slot }) => {
-                assert_eq!(slot.slot(), SlotRef { index: desc.slot, generation: desc.generation });
+                assert_eq!(
+                    slot.slot(),
+                    SlotRef {
+                        index: desc.slot,
+                        generation: desc.generation
+                    }
+                );
                 drop(slot);
                 false
             }
@@ -149,16 +189,25 @@ impl Model {
         self.poll_completions();
         let free = self.chain.arena.free_slots() as usize;
         let in_flight = self.chain.in_flight();
-        assert_eq!(free + in_flight, SLOTS as usize, "a slot was lost or released twice");
+        assert_eq!(
+            free + in_flight,
+            SLOTS as usize,
+            "a slot was lost or released twice"
+        );
         assert!(self.held.len() <= in_flight);
     }
 
     /// Refusals a genuine reply must never get (a route error may: the guest chose badly).
     fn refusals(&self) -> u64 {
-        [Refusal::UnknownRequest, Refusal::WrongHolder, Refusal::SlotMismatch, Refusal::Malformed]
-            .into_iter()
-            .map(|r| self.chain.counters.refused(r))
-            .sum()
+        [
+            Refusal::UnknownRequest,
+            Refusal::WrongHolder,
+            Refusal::SlotMismatch,
+            Refusal::Malformed,
+        ]
+        .into_iter()
+        .map(|r| self.chain.counters.refused(r))
+        .sum()
     }
 
     fn send(&mut self, from: Holder, d: Descriptor) {
@@ -171,7 +220,12 @@ impl Model {
         }
         self.chain.on_descriptor(from, d);
         if impostor {
-            assert_eq!(self.chain.in_flight(), in_flight, "an impostor ended request {}", d.request_id);
+            assert_eq!(
+                self.chain.in_flight(),
+                in_flight,
+                "an impostor ended request {}",
+                d.request_id
+            );
             self.drain();
             assert_eq!(
                 self.held.get(&d.request_id).map(|(h, _)| *h),
@@ -189,7 +243,13 @@ pub fn run(data: &[u8]) {
     let chain = chain(dynamic);
     let stages = chain.stages.len();
     let mut m = Model {
-        queues: (0..stages).map(|_| (0..INSTANCES).map(|_| Arc::new(InstanceQueue::new(QUEUE))).collect()).collect(),
+        queues: (0..stages)
+            .map(|_| {
+                (0..INSTANCES)
+                    .map(|_| Arc::new(InstanceQueue::new(QUEUE)))
+                    .collect()
+            })
+            .collect(),
         incarnations: vec![vec![1; INSTANCES]; stages],
         chain,
         held: HashMap::new(),
@@ -207,13 +267,22 @@ pub fn run(data: &[u8]) {
         let Ok(op) = Op::arbitrary(&mut u) else { break };
         match op {
             Op::Start { len } => {
-                let Ok(slot) = m.chain.arena.alloc() else { continue };
+                let Ok(slot) = m.chain.arena.alloc() else {
+                    continue;
+                };
                 let guard = SlotGuard::new(Arc::clone(&m.chain.arena), slot);
-                if let Ok(rx) = m.chain.start(guard, u32::from(len) % (SLOT_SIZE + 1), deadline) {
+                if let Ok(rx) = m
+                    .chain
+                    .start(guard, u32::from(len) % (SLOT_SIZE + 1), deadline)
+                {
                     m.waiting.push(rx);
                 }
             }
-            Op::Reply { request, edit, next } => {
+            Op::Reply {
+                request,
+                edit,
+                next,
+            } => {
                 let mut ids: Vec<u64> = m.held.keys().copied().collect();
                 if ids.is_empty() {
                     continue;
@@ -225,7 +294,9 @@ pub fn run(data: &[u8]) {
                 d.hop = sent.hop.wrapping_add(1);
                 d.len = d.len.min(SLOT_SIZE);
                 d.next_fn = if dynamic {
-                    let choices: Vec<u32> = std::iter::once(GATEWAY_FN).chain(m.chain.stages.iter().map(|s| s.fn_id)).collect();
+                    let choices: Vec<u32> = std::iter::once(GATEWAY_FN)
+                        .chain(m.chain.stages.iter().map(|s| s.fn_id))
+                        .collect();
                     choices[next as usize % choices.len()]
                 } else {
                     m.chain.plan.static_next(sent.next_fn).unwrap_or(GATEWAY_FN)
@@ -239,7 +310,11 @@ pub fn run(data: &[u8]) {
                         m.check();
                         continue;
                     }
-                    Edit::WrongSender { stage, instance, stale } => {
+                    Edit::WrongSender {
+                        stage,
+                        instance,
+                        stale,
+                    } => {
                         from = m.holder(stage as usize % stages, instance as usize % INSTANCES);
                         if stale {
                             from.incarnation = from.incarnation.wrapping_sub(1);
@@ -256,7 +331,11 @@ pub fn run(data: &[u8]) {
                 }
                 m.send(from, d);
             }
-            Op::Raw { stage, instance, bytes } => {
+            Op::Raw {
+                stage,
+                instance,
+                bytes,
+            } => {
                 let from = m.holder(stage as usize % stages, instance as usize % INSTANCES);
                 m.send(from, Descriptor::from_bytes(&bytes));
             }
@@ -265,11 +344,16 @@ pub fn run(data: &[u8]) {
                 let holder = m.holder(s, i);
                 m.chain.instance_down(s, i);
                 m.drain();
-                m.chain.fail_held_by(holder, hyper::StatusCode::BAD_GATEWAY, "the instance exited");
+                m.chain.fail_held_by(
+                    holder,
+                    hyper::StatusCode::BAD_GATEWAY,
+                    "the instance exited",
+                );
                 m.held.retain(|_, (h, _)| *h != holder);
                 m.incarnations[s][i] += 1;
                 m.queues[s][i] = Arc::new(InstanceQueue::new(QUEUE));
-                m.chain.instance_up(s, i, m.incarnations[s][i], Arc::clone(&m.queues[s][i]));
+                m.chain
+                    .instance_up(s, i, m.incarnations[s][i], Arc::clone(&m.queues[s][i]));
             }
             Op::Abandon(i) => {
                 if !m.waiting.is_empty() {

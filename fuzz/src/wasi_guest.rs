@@ -47,7 +47,11 @@ const WASI: &[(&str, &[ValType], bool)] = &[
     ("proc_exit", &[I32], false),
     ("proc_raise", &[I32], true),
     ("sched_yield", &[], true),
-    ("path_open", &[I32, I32, I32, I32, I32, I64, I64, I32, I32], true),
+    (
+        "path_open",
+        &[I32, I32, I32, I32, I32, I64, I64, I32, I32],
+        true,
+    ),
     ("sock_accept", &[I32, I32, I32], true),
     ("sock_recv", &[I32, I32, I32, I32, I32, I32], true),
     ("sock_send", &[I32, I32, I32, I32, I32], true),
@@ -55,8 +59,11 @@ const WASI: &[(&str, &[ValType], bool)] = &[
 ];
 
 /// `spindle` imports: name, params, returns an i32.
-const SPINDLE: &[(&str, &[ValType], bool)] =
-    &[("output", &[I32, I32], false), ("error", &[I32, I32], false), ("next", &[I32, I32], true)];
+const SPINDLE: &[(&str, &[ValType], bool)] = &[
+    ("output", &[I32, I32], false),
+    ("error", &[I32, I32], false),
+    ("next", &[I32, I32], true),
+];
 
 /// The module wasm-smith may import from.
 fn imports_module() -> Vec<u8> {
@@ -69,7 +76,9 @@ fn imports_module() -> Vec<u8> {
         .enumerate()
     {
         let results: &[ValType] = if *result { &[I32] } else { &[] };
-        types.ty().function(params.iter().copied(), results.iter().copied());
+        types
+            .ty()
+            .function(params.iter().copied(), results.iter().copied());
         imports.import(namespace, name, EntityType::Function(i as u32));
     }
     let mut module = Module::new();
@@ -88,18 +97,30 @@ fn exports_module() -> Vec<u8> {
     for ty in 0..3 {
         funcs.function(ty);
         let mut body = Function::new([]);
-        body.instruction(&Instruction::Unreachable).instruction(&Instruction::End);
+        body.instruction(&Instruction::Unreachable)
+            .instruction(&Instruction::End);
         code.function(&body);
     }
     let mut memories = MemorySection::new();
-    memories.memory(MemoryType { minimum: 1, maximum: None, memory64: false, shared: false, page_size_log2: None });
+    memories.memory(MemoryType {
+        minimum: 1,
+        maximum: None,
+        memory64: false,
+        shared: false,
+        page_size_log2: None,
+    });
     let mut exports = ExportSection::new();
     exports.export("spindle_alloc", ExportKind::Func, 0);
     exports.export("spindle_handle", ExportKind::Func, 1);
     exports.export("_initialize", ExportKind::Func, 2);
     exports.export("memory", ExportKind::Memory, 0);
     let mut module = Module::new();
-    module.section(&types).section(&funcs).section(&memories).section(&exports).section(&code);
+    module
+        .section(&types)
+        .section(&funcs)
+        .section(&memories)
+        .section(&exports)
+        .section(&code);
     module.finish()
 }
 
@@ -156,7 +177,11 @@ pub fn run(data: &[u8]) {
     let fresh = u.arbitrary::<bool>().unwrap_or(false);
     let dynamic = u.arbitrary::<bool>().unwrap_or(false);
     let isolation = if fresh { "fresh_per_request" } else { "reuse" };
-    let routing = if dynamic { "entry: w, functions: [w]" } else { "steps: [w]" };
+    let routing = if dynamic {
+        "entry: w, functions: [w]"
+    } else {
+        "steps: [w]"
+    };
     // Fuel bounds every call (and `_initialize`): a loop ends in a Timeout answer, quickly.
     let yaml = format!(
         "functions:\n  - {{ name: w, module: w.wasm, memory: 2MiB, fuel: 20000, timeout_ms: 2000, \
@@ -164,19 +189,25 @@ pub fn run(data: &[u8]) {
          chains:\n  - {{ name: c, route: /c, {routing} }}\n"
     );
     let path = dir().join("spindle.yaml");
-    let builder = InstanceBuilder::from_config_text(&yaml, &path, "c", "w").expect("the fuzz config");
+    let builder =
+        InstanceBuilder::from_config_text(&yaml, &path, "c", "w").expect("the fuzz config");
     // A module the host refuses to build (ABI, instantiation, a trap in `_initialize`) is
     // answered with an error, which is all that is asked of it here.
     let Ok(mut instance) = builder.cold(&module.to_bytes()) else {
         return;
     };
     for _ in 0..3 {
-        let Ok(call) = Call::arbitrary(&mut u) else { break };
+        let Ok(call) = Call::arbitrary(&mut u) else {
+            break;
+        };
         let capacity = usize::from(call.capacity);
         let mut io = BufferIo::new(capacity, &call.input);
         match instance.host_mut().invoke(&mut io) {
             Outcome::Done { output_len, next } => {
-                assert!(output_len <= capacity, "output of {output_len} bytes past capacity {capacity}");
+                assert!(
+                    output_len <= capacity,
+                    "output of {output_len} bytes past capacity {capacity}"
+                );
                 assert!(io.output.len() <= capacity);
                 if !dynamic {
                     assert_eq!(next, None, "a static chain's guest picked a next hop");
@@ -184,7 +215,10 @@ pub fn run(data: &[u8]) {
             }
             Outcome::Failed { status, message } => {
                 assert_ne!(status, Status::Ok);
-                assert!(!message.is_empty(), "a failure without a message ({status:?})");
+                assert!(
+                    !message.is_empty(),
+                    "a failure without a message ({status:?})"
+                );
             }
         }
         let _ = instance.host_mut().prepare();

@@ -10,5 +10,9 @@ mod descriptor;
 
 #[test]
 fn descriptor_arena_corpus() {
-    replay::replay(env!("CARGO_MANIFEST_DIR"), "descriptor_arena", descriptor::arena);
+    replay::replay(
+        env!("CARGO_MANIFEST_DIR"),
+        "descriptor_arena",
+        descriptor::arena,
+    );
 }
