@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: the example functions natively (ASan/UBSan), the Rust workspace (unit tests
 # and integration tests that start the real spindle binary, userspace dataplane), then the
-# gateway's integration tests again on the eBPF sk_msg dataplane.
+# gateway's integration tests again on the eBPF sk_msg dataplane, then a short live fuzzing pass
+# (docs/fuzzing.md).
 #
 # A test that cannot run on this machine (no root for eBPF, a missing tool) fails when CI=true;
 # elsewhere it is skipped loudly and counted in the summary at the end.
@@ -25,6 +26,11 @@ elif [ "${CI:-}" = true ]; then
 else
   echo "SKIPPED the sockmap pass of the integration tests: needs root (eBPF); ran userspace only" >>"$skip_log"
 fi
+
+# Live fuzzing, cheap part only: the targets that do not link wasmer, fixed seed, ~2.5 minutes
+# with the build (the corpora of every target were replayed by cargo test above).
+echo "== fuzzing the targets that do not link wasmer (docs/fuzzing.md)"
+scripts/fuzz.sh --ci
 
 skipped=$(wc -l <"$skip_log")
 if [ "$skipped" -gt 0 ]; then

@@ -577,36 +577,12 @@ impl Worker {
     }
 
     fn check(&self, d: &Descriptor) -> Result<SlotRef, Refusal> {
-        self.check_route(d).map_err(|reason| Refusal {
-            reason,
-            replayed: false,
-        })?;
-        self.arena.check(d).map_err(|e| Refusal {
-            replayed: matches!(e, ArenaError::RequestMismatch { .. }),
-            reason: e.to_string(),
-        })
-    }
-
-    /// The descriptor is for this function of this chain and carries no failure.
-    fn check_route(&self, d: &Descriptor) -> Result<(), String> {
-        if d.next_fn != self.instance.stage().fn_id {
-            return Err(format!(
-                "addressed to function {}, this is {}",
-                d.next_fn,
-                self.instance.stage().fn_id
-            ));
-        }
-        if d.chain != self.instance.chain().id {
-            return Err(format!(
-                "names chain {}, this worker serves chain {}",
-                d.chain,
-                self.instance.chain().id
-            ));
-        }
-        if d.status != Status::Ok as u8 {
-            return Err(format!("carries status {}", d.status));
-        }
-        Ok(())
+        check_descriptor(
+            &self.arena,
+            self.instance.stage().fn_id,
+            self.instance.chain().id,
+            d,
+        )
     }
 
     /// Writes "function NAME: message" into the slot and sends the descriptor to the gateway.
@@ -618,6 +594,41 @@ impl Worker {
         d.status = status as u8;
         d.next_fn = GATEWAY_FN;
     }
+}
+
+/// Whether a worker serving function `fn_id` of chain `chain` accepts descriptor `d`: it must
+/// be addressed to that function of that chain, carry status Ok, and name a slot the arena
+/// holds at its generation for its request id (`shm::ArenaView::check`). Public for the fuzz
+/// target that checks it against a model (fuzz/src/descriptor_worker.rs).
+pub fn check_descriptor(
+    arena: &ArenaView,
+    fn_id: u32,
+    chain: u16,
+    d: &Descriptor,
+) -> Result<SlotRef, Refusal> {
+    let refused = |reason| Refusal {
+        reason,
+        replayed: false,
+    };
+    if d.next_fn != fn_id {
+        return Err(refused(format!(
+            "addressed to function {}, this is {fn_id}",
+            d.next_fn
+        )));
+    }
+    if d.chain != chain {
+        return Err(refused(format!(
+            "names chain {}, this worker serves chain {chain}",
+            d.chain
+        )));
+    }
+    if d.status != Status::Ok as u8 {
+        return Err(refused(format!("carries status {}", d.status)));
+    }
+    arena.check(d).map_err(|e| Refusal {
+        replayed: matches!(e, ArenaError::RequestMismatch { .. }),
+        reason: e.to_string(),
+    })
 }
 
 /// Runs a socket write, retrying the errors a kernel redirect can hit after its verdict: the
@@ -647,9 +658,10 @@ fn retry_redirect(mut write: impl FnMut() -> std::io::Result<()>) -> std::io::Re
 
 /// Why a descriptor was refused, and whether it named a live slot under another request's id
 /// (a replay, counted apart from other refusals).
-struct Refusal {
-    reason: String,
-    replayed: bool,
+#[derive(Debug)]
+pub struct Refusal {
+    pub reason: String,
+    pub replayed: bool,
 }
 
 /// A slot viewed as the guest's input and output buffer.
