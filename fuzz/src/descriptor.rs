@@ -99,7 +99,11 @@ pub fn run_with(
         assert_eq!(Descriptor::from_bytes(&d.to_bytes()), *d);
         let _ = proto::worker::is_control(d);
         // The gateway's own check of the slot agrees with the model (and so with workers').
-        assert_eq!(arena.check(d).is_ok(), in_arena(d, live), "gateway check of {d:?}");
+        assert_eq!(
+            arena.check(d).is_ok(),
+            in_arena(d, live),
+            "gateway check of {d:?}"
+        );
         let got = check(&view, d);
         let want = expect_ok(d, live);
         match &got {
@@ -205,5 +209,7 @@ pub fn run_with(
 
 /// `shm::ArenaView::check` alone.
 pub fn arena(data: &[u8]) {
-    run_with(data, None, |view, d| view.check(d).map_err(|e| e.to_string()));
+    run_with(data, None, |view, d| {
+        view.check(d).map_err(|e| e.to_string())
+    });
 }

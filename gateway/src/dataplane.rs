@@ -40,7 +40,7 @@ use proto::worker::is_control;
 use proto::{Descriptor, GATEWAY_FN, Status};
 use shm::{Arena, ArenaError, SlotRef};
 use sockmap_bpf::{HolderRecord, KernelDataplane};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
@@ -1223,7 +1223,7 @@ pub async fn read_worker(
 /// go then.
 pub async fn write_worker(
     chain: Arc<ChainRuntime>,
-    mut write: OwnedWriteHalf,
+    write: OwnedWriteHalf,
     queue: Arc<InstanceQueue>,
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH * Descriptor::SIZE);
@@ -1233,15 +1233,72 @@ pub async fn write_worker(
             return;
         }
         chain.room_made();
-        if let Err(e) = write.write_all(&batch).await {
-            // Later sends fail at once instead of filling a queue nobody drains, and the
-            // instance's supervisor restarts it: a worker that is alive but unreachable
-            // (its socket reset) would otherwise keep what it holds, and its slots, forever.
-            tracing::debug!("writing to a worker failed: {e}");
-            queue.writer_failed();
-            return;
+        match write_descriptors(write.as_ref(), &batch, &queue).await {
+            Ok(()) => {}
+            // The instance went down while its socket took nothing: its supervisor fails what
+            // it held. Returning drops this half, so the socket closes.
+            Err(_) if queue.is_closed() => return,
+            Err(e) => {
+                // Later sends fail at once instead of filling a queue nobody drains, and the
+                // instance's supervisor restarts it: a worker that is alive but unreachable
+                // (its socket reset) would otherwise keep what it holds, and its slots,
+                // forever.
+                tracing::debug!("writing to a worker failed: {e}");
+                queue.writer_failed();
+                return;
+            }
         }
     }
+}
+
+/// How many times in a row a write may fail as a redirect target's failure before it counts
+/// as this connection's.
+const REDIRECT_RETRIES: u32 = 200;
+/// How long a write that would block waits for this socket to become writable before it
+/// tries again (see [`write_descriptors`]).
+const BLOCKED_RETRY: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Writes `bytes` whole into a worker connection. On the kernel dataplane the sk_msg program
+/// may redirect them into another instance's socket, and that socket's errors come back
+/// here: EAGAIN while it is full — with no wakeup to follow on this socket, whose own buffer
+/// never filled — and EPIPE or ENOMEM when it is going away. A write that would block
+/// therefore waits for this socket to be writable or [`BLOCKED_RETRY`], whichever is first,
+/// and tries again (timers run only while blocked); EPIPE and ENOMEM are retried with a fresh
+/// verdict, as workers do, up to [`REDIRECT_RETRIES`] times in a row, so a connection that
+/// really failed still fails. Gives up when `queue` is closed: the instance went down.
+async fn write_descriptors(
+    stream: &tokio::net::TcpStream,
+    mut bytes: &[u8],
+    queue: &InstanceQueue,
+) -> std::io::Result<()> {
+    let mut redirect_failures = 0;
+    while !bytes.is_empty() {
+        match stream.try_write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                bytes = &bytes[n..];
+                redirect_failures = 0;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if queue.is_closed() {
+                    return Err(e);
+                }
+                let _ = tokio::time::timeout(BLOCKED_RETRY, stream.writable()).await;
+            }
+            Err(e)
+                if redirect_failures < REDIRECT_RETRIES
+                    && matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ENOMEM)) =>
+            {
+                redirect_failures += 1;
+                if queue.is_closed() {
+                    return Err(e);
+                }
+                tokio::time::sleep(std::time::Duration::from_micros(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

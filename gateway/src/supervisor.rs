@@ -246,6 +246,10 @@ async fn spawn_worker(
 ) -> Result<Running, SpawnError> {
     let stage = &chain.stages[holder.stage];
     let (gateway_end, worker_end) = socket_pair().map_err(SpawnError::Socket)?;
+    tracing::debug!(target: "spindle::sockets", stage = holder.stage, instance = holder.instance,
+        incarnation = holder.incarnation,
+        gateway_end = ?gateway_end.local_addr().ok(), worker_end = ?worker_end.local_addr().ok(),
+        "instance socket pair");
     // Registered before the worker runs: a socket added while its owner is already blocked
     // in read() would not see redirected data. The program sends it nothing until ready.
     let kernel_entry = match &chain.kernel {
