@@ -14,6 +14,7 @@ const TOP: &[&str] = &[
     "node",
     "peers",
     "http",
+    "sandbox",
 ];
 const FUNCTION: &[&str] = &[
     "name",
@@ -59,6 +60,7 @@ const NODE: &[&str] = &[
 ];
 const PEER: &[&str] = &["name", "http", "control"];
 const HTTP: &[&str] = &["max_connections", "idle_timeout_ms"];
+const SANDBOX: &[&str] = &["enabled", "uid_base"];
 
 const NAMES: &[&str] = &["a", "b", "c", "hello", "x-1", "A", "a b", "", "f_2"];
 const SCALARS: &[&str] = &[
@@ -81,6 +83,8 @@ const SCALARS: &[&str] = &[
     "86400000",
     "86400001",
     "2147483648",
+    "4000000000",
+    "4000000001",
     "4294967296",
     "9223372036854775807",
     "9223372036854775808",
@@ -214,6 +218,7 @@ fn value(u: &mut Unstructured<'_>, section: &str, key: &str) -> Result<Node> {
         ("top", "node") => map(u, "node", NODE)?,
         ("top", "peers") => Node::Seq(list(u, |u| map(u, "peer", PEER))?),
         ("top", "http") => map(u, "http", HTTP)?,
+        ("top", "sandbox") => map(u, "sandbox", SANDBOX)?,
         ("function", "instances") if u.arbitrary()? => map(u, "instances", INSTANCES)?,
         ("function", "env") => Node::Map(list(u, |u| {
             Ok((pick(u, &["A", "B", "PATH", "1"])?, scalar(u, SCALARS)?))
