@@ -15,6 +15,7 @@ packages=(
   python3                                         # examples/tools/check_abi.py
   iproute2 iputils-ping                           # network namespaces for the fork tests, bench/fork.sh
   cmake                                           # rdma-fork --features rdma: sideway's verbs shim (with clang)
+  g++                                             # libFuzzer's runtime (fuzz/, scripts/fuzz.sh)
 )
 
 missing=()
