@@ -81,10 +81,6 @@ use crate::instance::{InstanceBuilder, InstanceError, ZygoteHandoff, dup_at_leas
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::worker::{ServingFds, WorkerError, serve_instance};
 
-/// Every fd number up to this one is either handed over at a fixed place or reserved, in the
-/// zygote, so that nothing it opens itself (the image memfd, say) sits where a child must
-/// place its socket or statistics page.
-const HIGHEST_FIXED_FD: RawFd = 11;
 /// How long the compile's worker threads may take to exit before the zygote gives up.
 const THREADS_SETTLE: Duration = Duration::from_secs(5);
 /// The kernel's limit of fds per message (SCM_MAX_FD): room for that many means a packet's
@@ -431,13 +427,14 @@ pub(crate) fn place_fds(pairs: &[(BorrowedFd<'_>, RawFd)]) -> std::io::Result<Ve
     Ok(placed)
 }
 
-/// Fills every free fd number up to [`HIGHEST_FIXED_FD`] with /dev/null (close-on-exec),
-/// returned so a child can free them again.
+/// Fills every free fd number up to `proto::worker::HIGHEST_FIXED_FD` with /dev/null
+/// (close-on-exec), so that nothing the zygote opens itself (the image memfd, say) sits where
+/// a child must place its socket or statistics page. Returned so a child can free them again.
 fn reserve_fd_numbers() -> std::io::Result<Vec<OwnedFd>> {
     let mut reserved = Vec::new();
     loop {
         let null = OwnedFd::from(std::fs::File::open("/dev/null")?);
-        if null.as_raw_fd() > HIGHEST_FIXED_FD {
+        if null.as_raw_fd() > proto::worker::HIGHEST_FIXED_FD {
             return Ok(reserved);
         }
         reserved.push(null);

@@ -14,14 +14,6 @@ const CONFIG: &str = "functions:\n\
 chains:\n\
   - { name: c, route: /c, steps: [upper, rev] }\n";
 
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    testkit::cannot_run(test, "confining workers needs root (namespaces, setuid)");
-    false
-}
-
 fn status_fields(pid: i32) -> BTreeMap<String, String> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
@@ -67,7 +59,10 @@ fn assert_confined(pid: i32, uid: u32, what: &str) {
 
 #[tokio::test]
 async fn workers_and_zygotes_run_confined_and_still_serve() {
-    if !root_or_skip("workers_and_zygotes_run_confined_and_still_serve") {
+    if !testkit::require_root(
+        "workers_and_zygotes_run_confined_and_still_serve",
+        "confining workers: namespaces, setuid",
+    ) {
         return;
     }
     let mut spindle = Spindle::start("sandbox-confined", CONFIG).await;
@@ -96,7 +91,10 @@ async fn workers_and_zygotes_run_confined_and_still_serve() {
 
 #[tokio::test]
 async fn with_the_sandbox_off_workers_keep_the_gateways_privileges() {
-    if !root_or_skip("with_the_sandbox_off_workers_keep_the_gateways_privileges") {
+    if !testkit::require_root(
+        "with_the_sandbox_off_workers_keep_the_gateways_privileges",
+        "confining workers: namespaces, setuid",
+    ) {
         return;
     }
     let yaml = format!("sandbox: {{ enabled: false }}\n{CONFIG}");
@@ -151,7 +149,10 @@ const KILLED: &str = "killed (SIGSYS: seccomp)";
 
 #[test]
 fn each_layer_stops_what_it_should_and_together_they_stop_every_escape() {
-    if !root_or_skip("each_layer_stops_what_it_should_and_together_they_stop_every_escape") {
+    if !testkit::require_root(
+        "each_layer_stops_what_it_should_and_together_they_stop_every_escape",
+        "confining workers: namespaces, setuid",
+    ) {
         return;
     }
     let expected: &[(&str, [&str; 4])] = &[

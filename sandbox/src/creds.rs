@@ -51,7 +51,7 @@ impl Credentials {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_child::{in_child, needs_root};
+    use crate::test_child::in_child;
 
     #[test]
     fn root_is_refused_as_a_target() {
@@ -61,7 +61,10 @@ mod tests {
 
     #[test]
     fn a_confined_process_has_no_capability_and_cannot_open_roots_files() {
-        if !needs_root("a_confined_process_has_no_capability_and_cannot_open_roots_files") {
+        if !testkit::require_root(
+            "a_confined_process_has_no_capability_and_cannot_open_roots_files",
+            "namespaces, setuid",
+        ) {
             return;
         }
         in_child(|| {

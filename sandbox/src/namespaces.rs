@@ -131,13 +131,16 @@ pub fn join(net: BorrowedFd<'_>, mount: BorrowedFd<'_>) -> Result<(), SandboxErr
 mod tests {
     use super::*;
     use crate::Credentials;
-    use crate::test_child::{in_child, needs_root};
+    use crate::test_child::in_child;
     use std::io::{Read, Write};
     use std::net::{Ipv4Addr, TcpListener, TcpStream};
 
     #[test]
     fn joined_namespaces_have_an_empty_root_no_network_and_keep_handed_sockets() {
-        if !needs_root("joined_namespaces_have_an_empty_root_no_network_and_keep_handed_sockets") {
+        if !testkit::require_root(
+            "joined_namespaces_have_an_empty_root_no_network_and_keep_handed_sockets",
+            "namespaces, setuid",
+        ) {
             return;
         }
         let shared = SharedNamespaces::create().unwrap();

@@ -171,6 +171,15 @@ const IOCTLS: &[u64] = &[
 /// `_IOWR('f', 16, struct pm_scan_arg)` (linux/fs.h; libc does not have it yet).
 const PAGEMAP_SCAN: u64 = 0xc060_6610;
 
+/// What a call outside the list gets: killed, or logged and allowed under [`LOG_ENV`].
+fn refusal() -> SeccompAction {
+    if std::env::var(LOG_ENV).as_deref() == Ok("1") {
+        SeccompAction::Log
+    } else {
+        SeccompAction::KillProcess
+    }
+}
+
 fn eq(arg: u8, value: u64) -> Result<SeccompCondition, SandboxError> {
     Ok(SeccompCondition::new(arg, Len::Qword, Op::Eq, value)?)
 }
@@ -235,12 +244,7 @@ fn rules_for(profile: Profile) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Sandbo
 /// to `clone`, whose flags the allowlist checks), then the allowlist — last, because a
 /// worker's does not allow installing filters.
 fn filters(profile: Profile) -> Result<[BpfProgram; 2], SandboxError> {
-    let mismatch = if std::env::var(LOG_ENV).as_deref() == Ok("1") {
-        SeccompAction::Log
-    } else {
-        SeccompAction::KillProcess
-    };
-    let allow = SeccompFilter::new(rules_for(profile)?, mismatch, SeccompAction::Allow, ARCH)?;
+    let allow = SeccompFilter::new(rules_for(profile)?, refusal(), SeccompAction::Allow, ARCH)?;
     let no_clone3 = SeccompFilter::new(
         BTreeMap::from([(libc::SYS_clone3, vec![])]),
         SeccompAction::Allow,
@@ -256,11 +260,7 @@ fn filters(profile: Profile) -> Result<[BpfProgram; 2], SandboxError> {
 /// calls. Smaller than stacking [`Profile::Worker`]'s allowlist: installed in every child and
 /// run on every call it makes.
 pub fn forbid_forking() -> Result<(), SandboxError> {
-    let refuse = if std::env::var(LOG_ENV).as_deref() == Ok("1") {
-        SeccompAction::Log
-    } else {
-        SeccompAction::KillProcess
-    };
+    let refuse = refusal();
     let not_a_thread =
         SeccompCondition::new(0, Len::Qword, Op::MaskedEq(libc::CLONE_THREAD as u64), 0)?;
     let filter = SeccompFilter::new(

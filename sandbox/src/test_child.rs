@@ -34,17 +34,3 @@ pub(crate) fn in_child(check: impl FnOnce() -> Result<(), String>) {
         }
     }
 }
-
-/// The reason to skip a test that needs root, or a failure under CI (which runs as root and
-/// must run every such test).
-pub(crate) fn needs_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test} needs root and CI must run it"
-    );
-    eprintln!("SKIPPED {test}: needs root (namespaces, setuid)");
-    false
-}
