@@ -47,6 +47,10 @@ pub enum SockmapError {
     TooManySlots(u64),
     #[error("socket: {0}")]
     Socket(std::io::Error),
+    #[error("mapping the holder table into the gateway: {0}")]
+    MapHolders(std::io::Error),
+    #[error("holder index {0} is beyond the kernel dataplane's limit of {MAX_SLOTS}")]
+    HolderOutOfRange(u32),
 }
 
 fn bpf(what: &'static str) -> impl FnOnce(libbpf_rs::Error) -> SockmapError {
@@ -61,6 +65,79 @@ pub struct KernelDataplane {
     /// The ready instances of each function, as last written to the `ready_list` map (the
     /// lock also keeps two readiness changes from writing the list out of order).
     ready: std::sync::Mutex<std::collections::HashMap<u32, std::collections::BTreeSet<u32>>>,
+    /// The `holders` array mapped into this process: the gateway records and reads a slot's
+    /// holder with two memory accesses instead of a bpf() call per request.
+    holders: HolderTable,
+}
+
+/// The program's `holders` array (`BPF_F_MMAPABLE`), mapped shared: the same memory the
+/// program's `bpf_map_lookup_elem` returns pointers into.
+struct HolderTable {
+    base: std::ptr::NonNull<HolderCell>,
+    len: usize,
+}
+
+/// One record as it sits in the map: two 64-bit words, each stored and loaded whole (the
+/// program writes them with plain stores too, so a reader may see a new `request_id` with an
+/// old `at`, or the reverse, exactly as with a bpf() lookup, which copies without a lock).
+#[repr(C)]
+struct HolderCell {
+    request_id: std::sync::atomic::AtomicU64,
+    at: std::sync::atomic::AtomicU64,
+}
+
+// SAFETY: the table is plain shared memory accessed only through atomics; the mapping lives
+// until Drop.
+unsafe impl Send for HolderTable {}
+// SAFETY: as above: every access is an atomic load or store.
+unsafe impl Sync for HolderTable {}
+
+impl HolderTable {
+    fn map(map: BorrowedFd<'_>, entries: u32) -> Result<Self, SockmapError> {
+        const _: () = assert!(std::mem::size_of::<HolderCell>() == 16);
+        let len = entries as usize;
+        let bytes = len * std::mem::size_of::<HolderCell>();
+        // SAFETY: a fresh shared mapping of the map's value area (offset 0 of an mmapable
+        // array is its first element); nothing else is placed at the address the kernel picks.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(SockmapError::MapHolders(std::io::Error::last_os_error()));
+        }
+        let base = std::ptr::NonNull::new(ptr.cast::<HolderCell>())
+            .ok_or_else(|| SockmapError::MapHolders(std::io::ErrorKind::InvalidData.into()))?;
+        Ok(HolderTable { base, len })
+    }
+
+    fn cell(&self, index: u32) -> Result<&HolderCell, SockmapError> {
+        if index as usize >= self.len {
+            return Err(SockmapError::HolderOutOfRange(index));
+        }
+        // SAFETY: index < len, inside the mapping, which outlives &self; HolderCell is all
+        // atomics, so shared references to memory the kernel also writes are sound.
+        Ok(unsafe { &*self.base.as_ptr().add(index as usize) })
+    }
+}
+
+impl Drop for HolderTable {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in HolderTable::map; no reference into it
+        // outlives self.
+        unsafe {
+            libc::munmap(
+                self.base.as_ptr().cast(),
+                self.len * std::mem::size_of::<HolderCell>(),
+            );
+        }
+    }
 }
 
 /// A worker connection registered with the program; pass it back to
@@ -99,10 +176,12 @@ impl KernelDataplane {
             .spindle_redirect
             .attach_sockmap(skel.maps.sock_hash.as_fd().as_raw_fd())
             .map_err(bpf("attaching the sk_msg program to the socket hash"))?;
+        let holders = HolderTable::map(skel.maps.holders.as_fd(), MAX_SLOTS)?;
         Ok(KernelDataplane {
             skel,
             gateway_keys: std::sync::atomic::AtomicU32::new(0),
             ready: std::sync::Mutex::new(std::collections::HashMap::new()),
+            holders,
         })
     }
 
@@ -270,26 +349,25 @@ impl KernelDataplane {
             .delete(entry.gateway_sender.as_bytes());
     }
 
-    /// Records where a request is, for descriptors the gateway routed itself.
+    /// Records where a request is, for descriptors the gateway routed itself. `at` is stored
+    /// after `request_id`, so the program never sees this request at a stale sender.
     pub fn set_holder(&self, index: u32, record: HolderRecord) -> Result<(), SockmapError> {
-        self.skel
-            .maps
-            .holders
-            .update(index.as_bytes(), record.as_bytes(), MapFlags::ANY)
-            .map_err(bpf("updating holders"))
+        use std::sync::atomic::Ordering;
+        let cell = self.holders.cell(index)?;
+        cell.request_id.store(record.request_id, Ordering::Relaxed);
+        cell.at.store(record.at, Ordering::Release);
+        Ok(())
     }
 
     /// Where the program last redirected the request in holder slot `index`.
     pub fn holder(&self, index: u32) -> Result<HolderRecord, SockmapError> {
-        let raw = self
-            .skel
-            .maps
-            .holders
-            .lookup(index.as_bytes(), MapFlags::ANY)
-            .map_err(bpf("reading holders"))?;
-        Ok(raw
-            .and_then(|b| HolderRecord::from_bytes(&b))
-            .unwrap_or_default())
+        use std::sync::atomic::Ordering;
+        let cell = self.holders.cell(index)?;
+        let at = cell.at.load(Ordering::Acquire);
+        Ok(HolderRecord {
+            request_id: cell.request_id.load(Ordering::Relaxed),
+            at,
+        })
     }
 
     /// A function's counters, summed over CPUs.
@@ -584,5 +662,41 @@ mod tests {
         .unwrap();
         let passed = read_desc(&mut g1);
         assert_eq!((passed.request_id, passed.status), (50, Status::Ok as u8));
+    }
+
+    /// The mapped table is the program's map: what the gateway stores through the mapping is
+    /// what a bpf() lookup returns, and what the map holds (written by bpf() update, as the
+    /// program's redirects write it) is what the mapping reads. Out-of-range indices are
+    /// refused, not read past the mapping.
+    #[test]
+    fn the_mapped_holder_table_is_the_programs_map() {
+        let Some(k) = load_or_skip("the_mapped_holder_table_is_the_programs_map") else {
+            return;
+        };
+        let last = MAX_SLOTS - 1;
+        for index in [0, 7, last] {
+            let record = HolderRecord::new(1000 + u64::from(index), 3, 9);
+            k.set_holder(index, record).unwrap();
+            let raw = k
+                .skel
+                .maps
+                .holders
+                .lookup(index.as_bytes(), MapFlags::ANY)
+                .unwrap()
+                .unwrap();
+            assert_eq!(HolderRecord::from_bytes(&raw), Some(record));
+            let written = HolderRecord::new(77 + u64::from(index), 5, 2);
+            k.skel
+                .maps
+                .holders
+                .update(index.as_bytes(), written.as_bytes(), MapFlags::ANY)
+                .unwrap();
+            assert_eq!(k.holder(index).unwrap(), written);
+        }
+        assert!(matches!(
+            k.holder(MAX_SLOTS),
+            Err(SockmapError::HolderOutOfRange(_))
+        ));
+        assert!(k.set_holder(MAX_SLOTS, HolderRecord::default()).is_err());
     }
 }

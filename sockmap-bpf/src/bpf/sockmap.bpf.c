@@ -44,6 +44,8 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	/* The gateway maps it and reads and writes records in place: no syscall per request. */
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, SPINDLE_MAX_SLOTS);
 	__type(key, __u32);
 	__type(value, struct spindle_holder);
