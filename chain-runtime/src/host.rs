@@ -1444,6 +1444,7 @@ mod tests {
             env: vec![],
             start: crate::config::StartMode::Exec,
             isolation: crate::config::Isolation::Reuse,
+            idle_spin: std::time::Duration::ZERO,
         }
     }
 

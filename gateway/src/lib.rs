@@ -25,5 +25,6 @@ pub mod process;
 pub mod queue;
 pub mod reload;
 pub mod scaler;
+pub mod shards;
 pub mod supervisor;
 pub mod zygote;

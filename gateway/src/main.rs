@@ -18,12 +18,7 @@ use gateway::http::{DataplaneStatus, Gateway};
 use gateway::metrics::Metrics;
 use gateway::node::{AdminListener, ControlBoard, NodeService};
 use gateway::supervisor::WorkerCommand;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use shm::Arena;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 mod fork_cli;
@@ -334,6 +329,11 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// CPUs this process may run on (its affinity mask), for `http.shards: auto`.
+fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// How resumed instances fetch pages, with the reason it is not RDMA. Resuming fetches over
 /// TCP today whatever the probe finds, and says so rather than claim RDMA.
 fn fork_pages_transport() -> (&'static str, String) {
@@ -536,9 +536,8 @@ async fn run(
         Some(addr) => addr,
         None => DEFAULT_LISTEN.parse().expect("valid default address"),
     };
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let shards = config.http.shards.count(usable_cpus());
+    let listeners = gateway::shards::Listeners::bind(listen, shards)?;
     // Before any worker starts: binding sets the process-wide umask for a moment.
     let admin = node_args
         .admin
@@ -629,7 +628,7 @@ async fn run(
     let cluster = gateway::peers::Cluster::start(
         &config,
         &node_args.peers,
-        listener.local_addr()?,
+        listeners.local_addr(),
         &chains,
         node.clone(),
     )
@@ -738,9 +737,13 @@ async fn run(
     }
     let gateway = Arc::new(gateway);
     tracing::info!(
-        "spindle serving {} chain(s) on http://{}",
+        "spindle serving {} chain(s) on http://{} ({})",
         gateway.chains.len(),
-        listener.local_addr()?
+        listeners.local_addr(),
+        match listeners.shards() {
+            1 => "one accept loop".to_string(),
+            n => format!("{n} front shards"),
+        }
     );
     for c in &gateway.chains {
         tracing::info!("  {} -> chain {}", c.plan.spec.route, c.plan.spec.name);
@@ -749,86 +752,40 @@ async fn run(
     use tokio::signal::unix::{SignalKind, signal};
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let graceful = GracefulShutdown::new();
     let front = gateway::front::Front::new(
         config.http,
         metrics.http_connections_open.clone(),
         metrics.http_connections_refused.clone(),
         metrics.http_connections_closed.clone(),
     );
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let serving = gateway::shards::start(
+        listeners,
+        gateway::shards::FrontContext {
+            gateway: Arc::clone(&gateway),
+            front,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            drain_timeout: DRAIN_TIMEOUT,
+        },
+    )?;
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", config_path.display());
                 // A reload already waiting covers this one too.
                 let _ = sighup_tx.try_send(());
-                continue;
             }
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of fds or similar: keep serving existing connections, retry soon.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Some(admitted) = front.admit(&stream) else {
-            front.close_refused(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let gateway = Arc::clone(&gateway);
-        let activity = Arc::clone(&admitted.activity);
-        let service = service_fn(move |req| {
-            let gateway = Arc::clone(&gateway);
-            let activity = Arc::clone(&activity);
-            activity.begin();
-            async move {
-                let reply = gateway.handle(req).await;
-                activity.end();
-                reply
-            }
-        });
-        let io = TokioIo::new(gateway::front::Tracked::new(
-            stream,
-            Arc::clone(&admitted.activity),
-        ));
-        let connection = graceful.watch(http.serve_connection(io, service));
-        let front = Arc::clone(&front);
-        tokio::spawn(async move {
-            tokio::select! {
-                ended = connection => if let Err(e) = ended {
-                    front.cut(gateway::front::Front::reason(&e));
-                    tracing::debug!("connection ended: {e}");
-                },
-                // Dropping the connection closes it: nothing is in flight on it.
-                _ = front.idle(&admitted.activity) => front.cut("idle"),
-            }
-            drop(admitted);
-        });
+        }
     }
 
     // Stop accepting, let requests in flight finish (workers still up), then stop workers.
-    drop(listener);
+    tracing::info!("shutting down: draining requests in flight");
+    serving.stop().await;
     if let Some(task) = admin_task {
         // Dropping the task's future drops the listener, which removes the socket file.
         task.abort();
         let _ = task.await;
-    }
-    tracing::info!("shutting down: draining requests in flight");
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; stopping anyway");
     }
     // Peers retire what they run from this node's images while its page server still serves.
     gateway.cluster.release(PEER_RELEASE_TIMEOUT).await;

@@ -7,8 +7,8 @@
 //! instance has gone, the old zygote stops, which frees the old image and compiled module.
 //!
 //! What a reload can change: a function's module (its file's bytes), `memory`, `timeout_ms`,
-//! `fuel`, `env`, `mode`, `start` and `isolation`. What needs a restart: `listen`,
-//! `dataplane`, `node`, `peers` and `sandbox`, the set of functions and chains, chain settings (routes,
+//! `fuel`, `env`, `mode`, `start`, `isolation` and `idle_spin_us`. What needs a restart: `listen`,
+//! `dataplane`, `http`, `node`, `peers` and `sandbox`, the set of functions and chains, chain settings (routes,
 //! steps, arenas, deadlines), `instances` and `wait_queue` (they size the instance slots and
 //! queues the gateway allocated at start). A reload that asks for those is refused as a whole and
 //! changes nothing; a file with errors is refused with every error at file:line:col.
@@ -90,6 +90,7 @@ fn rollable(spec: &FunctionSpec) -> impl PartialEq + '_ {
         &spec.env,
         spec.start,
         spec.isolation,
+        spec.idle_spin,
     )
 }
 
@@ -113,6 +114,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     // instances would no longer match the config.
     if old.sandbox != new.sandbox {
         why.push("`sandbox` changed".to_string());
+    }
+    // The front's listeners, shards and connection limits are set up once, at start.
+    if old.http != new.http {
+        why.push("`http` changed".to_string());
     }
     let names = |c: &Config| {
         c.functions
@@ -351,6 +356,11 @@ mod tests {
         assert_eq!(
             needs_restart(&old, &peers),
             vec!["`node` changed".to_string(), "`peers` changed".to_string()]
+        );
+        let http = config(&format!("{BASE}http: {{ shards: 2 }}\n"));
+        assert_eq!(
+            needs_restart(&old, &http),
+            vec!["`http` changed".to_string()]
         );
         let sandbox = config(&format!("{BASE}sandbox: {{ uid_base: 300000 }}\n"));
         assert_eq!(

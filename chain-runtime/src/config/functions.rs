@@ -2,12 +2,16 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use saphyr::{MarkedYaml, Scalar, YamlData};
 
 use super::units::{GIB, KIB, MIB};
 use super::yaml::{Pos, describe, looks_like_integer, pos, untag};
-use super::{Autoscale, Checker, FunctionSpec, Instances, Isolation, ModuleMode, StartMode, label};
+use super::{
+    Autoscale, Checker, DEFAULT_IDLE_SPIN, FunctionSpec, Instances, Isolation, ModuleMode,
+    StartMode, label,
+};
 
 const WASM_PAGE: u64 = 64 * KIB;
 const DEFAULT_INSTANCES: u32 = 1;
@@ -53,7 +57,10 @@ const FUNCTION_KEYS: &[&str] = &[
     "env",
     "start",
     "isolation",
+    "idle_spin_us",
 ];
+/// Past this an idle instance would burn a core between requests; blocking costs ~10 µs.
+const MAX_IDLE_SPIN_US: i64 = 1000;
 
 impl Checker<'_> {
     pub(super) fn function(
@@ -104,6 +111,10 @@ impl Checker<'_> {
         let env = fields.get("env").map(|n| self.env(n)).unwrap_or_default();
         let start = self.start(fields.get("start"), mode);
         let isolation = self.isolation(fields.get("isolation"), mode);
+        let idle_spin = fields
+            .get("idle_spin_us")
+            .and_then(|n| self.int_in(n, "idle_spin_us", 0, MAX_IDLE_SPIN_US))
+            .map_or(DEFAULT_IDLE_SPIN, |us| Duration::from_micros(us as u64));
 
         Some(FunctionSpec {
             name,
@@ -117,6 +128,7 @@ impl Checker<'_> {
             env,
             start,
             isolation,
+            idle_spin,
         })
     }
 

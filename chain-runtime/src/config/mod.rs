@@ -17,6 +17,10 @@
 //!                                   #   one more is answered 503 (Retry-After: 1) and closed
 //!   idle_timeout_ms: 60000          # keep-alive connections idle this long are closed,
 //!                                   #   1..=86400000, default 60000
+//!   shards: 1                       # 1 (default): one accept loop on the gateway's shared
+//!                                   #   multi-threaded runtime; 2..=64 or `auto` (one per
+//!                                   #   usable CPU): that many threads, each with its own
+//!                                   #   event loop and SO_REUSEPORT listener on the address
 //! sandbox:                          # optional; how worker processes are confined
 //!   enabled: true                   # default true: each worker and zygote joins an empty
 //!                                   #   network and mount namespace, drops to its uid, keeps
@@ -62,6 +66,10 @@
 //!                                   #   in a fresh copy of the warm image — after each call
 //!                                   #   the instance is reset in place, copy-on-write
 //!                                   #   (memory, globals, memory size, stdio), same process
+//!     idle_spin_us: 0               # 0..=1000, default 0: an instance out of descriptors
+//!                                   #   sleeps at once; N: it polls its socket up to N µs
+//!                                   #   first, but only while its recent idle gaps average
+//!                                   #   under N µs (never when quiet)
 //!   - name: reverse
 //!     module: ../examples/wasm/reverse.wasm
 //!   - name: frame
@@ -152,7 +160,9 @@ impl Default for SandboxSpec {
     }
 }
 
-const HTTP_KEYS: &[&str] = &["max_connections", "idle_timeout_ms"];
+const HTTP_KEYS: &[&str] = &["max_connections", "idle_timeout_ms", "shards"];
+/// More accept loops than this would only contend for the same listening port.
+pub const MAX_HTTP_SHARDS: i64 = 64;
 const DEFAULT_MAX_CONNECTIONS: i64 = 4096;
 const MAX_MAX_CONNECTIONS: i64 = 1_000_000;
 const DEFAULT_IDLE_TIMEOUT_MS: i64 = 60_000;
@@ -166,6 +176,29 @@ pub struct HttpSpec {
     /// A keep-alive connection with no request in flight and no bytes moving for this long
     /// is closed.
     pub idle_timeout: Duration,
+    /// How the HTTP front spreads client connections over threads.
+    pub shards: Shards,
+}
+
+/// `http.shards`: one accept loop on the gateway's shared multi-threaded runtime (`1`, the
+/// default), or that many single-threaded front shards, each with its own `SO_REUSEPORT`
+/// listener on the same address and its own event loop, so the kernel spreads connections
+/// over them and a connection's requests never change thread (`N`, or `auto`: one per CPU the
+/// gateway may run on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shards {
+    Fixed(u32),
+    PerCpu,
+}
+
+impl Shards {
+    /// The number of shards on a machine where `cpus` CPUs are usable.
+    pub fn count(self, cpus: usize) -> usize {
+        match self {
+            Shards::Fixed(n) => n as usize,
+            Shards::PerCpu => cpus.clamp(1, MAX_HTTP_SHARDS as usize),
+        }
+    }
 }
 
 impl Default for HttpSpec {
@@ -173,6 +206,7 @@ impl Default for HttpSpec {
         HttpSpec {
             max_connections: DEFAULT_MAX_CONNECTIONS as u32,
             idle_timeout: Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS as u64),
+            shards: Shards::Fixed(1),
         }
     }
 }
@@ -230,7 +264,14 @@ pub struct FunctionSpec {
     pub start: StartMode,
     /// What one request may see of the previous ones (`isolation:`, default `reuse`).
     pub isolation: Isolation,
+    /// How long an idle instance may poll its socket before it sleeps (`idle_spin_us`), at
+    /// most: the worker spins only while descriptors have recently been arriving closer
+    /// together than this (see `chain_runtime::worker`), so a quiet instance never spins.
+    pub idle_spin: Duration,
 }
+
+/// `idle_spin_us` when not given.
+pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_micros(0);
 
 /// What a reactor's requests share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -620,6 +661,15 @@ impl Checker<'_> {
             && let Some(v) = self.int_in(n, "http.idle_timeout_ms", 1, MAX_IDLE_TIMEOUT_MS)
         {
             spec.idle_timeout = Duration::from_millis(v as u64);
+        }
+        if let Some(n) = fields.get("shards") {
+            if let YamlData::Value(Scalar::String(word)) = &untag(n).data
+                && word == "auto"
+            {
+                spec.shards = Shards::PerCpu;
+            } else if let Some(v) = self.int_in(n, "http.shards", 1, MAX_HTTP_SHARDS) {
+                spec.shards = Shards::Fixed(v as u32);
+            }
         }
         spec
     }

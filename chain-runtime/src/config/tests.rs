@@ -177,6 +177,7 @@ fn full_config_round_trip() {
                 ],
                 start: StartMode::Exec,
                 isolation: Isolation::Reuse,
+                idle_spin: std::time::Duration::ZERO,
             },
             FunctionSpec {
                 name: "plain-2".into(),
@@ -190,6 +191,7 @@ fn full_config_round_trip() {
                 env: vec![],
                 start: StartMode::Fork,
                 isolation: Isolation::Reuse,
+                idle_spin: std::time::Duration::ZERO,
             },
             FunctionSpec {
                 name: "no_fuel".into(),
@@ -203,6 +205,7 @@ fn full_config_round_trip() {
                 env: vec![],
                 start: StartMode::Fork,
                 isolation: Isolation::Reuse,
+                idle_spin: std::time::Duration::ZERO,
             },
         ]
     );
@@ -1207,8 +1210,34 @@ fn http_limits_have_defaults_and_are_checked() {
         HttpSpec {
             max_connections: 8,
             idle_timeout: Duration::from_millis(250),
+            shards: Shards::Fixed(1),
         }
     );
+    for (text, shards) in [("3", Shards::Fixed(3)), ("auto", Shards::PerCpu)] {
+        let line = format!("http: {{ shards: {text} }}");
+        let mut lines = vec![line.as_str()];
+        lines.extend(base);
+        assert_eq!(s.ok(&lines).http.shards, shards);
+    }
+    assert_eq!(Shards::PerCpu.count(6), 6);
+    assert_eq!(Shards::PerCpu.count(0), 1);
+    assert_eq!(Shards::Fixed(3).count(6), 3);
+    for (text, message) in [
+        ("0", "`http.shards` must be between 1 and 64, got 0"),
+        ("65", "`http.shards` must be between 1 and 64, got 65"),
+        ("many", "`http.shards` must be an integer"),
+    ] {
+        let line = format!("http: {{ shards: {text} }}");
+        let mut lines = vec![line.as_str()];
+        lines.extend(base);
+        let errors = s.errors(&lines);
+        assert!(
+            errors
+                .iter()
+                .any(|(l, c, m)| (*l, *c) == (1, 17) && m.contains(message)),
+            "{text}: {errors:?}"
+        );
+    }
     let mut lines = vec!["http: { max_connections: 0, idle: 5 }"];
     lines.extend(base);
     let errors = s.errors(&lines);
@@ -1443,6 +1472,31 @@ fn sandbox_is_on_by_default_gives_each_function_its_uid_and_is_checked() {
         errors
             .iter()
             .any(|(l, _, m)| *l == 1 && m.contains("unknown key `uid` in `sandbox`")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn idle_spin_is_off_by_default_and_bounded() {
+    let s = Scratch::new();
+    let config = s.ok(&[
+        "functions:",
+        "  - { name: a, module: ../mods/a.wasm }",
+        "  - { name: b, module: ../mods/b.wasm, idle_spin_us: 40 }",
+        "chains:",
+        "  - { name: c, route: /c, steps: [a, b] }",
+    ]);
+    assert_eq!(config.functions[0].idle_spin, DEFAULT_IDLE_SPIN);
+    assert_eq!(config.functions[1].idle_spin, Duration::from_micros(40));
+    let errors = s.errors(&[
+        "functions:",
+        "  - { name: a, module: ../mods/a.wasm, idle_spin_us: 5000 }",
+        "chains:",
+        "  - { name: c, route: /c, steps: [a] }",
+    ]);
+    assert!(
+        errors.iter().any(|(l, _, m)| *l == 2
+            && m.contains("`idle_spin_us` must be between 0 and 1000, got 5000")),
         "{errors:?}"
     );
 }

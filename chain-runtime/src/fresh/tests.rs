@@ -94,6 +94,7 @@ fn spec(tag: &str, wat: &str, isolation: Isolation) -> FunctionSpec {
         env: vec![],
         start: StartMode::Exec,
         isolation,
+        idle_spin: std::time::Duration::ZERO,
     }
 }
 
@@ -229,6 +230,7 @@ fn a_forked_child_resets_to_its_zygotes_image_not_to_its_own_state() {
     // requests under reuse, so the image is recognisably this parent's.
     let reuse = FunctionSpec {
         isolation: Isolation::Reuse,
+        idle_spin: std::time::Duration::ZERO,
         ..spec.clone()
     };
     let mut parent = FunctionHost::new(&reuse, None).unwrap();
@@ -272,6 +274,7 @@ fn the_image_of_a_fresh_instance_holds_no_request() {
     let image = host.snapshot().unwrap();
     let reuse = FunctionSpec {
         isolation: Isolation::Reuse,
+        idle_spin: std::time::Duration::ZERO,
         ..spec.clone()
     };
     let mut child = FunctionHost::fork(
@@ -483,6 +486,7 @@ fn an_instance_whose_memory_the_caller_filled_is_refused() {
     let mut parent = FunctionHost::new(
         &FunctionSpec {
             isolation: Isolation::Reuse,
+            idle_spin: std::time::Duration::ZERO,
             ..spec.clone()
         },
         None,

@@ -43,6 +43,7 @@ fn spec_for(tag: &str, module: PathBuf) -> FunctionSpec {
         env: vec![("GREETING".into(), "hi".into())],
         start: crate::config::StartMode::Fork,
         isolation: crate::config::Isolation::Reuse,
+        idle_spin: std::time::Duration::ZERO,
     }
 }
 

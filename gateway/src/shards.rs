@@ -1,0 +1,336 @@
+//! The HTTP front's accept loops (`http.shards`): one on the gateway's multi-threaded runtime,
+//! or one per front shard, each shard a thread with its own single-threaded event loop and its
+//! own `SO_REUSEPORT` listener on the same address. With shards, the kernel hashes each new
+//! connection to one listener, and every byte of that connection is then read, parsed,
+//! answered and written on that one thread: no work stealing, no hand-off of a connection
+//! between threads. What a request does past the front (arena, pending table, workers) is
+//! shared by all shards.
+//!
+//! It owns the listening sockets and the client connections' tasks until they drain; it must
+//! not decide what a request does (that is [`crate::http`]'s) or whom to admit
+//! ([`crate::front`]'s).
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::front::{Front, Tracked};
+use crate::http::Gateway;
+
+/// Why the front could not listen.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("starting front shard {shard}: {source}")]
+    Start {
+        shard: usize,
+        source: std::io::Error,
+    },
+}
+
+/// The front's listening sockets, bound before any worker starts.
+pub struct Listeners {
+    sockets: Vec<std::net::TcpListener>,
+    addr: SocketAddr,
+}
+
+/// Pending connections the kernel keeps per listener before refusing more.
+const BACKLOG: i32 = 1024;
+
+impl Listeners {
+    /// Binds `shards` listeners on `addr`: a plain one for a single shard, otherwise
+    /// `SO_REUSEPORT` sockets on the one port (chosen by the first when `addr` has port 0).
+    pub fn bind(addr: SocketAddr, shards: usize) -> Result<Self, ShardError> {
+        let listen_err = |addr, source| ShardError::Listen { addr, source };
+        if shards <= 1 {
+            let socket = std::net::TcpListener::bind(addr).map_err(|e| listen_err(addr, e))?;
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| listen_err(addr, e))?;
+            let addr = socket.local_addr().map_err(|e| listen_err(addr, e))?;
+            return Ok(Listeners {
+                sockets: vec![socket],
+                addr,
+            });
+        }
+        // SO_REUSEPORT would let a second gateway (of the same user) join this one's port
+        // silently and take half its connections: a plain bind first proves the port free
+        // (and picks it, for port 0), and is let go just before the shards bind it.
+        let bound = std::net::TcpListener::bind(addr)
+            .and_then(|probe| probe.local_addr())
+            .map_err(|e| listen_err(addr, e))?;
+        let mut sockets = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            sockets.push(reuseport_listener(bound).map_err(|e| listen_err(bound, e))?);
+        }
+        Ok(Listeners {
+            sockets,
+            addr: bound,
+        })
+    }
+
+    /// The address every listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn shards(&self) -> usize {
+        self.sockets.len()
+    }
+}
+
+/// A listening TCP socket with `SO_REUSEPORT` (and `SO_REUSEADDR`, as `bind` in std sets it),
+/// non-blocking, close-on-exec.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, bind, listen,
+        setsockopt, socket, sockopt,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd: OwnedFd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    match addr {
+        SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
+        SocketAddr::V6(a) => bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?,
+    }
+    listen(
+        &fd,
+        Backlog::new(BACKLOG).map_err(|e| std::io::Error::from_raw_os_error(e as i32))?,
+    )?;
+    // SAFETY: `fd` is a listening TCP socket this function just made and owns; ownership
+    // moves into the TcpListener.
+    Ok(unsafe { std::net::TcpListener::from_raw_fd(fd.into_raw_fd()) })
+}
+
+/// What every accept loop shares.
+#[derive(Clone)]
+pub struct FrontContext {
+    pub gateway: Arc<Gateway>,
+    pub front: Arc<Front>,
+    pub header_read_timeout: Duration,
+    /// How long connections may take to finish their requests once the front stops.
+    pub drain_timeout: Duration,
+}
+
+/// The running accept loops; [`Running::stop`] ends them.
+pub struct Running {
+    stop: watch::Sender<bool>,
+    done: Vec<tokio::sync::oneshot::Receiver<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Starts the accept loops: with one listener, a task on the current (multi-threaded)
+/// runtime; with more, one thread per listener, each running a single-threaded runtime.
+pub fn start(listeners: Listeners, context: FrontContext) -> Result<Running, ShardError> {
+    let (stop, stopped) = watch::channel(false);
+    let mut done = Vec::new();
+    let mut threads = Vec::new();
+    let sharded = listeners.sockets.len() > 1;
+    for (shard, socket) in listeners.sockets.into_iter().enumerate() {
+        let (finished, finished_rx) = tokio::sync::oneshot::channel();
+        done.push(finished_rx);
+        let context = context.clone();
+        let stopped = stopped.clone();
+        if !sharded {
+            let listener = TcpListener::from_std(socket)
+                .map_err(|source| ShardError::Start { shard, source })?;
+            tokio::spawn(async move {
+                accept_loop(listener, context, stopped).await;
+                let _ = finished.send(());
+            });
+            continue;
+        }
+        let thread = std::thread::Builder::new()
+            .name(format!("front-{shard}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(shard, "front shard cannot start its event loop: {e}");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(listener) => accept_loop(listener, context, stopped).await,
+                        Err(e) => tracing::error!(shard, "front shard cannot listen: {e}"),
+                    }
+                });
+                let _ = finished.send(());
+            })
+            .map_err(|source| ShardError::Start { shard, source })?;
+        threads.push(thread);
+    }
+    Ok(Running {
+        stop,
+        done,
+        threads,
+    })
+}
+
+impl Running {
+    /// Stops accepting on every listener, then waits while each loop's connections finish
+    /// their requests (each loop gives up after its drain timeout).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for done in self.done {
+            let _ = done.await;
+        }
+        for thread in self.threads {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Accepts and serves client connections on one listener until `stopped`, then closes the
+/// listener and drains this loop's connections.
+async fn accept_loop(
+    listener: TcpListener,
+    context: FrontContext,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(context.header_read_timeout);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopped.wait_for(|stop| *stop) => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of fds or similar: keep serving existing connections, retry soon.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let front = &context.front;
+        let Some(admitted) = front.admit(&stream) else {
+            front.close_refused(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let gateway = Arc::clone(&context.gateway);
+        let activity = Arc::clone(&admitted.activity);
+        let service = service_fn(move |req| {
+            let gateway = Arc::clone(&gateway);
+            let activity = Arc::clone(&activity);
+            activity.begin();
+            async move {
+                let reply = gateway.handle(req).await;
+                activity.end();
+                reply
+            }
+        });
+        let io = TokioIo::new(Tracked::new(stream, Arc::clone(&admitted.activity)));
+        let connection = graceful.watch(http.serve_connection(io, service));
+        let front = Arc::clone(front);
+        tokio::spawn(async move {
+            tokio::select! {
+                ended = connection => if let Err(e) = ended {
+                    front.cut(Front::reason(&e));
+                    tracing::debug!("connection ended: {e}");
+                },
+                // Dropping the connection closes it: nothing is in flight on it.
+                _ = front.idle(&admitted.activity) => front.cut("idle"),
+            }
+            drop(admitted);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(context.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "requests still in flight after {:?}; stopping anyway",
+            context.drain_timeout
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shard's socket listens on the one port, and connections to it are spread over
+    /// them by the kernel (each is accepted by exactly one).
+    #[test]
+    fn reuseport_shards_share_one_port_and_split_connections() {
+        let listeners = Listeners::bind("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        assert_eq!(listeners.shards(), 3);
+        let addr = listeners.local_addr();
+        assert_ne!(addr.port(), 0);
+        for s in &listeners.sockets {
+            assert_eq!(s.local_addr().unwrap(), addr);
+        }
+        let clients: Vec<_> = (0..64)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut per_shard = Vec::new();
+        for s in &listeners.sockets {
+            let mut n = 0;
+            while s.accept().is_ok() {
+                n += 1;
+            }
+            per_shard.push(n);
+        }
+        assert_eq!(
+            per_shard.iter().sum::<usize>(),
+            clients.len(),
+            "{per_shard:?}"
+        );
+        assert!(
+            per_shard.iter().filter(|&&n| n > 0).count() >= 2,
+            "the kernel spreads connections over the shards: {per_shard:?}"
+        );
+    }
+
+    /// A second gateway on a port one already serves is refused, sharded or not, rather
+    /// than silently joining its SO_REUSEPORT group.
+    #[test]
+    fn a_second_gateway_cannot_join_a_port_in_use() {
+        for first_shards in [1, 2] {
+            let one = Listeners::bind("127.0.0.1:0".parse().unwrap(), first_shards).unwrap();
+            let taken = one.local_addr();
+            for second_shards in [1, 2] {
+                assert!(
+                    matches!(
+                        Listeners::bind(taken, second_shards),
+                        Err(ShardError::Listen { .. })
+                    ),
+                    "{first_shards} then {second_shards} shards"
+                );
+            }
+        }
+    }
+}
