@@ -449,6 +449,7 @@ pub fn run_hops(opts: &HopsOptions, exe: &Path) -> Result<HopsReport, BenchError
             match floor::ping_pong(*variant, opts.floor_round_trips) {
                 Ok(sample) => floors[v].push(Some(sample)),
                 Err(e) => {
+                    tracing::warn!("floor ({}) not measured: {e}", variant.label());
                     floors[v].push(None);
                     floor_errors[v].get_or_insert(e.to_string());
                 }

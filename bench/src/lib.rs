@@ -62,7 +62,10 @@
 //!   `/proc/PID/stat` for the target's process *and every descendant* (found by walking the
 //!   `ppid` of every process in `/proc`, so workers started or restarted during the run are
 //!   included), sums `utime + stime + cutime + cstime` (clock ticks, `sysconf(_SC_CLK_TCK)`)
-//!   and divides the difference by the requests completed. The reaped-children fields keep a
+//!   and divides the difference by the requests completed, scaled by window length over the
+//!   readings' actual interval (a loaded machine can take a reading late; per request is
+//!   then CPU per second over requests per second, not a shorter interval's CPU over the
+//!   whole window's requests). The reaped-children fields keep a
 //!   worker that exits during the window counted: its time moves into its parent's
 //!   `cutime`/`cstime`, and its pre-window share was in the first snapshot. The JSON lists
 //!   each process (pid, command name, command line, CPU seconds), so the gateway's share can

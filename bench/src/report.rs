@@ -165,6 +165,11 @@ pub struct TargetReport {
     pub bytes_copied_note: Option<String>,
     #[serde(default)]
     pub verification: Option<Verification>,
+    /// One round: seconds between the CPU readings at the window's edges. Every CPU figure
+    /// per request is CPU per second of this interval over requests per second of the
+    /// window, so a reading delayed by a loaded machine does not bias it.
+    #[serde(default)]
+    pub cpu_interval_s: Option<f64>,
     /// Summary only: median and spread of the headline figures over the measured rounds.
     #[serde(default)]
     pub spread: Option<TargetSpread>,
@@ -481,6 +486,7 @@ impl TargetReport {
             bytes_copied_per_req: None,
             bytes_copied_note: None,
             verification: None,
+            cpu_interval_s: None,
             spread: None,
             rounds_measured: None,
             rounds: None,
@@ -599,6 +605,7 @@ impl TargetReport {
                 .then(|| measured.iter().find_map(|r| r.bytes_copied_note.clone()))
                 .flatten(),
             verification,
+            cpu_interval_s: None,
             spread: Some(TargetSpread {
                 rps: spr(&|r| r.rps),
                 p50_us: spr(&|r| r.p50_us.map(|v| v as f64)),
@@ -1469,6 +1476,7 @@ pub(crate) mod tests {
             "bytes_copied_per_req",
             "cdf",
             "check",
+            "cpu_interval_s",
             "cpu_s",
             "cpu_s_per_req",
             "duration_s",

@@ -300,11 +300,11 @@ impl<'a> Session<'a> {
     /// Watches `/proc/stat` for `length` with no target running (this process idle too).
     /// None if interrupted or /proc/stat is unreadable.
     pub fn idle_baseline(&self, round: usize, length: Duration) -> Option<IdleBaseline> {
-        let (t0, s0, self0) = (
-            Instant::now(),
-            sysstat::read_proc_stat()?,
-            cpu::self_cpu_seconds()?,
-        );
+        let Some((s0, self0)) = sysstat::read_proc_stat().zip(cpu::self_cpu_seconds()) else {
+            tracing::warn!("cannot read /proc/stat or /proc/self/stat: no system CPU figures");
+            return None;
+        };
+        let t0 = Instant::now();
         let end = t0 + length;
         while Instant::now() < end {
             if self.interrupt.fired() {
@@ -503,7 +503,15 @@ impl TargetBench<'_> {
             first_wrong,
         } = m.load;
         let duration = self.opts.duration.as_secs_f64();
-        let per_request = |seconds: f64| (ok > 0).then(|| seconds / ok as f64);
+        // CPU is read at the window's edges by a task that a loaded machine can wake late,
+        // so the readings may span less (or more) than the window whose requests are
+        // counted. Per request is therefore CPU-seconds per second of the readings' interval
+        // over requests per second of the window.
+        let scale = m
+            .interval_s
+            .filter(|&i| i > 0.0)
+            .map_or(1.0, |interval| duration / interval);
+        let per_request = |seconds: f64| (ok > 0).then(|| seconds * scale / ok as f64);
         let latency = |q: f64| (ok > 0).then(|| histogram.value_at_quantile(q));
         let cdf = (ok > 0).then(|| {
             CDF_QUANTILES
@@ -571,6 +579,7 @@ impl TargetBench<'_> {
             bytes_copied_per_req: bytes_copied.as_ref().ok().copied(),
             bytes_copied_note: bytes_copied.err(),
             verification,
+            cpu_interval_s: m.interval_s,
             spread: None,
             rounds_measured: None,
             rounds: None,
@@ -730,6 +739,8 @@ struct Measured {
     stat: Option<sysstat::StatDelta>,
     /// bytes-copied counter before and after.
     metrics: (Result<Option<f64>, String>, Result<Option<f64>, String>),
+    /// Seconds between the two CPU readings.
+    interval_s: Option<f64>,
 }
 
 /// One edge of the measured window.
@@ -792,9 +803,10 @@ async fn measure(
             )),
             _ => None,
         };
-        (tree, loadgen, stat, (a.metrics, b.metrics))
+        let interval = b.at.duration_since(a.at).as_secs_f64();
+        (tree, loadgen, stat, (a.metrics, b.metrics), interval)
     };
-    let (load, (tree, loadgen_cpu_s, stat, metrics)) =
+    let (load, (tree, loadgen_cpu_s, stat, metrics, interval)) =
         tokio::join!(load::generate(spec, window, Some(label)), accounting);
     Measured {
         load,
@@ -802,6 +814,7 @@ async fn measure(
         loadgen_cpu_s,
         stat,
         metrics,
+        interval_s: Some(interval),
     }
 }
 
