@@ -108,6 +108,8 @@ pub(crate) async fn resolve(url: &str) -> Result<Endpoint, String> {
 /// rather than left to notice on its own.
 pub(crate) struct Conn {
     pub sender: SendRequest<Full<Bytes>>,
+    /// Requests sent on this connection so far (body verification samples by it).
+    pub responses: u64,
     task: JoinHandle<()>,
 }
 
@@ -129,7 +131,11 @@ pub(crate) async fn connect(addr: SocketAddr) -> std::io::Result<Conn> {
     let task = tokio::spawn(async move {
         let _ = connection.await;
     });
-    Ok(Conn { sender, task })
+    Ok(Conn {
+        sender,
+        responses: 0,
+        task,
+    })
 }
 
 pub(crate) fn request(

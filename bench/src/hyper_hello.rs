@@ -6,6 +6,10 @@
 //! hyper-hello [ADDR]                        (default 127.0.0.1:8090)
 //! hyper-hello bench-ceiling --listen ADDR   (the `spindle` form, so this crate's tests can
 //!                                            start it the way `spindle bench` does)
+//! hyper-hello run CONFIG --listen ADDR --dataplane D
+//!                                           (test stand-in for a Spindle target: the same
+//!                                            ceiling server, so this crate's tests can run
+//!                                            rounds and ratios without building the gateway)
 //! ```
 
 use std::net::SocketAddr;
@@ -17,10 +21,16 @@ async fn main() -> std::io::Result<()> {
         [] => "127.0.0.1:8090",
         [addr] => addr.as_str(),
         [sub, flag, addr] if sub == "bench-ceiling" && flag == "--listen" => addr.as_str(),
+        [sub, _config, flag, addr, dp, _]
+            if sub == "run" && flag == "--listen" && dp == "--dataplane" =>
+        {
+            addr.as_str()
+        }
         _ => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                "usage: hyper-hello [ADDR] | hyper-hello bench-ceiling --listen ADDR",
+                "usage: hyper-hello [ADDR] | hyper-hello bench-ceiling --listen ADDR \
+                 | hyper-hello run CONFIG --listen ADDR --dataplane D",
             ));
         }
     };

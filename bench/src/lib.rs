@@ -62,13 +62,36 @@
 //!   `/proc/PID/stat` for the target's process *and every descendant* (found by walking the
 //!   `ppid` of every process in `/proc`, so workers started or restarted during the run are
 //!   included), sums `utime + stime + cutime + cstime` (clock ticks, `sysconf(_SC_CLK_TCK)`)
-//!   and divides the difference by the requests completed. The reaped-children fields keep a
+//!   and divides the difference by the requests completed, scaled by window length over the
+//!   readings' actual interval (a loaded machine can take a reading late; per request is
+//!   then CPU per second over requests per second, not a shorter interval's CPU over the
+//!   whole window's requests). The reaped-children fields keep a
 //!   worker that exits during the window counted: its time moves into its parent's
 //!   `cutime`/`cstime`, and its pre-window share was in the first snapshot. The JSON lists
 //!   each process (pid, command name, command line, CPU seconds), so the gateway's share can
 //!   be told from each worker's. The load generator's own CPU is reported too,
 //!   because on a small machine it competes with the target for the same cores. For a URL
 //!   target there is no process to read: CPU is `null`.
+//!
+//! * **Rounds.** With `rounds` > 1 every target (and payload size) runs once per round, in
+//!   order, and again in the next round (A B C A B C …), each time freshly started; a
+//!   target's figures are the medians over its rounds, counts are totals, `spread` has
+//!   min–max, quartiles and standard deviation, and ratios are also paired round by round
+//!   ([`Ratios::per_round`]). See [`TargetReport`] for which figure is which.
+//! * **Body verification.** Each connection's responses 0, N, 2N, … (`verify_every`) are
+//!   compared with the expected body (the first check response, or [`Expect`]); a mismatch
+//!   is a `wrong_body` error, and the first wrong body is reported.
+//! * **Whole-system CPU.** `/proc/stat` busy time (user+nice+system+irq+softirq, all CPUs)
+//!   in the window, less an idle baseline measured before each round with no target
+//!   running, less the load generator's own CPU, per request (`system_cpu_s_per_req`;
+//!   the softirq share apart). See the `sysstat` module for what is and is not counted.
+//! * **Payload sweep.** `payload_sizes` measures every size × target with a generated body
+//!   ([`generated_payload`]), and scrapes each target's `/metrics` around the window for
+//!   the delta of `spindle_payload_bytes_copied_total` per request (null if not exposed).
+//!   A 413 answer to the check makes that row skipped with the reason, not a failed run.
+//! * **Hops** ([`run_hops`]): chains of 1, 3, 6 copies of one function at one connection,
+//!   the least-squares slope of latency per transition, and the ping-pong floor for one hop
+//!   ([`ping_pong`]) measured in the same run.
 //!
 //! Targets run one after another, never concurrently, and each one's processes are stopped
 //! (SIGTERM, then SIGKILL after 5 s) and reaped before the next starts, including on errors,
@@ -81,6 +104,7 @@
 //! [`Report::to_markdown`] and [`Report::write_svg`] render a report (also one read back from
 //! its JSON); [`serve_ceiling`] is the ceiling server (`spindle bench-ceiling`, and the
 //! `hyper-hello` binary of this crate). `examples/compare.rs` runs [`run`] without the CLI.
+//! [`run_hops`] is the per-hop mode (`spindle bench --hops`), with its own [`HopsReport`].
 //! [`run_step`] is a different measurement on the same load generator: one open loop against
 //! a running server whose rate jumps once, reported before the step, during the ramp after it
 //! and after that, and over time (`examples/step.rs`, driven by `bench/scale.sh`).
@@ -89,12 +113,17 @@ mod ceiling;
 mod client;
 mod config;
 mod cpu;
+mod floor;
+mod hops;
 mod load;
 mod plot;
 mod process;
 mod report;
 mod runner;
+mod scrape;
+mod stats;
 mod step;
+mod sysstat;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -102,12 +131,17 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub use ceiling::{serve_ceiling, serve_ceiling_on};
+pub use floor::{FloorSample, FloorVariant, Transport, ping_pong};
+pub use hops::{FloorReport, HopPoint, HopRound, HopsOptions, HopsReport, HopsTarget, run_hops};
 pub use report::{
-    CdfPoint, CheckSample, ErrorKinds, Machine, OptionsReport, ProcessCpu, Ratios, Report,
-    TargetReport, UrlRatios,
+    CdfPoint, CheckSample, ErrorKinds, Machine, Mismatch, OptionsReport, PairedRatio, ProcessCpu,
+    Ratios, Report, SizeRatios, TargetReport, TargetSpread, UrlRatios, Verification,
 };
 pub use runner::run;
+pub use scrape::{BYTES_COPIED_FAMILY, counter_sum};
+pub use stats::{LineFit, Spread, fit_line, paired_ratios, spread};
 pub use step::{Interval, StepOptions, StepReport, run_step};
+pub use sysstat::{IdleBaseline, SystemCpu};
 
 /// How long one request may take (from when it is sent) before it counts as a timeout error
 /// and its connection is replaced; also how long after the measured window its unfinished
@@ -133,8 +167,20 @@ pub struct BenchOptions {
     /// Request path for the started targets; default: the first chain's `route` in `config`
     /// (`/` if no target needs the config). URL targets use their own path.
     pub path: Option<String>,
-    /// Request body (sent as a POST).
+    /// Request body (sent as a POST), unless `payload_sizes` is set.
     pub payload: Vec<u8>,
+    /// Payload sweep: one generated body ([`generated_payload`]) per size, each size measured
+    /// on every target; replaces `payload`.
+    pub payload_sizes: Option<Vec<usize>>,
+    /// Interleaved rounds: every target (and size) once, in order, then again.
+    pub rounds: usize,
+    /// The expected response body; None: each target's first check response.
+    pub expect: Option<Expect>,
+    /// Compare each connection's responses 0, N, 2N, … with the expected body; 0: off.
+    pub verify_every: u64,
+    /// How long the machine is watched with no target running before each round, for the
+    /// whole-system CPU figure's idle baseline; zero: no baseline (and no system CPU).
+    pub idle_baseline: Duration,
     /// Write the report as JSON here.
     pub json: Option<PathBuf>,
     /// Write the Markdown report here (it is printed to stdout regardless).
@@ -154,11 +200,98 @@ impl Default for BenchOptions {
             rate: None,
             path: None,
             payload: b"hello spindle".to_vec(),
+            payload_sizes: None,
+            rounds: 1,
+            expect: None,
+            verify_every: 16,
+            idle_baseline: Duration::from_secs(2),
             json: None,
             markdown: None,
             plot: None,
         }
     }
+}
+
+/// Where the expected response body comes from when not from the check request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// `--expect-body TEXT`.
+    Body(Vec<u8>),
+    /// `--expect-file PATH`, read when the run starts.
+    File(PathBuf),
+}
+
+/// The body sent for a payload size: `len` bytes of lowercase letters and digits from a fixed
+/// pseudo-random sequence (xorshift64 seeded with 1), so every run and every target gets the
+/// same bytes, the body compresses like text rather than like a run of one byte, and the
+/// hello chain (uppercase, reverse, JSON frame) needs no escaping.
+pub fn generated_payload(len: usize) -> Vec<u8> {
+    const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut x: u64 = 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ALPHABET[(x % ALPHABET.len() as u64) as usize]
+        })
+        .collect()
+}
+
+/// The largest size [`parse_size`] accepts: 1 GiB (the load generator holds the body in
+/// memory once per connection in flight).
+pub const MAX_PAYLOAD: usize = 1 << 30;
+
+/// Parses `13`, `4KiB`, `64KiB`, `1MiB`, `8MiB`, `512B`, `1.5MiB` (binary units; `K`, `KB`,
+/// `M`, `MB`, `G`, `GB` are taken as binary too, as in the configs). At most 1 GiB.
+pub fn parse_size(s: &str) -> Result<usize, BenchError> {
+    let bad = |why: &str| BenchError::BadSize {
+        input: s.to_string(),
+        reason: why.to_string(),
+    };
+    let text = s.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| bad("expected a number with an optional unit, like 13, 4KiB or 1MiB"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(bad(&format!(
+                "unknown unit `{other}`; use B, KiB, MiB or GiB"
+            )));
+        }
+    };
+    let bytes = value * scale;
+    if bytes.fract() != 0.0 {
+        return Err(bad("not a whole number of bytes"));
+    }
+    if bytes > MAX_PAYLOAD as f64 {
+        return Err(bad("larger than the maximum of 1 GiB"));
+    }
+    Ok(bytes as usize)
+}
+
+/// Parses a comma-separated size list (`13,4KiB,64KiB,1MiB,8MiB`).
+pub fn parse_sizes(list: &str) -> Result<Vec<usize>, BenchError> {
+    let sizes = list
+        .split(',')
+        .filter(|item| !item.trim().is_empty())
+        .map(parse_size)
+        .collect::<Result<Vec<_>, _>>()?;
+    if sizes.is_empty() {
+        return Err(BenchError::BadSize {
+            input: list.to_string(),
+            reason: "no sizes".into(),
+        });
+    }
+    Ok(sizes)
 }
 
 /// One system under test.
@@ -306,6 +439,8 @@ pub enum BenchError {
     BadUrl { url: String, reason: String },
     #[error("bad duration `{input}`: {reason}")]
     BadDuration { input: String, reason: String },
+    #[error("bad size `{input}`: {reason}")]
+    BadSize { input: String, reason: String },
     #[error("{0}")]
     BadOptions(String),
     #[error("config file {} not found (needed to start {needed_by}; pass --config FILE)", path.display())]
@@ -327,6 +462,23 @@ pub enum BenchError {
     /// unfinished targets marked skipped) was printed and written.
     #[error("interrupted; every started target was stopped")]
     Interrupted { report: Box<Report> },
+    /// The hops mode measured no target; the report (with each reason) was still written.
+    #[error("nothing was measured: every target was skipped ({})", hops_skip_summary(.report))]
+    HopsNothingMeasured { report: Box<HopsReport> },
+    #[error("interrupted; every started target was stopped")]
+    HopsInterrupted { report: Box<HopsReport> },
+}
+
+fn hops_skip_summary(report: &HopsReport) -> String {
+    report
+        .targets
+        .iter()
+        .map(|t| {
+            let first = t.skipped.as_deref().unwrap_or("measured").lines().next();
+            format!("{}: {}", t.name, first.unwrap_or(""))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn skip_summary(report: &Report) -> String {
@@ -343,7 +495,7 @@ fn skip_summary(report: &Report) -> String {
 }
 
 impl BenchError {
-    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
         let what = what.into();
         move |source| BenchError::Io { what, source }
     }
@@ -456,5 +608,47 @@ mod tests {
         assert_eq!(o.connections, 32);
         assert_eq!(o.rate, None);
         assert_eq!(o.payload, b"hello spindle");
+        assert_eq!((o.rounds, o.verify_every), (1, 16));
+        assert_eq!(o.idle_baseline, Duration::from_secs(2));
+        assert_eq!((o.payload_sizes, o.expect), (None, None));
+    }
+
+    #[test]
+    fn parses_payload_sizes() {
+        assert_eq!(
+            parse_sizes("13,4KiB,64KiB,1MiB,8MiB").unwrap(),
+            [13, 4096, 65536, 1 << 20, 8 << 20]
+        );
+        assert_eq!(parse_size("1.5MiB").unwrap(), 3 << 19);
+        assert_eq!(parse_size(" 512B ").unwrap(), 512);
+        assert_eq!(parse_size("2k").unwrap(), 2048);
+        assert_eq!(parse_size("1GiB").unwrap(), MAX_PAYLOAD);
+        assert_eq!(parse_size("0").unwrap(), 0);
+        for bad in ["", "KiB", "1.3B", "2GiB", "4 parsecs", "-1"] {
+            let err = parse_size(bad).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!("bad size `{bad}`")),
+                "{err}"
+            );
+        }
+        assert!(parse_sizes(" , ").is_err());
+    }
+
+    #[test]
+    fn generated_payloads_are_deterministic_text() {
+        let a = generated_payload(4096);
+        assert_eq!(a.len(), 4096);
+        assert_eq!(a, generated_payload(4096));
+        // A prefix of a longer one: every size is the same sequence, cut.
+        assert_eq!(&generated_payload(64 << 10)[..4096], &a[..]);
+        assert!(
+            a.iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        );
+        // Not one repeated byte, not a short cycle.
+        assert!(a.windows(36).any(|w| w != &a[..36]));
+        let distinct = a.iter().collect::<std::collections::HashSet<_>>().len();
+        assert_eq!(distinct, 36);
+        assert!(generated_payload(0).is_empty());
     }
 }

@@ -41,7 +41,38 @@ pub(crate) struct LoadSpec {
     pub timeout: Duration,
     /// Keep one [`Sample`] per request, warm-up included, in [`LoadResult::samples`].
     pub record: bool,
+    /// Compare (a deterministic sample of) the response bodies with the expected one.
+    pub verify: Option<Verify>,
 }
+
+/// Body verification under load: a server that answers 200 with the wrong bytes (a torn
+/// shared-memory slot, a descriptor naming another request's payload) must not count as a
+/// success just because it was fast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Verify {
+    pub expected: Bytes,
+    /// Compare a connection's responses number 0, every, 2·every, … (0-based, counted per
+    /// connection, so the first response of every new connection is always compared);
+    /// 1 compares every response.
+    pub every: u64,
+}
+
+impl Verify {
+    /// Whether a connection's `n`-th response (0-based) is compared.
+    pub fn samples(&self, n: u64) -> bool {
+        self.every > 0 && n.is_multiple_of(self.every)
+    }
+}
+
+/// The first body that did not match, cut for the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WrongBody {
+    pub len: usize,
+    pub head: Bytes,
+}
+
+/// How much of a wrong body the report shows.
+pub(crate) const WRONG_BODY_SHOWN: usize = 200;
 
 /// An open-loop rate that changes once: `at` after the start of the load, requests become due
 /// at `rate` per second instead of the spec's rate.
@@ -106,6 +137,11 @@ pub(crate) struct LoadResult {
     /// Every request of the load, warm-up included, when [`LoadSpec::record`] is set (in no
     /// particular order); empty otherwise.
     pub samples: Vec<Sample>,
+    /// Measured responses whose body was compared with [`Verify::expected`] (matching or
+    /// not: the mismatches are `errors.wrong_body`).
+    pub verified: u64,
+    /// The first measured response that did not match.
+    pub first_wrong: Option<WrongBody>,
 }
 
 /// When connection `conn`'s `k`-th request is due, counted from the start of the load.
@@ -199,6 +235,8 @@ struct WorkerOut {
     errors: ErrorKinds,
     lateness: Histogram<u64>,
     samples: Vec<Sample>,
+    verified: u64,
+    first_wrong: Option<WrongBody>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,6 +245,8 @@ pub(crate) enum Failure {
     Connect,
     Timeout,
     Io,
+    /// 2xx, but not the expected body.
+    WrongBody,
 }
 
 /// Runs the load through `window` and returns the measured part. With `progress`, prints a
@@ -234,6 +274,8 @@ pub(crate) async fn generate(
             errors: ErrorKinds::default(),
             lateness: new_histogram(),
             samples: Vec::new(),
+            verified: 0,
+            first_wrong: None,
         };
         while let Some(joined) = workers.join_next().await {
             match joined {
@@ -244,6 +286,10 @@ pub(crate) async fn generate(
                     result.ok += out.ok;
                     result.errors.add(&out.errors);
                     result.samples.extend(out.samples);
+                    result.verified += out.verified;
+                    if result.first_wrong.is_none() {
+                        result.first_wrong = out.first_wrong;
+                    }
                 }
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 Err(_) => {}
@@ -271,6 +317,8 @@ async fn worker(ctx: Arc<Ctx>, index: usize) -> WorkerOut {
         errors: ErrorKinds::default(),
         lateness: new_histogram(),
         samples: Vec::new(),
+        verified: 0,
+        first_wrong: None,
     };
     let window = ctx.window;
     // Requests of the window still unanswered this long after it closed are timeouts: each
@@ -308,6 +356,7 @@ async fn worker(ctx: Arc<Ctx>, index: usize) -> WorkerOut {
             }
         };
         let measured = scheduled >= window.measure_start;
+        let mut wrong = None;
         let outcome = if Instant::now() >= drain_deadline {
             // Open loop: due inside the window, still queued behind slow responses the
             // request timeout after it closed.
@@ -316,7 +365,8 @@ async fn worker(ctx: Arc<Ctx>, index: usize) -> WorkerOut {
             if measured && let Some(late) = lateness {
                 out.lateness.saturating_record(micros(late));
             }
-            match tokio::time::timeout_at(drain_deadline, attempt(&mut conn, &ctx.spec)).await {
+            let exchange = attempt(&mut conn, &ctx.spec, &mut wrong);
+            match tokio::time::timeout_at(drain_deadline, exchange).await {
                 Ok(outcome) => outcome,
                 Err(_) => {
                     // Abandoned mid-request: the connection cannot be reused.
@@ -332,11 +382,17 @@ async fn worker(ctx: Arc<Ctx>, index: usize) -> WorkerOut {
         if ctx.spec.record {
             out.samples.push(Sample {
                 at: scheduled.saturating_duration_since(window.start),
-                outcome: outcome.map(|()| us),
+                outcome: outcome.map(|_| us),
             });
         }
+        if measured && matches!(outcome, Ok(true) | Err(Failure::WrongBody)) {
+            out.verified += 1;
+        }
+        if measured && out.first_wrong.is_none() {
+            out.first_wrong = wrong;
+        }
         match outcome {
-            Ok(()) => {
+            Ok(_) => {
                 if measured {
                     out.histogram.saturating_record(us);
                     out.ok += 1;
@@ -352,6 +408,7 @@ async fn worker(ctx: Arc<Ctx>, index: usize) -> WorkerOut {
                         Failure::Connect => out.errors.connect += 1,
                         Failure::Timeout => out.errors.timeout += 1,
                         Failure::Io => out.errors.io += 1,
+                        Failure::WrongBody => out.errors.wrong_body += 1,
                     }
                     counters.err.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -369,8 +426,13 @@ async fn worker(ctx: Arc<Ctx>, index: usize) -> WorkerOut {
     out
 }
 
-/// One request on this task's connection, (re)connecting first if needed.
-async fn attempt(conn: &mut Option<Conn>, spec: &LoadSpec) -> Result<(), Failure> {
+/// One request on this task's connection, (re)connecting first if needed. Ok(true) if the
+/// body was compared (and matched); a mismatch is [`Failure::WrongBody`], its body in `wrong`.
+async fn attempt(
+    conn: &mut Option<Conn>,
+    spec: &LoadSpec,
+    wrong: &mut Option<WrongBody>,
+) -> Result<bool, Failure> {
     let mut reused = conn.is_some();
     loop {
         let c = match conn {
@@ -403,16 +465,33 @@ async fn attempt(conn: &mut Option<Conn>, spec: &LoadSpec) -> Result<(), Failure
         &spec.endpoint.path,
         spec.payload.clone(),
     );
+    // Counted per connection, so a fresh connection's first answer is always compared.
+    let verify = spec.verify.as_ref().filter(|v| v.samples(c.responses));
+    c.responses += 1;
     let result = tokio::time::timeout(spec.timeout, async {
         let response = c.sender.send_request(request).await?;
         let status = response.status();
         // The response is complete when its last byte is in, not when the headers are.
-        response.into_body().collect().await?;
-        Ok::<_, hyper::Error>(status)
+        let body = response.into_body().collect().await?;
+        Ok::<_, hyper::Error>((status, body))
     })
     .await;
     match result {
-        Ok(Ok(status)) if status.is_success() => Ok(()),
+        Ok(Ok((status, body))) if status.is_success() => match verify {
+            None => Ok(false),
+            Some(v) => {
+                let body = body.to_bytes();
+                if body == v.expected {
+                    Ok(true)
+                } else {
+                    *wrong = Some(WrongBody {
+                        len: body.len(),
+                        head: body.slice(..body.len().min(WRONG_BODY_SHOWN)),
+                    });
+                    Err(Failure::WrongBody)
+                }
+            }
+        },
         Ok(Ok(_)) => Err(Failure::Status),
         // HTTP/1.1 cannot abandon a request and reuse the connection: replace it.
         Ok(Err(_)) => {
@@ -688,6 +767,7 @@ mod tests {
             step: None,
             timeout: Duration::from_secs(3),
             record: false,
+            verify: None,
         }
     }
 

@@ -1,21 +1,26 @@
-//! [`run`]: start each target, check it, load it, account its CPU, stop it; then report.
+//! [`run`]: start each target, check it, load it, account its CPU, stop it, round after
+//! round; then report.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::Method;
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, raise, sigaction, signal};
 
 use crate::client::{self, Endpoint};
-use crate::load::{self, LoadResult, LoadSpec, Window};
+use crate::load::{self, LoadResult, LoadSpec, Verify, Window};
 use crate::process::TargetProcess;
-use crate::report::{CdfPoint, CheckSample, Machine, OptionsReport, Ratios, Report, TargetReport};
-use crate::{BenchError, BenchOptions, REQUEST_TIMEOUT, Target, config, cpu};
+use crate::report::{
+    CdfPoint, CheckSample, Machine, Mismatch, OptionsReport, Ratios, Report, SizeRatios,
+    TargetReport, Verification,
+};
+use crate::sysstat::{self, CpuTimes, IdleBaseline};
+use crate::{BenchError, BenchOptions, Expect, REQUEST_TIMEOUT, Target, config, cpu, scrape};
 
 /// Wasm compilation of every function happens before /readyz turns 200; a debug build of the
 /// gateway takes seconds for that.
@@ -23,6 +28,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const READY_POLL: Duration = Duration::from_millis(100);
 /// Lines of a failed target's output quoted in its skip reason.
 const LOG_LINES: usize = 12;
+/// A /metrics page is small; a target too busy to answer it in this long gets no figure.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 const CDF_QUANTILES: [f64; 24] = [
     0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99,
     0.995, 0.999, 0.9995, 0.9999, 0.99995, 0.99999, 1.0,
@@ -30,8 +37,10 @@ const CDF_QUANTILES: [f64; 24] = [
 
 /// Runs the comparison described by `opts`, starting targets from the `spindle` binary `exe`.
 ///
-/// Prints progress to stderr and the Markdown report to stdout, and writes the JSON,
-/// Markdown and plot files that `opts` names. The report is written even when the result is
+/// Round after round (`opts.rounds`), every payload size and every target in order: measure
+/// the idle baseline, then start, check, load and stop each target. Prints progress to
+/// stderr and the Markdown report to stdout, and writes the JSON, Markdown and plot files
+/// that `opts` names. The report is written even when the result is
 /// [`BenchError::NothingMeasured`] or [`BenchError::Interrupted`] (both carry it).
 ///
 /// Call it from the main thread (or any thread that outlives the run), outside an async
@@ -42,49 +51,101 @@ pub fn run(opts: &BenchOptions, exe: &Path) -> Result<Report, BenchError> {
     check_options(opts)?;
     let config = config_for(opts)?;
     let path = request_path(opts, config.as_deref())?;
-    let load_threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(opts.connections)
-        .max(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(load_threads)
-        .thread_name("spindle-bench")
-        .enable_all()
-        .build()
-        .map_err(BenchError::io("starting the load generator's runtime"))?;
+    let expect = expected_override(opts)?;
+    let payloads: Vec<Bytes> = match &opts.payload_sizes {
+        Some(sizes) => sizes
+            .iter()
+            .map(|&n| Bytes::from(crate::generated_payload(n)))
+            .collect(),
+        None => vec![Bytes::from(opts.payload.clone())],
+    };
+    let session = Session::new(exe, opts.connections)?;
     let machine = Machine::detect();
-    let interrupt = Interrupt::install();
 
-    let mut targets = Vec::with_capacity(opts.targets.len());
-    for target in &opts.targets {
-        if interrupt.fired() {
-            targets.push(TargetReport::skipped(target, None, "not run: interrupted"));
-            continue;
-        }
-        eprintln!("spindle bench: {}", target.display_name());
-        let bench = TargetBench {
-            runtime: &runtime,
-            opts,
-            target,
-            config: config.as_deref(),
-            path: &path,
-            exe,
-            interrupt: &interrupt,
+    // Rows: every size × every target, sizes outermost, so one size's targets are adjacent.
+    let rows: Vec<(usize, &Target)> = (0..payloads.len())
+        .flat_map(|p| opts.targets.iter().map(move |t| (p, t)))
+        .collect();
+    let mut rounds: Vec<Vec<TargetReport>> = vec![Vec::new(); rows.len()];
+    let mut expected: Vec<Option<Expected>> = vec![expect.clone(); rows.len()];
+    let mut baselines = Vec::new();
+    for round in 0..opts.rounds {
+        let baseline = if session.interrupt.fired() || opts.idle_baseline.is_zero() {
+            None
+        } else {
+            eprintln!(
+                "spindle bench: round {}/{}: idle baseline ({:.1} s, no target running)",
+                round + 1,
+                opts.rounds,
+                opts.idle_baseline.as_secs_f64()
+            );
+            session.idle_baseline(round, opts.idle_baseline)
         };
-        let result = bench.run();
-        if let Some(reason) = &result.skipped {
-            eprintln!("  skipped: {}", reason.lines().next().unwrap_or_default());
+        if let Some(b) = &baseline {
+            eprintln!("  {:.3} CPU-s/s busy", b.busy_cpu_per_s);
+            baselines.push(b.clone());
         }
-        targets.push(result);
+        for (i, &(p, target)) in rows.iter().enumerate() {
+            let mut result = if session.interrupt.fired() {
+                TargetReport::skipped(target, None, "not run: interrupted")
+            } else {
+                eprintln!(
+                    "spindle bench: round {}/{}: {} ({} byte body)",
+                    round + 1,
+                    opts.rounds,
+                    target.display_name(),
+                    payloads[p].len()
+                );
+                let bench = TargetBench {
+                    session: &session,
+                    opts,
+                    target,
+                    config: config.as_deref(),
+                    path: &path,
+                    payload: payloads[p].clone(),
+                    round,
+                    baseline: baseline.as_ref(),
+                };
+                let result = bench.run(&mut expected[i]);
+                if let Some(reason) = &result.skipped {
+                    eprintln!("  skipped: {}", reason.lines().next().unwrap_or_default());
+                }
+                result
+            };
+            result.round = Some(round);
+            result.payload_bytes = Some(payloads[p].len());
+            rounds[i].push(result);
+        }
     }
-    drop(runtime);
-    let interrupted = interrupt.fired();
-    drop(interrupt);
+    let interrupted = session.interrupt.fired();
+    drop(session);
 
+    let targets: Vec<TargetReport> = rows
+        .iter()
+        .zip(rounds)
+        .map(|(&(_, target), rounds)| TargetReport::over_rounds(target, rounds))
+        .collect();
+    let by_size: Vec<SizeRatios> = payloads
+        .iter()
+        .enumerate()
+        .map(|(p, body)| SizeRatios {
+            payload_bytes: body.len(),
+            ratios: Ratios::compute(
+                &rows
+                    .iter()
+                    .zip(&targets)
+                    .filter(|((q, _), _)| *q == p)
+                    .map(|(_, t)| t.clone())
+                    .collect::<Vec<_>>(),
+            ),
+        })
+        .collect();
     let report = Report {
         machine,
-        options: OptionsReport::new(opts, &path, load_threads),
-        ratios: Ratios::compute(&targets),
+        options: OptionsReport::new(opts, &path, session_threads(opts.connections)),
+        ratios: by_size[0].ratios.clone(),
+        ratios_by_size: (by_size.len() > 1).then_some(by_size),
+        idle_baselines: (!baselines.is_empty()).then_some(baselines),
         targets,
     };
     emit(&report, opts)?;
@@ -120,12 +181,44 @@ fn check_options(opts: &BenchOptions) -> Result<(), BenchError> {
             "--rate must be at least 1 request/s".into(),
         ));
     }
+    if opts.rounds == 0 {
+        return Err(BenchError::BadOptions("--rounds must be at least 1".into()));
+    }
+    if opts.payload_sizes.as_ref().is_some_and(Vec::is_empty) {
+        return Err(BenchError::BadOptions(
+            "--payload-sizes needs at least one size".into(),
+        ));
+    }
     for target in &opts.targets {
         if let Target::Url(url) = target {
             client::parse_url(url)?;
         }
     }
     Ok(())
+}
+
+/// The expected body and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Expected {
+    pub body: Bytes,
+    pub source: String,
+}
+
+fn expected_override(opts: &BenchOptions) -> Result<Option<Expected>, BenchError> {
+    Ok(match &opts.expect {
+        None => None,
+        Some(Expect::Body(body)) => Some(Expected {
+            body: Bytes::from(body.clone()),
+            source: "--expect-body".into(),
+        }),
+        Some(Expect::File(path)) => Some(Expected {
+            body: Bytes::from(
+                std::fs::read(path)
+                    .map_err(BenchError::io(format!("reading {}", path.display())))?,
+            ),
+            source: format!("--expect-file {}", path.display()),
+        }),
+    })
 }
 
 /// The absolute config path if some target is started from it. Absolute, because the
@@ -174,14 +267,139 @@ fn request_path(opts: &BenchOptions, config: Option<&Path>) -> Result<String, Be
     })
 }
 
+fn session_threads(connections: usize) -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(connections)
+        .max(1)
+}
+
+/// What every measurement of a run shares: the load generator's runtime, the binary targets
+/// are started from, and the Ctrl-C flag. Dropping it restores the signal handlers.
+pub(crate) struct Session<'a> {
+    pub runtime: tokio::runtime::Runtime,
+    pub exe: &'a Path,
+    pub interrupt: Interrupt,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(exe: &'a Path, connections: usize) -> Result<Session<'a>, BenchError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(session_threads(connections))
+            .thread_name("spindle-bench")
+            .enable_all()
+            .build()
+            .map_err(BenchError::io("starting the load generator's runtime"))?;
+        Ok(Session {
+            runtime,
+            exe,
+            interrupt: Interrupt::install(),
+        })
+    }
+
+    /// Watches `/proc/stat` for `length` with no target running (this process idle too).
+    /// None if interrupted or /proc/stat is unreadable.
+    pub fn idle_baseline(&self, round: usize, length: Duration) -> Option<IdleBaseline> {
+        let Some((s0, self0)) = sysstat::read_proc_stat().zip(cpu::self_cpu_seconds()) else {
+            tracing::warn!("cannot read /proc/stat or /proc/self/stat: no system CPU figures");
+            return None;
+        };
+        let t0 = Instant::now();
+        let end = t0 + length;
+        while Instant::now() < end {
+            if self.interrupt.fired() {
+                return None;
+            }
+            std::thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
+        }
+        let (s1, self1) = (sysstat::read_proc_stat()?, cpu::self_cpu_seconds()?);
+        let delta = sysstat::delta(&s0, &s1, t0.elapsed().as_secs_f64());
+        Some(IdleBaseline::from_delta(round, &delta, self1 - self0))
+    }
+
+    /// Starts `target` (or resolves a URL) and waits until it is ready. The process lives as
+    /// long as the returned value: dropping it stops the target. Err: where it was to listen
+    /// (if known) and why it cannot be measured.
+    pub fn start(
+        &self,
+        target: &Target,
+        config: Option<&Path>,
+        path: &str,
+    ) -> Result<(Endpoint, Option<TargetProcess>), (Option<Endpoint>, String)> {
+        match target {
+            Target::Url(url) => match self.runtime.block_on(client::resolve(url)) {
+                Ok(endpoint) => Ok((endpoint, None)),
+                Err(reason) => Err((None, reason)),
+            },
+            builtin => {
+                let addr = free_loopback_port()
+                    .map_err(|e| (None, format!("no free loopback port: {e}")))?;
+                let endpoint = Endpoint::loopback(addr, path);
+                let args = target_args(builtin, config, addr);
+                // Spawned on this (the caller's) thread: see `run` on PR_SET_PDEATHSIG.
+                let mut process = TargetProcess::spawn(self.exe, &args).map_err(|e| {
+                    (
+                        Some(endpoint.clone()),
+                        format!("cannot start {}: {e}", self.exe.display()),
+                    )
+                })?;
+                eprintln!("  started {} (pid {})", process.command_line, process.pid());
+                let ready =
+                    self.runtime
+                        .block_on(wait_ready(&mut process, &endpoint, &self.interrupt));
+                match ready {
+                    Ok(()) => Ok((endpoint, Some(process))),
+                    Err(reason) => Err((Some(endpoint), reason)),
+                }
+            }
+        }
+    }
+}
+
+/// The command line that starts a built-in target listening on `addr`.
+pub(crate) fn target_args(
+    target: &Target,
+    config: Option<&Path>,
+    addr: SocketAddr,
+) -> Vec<OsString> {
+    let config = config.map(|c| c.as_os_str().to_owned()).unwrap_or_default();
+    let listen = OsString::from(addr.to_string());
+    let strs = |items: &[&str]| items.iter().map(OsString::from).collect::<Vec<_>>();
+    match target {
+        Target::Ceiling => {
+            let mut a = strs(&["bench-ceiling", "--listen"]);
+            a.push(listen);
+            a
+        }
+        Target::Userspace | Target::Sockmap => {
+            let mut a = strs(&["run"]);
+            a.push(config);
+            a.extend(strs(&["--listen"]));
+            a.push(listen);
+            a.extend(strs(&["--dataplane", target.mode()]));
+            a
+        }
+        Target::Knative => {
+            let mut a = strs(&["knative-baseline", "run", "--config"]);
+            a.push(config);
+            a.extend(strs(&["--listen"]));
+            a.push(listen);
+            a
+        }
+        Target::Url(_) => Vec::new(),
+    }
+}
+
+/// One target, one payload, one round.
 struct TargetBench<'a> {
-    runtime: &'a tokio::runtime::Runtime,
+    session: &'a Session<'a>,
     opts: &'a BenchOptions,
     target: &'a Target,
     config: Option<&'a Path>,
     path: &'a str,
-    exe: &'a Path,
-    interrupt: &'a Interrupt,
+    payload: Bytes,
+    round: usize,
+    baseline: Option<&'a IdleBaseline>,
 }
 
 impl TargetBench<'_> {
@@ -194,65 +412,64 @@ impl TargetBench<'_> {
         TargetReport::skipped(self.target, url, reason)
     }
 
-    fn run(&self) -> TargetReport {
+    /// `expected`: this row's expected body, filled from this round's check if still unset.
+    fn run(&self, expected: &mut Option<Expected>) -> TargetReport {
+        let session = self.session;
         // `process` lives until this function returns: every path out stops the target.
-        let (endpoint, process) = match self.target {
-            Target::Url(url) => match self.runtime.block_on(client::resolve(url)) {
-                Ok(endpoint) => (endpoint, None),
-                Err(reason) => return self.skipped(None, reason),
-            },
-            builtin => {
-                let addr = match free_loopback_port() {
-                    Ok(addr) => addr,
-                    Err(e) => return self.skipped(None, format!("no free loopback port: {e}")),
-                };
-                let endpoint = Endpoint::loopback(addr, self.path);
-                let args = self.args(builtin, addr);
-                // Spawned on this (the caller's) thread: see `run` on PR_SET_PDEATHSIG.
-                let mut process = match TargetProcess::spawn(self.exe, &args) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        return self.skipped(
-                            Some(&endpoint),
-                            format!("cannot start {}: {e}", self.exe.display()),
-                        );
-                    }
-                };
-                eprintln!("  started {} (pid {})", process.command_line, process.pid());
-                let ready =
-                    self.runtime
-                        .block_on(wait_ready(&mut process, &endpoint, self.interrupt));
-                if let Err(reason) = ready {
-                    return self.skipped(Some(&endpoint), reason);
-                }
-                (endpoint, Some(process))
-            }
+        let (endpoint, process) = match session.start(self.target, self.config, self.path) {
+            Ok(started) => started,
+            Err((endpoint, reason)) => return self.skipped(endpoint.as_ref(), reason),
         };
-
-        let payload = Bytes::from(self.opts.payload.clone());
-        let check = match self
+        let (check, body) = match session
             .runtime
-            .block_on(check_target(&endpoint, payload.clone()))
+            .block_on(check_target_body(&endpoint, self.payload.clone()))
         {
-            Ok(sample) => sample,
+            Ok(answer) => answer,
             Err(reason) => return self.skipped(Some(&endpoint), reason),
+        };
+        let expected = match expected {
+            Some(e) if e.body != body => {
+                return self.skipped(
+                    Some(&endpoint),
+                    format!(
+                        "the check request's body differs from the expected one ({}: {} bytes): \
+                         it answered {} bytes: {}",
+                        e.source,
+                        e.body.len(),
+                        body.len(),
+                        snippet(&body)
+                    ),
+                );
+            }
+            Some(e) => e.clone(),
+            None => expected
+                .insert(Expected {
+                    body,
+                    source: format!("check (round {})", self.round + 1),
+                })
+                .clone(),
         };
 
         let spec = LoadSpec {
             endpoint: endpoint.clone(),
-            payload,
+            payload: self.payload.clone(),
             connections: self.opts.connections,
             rate: self.opts.rate,
             step: None,
             timeout: REQUEST_TIMEOUT,
             record: false,
+            verify: (self.opts.verify_every > 0).then(|| Verify {
+                expected: expected.body.clone(),
+                every: self.opts.verify_every,
+            }),
         };
         let root = process.as_ref().map(|p| p.pid());
         let label = self.target.display_name();
-        let measured = self.runtime.block_on(async {
+        let interrupt = &session.interrupt;
+        let measured = session.runtime.block_on(async {
             tokio::select! {
                 m = measure(spec, self.opts, root, label) => Some(m),
-                () = self.interrupt.wait() => None,
+                () = interrupt.wait() => None,
             }
         });
         let Some(measured) = measured else {
@@ -266,51 +483,35 @@ impl TargetBench<'_> {
                 process.log_tail(LOG_LINES)
             );
         }
-        self.report(&endpoint, check, measured)
+        self.report(&endpoint, check, &expected, measured)
     }
 
-    fn args(&self, target: &Target, addr: SocketAddr) -> Vec<OsString> {
-        let config = self
-            .config
-            .map(|c| c.as_os_str().to_owned())
-            .unwrap_or_default();
-        let listen = OsString::from(addr.to_string());
-        let strs = |items: &[&str]| items.iter().map(OsString::from).collect::<Vec<_>>();
-        match target {
-            Target::Ceiling => {
-                let mut a = strs(&["bench-ceiling", "--listen"]);
-                a.push(listen);
-                a
-            }
-            Target::Userspace | Target::Sockmap => {
-                let mut a = strs(&["run"]);
-                a.push(config);
-                a.extend(strs(&["--listen"]));
-                a.push(listen);
-                a.extend(strs(&["--dataplane", target.mode()]));
-                a
-            }
-            Target::Knative => {
-                let mut a = strs(&["knative-baseline", "run", "--config"]);
-                a.push(config);
-                a.extend(strs(&["--listen"]));
-                a.push(listen);
-                a
-            }
-            Target::Url(_) => Vec::new(),
-        }
-    }
-
-    fn report(&self, endpoint: &Endpoint, check: CheckSample, m: Measured) -> TargetReport {
+    fn report(
+        &self,
+        endpoint: &Endpoint,
+        check: CheckSample,
+        expected: &Expected,
+        m: Measured,
+    ) -> TargetReport {
         let LoadResult {
             histogram,
             ok,
             errors,
             lateness,
             samples: _,
+            verified,
+            first_wrong,
         } = m.load;
         let duration = self.opts.duration.as_secs_f64();
-        let per_request = |seconds: f64| (ok > 0).then(|| seconds / ok as f64);
+        // CPU is read at the window's edges by a task that a loaded machine can wake late,
+        // so the readings may span less (or more) than the window whose requests are
+        // counted. Per request is therefore CPU-seconds per second of the readings' interval
+        // over requests per second of the window.
+        let scale = m
+            .interval_s
+            .filter(|&i| i > 0.0)
+            .map_or(1.0, |interval| duration / interval);
+        let per_request = |seconds: f64| (ok > 0).then(|| seconds * scale / ok as f64);
         let latency = |q: f64| (ok > 0).then(|| histogram.value_at_quantile(q));
         let cdf = (ok > 0).then(|| {
             CDF_QUANTILES
@@ -320,6 +521,27 @@ impl TargetBench<'_> {
                     us: histogram.value_at_quantile(q),
                 })
                 .collect()
+        });
+        let system_cpu = match (m.stat, self.baseline) {
+            (Some(delta), Some(baseline)) => Some(sysstat::net_system_cpu(
+                &delta,
+                baseline,
+                m.loadgen_cpu_s.unwrap_or(0.0),
+            )),
+            _ => None,
+        };
+        let bytes_copied = scrape::per_request(m.metrics.0, m.metrics.1, ok);
+        let verification = (self.opts.verify_every > 0).then(|| Verification {
+            source: expected.source.clone(),
+            every: self.opts.verify_every,
+            expected_bytes: expected.body.len(),
+            verified,
+            wrong_body: errors.wrong_body,
+            first_mismatch: first_wrong.map(|w| Mismatch {
+                round: Some(self.round),
+                bytes: w.len,
+                body: snippet(&w.head),
+            }),
         });
         TargetReport {
             name: self.target.display_name(),
@@ -346,6 +568,21 @@ impl TargetBench<'_> {
             check: Some(check),
             cdf,
             skipped: None,
+            round: Some(self.round),
+            payload_bytes: Some(self.payload.len()),
+            system_cpu_s_per_req: system_cpu.as_ref().and_then(|s| per_request(s.net_s)),
+            softirq_s_per_req: system_cpu
+                .as_ref()
+                .and_then(|s| per_request(s.net_softirq_s)),
+            softirq_share: system_cpu.as_ref().and_then(|s| s.softirq_share),
+            system_cpu,
+            bytes_copied_per_req: bytes_copied.as_ref().ok().copied(),
+            bytes_copied_note: bytes_copied.err(),
+            verification,
+            cpu_interval_s: m.interval_s,
+            spread: None,
+            rounds_measured: None,
+            rounds: None,
         }
     }
 }
@@ -360,7 +597,7 @@ fn free_loopback_port() -> std::io::Result<SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
-fn snippet(body: &[u8]) -> String {
+pub(crate) fn snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
     text.trim().to_string()
 }
@@ -429,6 +666,15 @@ pub(crate) async fn check_target(
     endpoint: &Endpoint,
     payload: Bytes,
 ) -> Result<CheckSample, String> {
+    check_target_body(endpoint, payload).await.map(|(c, _)| c)
+}
+
+/// [`check_target`], also returning the whole body (the expected body under load).
+pub(crate) async fn check_target_body(
+    endpoint: &Endpoint,
+    payload: Bytes,
+) -> Result<(CheckSample, Bytes), String> {
+    let sent = payload.len();
     let answer = client::one_shot(
         Method::POST,
         endpoint,
@@ -438,10 +684,21 @@ pub(crate) async fn check_target(
     )
     .await;
     match answer {
-        Ok((status, body)) if status.is_success() => Ok(CheckSample {
-            status: status.as_u16(),
-            body: snippet(&body),
-        }),
+        Ok((status, body)) if status.is_success() => Ok((
+            CheckSample {
+                status: status.as_u16(),
+                body: snippet(&body),
+                bytes: Some(body.len()),
+            },
+            body,
+        )),
+        // A size the target does not take is a property of the target (its slot size), not a
+        // failure of the run: say so plainly, so a sweep's row shows it as such.
+        Ok((status, body)) if status == hyper::StatusCode::PAYLOAD_TOO_LARGE => Err(format!(
+            "413 Payload Too Large: the target's limit is below this {} body ({sent} bytes): {}",
+            crate::report::human_bytes(sent),
+            snippet(&body)
+        )),
         Ok((status, body)) => Err(format!(
             "the check request POST {} answered {status}, expected 2xx: {}",
             endpoint.url(),
@@ -454,10 +711,67 @@ pub(crate) async fn check_target(
     }
 }
 
+/// The target's `spindle_payload_bytes_copied_total`, summed: Ok(None) if not exposed.
+async fn scrape_bytes_copied(endpoint: &Endpoint) -> Result<Option<f64>, String> {
+    match client::one_shot(
+        Method::GET,
+        endpoint,
+        "/metrics",
+        Bytes::new(),
+        SCRAPE_TIMEOUT,
+    )
+    .await
+    {
+        Ok((status, body)) if status.is_success() => Ok(scrape::counter_sum(
+            &String::from_utf8_lossy(&body),
+            scrape::BYTES_COPIED_FAMILY,
+        )),
+        Ok((status, _)) => Err(format!("not exposed: GET /metrics answered {status}")),
+        Err(e) => Err(format!("GET /metrics failed: {e}")),
+    }
+}
+
 struct Measured {
     load: LoadResult,
     tree: Option<cpu::TreeCpu>,
     loadgen_cpu_s: Option<f64>,
+    /// The whole machine's CPU between the window's two readings.
+    stat: Option<sysstat::StatDelta>,
+    /// bytes-copied counter before and after.
+    metrics: (Result<Option<f64>, String>, Result<Option<f64>, String>),
+    /// Seconds between the two CPU readings.
+    interval_s: Option<f64>,
+}
+
+/// One edge of the measured window.
+struct Snapshot {
+    at: Instant,
+    stat: Option<CpuTimes>,
+    self_cpu: Option<f64>,
+    tree: Option<cpu::TreeSnapshot>,
+    metrics: Result<Option<f64>, String>,
+}
+
+async fn snapshot(root: Option<i32>, endpoint: &Endpoint) -> Snapshot {
+    // The cheap, whole-machine readings first and together, so their interval is the window.
+    let at = Instant::now();
+    let stat = sysstat::read_proc_stat();
+    let self_cpu = cpu::self_cpu_seconds();
+    let tree = match root {
+        // Reading a few hundred /proc files takes milliseconds: keep it off the workers.
+        Some(pid) => tokio::task::spawn_blocking(move || cpu::tree(pid))
+            .await
+            .ok(),
+        None => None,
+    };
+    let metrics = scrape_bytes_copied(endpoint).await;
+    Snapshot {
+        at,
+        stat,
+        self_cpu,
+        tree,
+        metrics,
+    }
 }
 
 async fn measure(
@@ -467,37 +781,40 @@ async fn measure(
     label: String,
 ) -> Measured {
     let window = Window::starting_now(opts.warmup, opts.duration);
-    let snapshot = move || async move {
-        let tree = match root {
-            // Reading a few hundred /proc files takes milliseconds: keep it off the workers.
-            Some(pid) => tokio::task::spawn_blocking(move || cpu::tree(pid))
-                .await
-                .ok(),
-            None => None,
-        };
-        (tree, cpu::self_cpu_seconds())
-    };
+    let endpoint = spec.endpoint.clone();
     let accounting = async {
         tokio::time::sleep_until(window.measure_start).await;
-        let (tree0, self0) = snapshot().await;
+        let a = snapshot(root, &endpoint).await;
         tokio::time::sleep_until(window.end).await;
-        let (tree1, self1) = snapshot().await;
-        let tree = match (tree0, tree1) {
-            (Some(a), Some(b)) => Some(cpu::diff(&a, &b)),
+        let b = snapshot(root, &endpoint).await;
+        let tree = match (&a.tree, &b.tree) {
+            (Some(x), Some(y)) => Some(cpu::diff(x, y)),
             _ => None,
         };
-        let loadgen = match (self0, self1) {
-            (Some(a), Some(b)) => Some(b - a),
+        let loadgen = match (a.self_cpu, b.self_cpu) {
+            (Some(x), Some(y)) => Some(y - x),
             _ => None,
         };
-        (tree, loadgen)
+        let stat = match (&a.stat, &b.stat) {
+            (Some(x), Some(y)) => Some(sysstat::delta(
+                x,
+                y,
+                b.at.duration_since(a.at).as_secs_f64(),
+            )),
+            _ => None,
+        };
+        let interval = b.at.duration_since(a.at).as_secs_f64();
+        (tree, loadgen, stat, (a.metrics, b.metrics), interval)
     };
-    let (load, (tree, loadgen_cpu_s)) =
+    let (load, (tree, loadgen_cpu_s, stat, metrics, interval)) =
         tokio::join!(load::generate(spec, window, Some(label)), accounting);
     Measured {
         load,
         tree,
         loadgen_cpu_s,
+        stat,
+        metrics,
+        interval_s: Some(interval),
     }
 }
 
@@ -536,7 +853,7 @@ fn emit(report: &Report, opts: &BenchOptions) -> Result<(), BenchError> {
 /// SIGINT/SIGTERM while a run is in progress: a flag the run polls, so it can stop and reap
 /// its targets and still write the report. Installed for the duration of `run` (counted, so
 /// concurrent runs in one process share it) and then the previous handlers are restored.
-struct Interrupt;
+pub(crate) struct Interrupt;
 
 static FIRED: AtomicBool = AtomicBool::new(false);
 static INSTALLED: Mutex<(usize, Vec<(Signal, SigAction)>)> = Mutex::new((0, Vec::new()));
@@ -577,12 +894,12 @@ impl Interrupt {
         Interrupt
     }
 
-    fn fired(&self) -> bool {
+    pub fn fired(&self) -> bool {
         FIRED.load(Ordering::SeqCst)
     }
 
     /// Resolves once a signal has arrived. Polled: a signal handler cannot wake a task.
-    async fn wait(&self) {
+    pub async fn wait(&self) {
         while !self.fired() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -692,25 +1009,10 @@ mod tests {
 
     #[test]
     fn builds_the_documented_command_lines() {
-        let o = BenchOptions::default();
-        let interrupt = Interrupt::install();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
         let config = Path::new("/c/hello.yaml");
         let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
         let line = |target: &Target| {
-            let bench = TargetBench {
-                runtime: &runtime,
-                opts: &o,
-                target,
-                config: Some(config),
-                path: "/hello",
-                exe: Path::new("spindle"),
-                interrupt: &interrupt,
-            };
-            bench
-                .args(target, addr)
+            target_args(target, Some(config), addr)
                 .iter()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect::<Vec<_>>()

@@ -199,6 +199,7 @@ pub fn run_step(opts: &StepOptions) -> Result<StepReport, BenchError> {
             }),
             timeout: REQUEST_TIMEOUT,
             record: true,
+            verify: None,
         };
         // Everything is "measured" for the load generator; the phases are cut from the
         // samples afterwards.
@@ -287,6 +288,7 @@ fn stats(
             Err(Failure::Connect) => errors.connect += 1,
             Err(Failure::Timeout) => errors.timeout += 1,
             Err(Failure::Io) => errors.io += 1,
+            Err(Failure::WrongBody) => errors.wrong_body += 1,
         }
     }
     let q = |q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q));
@@ -343,6 +345,7 @@ mod tests {
         let check = CheckSample {
             status: 200,
             body: "ok".into(),
+            bytes: Some(2),
         };
         let r = summarize(&opts, check, &samples, &load::new_histogram());
         assert_eq!(r.step_at_s, 1.0);

@@ -17,6 +17,8 @@ fn sigint_stops_the_run_and_its_targets() {
         duration: Duration::from_secs(30),
         warmup: Duration::from_millis(100),
         connections: 2,
+        // Short, so the signal lands in the first target's measurement, not the baseline.
+        idle_baseline: Duration::from_millis(100),
         json: Some(dir.join("report.json")),
         ..BenchOptions::default()
     };

@@ -94,20 +94,28 @@ enum Command {
     /// Compare, in one run and under the same load: a bare hyper server (the ceiling), Spindle on
     /// the userspace and the eBPF (sockmap) dataplanes, the Knative-style baseline, and any
     /// URL. Prints a Markdown table; writes JSON, Markdown and an SVG chart on request.
+    /// With --rounds N the targets run interleaved (A B C A B C …) and every figure is a
+    /// median with its spread; with --hops it measures per-hop latency instead
+    /// (docs/benchmarks.md).
     Bench {
-        /// Chain configuration for the Spindle and Knative-style targets.
-        #[arg(long, default_value = "configs/hello.yaml")]
-        config: PathBuf,
-        /// Comma-separated: ceiling, userspace, sockmap, knative, or http://HOST:PORT/PATH.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "ceiling,userspace,sockmap,knative"
-        )]
-        targets: Vec<spindle_bench::Target>,
-        /// Measured window per target (e.g. 10s, 500ms, 2m), after a 2 s warm-up.
+        /// Chain configuration for the Spindle and Knative-style targets
+        /// [default: configs/hello.yaml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Comma-separated: ceiling, userspace, sockmap, knative, or http://HOST:PORT/PATH
+        /// [default: ceiling,userspace,sockmap,knative; with --hops: userspace,sockmap].
+        #[arg(long, value_delimiter = ',')]
+        targets: Option<Vec<spindle_bench::Target>>,
+        /// Measured window per target and round (e.g. 10s, 500ms, 2m), after the warm-up.
         #[arg(long, value_parser = spindle_bench::parse_duration, default_value = "10s")]
         duration: Duration,
+        /// Load before each measured window, discarded.
+        #[arg(long, value_parser = spindle_bench::parse_duration, default_value = "2s")]
+        warmup: Duration,
+        /// Interleaved rounds: every target once per round, in order (published figures
+        /// use 5 or more).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         /// Concurrent keep-alive connections.
         #[arg(long, default_value_t = 32)]
         connections: usize,
@@ -119,8 +127,37 @@ enum Command {
         #[arg(long)]
         path: Option<String>,
         /// Request body [default: "hello spindle"].
-        #[arg(long)]
+        #[arg(long, conflicts_with = "payload_sizes")]
         payload: Option<String>,
+        /// Payload sweep: comma-separated sizes (13,4KiB,64KiB,1MiB,8MiB); each gets a
+        /// generated deterministic body and is measured on every target.
+        #[arg(long, value_name = "SIZES")]
+        payload_sizes: Option<String>,
+        /// The expected response body [default: each target's first check response].
+        #[arg(long, conflicts_with = "expect_file")]
+        expect_body: Option<String>,
+        /// The expected response body, from a file.
+        #[arg(long)]
+        expect_file: Option<PathBuf>,
+        /// Compare each connection's first response and every Nth after it with the expected
+        /// body (a mismatch is a `wrong_body` error); 1: every response, 0: none.
+        #[arg(long, default_value_t = 16)]
+        verify_every: u64,
+        /// Before each round, watch /proc/stat this long with no target running; its rate is
+        /// subtracted from the whole-system CPU figure. 0s: no system CPU figure.
+        #[arg(long, value_parser = spindle_bench::parse_duration, default_value = "2s")]
+        idle_baseline: Duration,
+        /// Per-hop mode: chains of these many copies of one function, one connection, closed
+        /// loop; fits µs per hop and measures the ping-pong floor in the same run.
+        #[arg(long, value_delimiter = ',', value_name = "N,N,...",
+              conflicts_with_all = ["rate", "connections", "payload_sizes", "plot", "path", "config", "expect_body", "expect_file"])]
+        hops: Option<Vec<usize>>,
+        /// The function of every hop in --hops mode.
+        #[arg(long, default_value = "examples/wasm/uppercase.wasm")]
+        hops_module: PathBuf,
+        /// Round trips per ping-pong floor variant and round in --hops mode.
+        #[arg(long, default_value_t = 50_000)]
+        floor_round_trips: usize,
         /// Write the report as JSON (stable field names, see docs/benchmarks.md).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -214,37 +251,77 @@ fn main() -> std::process::ExitCode {
             config,
             targets,
             duration,
+            warmup,
+            rounds,
             connections,
             rate,
             path,
             payload,
+            payload_sizes,
+            expect_body,
+            expect_file,
+            verify_every,
+            idle_baseline,
+            hops,
+            hops_module,
+            floor_round_trips,
             json,
             markdown,
             plot,
-        } => {
-            let defaults = spindle_bench::BenchOptions::default();
-            let opts = spindle_bench::BenchOptions {
-                config,
-                targets,
-                duration,
-                connections,
-                rate,
-                path,
-                payload: payload.map_or(defaults.payload.clone(), String::into_bytes),
-                json,
-                markdown,
-                plot,
-                ..defaults
-            };
-            // Runs on this (main) thread: the targets' parent-death signal is tied to it.
-            std::env::current_exe()
-                .context("locating the spindle binary")
-                .and_then(|exe| {
-                    spindle_bench::run(&opts, &exe)
+        } => std::env::current_exe()
+            .context("locating the spindle binary")
+            .and_then(|exe| {
+                // Runs on this (main) thread: the targets' parent-death signal is tied to it.
+                if let Some(hops) = hops {
+                    let defaults = spindle_bench::HopsOptions::default();
+                    let opts = spindle_bench::HopsOptions {
+                        hops,
+                        targets: targets.unwrap_or(defaults.targets.clone()),
+                        rounds,
+                        duration,
+                        warmup,
+                        module: hops_module,
+                        payload: payload.map_or(defaults.payload.clone(), String::into_bytes),
+                        verify_every,
+                        floor_round_trips,
+                        json,
+                        markdown,
+                    };
+                    return spindle_bench::run_hops(&opts, &exe)
                         .map(drop)
-                        .map_err(Into::into)
-                })
-        }
+                        .map_err(Into::into);
+                }
+                let defaults = spindle_bench::BenchOptions::default();
+                let payload_sizes = payload_sizes
+                    .map(|list| spindle_bench::parse_sizes(&list))
+                    .transpose()?;
+                let expect = match (expect_body, expect_file) {
+                    (Some(body), _) => Some(spindle_bench::Expect::Body(body.into_bytes())),
+                    (None, Some(file)) => Some(spindle_bench::Expect::File(file)),
+                    (None, None) => None,
+                };
+                let opts = spindle_bench::BenchOptions {
+                    config: config.unwrap_or(defaults.config.clone()),
+                    targets: targets.unwrap_or(defaults.targets.clone()),
+                    duration,
+                    warmup,
+                    rounds,
+                    connections,
+                    rate,
+                    path,
+                    payload: payload.map_or(defaults.payload.clone(), String::into_bytes),
+                    payload_sizes,
+                    expect,
+                    verify_every,
+                    idle_baseline,
+                    json,
+                    markdown,
+                    plot,
+                };
+                spindle_bench::run(&opts, &exe)
+                    .map(drop)
+                    .map_err(Into::into)
+            }),
         Command::BenchCeiling { listen } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
