@@ -85,7 +85,7 @@ struct Block {
     copied: [AtomicU64; COPY_KINDS],
 }
 
-const COPY_KINDS: usize = 2;
+const COPY_KINDS: usize = 4;
 
 /// Payload bytes copied by a worker, summed over its incarnations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -94,6 +94,10 @@ pub struct Copies {
     pub input: u64,
     /// The guest's linear memory (or a command's stdout buffer) → slot.
     pub output: u64,
+    /// Input bytes a guest read in place, from the slot mapped into its memory (no copy).
+    pub in_place_input: u64,
+    /// Output bytes a guest wrote in place, straight into the mapped slot (no copy).
+    pub in_place_output: u64,
 }
 
 /// The `resource` label of each live-resource gauge, in stats-page order (the order of
@@ -258,6 +262,8 @@ impl Snapshot {
         self.reset.add(&other.reset);
         self.copied.input += other.copied.input;
         self.copied.output += other.copied.output;
+        self.copied.in_place_input += other.copied.in_place_input;
+        self.copied.in_place_output += other.copied.in_place_output;
     }
 }
 
@@ -393,6 +399,16 @@ impl StatsPage {
         }
     }
 
+    /// Counts payload bytes one in-place call read and wrote without copying.
+    pub fn add_in_place(&self, input: u64, output: u64) {
+        let b = self.block();
+        for (dst, v) in b.copied[2..].iter().zip([input, output]) {
+            if v > 0 {
+                dst.fetch_add(v, Relaxed);
+            }
+        }
+    }
+
     /// Counts a descriptor refused before any guest ran (forged, stale or malformed).
     pub fn record_refused(&self) {
         self.block().errors[ErrorKind::Refused as usize].fetch_add(1, Relaxed);
@@ -432,6 +448,8 @@ impl StatsPage {
         s.copied = Copies {
             input: b.copied[0].load(Relaxed),
             output: b.copied[1].load(Relaxed),
+            in_place_input: b.copied[2].load(Relaxed),
+            in_place_output: b.copied[3].load(Relaxed),
         };
         s
     }
@@ -484,12 +502,15 @@ mod tests {
         assert_eq!(s.copied, Copies::default());
         other.add_copied(10, 0);
         other.add_copied(5, 7);
+        other.add_in_place(3, 4);
         let s = page.snapshot();
         assert_eq!(
             s.copied,
             Copies {
                 input: 15,
-                output: 7
+                output: 7,
+                in_place_input: 3,
+                in_place_output: 4,
             }
         );
         let mut sum = s.clone();

@@ -30,7 +30,7 @@
 use std::cell::Cell;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,7 +45,7 @@ use shm::{ArenaError, ArenaView, SlotRef};
 
 use crate::confine::{Role, confine};
 use crate::control::{self, Prepared};
-use crate::host::{Outcome, SlotIo};
+use crate::host::{Outcome, SlotIo, SlotMapping};
 use crate::instance::{Handoff, Instance, InstanceBuilder, InstanceError};
 use crate::resume::{RemoteImage, ResumedMemory};
 use crate::stats::{ErrorKind, ForkCounters, StatsError, StatsPage};
@@ -530,7 +530,7 @@ impl Worker {
             arena: &self.arena,
             slot,
             input_len: d.len as usize,
-            copied: Cell::new([0; 2]),
+            copied: Cell::new([0; 4]),
         };
         self.busy_since.store(
             (self.epoch.elapsed().as_millis() as u64).max(1),
@@ -539,8 +539,9 @@ impl Worker {
         let started = Instant::now();
         let outcome = self.instance.host_mut().invoke(&mut io);
         let elapsed = started.elapsed();
-        let [copied_in, copied_out] = io.copied.get();
+        let [copied_in, copied_out, in_place_in, in_place_out] = io.copied.get();
         self.stats.add_copied(copied_in, copied_out);
+        self.stats.add_in_place(in_place_in, in_place_out);
         self.busy_since.store(0, Ordering::Release);
         let error = match &outcome {
             Outcome::Done { .. } => None,
@@ -673,8 +674,9 @@ struct ArenaSlot<'a> {
     arena: &'a ArenaView,
     slot: SlotRef,
     input_len: usize,
-    /// Payload bytes copied [slot → guest, guest → slot], for the statistics page.
-    copied: Cell<[u64; 2]>,
+    /// Payload bytes copied [slot → guest, guest → slot], then read and written in place,
+    /// for the statistics page.
+    copied: Cell<[u64; 4]>,
 }
 
 impl ArenaSlot<'_> {
@@ -712,5 +714,19 @@ impl SlotIo for ArenaSlot<'_> {
             Ok(()) => self.count(1, src.len()),
             Err(e) => tracing::error!("writing output to the arena: {e}"),
         }
+    }
+
+    fn mapping(&self) -> Option<SlotMapping> {
+        let (offset, capacity) = self.arena.mappable_range(self.slot).ok()??;
+        Some(SlotMapping {
+            fd: self.arena.payload_fd().as_raw_fd(),
+            offset,
+            capacity: capacity as usize,
+        })
+    }
+
+    fn served_in_place(&mut self, input: usize, output: usize) {
+        self.count(2, input);
+        self.count(3, output);
     }
 }

@@ -14,6 +14,8 @@ use shm::{Arena, SlotClass};
 
 /// The family every user-space copy of payload bytes is counted in, gateway and workers.
 pub const PAYLOAD_COPIED: &str = "spindle_payload_bytes_copied_total";
+/// Payload bytes functions handled in place (a mapped slot) instead of copying.
+pub const PAYLOAD_IN_PLACE: &str = "spindle_payload_bytes_in_place_total";
 const PAYLOAD_COPIED_HELP: &str = "Payload bytes copied in user space, by the process that \
      copied them (gateway, or the function) and the copy (request_body: body into its slot; \
      class_move: a chunked body moved from a small slot to a large one; response_body: slot \
@@ -380,7 +382,7 @@ fn fork_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
 /// The workers' copies (from their statistics pages) join the gateway's in the one
 /// `spindle_payload_bytes_copied_total` family, per function, summed over its instances.
 fn add_worker_copies(families: &mut Vec<MetricFamily>, chains: &[Arc<ChainRuntime>]) {
-    let mut samples = Vec::new();
+    let (mut samples, mut in_place) = (Vec::new(), Vec::new());
     for chain in chains {
         let c = chain.plan.spec.name.as_str();
         for stage in &chain.stages {
@@ -388,6 +390,15 @@ fn add_worker_copies(families: &mut Vec<MetricFamily>, chains: &[Arc<ChainRuntim
             let mut total = Snapshot::default();
             for instance in &stage.instances {
                 total.add(&instance.stats.snapshot());
+            }
+            for (copy, n) in [
+                ("function_input", total.copied.in_place_input),
+                ("function_output", total.copied.in_place_output),
+            ] {
+                in_place.push(counter(
+                    &[("chain", c), ("copy", copy), ("process", f)],
+                    n as f64,
+                ));
             }
             for (copy, n) in [
                 ("function_input", total.copied.input),
@@ -401,6 +412,13 @@ fn add_worker_copies(families: &mut Vec<MetricFamily>, chains: &[Arc<ChainRuntim
             }
         }
     }
+    families.push(family(
+        PAYLOAD_IN_PLACE,
+        "Payload bytes functions read (function_input) and wrote (function_output) in place, \
+         in the request's slot mapped into their memory, instead of copying them",
+        MetricType::COUNTER,
+        in_place,
+    ));
     match families.iter_mut().find(|f| f.name() == PAYLOAD_COPIED) {
         Some(f) => f.mut_metric().extend(samples),
         None => families.push(family(

@@ -320,3 +320,129 @@ async fn an_exhausted_large_class_is_503_with_retry_after_and_counted() {
         assert_eq!(now, total, "{class} slots back");
     }
 }
+
+const IN_PLACE_CONFIG: &str = r#"
+functions:
+  - { name: uppercase_inplace, module: "{wasm:uppercase_inplace}", memory: 48MiB, timeout_ms: 5000, fuel: 5_000_000_000 }
+  - { name: reverse_inplace, module: "{wasm:reverse_inplace}", memory: 48MiB, timeout_ms: 5000, fuel: 5_000_000_000 }
+  - { name: uppercase, module: "{wasm:uppercase}", memory: 48MiB, timeout_ms: 5000, fuel: 5_000_000_000 }
+  - { name: reverse, module: "{wasm:reverse}", memory: 48MiB, timeout_ms: 5000, fuel: 5_000_000_000 }
+  - { name: frame, module: "{wasm:frame}", memory: 160MiB, timeout_ms: 5000, fuel: 20_000_000_000 }
+chains:
+  - name: inplace
+    route: /inplace
+    steps: [uppercase_inplace, reverse_inplace, frame]
+    timeout_ms: 20000
+    arena: { slot_size: 64KiB, slots: 64, large: { slot_size: 16MiB, slots: 2 } }
+  - name: hello
+    route: /hello
+    steps: [uppercase, reverse, frame]
+    timeout_ms: 20000
+    arena: { slot_size: 64KiB, slots: 64, large: { slot_size: 16MiB, slots: 2 } }
+"#;
+
+async fn chain_copied(
+    spindle: &Spindle,
+    chain: &str,
+    family: &str,
+    process: &str,
+    copy: &str,
+) -> f64 {
+    metric(
+        spindle,
+        &format!(r#"{family}{{chain="{chain}",copy="{copy}",process="{process}"}}"#),
+    )
+    .await
+}
+
+/// The same 10 MiB request through functions that handle it in place (the slot mapped into
+/// their memory) and through the plain ones: the same answer, and the in-place functions
+/// copy nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_functions_answer_the_same_and_copy_nothing() {
+    let spindle = Spindle::start("large-inplace", IN_PLACE_CONFIG).await;
+    let input = body(10 * MIB);
+    let want = hello_answer(&input);
+    for route in ["/inplace", "/hello"] {
+        let r = spindle.post(route, input.clone()).await;
+        assert_eq!(
+            r.status,
+            200,
+            "{route}: {}",
+            &r.text()[..r.text().len().min(300)]
+        );
+        assert!(r.body == want, "{route}: the answer differs from the model");
+    }
+    let n = input.len() as f64;
+    const COPIED: &str = "spindle_payload_bytes_copied_total";
+    const IN_PLACE: &str = "spindle_payload_bytes_in_place_total";
+    for f in ["uppercase_inplace", "reverse_inplace"] {
+        for copy in ["function_input", "function_output"] {
+            assert_eq!(
+                chain_copied(&spindle, "inplace", COPIED, f, copy).await,
+                0.0,
+                "{f} {copy}"
+            );
+            assert_eq!(
+                chain_copied(&spindle, "inplace", IN_PLACE, f, copy).await,
+                n,
+                "{f} {copy}"
+            );
+        }
+    }
+    for f in ["uppercase", "reverse"] {
+        for copy in ["function_input", "function_output"] {
+            assert_eq!(
+                chain_copied(&spindle, "hello", COPIED, f, copy).await,
+                n,
+                "{f} {copy}"
+            );
+            assert_eq!(
+                chain_copied(&spindle, "hello", IN_PLACE, f, copy).await,
+                0.0,
+                "{f} {copy}"
+            );
+        }
+    }
+    // frame has no in-place entry point: it copies on both chains.
+    for chain in ["inplace", "hello"] {
+        assert_eq!(
+            chain_copied(&spindle, chain, COPIED, "frame", "function_input").await,
+            n
+        );
+        assert_eq!(
+            chain_copied(&spindle, chain, COPIED, "frame", "function_output").await,
+            want.len() as f64
+        );
+    }
+
+    // A small body on the in-place chain takes the copy path (mapping does not pay there).
+    let r = spindle.post("/inplace", "hello spindle").await;
+    assert_eq!(r.text(), r#"{"result":"ELDNIPS OLLEH","bytes":13}"#);
+    assert_eq!(
+        chain_copied(
+            &spindle,
+            "inplace",
+            COPIED,
+            "uppercase_inplace",
+            "function_input"
+        )
+        .await,
+        13.0
+    );
+    // Another large one after it: the window is reused, the answer still right.
+    let second = body(3 * MIB + 7);
+    let r = spindle.post("/inplace", second.clone()).await;
+    assert!(r.status == 200 && r.body == hello_answer(&second));
+    assert_eq!(
+        chain_copied(
+            &spindle,
+            "inplace",
+            IN_PLACE,
+            "uppercase_inplace",
+            "function_input"
+        )
+        .await,
+        n + second.len() as f64
+    );
+}

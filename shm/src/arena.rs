@@ -631,6 +631,19 @@ macro_rules! slot_access {
             self.map.read(slot, offset, dst)
         }
 
+        /// Where the slot's bytes are in the payload memfd, `(offset, capacity)`, after the
+        /// same generation check as `read`, when the range can be mapped on its own
+        /// (page-aligned, whole pages, normal pages; large slots always are): for mapping
+        /// a slot into a guest's memory. `Ok(None)` for a slot that cannot be.
+        pub fn mappable_range(&self, slot: SlotRef) -> Result<Option<(u64, u32)>, ArenaError> {
+            self.map.validate(slot)?;
+            let (offset, capacity) = self.map.placement(slot.index)?;
+            let page = page_size();
+            let whole_pages =
+                offset.is_multiple_of(page) && (capacity as usize).is_multiple_of(page);
+            Ok((whole_pages && !self.map.hugepages).then_some((offset as u64, capacity)))
+        }
+
         /// Start of the slot's payload, after the same generation check as `read`, for
         /// copying straight between the slot and another buffer (e.g. Wasm linear memory).
         ///
@@ -1028,7 +1041,7 @@ pub struct ArenaView {
     /// Kept open, as the hand-off left them, for the view's life: closing them would take
     /// nothing away (a process can reopen a file it has mapped through /proc/self/map_files),
     /// and at their fixed numbers they show what the worker holds.
-    _fds: [OwnedFd; 2],
+    fds: [OwnedFd; 2],
 }
 
 impl std::fmt::Debug for ArenaView {
@@ -1150,8 +1163,14 @@ impl ArenaView {
                 slot_count: layout.slot_count(),
                 hugepages,
             },
-            _fds: [meta.into(), payload.into()],
+            fds: [meta.into(), payload.into()],
         })
+    }
+
+    /// The payload memfd this view maps (for mapping a slot elsewhere, see
+    /// `mappable_range`).
+    pub fn payload_fd(&self) -> BorrowedFd<'_> {
+        self.fds[1].as_fd()
     }
 
     slot_access!();
@@ -2106,6 +2125,30 @@ mod tests {
         assert_eq!(v.capacity(large.index), LARGE);
         assert_eq!(v.capacity(small.index), SMALL);
         assert_eq!(v.capacity(99), 0);
+    }
+
+    #[test]
+    fn large_slots_are_mappable_small_unaligned_ones_are_not() {
+        let a = classed(3, 1);
+        let v = view(&a);
+        let small = a.alloc(REQ).unwrap();
+        let large = a.alloc_in(SlotClass::Large, REQ).unwrap();
+        // 1 KiB small slots are not whole pages.
+        assert_eq!(v.mappable_range(small).unwrap(), None);
+        let (offset, capacity) = v.mappable_range(large).unwrap().unwrap();
+        assert_eq!(capacity, LARGE);
+        assert_eq!(offset as usize, a.map.large.unwrap().offset);
+        // The range is the slot: bytes written through the view are at that file offset.
+        v.write(large, 5, b"here").unwrap();
+        let file = File::from(v.payload_fd().try_clone_to_owned().unwrap());
+        let mut buf = [0u8; 4];
+        file.read_exact_at(&mut buf, offset + 5).unwrap();
+        assert_eq!(&buf, b"here");
+        a.release(large).unwrap();
+        assert!(matches!(
+            v.mappable_range(large),
+            Err(ArenaError::NotInUse { .. })
+        ));
     }
 
     #[test]
