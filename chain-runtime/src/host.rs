@@ -40,6 +40,7 @@ use wasmer_middlewares::metering::{self, MeteringPoints};
 
 use crate::config::{FunctionSpec, Isolation, ModuleMode};
 use crate::fresh::{self, Pristine, ResetError, ResetReport};
+use crate::inplace;
 use crate::snapshot::{
     self, CaptureContext, MemoryFill, Snapshot, SnapshotError, SnapshotMeta, TableContents,
     WasiLayout,
@@ -53,6 +54,9 @@ const MAX_ERROR_LEN: usize = 4096;
 /// Optional reactor export called in every instance built from a snapshot, before its first
 /// request, so the guest can reseed what its children must not share (PRNG state).
 pub const ON_FORK_EXPORT: &str = "spindle_on_fork";
+/// The optional export of modules that handle large inputs where they are (docs/guest-abi.md
+/// "In-place calls").
+pub const INPLACE_EXPORT: &str = "spindle_handle_inplace";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -95,6 +99,25 @@ pub trait SlotIo {
     fn capacity(&self) -> usize;
     /// Writes the hop's output. `src.len() <= capacity()` is checked by the caller.
     fn write_output(&mut self, src: &[u8]);
+    /// The slot as a file range the host may map into guest memory for an in-place call
+    /// ([`crate::inplace`]); None (the default) when it cannot be mapped.
+    fn mapping(&self) -> Option<SlotMapping> {
+        None
+    }
+    /// Counts a call served in place: `input` bytes read and `output` bytes written where
+    /// they are, without a copy.
+    fn served_in_place(&mut self, _input: usize, _output: usize) {}
+}
+
+/// Where a slot's bytes are, for mapping them into a guest's memory.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotMapping {
+    /// The arena's payload memfd: open for at least as long as the `SlotIo` that returned it.
+    pub fd: std::os::fd::RawFd,
+    /// Page-aligned offset of the slot in it.
+    pub offset: u64,
+    /// The slot's capacity, whole pages.
+    pub capacity: usize,
 }
 
 /// A request's input and output as plain buffers: [`SlotIo`] for running a host outside a
@@ -150,6 +173,9 @@ struct GuestCtx {
     /// The guest's `fd_close` import (wrapped to keep `stdio_closed`), if it has one; a
     /// child closes the same fds through it.
     fd_close: Option<Function>,
+    /// Inside `spindle_handle_inplace`: `spindle.output` is refused (the output is already
+    /// in place, in the mapped slot).
+    inplace: bool,
 }
 
 // SAFETY: the `io` pointer is only set and dereferenced on the thread that runs the guest, for
@@ -358,6 +384,13 @@ struct Reactor {
     instance: Instance,
     alloc: TypedFunction<i32, i32>,
     handle: TypedFunction<(i32, i32), i32>,
+    /// The optional `spindle_handle_inplace(ptr, len, cap) -> out_len` export.
+    handle_inplace: Option<TypedFunction<(i32, i32, i32), i32>>,
+    /// Whether linear memory has wasmer's static style (its base never moves): required
+    /// for in-place calls.
+    static_memory: bool,
+    /// The window of guest memory slots are mapped over, once reserved.
+    window: Option<inplace::Window>,
     guest: FunctionEnv<GuestCtx>,
     wasi: FunctionEnv<WasiCtx>,
     /// Where linear memory's contents came from.
@@ -396,6 +429,8 @@ pub struct FunctionHost {
     isolation: Isolation,
     /// Resets done since the caller last took them ([`FunctionHost::take_resets`]).
     resets: Vec<ResetReport>,
+    /// Where the slots served in place live between calls ([`crate::inplace`]).
+    homes: inplace::Homes,
 }
 
 impl FunctionHost {
@@ -462,6 +497,7 @@ impl FunctionHost {
                 Isolation::Reuse
             },
             resets: Vec::new(),
+            homes: inplace::Homes::default(),
         }
     }
 
@@ -677,6 +713,7 @@ impl FunctionHost {
                 routes: self.routes.clone(),
                 stdio_closed: [false; 3],
                 fd_close: None,
+                inplace: false,
             },
         );
         let wasi_env = FunctionEnv::new(store, wasi_ctx);
@@ -817,11 +854,26 @@ impl FunctionHost {
             .map_err(|e| {
                 self.abi_error(format!("spindle_handle must be (i32, i32) -> i32: {e}"))
             })?;
+        let handle_inplace = match instance.exports.get_function(INPLACE_EXPORT) {
+            Err(_) => None,
+            Ok(f) => Some(f.typed::<(i32, i32, i32), i32>(&store).map_err(|e| {
+                self.abi_error(format!(
+                    "{INPLACE_EXPORT} must be (i32, i32, i32) -> i32: {e}"
+                ))
+            })?),
+        };
+        let static_memory = matches!(
+            BaseTunables::new().memory_style(&memory.ty(&store)),
+            MemoryStyle::Static
+        );
         Ok(Reactor {
             store,
             instance,
             alloc,
             handle,
+            handle_inplace,
+            static_memory,
+            window: None,
             guest,
             wasi: wasi_env,
             memory_from: MemorySource::Cold,
@@ -1002,7 +1054,17 @@ impl FunctionHost {
             if let Some(fuel) = fuel {
                 metering::set_remaining_points(&mut reactor.store, &reactor.instance, fuel);
             }
-            run_reactor(reactor, io, fuel)
+            // In place only where nothing resets memory under the window (see inplace.rs),
+            // and only when mapping beats copying; otherwise (or when the window cannot be
+            // set up) the copy path.
+            let fresh = self.isolation == Isolation::FreshPerRequest;
+            let in_place = (!fresh && io.input_len() >= inplace::MIN_INPLACE_BYTES)
+                .then(|| run_inplace(reactor, &mut self.homes, io, fuel, &self.name))
+                .flatten();
+            match in_place {
+                Some(done) => done,
+                None => run_reactor(reactor, io, fuel),
+            }
         };
         let (outcome, trapped) = outcome;
         if self.isolation == Isolation::FreshPerRequest {
@@ -1306,6 +1368,144 @@ fn run_reactor(reactor: &mut Reactor, io: &mut dyn SlotIo, fuel: Option<u64>) ->
     (outcome, result.is_err())
 }
 
+/// Runs one call in place (see [`crate::inplace`]): the request's slot moved into the
+/// guest's window, `spindle_handle_inplace(window, len, capacity)`, the slot moved back out
+/// and zero pages over the window. None when this call cannot be served in place (no such
+/// export, a dynamic memory, a slot that cannot be mapped, no room for the window, a failed
+/// mapping): the caller copies instead, and nothing of the guest ran.
+fn run_inplace(
+    reactor: &mut Reactor,
+    homes: &mut inplace::Homes,
+    io: &mut dyn SlotIo,
+    fuel: Option<u64>,
+    function: &str,
+) -> Option<(Outcome, bool)> {
+    let handle = reactor.handle_inplace.clone()?;
+    if !reactor.static_memory {
+        return None;
+    }
+    let slot = io.mapping()?;
+    let input_len = io.input_len();
+    if input_len > slot.capacity {
+        return None;
+    }
+    let capacity = i32::try_from(slot.capacity).ok()?;
+    let memory = reactor.guest.as_ref(&reactor.store).memory.clone()?;
+    let base = memory.view(&reactor.store).data_ptr();
+    let window = match reactor.window {
+        Some(w) if w.capacity >= slot.capacity => w,
+        _ => {
+            // Reserved once per instance, as a guest allocation it never frees; a rebuilt
+            // instance reserves its own.
+            let size = i32::try_from(slot.capacity + inplace::ALIGN).ok()?;
+            let ptr = match reactor.alloc.call(&mut reactor.store, size) {
+                Ok(0) => {
+                    tracing::debug!(function, "no room for an in-place window: copying");
+                    return None;
+                }
+                Ok(p) => p as u32,
+                Err(trap) => {
+                    let outcome = classify_trap(&mut reactor.store, &reactor.instance, fuel, trap);
+                    return Some((outcome, true));
+                }
+            };
+            let w = inplace::Window::inside(base as usize, ptr, slot.capacity)?;
+            reactor.window = Some(w);
+            w
+        }
+    };
+    // Read again: the allocation above may have grown memory (never moving a static one).
+    let (base, size) = {
+        let view = memory.view(&reactor.store);
+        (view.data_ptr(), view.data_size())
+    };
+    if u64::from(window.guest) + slot.capacity as u64 > size
+        || !(base as usize + window.guest as usize).is_multiple_of(inplace::ALIGN)
+    {
+        reactor.window = None;
+        return None;
+    }
+    let home = match homes.get(slot.fd, slot.offset, slot.capacity) {
+        Ok(home) => home,
+        Err(e) => {
+            tracing::warn!(function, "mapping a slot for in-place calls: {e}; copying");
+            return None;
+        }
+    };
+    // SAFETY: the window lies inside linear memory (checked above), is 2 MiB-aligned on the
+    // host and belongs to the guest's heap as an allocation nobody else uses; the guest is
+    // not running and no Rust reference to linear memory is alive. It is moved back out
+    // below before anything else runs.
+    let at = unsafe { base.add(window.guest as usize) };
+    // SAFETY: see above; `home` is the slot's home of that capacity.
+    if let Err(e) = unsafe { inplace::enter(home, at, slot.capacity) } {
+        tracing::warn!(function, "moving a slot into guest memory: {e}; copying");
+        // A failed move may have left the window in any state: make it memory again.
+        // SAFETY: as above.
+        return match unsafe { inplace::fill_anonymous(at, slot.capacity) } {
+            Ok(()) => None,
+            Err(e) => Some((
+                failed(Status::Trap, format!("restoring guest memory: {e}")),
+                true,
+            )),
+        };
+    }
+    {
+        let ctx = reactor.guest.as_mut(&mut reactor.store);
+        ctx.output_len = 0;
+        ctx.error = None;
+        ctx.next = None;
+        ctx.io = None;
+        ctx.inplace = true;
+    }
+    let result = handle.call(
+        &mut reactor.store,
+        window.guest as i32,
+        input_len as i32,
+        capacity,
+    );
+    let ctx = reactor.guest.as_mut(&mut reactor.store);
+    ctx.inplace = false;
+    let (error, next) = (ctx.error.take(), ctx.next.take());
+    // Static memory never moves; if it had, the mapping would be gone with the old region
+    // and the guest's writes elsewhere: fail the call and drop the instance, and never map
+    // over an address that is no longer ours.
+    if memory.view(&reactor.store).data_ptr() != base {
+        let message = "linear memory moved during an in-place call";
+        return Some((failed(Status::Trap, message), true));
+    }
+    // SAFETY: the window entered above; the guest returned, nothing references it.
+    if let Err(e) = unsafe { inplace::leave(at, home, slot.capacity) } {
+        // The slot would stay in the guest's memory: this instance must not run again.
+        let message = format!("restoring guest memory after an in-place call: {e}");
+        return Some((failed(Status::Trap, message), true));
+    }
+    // A guest stopped mid-way (a trap, or a host function that refused) is rebuilt, as on
+    // the copy path.
+    let trapped = result.is_err();
+    let outcome = match result {
+        Err(_) if error.is_some() => failed(Status::GuestError, error.unwrap_or_default()),
+        Err(trap) => classify_trap(&mut reactor.store, &reactor.instance, fuel, trap),
+        Ok(_) if error.is_some() => failed(Status::GuestError, error.unwrap_or_default()),
+        Ok(n) if n < 0 => failed(
+            Status::GuestError,
+            format!("{INPLACE_EXPORT} returned {n} without an error message"),
+        ),
+        Ok(n) if n > capacity => failed(
+            Status::GuestError,
+            format!("{INPLACE_EXPORT} returned {n} bytes of output, the slot holds {capacity}"),
+        ),
+        Ok(n) => {
+            io.served_in_place(input_len, n as usize);
+            Outcome::Done {
+                output_len: n as usize,
+                next,
+            }
+        }
+    };
+    Some((outcome, trapped))
+}
+
 /// Borrows `len` bytes of guest memory at `ptr`, or None when out of bounds.
 ///
 /// # Safety
@@ -1339,6 +1539,13 @@ fn guest_fault(what: &str) -> RuntimeError {
 
 fn host_output(mut env: FunctionEnvMut<GuestCtx>, ptr: i32, len: i32) -> Result<(), RuntimeError> {
     let (ctx, store) = env.data_and_store_mut();
+    if ctx.inplace {
+        ctx.error = Some(format!(
+            "spindle.output cannot be called from {INPLACE_EXPORT}: write the output in place \
+             and return its length"
+        ));
+        return Err(RuntimeError::new("spindle.output in an in-place call"));
+    }
     let memory = attached_memory(ctx)?;
     let Some(mut io) = ctx.io else {
         return Err(RuntimeError::new(

@@ -18,6 +18,7 @@ pub mod confine;
 pub mod control;
 pub mod fresh;
 pub mod host;
+pub mod inplace;
 pub mod instance;
 pub mod plan;
 pub mod resume;

@@ -80,6 +80,24 @@ struct Block {
     /// Non-cumulative counts per bucket (the bounds of the execution-time histogram).
     reset_buckets: [AtomicU64; EXEC_BUCKETS],
     reset_overflow: AtomicU64,
+    /// Payload bytes the worker copied in user space ([`Copies`] order): slot → guest
+    /// (input), guest → slot (output).
+    copied: [AtomicU64; COPY_KINDS],
+}
+
+const COPY_KINDS: usize = 4;
+
+/// Payload bytes copied by a worker, summed over its incarnations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Copies {
+    /// Slot → the guest's linear memory (or a command module's stdin buffer).
+    pub input: u64,
+    /// The guest's linear memory (or a command's stdout buffer) → slot.
+    pub output: u64,
+    /// Input bytes a guest read in place, from the slot mapped into its memory (no copy).
+    pub in_place_input: u64,
+    /// Output bytes a guest wrote in place, straight into the mapped slot (no copy).
+    pub in_place_output: u64,
 }
 
 /// The `resource` label of each live-resource gauge, in stats-page order (the order of
@@ -222,6 +240,7 @@ pub struct Snapshot {
     /// Open remote-fork resources of the running incarnation, see [`LIVE_RESOURCES`].
     pub live: [u64; 4],
     pub reset: ResetCounters,
+    pub copied: Copies,
 }
 
 impl Snapshot {
@@ -241,6 +260,10 @@ impl Snapshot {
             *a += b;
         }
         self.reset.add(&other.reset);
+        self.copied.input += other.copied.input;
+        self.copied.output += other.copied.output;
+        self.copied.in_place_input += other.copied.in_place_input;
+        self.copied.in_place_output += other.copied.in_place_output;
     }
 }
 
@@ -366,6 +389,26 @@ impl StatsPage {
         }
     }
 
+    /// Counts payload bytes copied by one call (input: slot → guest, output: guest → slot).
+    pub fn add_copied(&self, input: u64, output: u64) {
+        let b = self.block();
+        for (dst, v) in b.copied.iter().zip([input, output]) {
+            if v > 0 {
+                dst.fetch_add(v, Relaxed);
+            }
+        }
+    }
+
+    /// Counts payload bytes one in-place call read and wrote without copying.
+    pub fn add_in_place(&self, input: u64, output: u64) {
+        let b = self.block();
+        for (dst, v) in b.copied[2..].iter().zip([input, output]) {
+            if v > 0 {
+                dst.fetch_add(v, Relaxed);
+            }
+        }
+    }
+
     /// Counts a descriptor refused before any guest ran (forged, stale or malformed).
     pub fn record_refused(&self) {
         self.block().errors[ErrorKind::Refused as usize].fetch_add(1, Relaxed);
@@ -401,6 +444,12 @@ impl StatsPage {
             sum_seconds: b.reset_sum_ns.load(Relaxed) as f64 / 1e9,
             buckets: std::array::from_fn(|i| b.reset_buckets[i].load(Relaxed)),
             overflow: b.reset_overflow.load(Relaxed),
+        };
+        s.copied = Copies {
+            input: b.copied[0].load(Relaxed),
+            output: b.copied[1].load(Relaxed),
+            in_place_input: b.copied[2].load(Relaxed),
+            in_place_output: b.copied[3].load(Relaxed),
         };
         s
     }
@@ -450,6 +499,23 @@ mod tests {
         assert!((s.exec_sum_seconds - 100.005003001).abs() < 1e-6);
         assert!(bucket_bound(13) >= 0.005 && bucket_bound(12) < 0.005);
         assert_eq!(s.fork, ForkCounters::default());
+        assert_eq!(s.copied, Copies::default());
+        other.add_copied(10, 0);
+        other.add_copied(5, 7);
+        other.add_in_place(3, 4);
+        let s = page.snapshot();
+        assert_eq!(
+            s.copied,
+            Copies {
+                input: 15,
+                output: 7,
+                in_place_input: 3,
+                in_place_output: 4,
+            }
+        );
+        let mut sum = s.clone();
+        sum.add(&s);
+        assert_eq!((sum.copied.input, sum.copied.output), (30, 14));
     }
 
     #[test]

@@ -27,9 +27,10 @@
 //! same numbers and runs the same serving loop ([`serve_instance`]) on an instance restored
 //! from the zygote's image.
 
+use std::cell::Cell;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,7 +45,7 @@ use shm::{ArenaError, ArenaView, SlotRef};
 
 use crate::confine::{Role, confine};
 use crate::control::{self, Prepared};
-use crate::host::{Outcome, SlotIo};
+use crate::host::{Outcome, SlotIo, SlotMapping};
 use crate::instance::{Handoff, Instance, InstanceBuilder, InstanceError};
 use crate::resume::{RemoteImage, ResumedMemory};
 use crate::stats::{ErrorKind, ForkCounters, StatsError, StatsPage};
@@ -615,6 +616,7 @@ impl Worker {
             arena: &self.arena,
             slot,
             input_len: d.len as usize,
+            copied: Cell::new([0; 4]),
         };
         self.busy_since.store(
             (self.epoch.elapsed().as_millis() as u64).max(1),
@@ -623,6 +625,9 @@ impl Worker {
         let started = Instant::now();
         let outcome = self.instance.host_mut().invoke(&mut io);
         let elapsed = started.elapsed();
+        let [copied_in, copied_out, in_place_in, in_place_out] = io.copied.get();
+        self.stats.add_copied(copied_in, copied_out);
+        self.stats.add_in_place(in_place_in, in_place_out);
         self.busy_since.store(0, Ordering::Release);
         let error = match &outcome {
             Outcome::Done { .. } => None,
@@ -674,7 +679,7 @@ impl Worker {
     /// Writes "function NAME: message" into the slot and sends the descriptor to the gateway.
     fn fail(&self, d: &mut Descriptor, slot: SlotRef, status: Status, message: &str) {
         let text = format!("function {}: {message}", self.function_name());
-        let bytes = &text.as_bytes()[..text.len().min(self.arena.slot_size() as usize)];
+        let bytes = &text.as_bytes()[..text.len().min(self.arena.capacity(slot.index) as usize)];
         let written = self.arena.write(slot, 0, bytes).is_ok();
         d.len = if written { bytes.len() as u32 } else { 0 };
         d.status = status as u8;
@@ -755,6 +760,17 @@ struct ArenaSlot<'a> {
     arena: &'a ArenaView,
     slot: SlotRef,
     input_len: usize,
+    /// Payload bytes copied [slot → guest, guest → slot], then read and written in place,
+    /// for the statistics page.
+    copied: Cell<[u64; 4]>,
+}
+
+impl ArenaSlot<'_> {
+    fn count(&self, direction: usize, bytes: usize) {
+        let mut c = self.copied.get();
+        c[direction] += bytes as u64;
+        self.copied.set(c);
+    }
 }
 
 impl SlotIo for ArenaSlot<'_> {
@@ -765,20 +781,39 @@ impl SlotIo for ArenaSlot<'_> {
     fn read_input(&self, dst: &mut [u8]) {
         // The slot was checked on receipt and only the gateway releases it, after this
         // descriptor comes back; a failure here means the protocol was broken elsewhere.
-        if let Err(e) = self.arena.read(self.slot, 0, dst) {
-            tracing::error!("reading input from the arena: {e}");
-            dst.fill(0);
+        match self.arena.read(self.slot, 0, dst) {
+            Ok(()) => self.count(0, dst.len()),
+            Err(e) => {
+                tracing::error!("reading input from the arena: {e}");
+                dst.fill(0);
+            }
         }
     }
 
     fn capacity(&self) -> usize {
-        self.arena.slot_size() as usize
+        // The slot's class decides: a large slot holds a large answer.
+        self.arena.capacity(self.slot.index) as usize
     }
 
     fn write_output(&mut self, src: &[u8]) {
-        if let Err(e) = self.arena.write(self.slot, 0, src) {
-            tracing::error!("writing output to the arena: {e}");
+        match self.arena.write(self.slot, 0, src) {
+            Ok(()) => self.count(1, src.len()),
+            Err(e) => tracing::error!("writing output to the arena: {e}"),
         }
+    }
+
+    fn mapping(&self) -> Option<SlotMapping> {
+        let (offset, capacity) = self.arena.mappable_range(self.slot).ok()??;
+        Some(SlotMapping {
+            fd: self.arena.payload_fd().as_raw_fd(),
+            offset,
+            capacity: capacity as usize,
+        })
+    }
+
+    fn served_in_place(&mut self, input: usize, output: usize) {
+        self.count(2, input);
+        self.count(3, output);
     }
 }
 

@@ -139,4 +139,36 @@ static inline int32_t spindle_dispatch_(spindle_handler_fn fn, uint8_t *ptr, int
 		return spindle_dispatch_(fn, ptr, len);                                        \
 	}
 
+/*
+ * In-place calls (docs/guest-abi.md): for a large input the host may map the request's
+ * shared-memory slot into linear memory and call
+ *
+ *     int32_t spindle_handle_inplace(uint8_t *buf, int32_t len, int32_t cap)
+ *
+ * instead of spindle_handle. The input is buf[0..len); the output is written into
+ * buf[0..out_len) (in place: buf is the slot) and its length returned, 0 <= out_len <= cap.
+ * A negative return is a failure (report why with spindle_error() first). spindle_output()
+ * must not be called, and buf must not be freed or kept: the host reserved that memory with
+ * spindle_alloc() once and maps a different slot there for every call. Modules keep
+ * spindle_handle for the copy path (small inputs, isolation: fresh_per_request).
+ *
+ * SPINDLE_INPLACE_HANDLER(fn) defines the export around
+ * `static int32_t fn(uint8_t *buf, size_t len, size_t cap)`.
+ */
+typedef int32_t (*spindle_inplace_fn)(uint8_t *buf, size_t len, size_t cap);
+
+#ifndef SPINDLE_INPLACE_SYMBOL
+#define SPINDLE_INPLACE_SYMBOL spindle_handle_inplace
+#endif
+
+#define SPINDLE_INPLACE_HANDLER(fn)                                                            \
+	SPINDLE_EXPORT("spindle_handle_inplace")                                               \
+	int32_t SPINDLE_INPLACE_SYMBOL(uint8_t *buf, int32_t len, int32_t cap);                \
+	int32_t SPINDLE_INPLACE_SYMBOL(uint8_t *buf, int32_t len, int32_t cap)                 \
+	{                                                                                      \
+		if (len < 0 || cap < len)                                                      \
+			return -1;                                                             \
+		return fn(buf, (size_t)len, (size_t)cap);                                      \
+	}
+
 #endif /* SPINDLE_H */

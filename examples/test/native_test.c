@@ -32,6 +32,10 @@ int32_t handle_frontend(uint8_t *, int32_t);
 int32_t handle_cart(uint8_t *, int32_t);
 int32_t handle_catalog(uint8_t *, int32_t);
 int32_t handle_currency(uint8_t *, int32_t);
+int32_t handle_uppercase_inplace(uint8_t *, int32_t);
+int32_t handle_reverse_inplace(uint8_t *, int32_t);
+int32_t inplace_uppercase_inplace(uint8_t *, int32_t, int32_t);
+int32_t inplace_reverse_inplace(uint8_t *, int32_t, int32_t);
 
 /* ---- the fake host ---- */
 
@@ -800,8 +804,59 @@ static void rot13_tests(const char *exe)
 	free(want);
 }
 
+/*
+ * The in-place variants give what the plain functions give, through either entry point:
+ * spindle_handle (copy path) and spindle_handle_inplace on a buffer of exactly `cap` bytes
+ * (ASan catches a write past it), for random bytes (ASCII, UTF-8, invalid sequences).
+ */
+static void inplace_variants_agree(void)
+{
+	static const struct {
+		const char *name;
+		handler plain, copy_path;
+		int32_t (*inplace)(uint8_t *, int32_t, int32_t);
+	} pairs[] = {
+		{"uppercase_inplace", handle_uppercase, handle_uppercase_inplace,
+		 inplace_uppercase_inplace},
+		{"reverse_inplace", handle_reverse, handle_reverse_inplace, inplace_reverse_inplace},
+	};
+	static const char alphabet[] = "abcXYZ \n\xc3\xb1\xe2\x82\xac\xf0\x9f\x98\x80\xff\x80";
+
+	for (size_t p = 0; p < sizeof pairs / sizeof pairs[0]; p++) {
+		const char *problem = NULL;
+		for (int round = 0; round < 300 && !problem; round++) {
+			size_t len = rng() % 200, cap = len + rng() % 8;
+			uint8_t in[200], *buf = malloc(cap ? cap : 1);
+			for (size_t i = 0; i < len; i++)
+				in[i] = (uint8_t)alphabet[rng() % (sizeof alphabet - 1)];
+			if (run(pairs[p].plain, in, len, NULL) != 0) {
+				problem = "the plain function failed";
+				free(buf);
+				break;
+			}
+			uint8_t *want = malloc(host.out_len ? host.out_len : 1);
+			size_t want_len = host.out_len;
+			memcpy(want, host.out, want_len);
+			if (run(pairs[p].copy_path, in, len, NULL) != 0 || host.out_len != want_len ||
+			    memcmp(host.out, want, want_len) != 0)
+				problem = "spindle_handle differs from the plain function";
+			memcpy(buf, in, len);
+			int32_t n = pairs[p].inplace(buf, (int32_t)len, (int32_t)cap);
+			if (!problem && (n != (int32_t)want_len || memcmp(buf, want, want_len) != 0))
+				problem = "spindle_handle_inplace differs from the plain function";
+			if (!problem && (pairs[p].inplace(buf, -1, 4) >= 0 ||
+					 pairs[p].inplace(buf, 5, 4) >= 0))
+				problem = "accepted a length outside 0..=cap";
+			free(want);
+			free(buf);
+		}
+		verdict(pairs[p].name, problem);
+	}
+}
+
 int main(int argc, char **argv)
 {
+	inplace_variants_agree();
 	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
 		run_case(&cases[i]);
 	sha256_lengths();

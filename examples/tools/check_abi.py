@@ -30,6 +30,8 @@ REACTOR_EXPORTS = {
 # Exports a reactor may have: the snapshot hook, called in each child after a fork.
 OPTIONAL_REACTOR_EXPORTS = {
     "spindle_on_fork": ("func", ((), ())),
+    # In-place calls on a mapped slot: (buf, len, cap) -> out_len.
+    "spindle_handle_inplace": ("func", ((I32, I32, I32), (I32,))),
 }
 COMMAND_EXPORTS = {
     "memory": ("memory", None),

@@ -50,7 +50,8 @@ const CHAIN: &[&str] = &[
     "content_type",
     "arena",
 ];
-const ARENA: &[&str] = &["slot_size", "slots"];
+const ARENA: &[&str] = &["slot_size", "slots", "large"];
+const LARGE: &[&str] = &["slot_size", "slots"];
 const NODE: &[&str] = &[
     "name",
     "cpu_budget",
@@ -225,6 +226,7 @@ fn value(u: &mut Unstructured<'_>, section: &str, key: &str) -> Result<Node> {
         })?),
         ("chain", "steps" | "functions") => Node::Seq(list(u, |u| scalar(u, NAMES))?),
         ("chain", "arena") => map(u, "arena", ARENA)?,
+        ("arena", "large") if u.arbitrary()? => map(u, "large", LARGE)?,
         (_, "name" | "entry") => scalar(u, NAMES)?,
         _ => scalar(u, SCALARS)?,
     })

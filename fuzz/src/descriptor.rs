@@ -8,15 +8,29 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use proto::{Descriptor, Status};
-use shm::{Arena, ArenaView, SlotRef};
+use shm::{Arena, ArenaSpec, ArenaView, ClassSpec, SlotClass, SlotRef};
 
 pub const SLOT_SIZE: u32 = 4096;
 pub const SLOTS: u32 = 8;
+/// The large class: indices SLOTS..SLOTS + LARGE_SLOTS, LARGE_SLOT_SIZE bytes each.
+pub const LARGE_SLOT_SIZE: u32 = 16384;
+pub const LARGE_SLOTS: u32 = 2;
+const ALL_SLOTS: u32 = SLOTS + LARGE_SLOTS;
+
+/// The model's capacity of slot `index`: which class its index is in (0 outside both).
+fn capacity(index: u32) -> u32 {
+    match index {
+        i if i < SLOTS => SLOT_SIZE,
+        i if i < ALL_SLOTS => LARGE_SLOT_SIZE,
+        _ => 0,
+    }
+}
 
 /// What the input asks for next.
 #[derive(Arbitrary, Debug)]
 enum Op {
     Alloc,
+    AllocLarge,
     /// Releases the live slot at this position (modulo the live count).
     Release(u8),
     /// Releases a slot released before, which the arena must refuse.
@@ -67,8 +81,17 @@ pub fn run_with(
 ) {
     let mut u = Unstructured::new(data);
     // A fresh arena per input: generations then depend on this input alone.
-    let arena =
-        Arena::create("spindle-fuzz-descriptor", SLOT_SIZE, SLOTS).expect("creating an arena");
+    let spec = ArenaSpec {
+        small: ClassSpec {
+            slot_size: SLOT_SIZE,
+            slot_count: SLOTS,
+        },
+        large: Some(ClassSpec {
+            slot_size: LARGE_SLOT_SIZE,
+            slot_count: LARGE_SLOTS,
+        }),
+    };
+    let arena = Arena::create_classes("spindle-fuzz-descriptor", &spec).expect("creating an arena");
     let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().expect("dup");
     let view = ArenaView::from_fds(dup(arena.meta_fd()), dup(arena.payload_fd()))
         .expect("a worker's view of the arena");
@@ -79,7 +102,7 @@ pub fn run_with(
     let (fn_id, chain) = addressing.as_ref().map_or((0, 0), |a| (a.fn_id, a.chain));
     let in_arena = |d: &Descriptor, live: &[(SlotRef, u64)]| {
         d.reserved == 0
-            && d.len <= SLOT_SIZE
+            && d.len <= capacity(d.slot)
             && live.contains(&(
                 SlotRef {
                     index: d.slot,
@@ -127,15 +150,29 @@ pub fn run_with(
     while !u.is_empty() {
         let Ok(op) = Op::arbitrary(&mut u) else { break };
         match op {
-            Op::Alloc => match arena.alloc(next_request) {
-                Ok(slot) => {
-                    assert!(slot.index < SLOTS && !live.iter().any(|(s, _)| s.index == slot.index));
-                    live.push((slot, next_request));
-                    next_request += 1;
+            Op::Alloc | Op::AllocLarge => {
+                let (class, range) = match op {
+                    Op::Alloc => (SlotClass::Small, 0..SLOTS),
+                    _ => (SlotClass::Large, SLOTS..ALL_SLOTS),
+                };
+                match arena.alloc_in(class, next_request) {
+                    Ok(slot) => {
+                        assert!(
+                            range.contains(&slot.index)
+                                && !live.iter().any(|(s, _)| s.index == slot.index)
+                        );
+                        live.push((slot, next_request));
+                        next_request += 1;
+                    }
+                    Err(shm::ArenaError::Full) => assert_eq!(
+                        live.iter()
+                            .filter(|(s, _)| range.contains(&s.index))
+                            .count(),
+                        range.len()
+                    ),
+                    Err(e) => panic!("alloc: {e}"),
                 }
-                Err(shm::ArenaError::Full) => assert_eq!(live.len(), SLOTS as usize),
-                Err(e) => panic!("alloc: {e}"),
-            },
+            }
             Op::Release(i) if !live.is_empty() => {
                 let (slot, _) = live.swap_remove(i as usize % live.len());
                 arena.release(slot).expect("releasing a live slot");
@@ -193,7 +230,7 @@ pub fn run_with(
                     continue;
                 };
                 let (offset, len) = (offset as usize, len as usize);
-                let fits = offset + len <= SLOT_SIZE as usize;
+                let fits = offset + len <= capacity(slot.index) as usize;
                 let src = vec![0xa5u8; len];
                 assert_eq!(view.write(slot, offset, &src).is_ok(), fits);
                 let mut dst = vec![0u8; len];
@@ -203,7 +240,7 @@ pub fn run_with(
                 }
             }
         }
-        assert_eq!(arena.free_slots() as usize, SLOTS as usize - live.len());
+        assert_eq!(arena.free_slots() as usize, ALL_SLOTS as usize - live.len());
     }
 }
 

@@ -38,7 +38,7 @@ use crossbeam_utils::CachePadded;
 use hyper::StatusCode;
 use proto::worker::is_control;
 use proto::{Descriptor, GATEWAY_FN, Status};
-use shm::{Arena, ArenaError, SlotRef};
+use shm::{Arena, ArenaError, SlotClass, SlotRef};
 use sockmap_bpf::{HolderRecord, KernelDataplane};
 use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -62,8 +62,13 @@ impl SlotGuard {
     /// that the arena records it with the slot, and workers refuse descriptors naming the
     /// slot under any other id.
     pub fn alloc(arena: &Arc<Arena>) -> Result<Self, ArenaError> {
+        Self::alloc_in(arena, SlotClass::Small)
+    }
+
+    /// [`SlotGuard::alloc`] from the arena's slots of `class`.
+    pub fn alloc_in(arena: &Arc<Arena>, class: SlotClass) -> Result<Self, ArenaError> {
         let request_id = REQUEST_IDS.fetch_add(1, Ordering::Relaxed);
-        let slot = arena.alloc(request_id)?;
+        let slot = arena.alloc_in(class, request_id)?;
         Ok(SlotGuard {
             arena: Arc::clone(arena),
             slot,
@@ -869,7 +874,7 @@ impl ChainRuntime {
             || desc.chain != self.plan.id
         {
             Some(Refusal::SlotMismatch)
-        } else if desc.len > self.arena.slot_size()
+        } else if desc.len > self.arena.capacity(desc.slot)
             || desc.reserved != 0
             || desc.status().is_err()
             || !self.hop_ok(p, &desc)

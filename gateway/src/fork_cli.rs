@@ -91,7 +91,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     signals.thread_block().context("blocking SIGINT/SIGTERM")?;
 
     let builder = builder(&args.config, &args.chain, &args.function)?;
-    let capacity = builder.chain().spec.slot_size as usize;
+    let capacity = builder.chain().spec.max_payload() as usize;
     let mut instance = builder.cold_from_file()?;
     for body in &args.warm {
         let out = invoke(instance.host_mut(), body.as_bytes(), capacity)
@@ -256,7 +256,7 @@ impl ChildNode {
     fn open(args: &ResumeArgs) -> anyhow::Result<Self> {
         let descriptor = read_descriptor(&args.descriptor)?;
         let builder = builder(&args.config, &args.chain, &args.function)?;
-        let capacity = builder.chain().spec.slot_size as usize;
+        let capacity = builder.chain().spec.max_payload() as usize;
         let module_path = builder.stage().function.module.clone();
         let bytes = std::fs::read(&module_path)
             .with_context(|| format!("reading module {}", module_path.display()))?;

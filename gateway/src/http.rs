@@ -7,17 +7,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use http_edge::{Reply, failure_code, payload_too_large, text};
+use http_body_util::Full;
+use http_edge::{Reply, failure_code, text};
 use hyper::body::{Body, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use proto::Status;
-use shm::ArenaError;
 
 use crate::dataplane::{ChainRuntime, Completion, SlotGuard};
 use crate::metrics::{ChainMetrics, Metrics};
 use crate::node::NodeService;
+use crate::payload;
 use crate::peers::Cluster;
 
 pub struct Gateway {
@@ -202,11 +202,7 @@ impl Gateway {
 
     fn metrics_page(&self) -> Reply {
         for c in &self.chains {
-            self.metrics.set_arena(
-                &c.plan.spec.name,
-                c.arena.slot_count(),
-                c.arena.free_slots(),
-            );
+            self.metrics.set_arena(&c.plan.spec.name, &c.arena);
         }
         let mut extra = self.node.as_ref().map(|n| n.families()).unwrap_or_default();
         extra.extend(self.cluster.families());
@@ -227,37 +223,23 @@ async fn serve_chain(
     content_type: &HeaderValue,
     req: Request<Incoming>,
 ) -> Reply {
-    let slot_size = chain.arena.slot_size() as u64;
-    // The size hint is hyper's own reading of the framing: it also catches a Content-Length
-    // hyper accepts but a plain number parse does not (`10, 10`). The baseline has only the
-    // header check; either way the read below holds the body to the slot size.
-    if http_edge::check_content_length(req.headers(), slot_size).is_err()
-        || req.body().size_hint().lower() > slot_size
-    {
-        return payload_too_large(&chain.plan.spec.name, slot_size);
+    // Over the largest slot class: 413 before reading. The baseline has only the header
+    // check; either way the read below holds the body to that size.
+    if let Some(reply) = payload::too_large_up_front(chain, &req) {
+        return reply;
     }
-    let slot = match SlotGuard::alloc(&chain.arena) {
+    let class = payload::class_for(chain, req.body().size_hint().lower());
+    let slot = match payload::alloc(chain, metrics, class) {
         Ok(slot) => slot,
-        Err(ArenaError::Full) => {
-            metrics.alloc_failures.inc();
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "chain {} is at capacity ({} requests in flight); retry shortly",
-                    chain.plan.spec.name,
-                    chain.arena.slot_count()
-                ),
-            );
-        }
-        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}")),
+        Err(reply) => return reply,
     };
 
     // The chain's deadline covers the upload too: a slow sender must not pin a slot forever.
     let timeout = chain.plan.spec.timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    let body = copy_body(chain, &slot, req.into_body());
-    let len = match tokio::time::timeout_at(deadline, body).await {
-        Ok(Ok(len)) => len,
+    let body = payload::copy_body(chain, metrics, slot, req.into_body());
+    let (slot, len) = match tokio::time::timeout_at(deadline, body).await {
+        Ok(Ok(copied)) => copied,
         Ok(Err(reply)) => return reply,
         Err(_) => {
             let name = &chain.plan.spec.name;
@@ -274,7 +256,9 @@ async fn serve_chain(
         Err((code, message)) => return text(code, message),
     };
     match tokio::time::timeout_at(deadline, completion).await {
-        Ok(Ok(Completion::Returned { desc, slot })) => respond(chain, content_type, desc, slot),
+        Ok(Ok(Completion::Returned { desc, slot })) => {
+            respond(chain, metrics, content_type, desc, slot)
+        }
         Ok(Ok(Completion::Failed { code, message })) => text(code, message),
         Ok(Err(_)) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -293,47 +277,17 @@ async fn serve_chain(
     }
 }
 
-/// The one copy of the body: each received chunk goes straight into the slot.
-async fn copy_body(
-    chain: &ChainRuntime,
-    slot: &SlotGuard,
-    mut body: Incoming,
-) -> Result<u32, Reply> {
-    let slot_size = chain.arena.slot_size() as usize;
-    let mut len = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            text(
-                StatusCode::BAD_REQUEST,
-                format!("reading request body: {e}"),
-            )
-        })?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if len + data.len() > slot_size {
-            return Err(payload_too_large(&chain.plan.spec.name, slot_size as u64));
-        }
-        chain
-            .arena
-            .write(slot.slot(), len, &data)
-            .map_err(|e| text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}")))?;
-        len += data.len();
-    }
-    // slot_size is a u32, so len fits.
-    Ok(len as u32)
-}
-
 fn respond(
     chain: &ChainRuntime,
+    metrics: &ChainMetrics,
     content_type: &HeaderValue,
     desc: proto::Descriptor,
     slot: SlotGuard,
 ) -> Reply {
-    let mut payload = vec![0u8; desc.len as usize];
-    if let Err(e) = chain.arena.read(slot.slot(), 0, &mut payload) {
-        return text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}"));
-    }
+    let payload = match payload::read_answer(chain, metrics, &slot, desc.len) {
+        Ok(payload) => payload,
+        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("arena: {e}")),
+    };
     drop(slot);
     let status = desc.status().unwrap_or(Status::Refused);
     if status == Status::Ok {

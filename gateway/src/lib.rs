@@ -20,6 +20,7 @@ pub mod front;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod payload;
 pub mod peers;
 pub mod process;
 pub mod queue;

@@ -113,7 +113,7 @@ async fn bench(args: LocalBenchArgs) -> anyhow::Result<()> {
         .position(|s| s.fn_id == fn_id)
         .expect("the builder found it");
     let spec = &chain_plan.spec;
-    let arena = Arena::create("spindle-bench", spec.slot_size, spec.slots)?;
+    let arena = Arena::create_classes("spindle-bench", &gateway::payload::arena_spec(spec))?;
     let chain = Arc::new(ChainRuntime::new(
         chain_plan.clone(),
         Arc::new(arena),

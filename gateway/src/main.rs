@@ -543,11 +543,11 @@ fn load_kernel_dataplane(plan: &Plan) -> anyhow::Result<Arc<sockmap_bpf::KernelD
                 chain: u32::from(chain.id),
                 instances: gateway::dataplane::instance_slots(&stage.function),
                 slot_base,
-                slots: chain.spec.slots,
+                slots: chain.spec.total_slots(),
             };
             kernel.register_function(stage.fn_id, info)?;
         }
-        slot_base = slot_base.saturating_add(chain.spec.slots);
+        slot_base = slot_base.saturating_add(chain.spec.total_slots());
     }
     Ok(Arc::new(kernel))
 }
@@ -558,7 +558,7 @@ fn slot_bases(plan: &Plan) -> Vec<u32> {
         .iter()
         .scan(0u32, |base, c| {
             let this = *base;
-            *base = base.saturating_add(c.spec.slots);
+            *base = base.saturating_add(c.spec.total_slots());
             Some(this)
         })
         .collect()
@@ -649,14 +649,15 @@ async fn run(
     let mut chains = Vec::new();
     for chain in &plan.chains {
         let spec = &chain.spec;
-        let arena = Arena::create(
+        let arena = Arena::create_classes(
             &format!("spindle-{}", spec.name),
-            spec.slot_size,
-            spec.slots,
+            &gateway::payload::arena_spec(spec),
         )
         .with_context(|| format!("creating the arena of chain {}", spec.name))?;
         tracing::info!(
             chain = %spec.name, route = %spec.route, slots = spec.slots, slot_size = spec.slot_size,
+            large_slots = spec.large.map_or(0, |l| l.slots),
+            large_slot_size = spec.large.map_or(0, |l| l.slot_size),
             hugepages = arena.uses_hugepages(), "arena created"
         );
         let route = kernel.as_ref().map(|k| KernelRoute {

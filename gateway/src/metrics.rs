@@ -10,6 +10,17 @@ use nix::unistd::{SysconfVar, sysconf};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 
 use crate::dataplane::{ChainRuntime, Refusal, WAIT_BUCKETS};
+use shm::{Arena, SlotClass};
+
+/// The family every user-space copy of payload bytes is counted in, gateway and workers.
+pub const PAYLOAD_COPIED: &str = "spindle_payload_bytes_copied_total";
+/// Payload bytes functions handled in place (a mapped slot) instead of copying.
+pub const PAYLOAD_IN_PLACE: &str = "spindle_payload_bytes_in_place_total";
+const PAYLOAD_COPIED_HELP: &str = "Payload bytes copied in user space, by the process that \
+     copied them (gateway, or the function) and the copy (request_body: body into its slot; \
+     class_move: a chunked body moved from a small slot to a large one; response_body: slot \
+     into the response; function_input: slot into the guest's memory; function_output: \
+     guest memory into the slot)";
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -34,6 +45,9 @@ pub struct Metrics {
     pub http_connections_closed: IntCounterVec,
     pub function_generation: IntGaugeVec,
     arena_slots: IntGaugeVec,
+    arena_class_slots: IntGaugeVec,
+    class_alloc_failures: IntCounterVec,
+    payload_copied: IntCounterVec,
     dataplane: IntGaugeVec,
     fork_transport: IntGaugeVec,
     sandbox: IntGaugeVec,
@@ -52,10 +66,25 @@ pub struct ChainMetrics {
     by_code: Vec<(u16, IntCounter)>,
     pub duration: prometheus::Histogram,
     pub alloc_failures: IntCounter,
+    /// Per slot class ([`SlotClass::ALL`] order): requests refused because it was full.
+    class_failures: Vec<IntCounter>,
+    /// Payload bytes the gateway copied: body into slot, small slot into large one, slot
+    /// into the response.
+    pub copied_request: IntCounter,
+    pub copied_move: IntCounter,
+    pub copied_response: IntCounter,
     pub in_flight: prometheus::IntGauge,
 }
 
 impl ChainMetrics {
+    pub fn class_alloc_failures(&self, class: SlotClass) -> &IntCounter {
+        let i = SlotClass::ALL
+            .iter()
+            .position(|&c| c == class)
+            .expect("ALL lists every class");
+        &self.class_failures[i]
+    }
+
     pub fn request(&self, code: u16) {
         match self.by_code.iter().find(|(c, _)| *c == code) {
             Some((_, counter)) => counter.inc(),
@@ -350,6 +379,57 @@ fn fork_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
 
 /// Per-function invocations, errors and execution times, summed over the function's
 /// instances' statistics pages (written by the workers).
+/// The workers' copies (from their statistics pages) join the gateway's in the one
+/// `spindle_payload_bytes_copied_total` family, per function, summed over its instances.
+fn add_worker_copies(families: &mut Vec<MetricFamily>, chains: &[Arc<ChainRuntime>]) {
+    let (mut samples, mut in_place) = (Vec::new(), Vec::new());
+    for chain in chains {
+        let c = chain.plan.spec.name.as_str();
+        for stage in &chain.stages {
+            let f = stage.name.as_str();
+            let mut total = Snapshot::default();
+            for instance in &stage.instances {
+                total.add(&instance.stats.snapshot());
+            }
+            for (copy, n) in [
+                ("function_input", total.copied.in_place_input),
+                ("function_output", total.copied.in_place_output),
+            ] {
+                in_place.push(counter(
+                    &[("chain", c), ("copy", copy), ("process", f)],
+                    n as f64,
+                ));
+            }
+            for (copy, n) in [
+                ("function_input", total.copied.input),
+                ("function_output", total.copied.output),
+            ] {
+                // Labels in name order, as the registry writes the gateway's samples.
+                samples.push(counter(
+                    &[("chain", c), ("copy", copy), ("process", f)],
+                    n as f64,
+                ));
+            }
+        }
+    }
+    families.push(family(
+        PAYLOAD_IN_PLACE,
+        "Payload bytes functions read (function_input) and wrote (function_output) in place, \
+         in the request's slot mapped into their memory, instead of copying them",
+        MetricType::COUNTER,
+        in_place,
+    ));
+    match families.iter_mut().find(|f| f.name() == PAYLOAD_COPIED) {
+        Some(f) => f.mut_metric().extend(samples),
+        None => families.push(family(
+            PAYLOAD_COPIED,
+            PAYLOAD_COPIED_HELP,
+            MetricType::COUNTER,
+            samples,
+        )),
+    }
+}
+
 fn function_families(chains: &[Arc<ChainRuntime>]) -> Vec<MetricFamily> {
     let (mut invocations, mut errors, mut exec) = (Vec::new(), Vec::new(), Vec::new());
     for chain in chains {
@@ -863,6 +943,36 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let arena_class_slots = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "spindle_arena_class_slots",
+                    "Arena slots by size class (small, large) and state",
+                ),
+                &["chain", "class", "state"],
+            )
+            .expect("valid metric"),
+        );
+        let class_alloc_failures = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "spindle_arena_class_alloc_failures_total",
+                    "Requests refused because the slot class they needed was full",
+                ),
+                &["chain", "class"],
+            )
+            .expect("valid metric"),
+        );
+        let payload_copied = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(PAYLOAD_COPIED, PAYLOAD_COPIED_HELP),
+                &["chain", "process", "copy"],
+            )
+            .expect("valid metric"),
+        );
         let in_flight = register(
             &registry,
             IntGaugeVec::new(
@@ -930,6 +1040,9 @@ impl Metrics {
             http_connections_closed,
             function_generation,
             arena_slots,
+            arena_class_slots,
+            class_alloc_failures,
+            payload_copied,
             dataplane,
             in_flight,
         }
@@ -979,11 +1092,46 @@ impl Metrics {
                 .collect(),
             duration: self.duration.with_label_values(&[chain]),
             alloc_failures: self.alloc_failures.with_label_values(&[chain]),
+            class_failures: SlotClass::ALL
+                .iter()
+                .map(|c| {
+                    self.class_alloc_failures
+                        .with_label_values(&[chain, c.label()])
+                })
+                .collect(),
+            copied_request: self.copied(chain, "request_body"),
+            copied_move: self.copied(chain, "class_move"),
+            copied_response: self.copied(chain, "response_body"),
             in_flight: self.in_flight.with_label_values(&[chain]),
         }
     }
 
-    pub fn set_arena(&self, chain: &str, total: u32, free: u32) {
+    fn copied(&self, chain: &str, copy: &str) -> IntCounter {
+        self.payload_copied
+            .with_label_values(&[chain, "gateway", copy])
+    }
+
+    /// The arena's slot counts: totals over its classes, and per class.
+    pub fn set_arena(&self, chain: &str, arena: &Arena) {
+        self.set_arena_totals(chain, arena.slot_count(), arena.free_slots());
+        for class in SlotClass::ALL {
+            let Some(spec) = arena.class(class) else {
+                continue;
+            };
+            let (total, free) = (spec.slot_count, arena.free_slots_in(class));
+            for (state, n) in [
+                ("total", total),
+                ("free", free),
+                ("in_use", total.saturating_sub(free)),
+            ] {
+                self.arena_class_slots
+                    .with_label_values(&[chain, class.label(), state])
+                    .set(i64::from(n));
+            }
+        }
+    }
+
+    fn set_arena_totals(&self, chain: &str, total: u32, free: u32) {
         self.arena_slots
             .with_label_values(&[chain, "total"])
             .set(i64::from(total));
@@ -1000,6 +1148,7 @@ impl Metrics {
     /// statistics pages and /proc, and `extra` (the node service's families).
     pub fn encode(&self, chains: &[Arc<ChainRuntime>], extra: Vec<MetricFamily>) -> Vec<u8> {
         let mut families = self.registry.gather();
+        add_worker_copies(&mut families, chains);
         families.extend(extra);
         families.extend(router_families(chains));
         families.extend(wait_families(chains));

@@ -22,12 +22,13 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use bytes::Bytes;
 use chain_runtime::config::Config;
 use chain_runtime::host::{Outcome, SlotIo};
 use chain_runtime::instance::{Instance, InstanceBuilder, InstanceError};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use http_edge::{Reply, failure_code, payload_too_large, text};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
@@ -54,6 +55,15 @@ struct VecIo<'a> {
     input: &'a [u8],
     output: Vec<u8>,
     capacity: usize,
+    copies: &'a Copies,
+}
+
+/// What this function server copied ([`crate::copies::FUNCTION_COPIES`] order).
+#[derive(Default)]
+struct Copies {
+    request_body: AtomicU64,
+    input: AtomicU64,
+    output: AtomicU64,
 }
 
 impl SlotIo for VecIo<'_> {
@@ -64,6 +74,7 @@ impl SlotIo for VecIo<'_> {
     fn read_input(&self, dst: &mut [u8]) {
         let n = dst.len().min(self.input.len());
         dst[..n].copy_from_slice(&self.input[..n]);
+        self.copies.input.fetch_add(n as u64, Relaxed);
     }
 
     fn capacity(&self) -> usize {
@@ -73,6 +84,7 @@ impl SlotIo for VecIo<'_> {
     fn write_output(&mut self, src: &[u8]) {
         self.output.clear();
         self.output.extend_from_slice(src);
+        self.copies.output.fetch_add(src.len() as u64, Relaxed);
     }
 }
 
@@ -85,6 +97,7 @@ struct Server {
     names: HashMap<u32, HeaderValue>,
     /// Only ever borrowed for one synchronous call, never across an `.await`.
     instance: RefCell<Instance>,
+    copies: Copies,
 }
 
 pub fn run(args: FunctionArgs) -> Result<(), BaselineError> {
@@ -105,7 +118,8 @@ pub fn run(args: FunctionArgs) -> Result<(), BaselineError> {
             other => BaselineError::Instance(other),
         })?;
     let chain = instance.chain();
-    let slot_size = chain.spec.slot_size as usize;
+    // The chain's largest slot class: what Spindle carries, the baseline carries.
+    let slot_size = chain.spec.max_payload() as usize;
     let names = chain
         .stages
         .iter()
@@ -118,6 +132,7 @@ pub fn run(args: FunctionArgs) -> Result<(), BaselineError> {
         dynamic: chain.is_dynamic(),
         names,
         instance: RefCell::new(instance),
+        copies: Copies::default(),
     });
 
     // One thread: the runtime runs on this one, which owns the host.
@@ -143,6 +158,16 @@ impl Server {
         if req.uri().path() == "/healthz" {
             return Ok(text(StatusCode::OK, "ok"));
         }
+        if req.uri().path() == crate::copies::COPIES_PATH {
+            let c = &self.copies;
+            let counts = [&c.request_body, &c.input, &c.output].map(|a| a.load(Relaxed));
+            let lines: Vec<String> = crate::copies::FUNCTION_COPIES
+                .iter()
+                .zip(counts)
+                .map(|(name, n)| format!("{name} {n}"))
+                .collect();
+            return Ok(text(StatusCode::OK, lines.join("\n")));
+        }
         Ok(self.invoke(req).await)
     }
 
@@ -160,11 +185,14 @@ impl Server {
             .filter(|(name, _)| name.as_str().starts_with("ce-"))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
-        let input = match Limited::new(req.into_body(), self.slot_size)
-            .collect()
-            .await
+        let input = match crate::copies::collect(
+            req.into_body(),
+            self.slot_size,
+            &self.copies.request_body,
+        )
+        .await
         {
-            Ok(body) => body.to_bytes(),
+            Ok(body) => body,
             Err(e) if e.is::<http_body_util::LengthLimitError>() => return self.too_large(),
             Err(e) => {
                 return text(
@@ -178,6 +206,7 @@ impl Server {
             input: &input,
             output: Vec::new(),
             capacity: self.slot_size,
+            copies: &self.copies,
         };
         let outcome = self.instance.borrow_mut().host_mut().invoke(&mut io);
         let output = io.output;

@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chain_runtime::config::Config;
 use chain_runtime::plan::Plan;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError};
 use http_edge::{Reply, payload_too_large, text};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
@@ -41,6 +41,8 @@ use crate::net;
 
 /// How long a readiness probe of one queue-proxy may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a scrape waits for a function server's copy counts: it answers between calls.
+const COPIES_TIMEOUT: Duration = Duration::from_secs(5);
 /// Room above the slot size for an error reply, which is cut at the slot size plus a newline.
 const REPLY_SLACK: usize = 1024;
 /// The CloudEvents type of every delivery.
@@ -128,6 +130,9 @@ struct ChainRoute {
     /// Static chains: the steps in order. Dynamic chains: the entry first.
     steps: Vec<Step>,
     ce_source: HeaderValue,
+    /// Payload bytes this process copied collecting the client's body and the steps' replies.
+    copied_request: AtomicU64,
+    copied_replies: AtomicU64,
 }
 
 pub(crate) struct Ingress {
@@ -226,7 +231,8 @@ impl Ingress {
                 // Validated as printable ASCII by the config; the fallback guards the invariant.
                 content_type: HeaderValue::from_str(&spec.content_type)
                     .unwrap_or(HeaderValue::from_static("application/octet-stream")),
-                slot_size: spec.slot_size as usize,
+                // The chain's largest slot class: the limit Spindle enforces.
+                slot_size: spec.max_payload() as usize,
                 timeout: spec.timeout,
                 dynamic: chain.is_dynamic(),
                 max_hops: u32::from(chain.max_hops()),
@@ -236,6 +242,8 @@ impl Ingress {
                     spec.name
                 ))
                 .expect("chain names are [a-z0-9_-]+"),
+                copied_request: AtomicU64::new(0),
+                copied_replies: AtomicU64::new(0),
             });
         }
         Ok(Ingress {
@@ -251,6 +259,7 @@ impl Ingress {
         Ok(match path {
             "/healthz" => text(StatusCode::OK, "ok"),
             "/readyz" => self.readyz().await,
+            "/metrics" => self.metrics().await,
             _ => match self.routes.get(path) {
                 Some(&i) => self.serve_chain(&self.chains[i], req).await,
                 None => text(
@@ -259,6 +268,78 @@ impl Ingress {
                 ),
             },
         })
+    }
+
+    /// `spindle_payload_bytes_copied_total`, summed over this process and every pod's
+    /// function server (asked through its queue-proxy, as a request). A pod that does not
+    /// answer is left out of the sum, and the page says so in a comment.
+    async fn metrics(&self) -> Reply {
+        let mut page = String::from(crate::copies::header());
+        let mut missing = Vec::new();
+        for chain in &self.chains {
+            let c = &chain.name;
+            page.push_str(&crate::copies::sample(
+                c,
+                "request_body",
+                "ingress",
+                chain.copied_request.load(Ordering::Relaxed),
+            ));
+            page.push_str(&crate::copies::sample(
+                c,
+                "reply_body",
+                "ingress",
+                chain.copied_replies.load(Ordering::Relaxed),
+            ));
+            for step in &chain.steps {
+                let mut sums = [0u64; crate::copies::FUNCTION_COPIES.len()];
+                for pod in &step.pods {
+                    match self.pod_copies(pod).await {
+                        Some(counts) => {
+                            for (s, n) in sums.iter_mut().zip(counts) {
+                                *s += n;
+                            }
+                        }
+                        None => missing.push(format!("{c}/{} at {}", step.function, pod.addr)),
+                    }
+                }
+                for (copy, n) in crate::copies::FUNCTION_COPIES.iter().zip(sums) {
+                    page.push_str(&crate::copies::sample(c, copy, &step.function, n));
+                }
+            }
+        }
+        if !missing.is_empty() {
+            page.push_str(&format!("# pods not counted: {}\n", missing.join(", ")));
+        }
+        let mut resp = Response::new(Full::new(Bytes::from(page)));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        resp
+    }
+
+    /// A function server's counts ([`crate::copies::FUNCTION_COPIES`] order).
+    async fn pod_copies(&self, pod: &PodRoute) -> Option<[u64; 3]> {
+        let uri: Uri = format!("http://{}{}", pod.addr, crate::copies::COPIES_PATH)
+            .parse()
+            .ok()?;
+        let req = Request::get(uri).body(Full::default()).ok()?;
+        let resp = tokio::time::timeout(COPIES_TIMEOUT, self.client.request(req))
+            .await
+            .ok()?
+            .ok()?;
+        if resp.status() != StatusCode::OK {
+            return None;
+        }
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        let text = std::str::from_utf8(&body).ok()?;
+        let mut counts = [0u64; 3];
+        for (slot, name) in counts.iter_mut().zip(crate::copies::FUNCTION_COPIES) {
+            *slot = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())?;
+        }
+        Some(counts)
     }
 
     async fn readyz(&self) -> Reply {
@@ -295,9 +376,10 @@ impl Ingress {
         }
         // As in Spindle, the chain's deadline covers the upload too.
         let deadline = tokio::time::Instant::now() + chain.timeout;
-        let upload = Limited::new(req.into_body(), chain.slot_size).collect();
+        let upload =
+            crate::copies::collect(req.into_body(), chain.slot_size, &chain.copied_request);
         let payload = match tokio::time::timeout_at(deadline, upload).await {
-            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Ok(body)) => body,
             Ok(Err(e)) if e.is::<LengthLimitError>() => return too_large(),
             Ok(Err(e)) => {
                 return text(
@@ -369,11 +451,14 @@ impl Ingress {
                 }
             };
             let (parts, body) = resp.into_parts();
-            let body = match Limited::new(body, chain.slot_size + REPLY_SLACK)
-                .collect()
-                .await
+            let body = match crate::copies::collect(
+                body,
+                chain.slot_size + REPLY_SLACK,
+                &chain.copied_replies,
+            )
+            .await
             {
-                Ok(body) => body.to_bytes(),
+                Ok(body) => body,
                 Err(e) => {
                     return text(
                         StatusCode::BAD_GATEWAY,

@@ -42,7 +42,7 @@
 //! scaled to zero or bursting, sends each Sequence step through the channel dispatcher *and
 //! then* the ingress (one more proxy per step), and runs the user container behind a
 //! container network namespace. Chain semantics follow Spindle: exact-path routing,
-//! 413 above the chain's `slot_size`, the chain's `timeout_ms` as deadline (504), a failing
+//! 413 above the chain's largest slot class (`arena.large.slot_size`, else `slot_size`), the chain's `timeout_ms` as deadline (504), a failing
 //! function's `500 function NAME: message`, 508 when a dynamic chain passes `max_hops`.
 //!
 //! ## Timeouts
@@ -75,6 +75,7 @@
 //! or this crate's `knative-baseline` binary); [`Baseline::start`] starts the whole set of
 //! processes from Rust.
 
+pub mod copies;
 pub mod function;
 pub mod ingress;
 pub mod orchestrator;

@@ -729,3 +729,51 @@ fn function_server_cpu_per_request() {
         all_cpu.as_secs_f64() * 1e6 / requests as f64,
     );
 }
+
+/// configs/large.yaml: the baseline carries what Spindle carries (bodies up to the largest
+/// slot class, 413 above it), and its /metrics counts every user-space copy of the payload.
+#[test]
+fn large_bodies_up_to_the_largest_class_and_their_copies_counted() {
+    let baseline = start(&repo_root().join("configs/large.yaml"));
+    let addr = baseline.addr();
+    let input: String = (0..2 * 1024 * 1024)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let r = post(addr, "/hello", &input);
+    assert_eq!(r.status, 200, "{}", &r.text()[..r.text().len().min(200)]);
+    let reversed: String = input.to_ascii_uppercase().chars().rev().collect();
+    let want = format!(r#"{{"result":"{reversed}","bytes":{}}}"#, input.len());
+    assert!(r.text() == want, "the answer differs");
+
+    let too_big = vec![b'a'; 16 * 1024 * 1024 + 1];
+    let r = request(addr, "POST", "/hello", &too_big, false);
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.text().contains("16777216 bytes"), "{}", r.text());
+
+    let page = get(addr, "/metrics").text();
+    let sample = |copy: &str, process: &str| -> u64 {
+        let series = format!(
+            r#"spindle_payload_bytes_copied_total{{chain="hello",copy="{copy}",process="{process}"}} "#
+        );
+        page.lines()
+            .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+    };
+    let n = input.len() as u64;
+    for f in ["uppercase", "reverse", "frame"] {
+        assert_eq!(sample("function_input", f), n, "{f}");
+    }
+    for f in ["uppercase", "reverse"] {
+        assert_eq!(sample("function_output", f), n, "{f}");
+    }
+    assert_eq!(sample("function_output", "frame"), want.len() as u64);
+    // hyper reads at most ~400 KiB per frame, so a 2 MiB body never arrives as one: each
+    // collection (the ingress's of the client's body and of each reply, each function
+    // server's of its delivery) copies all of it, once.
+    assert_eq!(sample("request_body", "ingress"), n);
+    assert_eq!(sample("reply_body", "ingress"), 2 * n + want.len() as u64);
+    for f in ["uppercase", "reverse", "frame"] {
+        assert_eq!(sample("request_body", f), n, "{f}");
+    }
+    assert!(!page.contains("pods not counted"), "{page}");
+}

@@ -12,24 +12,44 @@
 //! 0     Header, 64 bytes (fixed at create)
 //!         0 magic u64 = "SPDLAREN"   8 version u32   12 flags u32 (bit 0: payload on hugetlb)
 //!        16 slot_size u32   20 slot_count u32   24 payload_len u64   32 meta_len u64
-//! 64    Slot records, 16 bytes per slot:
+//!        40 large_slot_size u32   44 large_slot_count u32   48 large_offset u64
+//!        (the large class; all 0 when the arena has only small slots)
+//! 64    Slot records, 16 bytes per slot, small slots then large ones:
 //!         +0 state AtomicU64 = generation << 32 | (0 free, 1 in use)
 //!         +8 request_id AtomicU64: the request the slot was last allocated for
-//! meta_len = 64 + 16 * slot_count rounded up to the page size.
+//! meta_len = 64 + 16 * (slot_count + large_slot_count) rounded up to the page size.
 //! Sealed SHRINK | GROW | FUTURE_WRITE | SEAL once the gateway has mapped it writable: its
 //! own mapping keeps working; write(2), a new writable shared mmap and mprotect of a
 //! read-only shared mapping to writable all fail, for every process.
 //!
-//! payload memfd (2 MiB hugetlb pages when available): mapped read-write by everyone
-//! 0     slot i at i * slot_size; slot_size is a multiple of 64, so every slot is
-//!       cache-line aligned.
-//! payload_len = slot_size * slot_count, rounded up to 2 MiB when backed by hugetlb.
+//! payload memfd (2 MiB hugetlb pages when available and the arena has no large class):
+//! mapped read-write by everyone
+//! 0     small slot i (i < slot_count) at i * slot_size; slot_size is a multiple of 64, so
+//!       every slot is cache-line aligned.
+//! large_offset = slot_count * slot_size rounded up to the page size
+//!       large slot i (slot_count <= i < slot_count + large_slot_count) at
+//!       large_offset + (i - slot_count) * large_slot_size; large_slot_size is a multiple
+//!       of the page size, so every large slot is page-aligned (a worker can map one over
+//!       a window of its guest's memory, and the gateway can drop its pages on release).
+//! payload_len = large_offset + large_slot_size * large_slot_count (slot_count * slot_size
+//! without a large class), rounded up to 2 MiB when backed by hugetlb.
 //! Sealed SHRINK | GROW | SEAL: nobody can truncate it under the others (SIGBUS) or add a
 //! write seal that would stop the next worker from mapping it.
 //!
-//! gateway memory only: the free list, a tagged Treiber stack (head = tag << 32 | index,
-//! one next link per slot) and the free count.
+//! gateway memory only: one free list per class, a tagged Treiber stack (head = tag << 32 |
+//! index, one next link per slot) and the free count.
 //! ```
+//!
+//! # Size classes
+//!
+//! Slot indices form one space across both classes, so a descriptor needs no class field:
+//! the index says which class the slot is in, and the class says how many bytes `len` may
+//! be. A memfd is sparse, so large slots cost nothing until written, and
+//! [`Arena::release`] gives a large slot's pages back to the kernel (`MADV_REMOVE`) before
+//! it is free again, so memory does not stay at the high-water mark of the largest request
+//! seen. Hugetlb is not used with a large class: huge pages are reserved for the whole
+//! mapping up front (which would make the sparse large class cost its full size), and a
+//! large slot must be mappable at 4 KiB granularity.
 //!
 //! # Ownership protocol
 //!
@@ -66,7 +86,8 @@ use proto::Descriptor;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SPDLAREN");
 /// 2: metadata and payload in separate memfds, request id recorded per slot.
-const VERSION: u32 = 2;
+/// 3: an optional class of large slots after the small ones.
+const VERSION: u32 = 3;
 const FLAG_HUGETLB: u32 = 1;
 
 /// Slot index meaning "end of the free list".
@@ -97,6 +118,9 @@ struct Header {
     slot_count: AtomicU32,
     payload_len: AtomicU64,
     meta_len: AtomicU64,
+    large_slot_size: AtomicU32,
+    large_slot_count: AtomicU32,
+    large_offset: AtomicU64,
 }
 
 /// What workers read to decide whether a descriptor names a live slot.
@@ -137,14 +161,84 @@ pub struct SlotRef {
     pub generation: u32,
 }
 
+/// Which size class a slot belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SlotClass {
+    /// The chain's ordinary slots, indices `0..small.count`.
+    Small,
+    /// The optional class of large slots, indices after the small ones.
+    Large,
+}
+
+impl SlotClass {
+    pub const ALL: [SlotClass; 2] = [SlotClass::Small, SlotClass::Large];
+
+    /// The `class` label value in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            SlotClass::Small => "small",
+            SlotClass::Large => "large",
+        }
+    }
+}
+
+/// How many slots of which size one class has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClassSpec {
+    /// Bytes per slot: a multiple of 64 (small), of the page size (large).
+    pub slot_size: u32,
+    pub slot_count: u32,
+}
+
+/// An arena's classes: always small slots, optionally larger ones for big payloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArenaSpec {
+    pub small: ClassSpec,
+    pub large: Option<ClassSpec>,
+}
+
+impl ArenaSpec {
+    /// Only small slots, as arenas were before size classes.
+    pub fn single(slot_size: u32, slot_count: u32) -> ArenaSpec {
+        ArenaSpec {
+            small: ClassSpec {
+                slot_size,
+                slot_count,
+            },
+            large: None,
+        }
+    }
+}
+
+/// Validated geometry of one class: where its slots start in the index space and the
+/// payload memfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geometry {
+    first_index: u32,
+    count: u32,
+    slot_size: u32,
+    /// Byte offset of the class's first slot in the payload memfd.
+    offset: usize,
+}
+
+impl Geometry {
+    fn contains(&self, index: u32) -> bool {
+        index
+            .checked_sub(self.first_index)
+            .is_some_and(|i| i < self.count)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ArenaError {
     #[error("invalid arena parameters: {0}")]
     InvalidParams(String),
     #[error("not a valid arena: {0}")]
     BadHeader(String),
-    #[error("arena full: every slot is in use")]
+    #[error("arena full: every slot of the class is in use")]
     Full,
+    #[error("the arena has no {0:?} slot class")]
+    NoSuchClass(SlotClass),
     #[error("slot {index} out of range (arena has {count} slots)")]
     OutOfRange { index: u32, count: u32 },
     #[error("slot {index} generation {generation} is stale (current {current})")]
@@ -208,10 +302,22 @@ struct Layout {
     meta_len: usize,
     /// Bytes of payload actually used; the payload memfd may be longer (hugepage rounding).
     payload_used: usize,
+    small: Geometry,
+    large: Option<Geometry>,
 }
 
-fn layout(slot_size: u32, slot_count: u32) -> Result<Layout, ArenaError> {
+impl Layout {
+    fn slot_count(&self) -> u32 {
+        self.small.count + self.large.map_or(0, |l| l.count)
+    }
+}
+
+fn layout(spec: &ArenaSpec) -> Result<Layout, ArenaError> {
     let bad = |m: String| Err(ArenaError::InvalidParams(m));
+    let ClassSpec {
+        slot_size,
+        slot_count,
+    } = spec.small;
     if slot_size == 0 {
         return bad("slot_size must be > 0".into());
     }
@@ -223,18 +329,54 @@ fn layout(slot_size: u32, slot_count: u32) -> Result<Layout, ArenaError> {
     if !(1..=MAX_SLOTS).contains(&slot_count) {
         return bad(format!("slot_count {slot_count} not in 1..={MAX_SLOTS}"));
     }
-    let payload = slot_size as u64 * slot_count as u64;
+    let small_bytes = slot_size as u64 * slot_count as u64;
+    let small = Geometry {
+        first_index: 0,
+        count: slot_count,
+        slot_size,
+        offset: 0,
+    };
+    let (payload, large) = match spec.large {
+        None => (small_bytes, None),
+        Some(l) => {
+            let page = page_size() as u32;
+            if l.slot_size <= slot_size || !l.slot_size.is_multiple_of(page) {
+                return bad(format!(
+                    "large slot_size {} must be a multiple of the page size ({page}) and \
+                     larger than the small slot_size {slot_size}",
+                    l.slot_size
+                ));
+            }
+            if l.slot_count == 0 || l.slot_count > MAX_SLOTS - slot_count {
+                return bad(format!(
+                    "large slot_count {} not in 1..={}",
+                    l.slot_count,
+                    MAX_SLOTS - slot_count
+                ));
+            }
+            let offset = small_bytes.next_multiple_of(page as u64);
+            let end = offset + l.slot_size as u64 * l.slot_count as u64;
+            (end, Some((offset, l)))
+        }
+    };
     if payload > MAX_ARENA_BYTES {
         return bad(format!(
-            "{slot_count} slots of {slot_size} bytes need {payload} bytes, over the \
-             {MAX_ARENA_BYTES}-byte limit"
+            "the arena's slots need {payload} bytes, over the {MAX_ARENA_BYTES}-byte limit"
         ));
     }
-    let meta_len =
-        (HEADER_SIZE + slot_count as usize * size_of::<SlotMeta>()).next_multiple_of(page_size());
+    let large = large.map(|(offset, l)| Geometry {
+        first_index: slot_count,
+        count: l.slot_count,
+        slot_size: l.slot_size,
+        offset: offset as usize,
+    });
+    let total = slot_count as usize + large.map_or(0, |l| l.count as usize);
+    let meta_len = (HEADER_SIZE + total * size_of::<SlotMeta>()).next_multiple_of(page_size());
     Ok(Layout {
         meta_len,
         payload_used: payload as usize,
+        small,
+        large,
     })
 }
 
@@ -254,7 +396,9 @@ struct Mapping {
     meta: MmapRaw,
     payload: MmapRaw,
     // Validated copies; never re-read from the shared header.
-    slot_size: u32,
+    small: Geometry,
+    large: Option<Geometry>,
+    /// Slots of both classes.
     slot_count: u32,
     hugepages: bool,
 }
@@ -280,6 +424,34 @@ impl Mapping {
         // base. SlotMeta is atomics. A worker's mapping is read-only, and a worker only ever
         // loads them (Relaxed, 8 bytes: allowed on read-only memory), in `state` and `check`.
         Some(unsafe { &*(self.meta.as_ptr().add(off) as *const SlotMeta) })
+    }
+
+    /// The class of slot `index` and its geometry; None if out of range.
+    fn class_of(&self, index: u32) -> Option<(SlotClass, &Geometry)> {
+        if self.small.contains(index) {
+            return Some((SlotClass::Small, &self.small));
+        }
+        self.large
+            .as_ref()
+            .filter(|l| l.contains(index))
+            .map(|l| (SlotClass::Large, l))
+    }
+
+    fn geometry(&self, class: SlotClass) -> Option<&Geometry> {
+        match class {
+            SlotClass::Small => Some(&self.small),
+            SlotClass::Large => self.large.as_ref(),
+        }
+    }
+
+    /// Byte offset of slot `index` in the payload memfd and its capacity, range-checked.
+    fn placement(&self, index: u32) -> Result<(usize, u32), ArenaError> {
+        let (_, g) = self.class_of(index).ok_or(ArenaError::OutOfRange {
+            index,
+            count: self.slot_count,
+        })?;
+        let local = (index - g.first_index) as usize;
+        Ok((g.offset + local * g.slot_size as usize, g.slot_size))
     }
 
     fn slot_meta_checked(&self, index: u32) -> Result<&SlotMeta, ArenaError> {
@@ -330,10 +502,12 @@ impl Mapping {
         if d.reserved != 0 {
             return Err(ArenaError::ReservedNotZero(d.reserved));
         }
-        if d.len > self.slot_size {
+        // The capacity depends on the slot's class, which its index names.
+        let (_, capacity) = self.placement(d.slot)?;
+        if d.len > capacity {
             return Err(ArenaError::LenTooLarge {
                 len: d.len,
-                slot_size: self.slot_size,
+                slot_size: capacity,
             });
         }
         let slot = SlotRef {
@@ -358,19 +532,21 @@ impl Mapping {
     /// Pointer to `len` bytes at `offset` in a validated slot.
     fn span(&self, slot: SlotRef, offset: usize, len: usize) -> Result<*mut u8, ArenaError> {
         self.validate(slot)?;
+        let (start, capacity) = self.placement(slot.index)?;
         if offset
             .checked_add(len)
-            .is_none_or(|end| end > self.slot_size as usize)
+            .is_none_or(|end| end > capacity as usize)
         {
             return Err(ArenaError::OutOfBounds {
                 offset,
                 len,
-                slot_size: self.slot_size,
+                slot_size: capacity,
             });
         }
-        let at = slot.index as usize * self.slot_size as usize + offset;
-        // SAFETY: index < slot_count (validate) and offset + len <= slot_size, so
-        // [at, at + len) lies within slot_count * slot_size <= payload.len().
+        let at = start + offset;
+        // SAFETY: the slot is in range (placement), its class's slots lie within
+        // payload_used <= payload.len() (layout, checked when mapping), and
+        // offset + len <= its capacity, so [at, at + len) is inside the mapping.
         Ok(unsafe { self.payload.as_mut_ptr().add(at) })
     }
 
@@ -395,12 +571,41 @@ impl Mapping {
 /// metadata only.
 macro_rules! slot_access {
     () => {
+        /// Bytes per small slot (the only class of an arena without a large one).
         pub fn slot_size(&self) -> u32 {
-            self.map.slot_size
+            self.map.small.slot_size
         }
 
+        /// Slots of every class: descriptor slot indices are `0..slot_count()`.
         pub fn slot_count(&self) -> u32 {
             self.map.slot_count
+        }
+
+        /// Bytes per slot of `class` and how many there are; None for a class the arena
+        /// does not have.
+        pub fn class(&self, class: SlotClass) -> Option<ClassSpec> {
+            self.map.geometry(class).map(|g| ClassSpec {
+                slot_size: g.slot_size,
+                slot_count: g.count,
+            })
+        }
+
+        /// The largest payload any slot can hold.
+        pub fn max_slot_size(&self) -> u32 {
+            self.map
+                .large
+                .map_or(self.map.small.slot_size, |l| l.slot_size)
+        }
+
+        /// The class of slot `index` and its capacity in bytes; None if out of range.
+        pub fn slot_class(&self, index: u32) -> Option<(SlotClass, u32)> {
+            self.map.class_of(index).map(|(c, g)| (c, g.slot_size))
+        }
+
+        /// Capacity in bytes of slot `index` (its class's slot size); 0 if out of range, so
+        /// every `len` but 0 fails against it.
+        pub fn capacity(&self, index: u32) -> u32 {
+            self.slot_class(index).map_or(0, |(_, size)| size)
         }
 
         /// Whether the payload memfd is on 2 MiB hugetlb pages.
@@ -410,7 +615,7 @@ macro_rules! slot_access {
 
         /// Validates a received descriptor against this arena: slot in range and in use at
         /// the descriptor's generation, allocated for the descriptor's request id,
-        /// `len <= slot_size`, `reserved == 0`. Call it on every descriptor; the chain id is
+        /// `len <=` the capacity of the slot's class, `reserved == 0`. Call it on every descriptor; the chain id is
         /// the caller's business (it picked this arena by it).
         pub fn check(&self, d: &Descriptor) -> Result<SlotRef, ArenaError> {
             self.map.check(d)
@@ -426,10 +631,24 @@ macro_rules! slot_access {
             self.map.read(slot, offset, dst)
         }
 
+        /// Where the slot's bytes are in the payload memfd, `(offset, capacity)`, after the
+        /// same generation check as `read`, when the range can be mapped on its own
+        /// (page-aligned, whole pages, normal pages; large slots always are): for mapping
+        /// a slot into a guest's memory. `Ok(None)` for a slot that cannot be.
+        pub fn mappable_range(&self, slot: SlotRef) -> Result<Option<(u64, u32)>, ArenaError> {
+            self.map.validate(slot)?;
+            let (offset, capacity) = self.map.placement(slot.index)?;
+            let page = page_size();
+            let whole_pages =
+                offset.is_multiple_of(page) && (capacity as usize).is_multiple_of(page);
+            Ok((whole_pages && !self.map.hugepages).then_some((offset as u64, capacity)))
+        }
+
         /// Start of the slot's payload, after the same generation check as `read`, for
         /// copying straight between the slot and another buffer (e.g. Wasm linear memory).
         ///
-        /// The pointer is valid for reads and writes of `slot_size` bytes, 64-byte aligned,
+        /// The pointer is valid for reads and writes of `capacity(slot.index)` bytes,
+        /// 64-byte aligned (page-aligned for a large slot),
         /// for as long as this value is alive. Dereferencing it is `unsafe` and sound only
         /// if the caller:
         /// - owns the slot (holds its current descriptor) for the whole access, so no other
@@ -448,23 +667,104 @@ pub struct Arena {
     map: Mapping,
     meta_fd: OwnedFd,
     payload_fd: OwnedFd,
-    free: FreeList,
+    small_free: FreeList,
+    large_free: Option<FreeList>,
+    /// Free large slots allowed to keep their pages (see [`Arena::set_warm_large_slots`]).
+    warm_budget: u32,
+    /// Free large slots that kept their pages, and per large slot whether it did.
+    warm_free: AtomicU32,
+    warm: Box<[std::sync::atomic::AtomicBool]>,
 }
+
+/// Free large slots that keep their pages by default: one, so a stream of large requests one
+/// at a time reuses a slot whose pages are already there (writing 10 MiB into fresh memfd
+/// pages costs ~13 ms here, into resident ones ~0.8 ms, and dropping them ~3.7 ms), while
+/// at rest the arena holds at most one large slot's worth.
+pub const DEFAULT_WARM_LARGE_SLOTS: u32 = 1;
 
 /// The free list: every alloc and release writes the head's line, so it gets one of its
 /// own. Lives in the gateway's memory only; no worker can see or touch it.
 #[repr(C, align(64))]
 struct FreeHead {
-    /// tag << 32 | index of the top free slot (NIL: none). The tag changes on every
+    /// tag << 32 | local index of the top free slot (NIL: none). The tag changes on every
     /// successful CAS, so a pop that read a stale link cannot succeed (ABA).
     head: AtomicU64,
     count: AtomicU32,
 }
 
+/// One class's free slots, by index local to the class.
 struct FreeList {
     top: FreeHead,
     /// Per slot: the free slot below it on the stack.
     next: Box<[AtomicU32]>,
+    /// Global index of the class's first slot.
+    first_index: u32,
+}
+
+impl FreeList {
+    fn new(g: &Geometry) -> FreeList {
+        let count = g.count;
+        FreeList {
+            top: FreeHead {
+                head: AtomicU64::new(pack(0, 0)),
+                count: AtomicU32::new(count),
+            },
+            next: (0..count)
+                .map(|i| AtomicU32::new(if i + 1 < count { i + 1 } else { NIL }))
+                .collect(),
+            first_index: g.first_index,
+        }
+    }
+
+    /// Pops a free slot: its global index.
+    fn pop(&self) -> Result<u32, ArenaError> {
+        let head = &self.top.head;
+        let mut cur = head.load(Acquire);
+        loop {
+            let (tag, local) = unpack(cur);
+            if local == NIL {
+                return Err(ArenaError::Full);
+            }
+            let link = self.next.get(local as usize).ok_or_else(|| {
+                ArenaError::Corrupted(format!("free-list head {local} out of range"))
+            })?;
+            // If another thread pops `local` first, this may read a stale link, but then the
+            // head's tag has moved on and the CAS below fails.
+            let next = link.load(Relaxed);
+            #[cfg(test)]
+            if tests::YIELD_IN_POP.get() {
+                std::thread::yield_now();
+            }
+            match head.compare_exchange_weak(cur, pack(tag.wrapping_add(1), next), AcqRel, Acquire)
+            {
+                Ok(_) => return Ok(self.first_index + local),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Pushes slot `index` (global, in this class: the caller checked).
+    fn push(&self, index: u32) {
+        let local = index - self.first_index;
+        let head = &self.top.head;
+        let link = &self.next[local as usize];
+        let mut cur = head.load(Relaxed);
+        loop {
+            let (tag, top) = unpack(cur);
+            link.store(top, Relaxed);
+            // Release: the link and the previous owner's payload writes are visible to the
+            // next popper.
+            match head.compare_exchange_weak(
+                cur,
+                pack(tag.wrapping_add(1), local),
+                Release,
+                Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Arena {
@@ -472,8 +772,8 @@ impl std::fmt::Debug for Arena {
         f.debug_struct("Arena")
             .field("meta_fd", &self.meta_fd.as_raw_fd())
             .field("payload_fd", &self.payload_fd.as_raw_fd())
-            .field("slot_size", &self.map.slot_size)
-            .field("slot_count", &self.map.slot_count)
+            .field("small", &self.map.small)
+            .field("large", &self.map.large)
             .field("free_slots", &self.free_slots())
             .field("hugepages", &self.map.hugepages)
             .finish()
@@ -502,19 +802,21 @@ fn add_seals(fd: BorrowedFd<'_>, seals: SealFlag) -> Result<(), ArenaError> {
 }
 
 impl Arena {
-    /// Creates a new arena in fresh memfds named after `name`, its payload on 2 MiB
-    /// hugepages if the system has them available, otherwise on normal pages.
+    /// Creates a new arena of `slot_count` slots of `slot_size` bytes (one class) in fresh
+    /// memfds named after `name`, its payload on 2 MiB hugepages if the system has them
+    /// available, otherwise on normal pages.
     pub fn create(name: &str, slot_size: u32, slot_count: u32) -> Result<Arena, ArenaError> {
-        Self::create_with(name, slot_size, slot_count, true)
+        Self::create_with(name, &ArenaSpec::single(slot_size, slot_count), true)
     }
 
-    fn create_with(
-        name: &str,
-        slot_size: u32,
-        slot_count: u32,
-        try_hugepages: bool,
-    ) -> Result<Arena, ArenaError> {
-        let layout = layout(slot_size, slot_count)?;
+    /// Creates a new arena with the classes of `spec` (see the module docs: hugetlb only
+    /// without a large class).
+    pub fn create_classes(name: &str, spec: &ArenaSpec) -> Result<Arena, ArenaError> {
+        Self::create_with(name, spec, true)
+    }
+
+    fn create_with(name: &str, spec: &ArenaSpec, try_hugepages: bool) -> Result<Arena, ArenaError> {
+        let layout = layout(spec)?;
         let cname = |suffix: &str| {
             CString::new(format!("{name}{suffix}"))
                 .map_err(|_| ArenaError::InvalidParams(format!("name {name:?} contains NUL")))
@@ -522,7 +824,7 @@ impl Arena {
         let payload_name = cname("")?;
         // Hugetlb usually has no pages reserved: ftruncate or mmap fails, which is not an
         // error for us, just a reason to use normal pages.
-        let huge = try_hugepages
+        let huge = (try_hugepages && layout.large.is_none())
             .then(|| {
                 let len = layout.payload_used.next_multiple_of(HUGE_PAGE);
                 memfd_mapped(&payload_name, len, true)
@@ -544,21 +846,20 @@ impl Arena {
             map: Mapping {
                 meta,
                 payload,
-                slot_size,
-                slot_count,
+                small: layout.small,
+                large: layout.large,
+                slot_count: layout.slot_count(),
                 hugepages,
             },
             meta_fd,
             payload_fd,
-            free: FreeList {
-                top: FreeHead {
-                    head: AtomicU64::new(pack(0, 0)),
-                    count: AtomicU32::new(slot_count),
-                },
-                next: (0..slot_count)
-                    .map(|i| AtomicU32::new(if i + 1 < slot_count { i + 1 } else { NIL }))
-                    .collect(),
-            },
+            small_free: FreeList::new(&layout.small),
+            large_free: layout.large.as_ref().map(FreeList::new),
+            warm_budget: DEFAULT_WARM_LARGE_SLOTS,
+            warm_free: AtomicU32::new(0),
+            warm: (0..layout.large.map_or(0, |l| l.count))
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
         };
         arena.init();
         // After our writable mapping exists (it keeps working) and before any worker can
@@ -577,8 +878,13 @@ impl Arena {
         h.version.store(VERSION, Relaxed);
         h.flags
             .store(if self.map.hugepages { FLAG_HUGETLB } else { 0 }, Relaxed);
-        h.slot_size.store(self.map.slot_size, Relaxed);
-        h.slot_count.store(self.map.slot_count, Relaxed);
+        h.slot_size.store(self.map.small.slot_size, Relaxed);
+        h.slot_count.store(self.map.small.count, Relaxed);
+        if let Some(l) = &self.map.large {
+            h.large_slot_size.store(l.slot_size, Relaxed);
+            h.large_slot_count.store(l.count, Relaxed);
+            h.large_offset.store(l.offset as u64, Relaxed);
+        }
         h.payload_len.store(self.map.payload.len() as u64, Relaxed);
         h.meta_len.store(self.map.meta.len() as u64, Relaxed);
         // Last, so a header with the magic is always complete.
@@ -598,18 +904,55 @@ impl Arena {
 
     slot_access!();
 
-    /// Free slots. Exact when no alloc/release is in flight; while they are, it stays
-    /// within `0..=slot_count`.
-    pub fn free_slots(&self) -> u32 {
-        self.free.top.count.load(Relaxed)
+    /// How many free large slots may keep their pages when released (default
+    /// [`DEFAULT_WARM_LARGE_SLOTS`]); every other released large slot gives its pages back
+    /// to the kernel. 0: always drop them; `u32::MAX`: never (memory stays at the
+    /// high-water mark).
+    pub fn set_warm_large_slots(&mut self, n: u32) {
+        self.warm_budget = n;
     }
 
-    /// Takes a free slot for request `request_id`, which is recorded with the slot: a
-    /// descriptor naming the slot with another request id fails `check`. O(1), lock-free;
-    /// `Full` if every slot is in use.
+    /// Whether large slot `index` holds pages from an earlier request (a heuristic for
+    /// memory use only: nothing depends on it for correctness).
+    fn warm_flag(&self, index: u32) -> Option<&std::sync::atomic::AtomicBool> {
+        let first = self.map.large.as_ref()?.first_index;
+        self.warm.get(index.checked_sub(first)? as usize)
+    }
+
+    fn free_list(&self, class: SlotClass) -> Option<&FreeList> {
+        match class {
+            SlotClass::Small => Some(&self.small_free),
+            SlotClass::Large => self.large_free.as_ref(),
+        }
+    }
+
+    /// Free slots of every class. Exact when no alloc/release is in flight; while they
+    /// are, it stays within `0..=slot_count`.
+    pub fn free_slots(&self) -> u32 {
+        SlotClass::ALL.iter().map(|&c| self.free_slots_in(c)).sum()
+    }
+
+    /// Free slots of `class` (0 for a class the arena does not have).
+    pub fn free_slots_in(&self, class: SlotClass) -> u32 {
+        self.free_list(class)
+            .map_or(0, |f| f.top.count.load(Relaxed))
+    }
+
+    /// Takes a free small slot for request `request_id`; see [`Arena::alloc_in`].
     pub fn alloc(&self, request_id: u64) -> Result<SlotRef, ArenaError> {
-        let index = self.pop()?;
-        self.free.top.count.fetch_sub(1, Relaxed);
+        self.alloc_in(SlotClass::Small, request_id)
+    }
+
+    /// Takes a free slot of `class` for request `request_id`, which is recorded with the
+    /// slot: a descriptor naming the slot with another request id fails `check`. O(1),
+    /// lock-free; `Full` if every slot of the class is in use, `NoSuchClass` if the arena
+    /// has none of that class.
+    pub fn alloc_in(&self, class: SlotClass, request_id: u64) -> Result<SlotRef, ArenaError> {
+        let free = self
+            .free_list(class)
+            .ok_or(ArenaError::NoSuchClass(class))?;
+        let index = free.pop()?;
+        free.top.count.fetch_sub(1, Relaxed);
         let meta = self
             .map
             .slot_meta(index)
@@ -620,71 +963,71 @@ impl Arena {
                 "slot {index} was on the free list while in use"
             )));
         }
+        if let Some(flag) = self.warm_flag(index)
+            && flag.swap(false, Relaxed)
+        {
+            self.warm_free.fetch_sub(1, Relaxed);
+        }
         meta.request_id.store(request_id, Relaxed);
         // Release: a worker that sees the slot in use sees its request id too.
         meta.state.store(pack(generation, IN_USE), Release);
         Ok(SlotRef { index, generation })
     }
 
-    /// Returns a slot to the free list. Succeeds exactly once per allocation; a repeated,
-    /// stale or out-of-range release is an error and changes nothing.
+    /// Returns a slot to its class's free list. Succeeds exactly once per allocation; a
+    /// repeated, stale or out-of-range release is an error and changes nothing. A large
+    /// slot's pages are given back to the kernel first (see the module docs).
     pub fn release(&self, slot: SlotRef) -> Result<(), ArenaError> {
         let meta = self.map.slot_meta_checked(slot.index)?;
+        let (class, _) = self
+            .map
+            .class_of(slot.index)
+            .expect("slot_meta_checked range-checked the index");
         let in_use = pack(slot.generation, IN_USE);
         let freed = pack(next_generation(slot.generation), FREE);
         if let Err(actual) = meta.state.compare_exchange(in_use, freed, AcqRel, Acquire) {
             return Err(Mapping::state_error(slot, actual));
         }
+        // Between the CAS and the push nobody owns the slot: every descriptor naming it is
+        // stale now, and no alloc can hand it out yet, so dropping its pages cannot lose
+        // anyone's bytes.
+        if let Some(flag) = self.warm_flag(slot.index) {
+            if self.warm_free.fetch_add(1, Relaxed) < self.warm_budget {
+                flag.store(true, Relaxed);
+            } else {
+                self.warm_free.fetch_sub(1, Relaxed);
+                self.drop_pages(slot.index);
+            }
+        }
+        let free = self
+            .free_list(class)
+            .expect("a slot's class has a free list");
         // Count before pushing so the counter never dips below the stack's true size.
-        self.free.top.count.fetch_add(1, Relaxed);
-        self.push(slot.index);
+        free.top.count.fetch_add(1, Relaxed);
+        free.push(slot.index);
         Ok(())
     }
 
-    fn pop(&self) -> Result<u32, ArenaError> {
-        let head = &self.free.top.head;
-        let mut cur = head.load(Acquire);
-        loop {
-            let (tag, index) = unpack(cur);
-            if index == NIL {
-                return Err(ArenaError::Full);
-            }
-            let link = self.free.next.get(index as usize).ok_or_else(|| {
-                ArenaError::Corrupted(format!("free-list head {index} out of range"))
-            })?;
-            // If another thread pops `index` first, this may read a stale link, but then the
-            // head's tag has moved on and the CAS below fails.
-            let next = link.load(Relaxed);
-            #[cfg(test)]
-            if tests::YIELD_IN_POP.get() {
-                std::thread::yield_now();
-            }
-            match head.compare_exchange_weak(cur, pack(tag.wrapping_add(1), next), AcqRel, Acquire)
-            {
-                Ok(_) => return Ok(index),
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
-    fn push(&self, index: u32) {
-        let head = &self.free.top.head;
-        let link = &self.free.next[index as usize];
-        let mut cur = head.load(Relaxed);
-        loop {
-            let (tag, top) = unpack(cur);
-            link.store(top, Relaxed);
-            // Release: the link and the previous owner's payload writes are visible to the
-            // next popper.
-            match head.compare_exchange_weak(
-                cur,
-                pack(tag.wrapping_add(1), index),
-                Release,
-                Relaxed,
-            ) {
-                Ok(_) => return,
-                Err(actual) => cur = actual,
-            }
+    /// Gives the pages of slot `index` back to the kernel: the memfd range becomes a hole
+    /// that reads as zeros, in every process that maps it. A failure only costs memory.
+    fn drop_pages(&self, index: u32) {
+        let Ok((offset, capacity)) = self.map.placement(index) else {
+            return;
+        };
+        // SAFETY: [offset, offset + capacity) is one large slot inside our shared mapping of
+        // the payload memfd (placement; large slots are page-aligned and a whole number of
+        // pages). MADV_REMOVE frees the backing pages of exactly that range; nobody owns the
+        // slot now (see release), and any byte read later reads zero, which is safe.
+        let rc = unsafe {
+            nix::libc::madvise(
+                self.map.payload.as_mut_ptr().add(offset).cast(),
+                capacity as usize,
+                nix::libc::MADV_REMOVE,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            tracing::warn!("releasing the pages of arena slot {index}: {e}");
         }
     }
 }
@@ -698,14 +1041,14 @@ pub struct ArenaView {
     /// Kept open, as the hand-off left them, for the view's life: closing them would take
     /// nothing away (a process can reopen a file it has mapped through /proc/self/map_files),
     /// and at their fixed numbers they show what the worker holds.
-    _fds: [OwnedFd; 2],
+    fds: [OwnedFd; 2],
 }
 
 impl std::fmt::Debug for ArenaView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ArenaView")
-            .field("slot_size", &self.map.slot_size)
-            .field("slot_count", &self.map.slot_count)
+            .field("small", &self.map.small)
+            .field("large", &self.map.large)
             .field("hugepages", &self.map.hugepages)
             .finish()
     }
@@ -750,13 +1093,41 @@ impl ArenaView {
         }
         let slot_size = h.slot_size.load(Relaxed);
         let slot_count = h.slot_count.load(Relaxed);
-        let layout =
-            layout(slot_size, slot_count).map_err(|e| ArenaError::BadHeader(e.to_string()))?;
+        let large = match (
+            h.large_slot_size.load(Relaxed),
+            h.large_slot_count.load(Relaxed),
+        ) {
+            (0, 0) => None,
+            (slot_size, slot_count) => Some(ClassSpec {
+                slot_size,
+                slot_count,
+            }),
+        };
+        let spec = ArenaSpec {
+            small: ClassSpec {
+                slot_size,
+                slot_count,
+            },
+            large,
+        };
+        let layout = layout(&spec).map_err(|e| ArenaError::BadHeader(e.to_string()))?;
+        let large_offset = h.large_offset.load(Relaxed);
+        if layout.large.map_or(0, |l| l.offset as u64) != large_offset {
+            return bad(format!(
+                "header says the large slots start at {large_offset}, {slot_count} small \
+                 slots of {slot_size} bytes put them at {:?}",
+                layout.large.map(|l| l.offset)
+            ));
+        }
+        if large.is_some() && h.flags.load(Relaxed) & FLAG_HUGETLB != 0 {
+            return bad("a large slot class on hugetlb pages".into());
+        }
         let header_meta_len = h.meta_len.load(Relaxed);
         if header_meta_len != meta_len || meta_len != layout.meta_len as u64 {
             return bad(format!(
                 "header says {header_meta_len} bytes of metadata, file has {meta_len}, \
-                 {slot_count} slots need {}",
+                 {} slots need {}",
+                layout.slot_count(),
                 layout.meta_len
             ));
         }
@@ -773,7 +1144,7 @@ impl ArenaView {
         if payload_len != expected || payload_file_len != expected {
             return bad(format!(
                 "header says {payload_len} bytes of payload, file has {payload_file_len}, \
-                 {slot_count} slots of {slot_size} need {expected}"
+                 the slots need {expected}"
             ));
         }
         if !seals(payload.as_fd()).contains(SealFlag::F_SEAL_SHRINK) {
@@ -787,12 +1158,19 @@ impl ArenaView {
             map: Mapping {
                 meta: meta_map,
                 payload: payload_map,
-                slot_size,
-                slot_count,
+                small: layout.small,
+                large: layout.large,
+                slot_count: layout.slot_count(),
                 hugepages,
             },
-            _fds: [meta.into(), payload.into()],
+            fds: [meta.into(), payload.into()],
         })
+    }
+
+    /// The payload memfd this view maps (for mapping a slot elsewhere, see
+    /// `mappable_range`).
+    pub fn payload_fd(&self) -> BorrowedFd<'_> {
+        self.fds[1].as_fd()
     }
 
     slot_access!();
@@ -1525,7 +1903,7 @@ mod tests {
     #[test]
     fn corrupt_free_list_is_an_error_not_ub() {
         let a = arena(64, 4);
-        a.free.top.head.store(pack(0, 1000), Relaxed);
+        a.small_free.top.head.store(pack(0, 1000), Relaxed);
         assert!(matches!(a.alloc(REQ), Err(ArenaError::Corrupted(_))));
     }
 
@@ -1552,7 +1930,7 @@ mod tests {
         if a.uses_hugepages() {
             assert_eq!(a.map.payload.len() % HUGE_PAGE, 0);
         }
-        let normal = Arena::create_with("normal", 4096, 1024, false).unwrap();
+        let normal = Arena::create_with("normal", &ArenaSpec::single(4096, 1024), false).unwrap();
         assert!(!normal.uses_hugepages());
         for a in [&a, &normal] {
             let s = a.alloc(REQ).unwrap();
@@ -1562,6 +1940,345 @@ mod tests {
             let mut buf = [0; 96];
             b.read(s, 4000, &mut buf).unwrap();
             assert_eq!(buf, [7; 96]);
+        }
+    }
+
+    // ---- size classes ----
+
+    const SMALL: u32 = 1024;
+    const LARGE: u32 = 64 * 1024;
+
+    fn classed(small: u32, large: u32) -> Arena {
+        Arena::create_classes(
+            "spindle-test-classes",
+            &ArenaSpec {
+                small: ClassSpec {
+                    slot_size: SMALL,
+                    slot_count: small,
+                },
+                large: Some(ClassSpec {
+                    slot_size: LARGE,
+                    slot_count: large,
+                }),
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn classes_allocate_from_their_own_index_ranges_until_exhausted() {
+        let a = classed(4, 2);
+        assert_eq!(a.slot_count(), 6);
+        assert_eq!(a.max_slot_size(), LARGE);
+        assert!(!a.uses_hugepages(), "a large class is never on hugetlb");
+        assert_eq!(
+            a.class(SlotClass::Large),
+            Some(ClassSpec {
+                slot_size: LARGE,
+                slot_count: 2
+            })
+        );
+        let large: Vec<_> = (0..2)
+            .map(|i| a.alloc_in(SlotClass::Large, 100 + i).unwrap())
+            .collect();
+        let mut idx: Vec<_> = large.iter().map(|s| s.index).collect();
+        idx.sort();
+        assert_eq!(idx, [4, 5], "large slots come after the small ones");
+        assert!(matches!(
+            a.alloc_in(SlotClass::Large, 9),
+            Err(ArenaError::Full)
+        ));
+        assert_eq!(a.free_slots_in(SlotClass::Large), 0);
+        assert_eq!(a.free_slots_in(SlotClass::Small), 4);
+        // An exhausted large class leaves the small one alone, and vice versa.
+        let small: Vec<_> = (0..4).map(|i| a.alloc(200 + i).unwrap()).collect();
+        assert!(small.iter().all(|s| s.index < 4));
+        assert!(matches!(a.alloc(9), Err(ArenaError::Full)));
+        assert_eq!(a.free_slots(), 0);
+        for s in large.iter().chain(&small) {
+            assert_eq!(
+                a.slot_class(s.index).unwrap().0,
+                if s.index < 4 {
+                    SlotClass::Small
+                } else {
+                    SlotClass::Large
+                }
+            );
+            a.release(*s).unwrap();
+        }
+        assert_eq!(a.free_slots_in(SlotClass::Large), 2);
+        assert_eq!(a.free_slots_in(SlotClass::Small), 4);
+        // A released large slot goes back to the large list only.
+        let again = a.alloc_in(SlotClass::Large, 1).unwrap();
+        assert!(again.index >= 4 && again.generation == FIRST_GENERATION + 1);
+        assert_eq!(a.free_slots_in(SlotClass::Small), 4);
+    }
+
+    #[test]
+    fn an_arena_without_a_large_class_says_so() {
+        let a = arena(64, 2);
+        assert!(matches!(
+            a.alloc_in(SlotClass::Large, 1),
+            Err(ArenaError::NoSuchClass(SlotClass::Large))
+        ));
+        assert_eq!(a.free_slots_in(SlotClass::Large), 0);
+        assert_eq!(a.class(SlotClass::Large), None);
+        assert_eq!(a.max_slot_size(), 64);
+    }
+
+    #[test]
+    fn rejects_bad_class_params() {
+        let spec = |large_size, large_count| ArenaSpec {
+            small: ClassSpec {
+                slot_size: 4096,
+                slot_count: 4,
+            },
+            large: Some(ClassSpec {
+                slot_size: large_size,
+                slot_count: large_count,
+            }),
+        };
+        for (size, count, what) in [
+            (4096, 1, "larger than the small"),
+            (3 * 4096 + 64, 1, "multiple of the page size"),
+            (8192, 0, "large slot_count 0"),
+            (8192, MAX_SLOTS, "large slot_count"),
+            (1 << 30, 1 << 10, "limit"),
+        ] {
+            let err = Arena::create_classes("bad", &spec(size, count)).unwrap_err();
+            assert!(
+                matches!(err, ArenaError::InvalidParams(_)) && err.to_string().contains(what),
+                "({size}, {count}): {err}"
+            );
+        }
+    }
+
+    /// `len` is checked against the capacity of the class the index names, on both sides;
+    /// forged indices past either class are out of range.
+    #[test]
+    fn check_bounds_len_by_the_slot_class() {
+        let a = classed(3, 2);
+        let v = view(&a);
+        let small = a.alloc(REQ).unwrap();
+        let large = a.alloc_in(SlotClass::Large, REQ + 1).unwrap();
+        for checker in [&a.map, &v.map] {
+            assert_eq!(checker.check(&desc(small, SMALL)).unwrap(), small);
+            let err = checker.check(&desc(small, SMALL + 1)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ArenaError::LenTooLarge {
+                        slot_size: SMALL,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            let l = desc_for(large, REQ + 1, LARGE);
+            assert_eq!(checker.check(&l).unwrap(), large);
+            let err = checker
+                .check(&desc_for(large, REQ + 1, LARGE + 1))
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ArenaError::LenTooLarge {
+                        slot_size: LARGE,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            // A small slot's index with a large len, a large one's index past the end.
+            for index in [5, 6, u32::MAX] {
+                let err = checker
+                    .check(&Descriptor {
+                        slot: index,
+                        ..desc(small, 0)
+                    })
+                    .unwrap_err();
+                assert!(
+                    matches!(err, ArenaError::OutOfRange { count: 5, .. }),
+                    "{index}: {err}"
+                );
+            }
+        }
+        // Access bounds follow the class too.
+        v.write(large, LARGE as usize - 4, b"tail").unwrap();
+        assert!(matches!(
+            v.write(large, LARGE as usize - 3, b"tail"),
+            Err(ArenaError::OutOfBounds {
+                slot_size: LARGE,
+                ..
+            })
+        ));
+        assert!(matches!(
+            v.write(small, SMALL as usize - 3, b"tail"),
+            Err(ArenaError::OutOfBounds {
+                slot_size: SMALL,
+                ..
+            })
+        ));
+        let mut buf = [0u8; 4];
+        a.read(large, LARGE as usize - 4, &mut buf).unwrap();
+        assert_eq!(&buf, b"tail");
+        assert_eq!(v.capacity(large.index), LARGE);
+        assert_eq!(v.capacity(small.index), SMALL);
+        assert_eq!(v.capacity(99), 0);
+    }
+
+    #[test]
+    fn large_slots_are_mappable_small_unaligned_ones_are_not() {
+        let a = classed(3, 1);
+        let v = view(&a);
+        let small = a.alloc(REQ).unwrap();
+        let large = a.alloc_in(SlotClass::Large, REQ).unwrap();
+        // 1 KiB small slots are not whole pages.
+        assert_eq!(v.mappable_range(small).unwrap(), None);
+        let (offset, capacity) = v.mappable_range(large).unwrap().unwrap();
+        assert_eq!(capacity, LARGE);
+        assert_eq!(offset as usize, a.map.large.unwrap().offset);
+        // The range is the slot: bytes written through the view are at that file offset.
+        v.write(large, 5, b"here").unwrap();
+        let file = File::from(v.payload_fd().try_clone_to_owned().unwrap());
+        let mut buf = [0u8; 4];
+        file.read_exact_at(&mut buf, offset + 5).unwrap();
+        assert_eq!(&buf, b"here");
+        a.release(large).unwrap();
+        assert!(matches!(
+            v.mappable_range(large),
+            Err(ArenaError::NotInUse { .. })
+        ));
+    }
+
+    #[test]
+    fn large_slots_are_page_aligned_after_the_small_ones() {
+        let a = classed(3, 2);
+        let base = a.map.payload.as_ptr() as usize;
+        let small = a.alloc(REQ).unwrap();
+        let p = a.slot_ptr(small).unwrap() as usize - base;
+        assert!(p < 3 * SMALL as usize);
+        for _ in 0..2 {
+            let l = a.alloc_in(SlotClass::Large, REQ).unwrap();
+            let off = a.slot_ptr(l).unwrap() as usize - base;
+            assert_eq!(off % page_size(), 0);
+            let want = (3 * SMALL as usize).next_multiple_of(page_size())
+                + (l.index - 3) as usize * LARGE as usize;
+            assert_eq!(off, want);
+        }
+        assert_eq!(
+            a.map.payload.len(),
+            a.map.large.unwrap().offset + 2 * LARGE as usize
+        );
+    }
+
+    /// Resident pages of the payload memfd, from /proc/self/fdinfo? No: from the memfd's
+    /// block count, which counts the pages the file holds.
+    fn file_pages(a: &Arena) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let f = File::from(a.payload_fd().try_clone_to_owned().unwrap());
+        f.metadata().unwrap().blocks() * 512 / page_size() as u64
+    }
+
+    #[test]
+    fn releasing_a_large_slot_gives_its_pages_back_and_reads_zero() {
+        let slot_pages = (LARGE as usize / page_size()) as u64;
+        // Default: one free large slot keeps its pages, the next one released drops them.
+        let a = classed(2, 3);
+        let v = view(&a);
+        let before = file_pages(&a);
+        let [x, y] = [1, 2].map(|r| a.alloc_in(SlotClass::Large, r).unwrap());
+        v.write(x, 0, &vec![0x5a; LARGE as usize]).unwrap();
+        v.write(y, 0, &vec![0x5a; LARGE as usize]).unwrap();
+        assert!(file_pages(&a) >= before + 2 * slot_pages);
+        a.release(x).unwrap();
+        a.release(y).unwrap();
+        assert_eq!(file_pages(&a), before + slot_pages, "one warm slot kept");
+        // Whatever the order, at rest no more than one slot's worth stays.
+        for round in 0..3 {
+            let slots: Vec<_> = (0..3)
+                .map(|r| a.alloc_in(SlotClass::Large, 10 * round + r).unwrap())
+                .collect();
+            for s in &slots {
+                v.write(*s, 0, &vec![1; LARGE as usize]).unwrap();
+            }
+            for s in slots {
+                a.release(s).unwrap();
+            }
+            assert_eq!(file_pages(&a), before + slot_pages, "round {round}");
+        }
+
+        let mut a = classed(2, 2);
+        a.set_warm_large_slots(0);
+        let v = view(&a);
+        let before = file_pages(&a);
+        let l = a.alloc_in(SlotClass::Large, REQ).unwrap();
+        v.write(l, 0, &vec![0x5a; LARGE as usize]).unwrap();
+        assert!(file_pages(&a) >= before + slot_pages);
+        a.release(l).unwrap();
+        assert_eq!(
+            file_pages(&a),
+            before,
+            "the large slot's pages were dropped"
+        );
+        // The next owner sees zeros, not the previous request's bytes.
+        let again = a.alloc_in(SlotClass::Large, REQ + 1).unwrap();
+        let mut buf = vec![1u8; LARGE as usize];
+        v.read(again, 0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        a.release(again).unwrap();
+
+        // With no limit the pages stay (the high-water mark).
+        let mut keep = classed(2, 1);
+        keep.set_warm_large_slots(u32::MAX);
+        let before = file_pages(&keep);
+        let l = keep.alloc_in(SlotClass::Large, REQ).unwrap();
+        keep.write(l, 0, &vec![1; LARGE as usize]).unwrap();
+        keep.release(l).unwrap();
+        assert!(file_pages(&keep) >= before + (LARGE as usize / page_size()) as u64);
+    }
+
+    /// How long releasing a written 16 MiB large slot takes with and without dropping its
+    /// pages, and what the next request's writes then cost (fresh pages fault in again).
+    /// `cargo test -p shm --release -- --ignored --nocapture release_cost`
+    #[test]
+    #[ignore]
+    fn release_cost() {
+        const SIZE: u32 = 16 << 20;
+        for punch in [true, false] {
+            let mut a = Arena::create_classes(
+                "release-cost",
+                &ArenaSpec {
+                    small: ClassSpec {
+                        slot_size: 4096,
+                        slot_count: 1,
+                    },
+                    large: Some(ClassSpec {
+                        slot_size: SIZE,
+                        slot_count: 1,
+                    }),
+                },
+            )
+            .unwrap();
+            a.set_warm_large_slots(if punch { 0 } else { u32::MAX });
+            let data = vec![7u8; 10 << 20];
+            let (mut release, mut write) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+            const ROUNDS: u32 = 20;
+            for _ in 0..ROUNDS {
+                let l = a.alloc_in(SlotClass::Large, 1).unwrap();
+                let t = std::time::Instant::now();
+                a.write(l, 0, &data).unwrap();
+                write += t.elapsed();
+                let t = std::time::Instant::now();
+                a.release(l).unwrap();
+                release += t.elapsed();
+            }
+            eprintln!(
+                "drop pages on release {punch}: write 10 MiB {:?}, release {:?}, resident after {} pages",
+                write / ROUNDS,
+                release / ROUNDS,
+                file_pages(&a)
+            );
         }
     }
 }

@@ -14,4 +14,7 @@
 
 pub mod arena;
 
-pub use arena::{Arena, ArenaError, ArenaView, SlotRef};
+pub use arena::{
+    Arena, ArenaError, ArenaSpec, ArenaView, ClassSpec, DEFAULT_WARM_LARGE_SLOTS, SlotClass,
+    SlotRef,
+};

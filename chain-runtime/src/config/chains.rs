@@ -7,7 +7,7 @@ use saphyr::MarkedYaml;
 
 use super::units::{KIB, MIB};
 use super::yaml::{Fields, Pos, closest, pos};
-use super::{ChainSpec, Checker, Routing, label};
+use super::{ChainSpec, Checker, LargeSlots, Routing, label};
 
 const DEFAULT_CHAIN_TIMEOUT_MS: i64 = 5000;
 const MAX_STEPS: usize = 32;
@@ -34,7 +34,12 @@ const CHAIN_KEYS: &[&str] = &[
     "content_type",
     "arena",
 ];
-const ARENA_KEYS: &[&str] = &["slot_size", "slots"];
+const ARENA_KEYS: &[&str] = &["slot_size", "slots", "large"];
+const LARGE_KEYS: &[&str] = &["slot_size", "slots"];
+// Large slots are mapped page by page (released to the kernel, mapped into a guest's
+// memory), so they are whole pages.
+const LARGE_ALIGN: u64 = 4 * KIB;
+const MAX_LARGE_SLOTS: i64 = 1024;
 
 /// Function names seen so far, for resolving references from chains.
 /// `None` when the `functions` section itself is unusable, in which case
@@ -63,9 +68,9 @@ impl Checker<'_> {
             .get("content_type")
             .and_then(|n| self.content_type(n))
             .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_string());
-        let (slot_size, slots) = fields
+        let (slot_size, slots, large) = fields
             .get("arena")
-            .map_or((DEFAULT_SLOT_SIZE, DEFAULT_SLOTS), |n| self.arena(n));
+            .map_or((DEFAULT_SLOT_SIZE, DEFAULT_SLOTS, None), |n| self.arena(n));
 
         Some(ChainSpec {
             name,
@@ -75,6 +80,7 @@ impl Checker<'_> {
             content_type,
             slot_size,
             slots,
+            large,
         })
     }
 
@@ -303,9 +309,9 @@ impl Checker<'_> {
         Some(value.to_string())
     }
 
-    fn arena(&mut self, node: &MarkedYaml<'_>) -> (u32, u32) {
+    fn arena(&mut self, node: &MarkedYaml<'_>) -> (u32, u32, Option<LargeSlots>) {
         let Some(fields) = self.fields(node, "`arena`", Some(ARENA_KEYS)) else {
-            return (DEFAULT_SLOT_SIZE, DEFAULT_SLOTS);
+            return (DEFAULT_SLOT_SIZE, DEFAULT_SLOTS, None);
         };
         let slot_size = fields
             .get("slot_size")
@@ -327,6 +333,35 @@ impl Checker<'_> {
             .get("slots")
             .and_then(|n| self.int_in(n, "slots", 1, MAX_SLOTS))
             .map_or(DEFAULT_SLOTS, |n| n as u32);
-        (slot_size, slots)
+        let large = fields
+            .get("large")
+            .and_then(|n| self.large_slots(n, slot_size));
+        (slot_size, slots, large)
+    }
+
+    /// `arena.large`: both keys required (a large class of default size would be a guess).
+    fn large_slots(&mut self, node: &MarkedYaml<'_>, small: u32) -> Option<LargeSlots> {
+        let fields = self.fields(node, "`arena.large`", Some(LARGE_KEYS))?;
+        let size = self.required(&fields, "slot_size", "`arena.large`");
+        let count = self.required(&fields, "slots", "`arena.large`");
+        let slot_size = size.and_then(|n| {
+            let bytes = self.size(n, "slot_size")?;
+            if bytes <= u64::from(small) || bytes > MAX_SLOT_SIZE || bytes % LARGE_ALIGN != 0 {
+                self.error(
+                    pos(n),
+                    format!(
+                        "`large.slot_size` must be a multiple of 4KiB, larger than the chain's \
+                         slot_size ({small} bytes) and at most 64MiB, got {bytes} bytes"
+                    ),
+                );
+                return None;
+            }
+            Some(bytes as u32)
+        });
+        let slots = count.and_then(|n| self.int_in(n, "slots", 1, MAX_LARGE_SLOTS));
+        Some(LargeSlots {
+            slot_size: slot_size?,
+            slots: slots? as u32,
+        })
     }
 }

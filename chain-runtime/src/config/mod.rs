@@ -90,7 +90,12 @@
 //!     content_type: text/plain      # response Content-Type, default application/octet-stream
 //!     arena: { slot_size: 64KiB, slots: 1024 }   # shared-memory request slots:
 //!                                   #   slot_size a multiple of 64 in 64..=64MiB (default 64KiB),
-//!                                   #   slots 1..=65536 (default 1024)
+//!                                   #   slots 1..=65536 (default 1024);
+//!                                   # optional large: { slot_size: 16MiB, slots: 8 }: a second
+//!                                   #   class for bodies over slot_size, up to its slot_size
+//!                                   #   (a multiple of 4KiB, > slot_size, <= 64MiB; slots
+//!                                   #   1..=1024); the memfd is sparse, so unused large
+//!                                   #   slots cost no memory
 //!   - name: shop
 //!     route: /shop
 //!     entry: frontend               # dynamic chain: the first function called ...
@@ -407,6 +412,16 @@ pub struct ChainSpec {
     /// Bytes per shared-memory request slot.
     pub slot_size: u32,
     pub slots: u32,
+    /// Optional class of larger slots for bodies over `slot_size` (`arena.large`).
+    pub large: Option<LargeSlots>,
+}
+
+/// A chain's class of large slots: requests and responses over `slot_size` use one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LargeSlots {
+    /// Bytes per large slot: a multiple of 4KiB, larger than the chain's `slot_size`.
+    pub slot_size: u32,
+    pub slots: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -470,6 +485,16 @@ impl Config {
 }
 
 impl ChainSpec {
+    /// Slots of every class (the index space of the chain's arena).
+    pub fn total_slots(&self) -> u32 {
+        self.slots + self.large.map_or(0, |l| l.slots)
+    }
+
+    /// The largest body (request or response) the chain can carry.
+    pub fn max_payload(&self) -> u32 {
+        self.large.map_or(self.slot_size, |l| l.slot_size)
+    }
+
     /// The functions this chain uses, in order of first use, without repeats.
     pub fn functions(&self) -> Vec<&str> {
         let names: Vec<&str> = match &self.routing {

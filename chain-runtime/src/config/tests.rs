@@ -223,6 +223,7 @@ fn full_config_round_trip() {
                 content_type: "text/plain; charset=utf-8".into(),
                 slot_size: 4096,
                 slots: 8,
+                large: None,
             },
             ChainSpec {
                 name: "shop".into(),
@@ -236,6 +237,7 @@ fn full_config_round_trip() {
                 content_type: "application/octet-stream".into(),
                 slot_size: 65536,
                 slots: 1024,
+                large: None,
             },
             ChainSpec {
                 name: "defaults".into(),
@@ -249,6 +251,7 @@ fn full_config_round_trip() {
                 content_type: "application/octet-stream".into(),
                 slot_size: 65536,
                 slots: 1024,
+                large: None,
             },
         ]
     );
@@ -1499,4 +1502,69 @@ fn idle_spin_is_off_by_default_and_bounded() {
             && m.contains("`idle_spin_us` must be between 0 and 1000, got 5000")),
         "{errors:?}"
     );
+}
+
+#[test]
+fn a_large_slot_class() {
+    let s = Scratch::new();
+    let config = s.ok(&with_chains(&[
+        "  - name: c",
+        "    route: /c",
+        "    steps: [a]",
+        "    arena: { slot_size: 64KiB, slots: 1024, large: { slot_size: 16MiB, slots: 8 } }",
+    ]));
+    let c = &config.chains[0];
+    assert_eq!(
+        c.large,
+        Some(LargeSlots {
+            slot_size: 16 << 20,
+            slots: 8
+        })
+    );
+    assert_eq!((c.total_slots(), c.max_payload()), (1032, 16 << 20));
+    let plain = s.ok(&with_chains(&[
+        "  - name: c",
+        "    route: /c",
+        "    steps: [a]",
+    ]));
+    assert_eq!(plain.chains[0].large, None);
+    assert_eq!(plain.chains[0].max_payload(), 64 * 1024);
+}
+
+#[test]
+fn large_slot_class_errors_point_at_the_value() {
+    let s = Scratch::new();
+    let errors = s.errors(&with_chains(&[
+        "  - name: c",
+        "    route: /c",
+        "    steps: [a]",
+        "    arena: { slot_size: 64KiB, large: { slot_size: 64KiB, slots: 0 } }",
+        "  - name: d",
+        "    route: /d",
+        "    steps: [a]",
+        "    arena:",
+        "      large: { slot_size: 100000, slots: 1025, extra: 1 }",
+        "  - name: e",
+        "    route: /e",
+        "    steps: [a]",
+        "    arena: { large: { slot_size: 128MiB } }",
+        "  - name: f",
+        "    route: /f",
+        "    steps: [a]",
+        "    arena: { large: 8 }",
+    ]));
+    let expected = [
+        (10, 52, "larger than the chain's slot_size (65536 bytes)"),
+        (10, 66, "`slots` must be between 1 and 1024, got 0"),
+        (15, 27, "multiple of 4KiB"),
+        (15, 42, "got 1025"),
+        (15, 48, "unknown key `extra`"),
+        (19, 21, "missing required key `slots`"),
+        (19, 34, "got 134217728 bytes"),
+        (23, 21, "`arena.large` must be a mapping"),
+    ];
+    assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    for (error, (line, col, needle)) in errors.iter().zip(expected) {
+        assert_at(error, line, col, needle);
+    }
 }

@@ -116,7 +116,8 @@ impl Forwarder {
         arrived: Instant,
     ) -> (Reply, Option<Outcome>) {
         let name = &chain.plan.spec.name;
-        let slot_size = chain.arena.slot_size() as u64;
+        // The largest slot class: a peer runs the same config, so it takes what we take.
+        let slot_size = u64::from(chain.arena.max_slot_size());
         if http_edge::check_content_length(req.headers(), slot_size).is_err()
             || req.body().size_hint().lower() > slot_size
         {
