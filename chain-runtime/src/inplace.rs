@@ -385,6 +385,7 @@ mod tests {
             env: vec![],
             start: StartMode::Exec,
             isolation,
+            idle_spin: Duration::ZERO,
         };
         FunctionHost::new(&spec, None).unwrap()
     }
