@@ -132,6 +132,8 @@ async fn bench(args: LocalBenchArgs) -> anyhow::Result<()> {
         images: Default::default(),
         controls: Default::default(),
         sandbox: gateway::supervisor::sandbox_namespaces(&config)?,
+        // Socket tasks run on this command's own runtime.
+        dataplane: None,
     };
     let zygote = Zygote::new(gateway::zygote::DEFAULT_REPLY_TIMEOUT);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

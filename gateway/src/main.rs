@@ -615,6 +615,8 @@ async fn run(
     };
     let shards = config.http.shards.count(usable_cpus());
     let listeners = gateway::shards::Listeners::bind(listen, shards)?;
+    let dataplane_threads =
+        gateway::shards::Shards::spawn(shards).context("starting the dataplane threads")?;
     // Before any worker starts: binding sets the process-wide umask for a moment.
     let admin = node_args
         .admin
@@ -680,6 +682,7 @@ async fn run(
         sandbox: gateway::supervisor::sandbox_namespaces(&config).context(
             "making the sandbox namespaces (`sandbox: { enabled: false }` runs workers unconfined)",
         )?,
+        dataplane: Some(Arc::clone(&dataplane_threads)),
     };
     // Namespaces and a uid change come together (both need root); seccomp needs nothing.
     let confined = cmd.sandbox.is_some();
@@ -819,8 +822,8 @@ async fn run(
         gateway.chains.len(),
         listeners.local_addr(),
         match listeners.shards() {
-            1 => "one accept loop".to_string(),
-            n => format!("{n} front shards"),
+            1 => "one dataplane thread".to_string(),
+            n => format!("{n} dataplane threads"),
         }
     );
     for c in &gateway.chains {
@@ -836,7 +839,7 @@ async fn run(
         metrics.http_connections_refused.clone(),
         metrics.http_connections_closed.clone(),
     );
-    let serving = gateway::shards::start(
+    dataplane_threads.serve(
         listeners,
         gateway::shards::FrontContext {
             gateway: Arc::clone(&gateway),
@@ -859,7 +862,7 @@ async fn run(
 
     // Stop accepting, let requests in flight finish (workers still up), then stop workers.
     tracing::info!("shutting down: draining requests in flight");
-    serving.stop().await;
+    dataplane_threads.stop_front().await;
     if let Some(task) = admin_task {
         // Dropping the task's future drops the listener, which removes the socket file.
         task.abort();
@@ -873,6 +876,8 @@ async fn run(
     for handle in supervisors {
         let _ = handle.await;
     }
+    // The workers' sockets are closed: nothing is left on the dataplane threads.
+    dataplane_threads.shut_down().await;
     tracing::info!("stopped");
     Ok(())
 }

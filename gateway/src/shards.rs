@@ -1,14 +1,17 @@
-//! The HTTP front's accept loops (`http.shards`): one on the gateway's multi-threaded runtime,
-//! or one per front shard, each shard a thread with its own single-threaded event loop and its
-//! own `SO_REUSEPORT` listener on the same address. With shards, the kernel hashes each new
-//! connection to one listener, and every byte of that connection is then read, parsed,
-//! answered and written on that one thread: no work stealing, no hand-off of a connection
-//! between threads. What a request does past the front (arena, pending table, workers) is
-//! shared by all shards.
+//! The gateway's dataplane threads (`http.shards`). Each shard is one thread running a
+//! single-threaded tokio runtime that owns an accept loop on its own listener (a plain one for
+//! one shard; `SO_REUSEPORT` sockets on one port for more, so the kernel hashes each new
+//! connection to one shard) **and** the socket tasks of a share of the worker connections
+//! (reader and writer, [`crate::dataplane`]). A connection's requests are read, routed to the
+//! workers, and answered without leaving its thread, and nothing on the hot path is handed
+//! between threads by a work-stealing scheduler. With one shard — the default — everything a
+//! request touches in the gateway runs on one thread; supervision, autoscaling, reloads,
+//! image preparation and the peer links stay on the multi-threaded control runtime, where a
+//! slow start or fork never stalls a request.
 //!
-//! It owns the listening sockets and the client connections' tasks until they drain; it must
-//! not decide what a request does (that is [`crate::http`]'s) or whom to admit
-//! ([`crate::front`]'s).
+//! It owns the dataplane threads, the listening sockets and the client connections' tasks
+//! until they drain; it must not decide what a request does (that is [`crate::http`]'s) or
+//! whom to admit ([`crate::front`]'s).
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -134,76 +137,119 @@ pub struct FrontContext {
     pub drain_timeout: Duration,
 }
 
-/// The running accept loops; [`Running::stop`] ends them.
-pub struct Running {
-    stop: watch::Sender<bool>,
-    done: Vec<tokio::sync::oneshot::Receiver<()>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+/// The dataplane threads. Dropping the last handle ends them (after [`Shards::stop_front`]
+/// has drained the front, and the gateway has stopped its workers).
+pub struct Shards {
+    runtimes: Vec<tokio::runtime::Handle>,
+    /// Round-robin over shards for new worker connections.
+    next: std::sync::atomic::AtomicUsize,
+    /// Ends each thread's runtime.
+    end: watch::Sender<bool>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Stops the accept loops; each reports when its connections have drained.
+    stop_accepting: watch::Sender<bool>,
+    drained: std::sync::Mutex<Vec<tokio::sync::oneshot::Receiver<()>>>,
 }
 
-/// Starts the accept loops: with one listener, a task on the current (multi-threaded)
-/// runtime; with more, one thread per listener, each running a single-threaded runtime.
-pub fn start(listeners: Listeners, context: FrontContext) -> Result<Running, ShardError> {
-    let (stop, stopped) = watch::channel(false);
-    let mut done = Vec::new();
-    let mut threads = Vec::new();
-    let sharded = listeners.sockets.len() > 1;
-    for (shard, socket) in listeners.sockets.into_iter().enumerate() {
-        let (finished, finished_rx) = tokio::sync::oneshot::channel();
-        done.push(finished_rx);
-        let context = context.clone();
-        let stopped = stopped.clone();
-        if !sharded {
-            let listener = TcpListener::from_std(socket)
+impl Shards {
+    /// Starts `n` dataplane threads, each with its own single-threaded runtime, idle until
+    /// [`Shards::serve`] and [`Shards::spawn_link`] give them work.
+    pub fn spawn(n: usize) -> Result<Arc<Self>, ShardError> {
+        let (end, _) = watch::channel(false);
+        let mut runtimes = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for shard in 0..n {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
                 .map_err(|source| ShardError::Start { shard, source })?;
-            tokio::spawn(async move {
-                accept_loop(listener, context, stopped).await;
-                let _ = finished.send(());
-            });
-            continue;
+            runtimes.push(runtime.handle().clone());
+            let mut end_rx = end.subscribe();
+            let thread = std::thread::Builder::new()
+                .name(format!("dataplane-{shard}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let _ = end_rx.wait_for(|end| *end).await;
+                    });
+                    // Dropping the runtime cancels what is left on it (nothing: the workers
+                    // were stopped and their sockets closed first).
+                    drop(runtime);
+                })
+                .map_err(|source| ShardError::Start { shard, source })?;
+            threads.push(thread);
         }
-        let thread = std::thread::Builder::new()
-            .name(format!("front-{shard}"))
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(shard, "front shard cannot start its event loop: {e}");
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    match TcpListener::from_std(socket) {
-                        Ok(listener) => accept_loop(listener, context, stopped).await,
-                        Err(e) => tracing::error!(shard, "front shard cannot listen: {e}"),
-                    }
-                });
-                let _ = finished.send(());
-            })
-            .map_err(|source| ShardError::Start { shard, source })?;
-        threads.push(thread);
+        let (stop_accepting, _) = watch::channel(false);
+        Ok(Arc::new(Shards {
+            runtimes,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            end,
+            threads: std::sync::Mutex::new(threads),
+            stop_accepting,
+            drained: std::sync::Mutex::new(Vec::new()),
+        }))
     }
-    Ok(Running {
-        stop,
-        done,
-        threads,
-    })
-}
 
-impl Running {
+    pub fn count(&self) -> usize {
+        self.runtimes.len()
+    }
+
+    /// Runs a worker connection's socket task on the next shard in turn. `make` is called on
+    /// that shard's thread, so the sockets it registers belong to that shard's event loop.
+    pub fn spawn_link<F, Fut>(&self, make: F) -> tokio::task::JoinHandle<Fut::Output>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future + Send + 'static,
+        Fut::Output: Send + 'static,
+    {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.runtimes.len();
+        self.runtimes[i].spawn(async move { make().await })
+    }
+
+    /// Starts one accept loop per listener, listener i on shard i (there are as many of each).
+    pub fn serve(&self, listeners: Listeners, context: FrontContext) -> Result<(), ShardError> {
+        let mut drained = self.drained.lock().expect("drained lock");
+        for (shard, socket) in listeners.sockets.into_iter().enumerate() {
+            let runtime = &self.runtimes[shard % self.runtimes.len()];
+            let (done, done_rx) = tokio::sync::oneshot::channel();
+            drained.push(done_rx);
+            let context = context.clone();
+            let stopped = self.stop_accepting.subscribe();
+            // Registered with this shard's reactor: from_std runs on its thread.
+            runtime.spawn(async move {
+                match TcpListener::from_std(socket) {
+                    Ok(listener) => accept_loop(listener, context, stopped).await,
+                    Err(e) => tracing::error!(shard, "front shard cannot listen: {e}"),
+                }
+                let _ = done.send(());
+            });
+        }
+        Ok(())
+    }
+
     /// Stops accepting on every listener, then waits while each loop's connections finish
-    /// their requests (each loop gives up after its drain timeout).
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        for done in self.done {
+    /// their requests (each loop gives up after its drain timeout). Worker links keep running.
+    pub async fn stop_front(&self) {
+        let _ = self.stop_accepting.send(true);
+        let drained = std::mem::take(&mut *self.drained.lock().expect("drained lock"));
+        for done in drained {
             let _ = done.await;
         }
-        for thread in self.threads {
+    }
+
+    /// Ends the dataplane threads, once the workers are stopped, and waits for them.
+    pub async fn shut_down(&self) {
+        let _ = self.end.send(true);
+        let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
+        for thread in threads {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+    }
+}
+
+impl Drop for Shards {
+    fn drop(&mut self) {
+        // Threads not joined by shut_down end on their own once told to.
+        let _ = self.end.send(true);
     }
 }
 

@@ -88,6 +88,9 @@ pub struct WorkerCommand {
     /// The namespaces confined workers and zygotes join (`sandbox:`); `None` when the config
     /// turns the sandbox off or this gateway is not root and could not make them.
     pub sandbox: Option<Arc<sandbox::SharedNamespaces>>,
+    /// The dataplane threads each worker connection's socket tasks run on
+    /// ([`crate::shards`]); `None`: on the caller's runtime.
+    pub dataplane: Option<Arc<crate::shards::Shards>>,
 }
 
 /// Makes the namespaces `config`'s confined workers join, once per gateway. A gateway that
@@ -366,12 +369,27 @@ async fn spawn_worker(
     gateway_end
         .set_nonblocking(true)
         .map_err(SpawnError::Socket)?;
-    let stream = tokio::net::TcpStream::from_std(gateway_end).map_err(SpawnError::Socket)?;
-    let (read, write) = stream.into_split();
     let (ready_tx, ready_rx) = oneshot::channel();
-    let reader = tokio::spawn(read_worker(Arc::clone(chain), holder, read, ready_tx));
     let queue = Arc::new(InstanceQueue::new(INSTANCE_QUEUE_CAPACITY));
-    tokio::spawn(write_worker(Arc::clone(chain), write, Arc::clone(&queue)));
+    let link = {
+        let (chain, queue) = (Arc::clone(chain), Arc::clone(&queue));
+        // Made on the thread that runs it, so the socket is registered with that thread's
+        // event loop. A socket tokio cannot take drops `ready_tx`: the start fails below.
+        move || async move {
+            match tokio::net::TcpStream::from_std(gateway_end) {
+                Ok(stream) => {
+                    let (read, write) = stream.into_split();
+                    tokio::spawn(write_worker(Arc::clone(&chain), write, queue));
+                    read_worker(chain, holder, read, ready_tx).await;
+                }
+                Err(e) => tracing::error!("registering a worker's socket: {e}"),
+            }
+        }
+    };
+    let reader = match &cmd.dataplane {
+        Some(threads) => threads.spawn_link(link),
+        None => tokio::spawn(link()),
+    };
 
     let started = tokio::select! {
         ready = tokio::time::timeout(READY_TIMEOUT, ready_rx) => match ready {

@@ -155,3 +155,80 @@ async fn a_request_slower_than_the_idle_timeout_is_not_cut() {
     .await
     .unwrap();
 }
+
+/// CPU time (utime + stime, clock ticks) of each of the gateway's threads named `dataplane-*`.
+fn dataplane_threads(pid: i32) -> Vec<(String, u64)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let comm = comm.trim().to_string();
+        if !comm.starts_with("dataplane-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: state is 3rd, utime 14th, stime 15th.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        threads.push((comm, ticks));
+    }
+    threads.sort();
+    threads
+}
+
+/// `http.shards: 2`: two dataplane threads, each with its own SO_REUSEPORT listener on the one
+/// address; the kernel spreads new connections over both, every request is answered right,
+/// and both threads do the work. With the default, one dataplane thread serves everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_fronts_split_connections_over_their_threads_and_answer_each_right() {
+    const SHARDED: &str = r#"
+http: { shards: 2 }
+functions:
+  - { name: upper, module: "{wasm:uppercase}" }
+chains:
+  - { name: up, route: /up, steps: [upper], content_type: text/plain }
+"#;
+    let spindle = Spindle::start("front-shards", SHARDED).await;
+    let addr = spindle.addr.clone();
+    let pid = spindle.pid();
+    let before = dataplane_threads(pid);
+    assert_eq!(
+        before.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["dataplane-0", "dataplane-1"]
+    );
+    let answered = tokio::task::spawn_blocking(move || {
+        let mut answered = 0;
+        // Many short connections: SO_REUSEPORT hashes each to one listener.
+        for i in 0..64 {
+            let mut stream = TcpStream::connect(&addr).unwrap();
+            for j in 0..20 {
+                let body = format!("shard {i} {j}");
+                let reply = post(&mut stream, "/up", &body);
+                assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+                assert!(reply.ends_with(&body.to_uppercase()), "{reply}");
+                answered += 1;
+            }
+        }
+        answered
+    })
+    .await
+    .unwrap();
+    assert_eq!(answered, 64 * 20);
+    let after = dataplane_threads(pid);
+    for ((name, was), (_, now)) in before.iter().zip(&after) {
+        assert!(now > was, "{name} did none of the work: {before:?} -> {after:?}");
+    }
+
+    let single = Spindle::start(
+        "front-one-shard",
+        &SHARDED.replace("http: { shards: 2 }\n", ""),
+    )
+    .await;
+    let names: Vec<String> = dataplane_threads(single.pid())
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names, ["dataplane-0"]);
+}

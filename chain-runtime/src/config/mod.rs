@@ -17,10 +17,11 @@
 //!                                   #   one more is answered 503 (Retry-After: 1) and closed
 //!   idle_timeout_ms: 60000          # keep-alive connections idle this long are closed,
 //!                                   #   1..=86400000, default 60000
-//!   shards: 1                       # 1 (default): one accept loop on the gateway's shared
-//!                                   #   multi-threaded runtime; 2..=64 or `auto` (one per
-//!                                   #   usable CPU): that many threads, each with its own
-//!                                   #   event loop and SO_REUSEPORT listener on the address
+//!   shards: 1                       # dataplane threads, 1..=64 or `auto` (one per usable
+//!                                   #   CPU), default 1: each a single-threaded event loop
+//!                                   #   running client connections and a share of the worker
+//!                                   #   connections; more than one: each with its own
+//!                                   #   SO_REUSEPORT listener on the address
 //! sandbox:                          # optional; how worker processes are confined
 //!   enabled: true                   # default true: each worker and zygote joins an empty
 //!                                   #   network and mount namespace, drops to its uid, keeps
@@ -185,11 +186,11 @@ pub struct HttpSpec {
     pub shards: Shards,
 }
 
-/// `http.shards`: one accept loop on the gateway's shared multi-threaded runtime (`1`, the
-/// default), or that many single-threaded front shards, each with its own `SO_REUSEPORT`
-/// listener on the same address and its own event loop, so the kernel spreads connections
-/// over them and a connection's requests never change thread (`N`, or `auto`: one per CPU the
-/// gateway may run on).
+/// `http.shards`: how many dataplane threads the gateway runs (`N`, default 1, or `auto`: one
+/// per CPU the gateway may run on). Each is a single-threaded event loop that serves client
+/// connections and a share of the worker connections; with more than one, each has its own
+/// `SO_REUSEPORT` listener on the same address, so the kernel spreads connections over them
+/// and a connection's requests never change thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shards {
     Fixed(u32),
