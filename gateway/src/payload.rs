@@ -34,9 +34,20 @@ pub fn arena_spec(spec: &ChainSpec) -> ArenaSpec {
     }
 }
 
-/// The class a body of at least `len` bytes starts in: small while it fits, else large.
+/// Bytes a body may have and still use a small slot: `arena.large.above`, which leaves the
+/// chain's functions room to grow the payload inside the small slot.
+fn small_limit(chain: &ChainRuntime) -> u64 {
+    let small = u64::from(chain.arena.slot_size());
+    chain
+        .plan
+        .spec
+        .large
+        .map_or(small, |l| u64::from(l.above).min(small))
+}
+
+/// The class a body of at least `len` bytes starts in: small up to `large.above`, else large.
 pub fn class_for(chain: &ChainRuntime, len: u64) -> SlotClass {
-    if len > u64::from(chain.arena.slot_size()) {
+    if len > small_limit(chain) {
         SlotClass::Large
     } else {
         SlotClass::Small
@@ -99,7 +110,7 @@ pub async fn copy_body(
     mut body: Incoming,
 ) -> Result<(SlotGuard, u32), Reply> {
     let max = chain.arena.max_slot_size() as usize;
-    let mut capacity = chain.arena.capacity(slot.slot().index) as usize;
+    let mut capacity = room_for_body(chain, &slot);
     let mut len = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
@@ -117,7 +128,7 @@ pub async fn copy_body(
         }
         if end > capacity {
             slot = move_to_large(chain, metrics, slot, len)?;
-            capacity = chain.arena.capacity(slot.slot().index) as usize;
+            capacity = room_for_body(chain, &slot);
         }
         chain
             .arena
@@ -128,6 +139,17 @@ pub async fn copy_body(
     }
     // Every class's slot size is a u32, so len fits.
     Ok((slot, len as u32))
+}
+
+/// How much body `slot` takes before it must move: a small slot up to `large.above`, a
+/// large one its whole capacity.
+fn room_for_body(chain: &ChainRuntime, slot: &SlotGuard) -> usize {
+    let capacity = chain.arena.capacity(slot.slot().index) as usize;
+    if capacity <= chain.arena.slot_size() as usize {
+        capacity.min(small_limit(chain) as usize)
+    } else {
+        capacity
+    }
 }
 
 /// The first `len` bytes of a small slot into a fresh large slot; the small one is released

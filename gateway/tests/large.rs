@@ -188,6 +188,31 @@ async fn a_ten_mib_body_through_configs_large_yaml_is_answered_byte_for_byte() {
     assert_eq!(copied(&spindle, "frame", "function_output").await, framed);
 }
 
+/// A body the size of a small slot whose answer is larger than one (frame adds its JSON and
+/// escapes): with `large.above`, such bodies start in a large slot, so the answer fits;
+/// bodies at or under `above` stay in the small slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_whose_answer_outgrows_a_small_slot_start_in_a_large_one() {
+    let spindle = Spindle::start_file("large-headroom", "configs/large.yaml").await;
+    for len in [64 * 1024, 40 * 1024, 8 * 1024] {
+        let input = body(len);
+        let want = hello_answer(&input);
+        let r = spindle.post("/hello", input.clone()).await;
+        assert_eq!(r.status, 200, "{len}: {}", &r.text()[..r.text().len().min(300)]);
+        assert!(r.body == want, "{len}: the answer differs from the model");
+    }
+    // Three large-class requests one after another: never short of a large slot.
+    assert_eq!(
+        metric(
+            &spindle,
+            r#"spindle_arena_class_alloc_failures_total{chain="hello",class="large"}"#
+        )
+        .await,
+        0.0
+    );
+    assert_all_slots_back(&spindle).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_largest_class_get_413_and_chunked_ones_move_to_a_large_slot() {
     let spindle = Spindle::start_file("large-limits", "configs/large.yaml").await;

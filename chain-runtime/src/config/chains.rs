@@ -35,7 +35,7 @@ const CHAIN_KEYS: &[&str] = &[
     "arena",
 ];
 const ARENA_KEYS: &[&str] = &["slot_size", "slots", "large"];
-const LARGE_KEYS: &[&str] = &["slot_size", "slots"];
+const LARGE_KEYS: &[&str] = &["slot_size", "slots", "above"];
 // Large slots are mapped page by page (released to the kernel, mapped into a guest's
 // memory), so they are whole pages.
 const LARGE_ALIGN: u64 = 4 * KIB;
@@ -359,9 +359,29 @@ impl Checker<'_> {
             Some(bytes as u32)
         });
         let slots = count.and_then(|n| self.int_in(n, "slots", 1, MAX_LARGE_SLOTS));
+        // Bodies over `above` start in a large slot: a small slot must also hold what the
+        // functions make of the body (the hello chain's frame adds 27 bytes, up to 6x for
+        // escape-heavy text), and the class is chosen before any function runs.
+        let above = match fields.get("above") {
+            None => Some(small),
+            Some(n) => self.size(n, "above").and_then(|bytes| {
+                if bytes > u64::from(small) {
+                    self.error(
+                        pos(n),
+                        format!(
+                            "`large.above` must be at most the chain's slot_size ({small} \
+                             bytes), got {bytes} bytes"
+                        ),
+                    );
+                    return None;
+                }
+                Some(bytes as u32)
+            }),
+        };
         Some(LargeSlots {
             slot_size: slot_size?,
             slots: slots? as u32,
+            above: above?,
         })
     }
 }

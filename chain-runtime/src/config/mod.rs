@@ -423,6 +423,9 @@ pub struct LargeSlots {
     /// Bytes per large slot: a multiple of 4KiB, larger than the chain's `slot_size`.
     pub slot_size: u32,
     pub slots: u32,
+    /// Bodies larger than this start in a large slot (`above`, default the chain's
+    /// `slot_size`): headroom for functions whose output outgrows their input.
+    pub above: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1518,10 +1518,30 @@ fn a_large_slot_class() {
         c.large,
         Some(LargeSlots {
             slot_size: 16 << 20,
-            slots: 8
+            slots: 8,
+            above: 64 << 10,
         })
     );
     assert_eq!((c.total_slots(), c.max_payload()), (1032, 16 << 20));
+    let headroom = s.ok(&with_chains(&[
+        "  - name: c",
+        "    route: /c",
+        "    steps: [a]",
+        "    arena: { slot_size: 64KiB, large: { slot_size: 1MiB, slots: 2, above: 8KiB } }",
+    ]));
+    assert_eq!(headroom.chains[0].large.map(|l| l.above), Some(8 << 10));
+    let errors = s.errors(&with_chains(&[
+        "  - name: c",
+        "    route: /c",
+        "    steps: [a]",
+        "    arena: { slot_size: 64KiB, large: { slot_size: 1MiB, slots: 2, above: 128KiB } }",
+    ]));
+    assert!(
+        errors
+            .iter()
+            .any(|(_, _, m)| m.contains("`large.above` must be at most the chain's slot_size")),
+        "{errors:?}"
+    );
     let plain = s.ok(&with_chains(&[
         "  - name: c",
         "    route: /c",
