@@ -5,7 +5,8 @@
 #      baseline subtracted, against the ceiling's);
 #   3. per-hop latency: chains of 1, 3 and 6 functions at one connection, both dataplanes,
 #      with the ping-pong floor measured in the same rounds;
-#   4. payload sweep: 13 B, 4 KiB, 64 KiB, 1 MiB and 8 MiB through configs/large.yaml.
+#   4. payload sweep: 13 B, 4 KiB, 64 KiB, 1 MiB and 8 MiB through configs/large.yaml;
+#   5. the same sweep through its in-place chain (no copies into or out of the guests).
 #
 #   bench/perf.sh [ROUNDS] [OUT_DIR]     (defaults: 5 rounds, docs/bench)
 # Needs root for the sockmap target. Run it on an otherwise idle machine: every report
@@ -38,3 +39,10 @@ echo "== 4. payload sweep (configs/large.yaml) =="
   --rounds "$(( rounds < 3 ? rounds : 3 ))" --duration 4s --connections 8 \
   --targets ceiling,userspace,sockmap,knative \
   --json "$out/perf-sweep.json" --markdown "$out/perf-sweep.md"
+
+echo "== 5. payload sweep, in-place functions (configs/large.yaml, /hello-inplace) =="
+"$spindle" bench --config configs/large.yaml --path /hello-inplace \
+  --payload-sizes 13,4KiB,64KiB,1MiB,8MiB \
+  --rounds "$(( rounds < 3 ? rounds : 3 ))" --duration 4s --connections 8 \
+  --targets userspace,sockmap \
+  --json "$out/perf-sweep-inplace.json" --markdown "$out/perf-sweep-inplace.md"

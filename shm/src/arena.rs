@@ -45,9 +45,10 @@
 //! Slot indices form one space across both classes, so a descriptor needs no class field:
 //! the index says which class the slot is in, and the class says how many bytes `len` may
 //! be. A memfd is sparse, so large slots cost nothing until written, and
-//! [`Arena::release`] gives a large slot's pages back to the kernel (`MADV_REMOVE`) before
-//! it is free again, so memory does not stay at the high-water mark of the largest request
-//! seen. Hugetlb is not used with a large class: huge pages are reserved for the whole
+//! [`Arena::release`] gives a large slot's pages past its first MiB back to the kernel
+//! (`MADV_REMOVE`) before it is free again, so memory does not stay at the high-water mark
+//! of the largest request seen, while mid-sized bodies do not fault their pages in anew on
+//! every request. Hugetlb is not used with a large class: huge pages are reserved for the whole
 //! mapping up front (which would make the sparse large class cost its full size), and a
 //! large slot must be mappable at 4 KiB granularity.
 //!
@@ -671,6 +672,8 @@ pub struct Arena {
     large_free: Option<FreeList>,
     /// Free large slots allowed to keep their pages (see [`Arena::set_warm_large_slots`]).
     warm_budget: u32,
+    /// Bytes at the start of each large slot a release never gives back.
+    kept_prefix: usize,
     /// Free large slots that kept their pages, and per large slot whether it did.
     warm_free: AtomicU32,
     warm: Box<[std::sync::atomic::AtomicBool]>,
@@ -681,6 +684,12 @@ pub struct Arena {
 /// pages costs ~13 ms here, into resident ones ~0.8 ms, and dropping them ~3.7 ms), while
 /// at rest the arena holds at most one large slot's worth.
 pub const DEFAULT_WARM_LARGE_SLOTS: u32 = 1;
+
+/// Bytes at the start of every large slot whose pages a release keeps (see
+/// [`Arena::set_kept_prefix`]): re-faulting them on every request cost more than the copy
+/// itself for bodies of tens of KiB (a 64 KiB body through a 3-function chain: ~700 µs of
+/// CPU with every page given back), while 8 slots × 1 MiB is a small bound at rest.
+pub const DEFAULT_KEPT_PREFIX: usize = 1 << 20;
 
 /// The free list: every alloc and release writes the head's line, so it gets one of its
 /// own. Lives in the gateway's memory only; no worker can see or touch it.
@@ -856,6 +865,7 @@ impl Arena {
             small_free: FreeList::new(&layout.small),
             large_free: layout.large.as_ref().map(FreeList::new),
             warm_budget: DEFAULT_WARM_LARGE_SLOTS,
+            kept_prefix: DEFAULT_KEPT_PREFIX,
             warm_free: AtomicU32::new(0),
             warm: (0..layout.large.map_or(0, |l| l.count))
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
@@ -914,6 +924,12 @@ impl Arena {
 
     /// Whether large slot `index` holds pages from an earlier request (a heuristic for
     /// memory use only: nothing depends on it for correctness).
+    /// How many bytes at the start of each large slot keep their pages when it is released
+    /// without being the warm one ([`DEFAULT_KEPT_PREFIX`]; 0 gives every page back).
+    pub fn set_kept_prefix(&mut self, bytes: usize) {
+        self.kept_prefix = bytes;
+    }
+
     fn warm_flag(&self, index: u32) -> Option<&std::sync::atomic::AtomicBool> {
         let first = self.map.large.as_ref()?.first_index;
         self.warm.get(index.checked_sub(first)? as usize)
@@ -1014,14 +1030,23 @@ impl Arena {
         let Ok((offset, capacity)) = self.map.placement(index) else {
             return;
         };
-        // SAFETY: [offset, offset + capacity) is one large slot inside our shared mapping of
-        // the payload memfd (placement; large slots are page-aligned and a whole number of
-        // pages). MADV_REMOVE frees the backing pages of exactly that range; nobody owns the
+        // Large slots and their sizes are page-aligned, so a page-rounded prefix keeps the
+        // range whole pages.
+        let page = page_size();
+        let kept = (self.kept_prefix.div_ceil(page) * page).min(capacity as usize);
+        let (offset, capacity) = (offset + kept, capacity as usize - kept);
+        if capacity == 0 {
+            return;
+        }
+        // SAFETY: [offset, offset + capacity) is the tail of one large slot past its kept
+        // prefix, inside our shared mapping of the payload memfd (placement; large slots are
+        // page-aligned and a whole number of pages, and the prefix is rounded to pages).
+        // MADV_REMOVE frees the backing pages of exactly that range; nobody owns the
         // slot now (see release), and any byte read later reads zero, which is safe.
         let rc = unsafe {
             nix::libc::madvise(
                 self.map.payload.as_mut_ptr().add(offset).cast(),
-                capacity as usize,
+                capacity,
                 nix::libc::MADV_REMOVE,
             )
         };
@@ -2181,10 +2206,32 @@ mod tests {
     }
 
     #[test]
+    fn a_release_keeps_the_pages_of_the_kept_prefix_and_gives_back_the_rest() {
+        let page = page_size();
+        let mut a = classed(2, 2);
+        a.set_warm_large_slots(0);
+        a.set_kept_prefix(page + 1); // rounds up to two pages
+        let v = view(&a);
+        let before = file_pages(&a);
+        let l = a.alloc_in(SlotClass::Large, REQ).unwrap();
+        v.write(l, 0, &vec![0x5a; LARGE as usize]).unwrap();
+        a.release(l).unwrap();
+        assert_eq!(file_pages(&a), before + 2, "two pages kept, the rest given back");
+        // A prefix larger than the slot keeps all of it.
+        a.set_kept_prefix(usize::MAX / 2);
+        let l = a.alloc_in(SlotClass::Large, REQ + 1).unwrap();
+        v.write(l, 0, &vec![0x5a; LARGE as usize]).unwrap();
+        a.release(l).unwrap();
+        assert!(file_pages(&a) >= before + (LARGE as usize / page) as u64);
+    }
+
+    #[test]
     fn releasing_a_large_slot_gives_its_pages_back_and_reads_zero() {
         let slot_pages = (LARGE as usize / page_size()) as u64;
-        // Default: one free large slot keeps its pages, the next one released drops them.
-        let a = classed(2, 3);
+        // One free large slot keeps its pages, the next one released drops them (no kept
+        // prefix here: test slots are smaller than the default one).
+        let mut a = classed(2, 3);
+        a.set_kept_prefix(0);
         let v = view(&a);
         let before = file_pages(&a);
         let [x, y] = [1, 2].map(|r| a.alloc_in(SlotClass::Large, r).unwrap());
@@ -2210,6 +2257,7 @@ mod tests {
 
         let mut a = classed(2, 2);
         a.set_warm_large_slots(0);
+        a.set_kept_prefix(0);
         let v = view(&a);
         let before = file_pages(&a);
         let l = a.alloc_in(SlotClass::Large, REQ).unwrap();
