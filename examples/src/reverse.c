@@ -37,18 +37,23 @@ static size_t utf8_unit(const uint8_t *p, size_t avail)
 	return want;
 }
 
-static int handle(uint8_t *in, size_t len)
+/*
+ * Reverse the bytes inside each multi-byte code point first; reversing the whole buffer
+ * afterwards puts them back in order while reversing the code points.
+ */
+static void reverse_utf8(uint8_t *p, size_t len)
 {
-	/*
-	 * Reverse the bytes inside each multi-byte code point first; reversing the whole
-	 * buffer afterwards puts them back in order while reversing the code points.
-	 */
 	for (size_t i = 0; i < len;) {
-		size_t n = utf8_unit(in + i, len - i);
-		reverse_bytes(in + i, n);
+		size_t n = utf8_unit(p + i, len - i);
+		reverse_bytes(p + i, n);
 		i += n;
 	}
-	reverse_bytes(in, len);
+	reverse_bytes(p, len);
+}
+
+static int handle(uint8_t *in, size_t len)
+{
+	reverse_utf8(in, len);
 	spindle_output(in, (int32_t)len);
 	return 0;
 }

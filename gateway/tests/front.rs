@@ -170,8 +170,14 @@ fn dataplane_threads(pid: i32) -> Vec<(String, u64)> {
         // Fields after the parenthesised name: state is 3rd, utime 14th, stime 15th.
         let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
         let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-            + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = fields
+            .get(11)
+            .and_then(|u| u.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0);
         threads.push((comm, ticks));
     }
     threads.sort();
@@ -218,7 +224,10 @@ chains:
     assert_eq!(answered, 64 * 20);
     let after = dataplane_threads(pid);
     for ((name, was), (_, now)) in before.iter().zip(&after) {
-        assert!(now > was, "{name} did none of the work: {before:?} -> {after:?}");
+        assert!(
+            now > was,
+            "{name} did none of the work: {before:?} -> {after:?}"
+        );
     }
 
     let single = Spindle::start(

@@ -198,7 +198,12 @@ async fn bodies_whose_answer_outgrows_a_small_slot_start_in_a_large_one() {
         let input = body(len);
         let want = hello_answer(&input);
         let r = spindle.post("/hello", input.clone()).await;
-        assert_eq!(r.status, 200, "{len}: {}", &r.text()[..r.text().len().min(300)]);
+        assert_eq!(
+            r.status,
+            200,
+            "{len}: {}",
+            &r.text()[..r.text().len().min(300)]
+        );
         assert!(r.body == want, "{len}: the answer differs from the model");
     }
     // Three large-class requests one after another: never short of a large slot.
