@@ -226,12 +226,16 @@ async fn serve_chain(
     // Over the largest slot class: 413 before reading. The baseline has only the header
     // check; either way the read below holds the body to that size.
     if let Some(reply) = payload::too_large_up_front(chain, &req) {
+        payload::discard_body(req.into_body());
         return reply;
     }
     let class = payload::class_for(chain, req.body().size_hint().lower());
     let slot = match payload::alloc(chain, metrics, class) {
         Ok(slot) => slot,
-        Err(reply) => return reply,
+        Err(reply) => {
+            payload::discard_body(req.into_body());
+            return reply;
+        }
     };
 
     // The chain's deadline covers the upload too: a slow sender must not pin a slot forever.

@@ -67,6 +67,30 @@ pub fn too_large_up_front(chain: &ChainRuntime, req: &hyper::Request<Incoming>) 
     None
 }
 
+/// How much of a body answered before it was read (413, 503) is still read and dropped, and
+/// for how long: closing a connection with unread bytes resets it, and the reset can reach
+/// the client before it has read the answer, so it would see "connection reset" instead of
+/// the 413 (lingering close, as nginx does). Beyond either bound the connection is closed.
+const DISCARD_BYTES: usize = 64 << 20;
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops `body` in the background (bounded by [`DISCARD_BYTES`] and
+/// [`DISCARD_TIME`]), so the early answer written meanwhile reaches the client.
+pub fn discard_body(mut body: Incoming) {
+    tokio::spawn(async move {
+        let mut read = 0usize;
+        let _ = tokio::time::timeout(DISCARD_TIME, async {
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, |d| d.len());
+                if read > DISCARD_BYTES {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+}
+
 /// A slot of `class`, or the 503 (or 500) to answer instead; a full class is counted.
 // The error is the reply itself, returned once per request at most: boxing it would only
 // add an allocation to the refusal path.
