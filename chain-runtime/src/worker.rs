@@ -207,6 +207,7 @@ pub(crate) fn serve_instance(
 
     let (chain_id, fn_id) = (instance.chain().id, instance.stage().fn_id);
     let function = instance.stage().function.name.clone();
+    let idle_spin = instance.stage().function.idle_spin;
     let mut worker = Worker {
         instance,
         resumed,
@@ -217,9 +218,8 @@ pub(crate) fn serve_instance(
         epoch: Instant::now(),
         doorbell: start_control(UnixStream::from(fds.control), &function)?,
         fork_published: ForkCounters::default(),
-        idle: IdleSpin::new(Duration::ZERO),
+        idle: IdleSpin::new(idle_spin),
     };
-    worker.idle = IdleSpin::new(worker.instance.stage().function.idle_spin);
     // Pages the resume itself touched (spindle_on_fork, WASI set-up) count too.
     worker.publish_fork_counters();
     // Ready for the first request before saying so: with `isolation: fresh_per_request`

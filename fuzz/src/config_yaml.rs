@@ -6,62 +6,11 @@
 
 use arbitrary::{Result, Unstructured};
 
-const TOP: &[&str] = &[
-    "listen",
-    "dataplane",
-    "functions",
-    "chains",
-    "node",
-    "peers",
-    "http",
-    "sandbox",
-];
-const FUNCTION: &[&str] = &[
-    "name",
-    "module",
-    "instances",
-    "wait_queue",
-    "memory",
-    "timeout_ms",
-    "fuel",
-    "mode",
-    "env",
-    "start",
-    "isolation",
-];
-const INSTANCES: &[&str] = &[
-    "min",
-    "max",
-    "target",
-    "stable_window_ms",
-    "panic_window_ms",
-    "scale_down_delay_ms",
-    "utilization_percent",
-    "concurrency",
-];
-const CHAIN: &[&str] = &[
-    "name",
-    "route",
-    "steps",
-    "entry",
-    "functions",
-    "max_hops",
-    "timeout_ms",
-    "content_type",
-    "arena",
-];
-const ARENA: &[&str] = &["slot_size", "slots", "large"];
-const LARGE: &[&str] = &["slot_size", "slots"];
-const NODE: &[&str] = &[
-    "name",
-    "cpu_budget",
-    "memory_budget",
-    "peer_listen",
-    "cluster_key",
-];
-const PEER: &[&str] = &["name", "http", "control"];
-const HTTP: &[&str] = &["max_connections", "idle_timeout_ms"];
-const SANDBOX: &[&str] = &["enabled", "uid_base"];
+// The sections' keys come from the checker itself (`crate::config` is chain-runtime's
+// config module, as in config_bytes.rs), so keys are generated as soon as they land.
+use crate::config::keys::{
+    ARENA, CHAIN, FUNCTION, HTTP, INSTANCES, LARGE, NODE, PEER, SANDBOX, TOP,
+};
 
 const NAMES: &[&str] = &["a", "b", "c", "hello", "x-1", "A", "a b", "", "f_2"];
 const SCALARS: &[&str] = &[

@@ -847,7 +847,7 @@ async fn run(
             header_read_timeout: HEADER_READ_TIMEOUT,
             drain_timeout: DRAIN_TIMEOUT,
         },
-    )?;
+    );
     loop {
         tokio::select! {
             _ = sigint.recv() => break,

@@ -189,10 +189,6 @@ impl Shards {
         }))
     }
 
-    pub fn count(&self) -> usize {
-        self.runtimes.len()
-    }
-
     /// Runs a worker connection's socket task on the next shard in turn. `make` is called on
     /// that shard's thread, so the sockets it registers belong to that shard's event loop.
     pub fn spawn_link<F, Fut>(&self, make: F) -> tokio::task::JoinHandle<Fut::Output>
@@ -206,7 +202,7 @@ impl Shards {
     }
 
     /// Starts one accept loop per listener, listener i on shard i (there are as many of each).
-    pub fn serve(&self, listeners: Listeners, context: FrontContext) -> Result<(), ShardError> {
+    pub fn serve(&self, listeners: Listeners, context: FrontContext) {
         let mut drained = self.drained.lock().expect("drained lock");
         for (shard, socket) in listeners.sockets.into_iter().enumerate() {
             let runtime = &self.runtimes[shard % self.runtimes.len()];
@@ -223,7 +219,6 @@ impl Shards {
                 let _ = done.send(());
             });
         }
-        Ok(())
     }
 
     /// Stops accepting on every listener, then waits while each loop's connections finish

@@ -23,7 +23,7 @@ const MAX_SLOTS: i64 = 65536;
 // The gateway answers these itself.
 const RESERVED_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
-const CHAIN_KEYS: &[&str] = &[
+pub const CHAIN_KEYS: &[&str] = &[
     "name",
     "route",
     "steps",
@@ -34,8 +34,8 @@ const CHAIN_KEYS: &[&str] = &[
     "content_type",
     "arena",
 ];
-const ARENA_KEYS: &[&str] = &["slot_size", "slots", "large"];
-const LARGE_KEYS: &[&str] = &["slot_size", "slots", "above"];
+pub const ARENA_KEYS: &[&str] = &["slot_size", "slots", "large"];
+pub const LARGE_KEYS: &[&str] = &["slot_size", "slots", "above"];
 // Large slots are mapped page by page (released to the kernel, mapped into a guest's
 // memory), so they are whole pages.
 const LARGE_ALIGN: u64 = 4 * KIB;

@@ -26,14 +26,14 @@ use saphyr::{MarkedYaml, Scalar, YamlData};
 use super::Checker;
 use super::yaml::{describe, pos, untag};
 
-pub(super) const NODE_KEYS: &[&str] = &[
+pub const NODE_KEYS: &[&str] = &[
     "name",
     "cpu_budget",
     "memory_budget",
     "peer_listen",
     "cluster_key",
 ];
-const PEER_KEYS: &[&str] = &["name", "http", "control"];
+pub const PEER_KEYS: &[&str] = &["name", "http", "control"];
 
 /// Budgets when the file names none: room for the gateway, its workers' bursts and the
 /// kernel before the node is called full.

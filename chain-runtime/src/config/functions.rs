@@ -23,7 +23,7 @@ const MAX_TARGET: i64 = 1000;
 const DEFAULT_STABLE_WINDOW_MS: i64 = 6000;
 const DEFAULT_SCALE_DOWN_DELAY_MS: i64 = 2000;
 const MAX_WINDOW_MS: i64 = 3_600_000;
-const INSTANCES_KEYS: &[&str] = &[
+pub const INSTANCES_KEYS: &[&str] = &[
     "min",
     "max",
     "target",
@@ -45,7 +45,7 @@ const MAX_MEMORY_LIMIT: u64 = 4 * GIB;
 const DEFAULT_FUNCTION_TIMEOUT_MS: i64 = 1000;
 const DEFAULT_FUEL: u64 = 1_000_000_000;
 
-const FUNCTION_KEYS: &[&str] = &[
+pub const FUNCTION_KEYS: &[&str] = &[
     "name",
     "module",
     "instances",

@@ -129,10 +129,19 @@ mod functions;
 mod units;
 mod yaml;
 
+/// The keys each section of a config accepts, as the checker knows them: for tools that
+/// generate configs (the fuzzer's structured YAML), so they never fall behind the checker.
+pub mod keys {
+    pub use super::chains::{ARENA_KEYS as ARENA, CHAIN_KEYS as CHAIN, LARGE_KEYS as LARGE};
+    pub use super::cluster::{NODE_KEYS as NODE, PEER_KEYS as PEER};
+    pub use super::functions::{FUNCTION_KEYS as FUNCTION, INSTANCES_KEYS as INSTANCES};
+    pub use super::{HTTP_KEYS as HTTP, SANDBOX_KEYS as SANDBOX, TOP_KEYS as TOP};
+}
+
 /// Chain ids are 16-bit in the descriptor.
 const MAX_CHAINS: usize = 1024;
 
-const TOP_KEYS: &[&str] = &[
+pub const TOP_KEYS: &[&str] = &[
     "listen",
     "dataplane",
     "functions",
@@ -143,7 +152,7 @@ const TOP_KEYS: &[&str] = &[
     "sandbox",
 ];
 
-const SANDBOX_KEYS: &[&str] = &["enabled", "uid_base"];
+pub const SANDBOX_KEYS: &[&str] = &["enabled", "uid_base"];
 const DEFAULT_UID_BASE: i64 = 200_000;
 /// Well below u32::MAX (the kernel's "no uid", -1) with room for every function.
 const MAX_UID_BASE: i64 = 4_000_000_000;
@@ -166,7 +175,7 @@ impl Default for SandboxSpec {
     }
 }
 
-const HTTP_KEYS: &[&str] = &["max_connections", "idle_timeout_ms", "shards"];
+pub const HTTP_KEYS: &[&str] = &["max_connections", "idle_timeout_ms", "shards"];
 /// More accept loops than this would only contend for the same listening port.
 pub const MAX_HTTP_SHARDS: i64 = 64;
 const DEFAULT_MAX_CONNECTIONS: i64 = 4096;
