@@ -103,24 +103,7 @@ pub struct FnStats {
     pub dropped: u64,
 }
 
-/// Plain-old-data map values: any byte pattern of the right length is a valid value.
-///
-/// # Safety
-/// Implement only for `#[repr(C)]` structs of integers without padding.
-pub(crate) unsafe trait Pod: Copy + Default {
-    fn as_bytes(&self) -> &[u8] {
-        // SAFETY: Pod types are repr(C) integers without padding, so every byte is initialised.
-        unsafe { std::slice::from_raw_parts((self as *const Self).cast(), size_of::<Self>()) }
-    }
-
-    fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        (bytes.len() == size_of::<Self>()).then(|| {
-            // SAFETY: length checked; any bit pattern is valid for Pod; read_unaligned copes
-            // with the Vec's alignment.
-            unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }
-        })
-    }
-}
+pub(crate) use bpf_kit::Pod;
 
 // SAFETY: all are repr(C) structs of u32/u64 fields laid out without padding (checked below).
 unsafe impl Pod for SockKey {}
@@ -130,8 +113,6 @@ unsafe impl Pod for FnInfo {}
 unsafe impl Pod for HolderRecord {}
 unsafe impl Pod for FnStats {}
 unsafe impl Pod for ReadyList {}
-unsafe impl Pod for u32 {}
-unsafe impl Pod for u64 {}
 
 #[cfg(test)]
 mod tests {
@@ -155,8 +136,6 @@ mod tests {
     /// Compiles a C program against the header and compares its layout with ours.
     #[test]
     fn matches_c_header() {
-        let dir = std::env::temp_dir().join(format!("spindle-maps-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
         let header = concat!(env!("CARGO_MANIFEST_DIR"), "/src/bpf/spindle_maps.h");
         // (C struct, field, Rust offset, size) for every field of every map type.
         let fields: Vec<(&str, &str, usize, usize)> = vec![
@@ -262,42 +241,22 @@ mod tests {
             ("spindle_fn_stats", size_of::<FnStats>()),
             ("spindle_ready_list", size_of::<ReadyList>()),
         ];
-        let mut body = String::new();
-        let mut expected = String::new();
+        let mut check = bpf_kit::LayoutCheck::new(header)
+            .include(concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/include"));
         for (t, size) in sizes {
-            body.push_str(&format!("printf(\"{t} %zu\\n\", sizeof(struct {t}));\n"));
-            expected.push_str(&format!("{t} {size}\n"));
+            check = check.size(t, size);
         }
-        for (t, f, off, size) in &fields {
-            body.push_str(&format!(
-                "printf(\"{t}.{f} %zu %zu\\n\", offsetof(struct {t}, {f}), sizeof(((struct {t} *)0)->{f}));\n"
-            ));
-            expected.push_str(&format!("{t}.{f} {off} {size}\n"));
+        for (t, f, off, size) in fields {
+            check = check.field(t, f, off, size);
         }
-        body.push_str("printf(\"MAX %d %d %d %d\\n\", SPINDLE_MAX_FUNCTIONS, SPINDLE_MAX_INSTANCES, SPINDLE_MAX_SLOTS, SPINDLE_MAX_SOCKETS);\n");
-        expected.push_str(&format!(
-            "MAX {MAX_FUNCTIONS} {MAX_INSTANCES} {MAX_SLOTS} {MAX_SOCKETS}\n"
-        ));
-        let src = format!(
-            "#include <stdio.h>\n#include <stddef.h>\n#include \"{header}\"\nint main(void) {{\n{body}return 0;\n}}\n"
-        );
-        std::fs::write(dir.join("layout.c"), src).unwrap();
-        let exe = dir.join("layout");
-        let proto_include = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/include");
-        let Ok(status) = std::process::Command::new("cc")
-            .arg("-I")
-            .arg(proto_include)
-            .arg(dir.join("layout.c"))
-            .arg("-o")
-            .arg(&exe)
-            .status()
-        else {
-            testkit::cannot_run("matches_c_header", "no C compiler (cc) on this machine");
-            return;
-        };
-        assert!(status.success(), "compiling the header failed");
-        let out =
-            String::from_utf8(std::process::Command::new(&exe).output().unwrap().stdout).unwrap();
-        assert_eq!(out, expected);
+        let check = check
+            .constant("SPINDLE_MAX_FUNCTIONS", MAX_FUNCTIONS.into())
+            .constant("SPINDLE_MAX_INSTANCES", MAX_INSTANCES.into())
+            .constant("SPINDLE_MAX_SLOTS", MAX_SLOTS.into())
+            .constant("SPINDLE_MAX_SOCKETS", MAX_SOCKETS.into());
+        match check.run() {
+            Err(bpf_kit::LayoutError::NoCompiler(e)) => testkit::cannot_run("matches_c_header", e),
+            other => other.unwrap(),
+        }
     }
 }
