@@ -9,7 +9,8 @@ use arbitrary::{Result, Unstructured};
 // The sections' keys come from the checker itself (`crate::config` is chain-runtime's
 // config module, as in config_bytes.rs), so keys are generated as soon as they land.
 use crate::config::keys::{
-    ARENA, CHAIN, FUNCTION, HTTP, INSTANCES, LARGE, NODE, PEER, SANDBOX, TOP,
+    ARENA, CHAIN, FAST_PATH, FUNCTION, GUARD, HTTP, INGRESS, INSTANCES, LARGE, NODE, PEER, SANDBOX,
+    TOP,
 };
 
 const NAMES: &[&str] = &["a", "b", "c", "hello", "x-1", "A", "a b", "", "f_2"];
@@ -67,6 +68,16 @@ const SCALARS: &[&str] = &[
     "exec",
     "reuse",
     "fresh_per_request",
+    "lo",
+    "eth0",
+    "tc",
+    "xdp",
+    "strict",
+    "rate_only",
+    "cpu",
+    "source_hash",
+    "incoming_cpu",
+    "/run/netns/n",
     "true",
     "false",
     "null",
@@ -169,6 +180,12 @@ fn value(u: &mut Unstructured<'_>, section: &str, key: &str) -> Result<Node> {
         ("top", "peers") => Node::Seq(list(u, |u| map(u, "peer", PEER))?),
         ("top", "http") => map(u, "http", HTTP)?,
         ("top", "sandbox") => map(u, "sandbox", SANDBOX)?,
+        ("top", "ingress") => map(u, "ingress", INGRESS)?,
+        ("ingress", "guard") => map(u, "guard", GUARD)?,
+        ("ingress", "fast_path") => map(u, "fast_path", FAST_PATH)?,
+        ("guard", "allow_tcp" | "allow_udp") | ("fast_path", "interfaces") => {
+            Node::Seq(list(u, |u| scalar(u, SCALARS))?)
+        }
         ("function", "instances") if u.arbitrary()? => map(u, "instances", INSTANCES)?,
         ("function", "env") => Node::Map(list(u, |u| {
             Ok((pick(u, &["A", "B", "PATH", "1"])?, scalar(u, SCALARS)?))

@@ -32,6 +32,8 @@ pub struct Gateway {
     pub node: Option<Arc<NodeService>>,
     /// Peers this gateway scales out to and forwards to, and its budget.
     pub cluster: Arc<Cluster>,
+    /// The eBPF programs at the ingress (`ingress:`), whose counters /metrics shows.
+    pub ingress: Option<Arc<crate::ingress::Ingress>>,
 }
 
 /// Which dataplane runs, and why not the kernel one when `auto` fell back.
@@ -107,7 +109,14 @@ impl Gateway {
             dataplane,
             node: None,
             cluster: Arc::new(Cluster::default()),
+            ingress: None,
         }
+    }
+
+    /// Shows the ingress programs' counters in /metrics.
+    pub fn with_ingress(mut self, ingress: Option<Arc<crate::ingress::Ingress>>) -> Self {
+        self.ingress = ingress;
+        self
     }
 
     /// Forwards requests to peers running instances of this node's chains (and reports the
@@ -206,6 +215,9 @@ impl Gateway {
         }
         let mut extra = self.node.as_ref().map(|n| n.families()).unwrap_or_default();
         extra.extend(self.cluster.families());
+        if let Some(ingress) = &self.ingress {
+            extra.extend(ingress.families());
+        }
         let mut resp = Response::new(Full::new(Bytes::from(
             self.metrics.encode(&self.chains, extra),
         )));

@@ -18,6 +18,7 @@ pub mod budget;
 pub mod dataplane;
 pub mod front;
 pub mod http;
+pub mod ingress;
 pub mod metrics;
 pub mod node;
 pub mod payload;

@@ -407,6 +407,34 @@ fn main() -> std::process::ExitCode {
 }
 
 /// CPUs this process may run on (its affinity mask), for `http.shards: auto`.
+/// The `ingress:` programs, attached; `None` when the file asks for none.
+fn ingress_programs(
+    config: &Config,
+    node_args: &NodeArgs,
+    listeners: &gateway::shards::Listeners,
+    cpus: &[usize],
+) -> anyhow::Result<Option<Arc<gateway::ingress::Ingress>>> {
+    let spec = &config.ingress;
+    if spec.guard.is_none() && spec.fast_path.is_none() && listeners.shards() == 1 {
+        return Ok(None);
+    }
+    // The guard always lets the gateway's own listeners be reached.
+    let mut ports = vec![listeners.local_addr().port()];
+    let peer_listen = node_args.peers.peer_listen.or(config.node.peer_listen);
+    for addr in [peer_listen, node_args.serve_images].into_iter().flatten() {
+        if !ports.contains(&addr.port()) {
+            ports.push(addr.port());
+        }
+    }
+    let ingress = gateway::ingress::Ingress::start(
+        spec,
+        &gateway::ingress::ServicePorts(ports),
+        listeners,
+        cpus,
+    )?;
+    Ok(Some(Arc::new(ingress)))
+}
+
 fn usable_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -615,8 +643,13 @@ async fn run(
     };
     let shards = config.http.shards.count(usable_cpus());
     let listeners = gateway::shards::Listeners::bind(listen, shards)?;
+    let cpus = gateway::shards::usable_cpus();
+    // Before any worker starts: a guard the kernel or the privileges refuse stops the
+    // start-up at once, with the reason.
+    let ingress = ingress_programs(&config, &node_args, &listeners, &cpus)?;
+    let pin = (shards > 1 && config.ingress.steering.pins_shards()).then_some(cpus.as_slice());
     let dataplane_threads =
-        gateway::shards::Shards::spawn(shards).context("starting the dataplane threads")?;
+        gateway::shards::Shards::spawn(shards, pin).context("starting the dataplane threads")?;
     // Before any worker starts: binding sets the process-wide umask for a moment.
     let admin = node_args
         .admin
@@ -809,8 +842,9 @@ async fn run(
         node.accept_reloads(reload_tx);
     }
 
-    let mut gateway =
-        Gateway::new(chains, Arc::clone(&metrics), status).with_cluster(Arc::new(cluster));
+    let mut gateway = Gateway::new(chains, Arc::clone(&metrics), status)
+        .with_cluster(Arc::new(cluster))
+        .with_ingress(ingress);
     let mut admin_task = None;
     if let (Some(node), Some(admin)) = (node, admin) {
         admin_task = Some(tokio::spawn(Arc::clone(&node).serve_admin(admin)));

@@ -8,7 +8,7 @@
 //!
 //! What a reload can change: a function's module (its file's bytes), `memory`, `timeout_ms`,
 //! `fuel`, `env`, `mode`, `start`, `isolation` and `idle_spin_us`. What needs a restart: `listen`,
-//! `dataplane`, `http`, `node`, `peers` and `sandbox`, the set of functions and chains, chain settings (routes,
+//! `dataplane`, `http`, `ingress`, `node`, `peers` and `sandbox`, the set of functions and chains, chain settings (routes,
 //! steps, arenas, deadlines), `instances` and `wait_queue` (they size the instance slots and
 //! queues the gateway allocated at start). A reload that asks for those is refused as a whole and
 //! changes nothing; a file with errors is refused with every error at file:line:col.
@@ -118,6 +118,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     // The front's listeners, shards and connection limits are set up once, at start.
     if old.http != new.http {
         why.push("`http` changed".to_string());
+    }
+    // The ingress programs are loaded and attached once, at start.
+    if old.ingress != new.ingress {
+        why.push("`ingress` changed".to_string());
     }
     let names = |c: &Config| {
         c.functions
@@ -361,6 +365,13 @@ mod tests {
         assert_eq!(
             needs_restart(&old, &http),
             vec!["`http` changed".to_string()]
+        );
+        let ingress = config(&format!(
+            "{BASE}ingress: {{ guard: {{ interface: lo }} }}\n"
+        ));
+        assert_eq!(
+            needs_restart(&old, &ingress),
+            vec!["`ingress` changed".to_string()]
         );
         let sandbox = config(&format!("{BASE}sandbox: {{ uid_base: 300000 }}\n"));
         assert_eq!(

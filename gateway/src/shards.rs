@@ -92,6 +92,46 @@ impl Listeners {
     pub fn shards(&self) -> usize {
         self.sockets.len()
     }
+
+    /// The listening sockets, shard by shard.
+    pub fn sockets(&self) -> impl Iterator<Item = &std::net::TcpListener> {
+        self.sockets.iter()
+    }
+
+    /// `SO_INCOMING_CPU` on each listener: the kernel prefers, for a connection received on
+    /// CPU c, the listener marked c (`cpus[i]` for shard i; its thread is pinned there).
+    pub fn set_incoming_cpus(&self, cpus: &[usize]) -> std::io::Result<()> {
+        for (socket, cpu) in self.sockets.iter().zip(cpus.iter().cycle()) {
+            let cpu = *cpu as libc::c_int;
+            // SAFETY: a plain setsockopt on a socket we own, with a pointer to an int that
+            // outlives the call and its size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_INCOMING_CPU,
+                    (&cpu as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The CPUs this process may run on, in order: where shard threads are pinned (shard i on
+/// the i-th, round and round) when steering asks for it.
+pub fn usable_cpus() -> Vec<usize> {
+    use nix::sched::{CpuSet, sched_getaffinity};
+    match sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// A listening TCP socket with `SO_REUSEPORT` (and `SO_REUSEADDR`, as `bind` in std sets it),
@@ -153,8 +193,9 @@ pub struct Shards {
 
 impl Shards {
     /// Starts `n` dataplane threads, each with its own single-threaded runtime, idle until
-    /// [`Shards::serve`] and [`Shards::spawn_link`] give them work.
-    pub fn spawn(n: usize) -> Result<Arc<Self>, ShardError> {
+    /// [`Shards::serve`] and [`Shards::spawn_link`] give them work. With `pin`, thread i runs
+    /// only on CPU `pin[i % pin.len()]`.
+    pub fn spawn(n: usize, pin: Option<&[usize]>) -> Result<Arc<Self>, ShardError> {
         let (end, _) = watch::channel(false);
         let mut runtimes = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
@@ -165,9 +206,15 @@ impl Shards {
                 .map_err(|source| ShardError::Start { shard, source })?;
             runtimes.push(runtime.handle().clone());
             let mut end_rx = end.subscribe();
+            let cpu = pin
+                .filter(|cpus| !cpus.is_empty())
+                .map(|cpus| cpus[shard % cpus.len()]);
             let thread = std::thread::Builder::new()
                 .name(format!("dataplane-{shard}"))
                 .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        pin_current_thread(shard, cpu);
+                    }
                     runtime.block_on(async move {
                         let _ = end_rx.wait_for(|end| *end).await;
                     });
@@ -245,6 +292,19 @@ impl Drop for Shards {
     fn drop(&mut self) {
         // Threads not joined by shut_down end on their own once told to.
         let _ = self.end.send(true);
+    }
+}
+
+fn pin_current_thread(shard: usize, cpu: usize) {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    let mut set = CpuSet::new();
+    let pinned = set
+        .set(cpu)
+        .and_then(|()| sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+    match pinned {
+        Ok(()) => tracing::debug!(shard, cpu, "dataplane thread pinned"),
+        // Still correct, only less local: steering then merely prefers this shard.
+        Err(e) => tracing::warn!(shard, cpu, "cannot pin the dataplane thread: {e}"),
     }
 }
 

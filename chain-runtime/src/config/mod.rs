@@ -104,6 +104,9 @@
 //!     max_hops: 16                  # 1..=255, default 16
 //! ```
 //!
+//! Optional `ingress:` (the eBPF guard, connection steering and the node's fast path) is
+//! described in the `ingress` module.
+//!
 //! Optional `node:` (this node's CPU and memory budget, its peer-control address and the
 //! cluster key) and `peers:` (other nodes' gateways to scale out to) are described in the
 //! `cluster` module.
@@ -126,6 +129,7 @@ use yaml::{Fields, Pos, describe, pos, untag};
 mod chains;
 mod cluster;
 mod functions;
+mod ingress;
 mod units;
 mod yaml;
 
@@ -135,6 +139,9 @@ pub mod keys {
     pub use super::chains::{ARENA_KEYS as ARENA, CHAIN_KEYS as CHAIN, LARGE_KEYS as LARGE};
     pub use super::cluster::{NODE_KEYS as NODE, PEER_KEYS as PEER};
     pub use super::functions::{FUNCTION_KEYS as FUNCTION, INSTANCES_KEYS as INSTANCES};
+    pub use super::ingress::{
+        FAST_PATH_KEYS as FAST_PATH, GUARD_KEYS as GUARD, INGRESS_KEYS as INGRESS,
+    };
     pub use super::{HTTP_KEYS as HTTP, SANDBOX_KEYS as SANDBOX, TOP_KEYS as TOP};
 }
 
@@ -150,6 +157,7 @@ pub const TOP_KEYS: &[&str] = &[
     "peers",
     "http",
     "sandbox",
+    "ingress",
 ];
 
 pub const SANDBOX_KEYS: &[&str] = &["enabled", "uid_base"];
@@ -227,6 +235,7 @@ impl Default for HttpSpec {
 }
 
 pub use cluster::{DEFAULT_CPU_BUDGET, DEFAULT_MEMORY_BUDGET, NodeSpec, PeerSpec, parse_percent};
+pub use ingress::{FastPathSpec, GuardHook, GuardMode, GuardSpec, IngressSpec, Steering};
 
 /// A validated configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,6 +258,8 @@ pub struct Config {
     pub http: HttpSpec,
     /// How worker processes are confined (`sandbox:`).
     pub sandbox: SandboxSpec,
+    /// The eBPF programs at the gateway's ingress (`ingress:`, module `ingress`).
+    pub ingress: IngressSpec,
 }
 
 impl Config {
@@ -643,6 +654,10 @@ impl Checker<'_> {
             .get("sandbox")
             .map(|n| self.sandbox(n))
             .unwrap_or_default();
+        let ingress = top
+            .get("ingress")
+            .map(|n| self.ingress(n, http.shards))
+            .unwrap_or_default();
         let node = top.get("node").map(|n| self.node(n)).unwrap_or_default();
         let peers = top.get("peers").map(|n| self.peers(n)).unwrap_or_default();
         self.check_cluster(&node, &peers, top.get("node"), top.get("peers"));
@@ -657,6 +672,7 @@ impl Checker<'_> {
             peers,
             http,
             sandbox,
+            ingress,
         })
     }
 

@@ -1588,3 +1588,163 @@ fn large_slot_class_errors_point_at_the_value() {
         assert_at(error, line, col, needle);
     }
 }
+
+#[test]
+fn ingress_is_off_by_default_and_each_part_is_read() {
+    let s = Scratch::new();
+    let base = [
+        "functions:",
+        "  - { name: a, module: ../mods/a.wasm }",
+        "chains:",
+        "  - { name: c, route: /c, steps: [a] }",
+    ];
+    assert_eq!(s.ok(&base).ingress, IngressSpec::default());
+    let mut lines = vec![
+        "http: { shards: 2 }",
+        "ingress:",
+        "  guard: { interface: eth0, hook: xdp, syn_rate: 50, allow_tcp: [9100, 9200], allow_udp: [5353] }",
+        "  steering: source_hash",
+        "  fast_path: { interfaces: [veth-a, veth-b], netns: /run/netns/node }",
+    ];
+    lines.extend(base);
+    let ingress = s.ok(&lines).ingress;
+    let guard = ingress.guard.clone().unwrap();
+    assert_eq!(
+        guard,
+        GuardSpec {
+            interface: "eth0".into(),
+            hook: GuardHook::Xdp,
+            mode: GuardMode::Auto,
+            syn_rate: 50,
+            // The burst defaults to a second's worth.
+            syn_burst: 50,
+            sources: 65_536,
+            allow_tcp: vec![9100, 9200],
+            allow_udp: vec![5353],
+        }
+    );
+    assert_eq!(guard.effective_mode(), GuardMode::Strict);
+    assert_eq!(ingress.steering, Steering::SourceHash);
+    assert_eq!(
+        ingress.fast_path,
+        Some(FastPathSpec {
+            interfaces: vec!["veth-a".into(), "veth-b".into()],
+            netns: Some(PathBuf::from("/run/netns/node")),
+        })
+    );
+    let mut lines = vec!["ingress: { guard: { interface: lo } }"];
+    lines.extend(base);
+    let guard = s.ok(&lines).ingress.guard.unwrap();
+    assert_eq!(
+        (guard.hook, guard.effective_mode()),
+        (GuardHook::Tc, GuardMode::RateOnly)
+    );
+}
+
+#[test]
+fn ingress_mistakes_are_reported_where_they_are() {
+    let s = Scratch::new();
+    let base = [
+        "functions:",
+        "  - { name: a, module: ../mods/a.wasm }",
+        "chains:",
+        "  - { name: c, route: /c, steps: [a] }",
+    ];
+    for (line, at, message) in [
+        (
+            "ingress: { guard: { hook: tc } }",
+            (1, 19),
+            "`ingress.guard` is missing required key `interface`",
+        ),
+        (
+            "ingress: { guard: { interface: lo, hook: xdp } }",
+            (1, 42),
+            "`hook: xdp` on lo would be generic XDP",
+        ),
+        (
+            "ingress: { guard: { interface: eth0, hook: bpf } }",
+            (1, 44),
+            "unknown `ingress.guard.hook` `bpf`",
+        ),
+        (
+            "ingress: { guard: { interface: eth0, mode: paranoid } }",
+            (1, 44),
+            "unknown `ingress.guard.mode` `paranoid`",
+        ),
+        (
+            "ingress: { guard: { interface: a/b } }",
+            (1, 32),
+            "`a/b` is not an interface name",
+        ),
+        (
+            "ingress: { guard: { interface: abcdefghijklmnop } }",
+            (1, 32),
+            "is not an interface name",
+        ),
+        (
+            "ingress: { guard: { interface: eth0, syn_rate: 0 } }",
+            (1, 48),
+            "`ingress.guard.syn_rate` must be between 1 and 10000000",
+        ),
+        (
+            "ingress: { guard: { interface: eth0, allow_tcp: [80, 80] } }",
+            (1, 54),
+            "port 80 is listed twice",
+        ),
+        (
+            "ingress: { guard: { interface: eth0, allow_tcp: [70000] } }",
+            (1, 50),
+            "`ingress.guard.allow_tcp` must be between 1 and 65535",
+        ),
+        (
+            "ingress: { guard: { interface: eth0, allow_tcp: [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15] } }",
+            (1, 49),
+            "lists 15 ports; the guard holds at most 14",
+        ),
+        (
+            "ingress: { guard: { interface: eth0, allow_udp: 53 } }",
+            (1, 49),
+            "must be a list of ports",
+        ),
+        (
+            "ingress: { gaurd: { interface: eth0 } }",
+            (1, 12),
+            "unknown key `gaurd` in `ingress`",
+        ),
+        (
+            "ingress: { steering: cpu }",
+            (1, 22),
+            "`ingress.steering: cpu` picks among shards: it needs `http.shards` above 1",
+        ),
+        (
+            "ingress: { steering: random }",
+            (1, 22),
+            "unknown `ingress.steering` `random`",
+        ),
+        (
+            "ingress: { fast_path: { interfaces: [] } }",
+            (1, 37),
+            "must list at least one interface",
+        ),
+        (
+            "ingress: { fast_path: { interfaces: [v0, v0] } }",
+            (1, 42),
+            "interface `v0` is listed twice",
+        ),
+        (
+            "ingress: { fast_path: { interfaces: [v0], netns: node } }",
+            (1, 50),
+            "must be an absolute path",
+        ),
+    ] {
+        let mut lines = vec![line];
+        lines.extend(base);
+        let errors = s.errors(&lines);
+        assert!(
+            errors
+                .iter()
+                .any(|(l, c, m)| (*l, *c) == at && m.contains(message)),
+            "{line}: {errors:?}"
+        );
+    }
+}
