@@ -19,22 +19,22 @@ use crate::shards::Listeners;
 /// Why the ingress programs could not be set up: each names the part of `ingress:`.
 #[derive(Debug, thiserror::Error)]
 pub enum IngressStartError {
-    #[error("ingress.guard on {interface}: {source}")]
+    #[error("ingress.guard on {interface}: {cause}")]
     Guard {
         interface: String,
-        source: IngressError,
+        cause: IngressError,
     },
     #[error("ingress.guard: reading this namespace's ephemeral port range: {0}")]
     PortRange(std::io::Error),
-    #[error("ingress.steering {mode}: {source}")]
+    #[error("ingress.steering {mode}: {cause}")]
     Steering {
         mode: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("ingress.steering {mode}: {source}")]
+    #[error("ingress.steering {mode}: {cause}")]
     SteeringProgram {
         mode: &'static str,
-        source: IngressError,
+        cause: IngressError,
     },
     #[error("ingress.fast_path: {0}")]
     FastPath(IngressError),
@@ -82,9 +82,9 @@ impl Ingress {
                     udp_ports: g.allow_udp.clone(),
                     ephemeral: xdp_bpf::local_port_range().map_err(IngressStartError::PortRange)?,
                 };
-                let err = |source| IngressStartError::Guard {
+                let err = |cause| IngressStartError::Guard {
                     interface: g.interface.clone(),
-                    source,
+                    cause,
                 };
                 let mut guard = Guard::load(&settings).map_err(err)?;
                 let hook = match g.hook {
@@ -112,33 +112,34 @@ impl Ingress {
 
         let steering = if listeners.shards() > 1 {
             let mode = spec.steering;
-            let program =
-                match mode {
-                    Steering::Reuseport => None,
-                    Steering::IncomingCpu => {
-                        listeners.set_incoming_cpus(shard_cpus).map_err(|source| {
-                            IngressStartError::Steering {
+            let program = match mode {
+                Steering::Reuseport => None,
+                Steering::IncomingCpu => {
+                    listeners.set_incoming_cpus(shard_cpus).map_err(|cause| {
+                        IngressStartError::Steering {
+                            mode: mode.name(),
+                            cause,
+                        }
+                    })?;
+                    None
+                }
+                Steering::Cpu | Steering::SourceHash => {
+                    let fds: Vec<_> = listeners.sockets().map(|s| s.as_fd()).collect();
+                    let how = if mode == Steering::Cpu {
+                        SteerMode::Cpu
+                    } else {
+                        SteerMode::SourceHash
+                    };
+                    Some(
+                        xdp_bpf::Steering::attach(&fds, how, shard_cpus).map_err(|cause| {
+                            IngressStartError::SteeringProgram {
                                 mode: mode.name(),
-                                source,
+                                cause,
                             }
-                        })?;
-                        None
-                    }
-                    Steering::Cpu | Steering::SourceHash => {
-                        let fds: Vec<_> = listeners.sockets().map(|s| s.as_fd()).collect();
-                        let how = if mode == Steering::Cpu {
-                            SteerMode::Cpu
-                        } else {
-                            SteerMode::SourceHash
-                        };
-                        Some(xdp_bpf::Steering::attach(&fds, how, shard_cpus).map_err(
-                            |source| IngressStartError::SteeringProgram {
-                                mode: mode.name(),
-                                source,
-                            },
-                        )?)
-                    }
-                };
+                        })?,
+                    )
+                }
+            };
             tracing::info!(
                 steering = mode.name(),
                 shards = listeners.shards(),

@@ -186,7 +186,7 @@ impl Guard {
         if hook == Hook::Xdp && interface == "lo" {
             return Err(IngressError::NoNativeXdp {
                 interface: interface.to_string(),
-                source: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+                cause: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
             });
         }
         let ifindex = hook::ifindex(interface)?;

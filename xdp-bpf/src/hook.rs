@@ -88,18 +88,18 @@ pub(crate) fn attach(
             Hook::Xdp if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
                 IngressError::NoNativeXdp {
                     interface: interface.to_string(),
-                    source: e,
+                    cause: e,
                 }
             }
             Hook::Xdp => IngressError::Os {
                 what: format!("attaching {name} to XDP of {interface}"),
-                source: e,
+                cause: e,
             },
             Hook::TcIngress => IngressError::Os {
                 what: format!(
                     "attaching {name} to TC ingress of {interface} (TCX needs Linux 6.6+)"
                 ),
-                source: e,
+                cause: e,
             },
         });
     }
@@ -165,7 +165,7 @@ fn tcx_programs(ifindex: u32) -> Result<Vec<u32>, IngressError> {
     if rc < 0 {
         return Err(IngressError::Os {
             what: format!("listing the TC ingress programs of interface {ifindex}"),
-            source: std::io::Error::from_raw_os_error(-rc),
+            cause: std::io::Error::from_raw_os_error(-rc),
         });
     }
     // SAFETY: the kernel wrote the count back into the union it read it from.
@@ -183,7 +183,7 @@ fn xdp_programs(ifindex: u32) -> Result<Vec<u32>, IngressError> {
     if rc < 0 {
         return Err(IngressError::Os {
             what: format!("listing the XDP programs of interface {ifindex}"),
-            source: std::io::Error::from_raw_os_error(-rc),
+            cause: std::io::Error::from_raw_os_error(-rc),
         });
     }
     Ok([
@@ -239,7 +239,7 @@ pub(crate) fn clear_stale(
                 if rc < 0 {
                     return Err(IngressError::Os {
                         what: format!("detaching a stale {} from {interface}", found.name),
-                        source: std::io::Error::from_raw_os_error(-rc),
+                        cause: std::io::Error::from_raw_os_error(-rc),
                     });
                 }
                 removed.push(Removed {
@@ -249,10 +249,10 @@ pub(crate) fn clear_stale(
                 });
             }
             None => {
-                detach_linkless(found.prog_id, ifindex, hook).map_err(|source| {
+                detach_linkless(found.prog_id, ifindex, hook).map_err(|cause| {
                     IngressError::Os {
                         what: format!("detaching a stale {} from {interface}", found.name),
-                        source,
+                        cause,
                     }
                 })?;
                 removed.push(Removed {
@@ -348,9 +348,9 @@ pub fn in_netns<T: Send>(
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                let file = std::fs::File::open(netns).map_err(|source| IngressError::Os {
+                let file = std::fs::File::open(netns).map_err(|cause| IngressError::Os {
                     what: format!("opening network namespace {}", netns.display()),
-                    source,
+                    cause,
                 })?;
                 nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
                     |e| IngressError::Os {
@@ -358,7 +358,7 @@ pub fn in_netns<T: Send>(
                             "joining network namespace {} (needs CAP_SYS_ADMIN)",
                             netns.display()
                         ),
-                        source: e.into(),
+                        cause: e.into(),
                     },
                 )?;
                 f()

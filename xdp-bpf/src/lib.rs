@@ -28,25 +28,22 @@ pub use steer::{SteerMode, Steering, SteeringCounters};
 /// Why an ingress program could not be loaded, attached or read.
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
-    #[error("{what}: {source}{hint}", hint = privilege_hint(source))]
+    #[error("{what}: {cause}{hint}", hint = privilege_hint(cause))]
     Bpf {
         what: String,
-        source: libbpf_rs::Error,
+        cause: libbpf_rs::Error,
     },
-    #[error("{what}: {source}{hint}", hint = os_privilege_hint(source))]
-    Os {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error("{what}: {cause}{hint}", hint = os_privilege_hint(cause))]
+    Os { what: String, cause: std::io::Error },
     #[error("no network interface named `{interface}` here")]
     NoInterface { interface: String },
     #[error(
-        "native XDP is not available on {interface} ({source}); use `hook: tc`, which drops at \
+        "native XDP is not available on {interface} ({cause}); use `hook: tc`, which drops at \
          about the same cost (generic XDP is refused: it costs more than it saves)"
     )]
     NoNativeXdp {
         interface: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "{interface} already has Spindle's {program} on its {hook} hook, held by process {pid} \
@@ -80,7 +77,7 @@ fn os_privilege_hint(e: &std::io::Error) -> &'static str {
 
 fn bpf(what: impl Into<String>) -> impl FnOnce(libbpf_rs::Error) -> IngressError {
     let what = what.into();
-    move |source| IngressError::Bpf { what, source }
+    move |cause| IngressError::Bpf { what, cause }
 }
 
 /// Object storage for a skeleton that lives as long as the value owning it: skeletons

@@ -94,9 +94,9 @@ impl Steering {
             .map_err(bpf("writing the steering settings"))?;
         let prog_fd = skel.progs.spindle_steer.as_fd().as_raw_fd();
         // Attaching to one socket of the group attaches to the whole group.
-        attach_reuseport_program(listeners[0], prog_fd).map_err(|source| IngressError::Os {
+        attach_reuseport_program(listeners[0], prog_fd).map_err(|cause| IngressError::Os {
             what: "attaching the steering program to the shards' SO_REUSEPORT group".into(),
-            source,
+            cause,
         })?;
         Ok(Steering {
             skel,

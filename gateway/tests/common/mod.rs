@@ -305,6 +305,9 @@ pub struct NodePair {
     pub b: String,
     pub a_ip: String,
     pub b_ip: String,
+    /// The veth ends: `a_dev` in namespace `a`, `b_dev` in `b`.
+    pub a_dev: String,
+    pub b_dev: String,
 }
 
 static NEXT_SUBNET: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
@@ -331,18 +334,20 @@ impl NodePair {
         }
         let n = NEXT_SUBNET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("{}-{n}", std::process::id());
+        let (va, vb) = (format!("{tag}a{id}"), format!("{tag}b{id}"));
+        // Interface names are at most 15 bytes.
+        let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
         let pair = NodePair {
             a: format!("{tag}-a-{id}"),
             b: format!("{tag}-b-{id}"),
             a_ip: format!("10.{net}.{n}.1"),
             b_ip: format!("10.{net}.{n}.2"),
+            a_dev: va.to_string(),
+            b_dev: vb.to_string(),
         };
         ip(&["netns", "add", &pair.a]);
         // From here on, Drop deletes what exists.
         ip(&["netns", "add", &pair.b]);
-        let (va, vb) = (format!("{tag}a{id}"), format!("{tag}b{id}"));
-        // Interface names are at most 15 bytes.
-        let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
         ip(&["link", "add", va, "type", "veth", "peer", "name", vb]);
         ip(&["link", "set", va, "netns", &pair.a]);
         ip(&["link", "set", vb, "netns", &pair.b]);
