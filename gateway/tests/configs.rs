@@ -80,21 +80,48 @@ async fn hello_and_boutique_configs_answer_as_documented() {
 #[test]
 fn shipped_configs_validate() {
     common::build_examples();
-    for config in [
-        "configs/hello.yaml",
-        "configs/pipeline.yaml",
-        "configs/boutique.yaml",
-        "configs/fork.yaml",
-    ] {
+    let mut configs: Vec<_> = std::fs::read_dir(common::repo_root().join("configs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    configs.sort();
+    assert!(configs.len() >= 7, "{configs:?}");
+    for config in configs {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_spindle"))
             .arg("validate")
-            .arg(common::repo_root().join(config))
+            .arg(&config)
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "{config}: {}",
+            "{}: {}",
+            config.display(),
             String::from_utf8_lossy(&out.stdout)
         );
     }
+}
+
+/// configs/ingress.yaml (the README's demo with the guard on lo) answers like the plain
+/// demo, and its guard counts the connections it let through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_config_answers_behind_its_guard() {
+    if !testkit::require_root("the_ingress_config_answers_behind_its_guard", "eBPF on lo") {
+        return;
+    }
+    let spindle = Spindle::start_file("cfg-ingress", "configs/ingress.yaml").await;
+    assert_eq!(
+        spindle.post("/hello", "hello spindle").await.text(),
+        r#"{"result":"ELDNIPS OLLEH","bytes":13}"#
+    );
+    let service = spindle
+        .metric(
+            r#"spindle_ingress_guard_packets_total{hook="tc",interface="lo",reason="service",verdict="pass"}"#,
+        )
+        .await
+        .unwrap_or_else(|| panic!("no guard counters:\n{}", spindle.log()));
+    assert!(
+        service >= 3.0,
+        "the guard saw the client's packets: {service}"
+    );
 }
