@@ -9,7 +9,7 @@
 //!                                #   (refused on lo and on devices without it)
 //!     mode: auto                 # auto (default): rate_only on lo, strict elsewhere;
 //!                                # strict: only TCP to the service ports, answers to this
-//!                                #   node's own connections (TCP, DNS), ARP and ICMP pass;
+//!                                #   node's own connections (TCP, DNS), ARP, ICMP, DHCP pass;
 //!                                # rate_only: only new connections are held to their rate
 //!     syn_rate: 1000             # new connections per second per source, 1..=10000000,
 //!                                #   default 1000

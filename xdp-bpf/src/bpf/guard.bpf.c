@@ -3,7 +3,7 @@
  * Spindle's ingress guard, on the interface the gateway listens on (TC ingress by default,
  * native XDP where asked). Strict mode lets through only what the node serves or needs:
  * TCP to the service ports, answers to the node's own connections (TCP and DNS to the
- * ephemeral range), ARP and ICMP; everything else is dropped before the stack sees it, by
+ * ephemeral range), ARP, ICMP and DHCP answers; everything else is dropped before the stack sees it, by
  * reason. Both modes hold every source to a rate of new connections (SYN without ACK) to
  * the service ports, in an LRU hash of per-source buckets. Rate-only mode (on `lo`, where the
  * workers' own connections run too) drops nothing else.
@@ -120,6 +120,11 @@ static __always_inline int udp_verdict(const struct spindle_guard_config *cfg,
 	/* Answers from a name server (peers given by DNS name are re-resolved). */
 	if (bpf_ntohs(udp->source) == 53 && ephemeral(cfg, port))
 		return SPINDLE_GUARD_PASS_REPLY;
+	/* DHCP answers (v4 server 67 -> client 68, v6 547 -> 546): a node that leases its
+	 * address on this interface must keep it. */
+	if ((bpf_ntohs(udp->source) == 67 && port == 68) ||
+	    (bpf_ntohs(udp->source) == 547 && port == 546))
+		return SPINDLE_GUARD_PASS_CONTROL;
 	return SPINDLE_GUARD_DROP_PORT;
 }
 
