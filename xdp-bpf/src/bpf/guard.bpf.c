@@ -3,8 +3,8 @@
  * Spindle's ingress guard, on the interface the gateway listens on (TC ingress by default,
  * native XDP where asked). Strict mode lets through only what the node serves or needs:
  * TCP to the service ports, answers to the node's own connections (TCP and DNS to the
- * ephemeral range), ARP, ICMP and DHCP answers; everything else is dropped before the stack sees it, by
- * reason. Both modes hold every source to a rate of new connections (SYN without ACK) to
+ * ephemeral range), ARP, ICMP and DHCP answers; everything else is dropped before the stack
+ * sees it, by reason. Both modes hold every source to a rate of new connections (SYN without ACK) to
  * the service ports, in an LRU hash of per-source buckets. Rate-only mode (on `lo`, where the
  * workers' own connections run too) drops nothing else.
  *
