@@ -9,8 +9,8 @@ use arbitrary::{Result, Unstructured};
 // The sections' keys come from the checker itself (`crate::config` is chain-runtime's
 // config module, as in config_bytes.rs), so keys are generated as soon as they land.
 use crate::config::keys::{
-    ARENA, CHAIN, FAST_PATH, FUNCTION, GUARD, HTTP, INGRESS, INSTANCES, LARGE, NODE, PEER, SANDBOX,
-    TOP,
+    ARENA, CHAIN, FAST_PATH, FUNCTION, GUARD, HTTP, INGRESS, INSTANCES, LARGE, LOCAL_REDIRECT,
+    NODE, PEER, SANDBOX, TOP,
 };
 
 const NAMES: &[&str] = &["a", "b", "c", "hello", "x-1", "A", "a b", "", "f_2"];
@@ -183,6 +183,9 @@ fn value(u: &mut Unstructured<'_>, section: &str, key: &str) -> Result<Node> {
         ("top", "ingress") => map(u, "ingress", INGRESS)?,
         ("ingress", "guard") => map(u, "guard", GUARD)?,
         ("ingress", "fast_path") => map(u, "fast_path", FAST_PATH)?,
+        ("ingress", "local_redirect") if u.arbitrary()? => {
+            map(u, "local_redirect", LOCAL_REDIRECT)?
+        }
         ("guard", "allow_tcp" | "allow_udp") | ("fast_path", "interfaces") => {
             Node::Seq(list(u, |u| scalar(u, SCALARS))?)
         }

@@ -38,6 +38,10 @@ pub enum IngressStartError {
     },
     #[error("ingress.fast_path: {0}")]
     FastPath(IngressError),
+    #[error("ingress.local_redirect: {0}")]
+    LocalRedirect(IngressError),
+    #[error("ingress.local_redirect: finding the gateway's cgroup: {0}")]
+    OwnCgroup(std::io::Error),
 }
 
 /// The ingress programs of one gateway, for as long as it runs.
@@ -45,6 +49,7 @@ pub struct Ingress {
     guard: Option<Guard>,
     steering: Option<(Steering, Option<xdp_bpf::Steering>)>,
     fast_path: Option<FastPath>,
+    local_redirect: Option<xdp_bpf::LocalRedirect>,
 }
 
 /// What the guard must let through whatever the configuration says: the gateway's own
@@ -164,10 +169,27 @@ impl Ingress {
             })
             .transpose()?;
 
+        let local_redirect = spec
+            .local_redirect
+            .as_ref()
+            .map(|l| {
+                let cgroup = match &l.cgroup {
+                    Some(path) => path.clone(),
+                    None => xdp_bpf::own_cgroup().map_err(IngressStartError::OwnCgroup)?,
+                };
+                let port = listeners.local_addr().port();
+                let local = xdp_bpf::LocalRedirect::attach(&cgroup, &[port])
+                    .map_err(IngressStartError::LocalRedirect)?;
+                tracing::info!(cgroup = %cgroup.display(), port, "same-host connections go socket to socket");
+                Ok(local)
+            })
+            .transpose()?;
+
         Ok(Ingress {
             guard,
             steering,
             fast_path,
+            local_redirect,
         })
     }
 
@@ -259,6 +281,22 @@ impl Ingress {
                 "spindle_ingress_fast_path_packets_total",
                 "Packets the node's fast path saw on its veths: redirected straight into the \
                  peer namespace, or left to the node's stack and why",
+                MetricType::COUNTER,
+                samples,
+            ));
+        }
+        if let Some(local) = &self.local_redirect
+            && let Ok(counters) = local.counters()
+        {
+            let samples = counters
+                .iter()
+                .map(|(event, n)| counter(&[("event", event)], n as f64))
+                .collect();
+            out.push(family(
+                "spindle_ingress_local_redirect_total",
+                "Same-host acceleration: sockets of same-host connections to the listen port \
+                 put in its socket hash (or that did not fit), and messages handed socket to \
+                 socket or passed over TCP (their peer not in the map)",
                 MetricType::COUNTER,
                 samples,
             ));

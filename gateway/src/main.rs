@@ -415,7 +415,11 @@ fn ingress_programs(
     cpus: &[usize],
 ) -> anyhow::Result<Option<Arc<gateway::ingress::Ingress>>> {
     let spec = &config.ingress;
-    if spec.guard.is_none() && spec.fast_path.is_none() && listeners.shards() == 1 {
+    if spec.guard.is_none()
+        && spec.fast_path.is_none()
+        && spec.local_redirect.is_none()
+        && listeners.shards() == 1
+    {
         return Ok(None);
     }
     // The guard always lets the gateway's own listeners be reached.

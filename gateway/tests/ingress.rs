@@ -572,3 +572,60 @@ async fn steered_shards_answer_every_connection_and_count_it() {
         }
     }
 }
+
+/// `ingress.local_redirect: true`: a same-host client's requests are answered exactly as over
+/// TCP, and the counters show both ends in the socket hash and messages handed across.
+#[tokio::test(flavor = "multi_thread")]
+async fn same_host_clients_are_answered_socket_to_socket() {
+    if !testkit::require_root("same_host_clients_are_answered_socket_to_socket", "eBPF") {
+        return;
+    }
+    let yaml = format!("ingress: {{ local_redirect: true }}\n{HELLO}");
+    let spindle = Spindle::start("local-redirect", &yaml).await;
+    assert!(
+        spindle.log().contains("socket to socket"),
+        "{}",
+        spindle.log()
+    );
+    let addr: SocketAddr = spindle.addr.parse().unwrap();
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut kept = TcpStream::connect(addr).unwrap();
+        (0..50)
+            .map(|i| {
+                exchange(
+                    &mut kept,
+                    "POST",
+                    "/hello",
+                    format!("message {i}").as_bytes(),
+                )
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for (i, (status, body)) in answers.iter().enumerate() {
+        let expected: String = format!("message {i}")
+            .to_uppercase()
+            .chars()
+            .rev()
+            .collect();
+        assert_eq!(
+            (*status, String::from_utf8_lossy(body).into_owned()),
+            (
+                200,
+                format!(r#"{{"result":"{expected}","bytes":{}}}"#, expected.len())
+            )
+        );
+    }
+    let page = spindle.get("/metrics").await.text();
+    let event = |e: &str| {
+        metric(
+            &page,
+            &format!("spindle_ingress_local_redirect_total{{event=\"{e}\"}}"),
+        )
+    };
+    assert!(event("sockets_added") >= 2.0, "{page}");
+    // Both directions of every exchange but perhaps the first request.
+    assert!(event("redirected") >= 99.0, "{page}");
+    assert_eq!(event("add_failed"), 0.0);
+}

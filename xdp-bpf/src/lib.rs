@@ -5,7 +5,9 @@
 //! - [`FastPath`] (`src/bpf/fast_path.bpf.c`): on a node's veths, hands routed packets
 //!   straight into the peer namespace with `bpf_redirect_peer`;
 //! - [`Steering`] (`src/bpf/steer.bpf.c`): an `SK_REUSEPORT` program that picks the
-//!   gateway shard (`http.shards`) a new connection goes to.
+//!   gateway shard (`http.shards`) a new connection goes to;
+//! - [`LocalRedirect`] (`src/bpf/local.bpf.c`, optional): sock_ops + sk_msg, handing the
+//!   messages of same-host clients' connections socket to socket.
 //!
 //! Programs and maps live only in this process's descriptors (nothing is pinned), attached
 //! through kernel links ([`hook`]), so they vanish when the gateway exits, even by SIGKILL.
@@ -17,12 +19,14 @@
 mod fast_path;
 mod guard;
 pub mod hook;
+mod local;
 pub mod maps;
 mod steer;
 
 pub use fast_path::{FastPath, FastPathCounters};
 pub use guard::{Guard, GuardCounters, GuardMode, GuardSettings, Verdict, local_port_range};
 pub use hook::{Attached, Hook, Removed};
+pub use local::{LocalCounters, LocalRedirect, own_cgroup};
 pub use steer::{SteerMode, Steering, SteeringCounters};
 
 /// Why an ingress program could not be loaded, attached or read.

@@ -85,6 +85,27 @@ pub const FAST_PATH_COUNTERS: [(&str, &str); 7] = [
     ("SPINDLE_FAST_MALFORMED", "malformed"),
 ];
 
+/// The same-host acceleration's counters, in the order of `enum spindle_local_counter`:
+/// (C name, what they count).
+pub const LOCAL_COUNTERS: [(&str, &str); 4] = [
+    ("SPINDLE_LOCAL_SOCKETS_ADDED", "sockets_added"),
+    ("SPINDLE_LOCAL_ADD_FAILED", "add_failed"),
+    ("SPINDLE_LOCAL_REDIRECTED", "redirected"),
+    ("SPINDLE_LOCAL_PASSED", "passed"),
+];
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalKey {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+// SAFETY: a repr(C) struct of byte arrays and u32s without padding (checked below).
+unsafe impl Pod for LocalKey {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +191,36 @@ mod tests {
         for (i, (name, _)) in FAST_PATH_COUNTERS.iter().enumerate() {
             check = check.constant(name, i as i64);
         }
+        for (i, (name, _)) in LOCAL_COUNTERS.iter().enumerate() {
+            check = check.constant(name, i as i64);
+        }
+        check = check
+            .size("spindle_local_key", size_of::<LocalKey>())
+            .field(
+                "spindle_local_key",
+                "local",
+                offset_of!(LocalKey, local),
+                16,
+            )
+            .field(
+                "spindle_local_key",
+                "remote",
+                offset_of!(LocalKey, remote),
+                16,
+            )
+            .field(
+                "spindle_local_key",
+                "local_port",
+                offset_of!(LocalKey, local_port),
+                4,
+            )
+            .field(
+                "spindle_local_key",
+                "remote_port",
+                offset_of!(LocalKey, remote_port),
+                4,
+            )
+            .constant("SPINDLE_LOCAL_COUNTERS", LOCAL_COUNTERS.len() as i64);
         match check.run() {
             Err(bpf_kit::LayoutError::NoCompiler(e)) => testkit::cannot_run("matches_c_header", e),
             other => other.unwrap(),

@@ -924,3 +924,58 @@ fn the_fast_path_bypasses_the_nodes_forwarding() {
     drop(fast);
     server_thread.join().unwrap();
 }
+
+/// Both ends of a loopback connection to the service port go into the socket hash and their
+/// messages go socket to socket, intact and in order; a connection to another port does not.
+#[test]
+fn same_host_connections_to_the_service_go_socket_to_socket() {
+    if !root("same_host_connections_to_the_service_go_socket_to_socket") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port();
+    let cgroup = own_cgroup().unwrap();
+    let local = LocalRedirect::attach(&cgroup, &[port]).unwrap();
+    let echo = |listener: std::net::TcpListener| {
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = s.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                s.write_all(&buf[..n]).unwrap();
+            }
+        })
+    };
+    let round_trips = |addr: std::net::SocketAddr| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        for i in 0..200u32 {
+            let msg: Vec<u8> = (0..1000u32).map(|j| (i * 7 + j) as u8).collect();
+            s.write_all(&msg).unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).unwrap();
+            assert_eq!(back, msg, "round trip {i}");
+        }
+    };
+    let other_addr = other.local_addr().unwrap();
+    let (a, b) = (echo(service), echo(other));
+    round_trips(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    let after_service = local.counters().unwrap();
+    round_trips(other_addr);
+    let after_other = local.counters().unwrap();
+    a.join().unwrap();
+    b.join().unwrap();
+    assert_eq!(after_service.get("sockets_added"), 2, "{after_service:?}");
+    assert_eq!(after_service.get("add_failed"), 0);
+    // Both directions of (nearly) every round trip: the very first message may leave
+    // before the accepting end is in the map.
+    assert!(after_service.get("redirected") >= 398, "{after_service:?}");
+    assert_eq!(
+        after_other, after_service,
+        "the other port's connection is not touched"
+    );
+}

@@ -25,6 +25,11 @@
 //!                                # cpu: an SK_REUSEPORT program, the shard pinned to the CPU
 //!                                #   that received the SYN; source_hash: an SK_REUSEPORT
 //!                                #   program, one shard per client address
+//!   local_redirect: false        # optional, default false: true, or { cgroup: /sys/fs/cgroup/x }:
+//!                                #   connections to the listen port from processes on this
+//!                                #   host (in that cgroup v2 directory, default the gateway's
+//!                                #   own) go socket to socket (sock_ops + sk_msg), skipping
+//!                                #   TCP/IP for their payload; measured in docs/benchmarks.md
 //!   fast_path:                   # the node's routing fast path (bpf_redirect_peer)
 //!     interfaces: [veth-a, veth-b]   # the node's ends of its veths, 1..=64
 //!     netns: /run/netns/node     # optional, absolute: the namespace they are in (default:
@@ -39,7 +44,8 @@ use saphyr::{MarkedYaml, YamlData};
 use super::yaml::{describe, pos, untag};
 use super::{Checker, Shards};
 
-pub const INGRESS_KEYS: &[&str] = &["guard", "steering", "fast_path"];
+pub const INGRESS_KEYS: &[&str] = &["guard", "steering", "fast_path", "local_redirect"];
+pub const LOCAL_REDIRECT_KEYS: &[&str] = &["cgroup"];
 pub const GUARD_KEYS: &[&str] = &[
     "interface",
     "hook",
@@ -69,6 +75,15 @@ pub struct IngressSpec {
     pub guard: Option<GuardSpec>,
     pub steering: Steering,
     pub fast_path: Option<FastPathSpec>,
+    pub local_redirect: Option<LocalRedirectSpec>,
+}
+
+/// `ingress.local_redirect`: same-host clients' connections, socket to socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalRedirectSpec {
+    /// The cgroup v2 directory whose processes' connections are accelerated; `None`: the
+    /// gateway's own cgroup.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// `ingress.guard`.
@@ -187,6 +202,9 @@ impl Checker<'_> {
             }
         }
         spec.fast_path = fields.get("fast_path").and_then(|n| self.fast_path(n));
+        spec.local_redirect = fields
+            .get("local_redirect")
+            .and_then(|n| self.local_redirect(n));
         spec
     }
 
@@ -306,6 +324,32 @@ impl Checker<'_> {
             Some(PathBuf::from(path))
         });
         Some(FastPathSpec { interfaces, netns })
+    }
+
+    fn local_redirect(&mut self, node: &MarkedYaml<'_>) -> Option<LocalRedirectSpec> {
+        if let YamlData::Value(saphyr::Scalar::Boolean(on)) = &untag(node).data {
+            return on.then(LocalRedirectSpec::default);
+        }
+        let fields = self.fields(
+            node,
+            "`ingress.local_redirect` (true, false or { cgroup: PATH })",
+            Some(LOCAL_REDIRECT_KEYS),
+        )?;
+        let cgroup = fields.get("cgroup").and_then(|n| {
+            let path = self.string(n, "ingress.local_redirect.cgroup")?;
+            if !path.starts_with('/') {
+                self.error(
+                    pos(n),
+                    format!(
+                        "`ingress.local_redirect.cgroup` must be an absolute path to a cgroup v2 \
+                         directory, found `{path}`"
+                    ),
+                );
+                return None;
+            }
+            Some(PathBuf::from(path))
+        });
+        Some(LocalRedirectSpec { cgroup })
     }
 
     fn interface(&mut self, node: &MarkedYaml<'_>, field: &str) -> Option<String> {

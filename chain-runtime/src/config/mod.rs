@@ -141,6 +141,7 @@ pub mod keys {
     pub use super::functions::{FUNCTION_KEYS as FUNCTION, INSTANCES_KEYS as INSTANCES};
     pub use super::ingress::{
         FAST_PATH_KEYS as FAST_PATH, GUARD_KEYS as GUARD, INGRESS_KEYS as INGRESS,
+        LOCAL_REDIRECT_KEYS as LOCAL_REDIRECT,
     };
     pub use super::{HTTP_KEYS as HTTP, SANDBOX_KEYS as SANDBOX, TOP_KEYS as TOP};
 }
@@ -235,7 +236,9 @@ impl Default for HttpSpec {
 }
 
 pub use cluster::{DEFAULT_CPU_BUDGET, DEFAULT_MEMORY_BUDGET, NodeSpec, PeerSpec, parse_percent};
-pub use ingress::{FastPathSpec, GuardHook, GuardMode, GuardSpec, IngressSpec, Steering};
+pub use ingress::{
+    FastPathSpec, GuardHook, GuardMode, GuardSpec, IngressSpec, LocalRedirectSpec, Steering,
+};
 
 /// A validated configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1632,6 +1632,21 @@ fn ingress_is_off_by_default_and_each_part_is_read() {
             netns: Some(PathBuf::from("/run/netns/node")),
         })
     );
+    for (text, expected) in [
+        ("false", None),
+        ("true", Some(LocalRedirectSpec { cgroup: None })),
+        (
+            "{ cgroup: /sys/fs/cgroup/x }",
+            Some(LocalRedirectSpec {
+                cgroup: Some(PathBuf::from("/sys/fs/cgroup/x")),
+            }),
+        ),
+    ] {
+        let line = format!("ingress: {{ local_redirect: {text} }}");
+        let mut lines = vec![line.as_str()];
+        lines.extend(base);
+        assert_eq!(s.ok(&lines).ingress.local_redirect, expected, "{text}");
+    }
     let mut lines = vec!["ingress: { guard: { interface: lo } }"];
     lines.extend(base);
     let guard = s.ok(&lines).ingress.guard.unwrap();

@@ -90,4 +90,26 @@ struct spindle_steer_config {
  * selections the kernel refused (the socket left the group), left to its own hash. */
 #define SPINDLE_STEER_COUNTERS (SPINDLE_MAX_SHARDS + 1)
 
+/*
+ * Same-host acceleration (local.bpf.c): a socket's key in the SOCKHASH, as the socket sees
+ * its connection. Addresses are IPv6 (IPv4 as ::ffff:a.b.c.d), ports in host order.
+ */
+struct spindle_local_key {
+	__u8 local[16];
+	__u8 remote[16];
+	__u32 local_port;
+	__u32 remote_port;
+};
+
+#define SPINDLE_LOCAL_MAX_SOCKETS 65536 /* both ends of every accelerated connection */
+
+/* local.bpf.c's per-CPU counters. */
+enum spindle_local_counter {
+	SPINDLE_LOCAL_SOCKETS_ADDED = 0, /* a same-host end of a service connection */
+	SPINDLE_LOCAL_ADD_FAILED,        /* the map was full (or the socket went) */
+	SPINDLE_LOCAL_REDIRECTED,        /* messages handed straight to the peer socket */
+	SPINDLE_LOCAL_PASSED,            /* messages whose peer is not in the map: over TCP */
+	SPINDLE_LOCAL_COUNTERS,
+};
+
 #endif
