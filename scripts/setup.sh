@@ -16,6 +16,7 @@ packages=(
   iproute2 iputils-ping                           # network namespaces for the fork tests, bench/fork.sh
   cmake                                           # rdma-fork --features rdma: sideway's verbs shim (with clang)
   g++                                             # libFuzzer's runtime (fuzz/, scripts/fuzz.sh)
+  dnsmasq-base                                    # a real DNS server for the peers-by-DNS test
 )
 
 missing=()

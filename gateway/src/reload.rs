@@ -107,7 +107,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     if old.node != new.node {
         why.push("`node` changed".to_string());
     }
-    if old.peers != new.peers {
+    if old.peers != new.peers || old.dns_peers != new.dns_peers {
         why.push("`peers` changed".to_string());
     }
     // The sandbox namespaces are made (or not) once, at start, and the uids of running

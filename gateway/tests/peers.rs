@@ -256,6 +256,55 @@ impl Pair {
         })
     }
 
+    /// Both nodes run one config whose peers come from DNS, as a Kubernetes DaemonSet's
+    /// pods would through a headless Service: a real name server (dnsmasq) in the origin's
+    /// namespace answers for `spindle-peers.test` with the addresses in `dns.hosts`, and each
+    /// node's resolver is pointed at it (`ip netns exec` mounts /etc/netns/NS/resolv.conf).
+    fn start_dns(test: &str) -> Option<(Pair, Dnsmasq)> {
+        let nodes = Nodes::create(test)?;
+        let dir = common::temp_dir(test);
+        let config = config(&dir);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(
+            "peers:\n  - { name: nodes, dns: spindle-peers.test, http_port: 8080, control_port: 7070, refresh_ms: 1000, max_peers: 2 }\n",
+        );
+        std::fs::write(&config, text).unwrap();
+        // At first the name resolves only to the origin itself, which is no peer of its own.
+        let dns = Dnsmasq::start(&dir, &nodes, &[&nodes.origin_ip]);
+        let peer = Gateway::start(
+            &nodes.peer,
+            &config,
+            "node-b",
+            &[
+                format!("--listen={}:8080", nodes.peer_ip),
+                format!("--peer-listen={}:7070", nodes.peer_ip),
+                // Same flags as every node of the DaemonSet: it serves images too.
+                format!("--serve-images={}:0", nodes.peer_ip),
+                format!("--admin={}", dir.join("admin-b.sock").display()),
+                "--cpu-budget=100%".into(),
+            ],
+        );
+        let origin = Gateway::start(
+            &nodes.origin,
+            &config,
+            "node-a",
+            &[
+                "--listen=127.0.0.1:8080".into(),
+                format!("--serve-images={}:0", nodes.origin_ip),
+                format!("--admin={}", dir.join("admin.sock").display()),
+                "--cpu-budget=0%".into(),
+            ],
+        );
+        Some((
+            Pair {
+                origin,
+                peer,
+                nodes,
+            },
+            dns,
+        ))
+    }
+
     /// Runs `scenario(origin URL, peer URL, peer pid)` from inside the origin node: its
     /// gateway on its loopback, the peer's over the veth. Prints both logs if it fails.
     fn run<F: Future<Output = ()>>(
@@ -306,6 +355,87 @@ impl Pair {
     }
 }
 
+/// dnsmasq in the origin's namespace, answering from a hosts file the test rewrites; both
+/// nodes' resolv.conf point at it. Stopped, and the resolv.conf files removed, on drop.
+struct Dnsmasq {
+    process: Child,
+    hosts: PathBuf,
+    netns_etc: Vec<PathBuf>,
+}
+
+impl Dnsmasq {
+    fn start(dir: &Path, nodes: &Nodes, addresses: &[&str]) -> Dnsmasq {
+        let hosts = dir.join("dns.hosts");
+        // Written before dnsmasq starts: a SIGHUP before it installed its handler would end it.
+        std::fs::write(&hosts, hosts_text(addresses)).unwrap();
+        let mut netns_etc = Vec::new();
+        for ns in [&nodes.origin, &nodes.peer] {
+            let etc = PathBuf::from(format!("/etc/netns/{ns}"));
+            std::fs::create_dir_all(&etc).unwrap();
+            std::fs::write(
+                etc.join("resolv.conf"),
+                format!("nameserver {}\n", nodes.origin_ip),
+            )
+            .unwrap();
+            netns_etc.push(etc);
+        }
+        Dnsmasq {
+            process: Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &nodes.origin,
+                    "dnsmasq",
+                    "--keep-in-foreground",
+                ])
+                .args([
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                ])
+                .arg(format!("--listen-address={}", nodes.origin_ip))
+                .arg(format!("--addn-hosts={}", hosts.display()))
+                .args([
+                    "--user=root",
+                    "--group=root",
+                    "--pid-file=",
+                    "--local-ttl=0",
+                ])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("dnsmasq.log")).unwrap())
+                .spawn()
+                .expect("dnsmasq (scripts/setup.sh installs dnsmasq-base)"),
+            hosts,
+            netns_etc,
+        }
+    }
+
+    /// From now on `spindle-peers.test` resolves to `addresses`.
+    fn answer(&mut self, addresses: &[&str]) {
+        std::fs::write(&self.hosts, hosts_text(addresses)).unwrap();
+        // dnsmasq rereads its hosts files on SIGHUP (and reads them at start).
+        let _ = kill(Pid::from_raw(self.process.id() as i32), Signal::SIGHUP);
+    }
+}
+
+fn hosts_text(addresses: &[&str]) -> String {
+    addresses
+        .iter()
+        .map(|a| format!("{a} spindle-peers.test\n"))
+        .collect()
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.process.id() as i32), Signal::SIGTERM);
+        let _ = self.process.wait();
+        for etc in &self.netns_etc {
+            let _ = std::fs::remove_dir_all(etc);
+        }
+    }
+}
+
 const ORIGIN: &str = "http://127.0.0.1:8080";
 
 /// The two gateways' process ids (`ip netns exec` execs spindle: these are spindle's).
@@ -325,6 +455,15 @@ fn http() -> Http {
 /// until `until`: (status, forwarded) counts, and every failure's body. A 200 must echo the
 /// request; a forwarded one must name node-b.
 async fn load(clients: usize, until: Instant) -> (HashMap<(u16, bool), usize>, Vec<String>) {
+    load_to(clients, until, "node-b").await
+}
+
+/// [`load`], the forwarded answers naming peer `peer_name`.
+async fn load_to(
+    clients: usize,
+    until: Instant,
+    peer_name: &'static str,
+) -> (HashMap<(u16, bool), usize>, Vec<String>) {
     let mut tasks = Vec::new();
     for c in 0..clients {
         tasks.push(tokio::spawn(async move {
@@ -342,7 +481,7 @@ async fn load(clients: usize, until: Instant) -> (HashMap<(u16, bool), usize>, V
                     failures.push(format!("{status} {answer}"));
                 }
                 if let Some(to) = &to {
-                    assert_eq!(to, "node-b");
+                    assert_eq!(to, peer_name);
                 }
                 *seen.entry((status, to.is_some())).or_default() += 1;
                 i += 1;
@@ -371,19 +510,67 @@ const FORWARDED_ALL: &str = "spindle_requests_forwarded_total{chain=\"echo\",out
 #[test]
 fn remote_scale_out_to_a_peer_namespace() {
     if let Some(pair) = Pair::start("peers-scale-out", None) {
-        pair.run(|origin, peer, _| async move { scale_out(origin, &peer).await });
+        pair.run(|origin, peer, _| async move { scale_out(origin, &peer, "node-b").await });
     }
 }
 
-async fn scale_out(origin: &str, peer: &str) {
+/// The same scale-out with peers found by DNS: none while the name resolves only to the
+/// origin itself; the peer, in slot `nodes-0`, once the name server adds it (re-resolved
+/// within a second); then everything as with a listed peer.
+#[test]
+fn remote_scale_out_to_a_peer_found_by_dns() {
+    let Some((pair, mut dns)) = Pair::start_dns("peers-dns") else {
+        return;
+    };
+    let peer_ip = pair.nodes.peer_ip.clone();
+    let origin_ip = pair.nodes.origin_ip.clone();
+    let hosts = dns.hosts.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let answer = std::thread::spawn(move || {
+        // Told by the scenario when to add the peer to the name.
+        rx.recv().unwrap();
+        dns.answer(&[&origin_ip, &peer_ip]);
+        dns
+    });
+    let peer_ip = pair.nodes.peer_ip.clone();
+    pair.run(move |origin, peer, _| async move {
+        let client = http();
+        let resolved = eventually("the origin resolves the peers' name", Duration::from_secs(10), async || {
+            metric(&client, origin, "spindle_peer_dns_resolutions_total{peers=\"nodes\",result=\"ok\"}").await >= 2.0
+        })
+        .await;
+        assert!(resolved, "no resolution of {}", hosts.display());
+        assert_eq!(
+            metric(&client, origin, "spindle_peer_address_info{").await,
+            0.0,
+            "the origin's own address is no peer"
+        );
+        tx.send(()).unwrap();
+        let address = format!(
+            "spindle_peer_address_info{{control=\"{peer_ip}:7070\",http=\"{peer_ip}:8080\",peer=\"nodes-0\"}}"
+        );
+        let found = eventually("the origin finds the peer in DNS", Duration::from_secs(10), async || {
+            metric(&client, origin, &address).await == 1.0
+        })
+        .await;
+        assert!(found, "the peer added to the name never became a peer");
+        scale_out(origin, &peer, "nodes-0").await;
+    });
+    drop(answer.join().unwrap());
+}
+
+async fn scale_out(origin: &str, peer: &str, peer_name: &'static str) {
     let client = http();
+    let remote_ready = format!(
+        "spindle_remote_instances{{chain=\"echo\",function=\"sleeper\",peer=\"{peer_name}\",state=\"ready\"}}"
+    );
     // Load: 16 closed-loop clients for 5 s, while the remote count and resumes are watched.
     let until = Instant::now() + Duration::from_secs(5);
-    let loaded = tokio::spawn(load(16, until));
+    let loaded = tokio::spawn(load_to(16, until, peer_name));
     let (mut peak_remote, mut peak_resumed) = (0.0f64, 0.0f64);
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        peak_remote = peak_remote.max(metric(&client, origin, REMOTE_READY).await);
+        peak_remote = peak_remote.max(metric(&client, origin, &remote_ready).await);
         peak_resumed = peak_resumed.max(
             metric(
                 &client,
@@ -464,7 +651,9 @@ async fn scale_out(origin: &str, peer: &str) {
     let counted = metric(
         &client,
         origin,
-        "spindle_requests_forwarded_total{chain=\"echo\",outcome=\"ok\",peer=\"node-b\"}",
+        &format!(
+            "spindle_requests_forwarded_total{{chain=\"echo\",outcome=\"ok\",peer=\"{peer_name}\"}}"
+        ),
     )
     .await;
     assert_eq!(counted as usize, forwarded_ok);
@@ -504,11 +693,22 @@ async fn scale_out(origin: &str, peer: &str) {
 
     // Load stopped: the remote instances are retired and the image revoked.
     assert!(
-        eventually("the peer retires the remote instances", Duration::from_secs(10), async || {
-            metric(&client, peer, "spindle_instances_up{chain=\"echo\",function=\"sleeper\"}").await == 1.0
-                && metric(&client, peer, "spindle_peer_grants{").await == 0.0
-                && metric(&client, origin, "spindle_remote_instances{chain=\"echo\",function=\"sleeper\",peer=\"node-b\",state=\"granted\"}").await == 0.0
-        })
+        eventually(
+            "the peer retires the remote instances",
+            Duration::from_secs(10),
+            async || {
+                metric(
+                    &client,
+                    peer,
+                    "spindle_instances_up{chain=\"echo\",function=\"sleeper\"}",
+                )
+                .await
+                    == 1.0
+                    && metric(&client, peer, "spindle_peer_grants{").await == 0.0
+                    && metric(&client, origin, &remote_ready.replace("ready", "granted")).await
+                        == 0.0
+            }
+        )
         .await,
         "the remote instances were not retired"
     );

@@ -15,6 +15,14 @@
 //!   - name: node-b             # [a-z0-9_-]+, unique
 //!     http: 10.0.0.2:8080      # the peer gateway's HTTP address (forwarded requests)
 //!     control: 10.0.0.2:7070   # its peer-control address (its `peer_listen`)
+//!   - name: nodes              # or peers found by DNS (a Kubernetes headless Service):
+//!     dns: spindle-peers.spindle.svc.cluster.local   # every address the name resolves
+//!                              #   to, but this node's own, is a peer: slots nodes-0,
+//!                              #   nodes-1, … (names in metrics and headers)
+//!     http_port: 8080          # their gateways' HTTP port
+//!     control_port: 7070       # their peer-control port
+//!     refresh_ms: 30000        # re-resolved this often, 1000..=3600000, default 30000
+//!     max_peers: 8             # slots, 1..=64, default 8: addresses past them wait
 //! ```
 
 use std::collections::HashMap;
@@ -33,7 +41,21 @@ pub const NODE_KEYS: &[&str] = &[
     "peer_listen",
     "cluster_key",
 ];
-pub const PEER_KEYS: &[&str] = &["name", "http", "control"];
+pub const PEER_KEYS: &[&str] = &[
+    "name",
+    "http",
+    "control",
+    "dns",
+    "http_port",
+    "control_port",
+    "refresh_ms",
+    "max_peers",
+];
+const DEFAULT_REFRESH_MS: i64 = 30_000;
+const MAX_REFRESH_MS: i64 = 3_600_000;
+const DEFAULT_MAX_PEERS: i64 = 8;
+/// Peers of one DNS name at most: every one gets a control link and its share of the work.
+pub const MAX_DNS_PEERS: i64 = 64;
 
 /// Budgets when the file names none: room for the gateway, its workers' bursts and the
 /// kernel before the node is called full.
@@ -76,6 +98,19 @@ pub struct PeerSpec {
     pub http: SocketAddr,
     /// Its peer-control channel: scale requests go here.
     pub control: SocketAddr,
+}
+
+/// Peers found by resolving a DNS name (`peers:` entries with `dns:`), again every
+/// `refresh`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsPeerSpec {
+    /// Slot `i` is peer `{name}-{i}`.
+    pub name: String,
+    pub dns: String,
+    pub http_port: u16,
+    pub control_port: u16,
+    pub refresh: std::time::Duration,
+    pub max_peers: u32,
 }
 
 /// `N%` with N a decimal number in 0..=100, as a fraction.
@@ -132,17 +167,65 @@ impl Checker<'_> {
         spec
     }
 
-    pub(super) fn peers(&mut self, node: &MarkedYaml<'_>) -> Vec<PeerSpec> {
+    pub(super) fn peers(&mut self, node: &MarkedYaml<'_>) -> (Vec<PeerSpec>, Vec<DnsPeerSpec>) {
         let Some(items) = self.list(node, "peers", "peer") else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
         let (mut names, mut addrs) = (HashMap::new(), HashMap::new());
-        let mut peers = Vec::new();
+        let (mut peers, mut by_dns) = (Vec::new(), Vec::new());
         for item in items {
             let Some(fields) = self.fields(item, "a peer", Some(PEER_KEYS)) else {
                 continue;
             };
             let name = self.name_field(&fields, "peer", &mut names);
+            if let Some(dns) = fields.get("dns") {
+                for key in ["http", "control"] {
+                    if let Some(f) = fields.field(key) {
+                        self.error(
+                            f.key_at,
+                            format!(
+                                "a peer with `dns` takes `http_port` and `control_port`, not `{key}`"
+                            ),
+                        );
+                    }
+                }
+                let host = self.dns_name(dns);
+                let port = |this: &mut Self, key: &str| {
+                    this.required(&fields, key, "a peer with `dns`")
+                        .and_then(|n| this.int_in(n, &format!("peers.{key}"), 1, 65_535))
+                };
+                let http_port = port(self, "http_port");
+                let control_port = port(self, "control_port");
+                let refresh = fields
+                    .get("refresh_ms")
+                    .and_then(|n| self.int_in(n, "peers.refresh_ms", 1000, MAX_REFRESH_MS))
+                    .unwrap_or(DEFAULT_REFRESH_MS);
+                let max_peers = fields
+                    .get("max_peers")
+                    .and_then(|n| self.int_in(n, "peers.max_peers", 1, MAX_DNS_PEERS))
+                    .unwrap_or(DEFAULT_MAX_PEERS);
+                if let (Some(dns), Some(http_port), Some(control_port)) =
+                    (host, http_port, control_port)
+                {
+                    by_dns.push(DnsPeerSpec {
+                        name,
+                        dns,
+                        http_port: http_port as u16,
+                        control_port: control_port as u16,
+                        refresh: std::time::Duration::from_millis(refresh as u64),
+                        max_peers: max_peers as u32,
+                    });
+                }
+                continue;
+            }
+            for key in ["http_port", "control_port", "refresh_ms", "max_peers"] {
+                if let Some(f) = fields.field(key) {
+                    self.error(
+                        f.key_at,
+                        format!("`{key}` goes with `dns`; this peer has none"),
+                    );
+                }
+            }
             let http = self
                 .required(&fields, "http", "a peer")
                 .and_then(|n| self.address(n, "http").map(|a| (a, pos(n))));
@@ -162,21 +245,47 @@ impl Checker<'_> {
                 });
             }
         }
-        peers
+        (peers, by_dns)
+    }
+
+    /// A host name to resolve: letters, digits, `-` and `.`, labels of 1..=63, at most 253.
+    fn dns_name(&mut self, node: &MarkedYaml<'_>) -> Option<String> {
+        let name = self.string(node, "peers.dns")?;
+        let trimmed = name.strip_suffix('.').unwrap_or(name);
+        let ok = !trimmed.is_empty()
+            && trimmed.len() <= 253
+            && trimmed.parse::<std::net::IpAddr>().is_err()
+            && trimmed.split('.').all(|label| {
+                (1..=63).contains(&label.len())
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+        if !ok {
+            self.error(
+                pos(node),
+                format!(
+                    "`peers.dns`: `{name}` is not a host name (letters, digits and `-` in \
+                     dot-separated labels; give an IP address with `http` and `control` instead)"
+                ),
+            );
+            return None;
+        }
+        Some(trimmed.to_ascii_lowercase())
     }
 
     /// The cross-section rule: peers talk only over the authenticated channel.
     pub(super) fn check_cluster(
         &mut self,
         node: &NodeSpec,
-        peers: &[PeerSpec],
+        peers: usize,
         node_at: Option<&MarkedYaml<'_>>,
         peers_at: Option<&MarkedYaml<'_>>,
     ) {
         if node.cluster_key.is_some() {
             return;
         }
-        if let Some(at) = peers_at.filter(|_| !peers.is_empty()) {
+        if let Some(at) = peers_at.filter(|_| peers > 0) {
             self.error(
                 pos(at),
                 "`peers` needs `node.cluster_key`: the gateways authenticate each other with it",
@@ -335,6 +444,97 @@ mod tests {
 
         let e = errors("node: { clustr_key: k }\n");
         assert!(e[0].2.contains("did you mean `cluster_key`"), "{e:?}");
+    }
+
+    #[test]
+    fn peers_found_by_dns() {
+        let c = parse(
+            "node: { cluster_key: k }\npeers:\n  - { name: nodes, dns: Spindle-Peers.spindle.svc.cluster.local., http_port: 8080, control_port: 7070 }\n  - { name: more, dns: other, http_port: 1, control_port: 2, refresh_ms: 1000, max_peers: 64 }\n",
+        )
+        .unwrap();
+        assert!(c.peers.is_empty());
+        assert_eq!(
+            c.dns_peers,
+            vec![
+                DnsPeerSpec {
+                    name: "nodes".into(),
+                    dns: "spindle-peers.spindle.svc.cluster.local".into(),
+                    http_port: 8080,
+                    control_port: 7070,
+                    refresh: std::time::Duration::from_secs(30),
+                    max_peers: 8,
+                },
+                DnsPeerSpec {
+                    name: "more".into(),
+                    dns: "other".into(),
+                    http_port: 1,
+                    control_port: 2,
+                    refresh: std::time::Duration::from_secs(1),
+                    max_peers: 64,
+                },
+            ]
+        );
+        // Without a key, DNS peers are refused like any other.
+        let e = errors("peers:\n  - { name: n, dns: a.b, http_port: 1, control_port: 2 }\n");
+        assert!(e[0].2.contains("node.cluster_key"), "{e:?}");
+        // (entry, where in it the error points, message)
+        for (entry, at, message) in [
+            (
+                "{ name: n, dns: 10.0.0.1, http_port: 1, control_port: 2 }",
+                "10.0.0.1",
+                "is not a host name",
+            ),
+            (
+                "{ name: n, dns: a..b, http_port: 1, control_port: 2 }",
+                "a..b",
+                "is not a host name",
+            ),
+            (
+                "{ name: n, dns: -a.b, http_port: 1, control_port: 2 }",
+                "-a.b",
+                "is not a host name",
+            ),
+            (
+                "{ name: n, dns: a.b, control_port: 2 }",
+                "{",
+                "missing required key `http_port`",
+            ),
+            (
+                "{ name: n, dns: a.b, http_port: 0, control_port: 2 }",
+                "0,",
+                "`peers.http_port` must be between 1 and 65535",
+            ),
+            (
+                "{ name: n, dns: a.b, http_port: 1, control_port: 2, refresh_ms: 10 }",
+                "10 }",
+                "`peers.refresh_ms` must be between 1000",
+            ),
+            (
+                "{ name: n, dns: a.b, http_port: 1, control_port: 2, max_peers: 65 }",
+                "65",
+                "`peers.max_peers` must be between 1 and 64",
+            ),
+            (
+                "{ name: n, dns: a.b, http: 10.0.0.1:1, http_port: 1, control_port: 2 }",
+                "http:",
+                "takes `http_port` and `control_port`, not `http`",
+            ),
+            (
+                "{ name: n, http: 10.0.0.1:1, control: 10.0.0.1:2, max_peers: 3 }",
+                "max_peers",
+                "`max_peers` goes with `dns`",
+            ),
+        ] {
+            let col = 5 + entry.find(at).unwrap();
+            let e = errors(&format!(
+                "node: {{ cluster_key: k }}\npeers:\n  - {entry}\n"
+            ));
+            assert!(
+                e.iter()
+                    .any(|(l, c, m)| (*l, *c) == (7, col) && m.contains(message)),
+                "{entry}: {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -235,7 +235,9 @@ impl Default for HttpSpec {
     }
 }
 
-pub use cluster::{DEFAULT_CPU_BUDGET, DEFAULT_MEMORY_BUDGET, NodeSpec, PeerSpec, parse_percent};
+pub use cluster::{
+    DEFAULT_CPU_BUDGET, DEFAULT_MEMORY_BUDGET, DnsPeerSpec, NodeSpec, PeerSpec, parse_percent,
+};
 pub use ingress::{
     FastPathSpec, GuardHook, GuardMode, GuardSpec, IngressSpec, LocalRedirectSpec, Steering,
 };
@@ -255,8 +257,11 @@ pub struct Config {
     pub chains: Vec<ChainSpec>,
     /// This node's budget and peer-control settings (`node:`, module `cluster`).
     pub node: NodeSpec,
-    /// Peer nodes this gateway may scale out to (`peers:`), in file order.
+    /// Peer nodes this gateway may scale out to (`peers:` entries with addresses), in file
+    /// order.
     pub peers: Vec<PeerSpec>,
+    /// Peers found by DNS (`peers:` entries with `dns:`), in file order.
+    pub dns_peers: Vec<DnsPeerSpec>,
     /// The HTTP front's connection limits (`http:`).
     pub http: HttpSpec,
     /// How worker processes are confined (`sandbox:`).
@@ -662,8 +667,13 @@ impl Checker<'_> {
             .map(|n| self.ingress(n, http.shards))
             .unwrap_or_default();
         let node = top.get("node").map(|n| self.node(n)).unwrap_or_default();
-        let peers = top.get("peers").map(|n| self.peers(n)).unwrap_or_default();
-        self.check_cluster(&node, &peers, top.get("node"), top.get("peers"));
+        let (peers, dns_peers) = top.get("peers").map(|n| self.peers(n)).unwrap_or_default();
+        self.check_cluster(
+            &node,
+            peers.len() + dns_peers.len(),
+            top.get("node"),
+            top.get("peers"),
+        );
 
         Some(Config {
             source: self.source.to_path_buf(),
@@ -673,6 +683,7 @@ impl Checker<'_> {
             chains,
             node,
             peers,
+            dns_peers,
             http,
             sandbox,
             ingress,

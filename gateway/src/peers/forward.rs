@@ -9,6 +9,8 @@
 
 use std::time::Instant;
 
+use super::PeerAddrs;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use http_edge::{Reply, payload_too_large, text};
@@ -156,8 +158,21 @@ impl Forwarder {
                 return (text(StatusCode::REQUEST_TIMEOUT, message), None);
             }
         };
+        let peer_name = &peer.name;
+        let Some(PeerAddrs {
+            http: peer_http, ..
+        }) = peer.addrs()
+        else {
+            let message = format!(
+                "chain {name}: this request went to peer {peer_name}, whose DNS name no longer resolves to it"
+            );
+            return (
+                text(StatusCode::BAD_GATEWAY, message),
+                Some(Outcome::Unreachable),
+            );
+        };
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri: Uri = match format!("http://{}{path}", peer.spec.http).parse() {
+        let uri: Uri = match format!("http://{peer_http}{path}").parse() {
             Ok(u) => u,
             Err(e) => {
                 return (
@@ -174,7 +189,6 @@ impl Forwarder {
             .body(Full::new(body))
             .expect("method, uri and headers are valid");
 
-        let peer_name = &peer.spec.name;
         let answer = tokio::time::timeout_at(deadline, async {
             let resp = self.client.request(out).await?;
             let (parts, body) = resp.into_parts();
@@ -208,7 +222,7 @@ impl Forwarder {
                     StatusCode::BAD_GATEWAY,
                     format!(
                         "chain {name}: this request went to peer {peer_name} ({}), which is unreachable: {}",
-                        peer.spec.http,
+                        peer_http,
                         source_chain(&e)
                     ),
                 ),
@@ -219,7 +233,7 @@ impl Forwarder {
                     StatusCode::BAD_GATEWAY,
                     format!(
                         "chain {name}: peer {peer_name} ({}) failed the request: {e}",
-                        peer.spec.http
+                        peer_http
                     ),
                 ),
                 Some(Outcome::Failed),
@@ -229,7 +243,7 @@ impl Forwarder {
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
                         "chain {name}: peer {peer_name} ({}) did not answer within the chain's {} ms",
-                        peer.spec.http,
+                        peer_http,
                         timeout.as_millis()
                     ),
                 ),

@@ -40,6 +40,7 @@ use crate::budget::{Budget, BudgetError};
 use crate::dataplane::ChainRuntime;
 use crate::node::NodeService;
 
+mod dns;
 mod forward;
 mod grants;
 mod origin;
@@ -108,18 +109,30 @@ pub enum PeerSetupError {
     Module(PathBuf, std::io::Error),
     #[error(transparent)]
     Random(proto::pages::RandomnessError),
+    #[error("peer name {0} is both a listed peer and a slot of peers found by DNS")]
+    NameClash(String),
 }
 
 /// A peer's gateway: its control channel (one authenticated connection, reopened when it
-/// fails) and its HTTP address.
+/// fails) and its HTTP address. A peer found by DNS is a slot whose addresses the resolver
+/// sets, changes and clears ([`dns`]); a slot without addresses is unreachable.
 pub struct PeerLink {
-    pub spec: PeerSpec,
+    pub name: String,
+    addrs: std::sync::RwLock<Option<PeerAddrs>>,
     key: ClusterKey,
-    session: tokio::sync::Mutex<Option<Session<TcpStream>>>,
+    /// The open session and the control address it was opened to.
+    session: tokio::sync::Mutex<Option<(SocketAddr, Session<TcpStream>)>>,
     calls: IntCounterVec,
     /// Set when a forward found its gateway unreachable: nothing more is forwarded to it
     /// until its control channel answers again (without waiting for the next round).
     down: AtomicBool,
+}
+
+/// Where a peer's gateway listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddrs {
+    pub http: SocketAddr,
+    pub control: SocketAddr,
 }
 
 /// Why a control call failed.
@@ -127,6 +140,8 @@ pub struct PeerLink {
 pub enum CallError {
     #[error("connecting to {0}: {1}")]
     Connect(SocketAddr, std::io::Error),
+    #[error("no address: its DNS name resolved to no free address for it")]
+    NoAddress,
     #[error("{0}")]
     Wire(#[from] WireError),
     #[error("no answer within {CONTROL_TIMEOUT:?}")]
@@ -136,20 +151,43 @@ pub enum CallError {
 }
 
 impl PeerLink {
+    fn new(name: String, addrs: Option<PeerAddrs>, key: ClusterKey, calls: IntCounterVec) -> Self {
+        PeerLink {
+            name,
+            addrs: std::sync::RwLock::new(addrs),
+            key,
+            session: tokio::sync::Mutex::new(None),
+            calls,
+            down: AtomicBool::new(false),
+        }
+    }
+
+    /// Where the peer listens now; `None` for an empty DNS slot.
+    pub fn addrs(&self) -> Option<PeerAddrs> {
+        *self.addrs.read().expect("peer address lock")
+    }
+
+    /// Points the slot at another peer (or none): the next call connects there.
+    fn set_addrs(&self, addrs: Option<PeerAddrs>) {
+        *self.addrs.write().expect("peer address lock") = addrs;
+        self.down.store(addrs.is_none(), Relaxed);
+    }
+
     /// One request and its answer; a failure closes the connection (the next call opens a
     /// new one, with a new handshake).
     pub async fn call(&self, request: &Value) -> Result<Value, CallError> {
         let mut session = self.session.lock().await;
         let result = tokio::time::timeout(CONTROL_TIMEOUT, async {
-            if session.is_none() {
-                let addr = self.spec.control;
+            let addr = self.addrs().ok_or(CallError::NoAddress)?.control;
+            if session.as_ref().is_none_or(|(to, _)| *to != addr) {
+                *session = None;
                 let stream = TcpStream::connect(addr)
                     .await
                     .map_err(|e| CallError::Connect(addr, e))?;
                 let _ = stream.set_nodelay(true);
-                *session = Some(Session::client(stream, &self.key).await?);
+                *session = Some((addr, Session::client(stream, &self.key).await?));
             }
-            let s = session.as_mut().expect("connected above");
+            let (_, s) = session.as_mut().expect("connected above");
             s.send(request.to_string().as_bytes()).await?;
             let answer = s.recv().await?;
             Ok::<_, CallError>(serde_json::from_slice(&answer)?)
@@ -159,12 +197,13 @@ impl PeerLink {
         let label = match &result {
             Ok(_) => "ok",
             Err(CallError::Connect(..)) => "unreachable",
+            Err(CallError::NoAddress) => "no_address",
             Err(CallError::Wire(WireError::BadProof)) => "bad_auth",
             Err(CallError::Timeout) => "timeout",
             Err(_) => "failed",
         };
         self.calls
-            .with_label_values(&[self.spec.name.as_str(), label])
+            .with_label_values(&[self.name.as_str(), label])
             .inc();
         match &result {
             Ok(_) => self.down.store(false, Relaxed),
@@ -186,6 +225,8 @@ pub struct Peers {
     forwarded: IntCounterVec,
     forward_seconds: HistogramVec,
     gauges: origin::Gauges,
+    /// The DNS resolvers' metrics (shared by all of them), when peers come from DNS.
+    dns_info: Option<dns::DnsMetrics>,
 }
 
 impl Peers {
@@ -257,7 +298,7 @@ impl Peers {
             .forward(peer, &self.origin, chain, req, started)
             .await;
         if let Some(outcome) = outcome {
-            let (c, p) = (chain.plan.spec.name.as_str(), peer.spec.name.as_str());
+            let (c, p) = (chain.plan.spec.name.as_str(), peer.name.as_str());
             self.forwarded
                 .with_label_values(&[c, p, outcome.label()])
                 .inc();
@@ -353,16 +394,19 @@ impl Cluster {
         chains: &[Arc<ChainRuntime>],
         node: Option<Arc<NodeService>>,
     ) -> Result<Cluster, PeerSetupError> {
-        let peers: Vec<PeerSpec> = if args.peers.is_empty() {
-            config.peers.clone()
+        // `--peer` replaces the file's peers, those found by DNS too.
+        let (peers, dns_peers): (Vec<PeerSpec>, _) = if args.peers.is_empty() {
+            (config.peers.clone(), config.dns_peers.clone())
         } else {
-            args.peers
+            let peers = args
+                .peers
                 .iter()
                 .map(|p| parse_peer(p))
-                .collect::<Result<_, _>>()?
+                .collect::<Result<_, _>>()?;
+            (peers, Vec::new())
         };
         let peer_listen = args.peer_listen.or(config.node.peer_listen);
-        if peers.is_empty() && peer_listen.is_none() {
+        if peers.is_empty() && dns_peers.is_empty() && peer_listen.is_none() {
             return Ok(Cluster::default());
         }
         let key_path = args
@@ -408,7 +452,7 @@ impl Cluster {
             tokio::spawn(Arc::clone(&board).serve(listener, key.clone()));
             cluster.grants = Some(board);
         }
-        if !peers.is_empty() {
+        if !peers.is_empty() || !dns_peers.is_empty() {
             let node = node
                 .filter(|n| n.page_server_addr().is_some())
                 .ok_or(PeerSetupError::NoPageServer)?;
@@ -420,19 +464,46 @@ impl Cluster {
                 &["peer", "result"],
             )
             .expect("valid");
-            let links: Vec<Arc<PeerLink>> = peers
+            let mut links: Vec<Arc<PeerLink>> = peers
                 .iter()
                 .map(|spec| {
                     tracing::info!(peer = %spec.name, http = %spec.http, control = %spec.control, "peer");
-                    Arc::new(PeerLink {
-                        spec: spec.clone(),
-                        key: key.clone(),
-                        session: tokio::sync::Mutex::new(None),
-                        calls: calls.clone(),
-                        down: AtomicBool::new(false),
-                    })
+                    let addrs = PeerAddrs {
+                        http: spec.http,
+                        control: spec.control,
+                    };
+                    Arc::new(PeerLink::new(spec.name.clone(), Some(addrs), key.clone(), calls.clone()))
                 })
                 .collect();
+            let mut resolvers = Vec::new();
+            for spec in &dns_peers {
+                let slots: Vec<Arc<PeerLink>> = (0..spec.max_peers)
+                    .map(|i| {
+                        Arc::new(PeerLink::new(
+                            format!("{}-{i}", spec.name),
+                            None,
+                            key.clone(),
+                            calls.clone(),
+                        ))
+                    })
+                    .collect();
+                for slot in &slots {
+                    if links.iter().any(|l| l.name == slot.name) {
+                        return Err(PeerSetupError::NameClash(slot.name.clone()));
+                    }
+                }
+                tracing::info!(peers = %spec.name, dns = %spec.dns, slots = spec.max_peers, refresh_ms = spec.refresh.as_millis() as u64, "peers found by DNS");
+                links.extend(slots.iter().cloned());
+                resolvers.push(dns::Resolver::new(spec.clone(), slots));
+            }
+            // The first resolution before any share asks a peer for anything.
+            for r in &resolvers {
+                r.refresh().await;
+            }
+            let dns_info = resolvers.first().map(|r| r.metrics());
+            for r in resolvers {
+                tokio::spawn(r.run());
+            }
             // Tells the peers this process from an earlier one of the same name: a restarted
             // origin's old images are gone.
             let incarnation = u64::from_le_bytes(
@@ -490,7 +561,7 @@ impl Cluster {
                     for o in Outcome::ALL {
                         forwarded.with_label_values(&[
                             c.plan.spec.name.as_str(),
-                            l.spec.name.as_str(),
+                            l.name.as_str(),
                             o.label(),
                         ]);
                     }
@@ -518,6 +589,7 @@ impl Cluster {
                 forwarded,
                 forward_seconds,
                 gauges,
+                dns_info,
             }));
         }
         Ok(cluster)
@@ -576,6 +648,9 @@ impl Cluster {
             out.extend(p.gauges.wanted.collect());
             if let Some(l) = p.links.first() {
                 out.extend(l.calls.collect());
+            }
+            if let Some(d) = &p.dns_info {
+                out.extend(d.families(&p.links));
             }
         }
         if let Some(g) = &self.grants {

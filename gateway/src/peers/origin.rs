@@ -217,7 +217,7 @@ impl RemoteShare {
                         };
                         if let Some(e) = answer.get("error").and_then(|e| e.as_str()) {
                             if failing[i].replace(Instant::now()).is_none() {
-                                tracing::warn!(%chain, %function, peer = %link.spec.name,
+                                tracing::warn!(%chain, %function, peer = %link.name,
                                     "peer refused the scale request: {e}");
                             }
                             // A refusal means it runs nothing for this share.
@@ -227,12 +227,12 @@ impl RemoteShare {
                             continue;
                         }
                         if failing[i].take().is_some() {
-                            tracing::info!(%chain, %function, peer = %link.spec.name,
+                            tracing::info!(%chain, %function, peer = %link.name,
                                 "peer answers scale requests again");
                         }
                         let granted = n("granted").min(ask);
                         if granted != count.granted.load(Relaxed) {
-                            tracing::info!(%chain, %function, peer = %link.spec.name, asked = ask,
+                            tracing::info!(%chain, %function, peer = %link.name, asked = ask,
                                 granted, "remote instances");
                         }
                         count.granted.store(granted, Relaxed);
@@ -243,10 +243,10 @@ impl RemoteShare {
                     Err(e) => {
                         let since = *failing[i].get_or_insert_with(Instant::now);
                         if since.elapsed() < RENEW {
-                            tracing::warn!(%chain, %function, peer = %link.spec.name,
+                            tracing::warn!(%chain, %function, peer = %link.name,
                                 "peer-control request failed: {e}");
                         } else {
-                            tracing::debug!(%chain, %function, peer = %link.spec.name,
+                            tracing::debug!(%chain, %function, peer = %link.name,
                                 "peer-control request failed: {e}");
                         }
                         // Its instances cannot be reached either: forward nothing to it, and
@@ -265,7 +265,7 @@ impl RemoteShare {
                 for (state, v) in [("granted", &c.granted), ("ready", &c.ready)] {
                     gauges
                         .remote
-                        .with_label_values(&[chain, function, link.spec.name.as_str(), state])
+                        .with_label_values(&[chain, function, link.name.as_str(), state])
                         .set(i64::from(v.load(Relaxed)));
                 }
             }
