@@ -197,6 +197,17 @@ impl RemoteShare {
                 if ask == 0 && count.granted.load(Relaxed) + count.live.load(Relaxed) == 0 {
                     continue;
                 }
+                if link.addrs().is_none() {
+                    // An empty slot of peers found by DNS: nothing to ask. What a peer that
+                    // left it still ran counts down as an unreachable peer's does.
+                    let since = *failing[i].get_or_insert_with(Instant::now);
+                    count.granted.store(0, Relaxed);
+                    count.ready.store(0, Relaxed);
+                    if since.elapsed() > gone_after {
+                        count.live.store(0, Relaxed);
+                    }
+                    continue;
+                }
                 let mut request = json!({
                     "origin": origin,
                     "incarnation": incarnation,
