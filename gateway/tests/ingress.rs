@@ -271,6 +271,12 @@ fn the_guard_passes_the_service_drops_the_rest_and_throttles_new_connections() {
         // The open connection was never at risk.
         let (status, _) = exchange(&mut kept, "POST", "/hello", b"still here");
         assert_eq!(status, 200);
+        // The dashboard's rows for what this gateway runs: the (eBPF, as root) dataplane and
+        // the guard, which has refused a source by now.
+        common::dashboard::assert_rows_have_samples(
+            &["Dataplane", "Ingress guard"],
+            &[scrape(&mut kept)],
+        );
     });
 
     let dev = pair.b_dev.clone();
@@ -368,6 +374,7 @@ fn the_fast_path_from_the_config_carries_requests_past_the_nodes_forwarding() {
         "spindle_ingress_fast_path_packets_total{outcome=\"redirected\"}",
     );
     assert!(redirected >= 60.0, "redirected {redirected}:\n{page}");
+    common::dashboard::assert_rows_have_samples(&["Node fast path"], std::slice::from_ref(&page));
     assert!(bypassed <= 4, "the node still forwarded {bypassed} packets");
     gateway.sigkill();
     for dev in [&routed.node_to_client, &routed.node_to_gateway] {
@@ -558,6 +565,7 @@ async fn steered_shards_answer_every_connection_and_count_it() {
         let after = spindle.get("/metrics").await.text();
         if program {
             assert_eq!(steered(&after) - steered(&before), 20.0, "{mode}:\n{after}");
+            common::dashboard::assert_rows_have_samples(&["Shard steering"], std::slice::from_ref(&after));
             assert_eq!(
                 metric(
                     &after,
@@ -628,4 +636,5 @@ async fn same_host_clients_are_answered_socket_to_socket() {
     // Both directions of every exchange but perhaps the first request.
     assert!(event("redirected") >= 99.0, "{page}");
     assert_eq!(event("add_failed"), 0.0);
+    common::dashboard::assert_rows_have_samples(&["Same-host acceleration"], std::slice::from_ref(&page));
 }

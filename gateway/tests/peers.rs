@@ -510,7 +510,9 @@ const FORWARDED_ALL: &str = "spindle_requests_forwarded_total{chain=\"echo\",out
 #[test]
 fn remote_scale_out_to_a_peer_namespace() {
     if let Some(pair) = Pair::start("peers-scale-out", None) {
-        pair.run(|origin, peer, _| async move { scale_out(origin, &peer, "node-b").await });
+        pair.run(|origin, peer, _| async move {
+            scale_out(origin, &peer, "node-b").await;
+        });
     }
 }
 
@@ -554,12 +556,43 @@ fn remote_scale_out_to_a_peer_found_by_dns() {
         })
         .await;
         assert!(found, "the peer added to the name never became a peer");
-        scale_out(origin, &peer, "nodes-0").await;
+        let peer_under_load = scale_out(origin, &peer, "nodes-0").await;
+
+        // A restart too, so the dashboard's rows have every family they read: the origin's
+        // instance is killed and its pool starts another.
+        let pid = metric(&client, origin, "spindle_instance_pid{chain=\"echo\",function=\"sleeper\",instance=\"0\"}").await;
+        assert!(pid > 1.0, "the origin's instance pid is in its metrics");
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let restarted = eventually("the origin restarts its instance", Duration::from_secs(10), async || {
+            metric(&client, origin, "spindle_instance_restarts_total{chain=\"echo\",function=\"sleeper\"}").await >= 1.0
+                && metric(&client, origin, "spindle_instances_up{chain=\"echo\",function=\"sleeper\"}").await >= 1.0
+        })
+        .await;
+        assert!(restarted, "no restart after SIGKILL");
+        let (status, _, _) = request(&client, "POST", &format!("{origin}/echo"), "after the restart").await;
+        assert_eq!(status, 200);
+        let mut pages = vec![peer_under_load];
+        for base in [origin, peer.as_str()] {
+            pages.push(request(&client, "GET", &format!("{base}/metrics"), "").await.1);
+        }
+        common::dashboard::assert_rows_have_samples(
+            &[
+                "Requests",
+                "Functions",
+                "Instances and autoscaling",
+                "Arena and payload",
+                "Forks",
+                "Peers and budget",
+                "Processes",
+            ],
+            &pages,
+        );
     });
     drop(answer.join().unwrap());
 }
 
-async fn scale_out(origin: &str, peer: &str, peer_name: &'static str) {
+/// Returns the peer's /metrics as it was under load (grants live).
+async fn scale_out(origin: &str, peer: &str, peer_name: &'static str) -> String {
     let client = http();
     let remote_ready = format!(
         "spindle_remote_instances{{chain=\"echo\",function=\"sleeper\",peer=\"{peer_name}\",state=\"ready\"}}"
@@ -568,9 +601,16 @@ async fn scale_out(origin: &str, peer: &str, peer_name: &'static str) {
     let until = Instant::now() + Duration::from_secs(5);
     let loaded = tokio::spawn(load_to(16, until, peer_name));
     let (mut peak_remote, mut peak_resumed) = (0.0f64, 0.0f64);
+    let mut under_load = String::new();
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        peak_remote = peak_remote.max(metric(&client, origin, &remote_ready).await);
+        let ready = metric(&client, origin, &remote_ready).await;
+        if ready > 0.0 {
+            under_load = request(&client, "GET", &format!("{peer}/metrics"), "")
+                .await
+                .1;
+        }
+        peak_remote = peak_remote.max(ready);
         peak_resumed = peak_resumed.max(
             metric(
                 &client,
@@ -727,6 +767,7 @@ async fn scale_out(origin: &str, peer: &str, peer_name: &'static str) {
     // Served after scale-down: locally, by the origin's own instance.
     let (status, answer, to) = request(&client, "POST", &format!("{origin}/echo"), "after").await;
     assert_eq!((status, answer.as_str(), to), (200, "after", None));
+    under_load
 }
 
 #[test]

@@ -17,6 +17,8 @@ use nix::unistd::Pid;
 
 pub use testkit::{build_examples, repo_root};
 
+pub mod dashboard;
+
 pub fn wasm(name: &str) -> String {
     testkit::wasm(name).display().to_string()
 }
