@@ -565,7 +565,10 @@ async fn steered_shards_answer_every_connection_and_count_it() {
         let after = spindle.get("/metrics").await.text();
         if program {
             assert_eq!(steered(&after) - steered(&before), 20.0, "{mode}:\n{after}");
-            common::dashboard::assert_rows_have_samples(&["Shard steering"], std::slice::from_ref(&after));
+            common::dashboard::assert_rows_have_samples(
+                &["Shard steering"],
+                std::slice::from_ref(&after),
+            );
             assert_eq!(
                 metric(
                     &after,
@@ -636,5 +639,30 @@ async fn same_host_clients_are_answered_socket_to_socket() {
     // Both directions of every exchange but perhaps the first request.
     assert!(event("redirected") >= 99.0, "{page}");
     assert_eq!(event("add_failed"), 0.0);
-    common::dashboard::assert_rows_have_samples(&["Same-host acceleration"], std::slice::from_ref(&page));
+    common::dashboard::assert_rows_have_samples(
+        &["Same-host acceleration"],
+        std::slice::from_ref(&page),
+    );
+    // The sock_ops program goes with its gateway, SIGKILL included.
+    let cgroup = xdp_bpf::own_cgroup().unwrap();
+    let ours = |names: Vec<String>| {
+        names
+            .iter()
+            .filter(|n| n.starts_with("spindle_local"))
+            .count()
+    };
+    let before = ours(xdp_bpf::hook::sock_ops_programs(&cgroup).unwrap());
+    assert!(
+        before >= 1,
+        "the sock_ops program is attached while spindle runs"
+    );
+    let _ = kill(Pid::from_raw(spindle.pid()), Signal::SIGKILL);
+    let began = Instant::now();
+    while ours(xdp_bpf::hook::sock_ops_programs(&cgroup).unwrap()) >= before {
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "the sock_ops program outlived its gateway"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

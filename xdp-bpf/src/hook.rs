@@ -367,3 +367,39 @@ pub fn in_netns<T: Send>(
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }
+
+/// The names of the sock_ops programs attached to the cgroup v2 directory `cgroup` (Spindle's
+/// and others'), to see that the same-host acceleration went with its gateway.
+pub fn sock_ops_programs(cgroup: &Path) -> Result<Vec<String>, IngressError> {
+    let dir = std::fs::File::open(cgroup).map_err(|cause| IngressError::Os {
+        what: format!("opening cgroup {}", cgroup.display()),
+        cause,
+    })?;
+    let mut ids = [0u32; 64];
+    let mut opts = libbpf_sys::bpf_prog_query_opts {
+        sz: size_of::<libbpf_sys::bpf_prog_query_opts>() as _,
+        prog_ids: ids.as_mut_ptr(),
+        ..Default::default()
+    };
+    opts.__bindgen_anon_1.count = ids.len() as u32;
+    // SAFETY: `opts` points at `ids`, whose length it states; both and `dir` outlive the call.
+    let rc = unsafe {
+        libbpf_sys::bpf_prog_query_opts(dir.as_raw_fd(), libbpf_sys::BPF_CGROUP_SOCK_OPS, &mut opts)
+    };
+    if rc < 0 {
+        return Err(IngressError::Os {
+            what: format!(
+                "listing the sock_ops programs of cgroup {}",
+                cgroup.display()
+            ),
+            cause: std::io::Error::from_raw_os_error(-rc),
+        });
+    }
+    // SAFETY: the kernel wrote the count back into the union it read it from.
+    let n = (unsafe { opts.__bindgen_anon_1.count } as usize).min(ids.len());
+    let wanted = &ids[..n];
+    Ok(ProgInfoIter::default()
+        .filter(|p| wanted.contains(&p.id))
+        .map(|p| p.name.to_string_lossy().into_owned())
+        .collect())
+}
