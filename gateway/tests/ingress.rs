@@ -497,16 +497,7 @@ impl Routed {
 
     /// The node's IP ForwDatagrams counter.
     fn forwarded(&self) -> u64 {
-        let snmp = in_ns(&self.node, || {
-            std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap()
-        });
-        let mut lines = snmp.lines().filter(|l| l.starts_with("Ip:"));
-        let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
-        let i = names
-            .split_whitespace()
-            .position(|n| n == "ForwDatagrams")
-            .unwrap();
-        values.split_whitespace().nth(i).unwrap().parse().unwrap()
+        in_ns(&self.node, testkit::forwarded_datagrams)
     }
 }
 

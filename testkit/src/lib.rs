@@ -101,6 +101,27 @@ pub fn wasm(name: &str) -> PathBuf {
         .join(format!("{name}.wasm"))
 }
 
+/// IP `ForwDatagrams` of the network namespace the calling thread is in (/proc/thread-self:
+/// /proc/net would show the process's namespace): how many packets its stack routed.
+pub fn forwarded_datagrams() -> u64 {
+    let snmp =
+        std::fs::read_to_string("/proc/thread-self/net/snmp").expect("/proc/thread-self/net/snmp");
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (
+        lines.next().expect("Ip: names"),
+        lines.next().expect("Ip: values"),
+    );
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "ForwDatagrams")
+        .expect("ForwDatagrams");
+    values
+        .split_whitespace()
+        .nth(i)
+        .and_then(|v| v.parse().ok())
+        .expect("a ForwDatagrams count")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

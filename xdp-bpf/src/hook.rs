@@ -151,6 +151,18 @@ pub fn attached(ifindex: u32, hook: Hook) -> Result<Vec<Attached>, IngressError>
 }
 
 fn tcx_programs(ifindex: u32) -> Result<Vec<u32>, IngressError> {
+    query_programs(ifindex as i32, libbpf_sys::BPF_TCX_INGRESS).map_err(|cause| IngressError::Os {
+        what: format!("listing the TC ingress programs of interface {ifindex}"),
+        cause,
+    })
+}
+
+/// The ids of the programs attached at `attach_type` of `target` (an ifindex for TCX, a
+/// cgroup fd for cgroup hooks), as BPF_PROG_QUERY lists them.
+fn query_programs(
+    target: i32,
+    attach_type: libbpf_sys::bpf_attach_type,
+) -> std::io::Result<Vec<u32>> {
     let mut ids = [0u32; 64];
     let mut opts = libbpf_sys::bpf_prog_query_opts {
         sz: size_of::<libbpf_sys::bpf_prog_query_opts>() as _,
@@ -159,14 +171,9 @@ fn tcx_programs(ifindex: u32) -> Result<Vec<u32>, IngressError> {
     };
     opts.__bindgen_anon_1.count = ids.len() as u32;
     // SAFETY: `opts` points at `ids`, whose length it states; both outlive the call.
-    let rc = unsafe {
-        libbpf_sys::bpf_prog_query_opts(ifindex as i32, libbpf_sys::BPF_TCX_INGRESS, &mut opts)
-    };
+    let rc = unsafe { libbpf_sys::bpf_prog_query_opts(target, attach_type, &mut opts) };
     if rc < 0 {
-        return Err(IngressError::Os {
-            what: format!("listing the TC ingress programs of interface {ifindex}"),
-            cause: std::io::Error::from_raw_os_error(-rc),
-        });
+        return Err(std::io::Error::from_raw_os_error(-rc));
     }
     // SAFETY: the kernel wrote the count back into the union it read it from.
     let n = unsafe { opts.__bindgen_anon_1.count } as usize;
@@ -375,29 +382,16 @@ pub fn sock_ops_programs(cgroup: &Path) -> Result<Vec<String>, IngressError> {
         what: format!("opening cgroup {}", cgroup.display()),
         cause,
     })?;
-    let mut ids = [0u32; 64];
-    let mut opts = libbpf_sys::bpf_prog_query_opts {
-        sz: size_of::<libbpf_sys::bpf_prog_query_opts>() as _,
-        prog_ids: ids.as_mut_ptr(),
-        ..Default::default()
-    };
-    opts.__bindgen_anon_1.count = ids.len() as u32;
-    // SAFETY: `opts` points at `ids`, whose length it states; both and `dir` outlive the call.
-    let rc = unsafe {
-        libbpf_sys::bpf_prog_query_opts(dir.as_raw_fd(), libbpf_sys::BPF_CGROUP_SOCK_OPS, &mut opts)
-    };
-    if rc < 0 {
-        return Err(IngressError::Os {
-            what: format!(
-                "listing the sock_ops programs of cgroup {}",
-                cgroup.display()
-            ),
-            cause: std::io::Error::from_raw_os_error(-rc),
-        });
-    }
-    // SAFETY: the kernel wrote the count back into the union it read it from.
-    let n = (unsafe { opts.__bindgen_anon_1.count } as usize).min(ids.len());
-    let wanted = &ids[..n];
+    let wanted =
+        query_programs(dir.as_raw_fd(), libbpf_sys::BPF_CGROUP_SOCK_OPS).map_err(|cause| {
+            IngressError::Os {
+                what: format!(
+                    "listing the sock_ops programs of cgroup {}",
+                    cgroup.display()
+                ),
+                cause,
+            }
+        })?;
     Ok(ProgInfoIter::default()
         .filter(|p| wanted.contains(&p.id))
         .map(|p| p.name.to_string_lossy().into_owned())

@@ -880,18 +880,7 @@ fn the_fast_path_bypasses_the_nodes_forwarding() {
             }
         }
     });
-    let forwarded = || -> u64 {
-        let snmp = ns.run(1, || {
-            std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap()
-        });
-        let mut lines = snmp.lines().filter(|l| l.starts_with("Ip:"));
-        let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
-        let i = names
-            .split_whitespace()
-            .position(|n| n == "ForwDatagrams")
-            .unwrap();
-        values.split_whitespace().nth(i).unwrap().parse().unwrap()
-    };
+    let forwarded = || ns.run(1, testkit::forwarded_datagrams);
     let echo = || {
         ns.run(0, || {
             use std::io::{Read, Write};
