@@ -23,6 +23,9 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 #   programs (bpf-kit runs clang; bindgen, for wasmer and userfaultfd-sys, loads libclang);
 # make, pkg-config, libelf-dev, zlib1g-dev: libbpf-sys; cmake, g++: wasmer's build
 #   dependencies (its build script uses the cmake crate), as in scripts/setup.sh.
+# DL3008 (pin apt versions) is ignored: the pinned base image fixes the Debian release, and
+# an exact version pin breaks the build at that package's next security update (the archive
+# keeps only the newest).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
@@ -56,6 +59,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # libm.so.6, libc.so.6. Only libelf1 is not in the slim image already. Spindle runs no
 # external program (no ip, no tc: it attaches its eBPF programs through the bpf syscall), so
 # nothing else is installed.
+# DL3008 is ignored for the same reason as in the build stage.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libelf1 \
