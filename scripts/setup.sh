@@ -13,6 +13,7 @@ packages=(
   make gcc pkg-config libelf-dev zlib1g-dev       # C parts and -sys crates
   wrk curl                                        # load generator and probe for bench/
   python3                                         # examples/tools/check_abi.py
+  python3-venv                                    # scripts/lint-deploy.sh's virtualenv of linters
   iproute2 iputils-ping                           # network namespaces for the fork tests, bench/fork.sh
   cmake                                           # rdma-fork --features rdma: sideway's verbs shim (with clang)
   g++                                             # libFuzzer's runtime (fuzz/, scripts/fuzz.sh)

