@@ -111,12 +111,51 @@ pub fn sandbox_namespaces(
         );
         return Ok(None);
     }
+    // A root without these (a container's default set, say) would fail later, and worse:
+    // without CAP_KILL the gateway cannot stop a worker that runs as another uid.
+    let missing = missing_sandbox_capabilities();
+    if !missing.is_empty() {
+        return Err(sandbox::SandboxError::Check(format!(
+            "running as root without {}: the sandbox needs them to make its namespaces, change \
+             workers' uids and stop them (docs/security.md; deploy/kubernetes/README.md lists \
+             what each is for)",
+            missing.join(", ")
+        )));
+    }
     let namespaces = sandbox::SharedNamespaces::create()?;
     tracing::info!(
         uid_base = config.sandbox.uid_base,
         "sandbox: workers join an empty network and mount namespace, run as uid/gid uid_base + function index, under seccomp"
     );
     Ok(Some(Arc::new(namespaces)))
+}
+
+/// The capabilities the sandbox needs that this process lacks in its effective set.
+fn missing_sandbox_capabilities() -> Vec<&'static str> {
+    const NEEDED: [(u32, &str); 6] = [
+        (1, "CAP_DAC_OVERRIDE"),
+        (5, "CAP_KILL"),
+        (6, "CAP_SETGID"),
+        (7, "CAP_SETUID"),
+        (18, "CAP_SYS_CHROOT"),
+        (21, "CAP_SYS_ADMIN"),
+    ];
+    let effective = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        });
+    match effective {
+        Some(caps) => NEEDED
+            .iter()
+            .filter(|(bit, _)| caps & (1 << bit) == 0)
+            .map(|(_, name)| *name)
+            .collect(),
+        // Unknown: let the steps themselves say what fails.
+        None => Vec::new(),
+    }
 }
 
 impl WorkerCommand {

@@ -125,3 +125,45 @@ async fn the_ingress_config_answers_behind_its_guard() {
         "the guard saw the client's packets: {service}"
     );
 }
+
+/// deploy/kubernetes's ConfigMap runs what scripts/cluster.sh runs locally
+/// (configs/cluster.yaml): the same functions, chains, node and peers, the modules being
+/// where the image puts them.
+#[test]
+fn the_kubernetes_config_map_is_the_local_cluster_config() {
+    common::build_examples();
+    let root = common::repo_root();
+    let manifest = std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml")).unwrap();
+    let start = manifest
+        .find("  config.yaml: |\n")
+        .expect("the ConfigMap's config.yaml")
+        + 17;
+    let embedded: String = manifest[start..]
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l.trim_start()))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    // The image's module directory is the repository's examples/wasm.
+    let embedded = embedded.replace(
+        "/usr/local/share/spindle/examples/wasm/",
+        &format!("{}/examples/wasm/", root.display()),
+    );
+    let dir = common::temp_dir("configmap");
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, &embedded).unwrap();
+    let deployed = chain_runtime::config::Config::load(&path)
+        .unwrap_or_else(|e| panic!("the ConfigMap's config does not validate:\n{e}\n{embedded}"));
+    let local = chain_runtime::config::Config::load(&root.join("configs/cluster.yaml")).unwrap();
+    let canonical = |c: &chain_runtime::config::Config| {
+        let mut functions = c.functions.clone();
+        for f in &mut functions {
+            f.module = f.module.canonicalize().unwrap();
+        }
+        functions
+    };
+    assert_eq!(canonical(&deployed), canonical(&local));
+    assert_eq!(deployed.chains, local.chains);
+    assert_eq!(deployed.node, local.node);
+    assert_eq!(deployed.dns_peers, local.dns_peers);
+    assert_eq!(deployed.listen, local.listen);
+}

@@ -296,7 +296,7 @@ fn the_guard_passes_the_service_drops_the_rest_and_throttles_new_connections() {
     }
 }
 
-/// Without CAP_BPF and CAP_NET_ADMIN the gateway refuses to start, saying which part of the
+/// Without CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN the gateway refuses to start, saying which part of the
 /// configuration needed what, instead of serving unguarded.
 #[test]
 fn a_guard_without_privileges_stops_the_start_with_a_clear_message() {
@@ -330,7 +330,7 @@ fn a_guard_without_privileges_stops_the_start_with_a_clear_message() {
     );
     assert!(
         stderr.contains("ingress.guard on lo")
-            && stderr.contains("needs CAP_BPF and CAP_NET_ADMIN, or root"),
+            && stderr.contains("needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, or root"),
         "{stderr}"
     );
 }

@@ -214,3 +214,44 @@ fn each_layer_stops_what_it_should_and_together_they_stop_every_escape() {
         assert_eq!(got, want, "--layers {layers}");
     }
 }
+
+/// Root without the capabilities the sandbox needs (a container's default set, for one)
+/// refuses to start and names them, instead of failing later or hanging on a worker it
+/// cannot stop (without CAP_KILL, root cannot signal a worker running as another uid).
+#[test]
+fn root_without_the_sandboxs_capabilities_is_refused_with_their_names() {
+    if !testkit::require_root(
+        "root_without_the_sandboxs_capabilities_is_refused_with_their_names",
+        "dropping capabilities with setpriv",
+    ) {
+        return;
+    }
+    common::build_examples();
+    let dir = common::temp_dir("sandbox-caps");
+    let config = dir.join("spindle.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "functions:\n  - {{ name: a, module: {} }}\nchains:\n  - {{ name: c, route: /c, steps: [a] }}\n",
+            common::wasm("uppercase")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--inh-caps=-kill,-setuid",
+            "--bounding-set=-kill,-setuid",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_spindle"))
+        .args(["run", "--listen", "127.0.0.1:0"])
+        .arg(&config)
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started:\n{stderr}");
+    assert!(
+        stderr.contains("running as root without CAP_KILL, CAP_SETUID: the sandbox needs them"),
+        "{stderr}"
+    );
+}

@@ -323,7 +323,10 @@ pub fn create_uffd() -> Result<Uffd, LazyError> {
         .require_features(FeatureFlags::EVENT_REMOVE)
         .require_ioctls(IoctlFlags::REGISTER | IoctlFlags::UNREGISTER)
         .create()
-        .map_err(uffd_err("creating a userfaultfd"))
+        .map_err(uffd_err(
+            "creating a userfaultfd (faults from the kernel need CAP_SYS_PTRACE, or \
+             vm.unprivileged_userfaultfd=1, or read-write access to /dev/userfaultfd)",
+        ))
 }
 
 /// Registers `[base, base + len)` with `uffd` for missing-page faults.

@@ -13,8 +13,8 @@
 //! through kernel links ([`hook`]), so they vanish when the gateway exits, even by SIGKILL.
 //! Map layouts are defined once, in `src/bpf/ingress_maps.h`, mirrored in [`maps`].
 //!
-//! Needs CAP_BPF and CAP_NET_ADMIN (or root); TCX links need Linux 6.6+. This crate decides
-//! no policy (which ports, what rate): the gateway's configuration does.
+//! Needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or root); TCX links need Linux 6.6+. This
+//! crate decides no policy (which ports, what rate): the gateway's configuration does.
 
 mod fast_path;
 mod guard;
@@ -65,7 +65,7 @@ pub enum IngressError {
 
 fn privilege_hint(e: &libbpf_rs::Error) -> &'static str {
     if e.kind() == libbpf_rs::ErrorKind::PermissionDenied {
-        " (needs CAP_BPF and CAP_NET_ADMIN, or root)"
+        " (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, or root)"
     } else {
         ""
     }
@@ -73,7 +73,7 @@ fn privilege_hint(e: &libbpf_rs::Error) -> &'static str {
 
 fn os_privilege_hint(e: &std::io::Error) -> &'static str {
     if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
-        " (needs CAP_BPF and CAP_NET_ADMIN, or root)"
+        " (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, or root)"
     } else {
         ""
     }

@@ -7,7 +7,8 @@
 //!                              #   listen address)
 //!   cpu_budget: 80%            # 0%..=100%, default 80%: over it, scale-out goes to peers
 //!   memory_budget: 85%         # 0%..=100%, default 85%
-//!   peer_listen: 10.0.0.1:7070 # where this node's peer-control channel listens (optional:
+//!   peer_listen: 10.0.0.1:7070 # where this node's peer-control channel listens (0.0.0.0:P:
+//!                              #   every address; optional:
 //!                              #   without it, this node asks peers but never serves them)
 //!   cluster_key: cluster.key   # file with the shared key (>= 32 bytes), relative to this file;
 //!                              #   required with `peers` or `peer_listen`
@@ -151,9 +152,10 @@ impl Checker<'_> {
                 *slot = p;
             }
         }
+        // Where this node listens: 0.0.0.0 (every address) is fine, unlike a peer's address.
         spec.peer_listen = fields
             .get("peer_listen")
-            .and_then(|n| self.address(n, "peer_listen"));
+            .and_then(|n| self.listen_address(n, "peer_listen"));
         if let Some(n) = fields.get("cluster_key")
             && let Some(path) = self.string(n, "cluster_key")
         {
@@ -321,6 +323,36 @@ impl Checker<'_> {
             Ok(p) => Some(p),
             Err(e) => {
                 self.error(pos(node), format!("`{field}`: {e}"));
+                None
+            }
+        }
+    }
+
+    fn listen_address(&mut self, node: &MarkedYaml<'_>, field: &str) -> Option<SocketAddr> {
+        let hint = "an IP address and port such as 0.0.0.0:7070";
+        let YamlData::Value(Scalar::String(text)) = &untag(node).data else {
+            self.error(
+                pos(node),
+                format!("`{field}` must be {hint}, found {}", describe(node)),
+            );
+            return None;
+        };
+        match text.parse::<SocketAddr>() {
+            Ok(addr) if addr.port() == 0 => {
+                self.error(
+                    pos(node),
+                    format!("`{field}` {addr}: peers connect to its port, so it must not be 0"),
+                );
+                None
+            }
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(
+                    pos(node),
+                    format!(
+                        "invalid `{field}` address `{text}`: expected {hint} (host names are not resolved)"
+                    ),
+                );
                 None
             }
         }

@@ -1,5 +1,6 @@
 //! The `ingress:` section: the eBPF programs at the gateway's ingress (crate `xdp-bpf`).
-//! Off unless asked; every part needs CAP_BPF and CAP_NET_ADMIN (or root).
+//! Off unless asked; every part needs CAP_BPF, CAP_PERFMON (the verifier allows the guard's
+//! packet-pointer arithmetic only with it) and CAP_NET_ADMIN, or root.
 //!
 //! ```yaml
 //! ingress:
