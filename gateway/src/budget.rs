@@ -7,7 +7,10 @@
 //!   counted in user). It is the whole node's, not the gateway's: workers, zygotes and anything
 //!   else running there take the same cores.
 //! - **Memory utilization** is `1 - MemAvailable / MemTotal` from `/proc/meminfo`: what the
-//!   kernel could not hand out without swapping, page cache that can be dropped excluded.
+//!   kernel could not hand out without swapping, page cache that can be dropped excluded —
+//!   or, when the gateway's cgroup (v2) has a memory limit (a container's, a Kubernetes
+//!   pod's) and that is tighter, its working set over the limit (`memory.current -
+//!   inactive_file` over `memory.max`: what the OOM killer and the kubelet count).
 //! - The node is **over budget** while either utilization exceeds its budget; a resource is
 //!   back under only once [`HYSTERESIS`] (5 points) below it. A budget of 100% is therefore
 //!   never exceeded and 0% always is once the node did any work (tests use that to force
@@ -112,6 +115,48 @@ pub fn parse_meminfo(text: &str) -> Result<f64, &'static str> {
     Ok(1.0 - (available.min(total) as f64 / total as f64))
 }
 
+/// The working set of this process's cgroup (v2) over its memory limit, when it has one
+/// (a container's, e.g. a Kubernetes pod's limit): `(memory.current - inactive_file) /
+/// memory.max`, what the kernel's OOM killer and the kubelet count. `None` without a limit.
+pub fn cgroup_memory_utilization() -> Option<f64> {
+    let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let relative = membership.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mounts.lines().find_map(|l| {
+        let (fields, rest) = l.split_once(" - ")?;
+        (rest.split_whitespace().next()? == "cgroup2").then(|| fields.split_whitespace().nth(4))?
+    })?;
+    let dir = std::path::Path::new(mount).join(relative.trim_start_matches('/'));
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+    parse_cgroup_memory(
+        &read("memory.max")?,
+        &read("memory.current")?,
+        &read("memory.stat")?,
+    )
+}
+
+/// [`cgroup_memory_utilization`] from the three files' contents.
+pub fn parse_cgroup_memory(max: &str, current: &str, stat: &str) -> Option<f64> {
+    let max: u64 = max.trim().parse().ok().filter(|&m| m > 0)?; // "max": no limit
+    let current: u64 = current.trim().parse().ok()?;
+    let inactive_file: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("inactive_file "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Some((current.saturating_sub(inactive_file) as f64 / max as f64).min(1.0))
+}
+
+/// The memory utilization held against the budget: the node's, or the cgroup's against its
+/// limit when that is tighter (a pod is OOM-killed at its limit, whatever the node has free).
+fn memory_utilization_now() -> Result<f64, BudgetError> {
+    let node = parse_meminfo(&read("/proc/meminfo")?).map_err(|what| BudgetError::Malformed {
+        path: "/proc/meminfo",
+        what,
+    })?;
+    Ok(cgroup_memory_utilization().map_or(node, |c| c.max(node)))
+}
+
 fn read(path: &'static str) -> Result<String, BudgetError> {
     std::fs::read_to_string(path).map_err(|source| BudgetError::Read { path, source })
 }
@@ -184,11 +229,7 @@ impl Budget {
                 path: "/proc/stat",
                 what,
             })?;
-        let memory =
-            parse_meminfo(&read("/proc/meminfo")?).map_err(|what| BudgetError::Malformed {
-                path: "/proc/meminfo",
-                what,
-            })?;
+        let memory = memory_utilization_now()?;
         // Until the first window has passed, the utilization since boot stands in: a node
         // started busy is not taken for idle.
         let cpu = (since_boot.total > 0).then(|| since_boot.busy as f64 / since_boot.total as f64);
@@ -277,12 +318,8 @@ impl Budget {
                     None
                 }
             };
-            let memory = match read("/proc/meminfo").map(|t| parse_meminfo(&t)) {
-                Ok(Ok(m)) => Some(m),
-                Ok(Err(what)) => {
-                    tracing::warn!("/proc/meminfo: {what}");
-                    None
-                }
+            let memory = match memory_utilization_now() {
+                Ok(m) => Some(m),
                 Err(e) => {
                     tracing::warn!("{e}");
                     None
@@ -352,5 +389,26 @@ mod tests {
         let b = Budget::new(0.8, 0.85).unwrap();
         b.record(Some(0.5), Some(0.9));
         assert!(b.over(), "memory alone is enough");
+    }
+
+    #[test]
+    fn a_cgroup_limit_counts_its_working_set() {
+        let stat = "anon 100\ninactive_file 300\nactive_file 10\n";
+        assert_eq!(parse_cgroup_memory("1000\n", "800\n", stat), Some(0.5));
+        assert_eq!(
+            parse_cgroup_memory("max\n", "800\n", stat),
+            None,
+            "no limit"
+        );
+        assert_eq!(
+            parse_cgroup_memory("100\n", "800\n", ""),
+            Some(1.0),
+            "capped at 1"
+        );
+        assert_eq!(
+            parse_cgroup_memory("1000", "200", stat),
+            Some(0.0),
+            "cache is not counted"
+        );
     }
 }
