@@ -23,8 +23,9 @@
 # Environment (defaults in brackets): DURATION [10] and WARMUP [2], seconds per cell;
 # FIXED_RATE [10000] requests/s for the topologies' fixed-rate cells; LEGIT_RATE [1000]
 # requests/s of legitimate load during floods; FLOOD_PPS [0: as fast as possible];
-# CONNECTIONS [32]; PARTS [topology,guard,steering]; SKIP_BUILD=1 to use the binaries as
-# built. Needs root (namespaces, raw sockets, eBPF). One round takes about 7 minutes at the
+# CONNECTIONS [32]; PARTS [topology,guard,steering]; FLOODS [none,udp,syn,syn_spoofed]
+# (the guard part's; CPU per flood packet needs `none`); SKIP_BUILD=1 to use the binaries
+# as built; KEEP_WORK=1 keeps the raw cells. Needs root (namespaces, raw sockets, eBPF). One round takes about 7 minutes at the
 # defaults; run it on an otherwise idle machine (the report records the load average).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ out=${out%.json}
 int() { [[ ${!1} =~ ^[0-9]+$ ]] || die "$1 must be a whole number, not '${!1}'"; }
 DURATION=${DURATION:-10} WARMUP=${WARMUP:-2} FIXED_RATE=${FIXED_RATE:-10000}
 LEGIT_RATE=${LEGIT_RATE:-1000} FLOOD_PPS=${FLOOD_PPS:-0} CONNECTIONS=${CONNECTIONS:-32}
-PARTS=${PARTS:-topology,guard,steering}
+PARTS=${PARTS:-topology,guard,steering} FLOODS=${FLOODS:-none,udp,syn,syn_spoofed}
 for v in DURATION WARMUP FIXED_RATE LEGIT_RATE FLOOD_PPS CONNECTIONS; do int "$v"; done
 ((DURATION > 0)) || die "DURATION must be at least 1"
 ((FIXED_RATE > 0 && LEGIT_RATE > 0 && CONNECTIONS > 0)) ||
@@ -47,6 +48,10 @@ for v in DURATION WARMUP FIXED_RATE LEGIT_RATE FLOOD_PPS CONNECTIONS; do int "$v
 for part in ${PARTS//,/ }; do
   [[ $part =~ ^(topology|guard|steering)$ ]] ||
     die "PARTS: unknown part '$part' (topology, guard, steering)"
+done
+for f in ${FLOODS//,/ }; do
+  [[ $f =~ ^(none|udp|syn|syn_spoofed)$ ]] ||
+    die "FLOODS: unknown flood '$f' (none, udp, syn, syn_spoofed)"
 done
 [[ $(id -u) == 0 ]] || die "needs root: network namespaces, raw sockets and eBPF"
 for tool in ip curl python3; do
@@ -164,6 +169,7 @@ snap() { # DIR TAG: everything the report takes deltas of
   local d=$1 t=$2
   date +%s.%N >"$d/time.$t"
   cat /proc/stat >"$d/stat.$t"
+  cat /proc/net/softnet_stat >"$d/softnet.$t"
   ip netns exec "$NODE" cat /proc/net/snmp >"$d/node_snmp.$t"
   ip netns exec "$GW" cat /proc/net/snmp /proc/net/netstat >"$d/gw_snmp.$t"
   ip -n "$GW" -s -j link show >"$d/gw_links.$t"
@@ -265,7 +271,7 @@ for round in $(seq "$rounds"); do
     done
   fi
   if has guard; then
-    for flood_kind in none udp syn syn_spoofed; do
+    for flood_kind in ${FLOODS//,/ }; do
       cell "$round" guard off "" "$flood_kind" ""
       cell "$round" guard tc "" "$flood_kind" "$(head_guard tc)"
       cell "$round" guard xdp "" "$flood_kind" "$(head_guard xdp)"

@@ -44,6 +44,18 @@ def read_stat(path):
     }
 
 
+def read_softnet(path):
+    """/proc/net/softnet_stat summed over CPUs: packets processed, dropped (a full backlog)
+    and time squeezes (softirq out of budget with work left)."""
+    total = [0, 0, 0]
+    for line in path.read_text().split("\n"):
+        cols = line.split()
+        if len(cols) >= 3:
+            for i in range(3):
+                total[i] += int(cols[i], 16)
+    return dict(zip(("processed", "dropped", "time_squeeze"), total))
+
+
 def read_snmp(path):
     """/proc/net/snmp and /proc/net/netstat: {"Ip": {"ForwDatagrams": n, ...}, "TcpExt": ...}."""
     out = {}
@@ -210,6 +222,9 @@ def cell_record(d):
             "tx_packets": link_delta(cl0, cl1, "vcd", "tx", "packets"),
             "tx_dropped": link_delta(cl0, cl1, "vcd", "tx", "dropped"),
         }
+        if (d / "softnet.before").exists():
+            sn0, sn1 = read_softnet(d / "softnet.before"), read_softnet(d / "softnet.after")
+            rec["softnet"] = {k: sn1[k] - sn0[k] for k in sn0}
         fj = d / "flood.json"
         rec["flood_run"] = json.loads(fj.read_text()) if fj.exists() else None
     return rec
@@ -241,6 +256,15 @@ def add_flood_costs(records, syn_rate, syn_burst):
             continue
         r["flood_pps"] = fr["pps"]
         r["flood_packets"] = packets
+        # Packets the client's veth dropped on the way (its peer's queue full): the flood's
+        # and, sharing the queue, the legitimate load's.
+        veth_dropped = (r.get("client_veth") or {}).get("tx_dropped") or 0
+        r["veth_dropped_per_s"] = veth_dropped / fr["elapsed_s"]
+        if veth_dropped > 0.001 * packets:
+            checks.append(f"{where}: the client's veth dropped {veth_dropped} packets before "
+                          f"the gateway saw them ({packets} flood packets sent, "
+                          f"{fr.get('send_errors', 0)} refused to the sender): its peer's "
+                          "queue was full, and legitimate packets share that queue")
         base = none.get((r["round"], r["variant"]))
         if base:
             rate = base["cpu"]["busy_s"] / base["interval_s"]
@@ -464,7 +488,9 @@ def markdown(report):
             f"from the same namespace, at the gateway's veth) runs through warm-up and window. "
             "UDP: to a closed port (9) from the client's address; SYN, one source: to the "
             "service port from one spoofed address; SYN, spoofed /18: from a random address of "
-            "198.18.64.0/18 per packet. Guard: `ingress.guard` strict on the gateway's veth, "
+            "198.18.64.0/18 per packet. *Lost at the veth/s*: packets the client's veth "
+            "dropped because its peer's queue was full (`tx_dropped`), flood and legitimate "
+            "ones alike. Guard: `ingress.guard` strict on the gateway's veth, "
             "syn_rate 1000/s and burst 1000 per source (the defaults). *Refused/s*: the "
             "guard's drops, or with the guard off the stack's (UDP `NoPorts`; a SYN flood is "
             "answered with SYN cookies instead: *answered/s*, SYN cookies sent per second, whatever "
@@ -472,9 +498,10 @@ def markdown(report):
             "cell's busy CPU less the same guard's no-flood cell's (same round, as long), over "
             "the packets sent; it includes building and sending them.",
             "",
-            "| flood | guard | sent packets/s | refused/s | answered/s | CPU µs per flood packet | "
-            "legit requests/s | legit p50 µs | legit p99 µs | legit errors |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| flood | guard | sent packets/s | lost at the veth/s | refused/s | answered/s | "
+            "CPU µs per flood packet | legit requests/s | legit p50 µs | legit p99 µs | "
+            "legit errors |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for f in FLOOD_NAMES:
             for v in GUARD_NAMES:
@@ -482,6 +509,7 @@ def markdown(report):
                     lines.append(
                         f"| {FLOOD_NAMES[f]} | {GUARD_NAMES[v]} | "
                         f"{fmt(r.get('flood_pps'), thousands=True)} | "
+                        f"{fmt(r.get('veth_dropped_per_s'), thousands=True)} | "
                         f"{fmt(r.get('refused_per_s'), thousands=True)} | "
                         f"{fmt(r.get('answered_per_s'), thousands=True)} | "
                         f"{fmt(r.get('cpu_us_per_flood_packet'), 2)} | "
@@ -603,7 +631,7 @@ def main():
                           f"{r['wrong_bodies']} wrong response bodies")
     keys = ["rps", "intended_rps", "p50_us", "p99_us", "errors", "total_cpu_us_per_req",
             "system_cpu_us_per_req", "loadgen_cpu_us_per_req", "softirq_us_per_req",
-            "node_forwarded", "flood_pps", "refused_per_s", "answered_per_s",
+            "node_forwarded", "flood_pps", "veth_dropped_per_s", "refused_per_s", "answered_per_s",
             "cpu_us_per_flood_packet", "throttled_expected"]
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -16,7 +16,9 @@
 //! It always stops by itself: after `--duration` (default 10 s) or `--count` packets,
 //! whichever comes first. `--pps 0` (default) sends as fast as it can; otherwise packet n
 //! is due at start + n / pps. At the end it prints one JSON object: packets sent, achieved
-//! packets/s, send errors by kind and its own CPU time (tick-based accounting, so softirq
+//! packets/s, send errors by kind (ENOBUFS: the device dropped it, e.g. a veth whose peer's
+//! queue is full; `IP_RECVERR` is set so that such drops are not reported as sent) and its
+//! own CPU time (tick-based accounting, so softirq
 //! work done on its CPU during its system calls, such as a veth peer's receive path, is
 //! charged to it too).
 //!
@@ -476,7 +478,27 @@ fn raw_socket() -> Result<OwnedFd, String> {
         return Err(format!("opening a raw IPv4 socket: {e}{hint}"));
     }
     // SAFETY: a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Without IP_RECVERR a raw socket reports a packet the device dropped (ENOBUFS: a full
+    // queue, such as a veth peer's XDP ring) as sent.
+    let on: libc::c_int = 1;
+    // SAFETY: a plain setsockopt with a pointer to an int that outlives the call and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_RECVERR,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "setting IP_RECVERR: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(socket)
 }
 
 fn errno_name(code: i32) -> String {
@@ -601,6 +623,9 @@ fn run(args: &Args) -> Result<Outcome, String> {
                 Kind::Udp => packet::udp(buf, &fields),
             }
         }
+        // sendmmsg stops at a message the kernel refuses and returns how many went before it
+        // (that message's error is lost): the next call starts with it, so a refused packet
+        // gets a second try and counts as an error when that fails too.
         let mut first = 0usize;
         while first < n {
             // SAFETY: headers[first..n] are initialised mmsghdrs whose name and iovec point
