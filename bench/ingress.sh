@@ -8,7 +8,8 @@
 #      saturation (closed loop), with the node's ForwDatagrams and the fast path's
 #      `redirected` counter over the run;
 #   2. guard cost: no flood, a UDP flood, a SYN flood from one source and a SYN flood from a
-#      spoofed /18, all from the client namespace at the gateway's veth (bench/spindle-flood),
+#      spoofed /18, all from the client namespace at the gateway's veth (spindle-flood,
+#      bench/src/bin/spindle-flood.rs),
 #      with the guard off, on TC ingress and on native XDP (strict), while `spindle bench`
 #      sends legitimate requests at a modest fixed rate: floods/s refused, whole-system CPU
 #      per flood packet, legitimate p50/p99 with and without the flood, and the guard's
@@ -25,8 +26,10 @@
 # requests/s of legitimate load during floods; FLOOD_PPS [0: as fast as possible];
 # CONNECTIONS [32]; PARTS [topology,guard,steering]; FLOODS [none,udp,syn,syn_spoofed]
 # (the guard part's; CPU per flood packet needs `none`); SKIP_BUILD=1 to use the binaries
-# as built; KEEP_WORK=1 keeps the raw cells. Needs root (namespaces, raw sockets, eBPF). One round takes about 7 minutes at the
-# defaults; run it on an otherwise idle machine (the report records the load average).
+# as built; KEEP_WORK=1 keeps the raw cells. Needs root (namespaces, raw sockets, eBPF).
+# One round takes about 6 minutes at the defaults. Run it on an otherwise idle machine: the
+# report records the load average and the machine's busy time with nothing of its running,
+# and warns when that was over a quarter of the cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -129,9 +132,8 @@ ip netns exec "$CLI" ping -q -c 1 -W 2 "$gw_routed" >/dev/null
 
 # --- configs: configs/hello.yaml's chain, modules by absolute path, plus the cell's head ----
 config() { # FILE HEAD
-  { printf '%s\n' "$2"; sed -e '/^listen:/d' -e "s|module: \.\./|module: $repo/|" configs/hello.yaml; } >"$1"
+  { printf '%s\n' "$2"; sed -e '/^listen:/d' -e '/^#/d' -e "s|module: \.\./|module: $repo/|" configs/hello.yaml; } >"$1"
 }
-mkdir -p "$work/configs"
 head_fast="ingress:
   fast_path:
     interfaces: [vnc, vng]
@@ -199,7 +201,7 @@ cell() { # ROUND PART VARIANT LOAD FLOOD HEAD
     printf 'status=failed\nreason=%s\n' \
       "gateway did not become ready: $(grep -m1 -iE 'error|refus' "$d/gateway.log" || tail -1 "$d/gateway.log")" >>"$d/meta"
     failures=$((failures + 1))
-    echo "FAILED (gateway did not start; $d/gateway.log)"
+    echo "FAILED: $(sed -n 's/^reason=//p' "$d/meta")"
     return 0
   fi
   local ok=1
@@ -249,15 +251,17 @@ cell() { # ROUND PART VARIANT LOAD FLOOD HEAD
   else
     printf 'status=failed\nreason=%s\n' "$(tail -3 "$d/bench.out" "$d/flood.err" 2>/dev/null | tr '\n' ' ')" >>"$d/meta"
     failures=$((failures + 1))
-    echo "FAILED ($d)"
+    echo "FAILED: $(sed -n 's/^reason=//p' "$d/meta")"
   fi
 }
 
 has() { [[ ,$PARTS, == *,$1,* ]]; }
 idle() { # NAME: the machine's busy CPU over 3 s with nothing of ours running
+  date +%s.%N >"$work/idle-$1.time.before"
   cat /proc/stat >"$work/idle-$1.before"
   sleep 3
   cat /proc/stat >"$work/idle-$1.after"
+  date +%s.%N >"$work/idle-$1.time.after"
 }
 uptime >"$work/load.before"
 idle before

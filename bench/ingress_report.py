@@ -169,6 +169,9 @@ def cell_record(d):
         "flood": meta.get("flood") or None,
         "status": meta.get("status", "failed"),
         "reason": meta.get("reason"),
+        # The cell's config up to configs/hello.yaml's chain (which follows unchanged).
+        "config_head": (d / "config.yaml").read_text().split("functions:")[0].strip()
+        if (d / "config.yaml").exists() else None,
         "gateway_log_tail": (d / "gateway.log").read_text(errors="replace").splitlines()[-3:]
         if (d / "gateway.log").exists() else [],
     }
@@ -559,6 +562,8 @@ def markdown(report):
     lines += ["## Checks", ""]
     if report["checks"]:
         lines += [f"- {c}" for c in report["checks"]]
+    elif not [r for r in report["cells"] if r["part"] == "guard" and r["status"] == "ok"]:
+        lines.append("- No guard cell was measured: nothing to check.")
     else:
         lines.append("- Every guard counter matched the packets sent (UDP: `drop:port` = "
                      "packets sent; SYN: `drop:throttled` = sent − burst − rate × time, within "
@@ -588,7 +593,8 @@ def machine(args, work):
         b, a = work / f"idle-{name}.before", work / f"idle-{name}.after"
         if not (b.exists() and a.exists()):
             return None
-        seconds = 3.0  # bench/ingress.sh's idle()
+        seconds = float((work / f"idle-{name}.time.after").read_text()) - \
+            float((work / f"idle-{name}.time.before").read_text())
         return (read_stat(a)["busy_s"] - read_stat(b)["busy_s"]) / seconds
 
     return {
