@@ -82,6 +82,7 @@ impl Ingress {
                     },
                     syn_per_second: g.syn_rate,
                     syn_burst: g.syn_burst,
+                    syn_total: g.syn_all,
                     sources: g.sources,
                     tcp_ports,
                     udp_ports: g.allow_udp.clone(),
@@ -218,7 +219,7 @@ impl Ingress {
                     "spindle_ingress_guard_packets_total",
                     "Packets the ingress guard saw, by verdict and reason: pass (service, \
                      reply, control, udp_allowed, unguarded) or drop (port, throttled, \
-                     fragment, malformed, protocol); counted per CPU in the kernel",
+                     fragment, malformed, protocol, throttled_all); counted per CPU in the kernel",
                     MetricType::COUNTER,
                     samples,
                 ));

@@ -37,6 +37,8 @@ pub struct GuardSettings {
     pub syn_per_second: u32,
     /// New connections a source may open at once.
     pub syn_burst: u32,
+    /// New connections per second and at once of all sources together, if limited.
+    pub syn_total: Option<(u32, u32)>,
     /// Sources tracked at once (an LRU: the least recent is forgotten first).
     pub sources: u32,
     /// TCP ports new connections may reach: the service ports.
@@ -77,6 +79,18 @@ impl GuardSettings {
             )));
         }
         let interval = 1_000_000_000 / u64::from(self.syn_per_second);
+        let (total_interval, total_tolerance) = match self.syn_total {
+            None => (0, 0),
+            Some((0, _)) | Some((_, 0)) => {
+                return Err(IngressError::Invalid(
+                    "the new-connection rate and burst of all sources must be at least 1".into(),
+                ));
+            }
+            Some((rate, burst)) => {
+                let interval = 1_000_000_000 / u64::from(rate);
+                (interval, interval * u64::from(burst - 1))
+            }
+        };
         Ok(GuardConfig {
             mode: match self.mode {
                 GuardMode::Strict => maps::GUARD_STRICT,
@@ -84,6 +98,8 @@ impl GuardSettings {
             },
             syn_interval_ns: interval,
             syn_tolerance_ns: interval * u64::from(self.syn_burst - 1),
+            total_interval_ns: total_interval,
+            total_tolerance_ns: total_tolerance,
             ephemeral_low: self.ephemeral.0,
             ephemeral_high: self.ephemeral.1,
             tcp_ports: ports(&self.tcp_ports, "TCP")?,

@@ -20,6 +20,8 @@ pub struct GuardConfig {
     pub pad: u32,
     pub syn_interval_ns: u64,
     pub syn_tolerance_ns: u64,
+    pub total_interval_ns: u64,
+    pub total_tolerance_ns: u64,
     pub ephemeral_low: u16,
     pub ephemeral_high: u16,
     pub tcp_ports: [u16; GUARD_MAX_PORTS],
@@ -60,7 +62,7 @@ unsafe impl Pod for SteerConfig {}
 
 /// The guard's counters, in the order of `enum spindle_guard_counter`: (C name, verdict,
 /// reason) — the metric labels.
-pub const GUARD_COUNTERS: [(&str, &str, &str); 10] = [
+pub const GUARD_COUNTERS: [(&str, &str, &str); 11] = [
     ("SPINDLE_GUARD_PASS_SERVICE", "pass", "service"),
     ("SPINDLE_GUARD_PASS_REPLY", "pass", "reply"),
     ("SPINDLE_GUARD_PASS_CONTROL", "pass", "control"),
@@ -71,6 +73,7 @@ pub const GUARD_COUNTERS: [(&str, &str, &str); 10] = [
     ("SPINDLE_GUARD_DROP_FRAGMENT", "drop", "fragment"),
     ("SPINDLE_GUARD_DROP_MALFORMED", "drop", "malformed"),
     ("SPINDLE_GUARD_DROP_PROTOCOL", "drop", "protocol"),
+    ("SPINDLE_GUARD_DROP_THROTTLED_ALL", "drop", "throttled_all"),
 ];
 
 /// The fast path's counters, in the order of `enum spindle_fast_path_counter`: (C name,
@@ -130,6 +133,16 @@ mod tests {
             (
                 "syn_tolerance_ns",
                 offset_of!(GuardConfig, syn_tolerance_ns),
+                8,
+            ),
+            (
+                "total_interval_ns",
+                offset_of!(GuardConfig, total_interval_ns),
+                8,
+            ),
+            (
+                "total_tolerance_ns",
+                offset_of!(GuardConfig, total_tolerance_ns),
                 8,
             ),
             ("ephemeral_low", offset_of!(GuardConfig, ephemeral_low), 2),

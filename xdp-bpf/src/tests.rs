@@ -98,6 +98,7 @@ fn settings(mode: GuardMode) -> GuardSettings {
         // A slow rate: the burst runs out within a test, and nothing refills meanwhile.
         syn_per_second: 1,
         syn_burst: 3,
+        syn_total: None,
         sources: 1024,
         tcp_ports: vec![8080, 7070],
         udp_ports: vec![5353],
@@ -429,6 +430,41 @@ fn rate_only_guard_throttles_new_connections_and_drops_nothing_else() {
             ),
         ],
     );
+}
+
+/// A limit over all sources holds a flood spread over many addresses, each of which stays
+/// under its own rate.
+#[test]
+fn a_limit_over_all_sources_holds_a_spread_flood() {
+    if !root("a_limit_over_all_sources_holds_a_spread_flood") {
+        return;
+    }
+    let guard = Guard::load(&GuardSettings {
+        syn_total: Some((1, 4)),
+        ..settings(GuardMode::Strict)
+    })
+    .unwrap();
+    let mut verdicts = Vec::new();
+    for host in 1..=10u8 {
+        let syn = ipv4(Ipv4Addr::new(198, 51, 100, host), TCP, &tcp(1, 8080, SYN));
+        verdicts.push(guard.decide(&syn, Hook::TcIngress).unwrap());
+    }
+    // Each source's first SYN is within its own burst; all together get 4.
+    let passed = verdicts.iter().filter(|v| **v == Verdict::Pass).count();
+    assert_eq!(passed, 4, "{verdicts:?}");
+    let counted = guard.counters().unwrap();
+    assert_eq!(
+        (counted.get("service"), counted.get("throttled_all")),
+        (4, 6)
+    );
+    assert_eq!(
+        counted.get("throttled"),
+        0,
+        "no source was over its own rate"
+    );
+    // Established traffic is not held by it.
+    let ack = ipv4(Ipv4Addr::new(198, 51, 100, 9), TCP, &tcp(1, 8080, ACK));
+    assert_eq!(guard.decide(&ack, Hook::TcIngress).unwrap(), Verdict::Pass);
 }
 
 /// The bucket refills at its rate, and the table names the sources it throttled.

@@ -7,7 +7,10 @@
 //!   guard:                       # drop what the node does not serve, throttle new connections
 //!     interface: eth0            # required: where the gateway's clients arrive
 //!     hook: tc                   # tc (default): TC ingress, TCX link | xdp: native XDP only
-//!                                #   (refused on lo and on devices without it)
+//!                                #   (refused on lo and on devices without it); on a veth
+//!                                #   XDP sends all the guard passes through the veth's XDP
+//!                                #   ring, which a flood overflowed (legitimate p99 0.3-0.75
+//!                                #   s vs 2 ms with tc, docs/benchmarks.md): xdp is for NICs
 //!     mode: auto                 # auto (default): rate_only on lo, strict elsewhere;
 //!                                # strict: only TCP to the service ports, answers to this
 //!                                #   node's own connections (TCP, DNS), ARP, ICMP, DHCP pass;
@@ -16,6 +19,13 @@
 //!                                #   default 1000
 //!     syn_burst: 1000            # new connections a source may open at once, 1..=10000000,
 //!                                #   default syn_rate
+//!     syn_rate_all: 20000        # optional: new connections per second of all sources
+//!                                #   together, 1..=10000000 (default: no such limit); a
+//!                                #   flood from spoofed sources stays under every source's
+//!                                #   own rate, only this holds it (legitimate new
+//!                                #   connections are held with it; SYN cookies keep the
+//!                                #   kernel safe either way)
+//!     syn_burst_all: 20000       # at once, default syn_rate_all
 //!     sources: 65536             # sources tracked (LRU), 1..=4194304, default 65536
 //!     allow_tcp: [9100]          # more service ports; the listen port and node.peer_listen's
 //!                                #   are always allowed (16 TCP ports in all)
@@ -53,6 +63,8 @@ pub const GUARD_KEYS: &[&str] = &[
     "mode",
     "syn_rate",
     "syn_burst",
+    "syn_rate_all",
+    "syn_burst_all",
     "sources",
     "allow_tcp",
     "allow_udp",
@@ -95,6 +107,8 @@ pub struct GuardSpec {
     pub mode: GuardMode,
     pub syn_rate: u32,
     pub syn_burst: u32,
+    /// All sources together: (rate, burst), if limited.
+    pub syn_all: Option<(u32, u32)>,
     pub sources: u32,
     pub allow_tcp: Vec<u16>,
     pub allow_udp: Vec<u16>,
@@ -266,6 +280,24 @@ impl Checker<'_> {
         let syn_rate = int(self, "syn_rate", MAX_SYN_RATE, DEFAULT_SYN_RATE);
         let syn_burst = int(self, "syn_burst", MAX_SYN_RATE, syn_rate);
         let sources = int(self, "sources", MAX_SOURCES, DEFAULT_SOURCES);
+        let syn_all = match (fields.get("syn_rate_all"), fields.get("syn_burst_all")) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                let at = fields
+                    .field("syn_burst_all")
+                    .map(|f| f.key_at)
+                    .unwrap_or(fields.at);
+                self.error(at, "`syn_burst_all` needs `syn_rate_all`");
+                None
+            }
+            (Some(_), _) => {
+                let rate = int(self, "syn_rate_all", MAX_SYN_RATE, DEFAULT_SYN_RATE);
+                Some((
+                    rate as u32,
+                    int(self, "syn_burst_all", MAX_SYN_RATE, rate) as u32,
+                ))
+            }
+        };
         // The gateway's listen port and its peer port take two of the TCP entries.
         let allow_tcp = fields
             .get("allow_tcp")
@@ -281,6 +313,7 @@ impl Checker<'_> {
             mode,
             syn_rate: syn_rate as u32,
             syn_burst: syn_burst as u32,
+            syn_all,
             sources: sources as u32,
             allow_tcp,
             allow_udp,

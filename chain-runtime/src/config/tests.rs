@@ -1602,7 +1602,7 @@ fn ingress_is_off_by_default_and_each_part_is_read() {
     let mut lines = vec![
         "http: { shards: 2 }",
         "ingress:",
-        "  guard: { interface: eth0, hook: xdp, syn_rate: 50, allow_tcp: [9100, 9200], allow_udp: [5353] }",
+        "  guard: { interface: eth0, hook: xdp, syn_rate: 50, syn_rate_all: 900, allow_tcp: [9100, 9200], allow_udp: [5353] }",
         "  steering: source_hash",
         "  fast_path: { interfaces: [veth-a, veth-b], netns: /run/netns/node }",
     ];
@@ -1618,6 +1618,7 @@ fn ingress_is_off_by_default_and_each_part_is_read() {
             syn_rate: 50,
             // The burst defaults to a second's worth.
             syn_burst: 50,
+            syn_all: Some((900, 900)),
             sources: 65_536,
             allow_tcp: vec![9100, 9200],
             allow_udp: vec![5353],
@@ -1720,6 +1721,16 @@ fn ingress_mistakes_are_reported_where_they_are() {
             "ingress: { guard: { interface: eth0, allow_udp: 53 } }",
             (1, 49),
             "must be a list of ports",
+        ),
+        (
+            "ingress: { guard: { interface: eth0, syn_burst_all: 5 } }",
+            (1, 38),
+            "`syn_burst_all` needs `syn_rate_all`",
+        ),
+        (
+            "ingress: { guard: { interface: eth0, syn_rate_all: 0 } }",
+            (1, 52),
+            "`ingress.guard.syn_rate_all` must be between 1",
         ),
         (
             "ingress: { gaurd: { interface: eth0 } }",

@@ -39,6 +39,14 @@ struct {
 	__type(value, struct spindle_bucket);
 } guard_sources SEC(".maps");
 
+/* All sources' bucket: its GCRA timestamp, for guard_config.total_*. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} guard_total SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, SPINDLE_GUARD_COUNTERS);
@@ -66,7 +74,27 @@ static __always_inline int ephemeral(const struct spindle_guard_config *cfg, __u
 	return port >= cfg->ephemeral_low && port <= cfg->ephemeral_high;
 }
 
-/* A new connection from `src`: within its rate, or throttled. */
+/* A new connection its source's bucket admitted: within the rate of all sources too? */
+static __always_inline int admit_total(const struct spindle_guard_config *cfg, __u64 now)
+{
+	if (cfg->total_interval_ns == 0)
+		return SPINDLE_GUARD_PASS_SERVICE;
+	__u32 zero = 0;
+	__u64 *tat = bpf_map_lookup_elem(&guard_total, &zero);
+	if (!tat)
+		return SPINDLE_GUARD_PASS_SERVICE;
+	__u64 old = *tat;
+	__u64 from = old > now ? old : now;
+	if (from - now > cfg->total_tolerance_ns)
+		return SPINDLE_GUARD_DROP_THROTTLED_ALL;
+	/* Every CPU updates the one bucket: a compare-and-swap, so two admissions are never
+	 * counted as one. Losing the race admits this one without charging it (at most one
+	 * per racing CPU), rather than retrying in a loop. */
+	__sync_val_compare_and_swap(tat, old, from + cfg->total_interval_ns);
+	return SPINDLE_GUARD_PASS_SERVICE;
+}
+
+/* A new connection from `src`: within its rate and all sources', or throttled. */
 static __always_inline int admit_syn(const struct spindle_guard_config *cfg,
 				     const struct spindle_source *src)
 {
@@ -79,7 +107,7 @@ static __always_inline int admit_syn(const struct spindle_guard_config *cfg,
 		};
 		/* A full LRU evicts its least recent source: a flood of sources cannot grow it. */
 		bpf_map_update_elem(&guard_sources, src, &fresh, BPF_ANY);
-		return SPINDLE_GUARD_PASS_SERVICE;
+		return admit_total(cfg, now);
 	}
 	__u64 tat = b->tat_ns > now ? b->tat_ns : now;
 	if (tat - now > cfg->syn_tolerance_ns) {
@@ -90,7 +118,7 @@ static __always_inline int admit_syn(const struct spindle_guard_config *cfg,
 	 * CPU per race, which a lock would cost every SYN to prevent. */
 	b->tat_ns = tat + cfg->syn_interval_ns;
 	__sync_fetch_and_add(&b->admitted, 1);
-	return SPINDLE_GUARD_PASS_SERVICE;
+	return admit_total(cfg, now);
 }
 
 static __always_inline int tcp_verdict(const struct spindle_guard_config *cfg,

@@ -29,6 +29,10 @@ struct spindle_guard_config {
 	 * bucket's whole state is one timestamp). */
 	__u64 syn_interval_ns;
 	__u64 syn_tolerance_ns;
+	/* The same for all sources together (0: no such limit): spoofed sources each stay
+	 * under their own rate, so only a limit over all of them holds a spread flood. */
+	__u64 total_interval_ns;
+	__u64 total_tolerance_ns;
 	/* Where replies to this host's own connections arrive (net.ipv4.ip_local_port_range). */
 	__u16 ephemeral_low;
 	__u16 ephemeral_high;
@@ -62,6 +66,7 @@ enum spindle_guard_counter {
 	SPINDLE_GUARD_DROP_FRAGMENT,     /* IP fragments: no service here is reached by them */
 	SPINDLE_GUARD_DROP_MALFORMED,    /* headers cut short or inconsistent */
 	SPINDLE_GUARD_DROP_PROTOCOL,     /* another IP protocol or link-layer type */
+	SPINDLE_GUARD_DROP_THROTTLED_ALL, /* a new connection over the rate of all sources */
 	SPINDLE_GUARD_COUNTERS,
 };
 
