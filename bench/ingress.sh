@@ -10,12 +10,13 @@
 #   2. guard cost: no flood, a UDP flood, a SYN flood from one source and a SYN flood from a
 #      spoofed /18, all from the client namespace at the gateway's veth (spindle-flood,
 #      bench/src/bin/spindle-flood.rs),
-#      with the guard off, on TC ingress and on native XDP (strict), while `spindle bench`
+#      with the guard off, on TC ingress, on native XDP (strict) and on TC with a limit over
+#      all sources (syn_rate_all), while `spindle bench`
 #      sends legitimate requests at a modest fixed rate: floods/s refused, whole-system CPU
 #      per flood packet, legitimate p50/p99 with and without the flood, and the guard's
 #      counters checked against the packets sent;
-#   3. steering: http.shards: 2 on loopback at saturation with ingress.steering reuseport,
-#      incoming_cpu, cpu and source_hash.
+#   3. steering: one shard (the default), and http.shards: 2 on loopback at saturation with
+#      ingress.steering reuseport, incoming_cpu, cpu and source_hash.
 # Every cell is a fresh `spindle run` in the gateway namespace. Writes OUT.json (every cell
 # of every round, and the summary) and OUT.md (the tables).
 #
@@ -139,6 +140,10 @@ head_fast="ingress:
     interfaces: [vnc, vng]
     netns: /run/netns/$NODE"
 head_guard() { printf 'ingress:\n  guard:\n    interface: vgd\n    hook: %s\n    mode: strict\n' "$1"; }
+# The same, with a limit over all sources' new connections too (what holds a spoofed flood).
+head_guard_all="$(head_guard tc)
+    syn_rate_all: 2000
+    syn_burst_all: 2000"
 head_steer() { printf 'http: { shards: 2 }\ningress:\n  steering: %s\n' "$1"; }
 
 # --- one cell -------------------------------------------------------------------------------
@@ -209,7 +214,7 @@ cell() { # ROUND PART VARIANT LOAD FLOOD HEAD
     topology | steering)
       local ns=$CLI url
       case $variant in
-        loopback | reuseport | incoming_cpu | cpu | source_hash) ns=$GW url=http://127.0.0.1:$port/hello ;;
+        loopback | one_shard | reuseport | incoming_cpu | cpu | source_hash) ns=$GW url=http://127.0.0.1:$port/hello ;;
         direct) url=http://$gw_direct:$port/hello ;;
         routed | routed_fast) url=http://$gw_routed:$port/hello ;;
       esac
@@ -279,9 +284,12 @@ for round in $(seq "$rounds"); do
       cell "$round" guard off "" "$flood_kind" ""
       cell "$round" guard tc "" "$flood_kind" "$(head_guard tc)"
       cell "$round" guard xdp "" "$flood_kind" "$(head_guard xdp)"
+      cell "$round" guard tc_all "" "$flood_kind" "$head_guard_all"
     done
   fi
   if has steering; then
+    # One shard (the default) against two under each steering mode.
+    cell "$round" steering one_shard saturation "" ""
     for mode in reuseport incoming_cpu cpu source_hash; do
       cell "$round" steering "$mode" saturation "" "$(head_steer "$mode")"
     done

@@ -371,7 +371,8 @@ TOPOLOGY_NAMES = {
     "routed": "routed (node forwards)",
     "routed_fast": "routed + fast path",
 }
-GUARD_NAMES = {"off": "off", "tc": "strict, TC", "xdp": "strict, XDP"}
+GUARD_NAMES = {"off": "off", "tc": "strict, TC", "xdp": "strict, XDP",
+               "tc_all": "strict, TC, syn_rate_all 2000/s"}
 FLOOD_NAMES = {
     "none": "no flood",
     "udp": "UDP, closed port",
@@ -527,7 +528,7 @@ def markdown(report):
             "|---|---|---|",
         ]
         for f in FLOOD_NAMES:
-            for v in ("tc", "xdp"):
+            for v in ("tc", "xdp", "tc_all"):
                 for r in find("guard", variant=v, flood=f):
                     g = r.get("guard") or {}
                     text = ", ".join(f"{k} {fmt(s, thousands=True)}" for k, s in sorted(g.items())
@@ -540,7 +541,8 @@ def markdown(report):
         lines += [
             "## Steering across two front shards",
             "",
-            f"`http: {{ shards: 2 }}` with `ingress.steering`, loopback, closed loop, "
+            f"One shard (the default: `one_shard`), and `http: {{ shards: 2 }}` with "
+            f"`ingress.steering`, loopback, closed loop, "
             f"{o['connections']} connections (all from 127.0.0.1). *Per shard*: new connections "
             "the SK_REUSEPORT program counted on each (only the `cpu` and `source_hash` modes "
             "run one).",
@@ -549,7 +551,7 @@ def markdown(report):
             "per shard |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]
-        for v in ("reuseport", "incoming_cpu", "cpu", "source_hash"):
+        for v in ("one_shard", "reuseport", "incoming_cpu", "cpu", "source_hash"):
             for r in find("steering", variant=v):
                 st = r.get("steered") or {}
                 per = ", ".join(f"{k}: {fmt(s, 0)}" for k, s in sorted(st.items())) or "—"
