@@ -1652,6 +1652,8 @@ mod tests {
             start: crate::config::StartMode::Exec,
             isolation: crate::config::Isolation::Reuse,
             idle_spin: std::time::Duration::ZERO,
+            args: Vec::new(),
+            files: Vec::new(),
         }
     }
 

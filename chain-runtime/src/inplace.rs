@@ -386,6 +386,8 @@ mod tests {
             start: StartMode::Exec,
             isolation,
             idle_spin: Duration::ZERO,
+            args: Vec::new(),
+            files: Vec::new(),
         };
         FunctionHost::new(&spec, None).unwrap()
     }

@@ -50,6 +50,20 @@ pub fn check(text: &str) -> bool {
     match Config::parse(text, source) {
         Ok(config) => {
             assert!(!config.functions.is_empty() && !config.chains.is_empty());
+            for f in &config.functions {
+                // An accepted function's argv and preopens are what a worker can hand over.
+                assert!(f.args.len() <= crate::config::MAX_ARGS);
+                assert!(f.args.iter().all(|a| !a.contains('\0')));
+                assert!(f.files.len() <= crate::config::MAX_FILES);
+                for d in &f.files {
+                    assert!(
+                        d.guest.starts_with('/') && !d.guest.contains("/../"),
+                        "{d:?}"
+                    );
+                    assert!(d.guest == "/" || !d.guest.ends_with('/'), "{d:?}");
+                    assert!(d.host.is_dir(), "{d:?}");
+                }
+            }
             let plan = Plan::new(&config);
             assert_eq!(plan.chains.len(), config.chains.len());
             let mut ids = std::collections::HashSet::new();

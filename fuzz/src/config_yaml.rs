@@ -109,6 +109,13 @@ const SCALARS: &[&str] = &[
     "*anchor",
 ];
 
+/// Guest paths of `files:`, in and out of normal form.
+const GUEST_PATHS: &[&str] = &[
+    "/", "/data", "/a/b", "data", "/a/../b", "/a//b", "/x/", "/.",
+];
+/// Host directories of `files:`: the system's, relative ones that may not exist, a file.
+const HOST_DIRS: &[&str] = &["/", "/tmp", ".", "..", "data", "missing", "/etc/hostname"];
+
 /// A YAML node to write.
 enum Node {
     Scalar(String, bool),
@@ -192,6 +199,10 @@ fn value(u: &mut Unstructured<'_>, section: &str, key: &str) -> Result<Node> {
         ("function", "instances") if u.arbitrary()? => map(u, "instances", INSTANCES)?,
         ("function", "env") => Node::Map(list(u, |u| {
             Ok((pick(u, &["A", "B", "PATH", "1"])?, scalar(u, SCALARS)?))
+        })?),
+        ("function", "args") => Node::Seq(list(u, |u| scalar(u, SCALARS))?),
+        ("function", "files") => Node::Map(list(u, |u| {
+            Ok((pick(u, GUEST_PATHS)?, scalar(u, HOST_DIRS)?))
         })?),
         ("chain", "steps" | "functions") => Node::Seq(list(u, |u| scalar(u, NAMES))?),
         ("chain", "arena") => map(u, "arena", ARENA)?,

@@ -10,7 +10,7 @@ use super::units::{GIB, KIB, MIB};
 use super::yaml::{Pos, describe, looks_like_integer, pos, untag};
 use super::{
     Autoscale, Checker, DEFAULT_IDLE_SPIN, FunctionSpec, Instances, Isolation, ModuleMode,
-    StartMode, label,
+    PreopenDir, StartMode, label,
 };
 
 const WASM_PAGE: u64 = 64 * KIB;
@@ -58,7 +58,18 @@ pub const FUNCTION_KEYS: &[&str] = &[
     "start",
     "isolation",
     "idle_spin_us",
+    "args",
+    "files",
 ];
+/// `args:` entries at most, each at most [`MAX_ARG_BYTES`], all of argv together (the
+/// function's name included, each with its NUL) at most [`MAX_ARGV_BYTES`].
+pub const MAX_ARGS: usize = 256;
+pub const MAX_ARG_BYTES: usize = 4096;
+pub const MAX_ARGV_BYTES: usize = 64 * 1024;
+/// `files:` entries at most (each is an fd a worker is handed: `proto::worker::MAX_PREOPENS`).
+pub const MAX_FILES: usize = 16;
+/// Longest guest path of a `files:` entry.
+pub const MAX_GUEST_PATH: usize = 1024;
 /// Past this an idle instance would burn a core between requests; blocking costs ~10 µs.
 const MAX_IDLE_SPIN_US: i64 = 1000;
 
@@ -72,10 +83,12 @@ impl Checker<'_> {
         let name = self.name_field(&fields, "function", names);
         let what = label("function", &name);
 
-        let module = self
-            .required(&fields, "module", &what)
-            .and_then(|n| self.module(n))
-            .unwrap_or_default();
+        let module_node = self.required(&fields, "module", &what);
+        let errors_before = self.errors.len();
+        let module = module_node.and_then(|n| self.module(n));
+        // Only a module file that exists is worth a deeper look (`Config::load_checking`).
+        let module_found = module.is_some() && self.errors.len() == errors_before;
+        let module = module.unwrap_or_default();
         let instances = fields
             .get("instances")
             .and_then(|n| self.instances(n))
@@ -115,8 +128,16 @@ impl Checker<'_> {
             .get("idle_spin_us")
             .and_then(|n| self.int_in(n, "idle_spin_us", 0, MAX_IDLE_SPIN_US))
             .map_or(DEFAULT_IDLE_SPIN, |us| Duration::from_micros(us as u64));
+        let args = fields
+            .get("args")
+            .map(|n| self.args(n, &name))
+            .unwrap_or_default();
+        let files = fields
+            .get("files")
+            .map(|n| self.files(n))
+            .unwrap_or_default();
 
-        Some(FunctionSpec {
+        let spec = FunctionSpec {
             name,
             module,
             instances,
@@ -129,7 +150,174 @@ impl Checker<'_> {
             start,
             isolation,
             idle_spin,
-        })
+            args,
+            files,
+        };
+        if module_found
+            && let Some(at) = module_node.map(pos)
+            && let Some(check) = self.check_module.take()
+        {
+            let problems = check(&spec);
+            self.check_module = Some(check);
+            for problem in problems {
+                self.error(at, format!("{what}: {problem}"));
+            }
+        }
+        Some(spec)
+    }
+
+    /// `args: [..]`: strings, argv[1..] (argv[0] is the function's name).
+    fn args(&mut self, node: &MarkedYaml<'_>, name: &str) -> Vec<String> {
+        let YamlData::Sequence(items) = &untag(node).data else {
+            self.error(
+                pos(node),
+                format!("`args` must be a list of strings, found {}", describe(node)),
+            );
+            return Vec::new();
+        };
+        if items.len() > MAX_ARGS {
+            self.error(
+                pos(node),
+                format!("{} arguments; at most {MAX_ARGS} are allowed", items.len()),
+            );
+        }
+        let mut args = Vec::with_capacity(items.len());
+        let mut total = name.len() + 1;
+        for item in items {
+            match &untag(item).data {
+                YamlData::Value(Scalar::String(arg)) if arg.contains('\0') => {
+                    self.error(pos(item), "an argument must not contain NUL");
+                }
+                YamlData::Value(Scalar::String(arg)) if arg.len() > MAX_ARG_BYTES => self.error(
+                    pos(item),
+                    format!(
+                        "argument of {} bytes; at most {MAX_ARG_BYTES} are allowed",
+                        arg.len()
+                    ),
+                ),
+                YamlData::Value(Scalar::String(arg)) => {
+                    total += arg.len() + 1;
+                    args.push(arg.to_string());
+                }
+                _ => self.error(
+                    pos(item),
+                    format!(
+                        "an argument must be a string, found {} (quote it)",
+                        describe(item)
+                    ),
+                ),
+            }
+        }
+        if total > MAX_ARGV_BYTES {
+            self.error(
+                pos(node),
+                format!(
+                    "the arguments take {total} bytes (with the function's name as argv[0]); \
+                     at most {MAX_ARGV_BYTES} are allowed"
+                ),
+            );
+        }
+        args
+    }
+
+    /// `files: { /guest/path: host/dir, .. }`.
+    fn files(&mut self, node: &MarkedYaml<'_>) -> Vec<PreopenDir> {
+        let Some(fields) = self.fields(node, "`files`", None) else {
+            return Vec::new();
+        };
+        if fields.entries.len() > MAX_FILES {
+            self.error(
+                fields.at,
+                format!(
+                    "{} preopened directories; at most {MAX_FILES} are allowed",
+                    fields.entries.len()
+                ),
+            );
+        }
+        // A guest path cannot be given twice: YAML refuses duplicated keys, and normal form
+        // leaves one spelling per path.
+        let mut files = Vec::with_capacity(fields.entries.len());
+        for field in &fields.entries {
+            let guest = field.key;
+            let guest_ok = match guest_path_problem(guest) {
+                Some(problem) => {
+                    self.error(
+                        field.key_at,
+                        format!("invalid guest path `{guest}` in `files`: {problem}"),
+                    );
+                    false
+                }
+                None => true,
+            };
+            let Some(host) = self.host_dir(field.value, guest) else {
+                continue;
+            };
+            if guest_ok {
+                files.push(PreopenDir {
+                    guest: guest.to_string(),
+                    host,
+                });
+            }
+        }
+        files
+    }
+
+    /// The host side of a `files:` entry: a directory, relative to the config's directory.
+    fn host_dir(&mut self, node: &MarkedYaml<'_>, guest: &str) -> Option<PathBuf> {
+        let YamlData::Value(Scalar::String(written)) = &untag(node).data else {
+            self.error(
+                pos(node),
+                format!(
+                    "the host directory for `{guest}` must be a string (a path), found {}",
+                    describe(node)
+                ),
+            );
+            return None;
+        };
+        if written.is_empty() {
+            self.error(
+                pos(node),
+                format!("the host directory for `{guest}` must not be empty"),
+            );
+            return None;
+        }
+        let resolved = self.relative_to_config(Path::new(written.as_ref()));
+        match std::fs::metadata(&resolved) {
+            Ok(meta) if meta.is_dir() => Some(resolved),
+            Ok(_) => {
+                self.error(
+                    pos(node),
+                    format!("`{}` is not a directory", resolved.display()),
+                );
+                None
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.error(
+                    pos(node),
+                    format!("directory not found: `{}`", resolved.display()),
+                );
+                None
+            }
+            Err(e) => {
+                self.error(
+                    pos(node),
+                    format!("cannot access directory `{}`: {e}", resolved.display()),
+                );
+                None
+            }
+        }
+    }
+
+    /// Absolute paths as written; relative ones joined onto the configuration's directory.
+    fn relative_to_config(&self, written: &Path) -> PathBuf {
+        if written.is_absolute() {
+            written.to_path_buf()
+        } else {
+            match self.source.parent() {
+                Some(dir) => dir.join(written),
+                None => written.to_path_buf(),
+            }
+        }
     }
 
     /// `instances: N` or `instances: { min, max, ... }`.
@@ -252,15 +440,7 @@ impl Checker<'_> {
             self.error(pos(node), "`module` must not be empty");
             return None;
         }
-        let written = Path::new(written);
-        let resolved = if written.is_absolute() {
-            written.to_path_buf()
-        } else {
-            match self.source.parent() {
-                Some(dir) => dir.join(written),
-                None => written.to_path_buf(),
-            }
-        };
+        let resolved = self.relative_to_config(Path::new(written));
         match std::fs::metadata(&resolved) {
             Ok(meta) if meta.is_file() => {}
             Ok(_) => self.error(
@@ -373,4 +553,30 @@ impl Checker<'_> {
         }
         env
     }
+}
+
+/// What is wrong with `path` as the guest path of a preopened directory, if anything: it must
+/// be absolute and in normal form, since the guest's libc matches paths against it by prefix.
+pub(super) fn guest_path_problem(path: &str) -> Option<String> {
+    if !path.starts_with('/') {
+        return Some("it must be absolute (start with `/`)".into());
+    }
+    if path.len() > MAX_GUEST_PATH {
+        return Some(format!("longer than {MAX_GUEST_PATH} bytes"));
+    }
+    if path.contains('\0') {
+        return Some("it contains NUL".into());
+    }
+    if path == "/" {
+        return None;
+    }
+    let normal: Vec<&str> = path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    if normal.contains(&"..") {
+        return Some("it must not contain `..`".into());
+    }
+    let normal = format!("/{}", normal.join("/"));
+    (normal != path).then(|| format!("write it as `{normal}`"))
 }

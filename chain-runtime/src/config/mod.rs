@@ -71,6 +71,21 @@
 //!                                   #   sleeps at once; N: it polls its socket up to N µs
 //!                                   #   first, but only while its recent idle gaps average
 //!                                   #   under N µs (never when quiet)
+//!     args: [--verbose, data.txt]   # optional; argv[1..] as the guest sees it (WASI
+//!                                   #   args_get): strings, at most 256, each at most 4096
+//!                                   #   bytes, all of argv under 64KiB; argv[0] is always the
+//!                                   #   function's name. Commands and reactors alike
+//!     files:                        # optional; host directories the guest sees read-only
+//!       /data: ../examples/data     #   (WASI preopens): guest path (absolute, normal form,
+//!                                   #   unique) -> host directory (relative to this file's
+//!                                   #   directory; must exist and be one), at most 16. The
+//!                                   #   i-th is the guest's fd 3 + i. Every guest path
+//!                                   #   resolves beneath its directory (`..`, absolute
+//!                                   #   symlinks and symlinks out of it fail); nothing can
+//!                                   #   be written, created or removed (EROFS). With the
+//!                                   #   sandbox on, the files are read as the function's uid
+//!                                   #   (sandbox.uid_base + i): they must be readable by it
+//!                                   #   (docs/guest-abi.md "Arguments and files")
 //!   - name: reverse
 //!     module: ../examples/wasm/reverse.wasm
 //!   - name: frame
@@ -238,6 +253,7 @@ impl Default for HttpSpec {
 pub use cluster::{
     DEFAULT_CPU_BUDGET, DEFAULT_MEMORY_BUDGET, DnsPeerSpec, NodeSpec, PeerSpec, parse_percent,
 };
+pub use functions::{MAX_ARG_BYTES, MAX_ARGS, MAX_ARGV_BYTES, MAX_FILES, MAX_GUEST_PATH};
 pub use ingress::{
     FastPathSpec, GuardHook, GuardMode, GuardSpec, IngressSpec, LocalRedirectSpec, Steering,
 };
@@ -302,6 +318,32 @@ pub struct FunctionSpec {
     /// most: the worker spins only while descriptors have recently been arriving closer
     /// together than this (see `chain_runtime::worker`), so a quiet instance never spins.
     pub idle_spin: Duration,
+    /// The guest's `argv[1..]` (`args:`), in file order; `argv[0]` is always the function's
+    /// name.
+    pub args: Vec<String>,
+    /// Host directories the guest sees read-only, as WASI preopens (`files:`), in file order:
+    /// the `i`-th is the guest's fd `3 + i`.
+    pub files: Vec<PreopenDir>,
+}
+
+/// One entry of `files:`: a host directory the guest sees, read-only, at `guest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreopenDir {
+    /// Where the guest sees it: an absolute path in normal form (no `.`, `..`, empty or
+    /// trailing components), `/` included.
+    pub guest: String,
+    /// The host directory: absolute as written, or joined onto the configuration file's
+    /// directory. It existed and was a directory when the file was checked.
+    pub host: PathBuf,
+}
+
+impl FunctionSpec {
+    /// The guest's whole argv: the function's name, then `args`.
+    pub fn argv(&self) -> Vec<String> {
+        std::iter::once(self.name.clone())
+            .chain(self.args.iter().cloned())
+            .collect()
+    }
 }
 
 /// `idle_spin_us` when not given.
@@ -486,9 +528,34 @@ impl Config {
     /// Parses and validates `text`. `source` names the file in error messages,
     /// and relative module paths are resolved against its directory.
     pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigErrors> {
+        Self::parse_checking(text, source, None)
+    }
+
+    /// Like [`Config::load`], and every function whose module file exists is also handed to
+    /// `check`, whose problems are reported at the function's `module:` value (prefixed with
+    /// the function's name): how `spindle validate` checks each module against what its
+    /// function gives it without running it.
+    pub fn load_checking(path: &Path, check: &mut ModuleCheck<'_>) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                line: 1,
+                col: 1,
+                message: format!("cannot read configuration file: {e}"),
+            }])
+        })?;
+        Self::parse_checking(&text, path, Some(check))
+    }
+
+    fn parse_checking<'s>(
+        text: &str,
+        source: &'s Path,
+        check_module: Option<&'s mut ModuleCheck<'s>>,
+    ) -> Result<Config, ConfigErrors> {
         let mut checker = Checker {
             source,
             errors: Vec::new(),
+            check_module,
         };
         let config = match MarkedYaml::load_from_str(text) {
             Ok(docs) => checker.config(&docs),
@@ -558,6 +625,10 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// A deeper look at one function's module ([`Config::load_checking`]): its problems, as
+/// messages.
+pub type ModuleCheck<'a> = dyn FnMut(&FunctionSpec) -> Vec<String> + 'a;
+
 /// Every problem found in a configuration file, in file order. Never empty.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
@@ -581,6 +652,8 @@ impl std::error::Error for ConfigErrors {}
 struct Checker<'s> {
     source: &'s Path,
     errors: Vec<ConfigError>,
+    /// Looks deeper into each function's module ([`Config::load_checking`]).
+    check_module: Option<&'s mut ModuleCheck<'s>>,
 }
 
 impl Checker<'_> {

@@ -178,6 +178,8 @@ fn full_config_round_trip() {
                 start: StartMode::Exec,
                 isolation: Isolation::Reuse,
                 idle_spin: std::time::Duration::ZERO,
+                args: Vec::new(),
+                files: Vec::new(),
             },
             FunctionSpec {
                 name: "plain-2".into(),
@@ -192,6 +194,8 @@ fn full_config_round_trip() {
                 start: StartMode::Fork,
                 isolation: Isolation::Reuse,
                 idle_spin: std::time::Duration::ZERO,
+                args: Vec::new(),
+                files: Vec::new(),
             },
             FunctionSpec {
                 name: "no_fuel".into(),
@@ -206,6 +210,8 @@ fn full_config_round_trip() {
                 start: StartMode::Fork,
                 isolation: Isolation::Reuse,
                 idle_spin: std::time::Duration::ZERO,
+                args: Vec::new(),
+                files: Vec::new(),
             },
         ]
     );
@@ -1773,4 +1779,234 @@ fn ingress_mistakes_are_reported_where_they_are() {
             "{line}: {errors:?}"
         );
     }
+}
+
+#[test]
+fn args_are_argv_after_the_function_name() {
+    let s = Scratch::new();
+    let config = s.ok(&[
+        "functions:",
+        "  - name: a",
+        "    module: ../mods/a.wasm",
+        "    args: [--verbose, \"42\", 'two words', '']",
+        "  - { name: b, module: ../mods/b.wasm }",
+        "chains:",
+        "  - { name: c, route: /c, steps: [a, b] }",
+    ]);
+    assert_eq!(
+        config.functions[0].args,
+        ["--verbose", "42", "two words", ""]
+    );
+    assert_eq!(
+        config.functions[0].argv(),
+        ["a", "--verbose", "42", "two words", ""]
+    );
+    assert_eq!(config.functions[1].argv(), ["b"]);
+    let long = "x".repeat(MAX_ARG_BYTES + 1);
+    let many = format!("[{}]", vec!["a"; MAX_ARGS + 1].join(", "));
+    let errors = s.errors(&[
+        "functions:",
+        "  - name: a",
+        "    module: ../mods/a.wasm",
+        "    args: [1, ok, {x: 1}]",
+        "  - { name: b, module: ../mods/b.wasm, args: not-a-list }",
+        &format!("  - {{ name: d, module: ../mods/c.wasm, args: [{long}] }}"),
+        &format!("  - {{ name: e, module: ../mods/c.wasm, args: {many} }}"),
+        "chains:",
+        "  - { name: c, route: /c, steps: [a, b, d, e] }",
+    ]);
+    let at: Vec<(usize, usize, &str)> = errors
+        .iter()
+        .map(|(l, c, m)| (*l, *c, m.as_str()))
+        .collect();
+    assert_eq!(
+        at,
+        [
+            (
+                4,
+                12,
+                "an argument must be a string, found integer `1` (quote it)"
+            ),
+            (
+                4,
+                19,
+                "an argument must be a string, found a mapping (quote it)"
+            ),
+            (
+                5,
+                46,
+                "`args` must be a list of strings, found string `not-a-list`"
+            ),
+            (6, 47, "argument of 4097 bytes; at most 4096 are allowed"),
+            (7, 46, "257 arguments; at most 256 are allowed"),
+        ]
+    );
+    let huge = format!("[{}]", vec!["y".repeat(4000); 17].join(", "));
+    s.one_error(
+        &[
+            "functions:",
+            &format!("  - {{ name: a, module: ../mods/a.wasm, args: {huge} }}"),
+            "chains:",
+            "  - { name: c, route: /c, steps: [a] }",
+        ],
+        2,
+        46,
+        "the arguments take 68019 bytes (with the function's name as argv[0]); at most 65536 are allowed",
+    );
+}
+
+#[test]
+fn files_map_absolute_guest_paths_to_host_directories() {
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.dir.join("conf/data")).unwrap();
+    std::fs::create_dir_all(s.dir.join("shared")).unwrap();
+    let shared = s.dir.join("shared");
+    let config = s.ok(&[
+        "functions:",
+        "  - name: a",
+        "    module: ../mods/a.wasm",
+        "    mode: command",
+        "    files:",
+        "      /data: data",
+        &format!("      /: {}", shared.display()),
+        "      /srv/a/b: ../shared",
+        "chains:",
+        "  - { name: c, route: /c, steps: [a] }",
+    ]);
+    let files: Vec<(&str, PathBuf)> = config.functions[0]
+        .files
+        .iter()
+        .map(|f| (f.guest.as_str(), f.host.clone()))
+        .collect();
+    assert_eq!(
+        files,
+        [
+            ("/data", s.dir.join("conf/data")),
+            ("/", shared.clone()),
+            ("/srv/a/b", s.dir.join("conf/../shared")),
+        ],
+        "relative host paths are the config's directory's, in file order"
+    );
+    std::fs::write(s.dir.join("conf/file"), "").unwrap();
+    let errors = s.errors(&[
+        "functions:",
+        "  - name: a",
+        "    module: ../mods/a.wasm",
+        "    files:",
+        "      data: data",
+        "      /a/../b: data",
+        "      /a//b/: data",
+        "      /missing: nowhere",
+        "      /file: file",
+        "      /num: 5",
+        "  - { name: b, module: ../mods/b.wasm, files: [a] }",
+        "chains:",
+        "  - { name: c, route: /c, steps: [a, b] }",
+    ]);
+    let at: Vec<(usize, usize, String)> = errors;
+    let dir = s.dir.join("conf");
+    assert_eq!(
+        at,
+        [
+            (
+                5,
+                7,
+                "invalid guest path `data` in `files`: it must be absolute (start with `/`)"
+                    .to_string()
+            ),
+            (
+                6,
+                7,
+                "invalid guest path `/a/../b` in `files`: it must not contain `..`".to_string()
+            ),
+            (
+                7,
+                7,
+                "invalid guest path `/a//b/` in `files`: write it as `/a/b`".to_string()
+            ),
+            (
+                8,
+                17,
+                format!("directory not found: `{}`", dir.join("nowhere").display())
+            ),
+            (
+                9,
+                14,
+                format!("`{}` is not a directory", dir.join("file").display())
+            ),
+            (
+                10,
+                13,
+                "the host directory for `/num` must be a string (a path), found integer `5`"
+                    .to_string()
+            ),
+            (
+                11,
+                47,
+                "`files` must be a mapping, found a list".to_string()
+            ),
+        ]
+    );
+    // A guest path given twice is a duplicated key, which YAML itself refuses (guest paths
+    // must be in normal form, so two spellings of one path cannot both pass either).
+    s.one_error(
+        &[
+            "functions:",
+            "  - { name: a, module: ../mods/a.wasm, files: { /x: data, /x: data } }",
+            "chains:",
+            "  - { name: c, route: /c, steps: [a] }",
+        ],
+        2,
+        59,
+        "duplicated key",
+    );
+    let many: Vec<String> = (0..=MAX_FILES).map(|i| format!("/d{i}: data")).collect();
+    s.one_error(
+        &[
+            "functions:",
+            &format!(
+                "  - {{ name: a, module: ../mods/a.wasm, files: {{ {} }} }}",
+                many.join(", ")
+            ),
+            "chains:",
+            "  - { name: c, route: /c, steps: [a] }",
+        ],
+        2,
+        47,
+        "17 preopened directories; at most 16 are allowed",
+    );
+}
+
+#[test]
+fn load_checking_reports_module_problems_at_the_module_key() {
+    let s = Scratch::new();
+    let path = s.source();
+    std::fs::write(
+        &path,
+        "functions:\n  - name: a\n    module: ../mods/a.wasm\n  - { name: b, module: ../mods/b.wasm }\n  - { name: m, module: ../mods/missing.wasm }\nchains:\n  - { name: c, route: /c, steps: [a, b, m] }\n",
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let errors = Config::load_checking(&path, &mut |spec| {
+        seen.push(spec.name.clone());
+        match spec.name.as_str() {
+            "a" => vec!["first problem".into(), "second problem".into()],
+            _ => vec![],
+        }
+    })
+    .unwrap_err();
+    assert_eq!(seen, ["a", "b"], "only modules that exist are checked");
+    let at: Vec<(usize, usize, &str)> = errors
+        .0
+        .iter()
+        .map(|e| (e.line, e.col, e.message.as_str()))
+        .collect();
+    assert_eq!(
+        at[..2],
+        [
+            (3, 13, "function `a`: first problem"),
+            (3, 13, "function `a`: second problem"),
+        ]
+    );
+    assert!(at[2].2.starts_with("module file not found"), "{at:?}");
 }

@@ -95,6 +95,8 @@ fn spec(tag: &str, wat: &str, isolation: Isolation) -> FunctionSpec {
         start: StartMode::Exec,
         isolation,
         idle_spin: std::time::Duration::ZERO,
+        args: Vec::new(),
+        files: Vec::new(),
     }
 }
 

@@ -44,6 +44,8 @@ fn spec_for(tag: &str, module: PathBuf) -> FunctionSpec {
         start: crate::config::StartMode::Fork,
         isolation: crate::config::Isolation::Reuse,
         idle_spin: std::time::Duration::ZERO,
+        args: Vec::new(),
+        files: Vec::new(),
     }
 }
 
