@@ -58,8 +58,10 @@ const ALWAYS: &[libc::c_long] = &[
     libc::SYS_ftruncate,
     libc::SYS_fallocate,
     libc::SYS_getdents64,
-    // Paths resolve inside the empty root; only its /proc has anything in it.
+    // Paths resolve inside the empty root; only its /proc has anything in it. openat2
+    // resolves a guest's paths beneath its preopened directories (RESOLVE_BENEATH).
     libc::SYS_openat,
+    libc::SYS_openat2,
     libc::SYS_readlinkat,
     libc::SYS_getcwd,
     libc::SYS_recvmsg,
@@ -160,7 +162,9 @@ const PRCTL_OPTIONS: &[libc::c_int] = &[
 ];
 
 /// ioctl requests: setting non-blocking and close-on-exec, isatty (tracing's colour check),
-/// and PAGEMAP_SCAN (fresh_per_request resets).
+/// and PAGEMAP_SCAN (fresh_per_request resets). The casts are no-ops with glibc on x86_64
+/// but not with every libc the crate builds for (the request constants' type differs).
+#[allow(clippy::unnecessary_cast)]
 const IOCTLS: &[u64] = &[
     libc::FIONBIO as u64,
     libc::FIOCLEX as u64,

@@ -14,15 +14,14 @@
 //!
 //! | Area | What the guest sees |
 //! |------|---------------------|
-//! | args / environ | Only the `args` and `env` given to [`WasiCtx::new`]. The host's own environment is never passed through. |
+//! | args / environ | Only the `args` and `env` given to [`WasiCtx::new`] (the function's name and its `args:`, its `env:`). The host's own environment is never passed through. |
 //! | clocks | `REALTIME`, `MONOTONIC`, `PROCESS_CPUTIME`, `THREAD_CPUTIME` read from the host (`clock_gettime`). Any other id gives `INVAL`. |
 //! | `random_get` | Real entropy from `getrandom(2)`. |
 //! | fd 0 (stdin) | A byte buffer set by the host ([`WasiCtx::set_stdin`], empty by default). Reads hit EOF at its end. |
 //! | fd 1 / fd 2 | Output sinks. By default each complete line is logged through `tracing`, with a cap on line length. The host can capture a stream instead, up to a limit ([`WasiCtx::capture_stdout`]). |
 //! | fds 0–2 | Character devices. They can't seek (`SPIPE`) and can be closed (after that, `BADF`). Rights: stdin has `FD_READ`, stdout/stderr have `FD_WRITE`, and all three have `FD_FILESTAT_GET` and `POLL_FD_READWRITE`. |
-//! | filesystem | Nothing is preopened. `fd_prestat_get` gives `BADF` for every fd, which is how wasi-libc and Rust std learn that no directories exist. Every `path_*` call fails: `NOTCAPABLE` when given a stdio fd, `BADF` for any other fd. |
-//! | sockets | Every `sock_*` call gives `NOTCAPABLE` on stdio and `BADF` elsewhere. |
-//! | other fd operations | Calls that need rights we never grant (advise, allocate, sync, readdir, renumber, set size/times) give `NOTCAPABLE` on stdio and `BADF` elsewhere. |
+//! | filesystem | Only the preopened directories given to [`WasiCtx::with_preopens`] (the function's `files:`), at fds `3..3 + n`, read-only ([`fs`]): `fd_prestat_get`/`fd_prestat_dir_name` name them and give `BADF` past them (how wasi-libc and Rust std find them); `path_open` opens files and directories beneath them for reading, resolved by the kernel so nothing outside can be reached (`NOTCAPABLE`); reads, seeks, stat, `fd_readdir`, `path_filestat_get` and `path_readlink` work on what it opened. Whatever would write gets `ROFS` (opening to write, create, truncate or append; creating, removing, renaming, linking, setting times) or `BADF` (writing, resizing through a read-only fd). Without preopens every fd above stdio is `BADF`, and any fd call on stdio that needs a file (`path_*`, readdir, advise, sync...) gives `NOTCAPABLE`. |
+//! | sockets | Every `sock_*` call gives `NOTCAPABLE` on stdio and files, `BADF` elsewhere. |
 //! | `poll_oneoff` | Clock subscriptions (relative or absolute, on `REALTIME`/`MONOTONIC`) and stdio read/write readiness. A sleep blocks the worker thread and lasts at most [`MAX_POLL_SLEEP`]. A longer timeout fires early rather than keeping the worker from its deadline. |
 //! | `proc_exit` | Traps with [`ProcExit`], which the host recovers with `RuntimeError::downcast_ref`. `proc_raise` gives `NOSYS`. |
 //! | unknown imports | Any other `wasi_snapshot_preview1`/`wasi_unstable` function still links. It returns `NOSYS` if its result is a single `i32`, and traps otherwise. So any preview-1 module instantiates. |
@@ -78,12 +77,16 @@ macro_rules! host_fns {
 mod args;
 mod clocks;
 mod denied;
+pub(crate) mod fs;
 mod memory;
+mod paths;
 mod poll;
+pub mod preopen;
 mod sink;
 mod stdio;
 mod table;
 
+pub use preopen::{Preopen, PreopenError, Preopens};
 pub use sink::OutputSink;
 pub use table::KNOWN_FUNCTIONS;
 
@@ -116,14 +119,34 @@ const COPY_CHUNK: u64 = 64 * 1024;
 /// WASI errno values. Preview 0 and preview 1 use the same numbers.
 pub mod errno {
     pub const SUCCESS: u16 = 0;
+    pub const ACCES: u16 = 2;
+    pub const AGAIN: u16 = 6;
     pub const BADF: u16 = 8;
+    pub const EXIST: u16 = 20;
     pub const FAULT: u16 = 21;
+    pub const FBIG: u16 = 22;
+    pub const INTR: u16 = 27;
     pub const INVAL: u16 = 28;
     pub const IO: u16 = 29;
+    pub const ISDIR: u16 = 31;
+    pub const LOOP: u16 = 32;
+    pub const MFILE: u16 = 33;
+    pub const NAMETOOLONG: u16 = 37;
+    pub const NFILE: u16 = 41;
+    pub const NODEV: u16 = 43;
+    pub const NOENT: u16 = 44;
+    pub const NOMEM: u16 = 48;
+    pub const NOSPC: u16 = 51;
     pub const NOSYS: u16 = 52;
+    pub const NOTDIR: u16 = 54;
+    pub const NOTEMPTY: u16 = 55;
     pub const NOTSUP: u16 = 58;
+    pub const NXIO: u16 = 60;
     pub const OVERFLOW: u16 = 61;
+    pub const PERM: u16 = 63;
+    pub const ROFS: u16 = 69;
     pub const SPIPE: u16 = 70;
+    pub const TXTBSY: u16 = 74;
     pub const NOTCAPABLE: u16 = 76;
 }
 use errno::*;
@@ -167,6 +190,8 @@ pub struct WasiCtx {
     stdout: OutputSink,
     stderr: OutputSink,
     closed: [bool; 3],
+    /// Every fd above stdio: the preopened directories and what was opened beneath them.
+    files: fs::FdTable,
     memory: Option<Memory>,
     exit_code: Option<u32>,
 }
@@ -183,9 +208,31 @@ impl WasiCtx {
             stdout: OutputSink::log(function, "stdout"),
             stderr: OutputSink::log(function, "stderr"),
             closed: [false; 3],
+            files: fs::FdTable::default(),
             memory: None,
             exit_code: None,
         }
+    }
+
+    /// Gives the guest `preopens` as its fds `3..3 + n` (read-only, see [`fs`]).
+    pub fn with_preopens(mut self, preopens: Preopens) -> Self {
+        self.files = fs::FdTable::new(preopens);
+        self
+    }
+
+    /// True when the guest's fds above stdio are exactly the preopens, each where it began
+    /// (what a child built from an image of this instance gets); otherwise how they differ.
+    pub fn files_as_started(&self) -> Result<(), String> {
+        if self.files.is_initial() {
+            Ok(())
+        } else {
+            Err(self.files.describe_changes())
+        }
+    }
+
+    /// The guest paths of the preopened directories, in fd order.
+    pub fn preopen_paths(&self) -> Vec<String> {
+        self.files.preopens().guest_paths()
     }
 
     /// Must be called after instantiation and before the guest runs. Until then every call
@@ -241,12 +288,14 @@ impl WasiCtx {
     }
 
     /// Puts the per-request state back as a fresh copy of the image had it (a reset in
-    /// place, [`crate::fresh`]): the stdio fds closed exactly when `stdio_closed` says, a
-    /// partial log line flushed (it belongs to the request that wrote it), no stdin, no exit
-    /// code. Args, environment and the sinks' kind are fixed at creation and stay.
+    /// place, [`crate::fresh`]): the stdio fds closed exactly when `stdio_closed` says, every
+    /// file the request opened closed and every preopen back at its fd, a partial log line
+    /// flushed (it belongs to the request that wrote it), no stdin, no exit code. Args,
+    /// environment and the sinks' kind are fixed at creation and stay.
     pub fn reset_for_request(&mut self, stdio_closed: [bool; 3]) {
         self.flush_logs();
         self.closed = stdio_closed;
+        self.files.reset();
         self.stdin = Vec::new();
         self.stdin_pos = 0;
         self.exit_code = None;
@@ -315,6 +364,32 @@ impl Flavor {
 
 fn code(result: Result<(), Errno>) -> i32 {
     i32::from(result.err().unwrap_or(SUCCESS))
+}
+
+/// The types WASI's functions have in this layer, to check a module's imports against
+/// without linking it (see `crate::abi`).
+pub struct Signatures {
+    store: wasmer::Store,
+    env: FunctionEnv<WasiCtx>,
+}
+
+impl Signatures {
+    pub fn new(engine: &wasmer::Engine) -> Self {
+        let mut store = wasmer::Store::new(engine.clone());
+        let env = FunctionEnv::new(&mut store, WasiCtx::new("", Vec::new(), Vec::new()));
+        Signatures { store, env }
+    }
+
+    /// The type of `namespace.name`, if this layer implements it.
+    pub fn get(&mut self, namespace: &str, name: &str) -> Option<FunctionType> {
+        let flavor = match namespace {
+            PREVIEW1 => Flavor::Preview1,
+            UNSTABLE => Flavor::Unstable,
+            _ => return None,
+        };
+        let f = known_function(&mut self.store, &self.env, flavor, name)?;
+        Some(f.ty(&self.store))
+    }
 }
 
 /// Adds a host function for every `wasi_snapshot_preview1` (and the older `wasi_unstable`,

@@ -1,4 +1,4 @@
-//! `poll_oneoff`: clock sleeps and stdio readiness.
+//! `poll_oneoff`: clock sleeps, stdio readiness and files (always ready to read).
 
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,25 @@ fn parse_subscription(
                 // CPU-time clocks exist, but there is no way to sleep until one reaches a value.
                 (None, Ok(_)) => now(NOTSUP, EVENTTYPE_CLOCK),
                 (None, Err(e)) => now(e, EVENTTYPE_CLOCK),
+            }
+        }
+        EVENTTYPE_FD_READ | EVENTTYPE_FD_WRITE
+            if !super::stdio::is_stdio(mem.read_u32(at + 16)?) =>
+        {
+            let fd = mem.read_u32(at + 16)?;
+            // A regular file is always ready to read (what is left of it); none is writable.
+            let ready = match tag {
+                EVENTTYPE_FD_READ => ctx.files.readable(fd),
+                _ => ctx.files.write(fd).map(|()| 0),
+            };
+            match ready {
+                Ok(nbytes) => Readiness::Now {
+                    error: SUCCESS,
+                    kind: tag,
+                    nbytes,
+                    flags: 0,
+                },
+                Err(e) => now(e, tag),
             }
         }
         EVENTTYPE_FD_READ | EVENTTYPE_FD_WRITE => {

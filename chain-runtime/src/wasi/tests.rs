@@ -942,3 +942,5 @@ fn example_modules_link() {
         );
     }
 }
+
+mod files;
