@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 
-use proto::worker::MOUNT_NS_FD;
+use proto::worker::{MOUNT_NS_FD, PREOPEN_FD};
 use sandbox::{Confinement, Credentials, Layers, Profile};
 
 use crate::instance::{InstanceError, Namespaces};
@@ -15,6 +15,9 @@ pub struct FunctionSandbox {
     pub enabled: bool,
     /// The uid and gid its processes run as.
     pub uid: u32,
+    /// How many preopened directories it has (`files:`): their fds, from
+    /// `proto::worker::PREOPEN_FD` on, stay open.
+    pub preopens: usize,
 }
 
 /// Which process is being confined.
@@ -32,9 +35,11 @@ pub enum Role {
 }
 
 /// Every fd a confined process keeps besides stdio: the fixed numbers of the hand-off (the
-/// ones given, the rest unused or a zygote's placeholders).
-fn kept_fds() -> Vec<RawFd> {
-    (3..=MOUNT_NS_FD).collect()
+/// ones given, the rest unused or a zygote's placeholders) and its function's preopens.
+fn kept_fds(preopens: usize) -> Vec<RawFd> {
+    (3..=MOUNT_NS_FD)
+        .chain(PREOPEN_FD..PREOPEN_FD + preopens as RawFd)
+        .collect()
 }
 
 /// Confines the calling process as `sandbox` and `role` say, joining `namespaces` (then
@@ -63,7 +68,7 @@ pub fn confine(
             uid: sandbox.uid,
             gid: sandbox.uid,
         }),
-        keep_fds: &kept_fds(),
+        keep_fds: &kept_fds(sandbox.preopens),
         profile: match role {
             Role::Worker => Profile::Worker,
             Role::Zygote => Profile::Zygote,

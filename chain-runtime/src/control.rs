@@ -219,6 +219,60 @@ pub fn request_prepare(
     }
 }
 
+/// The worker's side, before it is ready: tells the gateway why this instance cannot start
+/// (a [`ControlMessage::StartFailed`] with `error` and its causes), so the gateway reports the
+/// reason rather than how the process ended. Best effort: a gateway that is gone or not
+/// reading (1 s) learns it from the exit status instead. True when it was sent.
+pub fn report_start_failure(
+    control: BorrowedFd<'_>,
+    error: &(dyn std::error::Error + 'static),
+) -> bool {
+    let message = error_chain(error);
+    let sent = control
+        .try_clone_to_owned()
+        .map(UnixStream::from)
+        .and_then(|stream| {
+            stream.set_write_timeout(Some(Duration::from_secs(1)))?;
+            let frame = ControlMessage::StartFailed { message }.encode();
+            io::Write::write_all(&mut &stream, &frame)
+        });
+    match sent {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!("could not tell the gateway why the start failed: {e}");
+            false
+        }
+    }
+}
+
+/// `error` and every cause it does not already spell out, joined with `: ` (as anyhow's
+/// `{:#}`, without the repeats of errors that print their source themselves).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = e.source();
+    }
+    text
+}
+
+/// The gateway's side: the reason in what a worker that did not become ready wrote on its
+/// control socket (every byte it wrote before closing it), if it sent one.
+pub fn start_failure(bytes: &[u8]) -> Option<String> {
+    let header: &[u8; HEADER_LEN] = bytes.get(..HEADER_LEN)?.try_into().ok()?;
+    let header = Header::decode(header).ok()?;
+    let payload = bytes.get(HEADER_LEN..HEADER_LEN + header.payload_len)?;
+    match ControlMessage::decode(header, payload).ok()? {
+        ControlMessage::StartFailed { message } => Some(message),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +287,27 @@ mod tests {
         let mut f = std::fs::File::from(fd.try_clone().unwrap());
         f.read_to_string(&mut s).unwrap();
         s.into_bytes()
+    }
+
+    #[test]
+    fn a_start_failure_reaches_the_other_end_with_its_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("building the instance")]
+        struct Outer(#[source] io::Error);
+        let (gateway, worker) = UnixStream::pair().unwrap();
+        let error = Outer(io::Error::other("module m.wasm does not compile"));
+        assert!(report_start_failure(worker.as_fd(), &error));
+        drop(worker);
+        let mut bytes = Vec::new();
+        (&gateway).read_to_end(&mut bytes).unwrap();
+        assert_eq!(
+            start_failure(&bytes).as_deref(),
+            Some("building the instance: module m.wasm does not compile")
+        );
+        // Anything else (nothing, a cut frame, another message) is no reason.
+        assert_eq!(start_failure(&[]), None);
+        assert_eq!(start_failure(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(start_failure(&ControlMessage::Prepare.encode()), None);
     }
 
     #[test]

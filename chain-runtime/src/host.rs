@@ -38,6 +38,7 @@ use wasmer::{
 use wasmer::{MemoryError, MemoryStyle, TableStyle};
 use wasmer_middlewares::metering::{self, MeteringPoints};
 
+use crate::abi::{self, LinkProblems, SPINDLE_IMPORTS};
 use crate::config::{FunctionSpec, Isolation, ModuleMode};
 use crate::fresh::{self, Pristine, ResetError, ResetReport};
 use crate::inplace;
@@ -45,10 +46,8 @@ use crate::snapshot::{
     self, CaptureContext, MemoryFill, Snapshot, SnapshotError, SnapshotMeta, TableContents,
     WasiLayout,
 };
-use crate::wasi::{self, ProcExit, WasiCtx};
+use crate::wasi::{self, Preopens, ProcExit, WasiCtx};
 
-/// The import module name of Spindle's own host functions.
-const SPINDLE_IMPORTS: &str = "spindle";
 /// Largest error message kept from a guest; the rest is cut so a guest cannot flood the slot.
 const MAX_ERROR_LEN: usize = 4096;
 /// Optional reactor export called in every instance built from a snapshot, before its first
@@ -69,6 +68,14 @@ pub enum HostError {
     Compile { path: String, message: String },
     #[error("module {path} {message}")]
     Abi { path: String, message: String },
+    #[error("module {path} cannot run as function `{function}`:\n{problems}")]
+    Link {
+        path: String,
+        function: String,
+        problems: LinkProblems,
+    },
+    #[error(transparent)]
+    Preopen(#[from] wasi::PreopenError),
     #[error("cannot instantiate module {path}: {message}")]
     Instantiate { path: String, message: String },
     #[error("cannot fork module {path} from its snapshot: {source}")]
@@ -416,7 +423,11 @@ pub struct FunctionHost {
     name: String,
     module_path: String,
     fuel: Option<u64>,
+    /// The guest's whole argv: the function's name, then its `args:`.
+    argv: Vec<String>,
     env: Vec<(String, String)>,
+    /// The directories of `files:`, opened: every instance's preopens.
+    preopens: Preopens,
     routes: Option<Arc<Vec<(String, u32)>>>,
     compiled: CompiledModule,
     mode: ModuleMode,
@@ -437,6 +448,8 @@ impl FunctionHost {
     /// Compiles the function's module and, for reactors, instantiates it and runs `_initialize`.
     /// Outside this crate instances come from [`crate::instance::InstanceBuilder`].
     /// `routes` lists the functions a dynamic chain may name with `spindle.next`.
+    /// The preopened directories are opened from the paths `spec` names.
+    #[cfg(test)]
     pub(crate) fn new(
         spec: &FunctionSpec,
         routes: Option<Vec<(String, u32)>>,
@@ -445,7 +458,7 @@ impl FunctionHost {
             path: spec.module.display().to_string(),
             source,
         })?;
-        Self::from_bytes(spec, &bytes, routes)
+        Self::from_bytes(spec, &bytes, routes, Preopens::open(&spec.files)?)
     }
 
     /// Like [`FunctionHost::new`], with the module's bytes already read (the worker gets them
@@ -454,9 +467,10 @@ impl FunctionHost {
         spec: &FunctionSpec,
         bytes: &[u8],
         routes: Option<Vec<(String, u32)>>,
+        preopens: Preopens,
     ) -> Result<Self, HostError> {
         let compiled = CompiledModule::compile(spec, bytes)?;
-        Self::from_compiled(spec, &compiled, routes)
+        Self::from_compiled(spec, &compiled, routes, preopens)
     }
 
     /// Like [`FunctionHost::from_bytes`] with the module compiled already (shared, not
@@ -465,11 +479,15 @@ impl FunctionHost {
         spec: &FunctionSpec,
         compiled: &CompiledModule,
         routes: Option<Vec<(String, u32)>>,
+        preopens: Preopens,
     ) -> Result<Self, HostError> {
-        let mut host = Self::unstarted(spec, routes, compiled.clone());
-        host.check_abi()?;
-        if host.mode == ModuleMode::Reactor {
-            host.reactor = Some(host.instantiate_reactor()?);
+        let mut host = Self::unstarted(spec, routes, compiled.clone(), preopens)?;
+        host.check_abi(spec)?;
+        match host.mode {
+            ModuleMode::Reactor => host.reactor = Some(host.instantiate_reactor()?),
+            // Every request instantiates anew; one instantiation now says at start whether
+            // that can work at all (no guest code runs but a `start` function).
+            ModuleMode::Command => host.try_instantiate_command()?,
         }
         Ok(host)
     }
@@ -478,12 +496,22 @@ impl FunctionHost {
         spec: &FunctionSpec,
         routes: Option<Vec<(String, u32)>>,
         compiled: CompiledModule,
-    ) -> Self {
-        FunctionHost {
+        preopens: Preopens,
+    ) -> Result<Self, HostError> {
+        let paths: Vec<&str> = spec.files.iter().map(|f| f.guest.as_str()).collect();
+        if preopens.guest_paths() != paths {
+            return Err(HostError::Preopen(wasi::PreopenError::Count {
+                expected: spec.files.len(),
+                got: preopens.len(),
+            }));
+        }
+        Ok(FunctionHost {
             name: spec.name.clone(),
             module_path: spec.module.display().to_string(),
             fuel: spec.fuel,
+            argv: spec.argv(),
             env: spec.env.clone(),
+            preopens,
             routes: routes.map(Arc::new),
             compiled,
             mode: spec.mode,
@@ -498,7 +526,7 @@ impl FunctionHost {
             },
             resets: Vec::new(),
             homes: inplace::Homes::default(),
-        }
+        })
     }
 
     /// Builds a reactor for `spec` from an image of another instance of the same compiled
@@ -506,15 +534,17 @@ impl FunctionHost {
     /// `fill` says, globals written back), close the stdio fds the parent had closed, skip
     /// `_initialize`, and call `spindle_on_fork` if exported. `origin` (the snapshot `meta`
     /// comes from, when the caller has it) is what a trapped instance is rebuilt from.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn fork(
         spec: &FunctionSpec,
         routes: Option<Vec<(String, u32)>>,
+        preopens: Preopens,
         compiled: &CompiledModule,
         meta: &SnapshotMeta,
         fill: MemoryFill<'_>,
         origin: Option<Snapshot>,
     ) -> Result<Self, HostError> {
-        let mut host = Self::unstarted(spec, routes, compiled.clone());
+        let mut host = Self::unstarted(spec, routes, compiled.clone(), preopens)?;
         let refuse = |source| HostError::Fork {
             path: host_path(spec),
             source,
@@ -532,14 +562,20 @@ impl FunctionHost {
                 compiled.engine_identity()
             ))));
         }
-        let layout = wasi_layout(&host.name, &host.env, [false; 3]);
+        let layout = host.layout([false; 3]);
         if (&meta.wasi.args, &meta.wasi.env) != (&layout.args, &layout.env) {
             return Err(refuse(SnapshotError::Mismatch(format!(
                 "image has WASI args {:?} and env {:?}, this function {:?} and {:?}",
                 meta.wasi.args, meta.wasi.env, layout.args, layout.env
             ))));
         }
-        host.check_abi()?;
+        if meta.wasi.preopens != layout.preopens {
+            return Err(refuse(SnapshotError::Mismatch(format!(
+                "image has the preopened directories {:?}, this function {:?}",
+                meta.wasi.preopens, layout.preopens
+            ))));
+        }
+        host.check_abi(spec)?;
         // Only the origin's own memfd makes the memory the origin's image.
         let from_origin = match (&fill, &origin) {
             (MemoryFill::Map(fd), Some(o)) => fd.as_raw_fd() == o.image().as_raw_fd(),
@@ -626,13 +662,24 @@ impl FunctionHost {
         }
         let stdio_closed = ctx.stdio_closed;
         let memory = ctx.memory.clone().ok_or(SnapshotError::NoInstance)?;
+        // A child gets the preopens and nothing else: a file open here would be gone there.
+        reactor
+            .wasi
+            .as_ref(&reactor.store)
+            .files_as_started()
+            .map_err(SnapshotError::OpenFiles)?;
         let pristine = self
             .compiled
             .0
             .pristine_tables
             .get()
             .ok_or(SnapshotError::NoInstance)?;
-        let wasi = wasi_layout(&self.name, &self.env, stdio_closed);
+        let wasi = wasi_layout(
+            &self.argv,
+            &self.env,
+            self.preopens.guest_paths(),
+            stdio_closed,
+        );
         snapshot::capture(
             &mut reactor.store,
             &memory,
@@ -657,43 +704,40 @@ impl FunctionHost {
         }
     }
 
-    /// Checks the module's exports against the mode before any instance exists, so a wrong
-    /// module fails at start with a message that says what to change.
-    fn check_abi(&self) -> Result<(), HostError> {
-        let module = self.compiled.module();
-        let has = |name: &str| module.exports().any(|e| e.name() == name);
-        for import in module.imports() {
-            let ns = import.module();
-            if ns != SPINDLE_IMPORTS && !wasi::is_wasi_namespace(ns) {
-                return Err(self.abi_error(format!(
-                    "imports {}.{}, but only `spindle` and WASI preview-1 imports are provided",
-                    ns,
-                    import.name()
-                )));
-            }
+    /// Checks the module's imports, memory and exports against what Spindle and this function
+    /// give it and call ([`abi::check`]) before any instance exists, so a wrong module fails
+    /// at start with every problem it has.
+    fn check_abi(&self, spec: &FunctionSpec) -> Result<(), HostError> {
+        let problems = abi::check(&self.compiled, spec);
+        if problems.is_empty() {
+            return Ok(());
         }
-        match self.mode {
-            ModuleMode::Reactor => {
-                for export in ["memory", "spindle_alloc", "spindle_handle"] {
-                    if !has(export) {
-                        let hint = if has("_start") {
-                            " (it exports _start: set `mode: command` to run it as a WASI command)"
-                        } else {
-                            ""
-                        };
-                        return Err(self.abi_error(format!(
-                            "does not export `{export}` required of a reactor{hint}"
-                        )));
-                    }
-                }
-            }
-            ModuleMode::Command => {
-                if !has("_start") {
-                    return Err(self.abi_error("does not export `_start` required of a command"));
-                }
-            }
-        }
-        Ok(())
+        Err(HostError::Link {
+            path: self.module_path.clone(),
+            function: self.name.clone(),
+            problems: LinkProblems(problems),
+        })
+    }
+
+    /// This host's WASI layout with `stdio_closed`: what its instances see, and what an
+    /// image of one records.
+    fn layout(&self, stdio_closed: [bool; 3]) -> WasiLayout {
+        wasi_layout(
+            &self.argv,
+            &self.env,
+            self.preopens.guest_paths(),
+            stdio_closed,
+        )
+    }
+
+    /// A command's instantiation, once, at start: an instantiation that fails would fail every
+    /// request, so it fails the start instead.
+    fn try_instantiate_command(&self) -> Result<(), HostError> {
+        let mut store = Store::new(self.compiled.engine().clone());
+        let (imports, ..) = self.link(&mut store, self.wasi_ctx())?;
+        Instance::new(&mut store, self.compiled.module(), &imports)
+            .map(drop)
+            .map_err(|e| self.inst_err(instantiate_message(e)))
     }
 
     /// Builds the import object: Spindle's host functions and WASI.
@@ -739,8 +783,8 @@ impl FunctionHost {
     }
 
     fn wasi_ctx(&self) -> WasiCtx {
-        let WasiLayout { args, env, .. } = wasi_layout(&self.name, &self.env, [false; 3]);
-        WasiCtx::new(&self.name, args, env)
+        let WasiLayout { args, env, .. } = self.layout([false; 3]);
+        WasiCtx::new(&self.name, args, env).with_preopens(self.preopens.clone())
     }
 
     fn inst_err(&self, message: String) -> HostError {
@@ -776,9 +820,9 @@ impl FunctionHost {
                     {
                         format!("ran out of fuel (budget {budget} instructions)")
                     }
-                    _ => e.to_string(),
+                    _ => trap_text(&e),
                 };
-                return Err(self.inst_err(format!("_initialize failed: {why}")));
+                return Err(self.inst_err(format!("`_initialize` trapped: {why}")));
             }
         }
         Ok(reactor)
@@ -832,7 +876,7 @@ impl FunctionHost {
         let mut store = Store::new(self.compiled.engine().clone());
         let (imports, guest, wasi_env) = self.link(&mut store, self.wasi_ctx())?;
         let instance = Instance::new(&mut store, self.compiled.module(), &imports)
-            .map_err(|e| self.inst_err(e.to_string()))?;
+            .map_err(|e| self.inst_err(instantiate_message(e)))?;
         // Recorded before any export runs, so it is what every instantiation produces.
         self.compiled
             .0
@@ -1223,17 +1267,38 @@ fn reset_in_place(
     Ok(reset)
 }
 
-/// The guest's args and environment: one definition for the `WasiCtx` an instance gets and
-/// the layout a snapshot records, so a child is checked against what it will really see.
+/// The guest's args, environment and preopens: one definition for the `WasiCtx` an instance
+/// gets and the layout a snapshot records, so a child is checked against what it will really
+/// see.
 pub(crate) fn wasi_layout(
-    name: &str,
+    argv: &[String],
     env: &[(String, String)],
+    preopens: Vec<String>,
     stdio_closed: [bool; 3],
 ) -> WasiLayout {
     WasiLayout {
-        args: vec![name.to_owned()],
+        args: argv.to_vec(),
         env: env.to_vec(),
+        preopens,
         stdio_closed,
+    }
+}
+
+/// A trap's message and where it happened, without wasmer's `RuntimeError: ` prefix.
+fn trap_text(e: &RuntimeError) -> String {
+    let text = e.to_string();
+    text.strip_prefix("RuntimeError: ")
+        .map_or(text.clone(), str::to_owned)
+}
+
+/// Why an instantiation failed: a trap (in a `start` function or a segment out of bounds)
+/// says so; a link or resource error is wasmer's text.
+fn instantiate_message(e: wasmer::InstantiationError) -> String {
+    match e {
+        wasmer::InstantiationError::Start(trap) => {
+            format!("it trapped while instantiating: {}", trap_text(&trap))
+        }
+        other => other.to_string(),
     }
 }
 
@@ -1804,7 +1869,14 @@ mod tests {
         let err = FunctionHost::new(&spec("big-mem", &too_big, ModuleMode::Reactor), None)
             .err()
             .expect("refused");
-        assert!(matches!(err, HostError::Instantiate { .. }), "{err}");
+        assert!(matches!(err, HostError::Link { .. }), "{err}");
+        assert!(
+            err.to_string().ends_with(
+                "cannot run as function `big-mem`:\n  - memory `memory` needs 17 pages \
+                 (1088KiB) at start, more than its `memory:` limit of 16 pages (1MiB)"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

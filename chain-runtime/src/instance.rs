@@ -20,12 +20,18 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::stat::{SFlag, fstat};
 use proto::worker::{
     ARENA_FD, ARENA_META_FD, CACHE_FD, CONFIG_FD, CONTROL_FD, HIGHEST_FIXED_FD, IMAGE_FD,
-    MODULE_FD, MOUNT_NS_FD, NET_NS_FD, SOCKET_FD, STATS_FD, ZYGOTE_FD,
+    MAX_PREOPENS, MODULE_FD, MOUNT_NS_FD, NET_NS_FD, PREOPEN_FD, SOCKET_FD, STATS_FD, ZYGOTE_FD,
 };
 
-use crate::config::{Config, ConfigErrors};
+use crate::config::{Config, ConfigErrors, PreopenDir};
 use crate::host::{FunctionHost, HostError};
 use crate::plan::{ChainPlan, Plan, Stage};
+use crate::wasi::{PreopenError, Preopens};
+
+// A function's `files:` are placed at fixed numbers, one each.
+const _: () = assert!(crate::config::MAX_FILES == MAX_PREOPENS);
+/// Fixed placements an exec plan holds at most: the hand-off's eleven, and the preopens.
+const MAX_PLACEMENTS: usize = 11 + MAX_PREOPENS;
 
 /// Lowest fd number [`Handoff::exec_plan`] duplicates to: above stdio and every fixed
 /// number, so placing the copies cannot overwrite one with another.
@@ -62,6 +68,8 @@ pub enum InstanceError {
     Resume(#[from] crate::resume::ResumeError),
     #[error("confining the process: {0}")]
     Sandbox(sandbox::SandboxError),
+    #[error("the preopened directories the gateway passed: {0}")]
+    Preopens(#[from] PreopenError),
 }
 
 /// The resources a worker process gets from the gateway, one field per fixed fd number.
@@ -90,6 +98,10 @@ pub struct Handoff<Fd> {
     pub cache: Option<Fd>,
     /// The sandbox namespaces to join, when the gateway confines workers.
     pub namespaces: Option<Namespaces<Fd>>,
+    /// The function's preopened directories (`files:`), in config order, at
+    /// `PREOPEN_FD + i`. [`Handoff::inherited`] adopts every directory there; the worker
+    /// checks them against its config once it has read it ([`Preopens::adopt`]).
+    pub preopens: Vec<Fd>,
 }
 
 /// What a zygote process is handed: a [`Handoff`] without the per-instance socket and
@@ -105,13 +117,16 @@ pub struct ZygoteHandoff<Fd> {
     /// The sandbox namespaces to join, when the gateway confines workers; the zygote's
     /// children inherit them.
     pub namespaces: Option<Namespaces<Fd>>,
+    /// The function's preopened directories, as in [`Handoff::preopens`]; the zygote's
+    /// children inherit them.
+    pub preopens: Vec<Fd>,
 }
 
 /// The gateway's copies of a [`Handoff`], ready to be placed in a child between fork and exec.
 pub struct ExecPlan {
     /// Kept open until the child has been spawned; dropping the plan closes them.
     _copies: Vec<OwnedFd>,
-    placements: [(RawFd, RawFd); 11],
+    placements: [(RawFd, RawFd); MAX_PLACEMENTS],
     count: usize,
 }
 
@@ -119,8 +134,14 @@ impl ExecPlan {
     /// Duplicates every fd to a close-on-exec number above the fixed ones, so the child's
     /// `dup2` calls cannot clobber each other, and pairs each copy with its place.
     fn new(fds: &[(BorrowedFd<'_>, RawFd)]) -> std::io::Result<ExecPlan> {
+        if fds.len() > MAX_PLACEMENTS {
+            return Err(std::io::Error::other(format!(
+                "{} fds to place, at most {MAX_PLACEMENTS} fit",
+                fds.len()
+            )));
+        }
         let mut copies = Vec::with_capacity(fds.len());
-        let mut placements = [(-1, -1); 11];
+        let mut placements = [(-1, -1); MAX_PLACEMENTS];
         for (i, (fd, target)) in fds.iter().enumerate() {
             let copy = dup_at_least(*fd, EXEC_PLAN_MIN_FD)?;
             placements[i] = (copy.as_raw_fd(), *target);
@@ -156,6 +177,7 @@ impl Handoff<BorrowedFd<'_>> {
         fds.extend(self.image.map(|fd| (fd, IMAGE_FD)));
         fds.extend(self.cache.map(|fd| (fd, CACHE_FD)));
         fds.extend(namespace_placements(&self.namespaces));
+        fds.extend(preopen_placements(&self.preopens)?);
         ExecPlan::new(&fds)
     }
 }
@@ -171,8 +193,52 @@ impl ZygoteHandoff<BorrowedFd<'_>> {
             (self.zygote, ZYGOTE_FD),
         ];
         fds.extend(namespace_placements(&self.namespaces));
+        fds.extend(preopen_placements(&self.preopens)?);
         ExecPlan::new(&fds)
     }
+}
+
+fn preopen_placements<'a>(
+    preopens: &[BorrowedFd<'a>],
+) -> std::io::Result<impl Iterator<Item = (BorrowedFd<'a>, RawFd)>> {
+    if preopens.len() > MAX_PREOPENS {
+        return Err(std::io::Error::other(format!(
+            "{} preopened directories, at most {MAX_PREOPENS} can be handed over",
+            preopens.len()
+        )));
+    }
+    Ok(preopens
+        .iter()
+        .enumerate()
+        .map(|(i, fd)| (*fd, PREOPEN_FD + i as RawFd)))
+}
+
+/// Adopts the preopened directories the gateway placed from `PREOPEN_FD` on: every
+/// directory fd there, up to the first number that holds none (the gateway places them
+/// contiguously). Called with the rest of the hand-off, before this process opens an fd of
+/// its own, so a number is the gateway's fd or nothing.
+fn inherited_preopen_fds() -> Result<Vec<OwnedFd>, InstanceError> {
+    let mut fds = Vec::new();
+    for fd in PREOPEN_FD..PREOPEN_FD + MAX_PREOPENS as RawFd {
+        // SAFETY: a fixed number borrowed only for this fstat; see take_fd.
+        let is_dir = fstat(unsafe { BorrowedFd::borrow_raw(fd) }).is_ok_and(|st| {
+            SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
+        });
+        if !is_dir {
+            break;
+        }
+        fds.push(take_fd(fd, SFlag::S_IFDIR, "a preopened directory")?);
+    }
+    Ok(fds)
+}
+
+/// The function's preopened directories from the fds the gateway handed over, checked
+/// against `dirs` (its `files:` in the config this process read): one directory each.
+pub fn adopt_preopens(
+    dirs: &[PreopenDir],
+    handed: &mut Vec<OwnedFd>,
+) -> Result<Preopens, InstanceError> {
+    Ok(Preopens::adopt(dirs, std::mem::take(handed))?)
 }
 
 fn namespace_placements<'a>(
@@ -206,6 +272,7 @@ impl ZygoteHandoff<OwnedFd> {
             module: take_fd(MODULE_FD, SFlag::S_IFREG, "the module memfd")?,
             zygote: take_fd(ZYGOTE_FD, SFlag::S_IFSOCK, "the zygote socket")?,
             namespaces: inherited_namespaces()?,
+            preopens: inherited_preopen_fds()?,
         })
     }
 
@@ -248,6 +315,7 @@ impl Handoff<OwnedFd> {
             socket: take_fd(SOCKET_FD, SFlag::S_IFSOCK, "a socket")?,
             control: take_fd(CONTROL_FD, SFlag::S_IFSOCK, "the control socket")?,
             namespaces: inherited_namespaces()?,
+            preopens: inherited_preopen_fds()?,
         })
     }
 
@@ -334,6 +402,9 @@ pub struct InstanceBuilder {
     stage: usize,
     /// How this function's processes are confined, and the uid they run as.
     sandbox: crate::confine::FunctionSandbox,
+    /// The function's preopened directories as the gateway handed them over; `None`: opened
+    /// from the config's paths when an instance is built (a tool outside the sandbox).
+    preopens: Option<Preopens>,
 }
 
 impl InstanceBuilder {
@@ -363,8 +434,25 @@ impl InstanceBuilder {
             sandbox: crate::confine::FunctionSandbox {
                 enabled: config.sandbox.enabled,
                 uid,
+                preopens: config.function(function).map_or(0, |f| f.files.len()),
             },
+            preopens: None,
         })
+    }
+
+    /// Builds every instance with `preopens` (adopted from the gateway, see
+    /// [`adopt_preopens`]) instead of opening the config's directories.
+    pub fn with_preopens(mut self, preopens: Preopens) -> Self {
+        self.preopens = Some(preopens);
+        self
+    }
+
+    /// The preopens instances get: the ones handed over, else the config's, opened now.
+    pub fn preopens(&self) -> Result<Preopens, InstanceError> {
+        match &self.preopens {
+            Some(p) => Ok(p.clone()),
+            None => Ok(Preopens::open(&self.stage().function.files)?),
+        }
     }
 
     /// Parses `text` (the config read from `path`) and resolves `function` of `chain` in it.
@@ -392,14 +480,23 @@ impl InstanceBuilder {
 
     /// Cold start from the module's bytes: compile, instantiate, `_initialize` (reactors).
     pub fn cold(self, module: &[u8]) -> Result<Instance, InstanceError> {
-        let host = FunctionHost::from_bytes(&self.stage().function, module, self.chain().routes())?;
+        let host = FunctionHost::from_bytes(
+            &self.stage().function,
+            module,
+            self.chain().routes(),
+            self.preopens()?,
+        )?;
         Ok(self.finish(host))
     }
 
     /// Cold start from the module file the config names.
     pub fn cold_from_file(self) -> Result<Instance, InstanceError> {
-        let host = FunctionHost::new(&self.stage().function, self.chain().routes())?;
-        Ok(self.finish(host))
+        let bytes =
+            std::fs::read(&self.stage().function.module).map_err(|source| HostError::Read {
+                path: self.stage().function.module.display().to_string(),
+                source,
+            })?;
+        self.cold(&bytes)
     }
 
     /// Cold start from a module compiled already ([`InstanceBuilder::compile`]):
@@ -409,8 +506,12 @@ impl InstanceBuilder {
         self,
         module: &crate::host::CompiledModule,
     ) -> Result<Instance, InstanceError> {
-        let host =
-            FunctionHost::from_compiled(&self.stage().function, module, self.chain().routes())?;
+        let host = FunctionHost::from_compiled(
+            &self.stage().function,
+            module,
+            self.chain().routes(),
+            self.preopens()?,
+        )?;
         Ok(self.finish(host))
     }
 
@@ -438,6 +539,7 @@ impl InstanceBuilder {
         let host = FunctionHost::fork(
             &self.stage().function,
             self.chain().routes(),
+            self.preopens()?,
             module,
             snapshot.meta(),
             crate::snapshot::MemoryFill::Map(snapshot.image()),
@@ -455,11 +557,12 @@ impl InstanceBuilder {
         )?)
     }
 
-    /// The WASI layout (args, environment) this node's config gives the function: what a
-    /// remote image's layout digest must match.
+    /// The WASI layout (args, environment, preopens) this node's config gives the function:
+    /// what a remote image's layout digest must match.
     pub fn wasi_layout(&self) -> crate::snapshot::WasiLayout {
         let f = &self.stage().function;
-        crate::host::wasi_layout(&f.name, &f.env, [false; 3])
+        let preopens = f.files.iter().map(|d| d.guest.clone()).collect();
+        crate::host::wasi_layout(&f.argv(), &f.env, preopens, [false; 3])
     }
 
     /// Like [`InstanceBuilder::from_snapshot`] with the memory contents left to the caller
@@ -475,6 +578,7 @@ impl InstanceBuilder {
         let host = FunctionHost::fork(
             &self.stage().function,
             self.chain().routes(),
+            self.preopens()?,
             module,
             meta,
             fill,
@@ -609,6 +713,7 @@ mod tests {
             image: None,
             cache: None,
             namespaces: None,
+            preopens: Vec::new(),
         };
         let plan = handoff.exec_plan().unwrap();
         let placements = plan.placements();
@@ -660,5 +765,33 @@ mod tests {
                 .iter()
                 .all(|(from, _)| *from > HIGHEST_FIXED_FD)
         );
+        // Preopened directories go after everything, from PREOPEN_FD on, up to MAX_PREOPENS.
+        let dirs: Vec<OwnedFd> = (0..=MAX_PREOPENS)
+            .map(|_| File::open(std::env::temp_dir()).unwrap().into())
+            .collect();
+        let borrowed: Vec<BorrowedFd<'_>> = dirs.iter().map(|d| d.as_fd()).collect();
+        let with_files = Handoff {
+            preopens: borrowed[..3].to_vec(),
+            ..confined
+        };
+        let plan = with_files.exec_plan().unwrap();
+        let targets: Vec<RawFd> = plan.placements()[11..].iter().map(|p| p.1).collect();
+        assert_eq!(targets, [PREOPEN_FD, PREOPEN_FD + 1, PREOPEN_FD + 2]);
+        let all = Handoff {
+            preopens: borrowed[..MAX_PREOPENS].to_vec(),
+            ..with_files
+        };
+        let plan = all.exec_plan().unwrap();
+        assert_eq!(plan.placements().last().unwrap().1, HIGHEST_FIXED_FD);
+        assert!(
+            plan.placements()
+                .iter()
+                .all(|(from, _)| *from > HIGHEST_FIXED_FD)
+        );
+        let too_many = Handoff {
+            preopens: borrowed.clone(),
+            ..all
+        };
+        assert!(too_many.exec_plan().is_err());
     }
 }

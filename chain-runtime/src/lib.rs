@@ -9,10 +9,14 @@
 //! function with `isolation: fresh_per_request` has its instance reset in place to its warm
 //! image after every call ([`fresh`]).
 //!
+//! Whether a module can run as its function at all ([`abi`]: imports, memory, exports) is
+//! checked before an instance is built, and by `spindle validate`.
+//!
 //! The gateway crate owns HTTP, supervision and routing; this crate owns everything that
 //! happens inside a function instance and the config both sides read. It must not route
 //! between instances, speak HTTP or define wire layouts (those are `proto`'s).
 
+pub mod abi;
 pub mod config;
 pub mod confine;
 pub mod control;

@@ -95,6 +95,12 @@ pub enum SnapshotError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error(
+        "the guest has files open that a child could not get back ({0}); close them before \
+         the instance is captured (by the end of `_initialize`, or of a request), or use \
+         `start: exec`"
+    )]
+    OpenFiles(String),
     #[error("image does not fit this instance: {0}")]
     Mismatch(String),
     #[error("image is malformed: {0}")]
@@ -208,7 +214,11 @@ pub struct TableImage {
 pub struct WasiLayout {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// Stdio fds (0, 1, 2) the guest closed; no other fds exist.
+    /// The guest paths of the preopened directories, in fd order (from fd 3): the guest's
+    /// libc keeps its table of them in linear memory, so a child must have the same ones.
+    pub preopens: Vec<String>,
+    /// Stdio fds (0, 1, 2) the guest closed. Above them only the preopens are open (a
+    /// capture refuses an instance with anything else open, see `SnapshotError::OpenFiles`).
     pub stdio_closed: [bool; 3],
 }
 
@@ -705,9 +715,10 @@ unsafe fn map_fixed(
 }
 
 impl WasiLayout {
-    /// SHA-256 over the args and the environment, each length-prefixed: what a remote child
-    /// compares with its own layout instead of receiving the contents (the environment may
-    /// hold secrets, and the child rebuilds the layout from its own config anyway).
+    /// SHA-256 over the args, the environment and the preopens' guest paths, each
+    /// length-prefixed: what a remote child compares with its own layout instead of receiving
+    /// the contents (the environment may hold secrets, and the child rebuilds the layout from
+    /// its own config anyway).
     pub fn digest(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
@@ -723,6 +734,10 @@ impl WasiLayout {
         for (k, v) in &self.env {
             put(k);
             put(v);
+        }
+        put("preopens");
+        for p in &self.preopens {
+            put(p);
         }
         h.finalize().into()
     }

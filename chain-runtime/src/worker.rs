@@ -46,7 +46,7 @@ use shm::{ArenaError, ArenaView, SlotRef};
 use crate::confine::{Role, confine};
 use crate::control::{self, Prepared};
 use crate::host::{Outcome, SlotIo, SlotMapping};
-use crate::instance::{Handoff, Instance, InstanceBuilder, InstanceError};
+use crate::instance::{Handoff, Instance, InstanceBuilder, InstanceError, adopt_preopens};
 use crate::resume::{RemoteImage, ResumedMemory};
 use crate::stats::{ErrorKind, ForkCounters, StatsError, StatsPage};
 
@@ -70,6 +70,21 @@ pub enum WorkerError {
          (its zygote's, since reused): recursive locks could not tell the two apart"
     )]
     StaleThreadId(libc::pid_t),
+    /// A start failure already told to the gateway, which reports it: the process need not
+    /// print it too.
+    #[error(transparent)]
+    Reported(Box<WorkerError>),
+}
+
+impl WorkerError {
+    /// `self`, marked as told to the gateway when `reported`.
+    pub(crate) fn reported(self, reported: bool) -> WorkerError {
+        if reported {
+            WorkerError::Reported(Box::new(self))
+        } else {
+            self
+        }
+    }
 }
 
 /// What identifies a worker; the gateway passes it on the command line.
@@ -105,53 +120,18 @@ fn open_cache(
 }
 
 /// Runs the worker until the gateway closes the socket. Takes over fds 3 to 9 and 12 (and 11,
-/// a node page cache, when resuming).
+/// a node page cache, when resuming), and the function's preopened directories from 15 on.
+/// Until its instance is ready, a failure is also told to the gateway on the control socket
+/// ([`control::report_start_failure`]) before the fds close.
 pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
     let mut handoff = Handoff::inherited(args.from_image)?;
-    let (text, module) = handoff.read_inputs()?;
-    let builder =
-        InstanceBuilder::from_config_text(&text, &args.config, &args.chain, &args.function)?;
-    // A resumed instance's lazy memory needs a userfaultfd that also catches the kernel's
-    // faults on it, which only a privileged process may create: made before the privileges
-    // go (using it needs none).
-    let userfaultfd = match args.from_image {
-        true => Some(rdma_fork::create_uffd().map_err(|e| WorkerError::Image(e.to_string()))?),
-        false => None,
-    };
-    // Before the module is compiled or any guest code runs, and while this is the only
-    // thread (joining a mount namespace needs that).
-    let role = if args.from_image {
-        Role::Resumed
-    } else {
-        Role::Worker
-    };
-    confine(builder.sandbox(), handoff.namespaces.take(), role)?;
-    let (instance, resumed) = match handoff.read_image()? {
-        None => (builder.cold(&module)?, None),
-        Some(descriptor) => {
-            let descriptor: proto::ImageDescriptor = descriptor
-                .trim_end()
-                .parse()
-                .map_err(|e| WorkerError::Image(format!("{e}")))?;
-            let mut image = RemoteImage::new(descriptor, PARENT_TIMEOUT);
-            image.cache = open_cache(&handoff, &image.descriptor);
-            // bench/fork.sh: from a warm cache, order prefetch cut table1m's first response
-            // from ~3.0 ms (cache hits on demand) to ~1.2 ms; without a cache there is no
-            // order log to prefetch from.
-            image.prefetch = image.cache.is_some();
-            let (instance, memory) = builder.resume_remote_into(&module, &image, userfaultfd)?;
-            if let Some(failure) = memory.failure() {
-                // Pages touched while resuming (spindle_on_fork) never arrived: not ready.
-                return Err(WorkerError::Image(format!(
-                    "fetching pages from the image's parent failed: {failure}"
-                )));
-            }
-            tracing::info!(function = %args.function, parent = %image.descriptor.parent,
-                restored_us = memory.timings.restored_us, "resumed from a remote image");
-            (instance, Some(memory))
+    let (instance, resumed) = match build(args, &mut handoff) {
+        Ok(built) => built,
+        Err(e) => {
+            let reported = control::report_start_failure(handoff.control.as_fd(), &e);
+            return Err(e.reported(reported));
         }
     };
-    drop(module);
     let Handoff {
         arena,
         arena_meta,
@@ -173,6 +153,60 @@ pub fn run(args: &WorkerArgs) -> Result<(), WorkerError> {
         },
         args.instance,
     )
+}
+
+/// Everything from the hand-off to a built instance: config, preopens, confinement, then a
+/// cold build or a resume.
+fn build(
+    args: &WorkerArgs,
+    handoff: &mut Handoff<OwnedFd>,
+) -> Result<(Instance, Option<ResumedMemory>), WorkerError> {
+    let (text, module) = handoff.read_inputs()?;
+    let builder =
+        InstanceBuilder::from_config_text(&text, &args.config, &args.chain, &args.function)?;
+    let preopens = adopt_preopens(&builder.stage().function.files, &mut handoff.preopens)?;
+    let builder = builder.with_preopens(preopens);
+    // A resumed instance's lazy memory needs a userfaultfd that also catches the kernel's
+    // faults on it, which only a privileged process may create: made before the privileges
+    // go (using it needs none).
+    let userfaultfd = match args.from_image {
+        true => Some(rdma_fork::create_uffd().map_err(|e| WorkerError::Image(e.to_string()))?),
+        false => None,
+    };
+    // Before the module is compiled or any guest code runs, and while this is the only
+    // thread (joining a mount namespace needs that).
+    let role = if args.from_image {
+        Role::Resumed
+    } else {
+        Role::Worker
+    };
+    confine(builder.sandbox(), handoff.namespaces.take(), role)?;
+    let built = match handoff.read_image()? {
+        None => (builder.cold(&module)?, None),
+        Some(descriptor) => {
+            let descriptor: proto::ImageDescriptor = descriptor
+                .trim_end()
+                .parse()
+                .map_err(|e| WorkerError::Image(format!("{e}")))?;
+            let mut image = RemoteImage::new(descriptor, PARENT_TIMEOUT);
+            image.cache = open_cache(handoff, &image.descriptor);
+            // bench/fork.sh: from a warm cache, order prefetch cut table1m's first response
+            // from ~3.0 ms (cache hits on demand) to ~1.2 ms; without a cache there is no
+            // order log to prefetch from.
+            image.prefetch = image.cache.is_some();
+            let (instance, memory) = builder.resume_remote_into(&module, &image, userfaultfd)?;
+            if let Some(failure) = memory.failure() {
+                // Pages touched while resuming (spindle_on_fork) never arrived: not ready.
+                return Err(WorkerError::Image(format!(
+                    "fetching pages from the image's parent failed: {failure}"
+                )));
+            }
+            tracing::info!(function = %args.function, parent = %image.descriptor.parent,
+                restored_us = memory.timings.restored_us, "resumed from a remote image");
+            (instance, Some(memory))
+        }
+    };
+    Ok(built)
 }
 
 /// What an instance serves with, however its process was started.
@@ -200,6 +234,33 @@ pub(crate) fn serve_instance(
     fds: ServingFds,
     number: u32,
 ) -> Result<(), WorkerError> {
+    // Until the ready message is out, a failure is told to the gateway on the control socket
+    // (the control thread owns the socket itself from when it starts).
+    let report = fds.control.try_clone()?;
+    let started = start_serving(instance, resumed, fds, number);
+    let (mut worker, reader, writer) = match started {
+        Ok(ready) => ready,
+        Err(e) => {
+            let reported = control::report_start_failure(report.as_fd(), &e);
+            return Err(e.reported(reported));
+        }
+    };
+    drop(report);
+    worker.serve(reader, writer)
+}
+
+type Reader = BufReader<TcpStream>;
+type Writer = BufWriter<TcpStream>;
+
+/// Everything before the first descriptor: the statistics page and the arena mapped, the
+/// instance made ready (`prepare`), the control thread and the watchdog started, the ready
+/// message sent.
+fn start_serving(
+    instance: Instance,
+    resumed: Option<ResumedMemory>,
+    fds: ServingFds,
+    number: u32,
+) -> Result<(Worker, Reader, Writer), WorkerError> {
     let stats = StatsPage::from_fd(fds.stats)?;
     let arena = ArenaView::from_fds(fds.arena_meta, fds.arena)?;
     let socket = TcpStream::from(fds.socket);
@@ -208,6 +269,10 @@ pub(crate) fn serve_instance(
     let (chain_id, fn_id) = (instance.chain().id, instance.stage().fn_id);
     let function = instance.stage().function.name.clone();
     let idle_spin = instance.stage().function.idle_spin;
+    let mut instance = instance;
+    // Ready for the first request before saying so: with `isolation: fresh_per_request`
+    // this arms the reset (an exec'd instance captures its image here).
+    instance.host_mut().prepare().map_err(InstanceError::from)?;
     let mut worker = Worker {
         instance,
         resumed,
@@ -222,13 +287,6 @@ pub(crate) fn serve_instance(
     };
     // Pages the resume itself touched (spindle_on_fork, WASI set-up) count too.
     worker.publish_fork_counters();
-    // Ready for the first request before saying so: with `isolation: fresh_per_request`
-    // this arms the reset (an exec'd instance captures its image here).
-    worker
-        .instance
-        .host_mut()
-        .prepare()
-        .map_err(InstanceError::from)?;
     worker.start_watchdog();
     if let Some(stale) = fds.stale_tid {
         // The serving loop starts no threads after these two (control, watchdog).
@@ -239,10 +297,8 @@ pub(crate) fn serve_instance(
     writer.flush()?;
     tracing::info!(chain = %worker.instance.chain().spec.name, function = %worker.function_name(),
         instance = number, "worker ready");
-    worker.serve(
-        BufReader::with_capacity(READ_BATCH * Descriptor::SIZE, socket),
-        writer,
-    )
+    let reader = BufReader::with_capacity(READ_BATCH * Descriptor::SIZE, socket);
+    Ok((worker, reader, writer))
 }
 
 /// A prepare the control thread asked for: when it asked, and where the answer goes.

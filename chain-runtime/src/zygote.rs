@@ -77,7 +77,9 @@ use proto::zygote::{MAX_PACKET, Reply, SPAWN_FDS, SpawnRequest, ZygoteWireError}
 
 use crate::confine::{Role, child_filter, confine};
 use crate::host::CompiledModule;
-use crate::instance::{InstanceBuilder, InstanceError, ZygoteHandoff, dup_at_least};
+use crate::instance::{
+    Instance, InstanceBuilder, InstanceError, ZygoteHandoff, adopt_preopens, dup_at_least,
+};
 use crate::snapshot::{Snapshot, SnapshotError};
 use crate::worker::{ServingFds, WorkerError, serve_instance};
 
@@ -90,6 +92,9 @@ const THREADS_SETTLE: Duration = Duration::from_secs(5);
 pub enum ZygoteError {
     #[error(transparent)]
     Instance(#[from] InstanceError),
+    /// The function's instance could not be built: no worker of it can start.
+    #[error(transparent)]
+    Build(InstanceError),
     // The sources print after these (anyhow's chain at the binary's edge).
     #[error("capturing the warm instance")]
     Snapshot(#[from] SnapshotError),
@@ -97,6 +102,9 @@ pub enum ZygoteError {
     Io(#[from] std::io::Error),
     #[error("cannot keep the zygote single-threaded: {0}")]
     Threads(String),
+    /// A failure already told to the gateway, which reports it.
+    #[error(transparent)]
+    Reported(Box<ZygoteError>),
 }
 
 /// What identifies a zygote; the gateway passes it on the command line.
@@ -108,7 +116,10 @@ pub struct ZygoteArgs {
     pub function: String,
 }
 
-/// Runs the zygote until the gateway closes its socket. Takes over fds 3, 5, 6 and 10.
+/// Runs the zygote until the gateway closes its socket. Takes over fds 3, 5, 6 and 10, and
+/// the function's preopened directories from 15 on. A failure before it is ready is told to
+/// the gateway first: [`Reply::BuildFailed`] when the function's instance itself cannot be
+/// built (no worker of it could start), [`Reply::Failed`] for the zygote's own reasons.
 pub fn run(args: &ZygoteArgs) -> Result<(), ZygoteError> {
     // Before anything can start rayon's global pool with threads of its own.
     rayon::ThreadPoolBuilder::new()
@@ -120,22 +131,24 @@ pub fn run(args: &ZygoteArgs) -> Result<(), ZygoteError> {
     let reserved = reserve_fd_numbers()?;
     let gateway = nix::unistd::getppid();
     let began = Instant::now();
-    let (text, module) = handoff.read_inputs()?;
-    let builder =
-        InstanceBuilder::from_config_text(&text, &args.config, &args.chain, &args.function)?;
-    // Before `_initialize`, the first guest code; every child inherits the confinement.
-    confine(builder.sandbox(), handoff.namespaces.take(), Role::Zygote)?;
-    let mut warm = builder.clone().cold(&module)?;
-    let snapshot = warm.host_mut().snapshot()?;
-    let compiled = warm.host_mut().compiled_module();
-    drop(warm);
-    drop(module);
-    wait_single_threaded(THREADS_SETTLE)?;
-    // Every page left in the heap is one more page-table entry each fork copies and one more
-    // copy-on-write fault a child may take: hand the compile's freed memory back first.
-    // SAFETY: malloc_trim only returns free heap memory to the kernel; no allocation is
-    // live across it that it could touch. Raw libc: nix has no malloc_trim.
-    unsafe { libc::malloc_trim(0) };
+    let warm = match warm_up(args, &mut handoff) {
+        Ok(warm) => warm,
+        Err(e) => {
+            let message = crate::control::error_chain(&e);
+            let reply = match e {
+                ZygoteError::Build(_) => Reply::BuildFailed(message),
+                _ => Reply::Failed(message),
+            };
+            return match send_packet(handoff.zygote.as_fd(), &reply.to_bytes(), &[]) {
+                Ok(()) => Err(ZygoteError::Reported(Box::new(e))),
+                Err(send) => {
+                    tracing::debug!("could not tell the gateway why the zygote failed: {send}");
+                    Err(e)
+                }
+            };
+        }
+    };
+    let (builder, snapshot, compiled) = warm;
     let build_ns = began.elapsed().as_nanos() as u64;
     // The config and module memfds stay open at their numbers, as in an exec'd worker: a
     // forked child's fd table matches one.
@@ -162,6 +175,33 @@ pub fn run(args: &ZygoteArgs) -> Result<(), ZygoteError> {
         build_ns,
     })?;
     state.serve()
+}
+
+/// Config, preopens, confinement, then one warm instance built cold and captured; back to a
+/// single thread.
+fn warm_up(
+    args: &ZygoteArgs,
+    handoff: &mut ZygoteHandoff<OwnedFd>,
+) -> Result<(InstanceBuilder, Snapshot, CompiledModule), ZygoteError> {
+    let (text, module) = handoff.read_inputs()?;
+    let builder =
+        InstanceBuilder::from_config_text(&text, &args.config, &args.chain, &args.function)?;
+    let preopens = adopt_preopens(&builder.stage().function.files, &mut handoff.preopens)?;
+    let builder = builder.with_preopens(preopens);
+    // Before `_initialize`, the first guest code; every child inherits the confinement.
+    confine(builder.sandbox(), handoff.namespaces.take(), Role::Zygote)?;
+    let mut warm = builder.clone().cold(&module).map_err(ZygoteError::Build)?;
+    let snapshot = warm.host_mut().snapshot()?;
+    let compiled = warm.host_mut().compiled_module();
+    drop(warm);
+    drop(module);
+    wait_single_threaded(THREADS_SETTLE)?;
+    // Every page left in the heap is one more page-table entry each fork copies and one more
+    // copy-on-write fault a child may take: hand the compile's freed memory back first.
+    // SAFETY: malloc_trim only returns free heap memory to the kernel; no allocation is
+    // live across it that it could touch. Raw libc: nix has no malloc_trim.
+    unsafe { libc::malloc_trim(0) };
+    Ok((builder, snapshot, compiled))
 }
 
 struct Zygote {
@@ -293,7 +333,9 @@ impl Zygote {
         }
     }
 
-    /// The child's whole life; never returns into the zygote's loop.
+    /// The child's whole life; never returns into the zygote's loop. A failure before its
+    /// instance is ready is told to the gateway on the control socket, as an exec'd worker
+    /// does.
     fn become_worker(
         &mut self,
         request: SpawnRequest,
@@ -302,8 +344,28 @@ impl Zygote {
         control: OwnedFd,
         stale_tid: libc::pid_t,
     ) -> ! {
-        let code = match self.child_main(request, socket, stats, control, stale_tid) {
+        // Every number a child's fds go to is taken now (reservations, hand-off, preopens),
+        // so this copy lands above them and placing the fds cannot overwrite it.
+        let report = control.try_clone();
+        let result = match self.child_build(request, socket, stats, control, stale_tid) {
+            Ok((instance, fds)) => {
+                drop(report);
+                serve_instance(instance, None, fds, request.instance)
+            }
+            Err(e) => {
+                let reported = report
+                    .as_ref()
+                    .is_ok_and(|r| crate::control::report_start_failure(r.as_fd(), &e));
+                Err(e.reported(reported))
+            }
+        };
+        let code = match result {
             Ok(()) => 0,
+            Err(WorkerError::Reported(e)) => {
+                tracing::debug!(function = %self.builder.stage().function.name,
+                    instance = request.instance, "forked worker did not start (told the gateway): {e}");
+                1
+            }
             Err(e) => {
                 tracing::error!(function = %self.builder.stage().function.name,
                     instance = request.instance, "forked worker: {e}");
@@ -313,14 +375,15 @@ impl Zygote {
         std::process::exit(code)
     }
 
-    fn child_main(
+    /// The child's instance from the zygote's image, and its fds where a worker has them.
+    fn child_build(
         &mut self,
         request: SpawnRequest,
         socket: OwnedFd,
         stats: OwnedFd,
         control: OwnedFd,
         stale_tid: libc::pid_t,
-    ) -> Result<(), WorkerError> {
+    ) -> Result<(Instance, ServingFds), WorkerError> {
         // A worker must not outlive its gateway, even one killed with SIGKILL.
         nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
             .map_err(std::io::Error::from)?;
@@ -361,19 +424,15 @@ impl Zygote {
             restore_us = began.elapsed().as_micros() as u64,
             "restored from the zygote's image"
         );
-        serve_instance(
-            instance,
-            None,
-            ServingFds {
-                stale_tid: Some(stale_tid),
-                arena,
-                arena_meta,
-                socket,
-                stats,
-                control,
-            },
-            request.instance,
-        )
+        let fds = ServingFds {
+            stale_tid: Some(stale_tid),
+            arena,
+            arena_meta,
+            socket,
+            stats,
+            control,
+        };
+        Ok((instance, fds))
     }
 }
 
@@ -427,14 +486,16 @@ pub(crate) fn place_fds(pairs: &[(BorrowedFd<'_>, RawFd)]) -> std::io::Result<Ve
     Ok(placed)
 }
 
-/// Fills every free fd number up to `proto::worker::HIGHEST_FIXED_FD` with /dev/null
+/// Fills every free fd number up to `proto::worker::MOUNT_NS_FD` with /dev/null
 /// (close-on-exec), so that nothing the zygote opens itself (the image memfd, say) sits where
 /// a child must place its socket or statistics page. Returned so a child can free them again.
+/// Not past it: the preopens' numbers above are the gateway's fds or free, and the
+/// confinement closes the free ones, which must then not be owned here.
 fn reserve_fd_numbers() -> std::io::Result<Vec<OwnedFd>> {
     let mut reserved = Vec::new();
     loop {
         let null = OwnedFd::from(std::fs::File::open("/dev/null")?);
-        if null.as_raw_fd() > proto::worker::HIGHEST_FIXED_FD {
+        if null.as_raw_fd() > proto::worker::MOUNT_NS_FD {
             return Ok(reserved);
         }
         reserved.push(null);

@@ -7,7 +7,7 @@
 //! forks per second one zygote sustains, and the memory of a forked worker against a cold
 //! one (/proc/PID/smaps_rollup). One JSON object per result on stdout; a summary on stderr.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use chain_runtime::stats::StatsPage;
 use gateway::dataplane::ChainRuntime;
 use gateway::metrics::Metrics;
 use gateway::process::WorkerProcess;
-use gateway::supervisor::{WorkerCommand, exec_worker_process, socket_pair};
+use gateway::supervisor::{FunctionInputs, WorkerCommand, exec_worker_process, socket_pair};
 use gateway::zygote::Zygote;
 use nix::sys::signal::Signal;
 use proto::zygote::SpawnRequest;
@@ -80,7 +80,7 @@ struct Start {
 struct Bench {
     cmd: WorkerCommand,
     chain: Arc<ChainRuntime>,
-    module: Arc<OwnedFd>,
+    inputs: Arc<FunctionInputs>,
     zygote: Arc<Zygote>,
     stage: usize,
     chain_id: u16,
@@ -119,11 +119,11 @@ async fn bench(args: LocalBenchArgs) -> anyhow::Result<()> {
         Arc::new(arena),
         None,
     )?);
-    let module_path = &chain_plan.stages[stage].function.module;
-    let module = Arc::new(sealed_memfd(
-        &args.function,
-        &std::fs::read(module_path)
-            .with_context(|| format!("reading {}", module_path.display()))?,
+    let function = &chain_plan.stages[stage].function;
+    let inputs = Arc::new(FunctionInputs::pin(
+        function,
+        &std::fs::read(&function.module)
+            .with_context(|| format!("reading {}", function.module.display()))?,
     )?);
     let cmd = WorkerCommand {
         exe: std::env::current_exe()?,
@@ -143,18 +143,21 @@ async fn bench(args: LocalBenchArgs) -> anyhow::Result<()> {
         cmd.clone(),
         Arc::clone(&chain),
         Arc::new(Metrics::new()),
-        Arc::clone(&module),
+        Arc::clone(&inputs),
         stage,
         stop_rx,
     ));
-    if !zygote.first_start().await {
-        bail!("the zygote did not start (its log is above)");
+    if let Err(why) = zygote.first_start().await {
+        match why {
+            Some(why) => bail!("the function cannot start: {why}"),
+            None => bail!("the zygote did not start (its log is above)"),
+        }
     }
     let zygote_up_ms = began.elapsed().as_secs_f64() * 1e3;
     let mut bench = Bench {
         cmd,
         chain,
-        module,
+        inputs,
         zygote,
         stage,
         chain_id,
@@ -293,12 +296,13 @@ impl Bench {
                 arena_meta: self.chain.arena.meta_fd(),
                 socket: worker_end.as_fd(),
                 config: self.cmd.config_text.as_fd(),
-                module: self.module.as_fd(),
+                module: self.inputs.module.as_fd(),
                 stats: stats.as_fd(),
                 control: worker_control.as_fd(),
                 image: None,
                 cache: None,
                 namespaces: self.cmd.namespaces(),
+                preopens: self.inputs.preopens.fds(),
             }
             .exec_plan()?;
             let args = [

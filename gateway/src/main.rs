@@ -17,7 +17,7 @@ use gateway::dataplane::{ChainRuntime, KernelRoute};
 use gateway::http::{DataplaneStatus, Gateway};
 use gateway::metrics::Metrics;
 use gateway::node::{AdminListener, ControlBoard, NodeService};
-use gateway::supervisor::WorkerCommand;
+use gateway::supervisor::{FunctionInputs, WorkerCommand};
 use shm::Arena;
 use tokio::sync::watch;
 
@@ -81,7 +81,9 @@ enum Command {
         #[command(flatten)]
         peers: gateway::peers::PeerArgs,
     },
-    /// Check CONFIG and print every problem as file:line:col: message. Exit status 1 if any.
+    /// Check CONFIG and print every problem as file:line:col: message, each function's module
+    /// included (compiled and checked against what Spindle provides and its mode calls, not
+    /// run). Exit status 1 if any.
     Validate { config: PathBuf },
     /// Ask a running gateway to reload its config (as SIGHUP does) and print what changed:
     /// functions whose module or call settings changed roll to new instances while the old
@@ -399,11 +401,28 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if told_the_gateway(&e) => {
+            // The gateway reports it, with the function's name: printed here too, it would
+            // only say the same again.
+            tracing::debug!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A worker's or zygote's start failure that it already sent to the gateway.
+fn told_the_gateway(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<worker::WorkerError>(),
+        Some(worker::WorkerError::Reported(_))
+    ) || matches!(
+        e.downcast_ref::<chain_runtime::zygote::ZygoteError>(),
+        Some(chain_runtime::zygote::ZygoteError::Reported(_))
+    )
 }
 
 /// CPUs this process may run on (its affinity mask), for `http.shards: auto`.
@@ -498,8 +517,10 @@ fn resume_images(
     Ok(images)
 }
 
+/// The config's checks, then each function's module compiled and checked against what
+/// Spindle gives it and what its mode calls (`chain_runtime::abi`), without running it.
 fn validate(path: &Path) -> anyhow::Result<()> {
-    match Config::load(path) {
+    match Config::load_checking(path, &mut chain_runtime::abi::check_file) {
         Ok(config) => {
             println!(
                 "{}: ok ({} functions, {} chains)",
@@ -757,10 +778,11 @@ async fn run(
     let mut running = Vec::new();
     for chain in &chains {
         for (stage, st) in chain.stages.iter().enumerate() {
-            let path = &chain.plan.stages[stage].function.module;
+            let function = &chain.plan.stages[stage].function;
+            let path = &function.module;
             let bytes = std::fs::read(path)
                 .with_context(|| format!("reading module {}", path.display()))?;
-            let module = Arc::new(sealed_memfd(&st.name, &bytes).context("pinning the module")?);
+            let inputs = Arc::new(FunctionInputs::pin(function, &bytes)?);
             // Instances resumed from a remote image keep starting by exec for now.
             let forks = chain.plan.stages[stage].function.start == StartMode::Fork
                 && !cmd.images.contains_key(&st.name);
@@ -769,7 +791,7 @@ async fn run(
                 cmd.clone(),
                 chain,
                 &metrics,
-                module,
+                inputs,
                 stage,
                 forks.then_some(node_args.zygote_reply_timeout),
                 &shutdown_rx,

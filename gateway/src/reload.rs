@@ -13,7 +13,6 @@
 //! queues the gateway allocated at start). A reload that asks for those is refused as a whole and
 //! changes nothing; a file with errors is refused with every error at file:line:col.
 
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -24,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::dataplane::ChainRuntime;
 use crate::metrics::Metrics;
 use crate::scaler::{Generation, Roll};
-use crate::supervisor::WorkerCommand;
+use crate::supervisor::{FunctionInputs, WorkerCommand};
 
 /// Why a reload changed nothing, or not everything.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +90,8 @@ fn rollable(spec: &FunctionSpec) -> impl PartialEq + '_ {
         spec.start,
         spec.isolation,
         spec.idle_spin,
+        &spec.args,
+        &spec.files,
     )
 }
 
@@ -259,10 +260,10 @@ impl Reloader {
         for (i, spec, bytes, module_digest) in changes {
             let f = &mut self.functions[i];
             let who = format!("{}/{}", f.chain.plan.spec.name, spec.name);
-            let module: OwnedFd = match chain_runtime::instance::sealed_memfd(&spec.name, &bytes) {
-                Ok(fd) => fd,
+            let inputs = match FunctionInputs::pin(&spec, &bytes) {
+                Ok(inputs) => inputs,
                 Err(e) => {
-                    failed.push(format!("{who}: cannot pin the new module: {e}"));
+                    failed.push(format!("{who}: {e}"));
                     continue;
                 }
             };
@@ -272,7 +273,7 @@ impl Reloader {
                 cmd.clone(),
                 &f.chain,
                 &self.metrics,
-                Arc::new(module),
+                Arc::new(inputs),
                 f.stage,
                 forks.then_some(self.zygote_reply_timeout),
                 &self.shutdown,

@@ -134,7 +134,11 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<()> {
         outside: nix::unistd::getpid(),
         listener: listener.local_addr()?,
     };
-    let function = FunctionSandbox { enabled: true, uid };
+    let function = FunctionSandbox {
+        enabled: true,
+        uid,
+        preopens: 0,
+    };
     for (name, attempt) in ATTEMPTS {
         let outcome = in_confined_child(args.layers, function, &namespaces, || attempt(&cx));
         // In the host's root, where a layer that allows the create put it.

@@ -28,7 +28,6 @@
 //! when the function has a zygote); a fixed count (`instances: N`) is only that.
 
 use std::collections::VecDeque;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -40,7 +39,7 @@ use tokio::task::JoinHandle;
 use crate::dataplane::{ChainRuntime, StageLoad};
 use crate::metrics::Metrics;
 use crate::peers::PoolPeers;
-use crate::supervisor::{ResumeFds, SpawnError, WorkerCommand, supervise};
+use crate::supervisor::{FunctionInputs, ResumeFds, SpawnError, WorkerCommand, supervise};
 use crate::zygote::Zygote;
 
 mod remote;
@@ -173,7 +172,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct Generation {
     pub number: u64,
     pub cmd: WorkerCommand,
-    pub module: Arc<OwnedFd>,
+    pub inputs: Arc<FunctionInputs>,
     pub zygote: Option<Arc<Zygote>>,
     /// Stops this generation's zygote (also set at shutdown).
     stop: Arc<watch::Sender<bool>>,
@@ -189,7 +188,7 @@ impl Generation {
         cmd: WorkerCommand,
         chain: &Arc<ChainRuntime>,
         metrics: &Arc<Metrics>,
-        module: Arc<OwnedFd>,
+        inputs: Arc<FunctionInputs>,
         stage: usize,
         fork: Option<Duration>,
         shutdown: &watch::Receiver<bool>,
@@ -204,7 +203,7 @@ impl Generation {
                 cmd.clone(),
                 Arc::clone(chain),
                 Arc::clone(metrics),
-                Arc::clone(&module),
+                Arc::clone(&inputs),
                 stage,
                 stop.subscribe(),
             ))
@@ -223,7 +222,7 @@ impl Generation {
         Generation {
             number,
             cmd,
-            module,
+            inputs,
             zygote,
             stop,
             zygote_task,
@@ -373,7 +372,7 @@ impl Pool {
             cmd,
             Arc::clone(&self.chain),
             Arc::clone(&self.metrics),
-            Arc::clone(&g.module),
+            Arc::clone(&g.inputs),
             zygote,
             self.stage,
             instance,

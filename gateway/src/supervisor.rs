@@ -27,9 +27,10 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chain_runtime::config::Config;
 use chain_runtime::config::StartMode;
+use chain_runtime::config::{Config, FunctionSpec};
 use chain_runtime::instance::{Handoff, Namespaces};
+use chain_runtime::wasi::{PreopenError, Preopens};
 use hyper::StatusCode;
 use proto::worker::WATCHDOG_EXIT;
 use proto::zygote::SpawnRequest;
@@ -46,8 +47,9 @@ use sockmap_bpf::{ConnectionEntry, SockKey};
 
 /// How long a worker may take to compile and instantiate its module.
 pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a worker that closed its socket before it was ready gets to exit by itself.
-const EXIT_GRACE: Duration = Duration::from_millis(500);
+/// How long a worker that did not become ready gets to say why on its control socket and to
+/// exit by itself, before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How long a stopping worker gets after SIGTERM before SIGKILL.
 pub(crate) const STOP_GRACE: Duration = Duration::from_secs(2);
 /// An instance that served at least this long before it died is restarted at once; one that
@@ -64,6 +66,9 @@ pub enum SpawnError {
     Spawn(std::io::Error),
     #[error("worker exited before it was ready ({0}); its log is above")]
     ExitedEarly(String),
+    /// The worker (or the function's zygote) said why its instance could not start.
+    #[error("{message}")]
+    StartFailed { message: String },
     #[error("worker was not ready within {0:?}")]
     NotReady(Duration),
     #[error("gateway is shutting down")]
@@ -178,6 +183,49 @@ pub struct ResumeFds {
     pub cache: OwnedFd,
 }
 
+/// What a function's workers and zygote are built from, pinned by the gateway when it started
+/// (or reloaded) the function: its module's bytes, and its preopened directories opened in the
+/// gateway's own mount namespace (a confined worker's is empty). Every start of the
+/// function's processes gets these same fds, whatever happens to the files since.
+pub struct FunctionInputs {
+    /// Sealed memfd with the module's bytes.
+    pub module: OwnedFd,
+    /// The directories of `files:`, in config order.
+    pub preopens: Preopens,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("pinning the module of function {function}: {source}")]
+    Module {
+        function: String,
+        source: std::io::Error,
+    },
+    #[error("function {function}: {source}")]
+    Preopens {
+        function: String,
+        source: PreopenError,
+    },
+}
+
+impl FunctionInputs {
+    /// Pins `bytes` (the module `spec` names, as read) and opens `spec`'s directories.
+    pub fn pin(spec: &FunctionSpec, bytes: &[u8]) -> Result<FunctionInputs, PinError> {
+        let module =
+            chain_runtime::instance::sealed_memfd(&spec.name, bytes).map_err(|source| {
+                PinError::Module {
+                    function: spec.name.clone(),
+                    source,
+                }
+            })?;
+        let preopens = Preopens::open(&spec.files).map_err(|source| PinError::Preopens {
+            function: spec.name.clone(),
+            source,
+        })?;
+        Ok(FunctionInputs { module, preopens })
+    }
+}
+
 /// A connected pair of loopback TCP sockets: (gateway end, worker end).
 pub fn socket_pair() -> std::io::Result<(TcpStream, TcpStream)> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
@@ -281,7 +329,7 @@ pub fn exec_worker_process(
 async fn spawn_worker(
     cmd: &WorkerCommand,
     chain: &Arc<ChainRuntime>,
-    module: &OwnedFd,
+    inputs: &FunctionInputs,
     zygote: Option<&Zygote>,
     holder: Holder,
     shutdown: &mut watch::Receiver<bool>,
@@ -366,7 +414,7 @@ async fn spawn_worker(
                 arena_meta: chain.arena.meta_fd(),
                 socket: worker_end.as_fd(),
                 config: cmd.config_text.as_fd(),
-                module: module.as_fd(),
+                module: inputs.module.as_fd(),
                 stats: stats_fd,
                 control: worker_control.as_fd(),
                 image: image.map(|i| i.descriptor.as_fd()),
@@ -377,6 +425,7 @@ async fn spawn_worker(
                 } else {
                     cmd.namespaces()
                 },
+                preopens: inputs.preopens.fds(),
             }
             .exec_plan()
             .map_err(SpawnError::Socket)?;
@@ -455,22 +504,12 @@ async fn spawn_worker(
                     Running { child, mode, reader, kernel_entry, control, queue: Arc::clone(&queue) }
                 })
             }
-            Ok(Err(_)) => {
-                // The socket closed or carried garbage before the ready message. A worker
-                // that failed closes its socket before it prints why: give it a moment to
-                // exit by itself, so its reason reaches the log.
-                if tokio::time::timeout(EXIT_GRACE, child.wait()).await.is_err() {
-                    let _ = child.signal(nix::sys::signal::Signal::SIGKILL);
-                }
-                let status = child.wait().await.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string());
-                Err(SpawnError::ExitedEarly(status))
-            }
+            // The socket closed or carried garbage before the ready message: the worker
+            // failed, and said why on its control socket before it closed anything.
+            Ok(Err(_)) => Err(start_failure(&mut child, &control, None).await),
             Err(_) => Err(SpawnError::NotReady(READY_TIMEOUT)),
         },
-        status = child.wait() => {
-            let status = status.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string());
-            Err(SpawnError::ExitedEarly(status))
-        }
+        status = child.wait() => Err(start_failure(&mut child, &control, Some(status)).await),
         // Dropping the process handle stops the half-started worker.
         _ = stopping(shutdown) => Err(SpawnError::ShuttingDown),
     };
@@ -479,6 +518,65 @@ async fn spawn_worker(
         queue.close();
     }
     started
+}
+
+/// What a worker that did not become ready ends as: the reason it wrote on its control
+/// socket ([`chain_runtime::control::report_start_failure`]) if it wrote one, else its exit
+/// status. Waits for it to exit (`exited`, if that was seen already), killing it after
+/// [`EXIT_GRACE`].
+async fn start_failure(
+    child: &mut WorkerProcess,
+    control: &UnixStream,
+    exited: Option<std::io::Result<ExitStatus>>,
+) -> SpawnError {
+    let report = tokio::time::timeout(EXIT_GRACE, read_report(control)).await;
+    let status = match exited {
+        Some(status) => status,
+        None => match tokio::time::timeout(EXIT_GRACE, child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                let _ = child.signal(nix::sys::signal::Signal::SIGKILL);
+                child.wait().await
+            }
+        },
+    };
+    let status = status
+        .map(|s| describe_exit(&s))
+        .unwrap_or_else(|e| e.to_string());
+    match report {
+        Ok(Some(message)) => {
+            tracing::debug!(%status, "a worker that did not start exited");
+            SpawnError::StartFailed { message }
+        }
+        _ => SpawnError::ExitedEarly(status),
+    }
+}
+
+/// Reads a worker's control socket until it closes (or a whole frame arrived) and decodes the
+/// start failure it reported, if any.
+async fn read_report(control: &UnixStream) -> Option<String> {
+    use proto::control::{HEADER_LEN, Header, MAX_START_MESSAGE};
+    use tokio::io::AsyncReadExt;
+    control.set_nonblocking(true).ok()?;
+    let mut stream = tokio::net::UnixStream::from_std(control.try_clone().ok()?).ok()?;
+    let mut bytes = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        if bytes.len() >= HEADER_LEN {
+            let header = Header::decode(bytes[..HEADER_LEN].try_into().ok()?).ok()?;
+            if bytes.len() >= HEADER_LEN + header.payload_len {
+                break;
+            }
+        }
+        if bytes.len() > HEADER_LEN + MAX_START_MESSAGE {
+            return None;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+        }
+    }
+    chain_runtime::control::start_failure(&bytes)
 }
 
 /// Starts one instance and keeps it running until shutdown or until `retire` turns true.
@@ -491,7 +589,7 @@ pub async fn supervise(
     cmd: WorkerCommand,
     chain: Arc<ChainRuntime>,
     metrics: Arc<Metrics>,
-    module: Arc<OwnedFd>,
+    inputs: Arc<FunctionInputs>,
     zygote: Option<Arc<Zygote>>,
     stage: usize,
     instance: usize,
@@ -510,8 +608,21 @@ pub async fn supervise(
     let mut first_start = Some(first_start);
     let mut zygote = zygote;
     if let Some(z) = &zygote
-        && !z.first_start().await
+        && let Err(why) = z.first_start().await
     {
+        if let Some(message) = why {
+            // The function's instance cannot be built: an exec'd worker would fail the same
+            // way, so this start fails with the zygote's reason.
+            let e = SpawnError::StartFailed { message };
+            if let Some(tx) = first_start.take()
+                && let Err(Err(e)) = tx.send(Err(e))
+            {
+                // Nobody waits for this start (an autoscaled one): say it here.
+                tracing::error!(chain = %chain_name, function = %fn_name, instance,
+                    "start failed: {e}");
+            }
+            return;
+        }
         // A zygote whose first start failed is not retried (see zygote::supervise).
         tracing::warn!(chain = %chain_name, function = %fn_name, instance,
             "the function's zygote did not start; this instance starts by exec");
@@ -531,7 +642,7 @@ pub async fn supervise(
         let spawned = spawn_worker(
             &cmd,
             &chain,
-            &module,
+            &inputs,
             zygote.as_deref(),
             holder,
             &mut shutdown,

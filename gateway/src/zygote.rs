@@ -25,7 +25,7 @@ use crate::dataplane::ChainRuntime;
 use crate::metrics::Metrics;
 use crate::process::{ForkedChild, WorkerProcess, watch_fd};
 use crate::supervisor::{
-    READY_TIMEOUT, STOP_GRACE, WorkerCommand, describe_exit, exec_worker_process,
+    FunctionInputs, READY_TIMEOUT, STOP_GRACE, WorkerCommand, describe_exit, exec_worker_process,
     sleep_or_shutdown, stopping,
 };
 
@@ -83,6 +83,9 @@ pub struct Zygote {
     /// and its reply on the socket at a time.
     socket: Mutex<Option<AsyncFd<OwnedFd>>>,
     state: watch::Sender<State>,
+    /// Set when the first start failed because the function's instance cannot be built
+    /// ([`Reply::BuildFailed`]): why. No worker of the function can start then.
+    build_failure: std::sync::Mutex<Option<String>>,
     /// How long one spawn request may wait for its reply.
     reply_timeout: Duration,
 }
@@ -94,15 +97,26 @@ impl Zygote {
         Arc::new(Zygote {
             socket: Mutex::new(None),
             state: watch::Sender::new(State::Starting),
+            build_failure: std::sync::Mutex::new(None),
             reply_timeout,
         })
     }
 
-    /// Waits until the zygote's first start succeeded (true) or failed (false).
-    pub async fn first_start(&self) -> bool {
+    /// Waits until the zygote's first start succeeded or failed: `Err(Some(why))` when the
+    /// function's instance cannot be built at all (an exec'd worker would fail the same
+    /// way), `Err(None)` when the zygote failed for a reason of its own.
+    pub async fn first_start(&self) -> Result<(), Option<String>> {
         let mut state = self.state.subscribe();
         let settled = state.wait_for(|s| *s != State::Starting).await;
-        settled.is_ok_and(|s| *s == State::Up)
+        if settled.is_ok_and(|s| *s == State::Up) {
+            return Ok(());
+        }
+        let why = self
+            .build_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        Err(why)
     }
 
     /// Forks instance `request.instance` with its socket end, statistics page and control socket
@@ -205,7 +219,7 @@ pub async fn supervise(
     cmd: WorkerCommand,
     chain: Arc<ChainRuntime>,
     metrics: Arc<Metrics>,
-    module: Arc<OwnedFd>,
+    inputs: Arc<FunctionInputs>,
     stage: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -218,10 +232,23 @@ pub async fn supervise(
     let mut ever_up = false;
     loop {
         let began = Instant::now();
-        let started = start(&cmd, &chain, &module, stage, &mut shutdown).await;
+        let started = start(&cmd, &chain, &inputs, stage, &mut shutdown).await;
         let (mut process, socket) = match started {
             Ok(up) => up,
             Err(None) => return,
+            Err(Some(StartFailure::Build(why))) if !ever_up => {
+                // The function's instance cannot be built: its instances fail to start with
+                // this reason (and report it), exec'd ones could do no better.
+                tracing::warn!(chain = %chain_name, function = %fn_name,
+                    "the zygote found that the function's instance cannot be built; its \
+                     instances will not start");
+                *zygote
+                    .build_failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+                zygote.state.send_replace(State::Down);
+                return;
+            }
             Err(Some(e)) if !ever_up => {
                 // What stops a first start (a module whose warm instance cannot be captured,
                 // say) stops every later one: recompiling every few seconds would only burn
@@ -292,26 +319,58 @@ pub async fn supervise(
     }
 }
 
+/// Why a zygote did not come up.
+#[derive(Debug)]
+enum StartFailure {
+    /// The function's instance cannot be built ([`Reply::BuildFailed`]): why.
+    Build(String),
+    /// The zygote's own trouble (its image could not be captured, it crashed, ...).
+    Other(String),
+}
+
+impl std::fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartFailure::Build(why) | StartFailure::Other(why) => f.write_str(why),
+        }
+    }
+}
+
+impl StartFailure {
+    fn from_reply(reply: Reply) -> StartFailure {
+        match reply {
+            Reply::BuildFailed(why) => StartFailure::Build(why),
+            Reply::Failed(why) => StartFailure::Other(why),
+            other => {
+                StartFailure::Other(format!("answered {other:?} instead of its ready message"))
+            }
+        }
+    }
+}
+
 /// One start: exec the zygote and wait for its ready message. `Err(None)`: shutting down.
 async fn start(
     cmd: &WorkerCommand,
     chain: &Arc<ChainRuntime>,
-    module: &OwnedFd,
+    inputs: &FunctionInputs,
     stage: usize,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(WorkerProcess, AsyncFd<OwnedFd>), Option<String>> {
+) -> Result<(WorkerProcess, AsyncFd<OwnedFd>), Option<StartFailure>> {
+    let other =
+        |what: &str, e: &dyn std::fmt::Display| Some(StartFailure::Other(format!("{what}: {e}")));
     let (gateway_end, zygote_end) =
-        chain_runtime::zygote::socket_pair().map_err(|e| Some(format!("socket: {e}")))?;
+        chain_runtime::zygote::socket_pair().map_err(|e| other("socket", &e))?;
     let plan = ZygoteHandoff {
         arena: chain.arena.payload_fd(),
         arena_meta: chain.arena.meta_fd(),
         config: cmd.config_text.as_fd(),
-        module: module.as_fd(),
+        module: inputs.module.as_fd(),
         zygote: zygote_end.as_fd(),
         namespaces: cmd.namespaces(),
+        preopens: inputs.preopens.fds(),
     }
     .exec_plan()
-    .map_err(|e| Some(format!("placing its fds: {e}")))?;
+    .map_err(|e| other("placing its fds", &e))?;
     let args = [
         "worker".to_string(),
         "--zygote".into(),
@@ -322,16 +381,16 @@ async fn start(
         "--function".into(),
         chain.stages[stage].name.clone(),
     ];
-    let mut process = exec_worker_process(cmd, &args, plan.placements())
-        .map_err(|e| Some(format!("exec: {e}")))?;
+    let mut process =
+        exec_worker_process(cmd, &args, plan.placements()).map_err(|e| other("exec", &e))?;
     drop(plan);
     drop(zygote_end);
     nix::fcntl::fcntl(
         &gateway_end,
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
     )
-    .map_err(|e| Some(format!("socket: {e}")))?;
-    let socket = watch_fd(gateway_end).map_err(|e| Some(format!("socket: {e}")))?;
+    .map_err(|e| other("socket", &e))?;
+    let socket = watch_fd(gateway_end).map_err(|e| other("socket", &e))?;
     let ready = async {
         loop {
             let mut ready = socket.readable().await?;
@@ -341,32 +400,43 @@ async fn start(
             }
         }
     };
+    let mut shutting_down = false;
     let outcome = tokio::select! {
         reply = tokio::time::timeout(READY_TIMEOUT, ready) => match reply {
             Ok(Ok(Reply::Ready { .. })) => Ok(()),
-            Ok(Ok(other)) => Err(Some(format!("answered {other:?} instead of its ready message"))),
-            Ok(Err(e)) => Err(Some(format!("before its ready message: {e}"))),
-            Err(_) => Err(Some(format!("not ready within {READY_TIMEOUT:?}"))),
+            Ok(Ok(other)) => Err(Some(StartFailure::from_reply(other))),
+            // Closed without a word: its exit status (below) says more.
+            Ok(Err(_)) => Err(None),
+            Err(_) => Err(Some(StartFailure::Other(format!("not ready within {READY_TIMEOUT:?}")))),
         },
-        status = process.wait() => Err(Some(format!(
-            "exited before it was ready ({}); its log is above",
-            status.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string())
-        ))),
-        _ = stopping(shutdown) => Err(None),
+        _ = process.wait() => Err(None),
+        _ = stopping(shutdown) => {
+            shutting_down = true;
+            Err(None)
+        }
     };
     match outcome {
         Ok(()) => Ok((process, socket)),
-        Err(e) => {
-            // A zygote that closed its socket is exiting: its status says more than EOF.
+        Err(said) => {
+            // What it said before it went, if it exited before its words were read here.
+            let said = said.or_else(|| {
+                chain_runtime::zygote::receive_reply(socket.get_ref().as_fd())
+                    .ok()
+                    .map(StartFailure::from_reply)
+            });
             let exit = tokio::time::timeout(STOP_GRACE, process.wait()).await;
             process.stop(STOP_GRACE).await;
-            match (e, exit) {
-                (Some(_), Ok(Ok(status))) => Err(Some(format!(
+            if shutting_down {
+                return Err(None);
+            }
+            Err(Some(match (said, exit) {
+                (Some(said), _) => said,
+                (None, Ok(Ok(status))) => StartFailure::Other(format!(
                     "exited before it was ready ({}); its log is above",
                     describe_exit(&status)
-                ))),
-                (e, _) => Err(e),
-            }
+                )),
+                (None, _) => StartFailure::Other("closed its socket before it was ready".into()),
+            }))
         }
     }
 }

@@ -84,6 +84,7 @@ impl PlayedGateway {
                 net: ns.net(),
                 mount: ns.mount(),
             }),
+            preopens: Vec::new(),
         }
         .exec_plan()
         .unwrap();

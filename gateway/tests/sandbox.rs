@@ -47,7 +47,8 @@ fn assert_confined(pid: i32, uid: u32, what: &str) {
             "{what}: {kind} namespace"
         );
     }
-    // Every fd is stdio or one of the hand-off's fixed numbers (proto::worker).
+    // Every fd is stdio or one of the hand-off's fixed numbers (proto::worker); this config
+    // has no `files:`, so none of the preopens' numbers above them.
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
         let fd: i32 = fd.unwrap().file_name().to_str().unwrap().parse().unwrap();
         assert!(

@@ -9,11 +9,15 @@
 //! image memfd travels with the same message as `SCM_RIGHTS` — or with
 //! [`ControlMessage::PrepareFailed`] and the reason.
 //!
+//! A worker that cannot start (its module does not compile or link, `_initialize` traps, ...)
+//! says why with [`ControlMessage::StartFailed`] before it exits, instead of its ready
+//! message, so the gateway reports the worker's own words rather than how it exited.
+//!
 //! Frame (little-endian): magic `b"SPCT"`, version u8, kind u8, two zero bytes, payload
 //! length u32, then the payload. Payloads: `Prepare` none; `Prepared` the microseconds
 //! waited for the quiescent point (u64), the microseconds the capture took (u64), then a
 //! non-empty [`crate::ImageMeta`] encoding; `PrepareFailed` a UTF-8 message of at most
-//! [`MAX_MESSAGE`] bytes. Decoding checks the header before anything is allocated, so a peer
+//! [`MAX_MESSAGE`] bytes; `StartFailed` one of at most [`MAX_START_MESSAGE`] bytes. Decoding checks the header before anything is allocated, so a peer
 //! cannot make the other side allocate more than [`MAX_PAYLOAD`] bytes.
 
 use thiserror::Error;
@@ -27,10 +31,13 @@ pub const HEADER_LEN: usize = 12;
 pub const MAX_PAYLOAD: usize = 256 << 10;
 /// Longest failure message.
 pub const MAX_MESSAGE: usize = 4096;
+/// Longest start-failure message: room for a module's every missing import, one a line.
+pub const MAX_START_MESSAGE: usize = 32 << 10;
 
 const KIND_PREPARE: u8 = 1;
 const KIND_PREPARED: u8 = 2;
 const KIND_PREPARE_FAILED: u8 = 3;
+const KIND_START_FAILED: u8 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlMessage {
@@ -47,6 +54,9 @@ pub enum ControlMessage {
     },
     /// Worker → gateway: no image; why.
     PrepareFailed { message: String },
+    /// Worker → gateway, instead of becoming ready: the instance could not be built or made
+    /// ready; why, as the worker would print it.
+    StartFailed { message: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -86,7 +96,7 @@ impl Header {
             return Err(ControlError::UnsupportedVersion(buf[4]));
         }
         let kind = buf[5];
-        if !(KIND_PREPARE..=KIND_PREPARE_FAILED).contains(&kind) {
+        if !(KIND_PREPARE..=KIND_START_FAILED).contains(&kind) {
             return Err(ControlError::UnknownKind(kind));
         }
         if buf[6..8] != [0, 0] {
@@ -114,6 +124,7 @@ impl ControlMessage {
             ControlMessage::Prepare => KIND_PREPARE,
             ControlMessage::Prepared { .. } => KIND_PREPARED,
             ControlMessage::PrepareFailed { .. } => KIND_PREPARE_FAILED,
+            ControlMessage::StartFailed { .. } => KIND_START_FAILED,
         }
     }
 
@@ -145,11 +156,10 @@ impl ControlMessage {
                 );
             }
             ControlMessage::PrepareFailed { message } => {
-                let mut end = message.len().min(MAX_MESSAGE);
-                while !message.is_char_boundary(end) {
-                    end -= 1;
-                }
-                payload.extend_from_slice(&message.as_bytes()[..end]);
+                payload.extend_from_slice(cut(message, MAX_MESSAGE).as_bytes());
+            }
+            ControlMessage::StartFailed { message } => {
+                payload.extend_from_slice(cut(message, MAX_START_MESSAGE).as_bytes());
             }
         }
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -197,9 +207,28 @@ impl ControlMessage {
                     message: message.to_owned(),
                 })
             }
+            KIND_START_FAILED => {
+                if payload.len() > MAX_START_MESSAGE {
+                    return Err(bad("start-failed", "message too long"));
+                }
+                let message = std::str::from_utf8(payload)
+                    .map_err(|_| bad("start-failed", "message is not UTF-8"))?;
+                Ok(ControlMessage::StartFailed {
+                    message: message.to_owned(),
+                })
+            }
             other => Err(ControlError::UnknownKind(other)),
         }
     }
+}
+
+/// `message` cut to at most `max` bytes, at a character boundary.
+fn cut(message: &str, max: usize) -> &str {
+    let mut end = message.len().min(max);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
 }
 
 #[cfg(test)]
@@ -225,6 +254,9 @@ mod tests {
             },
             ControlMessage::PrepareFailed {
                 message: "table 0 grew at run time".into(),
+            },
+            ControlMessage::StartFailed {
+                message: "module m.wasm cannot run as function `f`:\n  - ...".into(),
             },
         ] {
             assert_eq!(roundtrip(&m), m);
@@ -258,6 +290,12 @@ mod tests {
             panic!("{got:?}")
         };
         assert!(message.len() <= MAX_MESSAGE && message.len() >= MAX_MESSAGE - 1);
+        let message = "é".repeat(MAX_START_MESSAGE);
+        let got = roundtrip(&ControlMessage::StartFailed { message });
+        let ControlMessage::StartFailed { message } = got else {
+            panic!("{got:?}")
+        };
+        assert!(message.len() <= MAX_START_MESSAGE && message.len() >= MAX_START_MESSAGE - 1);
     }
 
     #[test]

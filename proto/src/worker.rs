@@ -46,8 +46,14 @@ pub const ARENA_META_FD: RawFd = 12;
 pub const NET_NS_FD: RawFd = 13;
 /// The gateway's sandbox mount namespace (empty read-only root), beside [`NET_NS_FD`].
 pub const MOUNT_NS_FD: RawFd = 14;
-/// The highest of the fixed numbers above.
-pub const HIGHEST_FIXED_FD: RawFd = MOUNT_NS_FD;
+/// The function's first preopened directory (`files:` in the config, in file order): a
+/// directory fd the gateway opened in its own mount namespace, so a worker confined to the
+/// empty one still reaches it. The `i`-th is at `PREOPEN_FD + i`, up to [`MAX_PREOPENS`].
+pub const PREOPEN_FD: RawFd = 15;
+/// Preopened directories a function may have.
+pub const MAX_PREOPENS: usize = 16;
+/// The highest of the fixed numbers above (the last preopen's).
+pub const HIGHEST_FIXED_FD: RawFd = PREOPEN_FD + MAX_PREOPENS as RawFd - 1;
 
 /// Exit status of a worker whose guest overran its wall-clock timeout (as timeout(1) uses).
 pub const WATCHDOG_EXIT: i32 = 124;
@@ -90,7 +96,10 @@ mod tests {
             NET_NS_FD,
             MOUNT_NS_FD,
         ];
+        let preopens = PREOPEN_FD..=HIGHEST_FIXED_FD;
+        assert_eq!(preopens.clone().count(), MAX_PREOPENS);
         for (i, a) in fds.iter().enumerate() {
+            assert!(!preopens.contains(a), "fd {a} inside the preopen range");
             assert!(*a > 2, "fd {a} would clobber stdio");
             assert!(*a <= HIGHEST_FIXED_FD, "fd {a} above HIGHEST_FIXED_FD");
             assert!(!fds[i + 1..].contains(a), "fd {a} assigned twice");

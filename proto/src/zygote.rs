@@ -7,7 +7,8 @@
 //! message's length and a short read is visible. A [`SpawnRequest`] carries the new worker's
 //! resources as `SCM_RIGHTS` fds in this order: its end of the socket to the gateway, its
 //! statistics page, then its end of the control socket pair ([`SPAWN_FDS`]). Every request gets exactly one [`Reply`]; the zygote
-//! sends one unasked [`Reply::Ready`] once it can fork. Integers are little-endian.
+//! sends one unasked [`Reply::Ready`] once it can fork, or [`Reply::BuildFailed`] (and exits)
+//! when the function's instance cannot be built at all. Integers are little-endian.
 
 /// "ZYGQ": a request.
 const REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"ZYGQ");
@@ -17,8 +18,9 @@ pub const VERSION: u16 = 1;
 /// Fds a spawn request carries: the worker's socket end, its statistics page, then its end of
 /// the control socket pair.
 pub const SPAWN_FDS: usize = 3;
-/// Longest error text a reply carries; longer text is cut at a character boundary.
-pub const MAX_MESSAGE: usize = 1024;
+/// Longest error text a reply carries; longer text is cut at a character boundary. Room for
+/// a build failure that lists every missing import of a module, one a line.
+pub const MAX_MESSAGE: usize = 32 << 10;
 /// Bytes of the largest packet either side sends; a receive buffer this size never
 /// truncates a valid one.
 pub const MAX_PACKET: usize = Reply::HEADER + MAX_MESSAGE;
@@ -28,6 +30,7 @@ const KIND_READY: u16 = 1;
 const KIND_SPAWNED: u16 = 2;
 const KIND_REFUSED: u16 = 3;
 const KIND_FAILED: u16 = 4;
+const KIND_BUILD_FAILED: u16 = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ZygoteWireError {
@@ -124,7 +127,13 @@ pub enum Reply {
     /// The request was malformed; nothing was forked and the zygote keeps serving.
     Refused(String),
     /// The request was well formed but no child could be made (e.g. the kernel refused).
+    /// Before `Ready`, unasked: the zygote could not become ready for a reason of its own (its
+    /// warm instance cannot be captured, say), and exits; instances can still start by exec.
     Failed(String),
+    /// Sent unasked instead of `Ready`: the function's instance cannot be built (the module
+    /// does not compile or link, `_initialize` traps, ...), so no worker of it can start,
+    /// forked or exec'd; the text says why. The zygote exits.
+    BuildFailed(String),
 }
 
 impl Reply {
@@ -136,6 +145,7 @@ impl Reply {
             Reply::Spawned { pid, fork_ns } => (KIND_SPAWNED, *pid, *fork_ns, ""),
             Reply::Refused(t) => (KIND_REFUSED, 0, 0, t.as_str()),
             Reply::Failed(t) => (KIND_FAILED, 0, 0, t.as_str()),
+            Reply::BuildFailed(t) => (KIND_BUILD_FAILED, 0, 0, t.as_str()),
         };
         let text = truncate(text, MAX_MESSAGE);
         let mut b = Vec::with_capacity(Self::HEADER + text.len());
@@ -204,6 +214,7 @@ impl Reply {
             }),
             KIND_REFUSED => Ok(Reply::Refused(text()?)),
             KIND_FAILED => Ok(Reply::Failed(text()?)),
+            KIND_BUILD_FAILED => Ok(Reply::BuildFailed(text()?)),
             other => Err(ZygoteWireError::UnknownKind(other)),
         }
     }
@@ -263,6 +274,7 @@ mod tests {
             },
             Reply::Refused("a spawn request carries 3 fds, got 1".into()),
             Reply::Failed("clone: EAGAIN".into()),
+            Reply::BuildFailed("module m.wasm does not compile".into()),
         ] {
             assert_eq!(Reply::from_bytes(&reply.to_bytes()), Ok(reply));
         }

@@ -242,6 +242,7 @@ fn a_forked_child_resets_to_its_zygotes_image_not_to_its_own_state() {
     let mut child = FunctionHost::fork(
         &spec,
         None,
+        crate::wasi::Preopens::none(),
         &parent.compiled_module(),
         image.meta(),
         MemoryFill::Map(image.image()),
@@ -282,6 +283,7 @@ fn the_image_of_a_fresh_instance_holds_no_request() {
     let mut child = FunctionHost::fork(
         &reuse,
         None,
+        crate::wasi::Preopens::none(),
         &host.compiled_module(),
         image.meta(),
         MemoryFill::Map(image.image()),
@@ -511,6 +513,7 @@ fn an_instance_whose_memory_the_caller_filled_is_refused() {
     let mut child = FunctionHost::fork(
         &spec,
         None,
+        crate::wasi::Preopens::none(),
         &parent.compiled_module(),
         image.meta(),
         MemoryFill::Caller(&mut fill),

@@ -62,6 +62,7 @@ fn fork(
     FunctionHost::fork(
         spec,
         None,
+        crate::wasi::Preopens::none(),
         &parent.compiled_module(),
         snap.meta(),
         MemoryFill::Map(snap.image()),
@@ -301,6 +302,7 @@ fn caller_fills_fresh_memory_for_the_lazy_path() {
     let mut child = FunctionHost::fork(
         &spec,
         None,
+        crate::wasi::Preopens::none(),
         &parent.compiled_module(),
         snap.meta(),
         MemoryFill::Caller(&mut fill),
@@ -320,6 +322,7 @@ fn caller_fills_fresh_memory_for_the_lazy_path() {
     let err = FunctionHost::fork(
         &spec,
         None,
+        crate::wasi::Preopens::none(),
         &parent.compiled_module(),
         snap.meta(),
         MemoryFill::Caller(&mut failing),
@@ -761,6 +764,7 @@ fn memory_beyond_the_limit_is_refused_at_capture_and_at_restore() {
     let err = FunctionHost::fork(
         &spec,
         None,
+        crate::wasi::Preopens::none(),
         &host.compiled_module(),
         &meta,
         MemoryFill::Map(snap.image()),
@@ -791,10 +795,18 @@ fn a_child_that_does_not_match_the_image_is_refused() {
     let snap = parent.snapshot().unwrap();
     let fork_err =
         |spec: &FunctionSpec, module: &CompiledModule, meta: &SnapshotMeta, fd: BorrowedFd<'_>| {
-            FunctionHost::fork(spec, None, module, meta, MemoryFill::Map(fd), None)
-                .err()
-                .expect("refused")
-                .to_string()
+            FunctionHost::fork(
+                spec,
+                None,
+                crate::wasi::Preopens::none(),
+                module,
+                meta,
+                MemoryFill::Map(fd),
+                None,
+            )
+            .err()
+            .expect("refused")
+            .to_string()
         };
     let module = parent.compiled_module();
 
@@ -928,6 +940,7 @@ fn metadata_survives_the_wire_and_a_child_built_from_it_continues_the_parent() {
     let mut child = FunctionHost::fork(
         &spec,
         None,
+        crate::wasi::Preopens::none(),
         &parent.compiled_module(),
         &meta,
         MemoryFill::Caller(&mut fill),
@@ -940,4 +953,124 @@ fn metadata_survives_the_wire_and_a_child_built_from_it_continues_the_parent() {
     other.env.push(("SECRET".into(), "differs".into()));
     let err = SnapshotMeta::from_image_meta(&wire, other).unwrap_err();
     assert!(matches!(err, SnapshotError::Mismatch(_)), "{err}");
+}
+
+/// Opens `data.txt` beneath preopen fd 3, reads it, and keeps the fd open in a global;
+/// answers the fd number (u32) and what it read. Input `c` closes the kept fd instead.
+const FILE_READER: &str = r#"(module
+    (import "spindle" "output" (func $out (param i32 i32)))
+    (import "wasi_snapshot_preview1" "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "fd_close" (func $close (param i32) (result i32)))
+    (memory (export "memory") 1)
+    (data (i32.const 100) "data.txt")
+    (global $fd (mut i32) (i32.const -1))
+    (func (export "spindle_alloc") (param i32) (result i32) (i32.const 1024))
+    (func (export "spindle_handle") (param $p i32) (param $n i32) (result i32)
+        (if (i32.eq (i32.load8_u (local.get $p)) (i32.const 99))
+            (then (drop (call $close (global.get $fd))) (global.set $fd (i32.const -1))
+                  (return (i32.const 0))))
+        (if (i32.ne (call $open (i32.const 3) (i32.const 1) (i32.const 100) (i32.const 8)
+                (i32.const 0) (i64.const 2) (i64.const 0) (i32.const 0) (i32.const 200))
+                (i32.const 0))
+            (then (return (i32.const 1))))
+        (global.set $fd (i32.load (i32.const 200)))
+        (i32.store (i32.const 2044) (global.get $fd))
+        (i32.store (i32.const 300) (i32.const 2048))
+        (i32.store (i32.const 304) (i32.const 64))
+        (drop (call $read (global.get $fd) (i32.const 300) (i32.const 1) (i32.const 308)))
+        (call $out (i32.const 2044) (i32.add (i32.const 4) (i32.load (i32.const 308))))
+        (i32.const 0)))"#;
+
+fn file_reader(tag: &str, isolation: crate::config::Isolation) -> (FunctionSpec, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("spindle-snap-files-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("data.txt"), "from the host").unwrap();
+    let spec = FunctionSpec {
+        isolation,
+        files: vec![crate::config::PreopenDir {
+            guest: "/data".into(),
+            host: dir.clone(),
+        }],
+        args: vec!["--flag".into()],
+        ..spec(tag, FILE_READER)
+    };
+    (spec, dir)
+}
+
+/// (fd, contents) of a FILE_READER answer.
+fn read_answer(out: &[u8]) -> (u32, String) {
+    (
+        u32::from_le_bytes(out[..4].try_into().unwrap()),
+        String::from_utf8(out[4..].to_vec()).unwrap(),
+    )
+}
+
+#[test]
+fn an_instance_holding_files_is_not_captured_and_children_get_the_preopens() {
+    let (spec, dir) = file_reader("files", crate::config::Isolation::Reuse);
+    let mut parent = FunctionHost::new(&spec, None).unwrap();
+    assert_eq!(
+        read_answer(&call(&mut parent, b"r")),
+        (4, "from the host".into())
+    );
+    match parent.snapshot() {
+        Err(SnapshotError::OpenFiles(why)) => assert_eq!(
+            why,
+            "1 file(s) or directories open, 0 of 1 preopened directories closed, moved or changed"
+        ),
+        other => panic!("captured with a file open: {:?}", other.map(|_| ())),
+    }
+    call(&mut parent, b"c");
+    let snap = parent.snapshot().unwrap();
+    assert_eq!(snap.meta().wasi.preopens, ["/data"]);
+    assert_eq!(snap.meta().wasi.args, [spec.name.as_str(), "--flag"]);
+    let preopens = crate::wasi::Preopens::open(&spec.files).unwrap();
+    let mut child = FunctionHost::fork(
+        &spec,
+        None,
+        preopens,
+        &parent.compiled_module(),
+        snap.meta(),
+        MemoryFill::Map(snap.image()),
+        Some(snap.clone()),
+    )
+    .unwrap();
+    assert_eq!(
+        read_answer(&call(&mut child, b"r")),
+        (4, "from the host".into())
+    );
+    // A child whose function has other directories would see another fd table than the
+    // parent's libc recorded in memory.
+    let other = FunctionSpec {
+        files: vec![],
+        ..spec.clone()
+    };
+    let err = fork(&parent, &snap, &other).err().expect("refused");
+    assert!(
+        err.to_string()
+            .contains("image has the preopened directories [\"/data\"], this function []"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn fresh_per_request_closes_what_a_request_opened() {
+    for (isolation, second_fd) in [
+        (crate::config::Isolation::Reuse, 5),
+        (crate::config::Isolation::FreshPerRequest, 4),
+    ] {
+        let (spec, dir) = file_reader(isolation.label(), isolation);
+        let mut host = FunctionHost::new(&spec, None).unwrap();
+        host.prepare().unwrap();
+        assert_eq!(read_answer(&call(&mut host, b"r")).0, 4, "{isolation:?}");
+        host.prepare().unwrap();
+        assert_eq!(
+            read_answer(&call(&mut host, b"r")),
+            (second_fd, "from the host".into()),
+            "{isolation:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -69,7 +69,7 @@ impl Pool {
         let (chain, stage) = (self.peers.chain, self.peers.stage);
         if self.peers.hashed_generation != self.generation.number {
             // Reloaded: grants must be of the module this node runs now.
-            match module_hash(&self.generation.module) {
+            match module_hash(&self.generation.inputs.module) {
                 Ok(hash) => board.set_module_hash(chain, stage, hash),
                 Err(e) => tracing::warn!("hashing the reloaded module for peer grants: {e}"),
             }
