@@ -479,7 +479,15 @@ chains:
         failed_fast >= 1,
         "the writes that hit the reset socket failed"
     );
-    let now = spindle.worker_pids("sleeper");
+    // The replacement is forked from the zygote and takes its own name a moment later.
+    let began = std::time::Instant::now();
+    let now = loop {
+        let now = spindle.worker_pids("sleeper");
+        if now.len() == 1 && now != worker || began.elapsed() > Duration::from_secs(10) {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(now.len(), 1);
     assert_ne!(now, worker, "replaced");
     assert!(
