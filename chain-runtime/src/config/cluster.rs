@@ -328,38 +328,27 @@ impl Checker<'_> {
         }
     }
 
+    /// Where this node listens: any address (0.0.0.0 too), but not port 0.
     fn listen_address(&mut self, node: &MarkedYaml<'_>, field: &str) -> Option<SocketAddr> {
-        let hint = "an IP address and port such as 0.0.0.0:7070";
-        let YamlData::Value(Scalar::String(text)) = &untag(node).data else {
-            self.error(
-                pos(node),
-                format!("`{field}` must be {hint}, found {}", describe(node)),
-            );
-            return None;
-        };
-        match text.parse::<SocketAddr>() {
-            Ok(addr) if addr.port() == 0 => {
-                self.error(
-                    pos(node),
-                    format!("`{field}` {addr}: peers connect to its port, so it must not be 0"),
-                );
-                None
-            }
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                self.error(
-                    pos(node),
-                    format!(
-                        "invalid `{field}` address `{text}`: expected {hint} (host names are not resolved)"
-                    ),
-                );
-                None
-            }
-        }
+        self.socket_address(node, field, true)
     }
 
+    /// Where peers connect: a specific address and port.
     fn address(&mut self, node: &MarkedYaml<'_>, field: &str) -> Option<SocketAddr> {
-        let hint = "an IP address and port such as 10.0.0.2:8080";
+        self.socket_address(node, field, false)
+    }
+
+    fn socket_address(
+        &mut self,
+        node: &MarkedYaml<'_>,
+        field: &str,
+        unspecified_ok: bool,
+    ) -> Option<SocketAddr> {
+        let hint = if unspecified_ok {
+            "an IP address and port such as 0.0.0.0:7070"
+        } else {
+            "an IP address and port such as 10.0.0.2:8080"
+        };
         let YamlData::Value(Scalar::String(text)) = &untag(node).data else {
             self.error(
                 pos(node),
@@ -368,11 +357,13 @@ impl Checker<'_> {
             return None;
         };
         match text.parse::<SocketAddr>() {
-            Ok(addr) if addr.ip().is_unspecified() || addr.port() == 0 => {
-                self.error(
-                    pos(node),
-                    format!("`{field}` {addr}: peers connect to it, so it must be a specific address and port"),
-                );
+            Ok(addr) if addr.port() == 0 || (addr.ip().is_unspecified() && !unspecified_ok) => {
+                let what = if unspecified_ok {
+                    "peers connect to its port, so it must not be 0"
+                } else {
+                    "peers connect to it, so it must be a specific address and port"
+                };
+                self.error(pos(node), format!("`{field}` {addr}: {what}"));
                 None
             }
             Ok(addr) => Some(addr),
