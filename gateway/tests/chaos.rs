@@ -390,6 +390,7 @@ async fn under_load_nothing_grows_and_only_a_killed_workers_requests_fail() {
     let began = Instant::now();
     let mut kills = 0u64;
     let mut stopped_once = false;
+    let mut stopped_function = None;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
     while began.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -405,6 +406,7 @@ async fn under_load_nothing_grows_and_only_a_killed_workers_requests_fail() {
             // Stopped for longer than the chain's 1 s deadline: its requests time out, and
             // the gateway kills it a second after the deadline.
             stopped_once = true;
+            stopped_function = Some(function);
             kill(Pid::from_raw(victim), Signal::SIGSTOP).unwrap();
             tokio::time::sleep(Duration::from_millis(2500)).await;
             // Still there if nothing it held went overdue (it may have had nothing).
@@ -433,6 +435,7 @@ async fn under_load_nothing_grows_and_only_a_killed_workers_requests_fail() {
     // Afterwards: every instance back, both arenas full, the gateway's fds as before.
     settles(&spindle, &fds_before).await;
     let (mut restarts, mut overdue) = (0.0, 0.0);
+    let mut overdue_by_function = Vec::new();
     for f in WORKERS {
         let chain = if ["uppercase", "reverse", "frame"].contains(&f) {
             "hello"
@@ -445,15 +448,28 @@ async fn under_load_nothing_grows_and_only_a_killed_workers_requests_fail() {
             ))
             .await
             .unwrap_or(0.0);
-        overdue += spindle
+        let here = spindle
             .metric(&format!(
                 r#"spindle_function_errors_total{{chain="{chain}",function="{f}",kind="overdue"}}"#
             ))
             .await
             .unwrap_or(0.0);
+        if here > 0.0 {
+            overdue_by_function.push((f, here));
+        }
+        overdue += here;
     }
     // The stopped worker is killed only if it held a request past the deadline.
-    assert!(overdue <= 1.0, "{overdue}");
+    assert!(
+        overdue <= 1.0,
+        "{overdue} overdue kills ({overdue_by_function:?}); the stopped one was {stopped_function:?}\n{}",
+        spindle
+            .log()
+            .lines()
+            .filter(|l| l.contains("past its chain's deadline"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert!(
         failed_504 == 0 || overdue == 1.0,
         "timed-out requests were reaped"
