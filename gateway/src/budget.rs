@@ -115,18 +115,10 @@ pub fn parse_meminfo(text: &str) -> Result<f64, &'static str> {
     Ok(1.0 - (available.min(total) as f64 / total as f64))
 }
 
-/// The working set of this process's cgroup (v2) over its memory limit, when it has one
+/// The working set of the cgroup (v2) directory `dir` over its memory limit, when it has one
 /// (a container's, e.g. a Kubernetes pod's limit): `(memory.current - inactive_file) /
 /// memory.max`, what the kernel's OOM killer and the kubelet count. `None` without a limit.
-pub fn cgroup_memory_utilization() -> Option<f64> {
-    let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let relative = membership.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mount = mounts.lines().find_map(|l| {
-        let (fields, rest) = l.split_once(" - ")?;
-        (rest.split_whitespace().next()? == "cgroup2").then(|| fields.split_whitespace().nth(4))?
-    })?;
-    let dir = std::path::Path::new(mount).join(relative.trim_start_matches('/'));
+pub fn cgroup_memory_utilization(dir: &std::path::Path) -> Option<f64> {
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
     parse_cgroup_memory(
         &read("memory.max")?,
@@ -147,14 +139,17 @@ pub fn parse_cgroup_memory(max: &str, current: &str, stat: &str) -> Option<f64> 
     Some((current.saturating_sub(inactive_file) as f64 / max as f64).min(1.0))
 }
 
-/// The memory utilization held against the budget: the node's, or the cgroup's against its
-/// limit when that is tighter (a pod is OOM-killed at its limit, whatever the node has free).
-fn memory_utilization_now() -> Result<f64, BudgetError> {
+/// The memory utilization held against the budget: the node's, or that of the gateway's
+/// cgroup (`cgroup`, found once at start) against its limit when that is tighter (a pod is
+/// OOM-killed at its limit, whatever the node has free).
+fn memory_utilization_now(cgroup: Option<&std::path::Path>) -> Result<f64, BudgetError> {
     let node = parse_meminfo(&read("/proc/meminfo")?).map_err(|what| BudgetError::Malformed {
         path: "/proc/meminfo",
         what,
     })?;
-    Ok(cgroup_memory_utilization().map_or(node, |c| c.max(node)))
+    Ok(cgroup
+        .and_then(cgroup_memory_utilization)
+        .map_or(node, |c| c.max(node)))
 }
 
 fn read(path: &'static str) -> Result<String, BudgetError> {
@@ -175,6 +170,8 @@ pub struct Budget {
     memory_gauge: Gauge,
     budget_gauge: GaugeVec,
     over_gauge: IntGaugeVec,
+    /// The gateway's cgroup v2 directory, whose memory limit counts too (if it has one).
+    cgroup: Option<std::path::PathBuf>,
 }
 
 impl Budget {
@@ -215,6 +212,8 @@ impl Budget {
                 &["resource"],
             )
             .expect("valid"),
+            // Found once: the process does not move between cgroups.
+            cgroup: xdp_bpf::own_cgroup().ok(),
         });
         budget
             .budget_gauge
@@ -229,7 +228,7 @@ impl Budget {
                 path: "/proc/stat",
                 what,
             })?;
-        let memory = memory_utilization_now()?;
+        let memory = memory_utilization_now(budget.cgroup.as_deref())?;
         // Until the first window has passed, the utilization since boot stands in: a node
         // started busy is not taken for idle.
         let cpu = (since_boot.total > 0).then(|| since_boot.busy as f64 / since_boot.total as f64);
@@ -318,7 +317,7 @@ impl Budget {
                     None
                 }
             };
-            let memory = match memory_utilization_now() {
+            let memory = match memory_utilization_now(self.cgroup.as_deref()) {
                 Ok(m) => Some(m),
                 Err(e) => {
                     tracing::warn!("{e}");

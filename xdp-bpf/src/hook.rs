@@ -315,9 +315,9 @@ fn detach_linkless(prog_id: u32, ifindex: u32, hook: Hook) -> std::io::Result<()
     Ok(())
 }
 
-/// The process (other than this one) with a file descriptor on link `link_id`, if any.
+/// A process (this one included: what it attached earlier is not stale either) with a file
+/// descriptor on link `link_id`, if any.
 fn link_holder(link_id: u32) -> Option<i32> {
-    let own = std::process::id() as i32;
     let needle = format!("link_id:\t{link_id}\n");
     for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = proc_entry
@@ -332,11 +332,6 @@ fn link_holder(link_id: u32) -> Option<i32> {
         };
         for fd in fds.flatten() {
             if std::fs::read_to_string(fd.path()).is_ok_and(|info| info.contains(&needle)) {
-                if pid == own {
-                    // Ours: a program this process attached earlier is not stale, but it is
-                    // not another gateway's either.
-                    return Some(own);
-                }
                 return Some(pid);
             }
         }

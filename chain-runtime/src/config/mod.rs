@@ -511,18 +511,22 @@ pub enum Routing {
     },
 }
 
+/// The configuration file's text; a file that cannot be read is reported at its 1:1.
+fn read_source(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: 1,
+            col: 1,
+            message: format!("cannot read configuration file: {e}"),
+        }])
+    })
+}
+
 impl Config {
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: path.to_path_buf(),
-                line: 1,
-                col: 1,
-                message: format!("cannot read configuration file: {e}"),
-            }])
-        })?;
-        Config::parse(&text, path)
+        Config::parse(&read_source(path)?, path)
     }
 
     /// Parses and validates `text`. `source` names the file in error messages,
@@ -536,15 +540,7 @@ impl Config {
     /// the function's name): how `spindle validate` checks each module against what its
     /// function gives it without running it.
     pub fn load_checking(path: &Path, check: &mut ModuleCheck<'_>) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: path.to_path_buf(),
-                line: 1,
-                col: 1,
-                message: format!("cannot read configuration file: {e}"),
-            }])
-        })?;
-        Self::parse_checking(&text, path, Some(check))
+        Self::parse_checking(&read_source(path)?, path, Some(check))
     }
 
     fn parse_checking<'s>(

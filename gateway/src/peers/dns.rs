@@ -31,7 +31,8 @@ pub(super) struct DnsMetrics {
 }
 
 impl DnsMetrics {
-    fn new() -> Self {
+    /// One set for all of a node's DNS entries, so /metrics shows each family once.
+    pub(super) fn new() -> Self {
         DnsMetrics {
             resolutions: IntCounterVec::new(
                 Opts::new(
@@ -75,16 +76,12 @@ impl DnsMetrics {
 }
 
 impl Resolver {
-    pub(super) fn new(spec: DnsPeerSpec, slots: Vec<Arc<PeerLink>>) -> Self {
+    pub(super) fn new(spec: DnsPeerSpec, slots: Vec<Arc<PeerLink>>, metrics: DnsMetrics) -> Self {
         Resolver {
             spec,
             slots,
-            metrics: shared_metrics(),
+            metrics,
         }
-    }
-
-    pub(super) fn metrics(&self) -> DnsMetrics {
-        self.metrics.clone()
     }
 
     /// Re-resolves every `refresh` until the gateway stops.
@@ -144,12 +141,6 @@ impl Resolver {
                 "more peers than slots (`max_peers`): the rest wait for a free slot");
         }
     }
-}
-
-/// One counter family for every resolver, so /metrics shows it once.
-fn shared_metrics() -> DnsMetrics {
-    static METRICS: std::sync::OnceLock<DnsMetrics> = std::sync::OnceLock::new();
-    METRICS.get_or_init(DnsMetrics::new).clone()
 }
 
 /// The slots' next addresses: each address still `found` stays where it is, the rest of

@@ -476,6 +476,7 @@ impl Cluster {
                 })
                 .collect();
             let mut resolvers = Vec::new();
+            let dns_metrics = (!dns_peers.is_empty()).then(dns::DnsMetrics::new);
             for spec in &dns_peers {
                 let slots: Vec<Arc<PeerLink>> = (0..spec.max_peers)
                     .map(|i| {
@@ -494,13 +495,15 @@ impl Cluster {
                 }
                 tracing::info!(peers = %spec.name, dns = %spec.dns, slots = spec.max_peers, refresh_ms = spec.refresh.as_millis() as u64, "peers found by DNS");
                 links.extend(slots.iter().cloned());
-                resolvers.push(dns::Resolver::new(spec.clone(), slots));
+                let metrics = dns_metrics
+                    .clone()
+                    .expect("made when there are DNS entries");
+                resolvers.push(dns::Resolver::new(spec.clone(), slots, metrics));
             }
             // The first resolution before any share asks a peer for anything.
             for r in &resolvers {
                 r.refresh().await;
             }
-            let dns_info = resolvers.first().map(|r| r.metrics());
             for r in resolvers {
                 tokio::spawn(r.run());
             }
@@ -589,7 +592,7 @@ impl Cluster {
                 forwarded,
                 forward_seconds,
                 gauges,
-                dns_info,
+                dns_info: dns_metrics,
             }));
         }
         Ok(cluster)
